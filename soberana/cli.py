@@ -1,0 +1,41 @@
+"""`soberana` command line: each subcommand's arguments and logic live in its own package."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module exposing add_arguments(parser) and run(args) -> int
+_SUBCOMMANDS = {
+    "serve": ("soberana.server.cli", "run the OpenAI-compatible server"),
+    "bench": ("soberana.bench.cli", "benchmark any OpenAI-compatible endpoint"),
+    "gateway": ("soberana.gateway.cli", "run the gateway over a fleet of backends"),
+    "demo-model": ("soberana.models.demo", "build (or locate) the built-in demo model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="soberana", description="Soberana inference stack")
+    from soberana import __version__
+
+    parser.add_argument("--version", action="version", version=f"soberana {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = argv[0] if argv and argv[0] in _SUBCOMMANDS else None
+    for name, (module_name, help_text) in _SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        # Import only the chosen subcommand: `soberana bench` must not load torch.
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sp)
+            sp.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

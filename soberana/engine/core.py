@@ -1,0 +1,286 @@
+"""EngineCore: scheduler + KV cache + model runner + sampler; token ids in, token ids out.
+
+It knows nothing of HTTP or text. `LLM` drives it in-process; the server runs it in its own
+process (docs/engine-core.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from soberana.engine.block_hash import hash_seed
+from soberana.engine.config import EngineConfig
+from soberana.engine.kv_cache_manager import KVCacheManager
+from soberana.engine.model_runner import ModelRunner, StepResult
+from soberana.engine.outputs import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from soberana.engine.request import Request, RequestStatus
+from soberana.engine.sampler import Sampler
+from soberana.engine.scheduler import Scheduler, SchedulerOutput
+from soberana.models.loader import load_model, read_model_config, resolve_model_path
+from soberana.models.tokenizer import eos_token_ids
+
+log = logging.getLogger("soberana.engine")
+
+_CPU_DEFAULT_KV_GB = 2.0
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    dtype: str
+    device: str
+    num_blocks: int
+    block_size: int
+    fingerprint: str
+    is_demo: bool
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs; on CPU the checkpoint's float32/bfloat16, else float32
+    (float16 matmuls are slow on CPUs)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if checkpoint_dtype == "bfloat16" else torch.float32
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, load_format: str = "safetensors") -> None:
+        config.validate()
+        self.config = config
+        t0 = time.perf_counter()
+        self.device = resolve_device(config.device)
+        path = resolve_model_path(config.model, config.revision)
+        mcfg, _ = read_model_config(path)
+        dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device)
+        max_len = self._max_model_len(config, mcfg)
+        loaded = load_model(path, dtype, self.device, max_len, load_format)
+        self.model = loaded.model
+        mcfg = loaded.config
+        t_model = time.perf_counter()
+
+        block_size = config.block_size
+        bytes_per_block = 2 * mcfg.num_layers * block_size * mcfg.kv_size * dtype.itemsize
+        num_blocks = self._num_blocks(config, bytes_per_block)
+        if num_blocks < 1:
+            raise ValueError("the KV cache is too small for a single block; raise kv_cache_gb")
+        if max_len > num_blocks * block_size:
+            log.warning("max_model_len %d exceeds the KV pool (%d tokens); capping it",
+                        max_len, num_blocks * block_size)
+            max_len = num_blocks * block_size
+        self.kv_cache = torch.zeros(
+            mcfg.num_layers, 2, num_blocks, block_size, mcfg.num_kv_heads, mcfg.head_dim,
+            dtype=dtype, device=self.device,
+        )
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s)", num_blocks,
+                 block_size, num_blocks * block_size, num_blocks * bytes_per_block / 1e9, dtype)
+        layout = f"L{mcfg.num_layers}x2xNBx{block_size}x{mcfg.num_kv_heads}x{mcfg.head_dim}"
+        dtype_name = str(dtype).removeprefix("torch.")
+        seed = hash_seed(loaded.fingerprint, dtype_name, block_size, layout)
+        self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching, seed)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(mcfg.vocab_size, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.kv, self.sampler, self.device)
+        self.requests: dict[str, list[Request]] = {}  # request_id -> its samples
+        self.generation_tokens = 0
+        self.prompt_tokens = 0
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+
+        from soberana.models.demo import DEMO_NAME
+
+        is_demo = config.model is None
+        self.model_info = ModelInfo(
+            name=config.served_model_name or (DEMO_NAME if is_demo else str(config.model)),
+            path=str(path),
+            max_model_len=max_len,
+            vocab_size=mcfg.vocab_size,
+            eos_token_ids=list(mcfg.eos_token_ids),
+            dtype=dtype_name,
+            device=str(self.device),
+            num_blocks=num_blocks,
+            block_size=block_size,
+            fingerprint=seed.hex(),
+            is_demo=is_demo,
+        )
+        log.info("engine ready in %.1fs (model %.1fs) on %s", time.perf_counter() - t0,
+                 t_model - t0, self.device)
+
+    @staticmethod
+    def _max_model_len(config: EngineConfig, mcfg) -> int:
+        limit = mcfg.max_position_embeddings
+        if mcfg.sliding_window is not None and mcfg.sliding_window < limit:
+            # Attention here is full; within the window full and sliding attention agree.
+            log.warning("sliding window %d: max_model_len limited to it", mcfg.sliding_window)
+            limit = mcfg.sliding_window
+        if config.max_model_len is None:
+            return limit
+        if config.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's limit of {limit}"
+            )
+        return config.max_model_len
+
+    def _num_blocks(self, config: EngineConfig, bytes_per_block: int) -> int:
+        if config.kv_cache_gb is not None:
+            return int(config.kv_cache_gb * 1e9) // bytes_per_block
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - config.gpu_memory_utilization) * total
+            return max(0, int(budget)) // bytes_per_block
+        return int(_CPU_DEFAULT_KV_GB * 1e9) // bytes_per_block
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a request; raises ValueError (naming the field) when it cannot be served."""
+        info = self.model_info
+        params = req.sampling_params
+        prompt = req.prompt_token_ids
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        if min(prompt) < 0 or max(prompt) >= info.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {info.vocab_size - 1}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > self.config.max_logprobs:
+                raise ValueError(f"{name} must be <= {self.config.max_logprobs}; got {n}")
+        room = info.max_model_len - len(prompt)
+        if params.max_tokens is None:
+            if room < 1:
+                raise ValueError(
+                    f"the prompt has {len(prompt)} tokens but the context length is "
+                    f"{info.max_model_len}: no room for output"
+                )
+            max_tokens = room
+        else:
+            if params.max_tokens > room:
+                raise ValueError(
+                    f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_tokens}:"
+                    f" {len(prompt) + params.max_tokens} exceeds the context length of "
+                    f"{info.max_model_len}"
+                )
+            max_tokens = params.max_tokens
+        if not params.eos_token_ids:
+            params = params.clone(eos_token_ids=list(info.eos_token_ids))
+        leader = None
+        samples = []
+        for i in range(params.n):
+            r = Request(req.request_id, i, prompt, params, req.arrival_time, req.priority,
+                        req.cache_salt, max_tokens, leader=leader)
+            leader = leader or r
+            samples.append(r)
+            self.scheduler.add(r)
+        self.requests[req.request_id] = samples
+
+    def abort_requests(self, request_ids: Iterable[str | tuple[str, int]]) -> None:
+        """Stop requests (an id: every sample; an (id, index) pair: that sample) now and free
+        their blocks; unknown or finished ones are ignored."""
+        for rid in request_ids:
+            index = None
+            if isinstance(rid, tuple):
+                rid, index = rid
+            for r in self.requests.get(rid, []):
+                if (index is None or r.index == index) and not r.status.finished:
+                    self.scheduler.finish(r, RequestStatus.FINISHED_ABORTED)
+                    self.sampler.forget(r)
+            self._forget_if_done(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Schedule, run the model once, and report what each request produced."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        result = self.runner.execute(sched)
+        return self._update(sched, result)
+
+    def _update(self, sched: SchedulerOutput, result: StepResult) -> list[EngineCoreOutput]:
+        outputs = []
+        for s in sched.scheduled:
+            r = s.request
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                self.prompt_tokens += min(s.num_new_tokens,
+                                          r.num_prompt_tokens - r.num_computed_tokens)
+            r.num_computed_tokens += s.num_new_tokens
+            if r.key in result.prompt_logprobs:
+                r.prompt_logprobs.extend(result.prompt_logprobs[r.key])
+            if r.key not in result.sampled:
+                continue
+            token = result.sampled[r.key]
+            first = not r.output_token_ids
+            r.output_token_ids.append(token)
+            self.generation_tokens += 1
+            finish = self._check_stop(r, token)
+            out = EngineCoreOutput(
+                request_id=r.request_id,
+                index=r.index,
+                new_token_ids=[token],
+                new_logprobs=[result.logprobs[r.key]] if r.key in result.logprobs else None,
+                num_cached_tokens=max(r.num_cached_tokens, 0),
+            )
+            if first:
+                out.scheduled_time = r.scheduled_time
+                out.prompt_logprobs = r.prompt_logprobs
+            if finish is not None:
+                out.finish_reason = finish.value
+                out.stop_reason = r.stop_reason
+                self.scheduler.finish(r, finish)
+                self.sampler.forget(r)
+                self._forget_if_done(r.request_id)
+            outputs.append(out)
+        return outputs
+
+    def _check_stop(self, r: Request, token: int) -> RequestStatus | None:
+        p = r.params
+        if len(r.output_token_ids) >= p.min_tokens:
+            if not p.ignore_eos and token in p.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in p.stop_token_ids:
+                r.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if len(r.output_token_ids) >= r.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if r.num_tokens >= self.model_info.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _forget_if_done(self, request_id: str) -> None:
+        samples = self.requests.get(request_id)
+        if samples and all(s.status.finished for s in samples):
+            del self.requests[request_id]
+
+    def get_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running_reqs=len(self.scheduler.running),
+            num_waiting_reqs=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.usage(),
+            num_blocks=self.model_info.num_blocks,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )

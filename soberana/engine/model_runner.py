@@ -1,0 +1,128 @@
+"""Turns a SchedulerOutput into batch tensors, runs the model, and samples.
+
+Input preparation is vectorised with numpy: Python work per step is O(batch), never
+O(tokens), apart from slicing each request's token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from soberana.engine.kv_cache_manager import KVCacheManager
+from soberana.engine.outputs import TokenLogprobs
+from soberana.engine.request import Request
+from soberana.engine.sampler import Sampler, gather_logprobs
+from soberana.engine.scheduler import SchedulerOutput
+from soberana.models.transformer import CausalLM
+from soberana.ops.attention import AttentionMetadata
+
+
+@dataclass
+class StepResult:
+    sampled: dict[tuple[str, int], int] = field(default_factory=dict)
+    logprobs: dict[tuple[str, int], TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[tuple[str, int], list[TokenLogprobs]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: torch.Tensor,
+        kv: KVCacheManager,
+        sampler: Sampler,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.kv = kv
+        self.sampler = sampler
+        self.device = device
+        self.block_size = kv.block_size
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        batch = self._prepare(sched)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
+        result = StepResult()
+        if batch.sample_rows:
+            logits = self.model.compute_logits(hidden[batch.sample_rows])
+            out = self.sampler(logits, batch.sample_requests)
+            for req, tok, lp in zip(batch.sample_requests, out.token_ids, out.logprobs):
+                result.sampled[req.key] = tok
+                if lp is not None:
+                    result.logprobs[req.key] = lp
+        for req, rows, targets in batch.prompt_logprob_rows:
+            logits = self.model.compute_logits(hidden[rows])
+            lps = torch.log_softmax(logits, dim=-1)
+            tgt = torch.tensor(targets, device=lps.device)
+            n = [req.params.prompt_logprobs] * len(targets)
+            result.prompt_logprobs[req.key] = gather_logprobs(lps, tgt, n)
+        return result
+
+    def _prepare(self, sched: SchedulerOutput) -> _Batch:
+        entries = sched.scheduled
+        reqs = [s.request for s in entries]
+        q_lens = np.array([s.num_new_tokens for s in entries], dtype=np.int64)
+        starts = np.array([r.num_computed_tokens for r in reqs], dtype=np.int64)
+        cu = np.zeros(len(entries) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        total = int(cu[-1])
+
+        token_ids: list[int] = []
+        for r, s, q in zip(reqs, starts.tolist(), q_lens.tolist()):
+            token_ids.extend(r.token_slice(s, s + q))
+        req_of_token = np.repeat(np.arange(len(entries)), q_lens)
+        positions = np.repeat(starts, q_lens) + (np.arange(total) - np.repeat(cu[:-1], q_lens))
+
+        tables = [self.kv.block_table(r) for r in reqs]
+        width = max(len(t) for t in tables)
+        table_np = np.zeros((len(entries), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            table_np[i, : len(t)] = t
+        bs = self.block_size
+        slots = table_np[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = starts + q_lens
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(cu.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
+            block_table=torch.from_numpy(table_np).to(dev, non_blocking=True),
+            num_decodes=sum(1 for s in entries if s.num_new_tokens == 1),
+            query_lens_cpu=q_lens.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+        batch = _Batch(
+            input_ids=torch.tensor(token_ids, dtype=torch.long).to(dev, non_blocking=True),
+            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
+            meta=meta,
+        )
+        for i, s in enumerate(entries):
+            r = s.request
+            if s.samples:
+                batch.sample_rows.append(int(cu[i + 1]) - 1)
+                batch.sample_requests.append(r)
+            if r.wants_prompt_logprobs:
+                # Row p predicts prompt token p + 1; the prompt's last row predicts the output.
+                first = int(starts[i])
+                last = min(first + s.num_new_tokens, r.num_prompt_tokens - 1)
+                if last > first:
+                    rows = list(range(int(cu[i]), int(cu[i]) + last - first))
+                    targets = r.prompt_token_ids[first + 1 : last + 1]
+                    batch.prompt_logprob_rows.append((r, rows, targets))
+        return batch
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: list[int] = field(default_factory=list)
+    sample_requests: list[Request] = field(default_factory=list)
+    prompt_logprob_rows: list[tuple[Request, list[int], list[int]]] = field(default_factory=list)

@@ -1,0 +1,183 @@
+"""Sampling of one token per row, vectorised over the batch; no loop over the vocabulary.
+
+Order (as vLLM): raw logprobs for the user are taken first; then penalties, the min_tokens
+EOS mask, greedy argmax or temperature → top-k → top-p → min-p → exponential-race sampling.
+Seeded rows draw their noise from their own generator, so their samples do not depend on
+what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from soberana.engine.outputs import TokenLogprobs
+from soberana.engine.request import Request
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generators: dict[tuple[str, int], torch.Generator] = {}
+
+    def forget(self, request: Request) -> None:
+        self.generators.pop(request.key, None)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """Sample one token for each row of `logits` [N, V] (float32), row i for requests[i]."""
+        logits = logits[:, : self.vocab_size]
+        want_lp = [r.params.logprobs for r in requests]
+        raw_logprobs = (
+            torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_lp) else None
+        )
+        logits = self._penalize(logits, requests)
+        logits = self._mask_eos_before_min_tokens(logits, requests)
+        tokens = self._choose(logits, requests)
+        token_list = tokens.tolist()  # the one host-device sync of a step
+        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        if raw_logprobs is not None:
+            logprobs = gather_logprobs(raw_logprobs, tokens, want_lp)
+        return SamplerOutput(token_ids=token_list, logprobs=logprobs)
+
+    def _penalize(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [
+            i for i, r in enumerate(requests)
+            if r.params.presence_penalty or r.params.frequency_penalty
+            or r.params.repetition_penalty != 1.0
+        ]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        sub = logits[rows]
+        n, v = len(rows), sub.shape[1]
+        counts = torch.zeros(n, v, device=logits.device)
+        in_prompt = torch.zeros(n, v, dtype=torch.bool, device=logits.device)
+        for j, i in enumerate(rows):  # one row per penalised request, vectorised inside
+            out = requests[i].output_token_ids
+            if out:
+                ids = torch.tensor(out, device=logits.device)
+                counts[j].index_add_(0, ids, torch.ones(len(out), device=logits.device))
+            in_prompt[j, torch.tensor(requests[i].prompt_token_ids, device=logits.device)] = True
+        rep = _column([requests[i].params.repetition_penalty for i in rows], logits.device)
+        seen = in_prompt | (counts > 0)
+        # Repetition penalty (CTRL / transformers): divide positive logits, multiply negative.
+        penalized = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, penalized, sub)
+        freq = _column([requests[i].params.frequency_penalty for i in rows], logits.device)
+        pres = _column([requests[i].params.presence_penalty for i in rows], logits.device)
+        # OpenAI: frequency scales with each output occurrence, presence applies once.
+        sub = sub - freq * counts - pres * (counts > 0).float()
+        logits[rows] = sub
+        return logits
+
+    def _mask_eos_before_min_tokens(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> torch.Tensor:
+        masked = False
+        for i, r in enumerate(requests):
+            if len(r.output_token_ids) < r.params.min_tokens:
+                stops = list(r.params.stop_token_ids)
+                if not r.params.ignore_eos:
+                    stops += r.params.eos_token_ids
+                stops = [t for t in stops if t < logits.shape[1]]
+                if stops:
+                    if not masked:
+                        logits, masked = logits.clone(), True
+                    logits[i, stops] = _NEG_INF
+        return logits
+
+    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        greedy = [r.params.greedy for r in requests]
+        if all(greedy):
+            return logits.argmax(dim=-1)
+        dev = logits.device
+        temps = _column([1.0 if g else r.params.temperature for g, r in zip(greedy, requests)], dev)
+        scaled = logits / temps
+        top_k = [r.params.top_k for r in requests]
+        if any(top_k):
+            scaled = _apply_top_k(scaled, top_k)
+        top_p = [r.params.top_p for r in requests]
+        if any(p < 1.0 for p in top_p):
+            scaled = _apply_top_p(scaled, _column(top_p, dev))
+        min_p = [r.params.min_p for r in requests]
+        if any(min_p):
+            probs = scaled.softmax(dim=-1)
+            limit = probs.max(dim=-1, keepdim=True).values * _column(min_p, dev)
+            scaled = scaled.masked_fill(probs < limit, _NEG_INF)
+        probs = scaled.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for i, r in enumerate(requests):
+            if r.params.seed is not None and not greedy[i]:
+                noise[i].exponential_(generator=self._generator(r))
+        # Exponential race (Gumbel-max): argmax p_i / E_i samples i with probability p_i.
+        sampled = (probs / noise).argmax(dim=-1)
+        if any(greedy):
+            mask = torch.tensor(greedy, device=dev)
+            sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
+        return sampled
+
+    def _generator(self, request: Request) -> torch.Generator:
+        gen = self.generators.get(request.key)
+        if gen is None:
+            seed = (request.params.seed + request.index) % 2**63
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            self.generators[request.key] = gen
+        return gen
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    v = logits.shape[1]
+    k = torch.tensor([min(t, v) if t > 0 else v for t in top_k], device=logits.device)
+    kmax = int(k.max())
+    top = logits.topk(kmax, dim=-1).values
+    threshold = top.gather(1, (k - 1).unsqueeze(1))
+    return logits.masked_fill(logits < threshold, _NEG_INF)
+
+
+def _apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # Drop the low tail whose mass is <= 1 - top_p; the most likely token always stays.
+    drop = cum <= 1 - top_p
+    drop[:, -1] = False
+    sorted_logits = sorted_logits.masked_fill(drop, _NEG_INF)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int | None]
+) -> list[TokenLogprobs | None]:
+    """The chosen token's logprob and rank, plus the top-N, for rows that asked (N >= 0)."""
+    rows = [i for i, n in enumerate(num_top) if n is not None]
+    out: list[TokenLogprobs | None] = [None] * len(num_top)
+    if not rows:
+        return out
+    lp = logprobs[rows]
+    ch = chosen[rows].unsqueeze(1)
+    chosen_lp = lp.gather(1, ch)
+    ranks = (lp > chosen_lp).sum(dim=1) + 1
+    kmax = max(num_top[i] for i in rows)
+    top_lp, top_ids = lp.topk(kmax, dim=-1) if kmax > 0 else (lp[:, :0], ch[:, :0])
+    chosen_l, ranks_l = chosen_lp.squeeze(1).tolist(), ranks.tolist()
+    top_lp_l, top_ids_l, ch_l = top_lp.tolist(), top_ids.tolist(), ch.squeeze(1).tolist()
+    for j, i in enumerate(rows):
+        n = num_top[i]
+        out[i] = TokenLogprobs(
+            token_id=ch_l[j], logprob=chosen_l[j], rank=ranks_l[j],
+            top_token_ids=top_ids_l[j][:n], top_logprobs=top_lp_l[j][:n],
+        )
+    return out

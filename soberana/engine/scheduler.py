@@ -1,0 +1,140 @@
+"""The scheduler: one token budget per step shared by decodes and (chunked) prefills.
+
+Its one currency is {request: num_new_tokens}. Running requests are served first in
+priority order; when the pool runs dry the lowest-priority running request is preempted
+(its blocks freed, to be recomputed later); waiting requests are then admitted while budget,
+`max_num_seqs` and blocks allow.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from soberana.engine.kv_cache_manager import KVCacheManager
+from soberana.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so a token is sampled."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    # Decodes (one new token) first, then prefill chunks: the attention kernels rely on it.
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Request] = []  # sorted by Request.sort_key()
+        self.running: list[Request] = []  # sorted by Request.sort_key()
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        bisect.insort(self.waiting, request, key=Request.sort_key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out = SchedulerOutput()
+        scheduled: list[ScheduledRequest] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running.pop()  # lowest priority, latest arrival
+                self._preempt(victim)
+                out.num_preempted += 1
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
+                i += 1
+
+        # A step that had to preempt admits nobody: the pool is the bottleneck.
+        if not preempted:
+            budget = self._admit(scheduled, budget)
+
+        scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        out.scheduled = scheduled
+        return out
+
+    def _admit(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            leader = req.leader
+            if leader is not None and _prompt_pending(leader):
+                skipped.append(self.waiting.pop(0))  # waits for its leader's prompt
+                continue
+            cached = self.kv.find_cached_prefix(req)
+            num_cached = len(cached) * self.kv.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(req, num_new, cached):
+                break
+            self.waiting.pop(0)
+            self.kv.record_lookup(req.num_tokens, num_cached)
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            if req.scheduled_time is None:
+                req.scheduled_time = time.time()
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=Request.sort_key)
+            scheduled.append(ScheduledRequest(req, num_new))
+            budget -= num_new
+        for req in skipped:
+            bisect.insort(self.waiting, req, key=Request.sort_key)
+        return budget
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, req, key=Request.sort_key)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Remove a request wherever it is and free its blocks."""
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+
+
+def _prompt_pending(leader: Request) -> bool:
+    """True while the leader has not yet been scheduled for its whole prompt."""
+    if leader.status.finished:
+        return False
+    return leader.status != RequestStatus.RUNNING or (
+        leader.num_computed_tokens < leader.num_prompt_tokens and not leader.output_token_ids
+    )

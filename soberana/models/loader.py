@@ -1,0 +1,220 @@
+"""Find a model (local directory, hub id, or the demo) and load its weights from safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from soberana.models.config import ModelConfig
+from soberana.models.transformer import CausalLM, RotaryEmbedding, rope_inv_freq
+
+log = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve_model_path(model: str | None, revision: str | None = None) -> Path:
+    """Return a local directory for `model`: a path, a hub id (cached or downloaded), or the demo."""
+    if model is None:
+        from soberana.models.demo import demo_model_path
+
+        return demo_model_path()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {path} has no config.json")
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ValueError(
+            f"model {model!r} is not a directory with config.json, nor a hub id of the form "
+            "'organisation/name'"
+        )
+    return _from_hub(model, revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                      allow_patterns=_HUB_PATTERNS))
+    except Exception:
+        pass  # not cached yet: try the network below
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise ValueError(_offline_message(repo_id, "HF_HUB_OFFLINE is set"))
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:
+        raise ValueError(_offline_message(repo_id, f"{type(exc).__name__}: {exc}")) from exc
+
+
+def _offline_message(repo_id: str, why: str) -> str:
+    return (
+        f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
+        f"({why}). Download it where the hub is reachable (e.g. `huggingface-cli download "
+        f"{repo_id} --local-dir /models/NAME`), copy the directory here and pass its path: "
+        "`soberana serve /models/NAME`."
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    config: ModelConfig
+    path: Path
+    fingerprint: str  # identity of the weights; the engine adds dtype, block size and layout
+
+
+def read_model_config(path: Path) -> tuple[ModelConfig, dict]:
+    """ModelConfig plus the raw generation_config.json (empty when absent)."""
+    hf = json.loads((path / "config.json").read_text())
+    cfg = ModelConfig.from_hf(hf)
+    gen_path = path / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    eos = gen.get("eos_token_id")
+    if eos is not None:
+        cfg.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+    return cfg, gen
+
+
+def load_model(
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    load_format: str = "safetensors",
+) -> LoadedModel:
+    """Build the model on `device` in `dtype` and fill it from the checkpoint.
+
+    `load_format="dummy"` fills random weights (std 0.02, fixed seed) instead: for full-size
+    performance runs without a checkpoint, as vLLM's `--load-format dummy`.
+    """
+    cfg, _ = read_model_config(path)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = CausalLM(cfg, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    # Buffers built on "meta" hold nothing: rebuild the rotary table for real.
+    model.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), max_positions).to(device)
+    if load_format == "dummy":
+        _fill_random(model)
+        fingerprint = hashlib.sha256(b"dummy" + (path / "config.json").read_bytes()).hexdigest()
+    elif load_format == "safetensors":
+        files = _safetensors_files(path)
+        _load_safetensors(model, cfg, files)
+        fingerprint = _fingerprint(path, files)
+    else:
+        raise ValueError(f"load_format must be 'safetensors' or 'dummy'; got {load_format!r}")
+    model.eval()
+    return LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {path} (other formats are not supported)")
+    return files
+
+
+def _target(name: str) -> tuple[str, int | None, str] | None:
+    """Map a Hugging Face tensor name to (our parameter, shard index in a fused matrix, part)."""
+    if name.startswith("model."):
+        name = name[len("model."):]
+    if "rotary_emb" in name:
+        return None
+    fused = {
+        ".self_attn.q_proj.": (".self_attn.qkv_proj.", 0),
+        ".self_attn.k_proj.": (".self_attn.qkv_proj.", 1),
+        ".self_attn.v_proj.": (".self_attn.qkv_proj.", 2),
+        ".mlp.gate_proj.": (".gate_up_proj.", 0),
+        ".mlp.up_proj.": (".gate_up_proj.", 1),
+    }
+    for old, (new, shard) in fused.items():
+        if old in name:
+            return name.replace(old, new), shard, name.rsplit(".", 1)[-1]
+    return name.replace(".mlp.down_proj.", ".down_proj."), None, ""
+
+
+def _load_safetensors(model: CausalLM, cfg: ModelConfig, files: list[Path]) -> None:
+    params = dict(model.named_parameters())
+    shard_sizes = {
+        "qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
+        "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size],
+    }
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                target = _target(name)
+                if target is None:
+                    continue
+                pname, shard, _ = target
+                if pname == "lm_head.weight" and model.lm_head is None:
+                    continue  # tied: the embedding serves as the head
+                if pname not in params:
+                    raise ValueError(f"unexpected tensor {name!r} in {file.name}")
+                param = params[pname]
+                tensor = f.get_tensor(name)
+                with torch.no_grad():
+                    if shard is None:
+                        _copy_checked(param.data, tensor, name)
+                    else:
+                        sizes = shard_sizes[pname.split(".")[-2]]
+                        begin = sum(sizes[:shard])
+                        _copy_checked(param.data[begin:begin + sizes[shard]], tensor, name)
+                loaded.add(f"{pname}#{shard}")
+    missing = []
+    for pname in params:
+        shards = shard_sizes.get(pname.split(".")[-2])
+        keys = [f"{pname}#{i}" for i in range(len(shards))] if shards else [f"{pname}#None"]
+        missing += [k for k in keys if k not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}")
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src.to(dst.dtype))
+
+
+def _fill_random(model: CausalLM) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.device.type == "cpu":
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            else:
+                g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
+                p.normal_(0.0, 0.02, generator=g)
+
+
+def _fingerprint(path: Path, files: list[Path]) -> str:
+    """Cheap, deterministic identity of a checkpoint: config, tensor headers, sampled bytes."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            h.update(f.read(1 << 20))  # the header names, shapes and offsets every tensor
+            f.seek(max(0, size - (1 << 16)))
+            h.update(f.read(1 << 16))
+    return h.hexdigest()
