@@ -117,6 +117,10 @@ class OutputProcessor:
             for lp in out.new_logprobs:
                 sample.logprobs.append(self._to_dict(lp))
                 sample.cumulative_logprob += lp.logprob
+        if not params.detokenize:
+            sample.finish_reason = out.finish_reason
+            sample.stop_reason = out.stop_reason
+            return
         before = len(sample.text)
         sample.text += sample.detok.add(out.new_token_ids)
         if params.stop and len(sample.token_ids) >= params.min_tokens:
@@ -140,7 +144,9 @@ class OutputProcessor:
                 d[tid] = Logprob(val, rank, self._piece(tid))
         return d
 
-    def _piece(self, token_id: int) -> str:
+    def _piece(self, token_id: int) -> str | None:
+        if token_id >= len(self.tokenizer):
+            return None
         return self.tokenizer.decode([token_id])
 
     def _request_output(self, state: _RequestState, finished: bool) -> RequestOutput:

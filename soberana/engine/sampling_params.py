@@ -45,6 +45,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False: token ids only (no text, no stop strings)
     # Filled by the engine from the model (generation_config / tokenizer); not user input.
     eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -85,13 +86,16 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop must hold non-empty strings; got {s!r}")
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise ValueError(f"stop_token_ids must hold non-negative integers; got {t!r}")
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                     "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a boolean; got {getattr(self, name)!r}")
 
