@@ -22,11 +22,10 @@ from soberana.engine.request import Request, RequestStatus
 from soberana.engine.sampler import Sampler
 from soberana.engine.scheduler import Scheduler, SchedulerOutput
 from soberana.models.loader import load_model, read_model_config, resolve_model_path
-from soberana.models.tokenizer import eos_token_ids
 
 log = logging.getLogger("soberana.engine")
 
-_CPU_DEFAULT_KV_GB = 2.0
+_CPU_DEFAULT_KV_GB = 4.0
 
 
 @dataclass
@@ -42,6 +41,17 @@ class ModelInfo:
     block_size: int
     fingerprint: str
     is_demo: bool
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,7 +87,7 @@ class EngineCore:
 
         block_size = config.block_size
         bytes_per_block = 2 * mcfg.num_layers * block_size * mcfg.kv_size * dtype.itemsize
-        num_blocks = self._num_blocks(config, bytes_per_block)
+        num_blocks = self._num_blocks(config, bytes_per_block, max_len)
         if num_blocks < 1:
             raise ValueError("the KV cache is too small for a single block; raise kv_cache_gb")
         if max_len > num_blocks * block_size:
@@ -137,14 +147,17 @@ class EngineCore:
             )
         return config.max_model_len
 
-    def _num_blocks(self, config: EngineConfig, bytes_per_block: int) -> int:
+    def _num_blocks(self, config: EngineConfig, bytes_per_block: int, max_len: int) -> int:
         if config.kv_cache_gb is not None:
             return int(config.kv_cache_gb * 1e9) // bytes_per_block
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - config.gpu_memory_utilization) * total
             return max(0, int(budget)) // bytes_per_block
-        return int(_CPU_DEFAULT_KV_GB * 1e9) // bytes_per_block
+        # CPU: enough for every sequence at full length, within 4 GB and 20% of free RAM.
+        useful = config.max_num_seqs * max_len / config.block_size * bytes_per_block
+        budget = min(_CPU_DEFAULT_KV_GB * 1e9, 0.2 * _available_ram(), useful)
+        return max(int(budget) // bytes_per_block, -(-max_len // config.block_size))
 
     # ---- requests -------------------------------------------------------------------------
 

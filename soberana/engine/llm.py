@@ -11,6 +11,7 @@ from soberana.engine.core import EngineCore
 from soberana.engine.output_processor import OutputProcessor
 from soberana.engine.outputs import EngineCoreRequest, RequestOutput
 from soberana.engine.sampling_params import SamplingParams
+from soberana.log import setup_logging
 from soberana.models.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
@@ -40,6 +41,7 @@ class LLM:
         load_format: str = "safetensors",
         **kwargs,
     ) -> None:
+        setup_logging()
         config = EngineConfig(
             model=model, dtype=dtype, device=device, max_model_len=max_model_len,
             kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs,

@@ -104,8 +104,8 @@ def test_detokenizer_never_emits_half_a_character(llm):
 
 
 def test_streamed_deltas_add_up_to_the_final_text(llm):
-    from soberana.engine.outputs import EngineCoreRequest
     from soberana.engine.output_processor import OutputProcessor
+    from soberana.engine.outputs import EngineCoreRequest
 
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=["zz-never"])
     full = llm.generate(["Accents and scripts"], params)[0].outputs[0]

@@ -1,0 +1,178 @@
+"""Offline throughput of `LLM.generate` next to transformers on the same prompts, same run.
+
+A Llama-shaped model with random weights (default ~134M parameters: the "125M Llama shape"
+of the brief) is saved once; then, on identical random prompts with ignore_eos:
+  - soberana `LLM.generate` (continuous batching, paged KV cache),
+  - transformers `generate` on padded batches,
+  - transformers `generate_batch` (its continuous-batching API), when available.
+Writes the raw numbers plus commit, hardware and versions as JSON.
+
+    python benchmarks/offline_throughput.py --num-prompts 64 --input-len 128 --output-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "llama-125m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                       num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12),
+    "llama-300m": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                       num_hidden_layers=20, num_attention_heads=16, num_key_value_heads=8),
+}
+
+
+def build_model(shape: str, root: Path) -> Path:
+    import transformers
+
+    out = root / f"random-{shape}"
+    if (out / "config.json").is_file():
+        return out
+    cfg = transformers.LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    tmp = out.with_suffix(".tmp")
+    model.save_pretrained(tmp)
+    from soberana.models.loader import resolve_model_path
+
+    for f in resolve_model_path(None).glob("tokenizer*"):
+        (tmp / f.name).write_bytes(f.read_bytes())
+    tmp.rename(out)
+    return out
+
+
+def run_soberana(path: Path, prompts, output_len: int, max_num_seqs: int) -> dict:
+    from soberana import LLM, SamplingParams
+
+    llm = LLM(str(path), max_model_len=max(len(p) for p in prompts) + output_len + 16,
+              max_num_seqs=max_num_seqs)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True,
+                            detokenize=False)
+    llm.generate(prompts[:2], params.clone(max_tokens=4), use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    return {"seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt}
+
+
+def run_hf_generate(path: Path, prompts, output_len: int, batch_size: int) -> dict:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    cfg = transformers.GenerationConfig(max_new_tokens=output_len, do_sample=False,
+                                        eos_token_id=None, pad_token_id=0)
+
+    def batch_generate(batch):
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, generation_config=cfg)
+        return (out.shape[1] - width) * len(batch)
+
+    batch_generate(prompts[:2])  # warm-up
+    t0 = time.perf_counter()
+    n_out = sum(batch_generate(prompts[i:i + batch_size])
+                for i in range(0, len(prompts), batch_size))
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt,
+            "batch_size": batch_size}
+
+
+def run_hf_generate_batch(path: Path, prompts, output_len: int) -> dict:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if not hasattr(model, "generate_batch"):
+        return {"skipped": "this transformers has no generate_batch"}
+    cfg = transformers.GenerationConfig(max_new_tokens=output_len, do_sample=False,
+                                        eos_token_id=None, pad_token_id=0)
+    try:
+        model.generate_batch(prompts[:2], generation_config=cfg)  # warm-up
+        t0 = time.perf_counter()
+        outs = model.generate_batch(prompts, generation_config=cfg)
+        dt = time.perf_counter() - t0
+    except Exception as exc:  # record why the peer could not run rather than crash the run
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    n_out = sum(len(o.generated_tokens) for o in outs.values())
+    return {"seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt}
+
+
+def machine() -> dict:
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
+                  if line.startswith("Model name")), platform.processor())
+    import transformers
+
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "load_avg_at_start": os.getloadavg()}
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "soberana"],
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-125m")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--model-dir", type=Path, default=Path.home() / ".cache" / "soberana")
+    ap.add_argument("--output", type=Path,
+                    default=Path("benchmarks/results/offline_throughput_cpu.json"))
+    args = ap.parse_args()
+
+    path = build_model(args.shape, args.model_dir)
+    g = torch.Generator().manual_seed(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    prompts = [torch.randint(0, vocab, (args.input_len,), generator=g).tolist()
+               for _ in range(args.num_prompts)]
+    result = {"benchmark": "offline_throughput", "commit": commit(), "machine": machine(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "workload": {"shape": args.shape, "num_prompts": args.num_prompts,
+                           "input_len": args.input_len, "output_len": args.output_len,
+                           "dtype": "float32", "greedy": True, "ignore_eos": True},
+              "soberana": run_soberana(path, prompts, args.output_len, args.max_num_seqs)}
+    print("soberana", json.dumps(result["soberana"]), flush=True)
+    if not args.skip_hf:
+        result["hf_generate"] = run_hf_generate(path, prompts, args.output_len,
+                                                args.hf_batch_size)
+        print("hf_generate", json.dumps(result["hf_generate"]), flush=True)
+        result["hf_generate_batch"] = run_hf_generate_batch(path, prompts, args.output_len)
+        print("hf_generate_batch", json.dumps(result["hf_generate_batch"]), flush=True)
+        peers = [result[k].get("output_tok_s", 0) for k in ("hf_generate", "hf_generate_batch")]
+        result["ratio_vs_faster_transformers"] = result["soberana"]["output_tok_s"] / max(peers)
+        print(f"soberana / faster transformers = {result['ratio_vs_faster_transformers']:.2f}x")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
