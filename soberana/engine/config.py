@@ -28,6 +28,7 @@ class EngineConfig:
     served_model_name: str | None = None
     revision: str | None = None
     max_logprobs: int = 20
+    enforce_eager: bool = False  # GPU: no CUDA graphs
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""

@@ -15,6 +15,7 @@ import torch
 
 from soberana.engine.block_hash import hash_seed
 from soberana.engine.config import EngineConfig
+from soberana.engine.cuda_graphs import DecodeGraphs
 from soberana.engine.kv_cache_manager import KVCacheManager
 from soberana.engine.model_runner import ModelRunner, StepResult
 from soberana.engine.outputs import EngineCoreOutput, EngineCoreRequest, SchedulerStats
@@ -22,6 +23,7 @@ from soberana.engine.request import Request, RequestStatus
 from soberana.engine.sampler import Sampler
 from soberana.engine.scheduler import Scheduler, SchedulerOutput
 from soberana.models.loader import load_model, read_model_config, resolve_model_path
+from soberana.ops.attention import AttentionMetadata, uses_triton
 
 log = logging.getLogger("soberana.engine")
 
@@ -87,7 +89,8 @@ class EngineCore:
 
         block_size = config.block_size
         bytes_per_block = 2 * mcfg.num_layers * block_size * mcfg.kv_size * dtype.itemsize
-        num_blocks = self._num_blocks(config, bytes_per_block, max_len)
+        activation_bytes = self._profile_forward(mcfg, dtype, max_len)
+        num_blocks = self._num_blocks(config, bytes_per_block, max_len, activation_bytes)
         if num_blocks < 1:
             raise ValueError("the KV cache is too small for a single block; raise kv_cache_gb")
         if max_len > num_blocks * block_size:
@@ -106,7 +109,15 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching, seed)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(mcfg.vocab_size, self.device)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.kv, self.sampler, self.device)
+        graphs = None
+        self.startup = {"model_s": t_model - t0, "kv_alloc_s": 0.0, "graphs_s": 0.0}
+        self.startup["kv_alloc_s"] = time.perf_counter() - t_model
+        if self.device.type == "cuda" and not config.enforce_eager and uses_triton(self.device):
+            graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs,
+                                  -(-max_len // block_size), self.device)
+            self.startup["graphs_s"] = graphs.capture()
+        self.runner = ModelRunner(self.model, self.kv_cache, self.kv, self.sampler, self.device,
+                                  graphs)
         self.requests: dict[str, list[Request]] = {}  # request_id -> its samples
         self.generation_tokens = 0
         self.prompt_tokens = 0
@@ -147,12 +158,47 @@ class EngineCore:
             )
         return config.max_model_len
 
-    def _num_blocks(self, config: EngineConfig, bytes_per_block: int, max_len: int) -> int:
+    @torch.inference_mode()
+    def _profile_forward(self, mcfg, dtype: torch.dtype, max_len: int) -> int:
+        """GPU: peak activation bytes of the largest step (a full token budget), measured."""
+        if self.device.type != "cuda":
+            return 0
+        cfg = self.config
+        tokens = min(cfg.max_num_batched_tokens, max_len)
+        bs = cfg.block_size
+        nblocks = -(-tokens // bs)
+        tmp = torch.zeros(mcfg.num_layers, 2, nblocks, bs, mcfg.num_kv_heads, mcfg.head_dim,
+                          dtype=dtype, device=self.device)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(tokens, device=dev),
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=dev),
+            block_table=torch.arange(nblocks, dtype=torch.int32, device=dev)[None],
+            num_decodes=0, query_lens_cpu=[tokens], seq_lens_cpu=[tokens],
+        )
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        ids = torch.zeros(tokens, dtype=torch.long, device=dev)
+        hidden = self.model(ids, torch.arange(tokens, device=dev), tmp, meta)
+        self.model.compute_logits(hidden[: min(tokens, cfg.max_num_seqs)])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(dev) - before
+        del tmp, hidden
+        torch.cuda.empty_cache()
+        return peak
+
+    def _num_blocks(
+        self, config: EngineConfig, bytes_per_block: int, max_len: int, activation_bytes: int
+    ) -> int:
         if config.kv_cache_gb is not None:
             return int(config.kv_cache_gb * 1e9) // bytes_per_block
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - config.gpu_memory_utilization) * total
+            # Keep the profiled activations and ~1 GiB for CUDA graphs and the sampler.
+            budget = (free - (1 - config.gpu_memory_utilization) * total
+                      - activation_bytes - 2**30)
             return max(0, int(budget)) // bytes_per_block
         # CPU: enough for every sequence at full length, within 4 GB and 20% of free RAM.
         useful = config.max_num_seqs * max_len / config.block_size * bytes_per_block

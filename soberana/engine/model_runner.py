@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from soberana.engine.cuda_graphs import DecodeGraphs
 from soberana.engine.kv_cache_manager import KVCacheManager
 from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.request import Request
@@ -35,6 +36,7 @@ class ModelRunner:
         kv: KVCacheManager,
         sampler: Sampler,
         device: torch.device,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -42,11 +44,18 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.block_size = kv.block_size
+        self.graphs = graphs
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
         batch = self._prepare(sched)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, batch.meta)
+        meta = batch.meta
+        if (self.graphs is not None and meta.num_decodes == len(meta.query_lens_cpu)
+                and meta.num_decodes <= self.graphs.max_batch and not batch.prompt_logprob_rows):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, meta.slot_mapping,
+                                     meta.seq_lens, meta.block_table)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, meta)
         result = StepResult()
         if batch.sample_rows:
             logits = self.model.compute_logits(hidden[batch.sample_rows])

@@ -6,6 +6,7 @@ Layout and field meanings are fixed in docs/engine-core.md. The PyTorch path ser
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,20 @@ class AttentionMetadata:
         return self.num_decodes
 
 
+@functools.cache
+def _triton_ops():
+    """The Triton kernels, or None where Triton is missing (CPU builds)."""
+    try:
+        from soberana.ops import triton_attention
+    except ImportError:
+        return None
+    return triton_attention
+
+
+def uses_triton(device: torch.device) -> bool:
+    return device.type == "cuda" and _triton_ops() is not None
+
+
 def write_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -37,7 +52,10 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Store this step's keys/values [T, Hkv, D] into their cache slots."""
+    """Store this step's keys/values [T, Hkv, D] into their cache slots (-1: skip, GPU only)."""
+    if uses_triton(key.device):
+        _triton_ops().reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return
     num_kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
@@ -56,6 +74,8 @@ def paged_attention(
 
     `k`, `v` are this step's keys/values, already written to the cache.
     """
+    if uses_triton(q.device):
+        return _triton_ops().triton_paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:

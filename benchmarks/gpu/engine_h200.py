@@ -1,0 +1,214 @@
+"""Soberana's engine on one GPU with a full-size architecture (random bf16 weights).
+
+Measures, in one run: the GPU's read bandwidth and bf16 matmul rate; start-up time by
+phase; batch-1 decode tok/s and achieved bandwidth; offline throughput (1000 x 128/128,
+1000 x 1024/128, 256 x 128/2048) with achieved TFLOP/s. Results go to --out/summary.json
+(written after every phase, so a run cut short keeps what it measured).
+
+    python benchmarks/gpu/engine_h200.py --config benchmarks/gpu/model_configs/llama-3.1-8b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=HERE, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("SOBERANA_COMMIT", "unknown")
+
+
+def ceilings() -> dict:
+    """Read bandwidth (a reduction over 8 GB) and copy bandwidth; bf16 8192^3 matmul rate."""
+    from triton.testing import do_bench
+
+    n = 4 * 2**30  # 4 Gi bf16 elements = 8 GiB
+    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms_read = do_bench(lambda: src.sum(dtype=torch.float32), warmup=100, rep=500,
+                       return_mode="median")
+    ms_copy = do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms_mm = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    src = dst = a = b = None
+    torch.cuda.empty_cache()
+    nbytes = n * 2
+    return {"read_bw_GBps": nbytes / ms_read / 1e6,
+            "copy_bw_GBps_read_plus_write": 2 * nbytes / ms_copy / 1e6,
+            "bf16_matmul_TFLOPs": 2 * 8192**3 / ms_mm / 1e9}
+
+
+def model_dir(config_path: Path) -> Path:
+    """A directory with the architecture's config.json and the demo tokenizer (ids only)."""
+    from soberana.models.loader import resolve_model_path
+
+    out = Path(tempfile.mkdtemp(prefix="soberana-bench-"))
+    (out / "config.json").write_text(config_path.read_text())
+    for f in resolve_model_path(None).glob("tokenizer*"):
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def startup(path: Path, max_model_len: int) -> dict:
+    """Wall time from `python` start to an engine ready to serve, in a fresh process."""
+    code = (
+        "import time, json; t0 = time.time()\n"
+        "from soberana import LLM\n"
+        f"llm = LLM({str(path)!r}, load_format='dummy', max_model_len={max_model_len})\n"
+        "print('READY', json.dumps(dict(llm.engine.startup, in_process_s=time.time() - t0)))\n"
+    )
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    wall = time.time() - t0
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("READY")), None)
+    if line is None:
+        return {"error": proc.stderr[-2000:]}
+    phases = json.loads(line.split(" ", 1)[1])
+    return {"startup_s": wall, **phases}
+
+
+def weight_bytes(cfg: dict) -> int:
+    """Bytes read per decode step for the weights: all but the embedding table (bf16)."""
+    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // heads
+    per_layer = h * (heads * d + 2 * kv * d) + heads * d * h + 3 * h * i + 2 * h
+    return 2 * (L * per_layer + h + cfg["vocab_size"] * h)  # + final norm + lm_head
+
+
+def kv_bytes_per_token(cfg: dict) -> int:
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * cfg["num_hidden_layers"] * kv * d * 2
+
+
+def decode_bs1(llm, cfg: dict, prompt_len: int = 128, new_tokens: int = 256) -> dict:
+    from soberana import SamplingParams
+    from soberana.engine.outputs import EngineCoreRequest
+
+    core = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
+                            detokenize=False)
+    prompt = torch.randint(0, cfg["vocab_size"], (prompt_len,)).tolist()
+    core.add_request(EngineCoreRequest("bs1", prompt, params, time.time()))
+    core.step()  # prefill + first token
+    times = []
+    while core.has_unfinished_requests():
+        t = time.perf_counter()
+        core.step()  # ends with the sampled id copied to the host: a full sync
+        times.append(time.perf_counter() - t)
+    times.sort()
+    step = times[len(times) // 2]
+    avg_ctx = prompt_len + new_tokens / 2
+    bytes_per_token = weight_bytes(cfg) + avg_ctx * kv_bytes_per_token(cfg)
+    return {"decode_bs1_tok_s": 1 / step, "step_ms_p50": step * 1e3,
+            "step_ms_p90": times[int(len(times) * 0.9)] * 1e3,
+            "bytes_per_token": bytes_per_token, "achieved_GBps": bytes_per_token / step / 1e9}
+
+
+def offline(llm, cfg: dict, n: int, input_len: int, output_len: int) -> dict:
+    from soberana import SamplingParams
+
+    g = torch.Generator().manual_seed(n * 7 + input_len)
+    prompts = [torch.randint(0, cfg["vocab_size"], (input_len,), generator=g).tolist()
+               for _ in range(n)]
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True,
+                            detokenize=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    flops = matmul_flops(cfg, n, input_len, output_len)
+    return {"num_prompts": n, "input_len": input_len, "output_len": output_len,
+            "seconds": dt, "output_tokens": out_tokens, "output_tok_s": out_tokens / dt,
+            "total_tok_s": (out_tokens + n * input_len) / dt, "achieved_TFLOPs": flops / dt / 1e12}
+
+
+def matmul_flops(cfg: dict, n: int, input_len: int, output_len: int) -> float:
+    """Model FLOPs: 2 x weights per token (lm_head only where a token is sampled) plus causal
+    attention (QK^T and PV)."""
+    h, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or h // heads
+    body = weight_bytes(cfg) / 2 - cfg["vocab_size"] * h
+    tokens = n * (input_len + output_len)
+    attn_per_seq = 0.0
+    total = input_len + output_len
+    attn_per_seq = 4 * L * heads * d * (total * total / 2)
+    return 2 * body * tokens + 2 * cfg["vocab_size"] * h * n * output_len + n * attn_per_seq
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", type=Path, default=HERE / "model_configs" / "llama-3.1-8b.json")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    cfg = json.loads(args.config.read_text())
+    summary: dict = {"commit": commit(), "gpu": torch.cuda.get_device_name(),
+                     "model": args.config.stem, "torch": torch.__version__,
+                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out_file = args.out / f"summary_{args.config.stem}.json"
+
+    def save(key: str, value) -> None:
+        summary[key] = value
+        out_file.write_text(json.dumps(summary, indent=2))
+        print(key, json.dumps(value), flush=True)
+
+    if "ceilings" not in skip:
+        c = ceilings()
+        save("ceilings", c)
+        summary["read_bw_GBps"] = c["read_bw_GBps"]
+    path = model_dir(args.config)
+    if "startup" not in skip:
+        st = startup(path, 4096)
+        save("startup", st)
+        summary["startup_s"] = st.get("startup_s")
+    from soberana import LLM
+
+    llm = LLM(str(path), load_format="dummy", max_model_len=4096,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    save("kv_pool", {"num_blocks": llm.engine.model_info.num_blocks,
+                     "block_size": llm.engine.model_info.block_size})
+    if "bs1" not in skip:
+        d = decode_bs1(llm, cfg)
+        if "read_bw_GBps" in summary:
+            d["decode_bs1_bw_frac"] = d["achieved_GBps"] * 1e3 / summary["read_bw_GBps"]
+        save("decode_bs1", d)
+        summary["decode_bs1_tok_s"] = d["decode_bs1_tok_s"]
+        summary["decode_bs1_bw_frac"] = d.get("decode_bs1_bw_frac")
+    for name, (n, i, o) in {"offline_128x128": (1000, 128, 128),
+                            "offline_1024x128": (1000, 1024, 128),
+                            "offline_128x2048": (256, 128, 2048)}.items():
+        if name in skip:
+            continue
+        r = offline(llm, cfg, n, i, o)
+        save(name, r)
+        if name == "offline_128x128":
+            summary["offline_128x128_out_tok_s"] = r["output_tok_s"]
+    out_file.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
