@@ -18,7 +18,7 @@ from soberana.engine.request import Request
 from soberana.engine.sampler import Sampler, gather_logprobs
 from soberana.engine.scheduler import SchedulerOutput
 from soberana.models.transformer import CausalLM
-from soberana.ops.attention import AttentionMetadata
+from soberana.ops.attention import AttentionMetadata, GatherWorkspace
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.block_size
         self.graphs = graphs
+        self.workspace = GatherWorkspace() if device.type == "cpu" else None
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
@@ -105,6 +106,7 @@ class ModelRunner:
             num_decodes=sum(1 for s in entries if s.num_new_tokens == 1),
             query_lens_cpu=q_lens.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
+            workspace=self.workspace,
         )
         batch = _Batch(
             input_ids=torch.tensor(token_ids, dtype=torch.long).to(dev, non_blocking=True),

@@ -25,6 +25,9 @@ class AttentionMetadata:
     # Host copies, so the PyTorch path never syncs with the device to read lengths.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # CPU path: reusable buffer for gathering decode KV, so each step does not fault in
+    # fresh pages for tens of MB (see GatherWorkspace).
+    workspace: GatherWorkspace | None = None
 
     @property
     def num_decode_tokens(self) -> int:
@@ -120,6 +123,31 @@ def _prefill_attention(
     return o.transpose(0, 1)
 
 
+class GatherWorkspace:
+    """A flat buffer that grows to the largest decode gather seen and is then reused."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def take(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        if self.buffer.numel() < numel or self.buffer.dtype != like.dtype:
+            self.buffer = torch.empty(int(numel * 1.25), dtype=like.dtype, device=like.device)
+        return self.buffer[:numel]
+
+
+def _gather_blocks(
+    cache: torch.Tensor, ids: torch.Tensor, workspace: GatherWorkspace | None, part: int
+) -> torch.Tensor:
+    # part 0 / 1: keys and values use disjoint halves of one workspace.
+    if workspace is None:
+        return cache.index_select(0, ids)
+    block_numel = cache[0].numel()
+    n = ids.numel() * block_numel
+    flat = workspace.take(2 * n, cache)[part * n:(part + 1) * n]
+    out = flat.view(ids.numel(), *cache.shape[1:])
+    return torch.index_select(cache, 0, ids, out=out)
+
+
 def _decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -133,9 +161,12 @@ def _decode_attention(
     seq_lens = meta.seq_lens_cpu[:nd]
     max_len = max(seq_lens)
     nblocks = (max_len + block_size - 1) // block_size
-    ids = meta.block_table[:nd, :nblocks]
-    kh = k_cache[ids].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, Hkv, L, D]
-    vh = v_cache[ids].flatten(1, 2)[:, :max_len].transpose(1, 2)
+    ids = meta.block_table[:nd, :nblocks].reshape(-1)
+    shape = (nd, nblocks * block_size, *k_cache.shape[2:])
+    k = _gather_blocks(k_cache, ids, meta.workspace, 0).view(shape)
+    v = _gather_blocks(v_cache, ids, meta.workspace, 1).view(shape)
+    kh = k[:, :max_len].transpose(1, 2)  # [B, Hkv, L, D]
+    vh = v[:, :max_len].transpose(1, 2)
     lens = meta.seq_lens[:nd].to(torch.long)
     mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, L]
     qh = q.unsqueeze(2)  # [B, Hq, 1, D]
