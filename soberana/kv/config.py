@@ -1,0 +1,115 @@
+"""The warehouse's settings and their command-line flags (no torch import: the server's
+argument parsing uses this)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+GB = 1 << 30
+
+
+@dataclass
+class KVWarehouseConfig:
+    """Which tiers to run and how big each is; every tier is optional."""
+
+    offload_gb: float = 0.0  # host RAM tier; 0 turns it off
+    disk_dir: str | None = None
+    disk_gb: float = 64.0
+    redis_url: str | None = None
+    redis_ttl_s: float | None = None  # None: rely on Redis maxmemory + allkeys-lru
+    shared_dir: str | None = None
+    shared_gb: float = 256.0
+    write_buffer_mb: int = 256
+
+    def enabled(self) -> bool:
+        """Whether any tier is configured."""
+        return bool(self.offload_gb or self.disk_dir or self.redis_url or self.shared_dir)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting outside its allowed range."""
+        for flag, value in (
+            ("--kv-offload-gb", self.offload_gb),
+            ("--kv-disk-gb", self.disk_gb),
+            ("--kv-shared-gb", self.shared_gb),
+        ):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0; got {value}")
+        if self.disk_dir and self.disk_gb <= 0:
+            raise ValueError(f"--kv-disk-gb must be > 0 with --kv-disk-dir; got {self.disk_gb}")
+        if self.shared_dir and self.shared_gb <= 0:
+            raise ValueError(
+                f"--kv-shared-gb must be > 0 with --kv-shared-dir; got {self.shared_gb}"
+            )
+        if self.redis_ttl_s is not None and self.redis_ttl_s <= 0:
+            raise ValueError(f"--kv-redis-ttl-s must be > 0; got {self.redis_ttl_s}")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"--kv-redis-url must start with redis://, rediss:// or unix://; "
+                f"got {self.redis_url!r}"
+            )
+        if self.write_buffer_mb < 1:
+            raise ValueError(f"--kv-write-buffer-mb must be >= 1; got {self.write_buffer_mb}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--kv-*` flags, for `soberana serve` and the offline tools."""
+    g = parser.add_argument_group("KV warehouse (tiers below the GPU KV pool)")
+    g.add_argument(
+        "--kv-offload-gb",
+        type=float,
+        default=0.0,
+        help="host RAM for evicted KV blocks, in GB (pinned on CUDA hosts); 0: off",
+    )
+    g.add_argument(
+        "--kv-disk-dir",
+        default=None,
+        help="local directory for KV blocks (one engine per directory)",
+    )
+    g.add_argument("--kv-disk-gb", type=float, default=64.0, help="capacity of --kv-disk-dir in GB")
+    g.add_argument(
+        "--kv-redis-url",
+        default=None,
+        help="Redis shared by engine replicas, e.g. redis://host:6379/0; run it "
+        "with maxmemory and maxmemory-policy allkeys-lru",
+    )
+    g.add_argument(
+        "--kv-redis-ttl-s",
+        type=float,
+        default=None,
+        help="expire Redis KV entries this long after their last use",
+    )
+    g.add_argument(
+        "--kv-shared-dir",
+        default=None,
+        help="directory shared by engine replicas (NFS, parallel filesystem)",
+    )
+    g.add_argument(
+        "--kv-shared-gb",
+        type=float,
+        default=256.0,
+        help="capacity of --kv-shared-dir in GB, enforced by every replica",
+    )
+    g.add_argument(
+        "--kv-write-buffer-mb",
+        type=int,
+        default=256,
+        help="staging memory for blocks on their way to the tiers; when full, "
+        "evicted blocks are dropped rather than stalling the engine",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> KVWarehouseConfig:
+    """The validated config from parsed `--kv-*` flags."""
+    config = KVWarehouseConfig(
+        offload_gb=args.kv_offload_gb,
+        disk_dir=args.kv_disk_dir,
+        disk_gb=args.kv_disk_gb,
+        redis_url=args.kv_redis_url,
+        redis_ttl_s=args.kv_redis_ttl_s,
+        shared_dir=args.kv_shared_dir,
+        shared_gb=args.kv_shared_gb,
+        write_buffer_mb=args.kv_write_buffer_mb,
+    )
+    config.validate()
+    return config

@@ -1,0 +1,137 @@
+"""Host RAM tier: fixed-size slots in one (pinned, on CUDA hosts) slab, evicted LRU."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from soberana.kv.layout import KVLayout
+from soberana.kv.tier import TierUsage
+
+
+class HostTier:
+    """Block payloads in RAM. Every block has the same size, so the slab is cut into slots
+    once and never fragments; pinned memory lets host-to-GPU copies run asynchronously.
+
+    Entries live only in this process, so they are kept as raw payloads, not checked entries.
+    """
+
+    name = "host"
+
+    def __init__(
+        self, layout: KVLayout, capacity_bytes: int, pin_memory: bool | None = None
+    ) -> None:
+        self.block_nbytes = layout.block_nbytes
+        self.num_slots = capacity_bytes // self.block_nbytes
+        if self.num_slots < 1:
+            raise ValueError(
+                f"host tier capacity must hold at least one block of {self.block_nbytes} "
+                f"bytes; got {capacity_bytes} bytes"
+            )
+        self.pinned = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._slab = torch.empty(
+            (self.num_slots, self.block_nbytes), dtype=torch.uint8, pin_memory=self.pinned
+        )
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> slot, least recent first
+        self._free_slots = list(range(self.num_slots))
+        # slot -> readers copying out of it; such a slot is never reused under them.
+        self._readers: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def contains_many(self, keys: list[bytes], touch: bool = False) -> list[bool]:
+        """Presence of each key; with `touch`, found blocks become the most recently used
+        (a request is about to load them: keep them until it does)."""
+        with self._lock:
+            found = [k in self._index for k in keys]
+            if touch:
+                for k, hit in zip(keys, found, strict=True):
+                    if hit:
+                        self._index.move_to_end(k)
+            return found
+
+    def put(
+        self,
+        key: bytes,
+        payload: torch.Tensor,
+        spill: Callable[[bytes], bool] | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Store a `[block_nbytes]` uint8 payload; returns evicted blocks that `spill` keeps.
+
+        Evicts least recently used blocks that no reader holds. A key already present is only
+        marked recently used: the same name always means the same bytes.
+        """
+        if payload.dtype != torch.uint8 or payload.numel() != self.block_nbytes:
+            raise ValueError(
+                f"payload must be {self.block_nbytes} uint8 values; got "
+                f"{payload.numel()} {payload.dtype}"
+            )
+        spilled: list[tuple[bytes, bytes]] = []
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+                return spilled
+            if not self._free_slots:
+                victim = next((k for k, s in self._index.items() if s not in self._readers), None)
+                if victim is None:
+                    return spilled  # every slot is being read: drop rather than wait
+                slot = self._index.pop(victim)
+                if spill is not None and spill(victim):
+                    spilled.append((victim, self._slab[slot].numpy().tobytes()))
+                self._free_slots.append(slot)
+            slot = self._free_slots.pop()
+            self._slab[slot].copy_(payload.reshape(-1))
+            self._index[key] = slot
+        return spilled
+
+    def acquire(self, key: bytes) -> tuple[int, torch.Tensor] | None:
+        """Hold a block for reading: (slot, `[block_nbytes]` uint8 view); None when absent.
+
+        The slot is not reused until `release(slot)`, so asynchronous copies may read it.
+        """
+        with self._lock:
+            slot = self._index.get(key)
+            if slot is None:
+                return None
+            self._index.move_to_end(key)
+            self._readers[slot] = self._readers.get(slot, 0) + 1
+            return slot, self._slab[slot]
+
+    def release(self, slot: int) -> None:
+        """End one `acquire` of `slot`."""
+        with self._lock:
+            left = self._readers[slot] - 1
+            if left:
+                self._readers[slot] = left
+            else:
+                del self._readers[slot]
+
+    def get(self, key: bytes) -> bytes | None:
+        """A copy of the block's payload, or None."""
+        held = self.acquire(key)
+        if held is None:
+            return None
+        slot, view = held
+        try:
+            return view.numpy().tobytes()
+        finally:
+            self.release(slot)
+
+    def discard(self, key: bytes) -> None:
+        with self._lock:
+            slot = self._index.get(key)
+            if slot is not None and slot not in self._readers:
+                del self._index[key]
+                self._free_slots.append(slot)
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            n = len(self._index)
+        return TierUsage(n * self.block_nbytes, self.num_slots * self.block_nbytes, n)
+
+    def close(self) -> None:
+        with self._lock:
+            self._index.clear()
+            self._free_slots = list(range(self.num_slots))
