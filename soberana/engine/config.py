@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from soberana.kv.config import KVWarehouseConfig
+
 
 @dataclass
 class EngineConfig:
@@ -29,6 +31,7 @@ class EngineConfig:
     revision: str | None = None
     max_logprobs: int = 20
     enforce_eager: bool = False  # GPU: no CUDA graphs
+    kv_warehouse: KVWarehouseConfig | None = None  # tiers below the KV pool (soberana/kv)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -48,6 +51,10 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}"
             )
+        if self.kv_warehouse is not None and self.kv_warehouse.enabled():
+            self.kv_warehouse.validate()
+            if not self.enable_prefix_caching:
+                raise ValueError("the KV warehouse needs enable_prefix_caching=True")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16; got {self.dtype!r}"

@@ -107,7 +107,9 @@ class EngineCore:
         dtype_name = str(dtype).removeprefix("torch.")
         seed = hash_seed(loaded.fingerprint, dtype_name, block_size, layout)
         self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching, seed)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.offload = self._build_offload(config, loaded.fingerprint, mcfg, max_len)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.offload)
         self.sampler = Sampler(mcfg.vocab_size, self.device)
         graphs = None
         self.startup = {"model_s": t_model - t0, "kv_alloc_s": 0.0, "graphs_s": 0.0}
@@ -142,6 +144,48 @@ class EngineCore:
         )
         log.info("engine ready in %.1fs (model %.1fs) on %s", time.perf_counter() - t0,
                  t_model - t0, self.device)
+
+    def _build_offload(self, config: EngineConfig, fingerprint: str, mcfg, max_len: int):
+        wcfg = config.kv_warehouse
+        if wcfg is None or not wcfg.enabled():
+            return None
+        from soberana.engine.kv_offload import KVOffload
+        from soberana.kv.layout import KVLayout
+        from soberana.kv.warehouse import build_warehouse
+
+        warehouse = build_warehouse(wcfg, KVLayout.from_kv_cache(self.kv_cache, fingerprint))
+        if wcfg.load_policy == "auto":
+            warehouse.calibrate(self._prefill_tokens_per_s(mcfg, max_len), self.device)
+        self._warehouse_stats_at = 0.0
+        self._warehouse_stats = None
+        return KVOffload(warehouse, self.kv, self.kv_cache, wcfg.write_through)
+
+    @torch.inference_mode()
+    def _prefill_tokens_per_s(self, mcfg, max_len: int) -> float:
+        """Measured prefill rate of one 512-token sequence, for the load-or-recompute choice."""
+        tokens = min(512, max_len, self.config.max_num_batched_tokens)
+        bs = self.config.block_size
+        nblocks = -(-tokens // bs)
+        dev = self.device
+        tmp = torch.zeros(mcfg.num_layers, 2, nblocks, bs, mcfg.num_kv_heads, mcfg.head_dim,
+                          dtype=self.kv_cache.dtype, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(tokens, device=dev),
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=dev),
+            block_table=torch.arange(nblocks, dtype=torch.int32, device=dev)[None],
+            num_decodes=0, query_lens_cpu=[tokens], seq_lens_cpu=[tokens],
+        )
+        ids = torch.zeros(tokens, dtype=torch.long, device=dev)
+        pos = torch.arange(tokens, device=dev)
+        seconds = []
+        for _ in range(3):
+            t = time.perf_counter()
+            self.model(ids, pos, tmp, meta)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            seconds.append(time.perf_counter() - t)
+        return tokens / min(seconds[1:])
 
     @staticmethod
     def _max_model_len(config: EngineConfig, mcfg) -> int:
@@ -272,18 +316,24 @@ class EngineCore:
         """Schedule, run the model once, and report what each request produced."""
         sched = self.scheduler.schedule()
         if not sched.scheduled:
+            if self.offload is not None and self.scheduler.loading:
+                self.offload.wait_any(0.002)  # only loads in flight: do not spin
             return []
         result = self.runner.execute(sched)
         return self._update(sched, result)
 
     def _update(self, sched: SchedulerOutput, result: StepResult) -> list[EngineCoreOutput]:
-        outputs = []
         for s in sched.scheduled:
             r = s.request
             if r.num_computed_tokens < r.num_prompt_tokens:
                 self.prompt_tokens += min(s.num_new_tokens,
                                           r.num_prompt_tokens - r.num_computed_tokens)
             r.num_computed_tokens += s.num_new_tokens
+        if self.offload is not None:  # before finished requests give their blocks back
+            self.offload.after_step([s.request for s in sched.scheduled])
+        outputs = []
+        for s in sched.scheduled:
+            r = s.request
             if r.key in result.prompt_logprobs:
                 r.prompt_logprobs.extend(result.prompt_logprobs[r.key])
             if r.key not in result.sampled:
@@ -342,4 +392,20 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            kv_warehouse=self._latest_warehouse_stats(),
         )
+
+    def _latest_warehouse_stats(self):
+        # Tier usage may need a network round trip (Redis): refresh at most once a second.
+        if self.offload is None:
+            return None
+        now = time.monotonic()
+        if self._warehouse_stats is None or now - self._warehouse_stats_at > 1.0:
+            self._warehouse_stats = self.offload.warehouse.stats()
+            self._warehouse_stats_at = now
+        return self._warehouse_stats
+
+    def shutdown(self) -> None:
+        """Release background resources (the KV warehouse's threads and connections)."""
+        if self.offload is not None:
+            self.offload.warehouse.close()

@@ -54,12 +54,17 @@ class KVCacheManager:
             self.prefix_hits += num_hit_tokens
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, cached: list[Block] | None = None
+        self,
+        request: Request,
+        num_new_tokens: int,
+        cached: list[Block] | None = None,
+        register: bool = True,
     ) -> bool:
         """Give the request blocks for `num_new_tokens` more tokens; False if the pool is short.
 
         On success the blocks that become full are registered in the prefix cache at once:
         this step's forward pass writes every new key before any attention reads it.
+        `register=False` is for blocks the KV warehouse fills later (`register_prefix`).
         """
         cached = cached or []
         held = self.req_blocks.get(request.key, [])
@@ -73,8 +78,15 @@ class KVCacheManager:
             self.pool.touch(cached)
         blocks = held + cached + (self.pool.allocate(needed) if needed > 0 else [])
         self.req_blocks[request.key] = blocks
-        self._register_full(request, num_computed + num_new_tokens)
+        if register:
+            self._register_full(request, num_computed + num_new_tokens)
+        else:
+            self.num_registered[request.key] = len(held) + len(cached)
         return True
+
+    def register_prefix(self, request: Request, num_blocks: int) -> None:
+        """Register the request's first `num_blocks` blocks, now that their contents are in."""
+        self._register_full(request, num_blocks * self.block_size)
 
     def _register_full(self, request: Request, num_tokens: int) -> None:
         if not self.enable_caching:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from soberana.engine.sampling_params import SamplingParams
+from soberana.kv.stats import WarehouseStats
 
 
 @dataclass
@@ -66,6 +67,7 @@ class SchedulerStats:
     num_preemptions: int = 0
     prompt_tokens: int = 0  # prompt tokens computed (cache hits excluded)
     generation_tokens: int = 0
+    kv_warehouse: WarehouseStats | None = None  # when tiers are configured
 
 
 @dataclass

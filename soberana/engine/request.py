@@ -10,6 +10,7 @@ from soberana.engine.sampling_params import SamplingParams
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    LOADING = "loading"  # blocks being copied in from the KV warehouse
     RUNNING = "running"
     PREEMPTED = "preempted"  # blocks freed; waits to be recomputed from scratch
     FINISHED_STOPPED = "stop"
@@ -53,6 +54,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 = not yet
         self.block_hashes: list[bytes] = []
+        self.warehouse_checked = False  # the KV warehouse is asked once per request
         self.scheduled_time: float | None = None
         self.stop_reason: int | None = None
         # Prompt logprobs accumulate over prefill chunks; sent with the first output.

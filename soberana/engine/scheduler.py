@@ -11,9 +11,13 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from soberana.engine.kv_cache_manager import KVCacheManager
 from soberana.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from soberana.engine.kv_offload import KVOffload
 
 
 @dataclass
@@ -41,22 +45,30 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        offload: KVOffload | None = None,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.offload = offload
         self.waiting: list[Request] = []  # sorted by Request.sort_key()
         self.running: list[Request] = []  # sorted by Request.sort_key()
+        self.loading: list[Request] = []  # admitted, blocks coming from the KV warehouse
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         bisect.insort(self.waiting, request, key=Request.sort_key)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     def schedule(self) -> SchedulerOutput:
+        if self.offload is not None:
+            self._finish_loads()
         budget = self.max_num_batched_tokens
         out = SchedulerOutput()
         scheduled: list[ScheduledRequest] = []
@@ -88,19 +100,26 @@ class Scheduler:
 
     def _admit(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         skipped: list[Request] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0
+               and len(self.running) + len(self.loading) < self.max_num_seqs):
             req = self.waiting[0]
             leader = req.leader
             if leader is not None and _prompt_pending(leader):
                 skipped.append(self.waiting.pop(0))  # waits for its leader's prompt
                 continue
             cached = self.kv.find_cached_prefix(req)
+            if self.offload is not None and not req.warehouse_checked:
+                req.warehouse_checked = True
+                if self._start_load(req, cached):
+                    continue
             num_cached = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(req, num_new, cached):
                 break
             self.waiting.pop(0)
             self.kv.record_lookup(req.num_tokens, num_cached)
+            if self.offload is not None and req.num_cached_tokens < 0:
+                self.offload.admitted(req, len(cached))
             req.num_computed_tokens = num_cached
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
@@ -114,9 +133,34 @@ class Scheduler:
             bisect.insort(self.waiting, req, key=Request.sort_key)
         return budget
 
+    def _start_load(self, req: Request, cached: list) -> bool:
+        """Admit `req` into the loading state if the warehouse holds blocks past its GPU hit."""
+        n = self.offload.loadable_blocks(req, len(cached))
+        if n == 0 or not self.kv.allocate_slots(req, n * self.kv.block_size, cached,
+                                                register=False):
+            return False
+        self.waiting.pop(0)
+        self.kv.record_lookup(req.num_tokens, len(cached) * self.kv.block_size)
+        req.status = RequestStatus.LOADING
+        if req.scheduled_time is None:
+            req.scheduled_time = time.time()
+        self.offload.start_load(req, len(cached), n)
+        self.loading.append(req)
+        return True
+
+    def _finish_loads(self) -> None:
+        for req, valid_blocks in self.offload.finished_loads():
+            self.loading.remove(req)
+            req.num_computed_tokens = valid_blocks * self.kv.block_size
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = req.num_computed_tokens
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=Request.sort_key)
+
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.warehouse_checked = False  # evicted blocks may be in the warehouse by now
         req.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
         bisect.insort(self.waiting, req, key=Request.sort_key)
@@ -124,6 +168,12 @@ class Scheduler:
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Remove a request wherever it is and free its blocks."""
         req.status = status
+        if self.offload is not None:
+            self.offload.forget(req)
+            if req in self.loading:
+                self.loading.remove(req)
+                self.offload.cancel(req)  # its blocks are freed once the copy has stopped
+                return
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:

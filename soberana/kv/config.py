@@ -21,6 +21,11 @@ class KVWarehouseConfig:
     shared_dir: str | None = None
     shared_gb: float = 256.0
     write_buffer_mb: int = 256
+    # Hand every block over as soon as it is full, not only when evicted: replicas sharing
+    # Redis or a directory can then reuse a conversation this engine still holds.
+    write_through: bool = False
+    # auto: load from a tier only if it beats recomputing (measured at start); always: load.
+    load_policy: str = "auto"
 
     def enabled(self) -> bool:
         """Whether any tier is configured."""
@@ -48,6 +53,8 @@ class KVWarehouseConfig:
                 f"--kv-redis-url must start with redis://, rediss:// or unix://; "
                 f"got {self.redis_url!r}"
             )
+        if self.load_policy not in ("auto", "always"):
+            raise ValueError(f"--kv-load-policy must be auto or always; got {self.load_policy!r}")
         if self.write_buffer_mb < 1:
             raise ValueError(f"--kv-write-buffer-mb must be >= 1; got {self.write_buffer_mb}")
 
@@ -99,6 +106,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+    g.add_argument(
+        "--kv-write-through",
+        action="store_true",
+        help="store every full KV block as soon as it is computed (for replicas sharing a "
+        "tier), not only blocks evicted from the GPU pool",
+    )
+    g.add_argument(
+        "--kv-load-policy",
+        choices=("auto", "always"),
+        default="auto",
+        help="auto: load a tier's blocks only where that beats recomputing them (measured "
+        "at start); always: load whatever is found",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> KVWarehouseConfig:
     """The validated config from parsed `--kv-*` flags."""
     config = KVWarehouseConfig(
@@ -110,6 +132,8 @@ def config_from_args(args: argparse.Namespace) -> KVWarehouseConfig:
         shared_dir=args.kv_shared_dir,
         shared_gb=args.kv_shared_gb,
         write_buffer_mb=args.kv_write_buffer_mb,
+        write_through=args.kv_write_through,
+        load_policy=args.kv_load_policy,
     )
     config.validate()
     return config

@@ -1,0 +1,126 @@
+"""The engine's side of the KV warehouse: what leaves the block pool and what comes back.
+
+Write path: a cached block the pool is about to reuse is handed to the warehouse
+(`BlockPool.on_evict`); with write-through, every block is handed over as soon as it is full,
+so another replica can reuse it before anything is evicted here.
+Read path: at admission the scheduler asks for the request's blocks past its GPU prefix hit;
+found blocks are loaded into freshly allocated pool blocks in the background while other
+requests run, and are registered in the prefix cache only once they are in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from soberana.engine.kv_cache_manager import KVCacheManager
+from soberana.engine.request import Request
+
+if TYPE_CHECKING:
+    from soberana.kv.loader import LoadHandle
+    from soberana.kv.warehouse import KVWarehouse
+
+log = logging.getLogger("soberana.engine")
+
+
+@dataclass
+class _Load:
+    request: Request
+    handle: LoadHandle
+    first_block: int  # index in the request's block table of the first loaded block
+
+
+class KVOffload:
+    def __init__(
+        self,
+        warehouse: KVWarehouse,
+        kv: KVCacheManager,
+        kv_cache: torch.Tensor,
+        write_through: bool,
+    ) -> None:
+        self.warehouse = warehouse
+        self.kv = kv
+        self.kv_cache = kv_cache
+        self.write_through = write_through
+        self.loads: dict[tuple[str, int], _Load] = {}
+        self.cancelled: list[_Load] = []  # aborted while loading: freed once the copy ends
+        self.num_written: dict[tuple[str, int], int] = {}  # leading blocks already handed over
+        if not write_through:  # with write-through every full block is out already
+            kv.pool.on_evict = self._on_evict
+
+    def _on_evict(self, block_hash: bytes, block_id: int) -> None:
+        self.warehouse.put_async(block_hash, self.kv_cache[:, :, block_id])
+
+    # ---- read path -------------------------------------------------------------------------
+
+    def loadable_blocks(self, request: Request, num_cached_blocks: int) -> int:
+        """How many blocks after the GPU prefix hit the warehouse can load (asked once)."""
+        last = (request.num_tokens - 1) // self.kv.block_size
+        hashes = request.block_hashes[num_cached_blocks:last]
+        return len(self.warehouse.lookup_prefix(hashes)) if hashes else 0
+
+    def start_load(self, request: Request, first_block: int, num_blocks: int) -> None:
+        """Copy the request's blocks [first_block, first_block + num_blocks) in."""
+        table = self.kv.block_table(request)[first_block:first_block + num_blocks]
+        hashes = request.block_hashes[first_block:first_block + num_blocks]
+        handle = self.warehouse.load_async(hashes, self.kv_cache, table)
+        self.loads[request.key] = _Load(request, handle, first_block)
+
+    def finished_loads(self) -> list[tuple[Request, int]]:
+        """Requests whose load ended, with the number of valid blocks now in the pool
+        (counted from the start of the sequence); their blocks are registered."""
+        for load in [c for c in self.cancelled if c.handle.done()]:
+            self.cancelled.remove(load)
+            self.kv.free(load.request)
+        done = []
+        for key, load in list(self.loads.items()):
+            if not load.handle.done():
+                continue
+            del self.loads[key]
+            valid = load.first_block + load.handle.num_loaded
+            self.kv.register_prefix(load.request, valid)
+            self.num_written[key] = valid  # loaded blocks are in the warehouse already
+            done.append((load.request, valid))
+        return done
+
+    def wait_any(self, timeout: float) -> None:
+        """Block briefly on a pending load (the engine has nothing else to run)."""
+        for load in self.loads.values():
+            load.handle.wait(timeout)
+            return
+
+    def cancel(self, request: Request) -> bool:
+        """Stop a loading request; True if it was loading (its blocks are freed later)."""
+        load = self.loads.pop(request.key, None)
+        if load is None:
+            return False
+        load.handle.cancel()
+        self.cancelled.append(load)
+        return True
+
+    # ---- write path ------------------------------------------------------------------------
+
+    def admitted(self, request: Request, num_cached_blocks: int) -> None:
+        """Blocks found in the GPU pool need not be written again."""
+        self.num_written[request.key] = num_cached_blocks
+
+    def after_step(self, requests: list[Request]) -> None:
+        """Write-through: hand over every block that became full in this step."""
+        if not self.write_through:
+            return
+        bs = self.kv.block_size
+        for r in requests:
+            full = r.num_computed_tokens // bs
+            start = self.num_written.get(r.key, 0)
+            if full <= start:
+                continue
+            table = self.kv.block_table(r)
+            for i in range(start, full):
+                self.warehouse.put_async(r.block_hashes[i], self.kv_cache[:, :, table[i]])
+            self.num_written[r.key] = full
+
+    def forget(self, request: Request) -> None:
+        self.num_written.pop(request.key, None)
