@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             module = importlib.import_module(module_name)
             module.add_arguments(sp)
-            sp.set_defaults(_run=module.run)
+            sp.set_defaults(_run=module.run, _argv=["soberana", *argv])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -193,7 +193,7 @@ def main() -> int:
     if "bs1" not in skip:
         d = decode_bs1(llm, cfg)
         if "read_bw_GBps" in summary:
-            d["decode_bs1_bw_frac"] = d["achieved_GBps"] * 1e3 / summary["read_bw_GBps"]
+            d["decode_bs1_bw_frac"] = d["achieved_GBps"] / summary["read_bw_GBps"]
         save("decode_bs1", d)
         summary["decode_bs1_tok_s"] = d["decode_bs1_tok_s"]
         summary["decode_bs1_bw_frac"] = d.get("decode_bs1_bw_frac")

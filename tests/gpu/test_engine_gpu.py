@@ -37,21 +37,28 @@ def mid_model(tmp_path_factory):
     return out
 
 
-def _hf(path):
+def _hf(path, dtype):
     import transformers
 
-    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return m.cuda().eval()
 
 
-def test_bf16_logprobs_close_and_greedy_prefix_matches_transformers(mid_model):
+# float32: the kernels compute exact products, so logprobs agree closely and greedy tokens
+# match; bfloat16: rounding differs between implementations, so near-ties of this flat random
+# model may flip, and only "most prompts" must agree on their first tokens.
+@pytest.mark.parametrize(("dtype", "max_mean_diff", "min_matches", "n_tokens"),
+                         [("float32", 1e-3, 5, 16), ("bfloat16", 0.05, 4, 4)])
+def test_logprobs_close_and_greedy_tokens_match_transformers(
+    mid_model, dtype, max_mean_diff, min_matches, n_tokens
+):
     prompts = prompts_of_lengths([7, 16, 100, 333, 1000, 2500], seed=2, vocab=VOCAB)
-    llm = LLM(str(mid_model), max_model_len=4096, kv_cache_gb=4)
+    llm = LLM(str(mid_model), max_model_len=4096, kv_cache_gb=4, dtype=dtype)
     assert llm.engine.runner.graphs is not None  # CUDA graphs captured
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=1,
                             detokenize=False)
     outs = llm.generate(prompts, params)
-    hf = _hf(mid_model)
+    hf = _hf(mid_model, getattr(torch, dtype))
     matched = 0
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
@@ -62,12 +69,11 @@ def test_bf16_logprobs_close_and_greedy_prefix_matches_transformers(mid_model):
         ref_tokens = ref[0, len(prompt):].tolist()
         ours = [out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))]
         theirs = ref_lp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])].tolist()
-        diff = torch.tensor(ours) - torch.tensor(theirs)
-        # bf16 end to end: logprobs agree to within bf16 rounding of the logits.
-        assert diff.abs().mean().item() < 0.05, diff.abs().max().item()
+        diff = (torch.tensor(ours) - torch.tensor(theirs)).abs()
+        assert diff.mean().item() < max_mean_diff, (dtype, diff.mean().item(), diff.max().item())
         got = out.outputs[0].token_ids
-        matched += got[:4] == ref_tokens[:4]
-    assert matched >= len(prompts) - 1  # the first tokens agree for (almost) every prompt
+        matched += got[:n_tokens] == ref_tokens[:n_tokens]
+    assert matched >= min_matches, (dtype, matched)
 
 
 def test_cuda_graphs_give_the_same_tokens_as_eager(mid_model):
