@@ -1,0 +1,1 @@
+"""`soberana bench`: the load generator, workloads, reports and plots (HTTP only, no torch)."""

@@ -1,0 +1,266 @@
+"""What one `soberana bench` invocation measures: target, workload, load and report settings."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+ENDPOINTS = ("chat", "completions")
+WORKLOADS = ("random", "prefix", "multiturn", "file")
+SLO_KEYS = ("ttft", "tpot", "e2e")
+
+
+class BenchConfigError(ValueError):
+    """A bad `soberana bench` argument; the message names the argument and what is allowed."""
+
+
+@dataclass(frozen=True)
+class LengthRange:
+    """A token length (or a duration) drawn uniformly from [low, high], both inclusive."""
+
+    low: float
+    high: float
+
+    def sample_int(self, rng: random.Random) -> int:
+        """One integer length from the range."""
+        return rng.randint(int(self.low), int(self.high))
+
+    def sample_float(self, rng: random.Random) -> float:
+        """One real value (e.g. seconds) from the range."""
+        return self.low if self.low == self.high else rng.uniform(self.low, self.high)
+
+    def to_json(self) -> int | float | list[float]:
+        """`N` when fixed, `[LO, HI]` when ranged (as written in summary.json)."""
+        return self.low if self.low == self.high else [self.low, self.high]
+
+
+def parse_range(text: str, name: str, *, integer: bool = True, minimum: float = 1) -> LengthRange:
+    """Parse `N` or `LO:HI` for argument `name`; both ends must be >= `minimum`."""
+    parts = text.split(":")
+    kind = "an integer" if integer else "a number"
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        values = [int(p) if integer else float(p) for p in parts]
+    except ValueError:
+        raise BenchConfigError(f"{name} must be {kind} N or a range LO:HI, got {text!r}") from None
+    low, high = values[0], values[-1]
+    if low < minimum or high < low or not math.isfinite(high):
+        raise BenchConfigError(f"{name} must satisfy {minimum} <= LO <= HI, got {text!r}")
+    return LengthRange(low, high)
+
+
+def parse_positive_float(text: str, name: str, *, allow_inf: bool = False) -> float:
+    """Parse a number > 0 (or `inf` when allowed) for argument `name`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        allowed = "a number > 0" + (" or inf" if allow_inf else "")
+        raise BenchConfigError(f"{name} must be {allowed}, got {text!r}")
+    return value
+
+
+def parse_percentiles(text: str) -> list[float]:
+    """Parse `--percentiles 50,90,99.9` into sorted unique values in (0, 100]."""
+    try:
+        values = sorted({float(p) for p in text.split(",") if p.strip()})
+    except ValueError:
+        raise BenchConfigError(
+            f"--percentiles must be numbers like 50,90,99, got {text!r}"
+        ) from None
+    if not values or values[0] <= 0 or values[-1] > 100:
+        raise BenchConfigError(f"--percentiles must be in (0, 100], got {text!r}")
+    return values
+
+
+def parse_slo(text: str) -> dict[str, float]:
+    """Parse `--slo ttft=200,tpot=50,e2e=2000` (milliseconds) into {key: ms}."""
+    slo: dict[str, float] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in SLO_KEYS:
+            raise BenchConfigError(
+                f"--slo takes KEY=MS pairs with KEY in {', '.join(SLO_KEYS)}, got {item!r}"
+            )
+        slo[key] = parse_positive_float(value, f"--slo {key}")
+    return slo
+
+
+@dataclass(frozen=True)
+class LoadPoint:
+    """One load level: a closed loop of `concurrency` users or an open loop at `request_rate`."""
+
+    concurrency: int | None = None  # closed loop size, or the in-flight cap of an open loop
+    request_rate: float | None = None  # requests/s; inf sends everything at once
+    burstiness: float = 1.0  # gamma shape of inter-arrival times; 1.0 is Poisson
+
+    @property
+    def mode(self) -> str:
+        """`open` when requests arrive at a rate, `closed` when each user waits for its answer."""
+        return "open" if self.request_rate is not None else "closed"
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and file names, e.g. `c10` or `r2.5`."""
+        if self.request_rate is None:
+            return f"c{self.concurrency}"
+        rate = "inf" if math.isinf(self.request_rate) else f"{self.request_rate:g}"
+        return f"r{rate}" + (f"-c{self.concurrency}" if self.concurrency else "")
+
+    def to_json(self) -> dict:
+        """The load as written in summary.json."""
+        rate = self.request_rate
+        return {
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "request_rate": "inf" if rate is not None and math.isinf(rate) else rate,
+            "burstiness": self.burstiness,
+        }
+
+
+def parse_sweep(text: str, base: LoadPoint) -> list[LoadPoint]:
+    """Parse `--sweep concurrency=1,4,16` or `--sweep rate=1,2,4` into load points."""
+    key, sep, values = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or key not in ("concurrency", "rate", "request_rate"):
+        raise BenchConfigError(
+            f"--sweep must be concurrency=C1,C2,... or rate=R1,R2,..., got {text!r}"
+        )
+    points = []
+    for value in values.split(","):
+        if key == "concurrency":
+            points.append(
+                LoadPoint(parse_count(value, "--sweep concurrency"), None, base.burstiness)
+            )
+        else:
+            rate = parse_positive_float(value, "--sweep rate", allow_inf=True)
+            points.append(LoadPoint(base.concurrency, rate, base.burstiness))
+    return points
+
+
+def parse_count(text: str, name: str, minimum: int = 1) -> int:
+    """Parse an integer >= `minimum` for argument `name`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise BenchConfigError(f"{name} must be an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise BenchConfigError(f"{name} must be an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def normalize_base_url(url: str) -> str:
+    """The OpenAI base URL without a trailing slash; a bare host gets `/v1` appended."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BenchConfigError(
+            f"--base-url must be an http(s) URL like http://127.0.0.1:8000/v1, got {url!r}"
+        )
+    path = parts.path.rstrip("/") or "/v1"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def default_metrics_url(base_url: str) -> str:
+    """Prometheus metrics live at the server root, beside `/v1` (vLLM and Soberana)."""
+    parts = urlsplit(base_url)
+    return urlunsplit((parts.scheme, parts.netloc, "/metrics", "", ""))
+
+
+@dataclass
+class Target:
+    """The endpoint under test and what every request carries."""
+
+    base_url: str
+    endpoint: str = "completions"
+    model: str | None = None
+    api_key: str | None = None
+    extra_body: dict = field(default_factory=dict)
+    metrics_url: str | None = None  # None: do not read server metrics
+    timeout_s: float = 600.0
+
+    @property
+    def url(self) -> str:
+        """The URL requests are POSTed to."""
+        path = "/chat/completions" if self.endpoint == "chat" else "/completions"
+        return self.base_url + path
+
+    def to_json(self) -> dict:
+        """The target as written in summary.json (never the API key)."""
+        return {
+            "base_url": self.base_url,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "metrics_url": self.metrics_url,
+            "extra_body": self.extra_body,
+            "timeout_s": self.timeout_s,
+        }
+
+
+DEFAULT_OUTPUT_LEN = LengthRange(128, 128)  # max_tokens when neither option nor dataset says
+
+
+@dataclass
+class WorkloadConfig:
+    """Which prompts to send and how long their answers are."""
+
+    name: str = "random"
+    input_len: LengthRange = LengthRange(256, 256)
+    output_len: LengthRange | None = None  # None: the workload's default (128, or the dataset's)
+    num_prefixes: int = 4
+    prefix_len: int = 256
+    suffixes_per_prefix: int = 8
+    num_users: int = 8
+    num_rounds: int = 4
+    system_prompt_len: int = 256
+    history_len: int = 0
+    think_time: LengthRange = LengthRange(0.0, 0.0)
+    dataset_path: str | None = None
+
+    def to_json(self) -> dict:
+        """The settings that shaped this workload, as written in summary.json."""
+        output_len = self.output_len or (None if self.name == "file" else DEFAULT_OUTPUT_LEN)
+        # None: each file entry's own length (see dataset_file.py).
+        out: dict = {"name": self.name, "output_len": output_len.to_json() if output_len else None}
+        if self.name != "file":
+            out["input_len"] = self.input_len.to_json()
+        if self.name == "prefix":
+            out |= {
+                "num_prefixes": self.num_prefixes,
+                "prefix_len": self.prefix_len,
+                "suffixes_per_prefix": self.suffixes_per_prefix,
+            }
+        elif self.name == "multiturn":
+            out |= {
+                "num_users": self.num_users,
+                "num_rounds": self.num_rounds,
+                "system_prompt_len": self.system_prompt_len,
+                "history_len": self.history_len,
+                "think_time_s": self.think_time.to_json(),
+            }
+        elif self.name == "file":
+            out["dataset_path"] = self.dataset_path
+        return out
+
+
+@dataclass
+class BenchConfig:
+    """Everything one invocation needs, validated."""
+
+    target: Target
+    workload: WorkloadConfig
+    loads: list[LoadPoint]
+    num_prompts: int | None = None  # None: the workload's natural size, or unbounded with duration
+    duration_s: float | None = None
+    warmup: int = 0
+    seed: int = 0
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 95.0, 99.0])
+    slo: dict[str, float] = field(default_factory=dict)
+    tokenizer: str | None = None
+    output_dir: str | None = None
+    progress: bool = True
+    command_line: list[str] = field(default_factory=list)
