@@ -1,0 +1,237 @@
+"""Multi-round QA with the KV warehouse on vs off, same run (issue: KV warehouse).
+
+Users x rounds, a shared system prompt, a long per-user history and short answers, with a
+live working set several times the GPU/CPU KV pool. Two `soberana serve` processes are run
+one after the other on the same model and workload — warehouse off (the peer) and on — and
+driven by `soberana bench --workload multiturn`. Reported: TTFT p50/p99 of returning users
+(turn >= 1, 0-based), throughput, prefix-cache and warehouse hit rates by tier (from /metrics).
+Then two replicas sharing a Redis tier: replica B's first request for a conversation that
+replica A served is answered from the warehouse.
+
+    python benchmarks/kv_warehouse_multiturn.py --model ~/.cache/soberana/random-llama-125m
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `soberana serve` subprocess on a free loopback port."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "soberana.cli", "serve", *args, "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        raise RuntimeError("server did not become ready")
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics, keyed by name plus labels."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    pass
+        return out
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def run_bench(url: str, out_dir: Path, workload: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "soberana.cli", "bench", "--base-url", url + "/v1",
+           "--workload", "multiturn", "--ignore-eos", "--no-progress",
+           "--output-dir", str(out_dir), *workload]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    ttft_returning = []
+    ttft_first = []
+    with open(out_dir / "requests.csv") as f:
+        for row in csv.DictReader(f):
+            if row["error_type"] or not row["ttft_ms"]:
+                continue
+            ms = float(row["ttft_ms"])
+            (ttft_returning if int(row["turn"]) >= 1 else ttft_first).append(ms)
+    return {"summary": summary, "ttft_returning_ms": pct(ttft_returning),
+            "ttft_first_turn_ms": pct(ttft_first)}
+
+
+def pct(values: list[float]) -> dict:
+    if not values:
+        return {}
+    v = sorted(values)
+
+    def q(p: float) -> float:
+        k = (len(v) - 1) * p
+        lo = int(k)
+        hi = min(lo + 1, len(v) - 1)
+        return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+    return {"n": len(v), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(v) / len(v)}
+
+
+def tier_hits(metrics: dict[str, float]) -> dict:
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith("soberana:kv_") and ("tier=" in key or "_total" in key):
+            out[key] = value
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model directory (default: the demo model)")
+    ap.add_argument("--load-format", default=None)
+    ap.add_argument("--kv-cache-gb", type=float, default=0.25, help="the engine's own KV pool")
+    ap.add_argument("--kv-offload-gb", type=float, default=2.0)
+    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--system-prompt-len", type=int, default=256)
+    ap.add_argument("--history-len", type=int, default=1024)
+    ap.add_argument("--question-len", type=int, default=32)
+    ap.add_argument("--answer-len", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--extra-serve-args", default="")
+    ap.add_argument("--output", type=Path,
+                    default=Path("benchmarks/results/kv_warehouse_multiturn_cpu.json"))
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="kvbench-"))
+    serve = ([args.model] if args.model else []) + [
+        "--max-model-len", str(args.max_model_len), "--kv-cache-gb", str(args.kv_cache_gb),
+        *(["--load-format", args.load_format] if args.load_format else []),
+        *args.extra_serve_args.split()]
+    workload = ["--num-users", str(args.users), "--num-rounds", str(args.rounds),
+                "--system-prompt-len", str(args.system_prompt_len),
+                "--history-len", str(args.history_len), "--input-len", str(args.question_len),
+                "--output-len", str(args.answer_len), "--concurrency", str(args.concurrency),
+                "--num-prompts", str(args.users * args.rounds), "--seed", "1"]
+    tokenizer_model = args.model
+    if tokenizer_model:
+        workload += ["--tokenizer", tokenizer_model]
+    result = {
+        "benchmark": "kv_warehouse_multiturn",
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "cores": os.cpu_count(),
+                    "load_avg_at_start": os.getloadavg()},
+        "settings": vars(args) | {"output": str(args.output)},
+        "working_set_note": "users x (system + history + rounds x (question + answer)) tokens "
+                            "against the engine's --kv-cache-gb pool",
+    }
+    for name, extra in (("warehouse_off", []),
+                        ("warehouse_on", ["--kv-offload-gb", str(args.kv_offload_gb),
+                                          "--kv-disk-dir", str(work / "disk")])):
+        server = Server(serve + extra, work / f"{name}.log")
+        try:
+            r = run_bench(server.url, work / name, workload)
+            r["server_metrics"] = tier_hits(server.metrics())
+            r["prefix_cache"] = {k: v for k, v in server.metrics().items()
+                                 if k.startswith("vllm:prefix_cache")}
+        finally:
+            server.stop()
+        result[name] = r
+        print(name, json.dumps(r["ttft_returning_ms"]), flush=True)
+    off, on = result["warehouse_off"]["ttft_returning_ms"], result["warehouse_on"]["ttft_returning_ms"]
+    if off and on:
+        result["ttft_returning_p50_speedup"] = off["p50"] / on["p50"]
+        result["ttft_returning_p99_speedup"] = off["p99"] / on["p99"]
+        print(f"returning-user TTFT p50: {off['p50']:.0f} ms -> {on['p50']:.0f} ms "
+              f"({result['ttft_returning_p50_speedup']:.2f}x)")
+    result["two_replicas_redis"] = two_replicas(serve, work, args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def two_replicas(serve: list[str], work: Path, args) -> dict:
+    """Replica A answers a conversation; replica B, sharing Redis, gets the same prompt."""
+    redis_bin = shutil.which("redis-server")
+    if redis_bin is None:
+        return {"skipped": "redis-server not installed"}
+    port = free_port()
+    redis = subprocess.Popen([redis_bin, "--port", str(port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        extra = ["--kv-redis-url", f"redis://127.0.0.1:{port}/0", "--kv-write-through",
+                 "--kv-load-policy", "always"]
+        a = Server(serve + extra, work / "replica_a.log")
+        b = Server(serve + extra, work / "replica_b.log")
+        words = " ".join(f"fact{i}" for i in range(args.history_len // 2))
+        body = {"model": None, "prompt": f"Conversation history: {words}. Question?",
+                "max_tokens": 4, "temperature": 0}
+        out = {}
+        for name, server in (("replica_a", a), ("replica_b", b)):
+            models = json.loads(urllib.request.urlopen(server.url + "/v1/models").read())
+            body["model"] = models["data"][0]["id"]
+            req = urllib.request.Request(server.url + "/v1/completions",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            resp = json.loads(urllib.request.urlopen(req, timeout=300).read())
+            usage = resp["usage"]
+            out[name] = {"seconds": time.perf_counter() - t0,
+                         "prompt_tokens": usage["prompt_tokens"],
+                         "cached_tokens": (usage.get("prompt_tokens_details") or {}).get(
+                             "cached_tokens"),
+                         "text": resp["choices"][0]["text"]}
+            time.sleep(1.0)  # let replica A's writer thread publish to Redis
+        out["same_text"] = out["replica_a"]["text"] == out["replica_b"]["text"]
+        a.stop()
+        b.stop()
+        return out
+    finally:
+        redis.terminate()
+        redis.wait(10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
