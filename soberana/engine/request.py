@@ -54,7 +54,8 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 = not yet
         self.block_hashes: list[bytes] = []
-        self.warehouse_checked = False  # the KV warehouse is asked once per request
+        # Block index up to which the KV warehouse holds this prompt (None: not asked yet).
+        self.warehouse_end: int | None = None
         self.scheduled_time: float | None = None
         self.stop_reason: int | None = None
         # Prompt logprobs accumulate over prefill chunks; sent with the first output.

@@ -108,9 +108,12 @@ class Scheduler:
                 skipped.append(self.waiting.pop(0))  # waits for its leader's prompt
                 continue
             cached = self.kv.find_cached_prefix(req)
-            if self.offload is not None and not req.warehouse_checked:
-                req.warehouse_checked = True
-                if self._start_load(req, cached):
+            if self.offload is not None:
+                if req.warehouse_end is None:  # asked once: each lookup is a disk sighting
+                    req.warehouse_end = len(cached) + self.offload.loadable_blocks(req, len(cached))
+                if req.warehouse_end > len(cached):
+                    if not self._start_load(req, cached, req.warehouse_end - len(cached)):
+                        break  # the pool is full: retry when blocks free up
                     continue
             num_cached = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_cached, budget)
@@ -133,11 +136,10 @@ class Scheduler:
             bisect.insort(self.waiting, req, key=Request.sort_key)
         return budget
 
-    def _start_load(self, req: Request, cached: list) -> bool:
-        """Admit `req` into the loading state if the warehouse holds blocks past its GPU hit."""
-        n = self.offload.loadable_blocks(req, len(cached))
-        if n == 0 or not self.kv.allocate_slots(req, n * self.kv.block_size, cached,
-                                                register=False):
+    def _start_load(self, req: Request, cached: list, n: int) -> bool:
+        """Admit `req` into the loading state to copy in `n` blocks past its GPU hit;
+        False when the pool cannot hold them yet."""
+        if not self.kv.allocate_slots(req, n * self.kv.block_size, cached, register=False):
             return False
         self.waiting.pop(0)
         self.kv.record_lookup(req.num_tokens, len(cached) * self.kv.block_size)
@@ -160,7 +162,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
-        req.warehouse_checked = False  # evicted blocks may be in the warehouse by now
+        req.warehouse_end = None  # evicted blocks may be in the warehouse by now
         req.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
         bisect.insort(self.waiting, req, key=Request.sort_key)
