@@ -1,0 +1,175 @@
+"""One attempt against one backend: send the request, relay the response, or report why not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from soberana.gateway.backend import BackendState
+from soberana.gateway.config import TimeoutConfig
+from soberana.gateway.errors import sse_error_event
+from soberana.gateway.usage import SseUsageTap, Usage
+
+_CONNECTION_ERRORS = (aiohttp.ClientError, OSError)
+
+
+class UpstreamFailure(Exception):
+    """The attempt failed before anything reached the client, so another backend may be tried."""
+
+    def __init__(self, reason: str, detail: str, backend_fault: bool = True) -> None:
+        super().__init__(detail)
+        self.reason = reason  # connect | timeout | disconnected | http_5xx | http_429
+        self.detail = detail
+        self.backend_fault = backend_fault  # counts towards passive ejection
+
+
+@dataclass
+class Exchange:
+    """Per-request facts the relay fills in for metrics and accounting."""
+
+    request_id: str
+    stream: bool
+    strip_usage_event: bool  # the gateway asked for stream usage on the client's behalf
+    usage: Usage = field(default_factory=Usage)
+    upstream_s: float = 0.0  # time spent waiting on upstreams, all attempts together
+    queue_s: float = 0.0  # time spent waiting for a free backend slot
+    ready_at: float = 0.0  # perf_counter() when the response (or its first chunk) was ready
+    stream_failed: bool = False  # a stream broke after the client got its first byte
+
+
+class Upstream:
+    """Sends requests over one pooled keep-alive client session."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    async def attempt(
+        self,
+        request: web.Request,
+        backend: BackendState,
+        path: str,
+        payload: bytes,
+        timeouts: TimeoutConfig,
+        exchange: Exchange,
+    ) -> web.StreamResponse:
+        """Relay one backend's answer, or raise UpstreamFailure if none can be relayed."""
+        headers = {"Content-Type": "application/json", "X-Request-Id": exchange.request_id}
+        if backend.api_key:
+            headers["Authorization"] = "Bearer " + backend.api_key
+        url = backend.config.endpoint + path
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeouts.first_byte_s):
+                response = await self.session.post(
+                    url, data=payload, headers=headers, timeout=timeout
+                )
+            try:
+                if exchange.stream and response.status == 200:
+                    return await self._relay_stream(
+                        request, backend, response, timeouts, exchange, started
+                    )
+                return await self._relay_body(backend, response, timeouts, exchange, started)
+            finally:
+                response.release()
+        except TimeoutError:
+            exchange.upstream_s += time.perf_counter() - started
+            raise UpstreamFailure("timeout", f"{backend.name}: no response in time") from None
+        except aiohttp.ClientConnectorError as e:
+            exchange.upstream_s += time.perf_counter() - started
+            raise UpstreamFailure(
+                "connect", f"{backend.name}: cannot connect ({e.os_error})"
+            ) from None
+        except _CONNECTION_ERRORS as e:
+            exchange.upstream_s += time.perf_counter() - started
+            raise UpstreamFailure(
+                "disconnected", f"{backend.name}: {type(e).__name__}: {e}"
+            ) from None
+
+    async def _relay_body(
+        self,
+        backend: BackendState,
+        response: aiohttp.ClientResponse,
+        timeouts: TimeoutConfig,
+        exchange: Exchange,
+        started: float,
+    ) -> web.Response:
+        async with asyncio.timeout(timeouts.idle_s):
+            body = await response.read()
+        exchange.upstream_s += time.perf_counter() - started
+        if response.status >= 500:
+            raise UpstreamFailure(
+                "http_5xx",
+                f"{backend.name}: HTTP {response.status}: {body[:200].decode(errors='replace')}",
+            )
+        if response.status == 429:
+            # A backend's own rate limit says it is busy, not broken: try another, do not eject.
+            raise UpstreamFailure("http_429", f"{backend.name}: HTTP 429", backend_fault=False)
+        if response.status == 200 and b"_tokens" in body:
+            exchange.usage.scan(body)
+        out = web.Response(status=response.status, body=body)
+        out.headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
+        out.headers["X-Gateway-Backend"] = backend.name
+        exchange.ready_at = time.perf_counter()
+        return out
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        backend: BackendState,
+        response: aiohttp.ClientResponse,
+        timeouts: TimeoutConfig,
+        exchange: Exchange,
+        started: float,
+    ) -> web.StreamResponse:
+        # Nothing is sent to the client until the first chunk is in hand: a backend that dies
+        # before it can still be retried elsewhere.
+        async with asyncio.timeout(timeouts.first_byte_s):
+            first = await response.content.readany()
+        exchange.upstream_s += time.perf_counter() - started
+        if not first:
+            raise UpstreamFailure("disconnected", f"{backend.name}: stream ended before any data")
+        out = web.StreamResponse(status=200)
+        out.headers["Content-Type"] = response.headers.get("Content-Type", "text/event-stream")
+        out.headers["Cache-Control"] = "no-cache"
+        out.headers["X-Request-Id"] = exchange.request_id
+        out.headers["X-Gateway-Backend"] = backend.name
+        tap = SseUsageTap(exchange.strip_usage_event)
+        try:
+            await out.prepare(request)
+            await out.write(tap.feed(first))
+            exchange.ready_at = time.perf_counter()
+            while True:
+                try:
+                    async with asyncio.timeout(timeouts.idle_s):
+                        chunk = await response.content.readany()
+                except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                    reason = "no data in time" if isinstance(e, TimeoutError) else type(e).__name__
+                    exchange.stream_failed = True
+                    await out.write(
+                        tap.flush()
+                        + sse_error_event(
+                            f"backend {backend.name} failed mid-stream ({reason}); the response is incomplete",
+                            "upstream_stream_interrupted",
+                        )
+                    )
+                    break
+                if not chunk:
+                    await out.write(tap.flush())
+                    break
+                data = tap.feed(chunk)
+                if data:
+                    await out.write(data)
+            await out.write_eof()
+        except OSError:
+            # The client went away (a reset, or a write to a closed transport): drop the
+            # upstream connection so the backend stops generating for nobody.
+            response.close()
+        exchange.usage = tap.usage
+        if not tap.usage.reported:
+            exchange.usage.completion_tokens = max(0, tap.data_events - 1)  # minus [DONE]
+        return out

@@ -1,0 +1,271 @@
+"""A small real OpenAI-compatible HTTP server for gateway tests.
+
+It can be healthy, slow, failing (HTTP 500), connection-dropping (before a response or in the
+middle of a stream), report a queue on a vLLM-style /metrics, and it records every inference
+request it receives. Run it in a thread (`FakeUpstream(...).start()`) or as its own process
+(`python fake_upstream.py --port P --name N`) when a test must kill it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+
+@dataclass
+class Received:
+    """One inference request as the upstream saw it."""
+
+    path: str
+    headers: CIMultiDict  # case-insensitive, as HTTP headers are
+    body: dict
+
+
+@dataclass
+class Behaviour:
+    """What the server does; tests change these fields while it runs."""
+
+    mode: str = "ok"  # ok | fail (HTTP 500) | reject (HTTP 400) | drop | drop_mid_stream | hang
+    delay_s: float = 0.0  # before the response headers
+    stream_chunks: int = 4
+    chunk_delay_s: float = 0.0
+    health_status: int = 200
+    waiting: float = 0.0  # reported as vllm:num_requests_waiting
+    model_name: str = "upstream-model"
+    received: list[Received] = field(default_factory=list)
+
+
+class FakeUpstream:
+    """The server; `behaviour` is shared with the test."""
+
+    def __init__(self, name: str = "fake", **behaviour) -> None:
+        self.name = name
+        self.behaviour = Behaviour(**behaviour)
+        self.port = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def received(self) -> list[Received]:
+        return self.behaviour.received
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            app.router.add_post(path, self._inference)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    # ---- running in a thread -----------------------------------------------------------------
+
+    def start(self, port: int = 0) -> FakeUpstream:
+        ready = threading.Event()
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._start(port))
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(
+            target=serve, name=f"fake-upstream-{self.name}", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake upstream did not start")
+        return self
+
+    async def _start(self, port: int) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port, reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop = None
+
+    # ---- handlers ------------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"}, status=self.behaviour.health_status)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": self.behaviour.model_name, "object": "model"}]
+        return web.json_response(
+            {"object": "list", "data": data}, status=self.behaviour.health_status
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        text = (
+            "# HELP vllm:num_requests_waiting Requests waiting.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{model_name="{self.behaviour.model_name}"}} {self.behaviour.waiting}\n'
+            "# HELP vllm:kv_cache_usage_perc KV usage.\n"
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f'vllm:kv_cache_usage_perc{{model_name="{self.behaviour.model_name}"}} 0.25\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    async def _inference(self, request: web.Request) -> web.StreamResponse:
+        b = self.behaviour
+        body = await request.json()
+        b.received.append(Received(request.path, request.headers.copy(), body))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if b.delay_s:
+                await asyncio.sleep(b.delay_s)
+            if b.mode == "hang":
+                await asyncio.sleep(3600)
+            if b.mode == "fail":
+                return web.json_response(
+                    {
+                        "error": {
+                            "message": "boom",
+                            "type": "server_error",
+                            "code": None,
+                            "param": None,
+                        }
+                    },
+                    status=500,
+                )
+            if b.mode == "reject":
+                error = {
+                    "message": "bad temperature",
+                    "type": "invalid_request_error",
+                    "param": "temperature",
+                    "code": None,
+                }
+                return web.json_response({"error": error}, status=400)
+            if b.mode == "drop":
+                request.transport.abort()
+                return web.Response()
+            if request.path == "/v1/embeddings":
+                return web.json_response(self._embeddings(body))
+            if body.get("stream"):
+                try:
+                    return await self._stream(request, body)
+                except ConnectionResetError:  # the gateway dropped the stream: stop generating
+                    return web.Response()
+            return web.json_response(self._completion(request.path, body))
+        finally:
+            self.in_flight -= 1
+
+    def _usage(self, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": 7,
+            "completion_tokens": completion_tokens,
+            "total_tokens": 7 + completion_tokens,
+        }
+
+    def _completion(self, path: str, body: dict) -> dict:
+        text = f"hello from {self.name}"
+        if path == "/v1/completions":
+            choice = {"index": 0, "text": text, "finish_reason": "stop"}
+            obj = "text_completion"
+        else:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+            }
+            obj = "chat.completion"
+        return {
+            "id": "cmpl-1",
+            "object": obj,
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [choice],
+            "usage": self._usage(3),
+        }
+
+    def _embeddings(self, body: dict) -> dict:
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+            for i in range(len(inputs))
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": body.get("model"),
+            "usage": {"prompt_tokens": 5, "total_tokens": 5},
+        }
+
+    async def _stream(self, request: web.Request, body: dict) -> web.StreamResponse:
+        b = self.behaviour
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(b.stream_chunks):
+            chunk = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "model": body.get("model"),
+                "choices": [
+                    {"index": 0, "delta": {"content": f"{self.name}-{i} "}, "finish_reason": None}
+                ],
+            }
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if b.mode == "drop_mid_stream" and i == 1:
+                request.transport.abort()
+                return response
+            if b.chunk_delay_s:
+                await asyncio.sleep(b.chunk_delay_s)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": self._usage(b.stream_chunks),
+            }
+            await response.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--name", default="fake")
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument("--chunks", type=int, default=4)
+    args = parser.parse_args()
+    upstream = FakeUpstream(
+        args.name, delay_s=args.delay, chunk_delay_s=args.chunk_delay, stream_chunks=args.chunks
+    )
+
+    async def serve() -> None:
+        await upstream._start(args.port)
+        print(f"listening on {upstream.port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
