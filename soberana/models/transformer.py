@@ -62,14 +62,23 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
         kv: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv, meta)
-        h = self.post_attention_layernorm(x)
-        return x + self.down_proj(silu_and_mul(self.gate_up_proj(h)))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, the residual stream before adding it).
+
+        The residual add is deferred into the next norm, which fuses add + RMSNorm on GPUs.
+        """
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, kv, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(h))), residual
 
 
 class CausalLM(nn.Module):
@@ -93,10 +102,10 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, self.rotary, kv_cache[i], meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of the given hidden rows."""
