@@ -31,16 +31,17 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, root: Path) -> Path:
+def build_model(shape: str, root: Path, dtype: str) -> Path:
+    """Save the random model in `dtype`, as real checkpoints are (Llama 3, Qwen: bfloat16)."""
     import transformers
 
-    out = root / f"random-{shape}"
+    out = root / f"random-{shape}-{dtype}"
     if (out / "config.json").is_file():
         return out
     cfg = transformers.LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
     cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = transformers.LlamaForCausalLM(cfg).to(getattr(torch, dtype))
     tmp = out.with_suffix(".tmp")
     model.save_pretrained(tmp)
     from soberana.models.loader import resolve_model_path
@@ -51,11 +52,11 @@ def build_model(shape: str, root: Path) -> Path:
     return out
 
 
-def run_soberana(path: Path, prompts, output_len: int, max_num_seqs: int) -> dict:
+def run_soberana(path: Path, prompts, output_len: int, max_num_seqs: int, dtype: str) -> dict:
     from soberana import LLM, SamplingParams
 
     llm = LLM(str(path), max_model_len=max(len(p) for p in prompts) + output_len + 16,
-              max_num_seqs=max_num_seqs)
+              max_num_seqs=max_num_seqs, dtype=dtype)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True,
                             detokenize=False)
     llm.generate(prompts[:2], params.clone(max_tokens=4), use_tqdm=False)  # warm-up
@@ -67,10 +68,11 @@ def run_soberana(path: Path, prompts, output_len: int, max_num_seqs: int) -> dic
     return {"seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt}
 
 
-def run_hf_generate(path: Path, prompts, output_len: int, batch_size: int) -> dict:
+def run_hf_generate(path: Path, prompts, output_len: int, batch_size: int, dtype: str) -> dict:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None
     cfg = transformers.GenerationConfig(max_new_tokens=output_len, do_sample=False,
                                         eos_token_id=None, pad_token_id=0)
@@ -92,10 +94,11 @@ def run_hf_generate(path: Path, prompts, output_len: int, batch_size: int) -> di
             "batch_size": batch_size}
 
 
-def run_hf_generate_batch(path: Path, prompts, output_len: int) -> dict:
+def run_hf_generate_batch(path: Path, prompts, output_len: int, dtype: str) -> dict:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype)).eval()
     if not hasattr(model, "generate_batch"):
         return {"skipped": "this transformers has no generate_batch"}
     cfg = transformers.GenerationConfig(max_new_tokens=output_len, do_sample=False,
@@ -142,13 +145,16 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="checkpoint and compute dtype, the same for every engine")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--model-dir", type=Path, default=Path.home() / ".cache" / "soberana")
     ap.add_argument("--output", type=Path,
-                    default=Path("benchmarks/results/offline_throughput_cpu.json"))
+                    default=None, help="default: benchmarks/results/offline_throughput_cpu_DTYPE.json")
     args = ap.parse_args()
 
-    path = build_model(args.shape, args.model_dir)
+    args.output = args.output or Path(f"benchmarks/results/offline_throughput_cpu_{args.dtype}.json")
+    path = build_model(args.shape, args.model_dir, args.dtype)
     g = torch.Generator().manual_seed(0)
     vocab = SHAPES[args.shape]["vocab_size"]
     prompts = [torch.randint(0, vocab, (args.input_len,), generator=g).tolist()
@@ -157,18 +163,21 @@ def main() -> int:
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "workload": {"shape": args.shape, "num_prompts": args.num_prompts,
                            "input_len": args.input_len, "output_len": args.output_len,
-                           "dtype": "float32", "greedy": True, "ignore_eos": True},
-              "soberana": run_soberana(path, prompts, args.output_len, args.max_num_seqs)}
+                           "dtype": args.dtype, "greedy": True, "ignore_eos": True},
+              "soberana": run_soberana(path, prompts, args.output_len, args.max_num_seqs,
+                                       args.dtype)}
     print("soberana", json.dumps(result["soberana"]), flush=True)
     if not args.skip_hf:
         result["hf_generate"] = run_hf_generate(path, prompts, args.output_len,
-                                                args.hf_batch_size)
+                                                args.hf_batch_size, args.dtype)
         print("hf_generate", json.dumps(result["hf_generate"]), flush=True)
-        result["hf_generate_batch"] = run_hf_generate_batch(path, prompts, args.output_len)
+        result["hf_generate_batch"] = run_hf_generate_batch(path, prompts, args.output_len,
+                                                            args.dtype)
         print("hf_generate_batch", json.dumps(result["hf_generate_batch"]), flush=True)
         peers = [result[k].get("output_tok_s", 0) for k in ("hf_generate", "hf_generate_batch")]
         result["ratio_vs_faster_transformers"] = result["soberana"]["output_tok_s"] / max(peers)
         print(f"soberana / faster transformers = {result['ratio_vs_faster_transformers']:.2f}x")
+    result["machine"]["load_avg_at_end"] = os.getloadavg()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     return 0

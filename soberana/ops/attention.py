@@ -110,9 +110,10 @@ def _gather_context(
 def _prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float
 ) -> torch.Tensor:
-    # q: [Lq, Hq, D]; k, v: [Lk, Hkv, D] with Lk = offset + Lq.
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    gqa = qh.shape[0] != kh.shape[0]
+    # q: [Lq, Hq, D]; k, v: [Lk, Hkv, D] with Lk = offset + Lq. Batched 4-D inputs: with 3-D
+    # ones PyTorch's CPU dispatch falls back to its math kernel (measured 10-15x slower).
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    gqa = qh.shape[1] != kh.shape[1]
     if offset == 0:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
@@ -120,7 +121,7 @@ def _prefill_attention(
         pos_q = torch.arange(offset, offset + lq, device=q.device)
         mask = torch.arange(lk, device=q.device)[None, :] <= pos_q[:, None]
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 class GatherWorkspace:
@@ -169,9 +170,25 @@ def _decode_attention(
     vh = v[:, :max_len].transpose(1, 2)
     lens = meta.seq_lens[:nd].to(torch.long)
     mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, L]
+    if q.dtype != torch.float32:
+        return _decode_attention_matmul(q, kh, vh, mask, scale)
     qh = q.unsqueeze(2)  # [B, Hq, 1, D]
     gqa = qh.shape[1] != kh.shape[1]
     o = F.scaled_dot_product_attention(
         qh, kh, vh, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
     )
     return o.squeeze(2)
+
+
+def _decode_attention_matmul(
+    q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    # bf16/fp16 on CPU: PyTorch's flash kernel is slow for one query (measured 2x), while
+    # half-precision matmuls are fast; softmax stays float32. The query heads sharing a KV
+    # head form one [G, D] matrix, so each K/V is read once per group.
+    b, hq, d = q.shape
+    hkv = kh.shape[1]
+    qg = q.view(b, hkv, hq // hkv, d)
+    scores = torch.matmul(qg, kh.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+    return torch.matmul(scores.to(q.dtype), vh).reshape(b, hq, d)
