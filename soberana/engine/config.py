@@ -31,6 +31,9 @@ class EngineConfig:
     revision: str | None = None
     max_logprobs: int = 20
     enforce_eager: bool = False  # GPU: no CUDA graphs
+    # "safetensors", or "dummy": random weights in the model's shape (performance runs
+    # without a checkpoint, as vLLM's --load-format dummy).
+    load_format: str = "safetensors"
     kv_warehouse: KVWarehouseConfig | None = None  # tiers below the KV pool (soberana/kv)
 
     def validate(self) -> None:
@@ -51,6 +54,8 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}"
             )
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be safetensors or dummy; got {self.load_format!r}")
         if self.kv_warehouse is not None and self.kv_warehouse.enabled():
             self.kv_warehouse.validate()
             if not self.enable_prefix_caching:

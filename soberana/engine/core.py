@@ -73,7 +73,7 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, load_format: str = "safetensors") -> None:
+    def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
         t0 = time.perf_counter()
@@ -82,7 +82,7 @@ class EngineCore:
         mcfg, _ = read_model_config(path)
         dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device)
         max_len = self._max_model_len(config, mcfg)
-        loaded = load_model(path, dtype, self.device, max_len, load_format)
+        loaded = load_model(path, dtype, self.device, max_len, config.load_format)
         self.model = loaded.model
         mcfg = loaded.config
         t_model = time.perf_counter()

@@ -47,9 +47,9 @@ class LLM:
             kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, block_size=block_size, seed=seed,
-            **kwargs,
+            load_format=load_format, **kwargs,
         )
-        self.engine = EngineCore(config, load_format=load_format)
+        self.engine = EngineCore(config)
         self.tokenizer = load_tokenizer(self.engine.model_info.path)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
