@@ -1,0 +1,108 @@
+"""`soberana serve` on one GPU driven by `soberana bench` over HTTP (random bf16 weights):
+(c) 1000 x 128/128 at saturation, as a fraction of offline `LLM.generate` measured in the
+same run (engine_h200.py's summary, passed with --offline-summary); TTFT/TPOT percentiles at
+concurrency 1, 16, 64 and 256 for 1024 in / 128 out.
+
+    python benchmarks/gpu/server_h200.py --offline-summary $OUT/summary_llama-3.1-8b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from engine_h200 import model_dir  # noqa: E402  (same folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(path: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    t0 = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "soberana.cli", "serve", str(path), "--port", str(port),
+         "--load-format", "dummy", "--max-model-len", "4096", "--max-num-seqs", "256",
+         "--max-waiting-requests", "100000"],
+        stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    while time.time() - t0 < 300:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url, time.time() - t0
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text()[-3000:])
+        time.sleep(0.5)
+    raise RuntimeError("server not ready in 300 s")
+
+
+def bench(url: str, tokenizer: Path, out: Path, *args: str) -> dict:
+    cmd = [sys.executable, "-m", "soberana.cli", "bench", "--base-url", url + "/v1",
+           "--endpoint", "completions", "--workload", "random", "--ignore-eos",
+           "--tokenizer", str(tokenizer), "--no-progress", "--output-dir", str(out), *args]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=400)
+    return json.loads((out / "summary.json").read_text())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", type=Path, default=HERE / "model_configs" / "llama-3.1-8b.json")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
+    ap.add_argument("--offline-summary", type=Path, default=None)
+    args = ap.parse_args()
+    path = model_dir(args.config)
+    result: dict = {"model": args.config.stem}
+    out_file = args.out / f"server_{args.config.stem}.json"
+    proc, url, ready_s = start_server(path, args.out / "server.log")
+    result["server_ready_s"] = ready_s
+    try:
+        bench(url, path, args.out / "warmup", "--input-len", "128", "--output-len", "8",
+              "--num-prompts", "300", "--concurrency", "256")
+        s = bench(url, path, args.out / "c128x128", "--input-len", "128", "--output-len", "128",
+                  "--num-prompts", "1000", "--concurrency", "1000")
+        result["http_128x128"] = s["runs"][0]
+        result["http_128x128_out_tok_s"] = s["runs"][0]["throughput"]["output_tokens_per_s"]
+        print("http_128x128", json.dumps(s["runs"][0]["throughput"]), flush=True)
+        for c in (1, 16, 64, 256):
+            n = max(16, 2 * c)
+            s = bench(url, path, args.out / f"c{c}_1024x128", "--input-len", "1024",
+                      "--output-len", "128", "--num-prompts", str(n), "--concurrency", str(c))
+            run = s["runs"][0]
+            result[f"http_1024x128_c{c}"] = run
+            out_file.write_text(json.dumps(result, indent=2))
+            lat = run["latency_ms"]
+            print(f"c={c}", json.dumps({k: lat.get(k) for k in ("ttft", "tpot")}), flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if args.offline_summary and args.offline_summary.is_file():
+        offline = json.loads(args.offline_summary.read_text()).get("offline_128x128_out_tok_s")
+        result["offline_128x128_out_tok_s"] = offline
+        if offline and "http_128x128_out_tok_s" in result:
+            result["server_frac_of_offline"] = result["http_128x128_out_tok_s"] / offline
+            print("server_frac_of_offline", result["server_frac_of_offline"], flush=True)
+    out_file.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The engine-core process: its loop and the compact messages it exchanges with the API process.
+
+API → core: `EngineCoreRequest`, `AbortRequests`, `Shutdown`.
+Core → API: `CoreReady` once, then one `StepResult` per loop turn that did work, or `CoreFatal`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from soberana.engine.config import EngineConfig
+from soberana.engine.outputs import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+
+logger = logging.getLogger("soberana.engine_core")
+
+
+@dataclass
+class AbortRequests:
+    """Whole requests by id, or single samples as (request_id, index) (stop strings)."""
+
+    request_ids: list[str | tuple[str, int]]
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+@dataclass
+class CoreReady:
+    model_info: Any  # soberana.engine ModelInfo (plain dataclass)
+
+
+@dataclass
+class StepResult:
+    """Everything one loop turn produced; `num_received` counts requests taken in so far."""
+
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
+    num_received: int
+    timestamp: float  # time.time() when the step ended: token latencies are measured here
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (request_id, reason)
+
+
+@dataclass
+class CoreFatal:
+    message: str
+
+
+def run_engine_core(config: EngineConfig, requests: Connection, results: Connection) -> None:
+    """Entry point of the engine-core process (spawned): build the core, then serve the loop."""
+    # Ctrl-C and a process-group SIGTERM reach us too; the API process decides when we stop
+    # (it drains first), and we also stop when its end of the pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from soberana.engine.core import EngineCore
+
+        core = EngineCore(config)
+    except BaseException as exc:
+        results.send(CoreFatal(f"engine core failed to start: {exc!r}\n{traceback.format_exc()}"))
+        return
+    results.send(CoreReady(core.model_info))
+    try:
+        _loop(core, requests, results)
+    except (EOFError, OSError):
+        return  # the API process is gone
+    except BaseException as exc:
+        try:
+            results.send(CoreFatal(f"engine core failed: {exc!r}\n{traceback.format_exc()}"))
+        except OSError:
+            pass
+        raise SystemExit(1) from exc
+
+
+def _loop(core: Any, requests: Connection, results: Connection) -> None:
+    num_received = 0
+    while True:
+        if not core.has_unfinished_requests():
+            requests.poll(None)  # idle: sleep until the API process sends something
+        rejected: list[tuple[str, str]] = []
+        # Take in everything that arrived, without waiting, before scheduling the next step.
+        while requests.poll(0):
+            message = requests.recv()
+            if isinstance(message, EngineCoreRequest):
+                num_received += 1
+                try:
+                    core.add_request(message)
+                except ValueError as exc:
+                    rejected.append((message.request_id, str(exc)))
+            elif isinstance(message, AbortRequests):
+                core.abort_requests(message.request_ids)
+            elif isinstance(message, Shutdown):
+                return
+        outputs = core.step() if core.has_unfinished_requests() else []
+        results.send(StepResult(outputs, core.get_stats(), num_received, time.time(), rejected))

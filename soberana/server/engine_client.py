@@ -1,0 +1,344 @@
+"""The API process's handle on the engine-core process: requests out, per-request streams in.
+
+One reader thread receives the core's messages (one per engine step) and hands whatever has
+arrived to the event loop as one batch; the loop detokenizes (OutputProcessor), finds stop
+strings, records metrics and wakes each request's stream. One sender thread writes to the
+core, so the event loop never blocks on the pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from soberana.engine.config import EngineConfig
+from soberana.engine.outputs import EngineCoreRequest, RequestOutput, SchedulerStats
+from soberana.engine.sampling_params import SamplingParams
+from soberana.server.core_process import (
+    AbortRequests,
+    CoreFatal,
+    CoreReady,
+    Shutdown,
+    StepResult,
+    run_engine_core,
+)
+from soberana.server.metrics import RequestTimes, ServerMetrics
+
+logger = logging.getLogger("soberana.server")
+
+_MAX_STEPS_PER_BATCH = 64
+
+
+class EngineDeadError(RuntimeError):
+    """The engine-core process stopped; no request can be served any more."""
+
+
+class EngineRejectedError(ValueError):
+    """The core refused a request (its ValueError's message)."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than --max-waiting-requests allows."""
+
+
+class RequestStream:
+    """Outputs of one engine request as they arrive, read by one handler.
+
+    Each output is a delta: text, token ids and logprobs new since the previous one. A
+    streaming handler is woken for every output; any other only once the request ends,
+    so that a step of N requests does not cost N task switches.
+    """
+
+    def __init__(self, request_id: str, streaming: bool) -> None:
+        self.request_id = request_id
+        self.streaming = streaming
+        self._pending: list[RequestOutput] = []
+        self._error: Exception | None = None
+        self._wakeup = asyncio.Event()
+
+    def put(self, output: RequestOutput) -> None:
+        self._pending.append(output)
+        if self.streaming or output.finished:
+            self._wakeup.set()
+
+    def fail(self, error: Exception) -> None:
+        self._error = error
+        self._wakeup.set()
+
+    async def get(self) -> list[RequestOutput]:
+        """Every output that arrived since the last call (waits for at least one; when not
+        streaming, for the last)."""
+        while not self._pending or not (self.streaming or self._pending[-1].finished):
+            if self._error is not None:
+                raise self._error
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        outputs, self._pending = self._pending, []
+        return outputs
+
+
+class _Tracked:
+    """What the client keeps per in-flight request: its stream and its timings."""
+
+    def __init__(self, stream: RequestStream, times: RequestTimes, n: int) -> None:
+        self.stream = stream
+        self.times = times
+        self.unfinished = set(range(n))  # sample indices not yet finished
+
+
+class EngineClient:
+    """Starts the engine-core process and routes requests to it and outputs back."""
+
+    def __init__(
+        self, config: EngineConfig, max_waiting_requests: int, chat_template: str | None = None
+    ) -> None:
+        self.config = config
+        self.max_waiting_requests = max_waiting_requests
+        self.chat_template = chat_template  # replaces the model's when given
+        self.model_info: Any = None
+        self.tokenizer: Any = None
+        self.metrics: ServerMetrics | None = None
+        self.ready = False
+        self.dead_reason: str | None = None
+        self.stats = SchedulerStats()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._requests: Any = None  # our end of the pipe to the core
+        self._results: Any = None  # our end of the pipe from the core
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._tracked: dict[str, _Tracked] = {}
+        self._processor: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._num_sent = 0  # requests handed to the sender
+        self._num_received = 0  # requests the core has taken in (from its last StepResult)
+        self._closing = False
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn the core, wait until it has loaded the model, load the tokenizer."""
+        from soberana.engine.output_processor import OutputProcessor
+        from soberana.models.tokenizer import load_tokenizer
+
+        self._loop = asyncio.get_running_loop()
+        ctx = multiprocessing.get_context("spawn")
+        core_requests, self._requests = ctx.Pipe(duplex=False)
+        self._results, core_results = ctx.Pipe(duplex=False)
+        _grow_pipe(self._results)
+        self._process = ctx.Process(
+            target=run_engine_core,
+            args=(self.config, core_requests, core_results),
+            name="soberana-engine-core",
+        )
+        self._process.start()
+        # Close our copies of the core's ends, so either side sees EOF when the other exits.
+        core_requests.close()
+        core_results.close()
+        logger.info("engine core process started (pid %d); loading the model", self._process.pid)
+        try:
+            first = await self._loop.run_in_executor(None, self._results.recv)
+        except (EOFError, OSError):
+            first = CoreFatal(f"engine core process exited with code {self._wait_exit()}")
+        if isinstance(first, CoreFatal):
+            self.dead_reason = first.message
+            raise EngineDeadError(first.message)
+        assert isinstance(first, CoreReady)
+        self.model_info = first.model_info
+        self.tokenizer = await self._loop.run_in_executor(
+            None, load_tokenizer, Path(self.model_info.path)
+        )
+        if self.chat_template is not None:
+            self.tokenizer.chat_template = self.chat_template
+        self._processor = OutputProcessor(self.tokenizer)
+        # model_info.name is the first --served-model-name, else the model's own name.
+        self.metrics = ServerMetrics(self.model_info.name, self.model_info.max_model_len)
+        threading.Thread(target=self._send_loop, name="engine-sender", daemon=True).start()
+        threading.Thread(target=self._read_loop, name="engine-reader", daemon=True).start()
+        self.ready = True
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the core: ask politely, then kill it if it does not exit within `timeout`."""
+        self.ready = False
+        self._closing = True
+        if self._process is None:
+            return
+        self._outbox.put(Shutdown())
+        self._outbox.put(None)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._process.join, timeout)
+        if self._process.is_alive():
+            logger.warning("engine core did not stop within %.0fs; killing it", timeout)
+            self._process.kill()
+            await loop.run_in_executor(None, self._process.join, 5)
+        for tracked in self._tracked.values():
+            tracked.stream.fail(EngineDeadError("the server is shutting down"))
+        self._tracked.clear()
+
+    def _wait_exit(self) -> int | None:
+        assert self._process is not None
+        self._process.join(5)
+        return self._process.exitcode
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def num_waiting(self) -> int:
+        """Requests in the core's waiting queue, plus those on their way that will find no
+        free running slot (as of the core's last report)."""
+        in_transit = self._num_sent - self._num_received
+        free_slots = max(0, self.config.max_num_seqs - self.stats.num_running_reqs)
+        return self.stats.num_waiting_reqs + max(0, in_transit - free_slots)
+
+    def check_capacity(self, num_requests: int) -> None:
+        """Raise QueueFullError when `num_requests` more would pass --max-waiting-requests."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        if self.num_waiting() + num_requests > self.max_waiting_requests:
+            raise QueueFullError(
+                f"the server has {self.num_waiting()} requests waiting "
+                f"(limit {self.max_waiting_requests}); retry later"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_text: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        streaming: bool,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Send one request to the core and return the stream its outputs will arrive on."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        arrival = time.time() if arrival_time is None else arrival_time
+        stream = RequestStream(request_id, streaming)
+        self._processor.add_request(
+            request_id, prompt_text, prompt_token_ids, params, delta=True, arrival_time=arrival
+        )
+        times = RequestTimes(arrival, len(prompt_token_ids), params.n, params.max_tokens or 0)
+        self._tracked[request_id] = _Tracked(stream, times, params.n)
+        self._num_sent += 1
+        self._outbox.put(
+            EngineCoreRequest(request_id, prompt_token_ids, params, arrival, priority, cache_salt)
+        )
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client gone, shutdown): the core frees its KV blocks at once."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return  # already finished
+        self._outbox.put(AbortRequests([request_id]))
+        self._processor.abort_request(request_id)
+        assert self.metrics is not None
+        self.metrics.record_finished(tracked.times, time.time(), ["abort"] * len(tracked.unfinished))
+
+    # ---- the two pipe threads ---------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            message = self._outbox.get()
+            if message is None:
+                return
+            try:
+                self._requests.send(message)
+            except OSError:
+                return  # the core is gone; the reader reports it
+
+    def _read_loop(self) -> None:
+        assert self._loop is not None
+        while True:
+            batch = []
+            try:
+                batch.append(self._results.recv())
+                # Hand over every step already waiting as one batch: when the event loop
+                # lags the engine, a request's handler then wakes once for several tokens
+                # (one SSE event) instead of once per token.
+                while len(batch) < _MAX_STEPS_PER_BATCH and self._results.poll(0):
+                    batch.append(self._results.recv())
+            except (EOFError, OSError):
+                batch.append(CoreFatal(f"engine core process exited with code {self._wait_exit()}"))
+            self._loop.call_soon_threadsafe(self._on_messages, batch)
+            if isinstance(batch[-1], CoreFatal):
+                return
+
+    # ---- dispatch (event loop) --------------------------------------------------------------
+
+    def _on_messages(self, batch: list[StepResult | CoreFatal]) -> None:
+        steps = [m for m in batch if isinstance(m, StepResult)]
+        if steps:
+            self._on_steps(steps)
+        if isinstance(batch[-1], CoreFatal):
+            self._on_fatal(batch[-1].message)
+
+    def _on_steps(self, steps: list[StepResult]) -> None:
+        assert self.metrics is not None
+        last = steps[-1]
+        self.stats = last.stats
+        self._num_received = last.num_received
+        self.metrics.record_scheduler_stats(last.stats)
+        outputs = []
+        generated = 0
+        for step in steps:
+            for request_id, reason in step.rejected:
+                tracked = self._tracked.pop(request_id, None)
+                if tracked is not None:
+                    self._processor.abort_request(request_id)
+                    tracked.stream.fail(EngineRejectedError(reason))
+            for out in step.outputs:
+                generated += len(out.new_token_ids)
+                tracked = self._tracked.get(out.request_id)
+                if tracked is not None:
+                    self.metrics.record_tokens(
+                        tracked.times, step.timestamp, len(out.new_token_ids), out.scheduled_time
+                    )
+            outputs += step.outputs
+        if not outputs:
+            return
+        self.metrics.generation_tokens.inc(generated)
+        request_outputs, ids_to_abort = self._processor.process_outputs(outputs)
+        if ids_to_abort:
+            self._outbox.put(AbortRequests(list(ids_to_abort)))
+        for output in request_outputs:
+            tracked = self._tracked.get(output.request_id)
+            if tracked is None:
+                continue  # aborted while these steps ran
+            reasons = []
+            for sample in output.outputs:
+                if sample.finish_reason is not None and sample.index in tracked.unfinished:
+                    tracked.unfinished.discard(sample.index)
+                    reasons.append(sample.finish_reason)
+            if output.finished:
+                del self._tracked[output.request_id]
+                reasons += ["abort"] * len(tracked.unfinished)
+                self.metrics.record_finished(tracked.times, last.timestamp, reasons)
+            elif reasons:
+                self.metrics.record_samples_finished(reasons)
+            tracked.stream.put(output)
+
+    def _on_fatal(self, reason: str) -> None:
+        if self._closing:
+            return
+        self.ready = False
+        self.dead_reason = reason
+        logger.error("engine core failed; /health now reports 503: %s", reason)
+        for tracked in self._tracked.values():
+            tracked.stream.fail(EngineDeadError(reason))
+        self._tracked.clear()
+
+
+def _grow_pipe(conn: Any) -> None:
+    """Give the core's output pipe 1 MiB, so the core never waits on a briefly busy reader."""
+    try:
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size: keep the default 64 KiB

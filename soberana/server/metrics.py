@@ -1,0 +1,226 @@
+"""Prometheus metrics with vLLM's names, buckets and labels, so its dashboards and alerts work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from soberana.engine.outputs import SchedulerStats
+from soberana.kv.metrics import KVWarehouseCollector
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+# vLLM v1's buckets (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+]  # fmt: skip
+TOKEN_LATENCY_BUCKETS = [
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+]  # fmt: skip
+REQUEST_LATENCY_BUCKETS = [
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+]  # fmt: skip
+
+
+@dataclass
+class RequestTimes:
+    """One request's timeline (time.time() seconds) and token counts, for its histograms."""
+
+    arrival: float
+    prompt_tokens: int
+    n: int
+    max_tokens: int
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    generated: int = 0
+
+
+def build_1_2_5_buckets(max_value: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's token-count buckets)."""
+    buckets, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_value:
+                return buckets
+            buckets.append(value)
+        exponent += 1
+
+
+class ServerMetrics:
+    """The server's metrics in their own registry; `model_name` and `engine` label every one."""
+
+    def __init__(self, model_name: str, max_model_len: int) -> None:
+        # vLLM exposes no `_created` series; without this every counter would gain one.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name", "engine"]
+        values = [model_name, "0"]
+        token_buckets = build_1_2_5_buckets(max_model_len)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=self.registry).labels(*values)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry).labels(*values)
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(
+                *values
+            )
+
+        self.num_requests_running = gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches."
+        )
+        self.num_requests_waiting = gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed."
+        )
+        self.kv_cache_usage = gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
+        )
+        self.prefix_cache_queries = counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        )
+        self.prefix_cache_hits = counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
+        self.num_preemptions = counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine."
+        )
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter(
+            "vllm:generation_tokens", "Number of generation tokens processed."
+        )
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            labels + ["finished_reason"],
+            registry=self.registry,
+        )
+        self.request_success = {r: success.labels(*values, r) for r in FINISH_REASONS}
+        self.request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets
+        )
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets
+        )
+        self.request_params_n = histogram(
+            "vllm:request_params_n", "Histogram of the n request parameter.", [1, 2, 5, 10, 20]
+        )
+        self.request_params_max_tokens = histogram(
+            "vllm:request_params_max_tokens",
+            "Histogram of the max_tokens request parameter.",
+            token_buckets,
+        )
+        self.time_to_first_token = histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            TTFT_BUCKETS,
+        )
+        self.inter_token_latency = histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            TOKEN_LATENCY_BUCKETS,
+        )
+        self.time_per_output_token = histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.",
+            TOKEN_LATENCY_BUCKETS,
+        )
+        self.e2e_request_latency = histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.request_queue_time = histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.request_inference_time = histogram(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.request_prefill_time = histogram(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.request_decode_time = histogram(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self._last_stats = SchedulerStats()
+        # The KV warehouse's own metrics (soberana:kv_*), when the engine runs tiers.
+        self.registry.register(
+            KVWarehouseCollector(lambda: self._last_stats.kv_warehouse, {"model_name": model_name})
+        )
+
+    def record_scheduler_stats(self, stats: SchedulerStats) -> None:
+        """Set the gauges; advance the engine's cumulative counters by what is new."""
+        self.num_requests_running.set(stats.num_running_reqs)
+        self.num_requests_waiting.set(stats.num_waiting_reqs)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        last = self._last_stats
+        self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
+        self.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
+        self.num_preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
+        self._last_stats = stats
+
+    def record_tokens(
+        self, times: RequestTimes, now: float, num_new: int, scheduled: float | None
+    ) -> None:
+        """New tokens of one request arrived from the engine step that ended at `now`
+        (the generation_tokens counter is advanced once per step by the caller)."""
+        if scheduled is not None and times.scheduled is None:
+            times.scheduled = scheduled
+        if times.first_token is None:
+            times.first_token = now
+            self.time_to_first_token.observe(now - times.arrival)
+            self.prompt_tokens.inc(times.prompt_tokens)
+        elif now != times.last_token:  # samples of one request share a step: one interval
+            self.inter_token_latency.observe(now - times.last_token)
+        times.last_token = now
+        times.generated += num_new
+
+    def record_samples_finished(self, reasons: list[str]) -> None:
+        """Some samples of a still-running request finished (n > 1)."""
+        for reason in reasons:
+            self.request_success[reason].inc()
+
+    def record_finished(self, times: RequestTimes, now: float, reasons: list[str]) -> None:
+        """The request is over; `reasons` holds the finish reason of each sample not yet counted."""
+        self.record_samples_finished(reasons)
+        self.e2e_request_latency.observe(now - times.arrival)
+        self.request_prompt_tokens.observe(times.prompt_tokens)
+        self.request_generation_tokens.observe(times.generated)
+        self.request_params_n.observe(times.n)
+        self.request_params_max_tokens.observe(times.max_tokens)
+        if times.scheduled is not None:
+            self.request_queue_time.observe(max(0.0, times.scheduled - times.arrival))
+            self.request_inference_time.observe(max(0.0, now - times.scheduled))
+            if times.first_token is not None:
+                self.request_prefill_time.observe(max(0.0, times.first_token - times.scheduled))
+        if times.first_token is not None:
+            decode = now - times.first_token
+            self.request_decode_time.observe(decode)
+            if times.generated > 1:
+                self.time_per_output_token.observe(decode / (times.generated - 1))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

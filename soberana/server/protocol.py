@@ -1,0 +1,193 @@
+"""Request bodies of the OpenAI-compatible API, validated strictly ("16" is not an integer)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from soberana.engine.sampling_params import MAX_LOGPROBS, MAX_N
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+MAX_PROMPTS = 256  # prompts in one /v1/completions batch
+MAX_STOP = 16  # stop strings per request
+MAX_SALT_CHARS = 256
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+StopStr = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class StrictModel(BaseModel):
+    """Base of every body: unknown fields and type coercion are errors, NaN/inf too."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(StrictModel):
+    """Parameters shared by chat and completions: OpenAI's, then vLLM's extras."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP)] | None = None
+    seed: Int64 | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int = Field(0, ge=-1, le=2**31 - 1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0**16)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    ignore_eos: bool = False
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=1024)] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    priority: Int64 = 0
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_SALT_CHARS)
+    # OpenAI parameters Soberana does not implement: accepted only at their neutral value
+    # (see `unsupported_params`), so a client relying on one gets a 400 naming it.
+    logit_bias: dict[str, Any] | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class TextPart(StrictModel):
+    """One part of a message's content; only `text` parts are supported."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+
+class ResponseFormat(StrictModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    """Body of POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's chat extras
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # unsupported unless neutral
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: ResponseFormat | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    web_search_options: Any = None
+
+
+class CompletionRequest(SamplingFields):
+    """Body of POST /v1/completions."""
+
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    add_special_tokens: bool = True
+    # unsupported unless neutral
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+
+class TokenizeRequest(StrictModel):
+    """Body of POST /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = True
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(StrictModel):
+    """Body of POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+def unsupported_params(body: SamplingFields) -> list[str]:
+    """Names of parameters set to something Soberana cannot honour (never silently ignored)."""
+    found = []
+    if body.logit_bias:
+        found.append("logit_bias")
+    if body.service_tier not in (None, "auto", "default"):
+        found.append("service_tier")
+    if body.store:
+        found.append("store")
+    if body.metadata:
+        found.append("metadata")
+    if isinstance(body, ChatCompletionRequest):
+        for name in ("tools", "functions"):
+            if getattr(body, name):
+                found.append(name)
+        if body.tool_choice not in (None, "none"):
+            found.append("tool_choice")
+        if body.function_call not in (None, "none"):
+            found.append("function_call")
+        if body.parallel_tool_calls:
+            found.append("parallel_tool_calls")
+        if body.response_format is not None and body.response_format.type != "text":
+            found.append("response_format")
+        if body.modalities not in (None, ["text"]):
+            found.append("modalities")
+        for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
+            if getattr(body, name) is not None:
+                found.append(name)
+        for i, message in enumerate(body.messages):
+            if message.tool_calls:
+                found.append(f"messages.{i}.tool_calls")
+            if message.role in ("tool", "function"):
+                found.append(f"messages.{i}.role")
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if part.type != "text" or part.text is None:
+                        found.append(f"messages.{i}.content.{j}.type")
+    if isinstance(body, CompletionRequest):
+        if body.suffix:
+            found.append("suffix")
+        if body.best_of not in (None, body.n):
+            found.append("best_of")
+    return found

@@ -1,0 +1,173 @@
+"""POST /v1/chat/completions: render the conversation, run it, answer whole or as SSE chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from soberana.engine.outputs import Logprob
+from soberana.server.engine_client import EngineClient
+from soberana.server.engine_inputs import (
+    check_common,
+    check_prompt,
+    fit_context,
+    render_chat,
+    sampling_params,
+)
+from soberana.server.errors import bad_request
+from soberana.server.protocol import ChatCompletionRequest
+from soberana.server.streaming import (
+    SSE_DONE,
+    Choice,
+    EventStream,
+    cancel_on_disconnect,
+    collect,
+    merge_outputs,
+    ranked,
+    safe_logprob,
+    sse,
+    stream_error,
+    usage,
+)
+
+
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, engine: EngineClient, model_name: str
+) -> Response:
+    """Validate and tokenize, hand the request to the engine, and answer."""
+    check_common(body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    info = engine.model_info
+    prompt = render_chat(
+        engine.tokenizer,
+        body.messages,
+        body.add_generation_prompt,
+        body.continue_final_message,
+        body.chat_template_kwargs,
+    )
+    check_prompt(prompt, info.vocab_size, "messages")
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = fit_context(len(prompt.token_ids), requested, info.max_model_len, "messages")
+    top_n = body.top_logprobs or 0
+    params = sampling_params(body, max_tokens, info.vocab_size, top_n if body.logprobs else None)
+    engine.check_capacity(1)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = engine.add_request(
+        request_id,
+        prompt.text,
+        prompt.token_ids,
+        params,
+        streaming=body.stream,
+        priority=body.priority,
+        cache_salt=body.cache_salt,
+    )
+    header = {"id": request_id, "created": int(time.time()), "model": model_name}
+    if body.stream:
+        return EventStream(_stream(engine, stream, body, header, len(prompt.token_ids), top_n))
+    try:
+        result = await cancel_on_disconnect(collect(stream), request.receive)
+    finally:
+        engine.abort(request_id)  # no-op when finished; frees the KV blocks when not
+    if result is None:
+        return Response(status_code=499)  # client gone; nobody reads this
+    choices, last = result
+    generated = sum(len(c.token_ids) for c in choices.values())
+    return JSONResponse(
+        {
+            **header,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": _logprobs(c.token_ids, c.logprobs, top_n) if body.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in sorted(choices.values(), key=lambda c: c.index)
+            ],
+            "usage": usage(len(prompt.token_ids), generated, last.num_cached_tokens),
+        }
+    )
+
+
+async def _stream(
+    engine: EngineClient,
+    stream,
+    body: ChatCompletionRequest,
+    header: dict,
+    prompt_tokens: int,
+    top_n: int,
+) -> AsyncIterator[str]:
+    options = body.stream_options
+    include_usage = options is not None and options.include_usage
+    continuous = include_usage and options.continuous_usage_stats
+    base = {**header, "object": "chat.completion.chunk"}
+    generated = cached = 0
+
+    def chunk(index: int, delta: dict, choice: Choice | None = None, finish: bool = False) -> str:
+        entry: dict = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        if choice is not None and body.logprobs and not finish:
+            entry["logprobs"] = _logprobs(choice.token_ids, choice.logprobs, top_n)
+        if finish and choice is not None:
+            entry["finish_reason"] = choice.finish_reason
+            entry["stop_reason"] = choice.stop_reason
+        payload = {**base, "choices": [entry]}
+        if include_usage:
+            payload["usage"] = usage(prompt_tokens, generated, cached) if continuous else None
+        return sse(payload)
+
+    try:
+        for index in range(body.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        done: set[int] = set()
+        while len(done) < body.n:
+            outputs = await stream.get()
+            cached = outputs[-1].num_cached_tokens
+            batch: dict[int, Choice] = {}
+            merge_outputs(outputs, batch)
+            for index in sorted(batch):
+                choice = batch[index]
+                if index in done:
+                    continue
+                generated += len(choice.token_ids)
+                if choice.text or (body.logprobs and choice.token_ids):
+                    yield chunk(index, {"content": choice.text}, choice)
+                if choice.finish_reason is not None:
+                    done.add(index)
+                    yield chunk(index, {}, choice, finish=True)
+            if outputs[-1].finished:
+                break
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, generated, cached)})
+    except Exception as exc:  # headers are sent: the error travels as an event
+        yield stream_error(exc)
+    finally:
+        engine.abort(stream.request_id)
+    yield SSE_DONE
+
+
+def _logprobs(
+    token_ids: list[int], logprobs: list[dict[int, Logprob]] | None, top_n: int
+) -> dict:
+    """OpenAI chat logprobs: each generated token with its top alternatives."""
+    content = []
+    for token_id, entries in zip(token_ids, logprobs or [], strict=True):
+        chosen = entries[token_id]
+        content.append(
+            {
+                **_token_entry(chosen),
+                "top_logprobs": [_token_entry(lp) for _, lp in ranked(entries, top_n)],
+            }
+        )
+    return {"content": content}
+
+
+def _token_entry(lp: Logprob) -> dict:
+    token = lp.decoded_token or ""
+    return {"token": token, "logprob": safe_logprob(lp.logprob), "bytes": list(token.encode())}
