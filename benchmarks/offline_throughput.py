@@ -52,14 +52,15 @@ def build_model(shape: str, root: Path, dtype: str) -> Path:
     return out
 
 
-def run_soberana(path: Path, prompts, output_len: int, max_num_seqs: int, dtype: str) -> dict:
+def run_soberana(path: Path, prompts, output_lens: list[int], max_num_seqs: int,
+                 dtype: str) -> dict:
     from soberana import LLM, SamplingParams
 
-    llm = LLM(str(path), max_model_len=max(len(p) for p in prompts) + output_len + 16,
+    llm = LLM(str(path), max_model_len=max(len(p) for p in prompts) + max(output_lens) + 16,
               max_num_seqs=max_num_seqs, dtype=dtype)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True,
-                            detokenize=False)
-    llm.generate(prompts[:2], params.clone(max_tokens=4), use_tqdm=False)  # warm-up
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
+              for n in output_lens]
+    llm.generate(prompts[:2], params[0].clone(max_tokens=4), use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -68,50 +69,62 @@ def run_soberana(path: Path, prompts, output_len: int, max_num_seqs: int, dtype:
     return {"seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt}
 
 
-def run_hf_generate(path: Path, prompts, output_len: int, batch_size: int, dtype: str) -> dict:
+def run_hf_generate(path: Path, prompts, output_lens: list[int], batch_size: int,
+                    dtype: str) -> dict:
+    """Padded batches in input order; each batch generates up to its longest requested
+    output, and only the requested tokens count (as vLLM's throughput benchmark does)."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None
-    cfg = transformers.GenerationConfig(max_new_tokens=output_len, do_sample=False,
-                                        eos_token_id=None, pad_token_id=0)
-
-    def batch_generate(batch):
+    def batch_generate(batch, lens):
         width = max(len(p) for p in batch)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])  # left padding
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        cfg = transformers.GenerationConfig(max_new_tokens=max(lens), do_sample=False,
+                                            eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, generation_config=cfg)
-        return (out.shape[1] - width) * len(batch)
+        assert out.shape[1] - width == max(lens)
+        return sum(lens)
 
-    batch_generate(prompts[:2])  # warm-up
+    batch_generate(prompts[:2], [4, 4])  # warm-up
     t0 = time.perf_counter()
-    n_out = sum(batch_generate(prompts[i:i + batch_size])
+    n_out = sum(batch_generate(prompts[i:i + batch_size], output_lens[i:i + batch_size])
                 for i in range(0, len(prompts), batch_size))
     dt = time.perf_counter() - t0
     return {"seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt,
             "batch_size": batch_size}
 
 
-def run_hf_generate_batch(path: Path, prompts, output_len: int, dtype: str) -> dict:
+def run_hf_generate_batch(path: Path, prompts, output_lens: list[int], dtype: str) -> dict:
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype)).eval()
     if not hasattr(model, "generate_batch"):
         return {"skipped": "this transformers has no generate_batch"}
-    cfg = transformers.GenerationConfig(max_new_tokens=output_len, do_sample=False,
+    # generate_batch takes one max_new_tokens: run to the longest, count what was requested.
+    cfg = transformers.GenerationConfig(max_new_tokens=max(output_lens), do_sample=False,
                                         eos_token_id=None, pad_token_id=0)
     try:
-        model.generate_batch(prompts[:2], generation_config=cfg)  # warm-up
+        model.generate_batch(prompts[:2], generation_config=cfg.__class__(
+            max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0))  # warm-up
         t0 = time.perf_counter()
-        outs = model.generate_batch(prompts, generation_config=cfg)
+        model.generate_batch(prompts, generation_config=cfg)
         dt = time.perf_counter() - t0
     except Exception as exc:  # record why the peer could not run rather than crash the run
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    n_out = sum(len(o.generated_tokens) for o in outs.values())
+    n_out = sum(output_lens)
     return {"seconds": dt, "output_tokens": n_out, "output_tok_s": n_out / dt}
+
+
+def _lengths(spec: str, n: int, g: torch.Generator) -> list[int]:
+    if ":" not in spec:
+        return [int(spec)] * n
+    lo, hi = (int(x) for x in spec.split(":"))
+    return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
 
 
 def machine() -> dict:
@@ -141,8 +154,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-125m")
     ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--input-len", default="128", help="N, or LO:HI uniform per prompt")
+    ap.add_argument("--output-len", default="128", help="N, or LO:HI uniform per prompt")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
@@ -153,26 +166,27 @@ def main() -> int:
                     default=None, help="default: benchmarks/results/offline_throughput_cpu_DTYPE.json")
     args = ap.parse_args()
 
-    args.output = args.output or Path(f"benchmarks/results/offline_throughput_cpu_{args.dtype}.json")
+    ragged = ":" in args.input_len or ":" in args.output_len
+    suffix = f"{args.dtype}_ragged" if ragged else args.dtype
+    args.output = args.output or Path(f"benchmarks/results/offline_throughput_cpu_{suffix}.json")
     path = build_model(args.shape, args.model_dir, args.dtype)
     g = torch.Generator().manual_seed(0)
     vocab = SHAPES[args.shape]["vocab_size"]
-    prompts = [torch.randint(0, vocab, (args.input_len,), generator=g).tolist()
-               for _ in range(args.num_prompts)]
+    in_lens = _lengths(args.input_len, args.num_prompts, g)
+    out_lens = _lengths(args.output_len, args.num_prompts, g)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in in_lens]
     result = {"benchmark": "offline_throughput", "commit": commit(), "machine": machine(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "workload": {"shape": args.shape, "num_prompts": args.num_prompts,
                            "input_len": args.input_len, "output_len": args.output_len,
                            "dtype": args.dtype, "greedy": True, "ignore_eos": True},
-              "soberana": run_soberana(path, prompts, args.output_len, args.max_num_seqs,
-                                       args.dtype)}
+              "soberana": run_soberana(path, prompts, out_lens, args.max_num_seqs, args.dtype)}
     print("soberana", json.dumps(result["soberana"]), flush=True)
     if not args.skip_hf:
-        result["hf_generate"] = run_hf_generate(path, prompts, args.output_len,
-                                                args.hf_batch_size, args.dtype)
+        result["hf_generate"] = run_hf_generate(path, prompts, out_lens, args.hf_batch_size,
+                                                args.dtype)
         print("hf_generate", json.dumps(result["hf_generate"]), flush=True)
-        result["hf_generate_batch"] = run_hf_generate_batch(path, prompts, args.output_len,
-                                                            args.dtype)
+        result["hf_generate_batch"] = run_hf_generate_batch(path, prompts, out_lens, args.dtype)
         print("hf_generate_batch", json.dumps(result["hf_generate_batch"]), flush=True)
         peers = [result[k].get("output_tok_s", 0) for k in ("hf_generate", "hf_generate_batch")]
         result["ratio_vs_faster_transformers"] = result["soberana"]["output_tok_s"] / max(peers)

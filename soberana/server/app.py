@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from soberana import __version__
 from soberana.server.engine_client import (
@@ -28,9 +26,9 @@ from soberana.server.protocol import (
 )
 from soberana.server.serving_chat import create_chat_completion
 from soberana.server.serving_completion import create_completion
+from soberana.server.tenancy import TenantMiddleware
 
 # Paths that answer without the API key: probes and scrapers carry no credentials.
-_OPEN_PATHS = ("/health", "/metrics", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect")
 
 
 @dataclass
@@ -38,38 +36,18 @@ class ServerSettings:
     """What the HTTP layer needs beyond the engine."""
 
     served_model_names: list[str] | None = None  # None: the engine's model name
-    api_key: str | None = None
+    api_keys: list[str] | None = None  # each key is one tenant; None: no authentication
+    tenant_header: str | None = None  # trusted header naming the tenant (behind a gateway)
     retry_after_s: int = 1  # Retry-After on a 429
-
-
-class ApiKeyMiddleware:
-    """401 for a missing or wrong `Authorization: Bearer KEY` (constant-time comparison)."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                error = OpenAIError(
-                    401,
-                    "Incorrect or missing API key. Send it as 'Authorization: Bearer KEY'.",
-                    type="invalid_request_error",
-                    code="invalid_api_key",
-                )
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     """The OpenAI-compatible application over a (possibly still starting) engine client."""
     app = FastAPI(title="Soberana", version=__version__, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
-    if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    if settings.api_keys or settings.tenant_header:
+        app.add_middleware(TenantMiddleware, api_keys=settings.api_keys or [],
+                           tenant_header=settings.tenant_header)
     started = int(time.time())
 
     def model_names() -> list[str]:

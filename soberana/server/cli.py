@@ -37,8 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one")
     http.add_argument(
         "--api-key",
-        default=os.environ.get("SOBERANA_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on the API (default $SOBERANA_API_KEY)",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on the API; repeat for several tenants, each "
+        "key one tenant whose KV cache no other tenant can reuse (default $SOBERANA_API_KEY)",
+    )
+    http.add_argument(
+        "--tenant-header",
+        default=None,
+        help="trusted header naming the tenant (e.g. X-Tenant-Id, set by a gateway in front); "
+        "requests of different tenants never share KV blocks",
     )
     http.add_argument(
         "--served-model-name",
@@ -152,7 +160,7 @@ async def _serve(
     args: argparse.Namespace, config: EngineConfig, chat_template: str | None, sock: socket.socket
 ) -> int:
     engine = EngineClient(config, args.max_waiting_requests, chat_template)
-    app = build_app(engine, ServerSettings(args.served_model_name, args.api_key))
+    app = build_app(engine, ServerSettings(args.served_model_name, _api_keys(args), args.tenant_header))
     server = _Server(
         uvicorn.Config(
             app,
@@ -247,3 +255,9 @@ def _read_chat_template(value: str | None) -> str | None:
     if "{" not in value:
         raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
     return value
+
+
+def _api_keys(args: argparse.Namespace) -> list[str] | None:
+    keys = args.api_key or ([os.environ["SOBERANA_API_KEY"]]
+                            if os.environ.get("SOBERANA_API_KEY") else None)
+    return keys

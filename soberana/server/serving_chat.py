@@ -33,6 +33,7 @@ from soberana.server.streaming import (
     stream_error,
     usage,
 )
+from soberana.server.tenancy import effective_cache_salt
 
 
 async def create_chat_completion(
@@ -64,7 +65,7 @@ async def create_chat_completion(
         params,
         streaming=body.stream,
         priority=body.priority,
-        cache_salt=body.cache_salt,
+        cache_salt=effective_cache_salt(request.scope, body.cache_salt),
     )
     header = {"id": request_id, "created": int(time.time()), "model": model_name}
     if body.stream:

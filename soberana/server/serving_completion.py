@@ -34,6 +34,7 @@ from soberana.server.streaming import (
     stream_error,
     usage,
 )
+from soberana.server.tenancy import effective_cache_salt
 
 
 async def create_completion(
@@ -66,7 +67,7 @@ async def create_completion(
             p,
             streaming=body.stream,
             priority=body.priority,
-            cache_salt=body.cache_salt,
+            cache_salt=effective_cache_salt(request.scope, body.cache_salt),
         )
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True))
     ]
