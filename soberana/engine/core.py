@@ -164,11 +164,24 @@ class EngineCore:
     def _prefill_tokens_per_s(self, mcfg, max_len: int) -> float:
         """Measured prefill rate of one 512-token sequence, for the load-or-recompute choice."""
         tokens = min(512, max_len, self.config.max_num_batched_tokens)
+        run = self._one_sequence_forward(mcfg, self.kv_cache.dtype, tokens)
+        seconds = []
+        for _ in range(3):
+            t = time.perf_counter()
+            run()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds.append(time.perf_counter() - t)
+        return tokens / min(seconds[1:])
+
+    def _one_sequence_forward(self, mcfg, dtype: torch.dtype, tokens: int):
+        """A forward of one `tokens`-long prompt over a temporary KV cache (for profiling);
+        returns a callable giving the final hidden states."""
         bs = self.config.block_size
         nblocks = -(-tokens // bs)
         dev = self.device
         tmp = torch.zeros(mcfg.num_layers, 2, nblocks, bs, mcfg.num_kv_heads, mcfg.head_dim,
-                          dtype=self.kv_cache.dtype, device=dev)
+                          dtype=dtype, device=dev)
         meta = AttentionMetadata(
             slot_mapping=torch.arange(tokens, device=dev),
             query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
@@ -178,14 +191,7 @@ class EngineCore:
         )
         ids = torch.zeros(tokens, dtype=torch.long, device=dev)
         pos = torch.arange(tokens, device=dev)
-        seconds = []
-        for _ in range(3):
-            t = time.perf_counter()
-            self.model(ids, pos, tmp, meta)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            seconds.append(time.perf_counter() - t)
-        return tokens / min(seconds[1:])
+        return lambda: self.model(ids, pos, tmp, meta)
 
     @staticmethod
     def _max_model_len(config: EngineConfig, mcfg) -> int:
@@ -209,27 +215,17 @@ class EngineCore:
             return 0
         cfg = self.config
         tokens = min(cfg.max_num_batched_tokens, max_len)
-        bs = cfg.block_size
-        nblocks = -(-tokens // bs)
-        tmp = torch.zeros(mcfg.num_layers, 2, nblocks, bs, mcfg.num_kv_heads, mcfg.head_dim,
-                          dtype=dtype, device=self.device)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(tokens, device=dev),
-            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=dev),
-            block_table=torch.arange(nblocks, dtype=torch.int32, device=dev)[None],
-            num_decodes=0, query_lens_cpu=[tokens], seq_lens_cpu=[tokens],
-        )
+        run = self._one_sequence_forward(mcfg, dtype, tokens)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        ids = torch.zeros(tokens, dtype=torch.long, device=dev)
-        hidden = self.model(ids, torch.arange(tokens, device=dev), tmp, meta)
+        hidden = run()
         self.model.compute_logits(hidden[: min(tokens, cfg.max_num_seqs)])
         torch.cuda.synchronize()
+        # The temporary cache was allocated before `before`; the peak is activations only.
         peak = torch.cuda.max_memory_allocated(dev) - before
-        del tmp, hidden
+        del run, hidden
         torch.cuda.empty_cache()
         return peak
 

@@ -24,11 +24,20 @@ class KVCacheManager:
         return [b.block_id for b in self.req_blocks.get(request.key, ())]
 
     def _update_hashes(self, request: Request) -> None:
-        if self.enable_caching:
-            request.block_hashes = chain_hashes(
-                self.hash_seed, request.all_token_ids, self.block_size, request.cache_salt,
-                request.block_hashes,
+        # Only blocks that became full since the last call are hashed, from a slice of the
+        # tokens: no copy of the whole sequence on the engine's hot path.
+        if not self.enable_caching:
+            return
+        done = len(request.block_hashes)
+        full = request.num_tokens // self.block_size
+        if full > done:
+            start = done * self.block_size
+            new = chain_hashes(
+                request.block_hashes[-1] if done else self.hash_seed,
+                request.token_slice(start, full * self.block_size), self.block_size,
+                request.cache_salt,
             )
+            request.block_hashes.extend(new)
 
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """The longest run of the request's leading full blocks already in the pool.

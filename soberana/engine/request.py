@@ -80,10 +80,6 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def wants_prompt_logprobs(self) -> bool:
         return self.prompt_logprobs is not None
 
