@@ -8,7 +8,6 @@ same workload) with a GPU KV pool several times smaller than the live working se
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,21 +15,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from engine_h200 import model_dir  # noqa: E402
+from engine_h200 import demo_vocab_model_dir  # noqa: E402
 
 
 def main() -> int:
-    cfg_path = HERE / "model_configs" / "llama-3.1-8b.json"
-    cfg = json.loads(cfg_path.read_text())
-    from soberana.models.loader import resolve_model_path
-
-    demo = json.loads((resolve_model_path(None) / "config.json").read_text())
-    cfg.update(vocab_size=demo["vocab_size"], bos_token_id=demo["bos_token_id"],
-               eos_token_id=demo["eos_token_id"])
-    tmp = Path(os.environ.get("OUT", "/tmp")) / "llama8b-demo-vocab.json"
-    tmp.write_text(json.dumps(cfg))
-    path = model_dir(tmp)
-    tmp.unlink()
+    path = demo_vocab_model_dir(HERE / "model_configs" / "llama-3.1-8b.json")
     import kv_warehouse_multiturn
 
     out = Path(os.environ.get("OUT", "/tmp")) / "kv_warehouse_multiturn_h200.json"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from engine_h200 import model_dir  # noqa: E402  (same folder)
+from engine_h200 import demo_vocab_model_dir, model_dir  # noqa: E402  (same folder)
 
 
 def free_port() -> int:
@@ -30,12 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
+def start_server(path: Path, log: Path, max_num_seqs: int) -> tuple[subprocess.Popen, str, float]:
     port = free_port()
     t0 = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "soberana.cli", "serve", str(path), "--port", str(port),
-         "--load-format", "dummy", "--max-model-len", "4096", "--max-num-seqs", "256",
+         "--load-format", "dummy", "--max-model-len", "4096", "--max-num-seqs", str(max_num_seqs),
          "--max-waiting-requests", "100000"],
         stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -52,6 +52,14 @@ def start_server(path: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
     raise RuntimeError("server not ready in 300 s")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def bench(url: str, tokenizer: Path, out: Path, *args: str) -> dict:
     cmd = [sys.executable, "-m", "soberana.cli", "bench", "--base-url", url + "/v1",
            "--endpoint", "completions", "--workload", "random", "--ignore-eos",
@@ -65,11 +73,12 @@ def main() -> int:
     ap.add_argument("--config", type=Path, default=HERE / "model_configs" / "llama-3.1-8b.json")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
     ap.add_argument("--offline-summary", type=Path, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
     args = ap.parse_args()
     path = model_dir(args.config)
-    result: dict = {"model": args.config.stem}
+    result: dict = {"model": args.config.stem, "max_num_seqs": args.max_num_seqs}
     out_file = args.out / f"server_{args.config.stem}.json"
-    proc, url, ready_s = start_server(path, args.out / "server.log")
+    proc, url, ready_s = start_server(path, args.out / "server.log", args.max_num_seqs)
     result["server_ready_s"] = ready_s
     try:
         bench(url, path, args.out / "warmup", "--input-len", "128", "--output-len", "8",
@@ -79,6 +88,16 @@ def main() -> int:
         result["http_128x128"] = s["runs"][0]
         result["http_128x128_out_tok_s"] = s["runs"][0]["throughput"]["output_tokens_per_s"]
         print("http_128x128", json.dumps(s["runs"][0]["throughput"]), flush=True)
+    finally:
+        stop(proc)
+    out_file.write_text(json.dumps(result, indent=2))
+    # Latency sweep on the same body with the demo vocabulary: every id decodes to text.
+    path = demo_vocab_model_dir(args.config)
+    result["latency_model"] = f"{args.config.stem} body, demo tokenizer's 934-id vocabulary"
+    proc, url, _ = start_server(path, args.out / "server_latency.log", args.max_num_seqs)
+    try:
+        bench(url, path, args.out / "warmup2", "--input-len", "1024", "--output-len", "8",
+              "--num-prompts", "64", "--concurrency", "64")
         for c in (1, 16, 64, 256):
             n = max(16, 2 * c)
             s = bench(url, path, args.out / f"c{c}_1024x128", "--input-len", "1024",
@@ -89,11 +108,7 @@ def main() -> int:
             lat = run["latency_ms"]
             print(f"c={c}", json.dumps({k: lat.get(k) for k in ("ttft", "tpot")}), flush=True)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     if args.offline_summary and args.offline_summary.is_file():
         offline = json.loads(args.offline_summary.read_text()).get("offline_128x128_out_tok_s")
         result["offline_128x128_out_tok_s"] = offline

@@ -31,6 +31,9 @@ class EngineConfig:
     revision: str | None = None
     max_logprobs: int = 20
     enforce_eager: bool = False  # GPU: no CUDA graphs
+    # Overlap the host's scheduling of step N+1 with the device running step N.
+    # None: on for CUDA devices, off on CPU (where host and "device" are the same cores).
+    async_scheduling: bool | None = None
     # "safetensors", or "dummy": random weights in the model's shape (performance runs
     # without a checkpoint, as vLLM's --load-format dummy).
     load_format: str = "safetensors"

@@ -17,9 +17,9 @@ from soberana.engine.block_hash import hash_seed
 from soberana.engine.config import EngineConfig
 from soberana.engine.cuda_graphs import DecodeGraphs
 from soberana.engine.kv_cache_manager import KVCacheManager
-from soberana.engine.model_runner import ModelRunner, StepResult
+from soberana.engine.model_runner import ModelRunner, PendingStep
 from soberana.engine.outputs import EngineCoreOutput, EngineCoreRequest, SchedulerStats
-from soberana.engine.request import Request, RequestStatus
+from soberana.engine.request import PLACEHOLDER, Request, RequestStatus
 from soberana.engine.sampler import Sampler
 from soberana.engine.scheduler import Scheduler, SchedulerOutput
 from soberana.models.loader import load_model, read_model_config, resolve_model_path
@@ -121,6 +121,10 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv, self.sampler, self.device,
                                   graphs)
         self.requests: dict[str, list[Request]] = {}  # request_id -> its samples
+        # Async scheduling (default on GPUs): the step launched last, not yet read back.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._pending: PendingStep | None = None
         self.generation_tokens = 0
         self.prompt_tokens = 0
         if config.seed is not None:
@@ -304,41 +308,76 @@ class EngineCore:
             self._forget_if_done(rid)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._pending is not None
 
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[EngineCoreOutput]:
-        """Schedule, run the model once, and report what each request produced."""
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            if self.offload is not None and self.scheduler.loading:
-                self.offload.wait_any(0.002)  # only loads in flight: do not spin
-            return []
-        result = self.runner.execute(sched)
-        return self._update(sched, result)
+        """Schedule, launch the model once, and report what requests produced.
 
-    def _update(self, sched: SchedulerOutput, result: StepResult) -> list[EngineCoreOutput]:
+        With async scheduling the step launched here is left running on the device and the
+        outputs returned are those of the previous step, read back while this one runs: the
+        host's scheduling and input preparation overlap the device's work.
+        """
+        sched = self.scheduler.schedule()
+        prev, self._pending = self._pending, None
+        outputs: list[EngineCoreOutput] = []
+        if prev is not None and (not sched.scheduled or _needs_known_tokens(sched)):
+            outputs = self._resolve(prev)
+            prev = None
+            sched.scheduled = [s for s in sched.scheduled if not s.request.status.finished]
+        if not sched.scheduled:
+            if not outputs and self.offload is not None and self.scheduler.loading:
+                self.offload.wait_any(0.002)  # only loads in flight: do not spin
+            return outputs
+        pending = self.runner.launch(sched, prev)
+        self._commit(sched, pending)
+        if prev is not None:
+            outputs = self._resolve(prev)
+        if self.async_scheduling:
+            self._pending = pending
+        else:
+            outputs += self._resolve(pending)
+        return outputs
+
+    def _commit(self, sched: SchedulerOutput, pending: PendingStep) -> None:
+        """Advance requests past a launched step: its tokens count as computed, and each
+        sampled row holds a placeholder in its output until the id is read back."""
         for s in sched.scheduled:
             r = s.request
             if r.num_computed_tokens < r.num_prompt_tokens:
                 self.prompt_tokens += min(s.num_new_tokens,
                                           r.num_prompt_tokens - r.num_computed_tokens)
             r.num_computed_tokens += s.num_new_tokens
+        for r in pending.requests:
+            pending.output_index.append(len(r.output_token_ids))
+            r.output_token_ids.append(PLACEHOLDER)
+            r.num_placeholders += 1
+
+    def _resolve(self, pending: PendingStep) -> list[EngineCoreOutput]:
+        """Read a launched step's ids back, apply them, and report (finishing requests)."""
+        result = pending.result()
+        live: list[tuple[Request, int, int]] = []
+        for r, idx in zip(pending.requests, pending.output_index):
+            if r.status.finished:  # aborted, or ended by the step before (its row is void)
+                continue
+            token = result.sampled[r.key]
+            r.output_token_ids[idx] = token
+            r.num_placeholders -= 1
+            if r.status == RequestStatus.RUNNING:
+                self.kv.register_computed(r)  # a block this id completed is named now
+            live.append((r, idx, token))
         if self.offload is not None:  # before finished requests give their blocks back
-            self.offload.after_step([s.request for s in sched.scheduled])
-        outputs = []
-        for s in sched.scheduled:
+            self.offload.after_step([s.request for s in pending.scheduled
+                                     if s.request.status == RequestStatus.RUNNING])
+        for s in pending.scheduled:
             r = s.request
             if r.key in result.prompt_logprobs:
                 r.prompt_logprobs.extend(result.prompt_logprobs[r.key])
-            if r.key not in result.sampled:
-                continue
-            token = result.sampled[r.key]
-            first = not r.output_token_ids
-            r.output_token_ids.append(token)
+        outputs = []
+        for r, idx, token in live:
             self.generation_tokens += 1
-            finish = self._check_stop(r, token)
+            finish = self._check_stop(r, token, idx + 1)
             out = EngineCoreOutput(
                 request_id=r.request_id,
                 index=r.index,
@@ -346,10 +385,12 @@ class EngineCore:
                 new_logprobs=[result.logprobs[r.key]] if r.key in result.logprobs else None,
                 num_cached_tokens=max(r.num_cached_tokens, 0),
             )
-            if first:
+            if idx == 0:
                 out.scheduled_time = r.scheduled_time
                 out.prompt_logprobs = r.prompt_logprobs
             if finish is not None:
+                del r.output_token_ids[idx + 1:]  # drop an in-flight successor
+                r.num_placeholders = 0
                 out.finish_reason = finish.value
                 out.stop_reason = r.stop_reason
                 self.scheduler.finish(r, finish)
@@ -358,17 +399,18 @@ class EngineCore:
             outputs.append(out)
         return outputs
 
-    def _check_stop(self, r: Request, token: int) -> RequestStatus | None:
+    def _check_stop(self, r: Request, token: int, num_output: int) -> RequestStatus | None:
+        """Why the request ends with `token`, its `num_output`-th output token (or None)."""
         p = r.params
-        if len(r.output_token_ids) >= p.min_tokens:
+        if num_output >= p.min_tokens:
             if not p.ignore_eos and token in p.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token in p.stop_token_ids:
                 r.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if len(r.output_token_ids) >= r.max_tokens:
+        if num_output >= r.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if r.num_tokens >= self.model_info.max_model_len:
+        if r.num_prompt_tokens + num_output >= self.model_info.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -405,3 +447,8 @@ class EngineCore:
         """Release background resources (the KV warehouse's threads and connections)."""
         if self.offload is not None:
             self.offload.warehouse.close()
+
+
+def _needs_known_tokens(sched: SchedulerOutput) -> bool:
+    """Penalties read the output so far: the in-flight step's ids must be on the host."""
+    return any(s.request.params.has_penalties for s in sched.scheduled)

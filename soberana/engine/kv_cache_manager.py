@@ -29,7 +29,7 @@ class KVCacheManager:
         if not self.enable_caching:
             return
         done = len(request.block_hashes)
-        full = request.num_tokens // self.block_size
+        full = request.num_known_tokens // self.block_size  # never hash a placeholder
         if full > done:
             start = done * self.block_size
             new = chain_hashes(
@@ -93,6 +93,11 @@ class KVCacheManager:
             self.num_registered[request.key] = len(held) + len(cached)
         return True
 
+    def register_computed(self, request: Request) -> None:
+        """Register the full blocks of computed tokens (async scheduling: once a placeholder
+        that completed a block has its id)."""
+        self._register_full(request, request.num_computed_tokens)
+
     def register_prefix(self, request: Request, num_blocks: int) -> None:
         """Register the request's first `num_blocks` blocks, now that their contents are in."""
         self._register_full(request, num_blocks * self.block_size)
@@ -100,7 +105,7 @@ class KVCacheManager:
     def _register_full(self, request: Request, num_tokens: int) -> None:
         if not self.enable_caching:
             return
-        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        num_full = min(num_tokens, request.num_known_tokens) // self.block_size
         start = self.num_registered.get(request.key, 0)
         if num_full <= start:
             return

@@ -113,7 +113,8 @@ class KVOffload:
             return
         bs = self.kv.block_size
         for r in requests:
-            full = r.num_computed_tokens // bs
+            # Blocks whose last id is still in flight (async scheduling) are not named yet.
+            full = min(r.num_computed_tokens // bs, len(r.block_hashes))
             start = self.num_written.get(r.key, 0)
             if full <= start:
                 continue

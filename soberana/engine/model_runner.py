@@ -15,7 +15,7 @@ from soberana.engine.cuda_graphs import DecodeGraphs
 from soberana.engine.kv_cache_manager import KVCacheManager
 from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.request import Request
-from soberana.engine.sampler import Sampler, gather_logprobs
+from soberana.engine.sampler import Sampler, SamplerOutput, gather_logprobs
 from soberana.engine.scheduler import SchedulerOutput
 from soberana.models.transformer import CausalLM
 from soberana.ops.attention import AttentionMetadata, GatherWorkspace
@@ -26,6 +26,54 @@ class StepResult:
     sampled: dict[tuple[str, int], int] = field(default_factory=dict)
     logprobs: dict[tuple[str, int], TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[tuple[str, int], list[TokenLogprobs]] = field(default_factory=dict)
+
+
+class PendingStep:
+    """A launched step. Its sampled ids stay on the device for the next step's input and are
+    copied to the host without blocking; `result()` waits for that copy only."""
+
+    def __init__(
+        self,
+        sched: SchedulerOutput,
+        requests: list[Request],
+        sampled: SamplerOutput | None,
+        prompt_logprobs: dict[tuple[str, int], list[TokenLogprobs]],
+        device: torch.device,
+    ) -> None:
+        self.scheduled = sched.scheduled
+        self.requests = requests  # the sampled rows, in order
+        self.row_of = {r.key: i for i, r in enumerate(requests)}
+        self.output_index: list[int] = []  # where each row's id goes in output_token_ids
+        self.prompt_logprobs = prompt_logprobs
+        self.tokens = sampled.token_ids if sampled is not None else None
+        self._logprobs = sampled.logprobs if sampled is not None else None
+        tensors = [] if sampled is None else [self.tokens]
+        if self._logprobs is not None:
+            tensors += self._logprobs.host_tensors()
+        self._event: torch.cuda.Event | None = None
+        if device.type == "cuda" and tensors:
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(self._host, tensors):
+                h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensors
+
+    def result(self) -> StepResult:
+        """The step's sampled ids and logprobs on the host (waits for this step only)."""
+        if self._event is not None:
+            self._event.synchronize()
+        out = StepResult(prompt_logprobs=self.prompt_logprobs)
+        if not self.requests:
+            return out
+        ids = self._host[0].tolist()
+        lps = self._logprobs.build(self._host[1:]) if self._logprobs is not None else None
+        for i, r in enumerate(self.requests):
+            out.sampled[r.key] = ids[i]
+            if lps is not None and lps[i] is not None:
+                out.logprobs[r.key] = lps[i]
+        return out
 
 
 class ModelRunner:
@@ -48,8 +96,13 @@ class ModelRunner:
         self.workspace = GatherWorkspace() if device.type == "cpu" else None
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        batch = self._prepare(sched)
+    def launch(self, sched: SchedulerOutput, prev: PendingStep | None = None) -> PendingStep:
+        """Queue the step's forward pass and sampling on the device without waiting for it.
+
+        `prev` is the step still in flight: requests it sampled for decode here from its
+        placeholder, whose id is taken from `prev`'s tokens on the device.
+        """
+        batch = self._prepare(sched, prev)
         meta = batch.meta
         if (self.graphs is not None and meta.num_decodes == len(meta.query_lens_cpu)
                 and meta.num_decodes <= self.graphs.max_batch and not batch.prompt_logprob_rows):
@@ -57,23 +110,27 @@ class ModelRunner:
                                      meta.seq_lens, meta.block_table)
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_cache, meta)
-        result = StepResult()
+        sampled = None
         if batch.sample_rows:
-            logits = self.model.compute_logits(hidden[batch.sample_rows])
-            out = self.sampler(logits, batch.sample_requests)
-            for req, tok, lp in zip(batch.sample_requests, out.token_ids, out.logprobs):
-                result.sampled[req.key] = tok
-                if lp is not None:
-                    result.logprobs[req.key] = lp
-        for req, rows, targets in batch.prompt_logprob_rows:
-            logits = self.model.compute_logits(hidden[rows])
+            if len(batch.sample_rows) == hidden.shape[0]:  # every row samples (decodes)
+                rows = hidden
+            else:
+                rows = hidden[_on(batch.sample_rows, self.device)]
+            sampled = self.sampler(self.model.compute_logits(rows), batch.sample_requests)
+        prompt_logprobs = {}
+        for req, rows, targets in batch.prompt_logprob_rows:  # rare: read back at once
+            logits = self.model.compute_logits(hidden[_on(rows, self.device)])
             lps = torch.log_softmax(logits, dim=-1)
-            tgt = torch.tensor(targets, device=lps.device)
+            tgt = _on(targets, self.device)
             n = [req.params.prompt_logprobs] * len(targets)
-            result.prompt_logprobs[req.key] = gather_logprobs(lps, tgt, n)
-        return result
+            prompt_logprobs[req.key] = gather_logprobs(lps, tgt, n)
+        return PendingStep(sched, batch.sample_requests, sampled, prompt_logprobs, self.device)
 
-    def _prepare(self, sched: SchedulerOutput) -> _Batch:
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Run one step and wait for its result."""
+        return self.launch(sched).result()
+
+    def _prepare(self, sched: SchedulerOutput, prev: PendingStep | None) -> _Batch:
         entries = sched.scheduled
         reqs = [s.request for s in entries]
         q_lens = np.array([s.num_new_tokens for s in entries], dtype=np.int64)
@@ -113,6 +170,8 @@ class ModelRunner:
             positions=torch.from_numpy(positions).to(dev, non_blocking=True),
             meta=meta,
         )
+        if prev is not None:
+            self._fill_placeholders(batch.input_ids, entries, cu, prev)
         for i, s in enumerate(entries):
             r = s.request
             if s.samples:
@@ -127,6 +186,26 @@ class ModelRunner:
                     targets = r.prompt_token_ids[first + 1 : last + 1]
                     batch.prompt_logprob_rows.append((r, rows, targets))
         return batch
+
+
+    def _fill_placeholders(self, input_ids: torch.Tensor, entries: list, cu: np.ndarray,
+                           prev: PendingStep) -> None:
+        """Put the ids `prev` sampled (still on the device) where this step decodes them."""
+        rows: list[int] = []
+        src: list[int] = []
+        for i, s in enumerate(entries):
+            j = prev.row_of.get(s.request.key)
+            if j is not None and s.request.num_placeholders:
+                rows.append(int(cu[i + 1]) - 1)  # the placeholder is the entry's last token
+                src.append(j)
+        if rows:
+            dev = self.device
+            input_ids.index_copy_(0, _on(rows, dev), prev.tokens.index_select(0, _on(src, dev)))
+
+
+def _on(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints as an index tensor on the device, without synchronising the stream."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
 
 @dataclass

@@ -7,6 +7,8 @@ import enum
 from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # an output token sampled on the GPU whose id has not reached the host yet
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -52,6 +54,9 @@ class Request:
         self.leader = leader
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Async scheduling: output tokens already counted (their step is launched) whose ids
+        # are still on the GPU. They sit at the end of output_token_ids as PLACEHOLDER.
+        self.num_placeholders = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 = not yet
         self.block_hashes: list[bytes] = []
         # Block index up to which the KV warehouse holds this prompt (None: not asked yet).
@@ -70,6 +75,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids are known on the host (all but in-flight placeholders)."""
+        return self.num_tokens - self.num_placeholders
 
     def token_slice(self, start: int, end: int) -> list[int]:
         p = len(self.prompt_token_ids)

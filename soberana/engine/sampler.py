@@ -20,8 +20,11 @@ _NEG_INF = float("-inf")
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]
+    """Sampled ids and asked-for logprobs, still on the device: reading them on the host is
+    the step's one synchronisation, left to the caller (async scheduling defers it)."""
+
+    token_ids: torch.Tensor  # [N] int64
+    logprobs: DeviceLogprobs | None
 
 
 class Sampler:
@@ -34,7 +37,10 @@ class Sampler:
         self.generators.pop(request.key, None)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """Sample one token for each row of `logits` [N, V] (float32), row i for requests[i]."""
+        """Sample one token for each row of `logits` [N, V] (float32), row i for requests[i].
+
+        Nothing here waits for the device: per-request values go up with non-blocking copies.
+        """
         logits = logits[:, : self.vocab_size]
         want_lp = [r.params.logprobs for r in requests]
         raw_logprobs = (
@@ -43,18 +49,13 @@ class Sampler:
         logits = self._penalize(logits, requests)
         logits = self._mask_eos_before_min_tokens(logits, requests)
         tokens = self._choose(logits, requests)
-        token_list = tokens.tolist()  # the one host-device sync of a step
-        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        logprobs = None
         if raw_logprobs is not None:
-            logprobs = gather_logprobs(raw_logprobs, tokens, want_lp)
-        return SamplerOutput(token_ids=token_list, logprobs=logprobs)
+            logprobs = DeviceLogprobs.gather(raw_logprobs, tokens, want_lp)
+        return SamplerOutput(token_ids=tokens, logprobs=logprobs)
 
     def _penalize(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        rows = [
-            i for i, r in enumerate(requests)
-            if r.params.presence_penalty or r.params.frequency_penalty
-            or r.params.repetition_penalty != 1.0
-        ]
+        rows = [i for i, r in enumerate(requests) if r.params.has_penalties]
         if not rows:
             return logits
         logits = logits.clone()
@@ -65,9 +66,9 @@ class Sampler:
         for j, i in enumerate(rows):  # one row per penalised request, vectorised inside
             out = requests[i].output_token_ids
             if out:
-                ids = torch.tensor(out, device=logits.device)
+                ids = _to(out, torch.long, logits.device)
                 counts[j].index_add_(0, ids, torch.ones(len(out), device=logits.device))
-            in_prompt[j, torch.tensor(requests[i].prompt_token_ids, device=logits.device)] = True
+            in_prompt[j, _to(requests[i].prompt_token_ids, torch.long, logits.device)] = True
         rep = _column([requests[i].params.repetition_penalty for i in rows], logits.device)
         seen = in_prompt | (counts > 0)
         # Repetition penalty (CTRL / transformers): divide positive logits, multiply negative.
@@ -77,23 +78,27 @@ class Sampler:
         pres = _column([requests[i].params.presence_penalty for i in rows], logits.device)
         # OpenAI: frequency scales with each output occurrence, presence applies once.
         sub = sub - freq * counts - pres * (counts > 0).float()
-        logits[rows] = sub
+        logits[_to(rows, torch.long, logits.device)] = sub
         return logits
 
     def _mask_eos_before_min_tokens(
         self, logits: torch.Tensor, requests: list[Request]
     ) -> torch.Tensor:
-        masked = False
+        rows: list[int] = []
+        cols: list[int] = []
         for i, r in enumerate(requests):
             if len(r.output_token_ids) < r.params.min_tokens:
                 stops = list(r.params.stop_token_ids)
                 if not r.params.ignore_eos:
                     stops += r.params.eos_token_ids
                 stops = [t for t in stops if t < logits.shape[1]]
-                if stops:
-                    if not masked:
-                        logits, masked = logits.clone(), True
-                    logits[i, stops] = _NEG_INF
+                rows += [i] * len(stops)
+                cols += stops
+        if not rows:
+            return logits
+        logits = logits.clone()
+        dev = logits.device
+        logits[_to(rows, torch.long, dev), _to(cols, torch.long, dev)] = _NEG_INF
         return logits
 
     def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -122,7 +127,7 @@ class Sampler:
         # Exponential race (Gumbel-max): argmax p_i / E_i samples i with probability p_i.
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
-            mask = torch.tensor(greedy, device=dev)
+            mask = _to(greedy, torch.bool, dev)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled
 
@@ -135,15 +140,21 @@ class Sampler:
         return gen
 
 
+def _to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the device's queue (a blocking
+    copy would synchronise the stream and stall async scheduling)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return _to(values, torch.float32, device).unsqueeze(1)
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     v = logits.shape[1]
-    k = torch.tensor([min(t, v) if t > 0 else v for t in top_k], device=logits.device)
-    kmax = int(k.max())
-    top = logits.topk(kmax, dim=-1).values
+    k_list = [min(t, v) if t > 0 else v for t in top_k]
+    k = _to(k_list, torch.long, logits.device)
+    top = logits.topk(max(k_list), dim=-1).values
     threshold = top.gather(1, (k - 1).unsqueeze(1))
     return logits.masked_fill(logits < threshold, _NEG_INF)
 
@@ -158,26 +169,55 @@ def _apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+@dataclass
+class DeviceLogprobs:
+    """The chosen token's logprob and rank plus the top-N for rows that asked (N >= 0),
+    computed on the device; `host_tensors` are copied back and `build` makes the records."""
+
+    num_rows: int
+    rows: list[int]
+    num_top: list[int]
+    chosen: torch.Tensor
+    chosen_lp: torch.Tensor
+    ranks: torch.Tensor
+    top_lp: torch.Tensor
+    top_ids: torch.Tensor
+
+    @classmethod
+    def gather(
+        cls, logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int | None]
+    ) -> DeviceLogprobs:
+        rows = [i for i, n in enumerate(num_top) if n is not None]
+        lp = logprobs[_to(rows, torch.long, logprobs.device)]
+        ch = chosen[_to(rows, torch.long, chosen.device)].unsqueeze(1)
+        chosen_lp = lp.gather(1, ch)
+        ranks = (lp > chosen_lp).sum(dim=1) + 1
+        kmax = max((num_top[i] for i in rows), default=0)
+        top_lp, top_ids = lp.topk(kmax, dim=-1) if kmax > 0 else (lp[:, :0], ch[:, :0])
+        return cls(len(num_top), rows, [num_top[i] for i in rows], ch.squeeze(1),
+                   chosen_lp.squeeze(1), ranks, top_lp, top_ids)
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        return [self.chosen, self.chosen_lp, self.ranks, self.top_lp, self.top_ids]
+
+    def build(self, host: list[torch.Tensor]) -> list[TokenLogprobs | None]:
+        """Records from `host_tensors()` once they are on the host, one per batch row."""
+        ch_l, chosen_l, ranks_l, top_lp_l, top_ids_l = (t.tolist() for t in host)
+        out: list[TokenLogprobs | None] = [None] * self.num_rows
+        for j, i in enumerate(self.rows):
+            n = self.num_top[j]
+            out[i] = TokenLogprobs(
+                token_id=ch_l[j], logprob=chosen_l[j], rank=ranks_l[j],
+                top_token_ids=top_ids_l[j][:n], top_logprobs=top_lp_l[j][:n],
+            )
+        return out
+
+
 def gather_logprobs(
     logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int | None]
 ) -> list[TokenLogprobs | None]:
-    """The chosen token's logprob and rank, plus the top-N, for rows that asked (N >= 0)."""
-    rows = [i for i, n in enumerate(num_top) if n is not None]
-    out: list[TokenLogprobs | None] = [None] * len(num_top)
-    if not rows:
-        return out
-    lp = logprobs[rows]
-    ch = chosen[rows].unsqueeze(1)
-    chosen_lp = lp.gather(1, ch)
-    ranks = (lp > chosen_lp).sum(dim=1) + 1
-    kmax = max(num_top[i] for i in rows)
-    top_lp, top_ids = lp.topk(kmax, dim=-1) if kmax > 0 else (lp[:, :0], ch[:, :0])
-    chosen_l, ranks_l = chosen_lp.squeeze(1).tolist(), ranks.tolist()
-    top_lp_l, top_ids_l, ch_l = top_lp.tolist(), top_ids.tolist(), ch.squeeze(1).tolist()
-    for j, i in enumerate(rows):
-        n = num_top[i]
-        out[i] = TokenLogprobs(
-            token_id=ch_l[j], logprob=chosen_l[j], rank=ranks_l[j],
-            top_token_ids=top_ids_l[j][:n], top_logprobs=top_lp_l[j][:n],
-        )
-    return out
+    """Logprob records for rows that asked, read back at once (synchronous)."""
+    if all(n is None for n in num_top):
+        return [None] * len(num_top)
+    d = DeviceLogprobs.gather(logprobs, chosen, num_top)
+    return d.build([t.cpu() for t in d.host_tensors()])

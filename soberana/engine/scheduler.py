@@ -77,6 +77,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if len(req.output_token_ids) >= req.max_tokens:
+                i += 1  # async scheduling: its last token is in flight; it ends with it
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()  # lowest priority, latest arrival

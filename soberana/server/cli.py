@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     eng.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs")
     eng.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prepare step N+1 on the host while the device runs step N (default: on for GPUs)",
+    )
+    eng.add_argument(
         "--load-format",
         choices=["safetensors", "dummy"],
         default="safetensors",
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         revision=args.revision,
         max_logprobs=args.max_logprobs,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         load_format=args.load_format,
         kv_warehouse=kv_warehouse if kv_warehouse.enabled() else None,
     )

@@ -178,14 +178,14 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
         SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_p=1e-6),
         SamplingParams(temperature=1.0, min_p=1.0), SamplingParams(temperature=0.0)])]
     out = Sampler(50, torch.device("cpu"))(logits, reqs)
-    assert out.token_ids == logits.argmax(-1).tolist()
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
 
 
 def test_sampling_follows_the_temperature_scaled_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
     params = SamplingParams(temperature=0.5)
     reqs = [Request(str(i), 0, [1], params, 0.0, 0, None, 8) for i in range(4000)]
-    counts = torch.bincount(torch.tensor(Sampler(4, torch.device("cpu"))(logits, reqs).token_ids),
+    counts = torch.bincount(Sampler(4, torch.device("cpu"))(logits, reqs).token_ids,
                             minlength=4).float()
     expected = torch.softmax(logits[0] / 0.5, -1) * 4000
     assert torch.allclose(counts, expected, atol=4 * expected.sqrt().max().item())

@@ -116,8 +116,17 @@ def test_max_num_batched_tokens_bounds_every_step():
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     for i in range(4):
         core.add_request(EngineCoreRequest(str(i), list(range(10, 10 + 50 + i)), params, 0.0))
-    while core.has_unfinished_requests():
-        sched = core.scheduler.schedule()
-        assert 0 < sched.num_tokens <= 24
+    schedule = core.scheduler.schedule
+    steps = []
+
+    def checked_schedule():
+        sched = schedule()
+        steps.append(sched.num_tokens)
+        assert sched.num_tokens <= 24
         assert len(core.scheduler.running) <= 4
-        core._update(sched, core.runner.execute(sched))
+        return sched
+
+    core.scheduler.schedule = checked_schedule
+    while core.has_unfinished_requests():
+        core.step()
+    assert steps and all(n > 0 for n in steps)

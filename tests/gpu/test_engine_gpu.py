@@ -96,3 +96,33 @@ def test_seeded_sampling_on_gpu_is_reproducible(mid_model):
     a = llm.generate([prompt], params)[0].outputs[0].token_ids
     b = llm.generate([prompt] + prompts_of_lengths([10, 20], vocab=VOCAB), params)[0]
     assert a == b.outputs[0].token_ids
+
+
+def test_async_scheduling_gives_the_synchronous_tokens_and_never_blocks_the_host(mid_model):
+    """Async scheduling on the GPU: same ids as with it off, and preparing and launching a
+    step (mixed prefill/decode or decode-only, greedy or sampled) never waits for the GPU."""
+    prompts = prompts_of_lengths([5, 40, 300, 1200], seed=9, vocab=VOCAB)
+    cases = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, detokenize=False),
+             SamplingParams(temperature=0.9, top_p=0.8, top_k=50, min_p=0.05, seed=5,
+                            max_tokens=24, min_tokens=4, logprobs=2, detokenize=False)]
+    llm = LLM(str(mid_model), max_model_len=4096, kv_cache_gb=4, max_num_batched_tokens=512)
+    core = llm.engine
+    assert core.async_scheduling  # the GPU default
+    launch = core.runner.launch
+
+    def launch_without_sync(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")  # an implicit synchronisation raises
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    for params in cases:
+        core.runner.launch = launch_without_sync
+        got = llm.generate(prompts, params)
+        core.runner.launch = launch
+        core.async_scheduling = False
+        want = llm.generate(prompts, params)
+        core.async_scheduling = True
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert core.kv.usage() == 0.0
