@@ -144,10 +144,15 @@ def decode_bs1(llm, cfg: dict, prompt_len: int = 128, new_tokens: int = 256) -> 
             "bytes_per_token": bytes_per_token, "achieved_GBps": bytes_per_token / step / 1e9}
 
 
+_CALLS: list[None] = []
+
+
 def offline(llm, cfg: dict, n: int, input_len: int, output_len: int) -> dict:
     from soberana import SamplingParams
 
-    g = torch.Generator().manual_seed(n * 7 + input_len)
+    # Fresh prompts on every call: a repeated workload would hit the prefix cache.
+    _CALLS.append(None)
+    g = torch.Generator().manual_seed(len(_CALLS) * 100_003 + n * 7 + input_len)
     prompts = [torch.randint(0, cfg["vocab_size"], (input_len,), generator=g).tolist()
                for _ in range(n)]
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True,
@@ -162,6 +167,7 @@ def offline(llm, cfg: dict, n: int, input_len: int, output_len: int) -> dict:
         return out
 
     core.step = timed_step
+    hits_before = core.get_stats().prefix_cache_hits
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     try:
@@ -176,7 +182,8 @@ def offline(llm, cfg: dict, n: int, input_len: int, output_len: int) -> dict:
             "total_tok_s": (out_tokens + n * input_len) / dt, "achieved_TFLOPs": flops / dt / 1e12,
             "num_steps": len(steps), "steps_s": sum(t for t, _ in steps),
             "step_ms_p50": 1e3 * sorted(t for t, _ in steps)[len(steps) // 2],
-            "running_p50": sorted(r for _, r in steps)[len(steps) // 2]}
+            "running_p50": sorted(r for _, r in steps)[len(steps) // 2],
+            "prefix_cache_hit_tokens": core.get_stats().prefix_cache_hits - hits_before}
 
 
 def matmul_flops(cfg: dict, n: int, input_len: int, output_len: int) -> float:
