@@ -81,10 +81,11 @@ def main() -> int:
     proc, url, ready_s = start_server(path, args.out / "server.log", args.max_num_seqs)
     result["server_ready_s"] = ready_s
     try:
+        # Distinct --seed per run: a repeated prompt set would be served from the prefix cache.
         bench(url, path, args.out / "warmup", "--input-len", "128", "--output-len", "8",
-              "--num-prompts", "300", "--concurrency", "256")
+              "--num-prompts", "300", "--concurrency", "256", "--seed", "101")
         s = bench(url, path, args.out / "c128x128", "--input-len", "128", "--output-len", "128",
-                  "--num-prompts", "1000", "--concurrency", "1000")
+                  "--num-prompts", "1000", "--concurrency", "1000", "--seed", "102")
         result["http_128x128"] = s["runs"][0]
         result["http_128x128_out_tok_s"] = s["runs"][0]["throughput"]["output_tokens_per_s"]
         print("http_128x128", json.dumps(s["runs"][0]["throughput"]), flush=True)
@@ -97,11 +98,12 @@ def main() -> int:
     proc, url, _ = start_server(path, args.out / "server_latency.log", args.max_num_seqs)
     try:
         bench(url, path, args.out / "warmup2", "--input-len", "1024", "--output-len", "8",
-              "--num-prompts", "64", "--concurrency", "64")
+              "--num-prompts", "64", "--concurrency", "64", "--seed", "103")
         for c in (1, 16, 64, 256):
             n = max(16, 2 * c)
             s = bench(url, path, args.out / f"c{c}_1024x128", "--input-len", "1024",
-                      "--output-len", "128", "--num-prompts", str(n), "--concurrency", str(c))
+                      "--output-len", "128", "--num-prompts", str(n), "--concurrency", str(c),
+                      "--seed", str(200 + c))
             run = s["runs"][0]
             result[f"http_1024x128_c{c}"] = run
             out_file.write_text(json.dumps(result, indent=2))

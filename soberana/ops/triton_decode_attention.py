@@ -64,7 +64,8 @@ def choose_num_splits(
     return max(1, min(wanted, math.ceil(max_context / tile_n), _MAX_SPLITS))
 
 
-@triton.jit
+# Runtime-varying ints are not specialised (==1, %16): no JIT compile for new batch shapes.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -147,7 +148,7 @@ def _decode_split_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_out_ptr,
     part_lse_ptr,

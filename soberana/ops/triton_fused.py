@@ -20,7 +20,7 @@ _NORM_TILE = 4096
 _SILU_BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # any batch size, one compiled variant
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     num_rows, heads, n_cols, eps,

@@ -67,7 +67,9 @@ def _find_seq(query_start_loc_ptr, tile_id, num_seqs, block_q):
     return lo - 1
 
 
-@triton.jit
+# Runtime-varying ints are not specialised (==1, %16): one compiled variant serves every batch
+# instead of a JIT compile stalling the first step of each new shape class while serving.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
