@@ -27,7 +27,10 @@ def main() -> int:
                 "--kv-cache-gb", "2", "--kv-offload-gb", "40", "--users", "16",
                 "--rounds", "4", "--system-prompt-len", "512", "--history-len", "3072",
                 "--question-len", "64", "--answer-len", "16", "--concurrency", "4",
-                "--max-model-len", "8192", "--output", str(out)]
+                "--max-model-len", "8192", "--output", str(out),
+                # A 2 MB block per 16 tokens: the default 256 MB staging (128 blocks) drops
+                # evicted blocks when a long prompt's admission evicts hundreds at once.
+                "--extra-serve-args", "--kv-write-buffer-mb 4096"]
     return kv_warehouse_multiturn.main()
 
 
