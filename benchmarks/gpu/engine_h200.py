@@ -256,6 +256,10 @@ def main() -> int:
     # 128/128: max_num_seqs 256 (the default) and 512, async scheduling on and off, each
     # config once untimed (its kernel variants compiled) and then twice, interleaved.
     configs = [(256, True), (256, False), (512, True), (512, False)]
+    if "offline_128x128_sync" in skip:
+        configs = [c for c in configs if c[1]]
+    if "offline_128x128_seqs512" in skip:
+        configs = [c for c in configs if c[0] != 512]
     if "offline_128x128" not in skip:
         for seqs, mode in configs:
             core.scheduler.max_num_seqs, core.async_scheduling = seqs, mode
