@@ -91,13 +91,32 @@ def run_bench(url: str, out_dir: Path, workload: list[str]) -> dict:
     ttft_returning = []
     ttft_first = []
     with open(out_dir / "requests.csv") as f:
-        for row in csv.DictReader(f):
-            if row["error_type"] or not row["ttft_ms"]:
-                continue
-            ms = float(row["ttft_ms"])
-            (ttft_returning if int(row["turn"]) >= 1 else ttft_first).append(ms)
+        rows = [r for r in csv.DictReader(f) if not r["error_type"] and r["ttft_ms"]]
+    for row in rows:
+        ms = float(row["ttft_ms"])
+        (ttft_returning if int(row["turn"]) >= 1 else ttft_first).append(ms)
     return {"summary": summary, "ttft_returning_ms": pct(ttft_returning),
-            "ttft_first_turn_ms": pct(ttft_first)}
+            "ttft_first_turn_ms": pct(ttft_first), "returning_prefix": returning_prefix(rows)}
+
+
+def returning_prefix(rows: list[dict], block_size: int = 16) -> dict:
+    """How much of a returning user's known prefix was served from cache instead of prefill.
+
+    Known prefix of turn t: the full blocks of turn t-1's prompt, which the system computed
+    before. Cached tokens above it (e.g. the previous answer's blocks) are not counted.
+    """
+    prompt = {(r["user"], int(r["turn"])): int(r["prompt_tokens"]) for r in rows}
+    known = served = 0
+    for r in rows:
+        turn = int(r["turn"])
+        prev = prompt.get((r["user"], turn - 1))
+        if turn < 1 or prev is None or not r["cached_tokens"]:
+            continue
+        k = prev // block_size * block_size
+        known += k
+        served += min(int(r["cached_tokens"]), k)
+    return {"known_prefix_tokens": known, "served_from_cache_tokens": served,
+            "served_frac": served / known if known else None}
 
 
 def pct(values: list[float]) -> dict:
@@ -177,7 +196,12 @@ def main() -> int:
         finally:
             server.stop()
         result[name] = r
-        print(name, json.dumps(r["ttft_returning_ms"]), flush=True)
+        saved = sum(v for k, v in r["server_metrics"].items()
+                    if k.startswith("soberana:kv_prefill_tokens_saved_total"))
+        known = r["returning_prefix"]["known_prefix_tokens"]
+        r["returning_prefix"]["from_warehouse_frac"] = saved / known if known else None
+        print(name, json.dumps(r["ttft_returning_ms"]), json.dumps(r["returning_prefix"]),
+              flush=True)
     off, on = result["warehouse_off"]["ttft_returning_ms"], result["warehouse_on"]["ttft_returning_ms"]
     if off and on:
         result["ttft_returning_p50_speedup"] = off["p50"] / on["p50"]
