@@ -10,6 +10,7 @@ Writes the raw numbers plus commit, hardware and load average as JSON.
 
     python benchmarks/server_vs_offline.py                      # demo model (tiny, CPU)
     python benchmarks/server_vs_offline.py --shape llama-125m   # its body, the demo vocabulary
+    python benchmarks/server_vs_offline.py --config benchmarks/gpu/model_configs/llama-3.1-8b.json
 """
 
 from __future__ import annotations
@@ -60,9 +61,28 @@ def build_model_for_demo_tokenizer(shape: str, root: Path) -> Path:
     return out
 
 
+def config_model_dir(config_path: Path) -> Path:
+    """A model directory for random weights (`load_format="dummy"`): the architecture of a
+    Hugging Face config.json with the demo tokenizer's vocabulary, and that tokenizer."""
+    from soberana.models.loader import resolve_model_path
+
+    demo = resolve_model_path(None)
+    cfg = json.loads(config_path.read_text())
+    demo_cfg = json.loads((demo / "config.json").read_text())
+    for key in ("vocab_size", "bos_token_id", "eos_token_id"):
+        cfg[key] = demo_cfg[key]
+    out = Path(tempfile.mkdtemp(prefix=f"{config_path.stem}-demo-vocab-"))
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in demo.glob("tokenizer*"):
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
 def engine_flags(args: argparse.Namespace, max_model_len: int) -> dict:
     """Engine settings shared by both sides (LLM keyword -> value)."""
     flags = {"max_model_len": max_model_len, "max_num_seqs": args.max_num_seqs}
+    if args.config is not None:
+        flags["load_format"] = "dummy"
     if args.kv_cache_gb is not None:
         flags["kv_cache_gb"] = args.kv_cache_gb
     if args.device is not None:
@@ -97,11 +117,14 @@ async def run_http(url: str, prompts: list[list[int]], output_len: int, stream: 
                 resp.raise_for_status()
                 if not stream:
                     return (await resp.json())["usage"]["completion_tokens"]
-                usage = 0
-                async for line in resp.content:  # one SSE line at a time
-                    if line.startswith(b'data: {"') and b'"usage":{' in line:
-                        usage = json.loads(line[6:])["usage"]["completion_tokens"]
-                return usage
+                # Read whatever has arrived, not line by line: the load generator shares the
+                # machine's cores with the server, so its per-event work is kept small. The
+                # usage event (include_usage) comes last, before [DONE].
+                tail = b""
+                async for data in resp.content.iter_any():
+                    tail = (tail + data)[-4096:]
+                usage_event = tail[tail.rindex(b'data: {"'):].split(b"\n", 1)[0]
+                return json.loads(usage_event[6:])["usage"]["completion_tokens"]
 
         t0 = time.perf_counter()
         counts = await asyncio.gather(*(one(p) for p in prompts))
@@ -150,10 +173,19 @@ class Server:
             self.proc.wait()
 
 
+def model_label(args: argparse.Namespace) -> str:
+    if args.config is not None:
+        return f"random {args.config.stem} (dummy weights), demo vocabulary"
+    return f"random {args.shape}, demo vocabulary" if args.shape else "soberana-demo"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
                     help="random-weight Llama shape; default: the built-in demo model")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="a Hugging Face config.json (e.g. benchmarks/gpu/model_configs/"
+                         "llama-3.1-8b.json): its architecture, random weights, demo vocabulary")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -175,9 +207,12 @@ def main() -> int:
     from soberana import LLM
     from soberana.models.loader import resolve_model_path
 
-    if args.shape:
-        path = build_model_for_demo_tokenizer(args.shape, args.model_dir)
+    if args.config is not None:
+        path = config_model_dir(args.config)
         model_arg: str | None = str(path)
+    elif args.shape:
+        path = build_model_for_demo_tokenizer(args.shape, args.model_dir)
+        model_arg = str(path)
     else:
         path, model_arg = resolve_model_path(None), None
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
@@ -190,7 +225,7 @@ def main() -> int:
         "commit": args.commit or commit(),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "workload": {"model": f"random {args.shape}, demo vocabulary" if args.shape else "soberana-demo", "num_prompts": args.num_prompts,
+        "workload": {"model": model_label(args), "num_prompts": args.num_prompts,
                      "input_len": args.input_len, "output_len": args.output_len,
                      "greedy": True, "ignore_eos": True, "engine": flags,
                      "warmup_rounds": args.warmups, "warmup_output_len": args.warmup_len,
@@ -231,9 +266,8 @@ def main() -> int:
     print(f"http / offline = {result['http_over_offline']:.3f}; "
           f"http-stream / offline = {result['http_stream_over_offline']:.3f}")
     device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    output = args.output or Path(
-        f"benchmarks/results/server_vs_offline_{args.shape or 'demo'}_{device}.json"
-    )
+    name = args.config.stem if args.config is not None else args.shape or "demo"
+    output = args.output or Path(f"benchmarks/results/server_vs_offline_{name}_{device}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {output}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from soberana.engine.detokenizer import IncrementalDetokenizer
+from soberana.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from soberana.engine.outputs import (
     CompletionOutput,
     EngineCoreOutput,
@@ -18,11 +18,13 @@ from soberana.engine.outputs import (
 )
 from soberana.engine.sampling_params import SamplingParams
 
+_KEEP_SENT_TEXT = 4096  # characters of already-delivered text a delta sample keeps at most
+
 
 @dataclass
 class _Sample:
     detok: IncrementalDetokenizer
-    text: str = ""
+    text: str = ""  # in delta mode, the text from some point before `sent_text` on
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
@@ -39,8 +41,10 @@ class _RequestState:
     prompt_token_ids: list[int]
     params: SamplingParams
     delta: bool
+    final_only: bool
     samples: list[_Sample]
     arrival_time: float
+    stop_hold: int  # characters a delta holds back: they could still grow into a stop string
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -50,6 +54,9 @@ class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.requests: dict[str, _RequestState] = {}
+        self.num_tokens = len(tokenizer)  # ids at or past this have no text (logprob pieces)
+        # One decoder per skip_special_tokens value, shared by every request's detokenizer.
+        self.decoders = {skip: TokenDecoder(tokenizer, skip) for skip in (False, True)}
 
     def add_request(
         self,
@@ -59,17 +66,22 @@ class OutputProcessor:
         params: SamplingParams,
         delta: bool = False,
         arrival_time: float | None = None,
+        final_only: bool = False,
     ) -> None:
+        """Track a request. `delta`: each RequestOutput carries only what is new;
+        `final_only`: a RequestOutput only once the request finished (the whole result)."""
+        decoder = self.decoders[params.skip_special_tokens]
         samples = [
             _Sample(IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
-                                           params.skip_special_tokens),
+                                           params.skip_special_tokens, decoder),
                     logprobs=[] if params.logprobs is not None else None,
                     cumulative_logprob=0.0 if params.logprobs is not None else None)
             for _ in range(params.n)
         ]
         self.requests[request_id] = _RequestState(
-            request_id, prompt, prompt_token_ids, params, delta, samples,
+            request_id, prompt, prompt_token_ids, params, delta, final_only, samples,
             arrival_time if arrival_time is not None else time.time(),
+            stop_hold=max((len(s) for s in params.stop), default=1) - 1,
         )
 
     def abort_request(self, request_id: str) -> None:
@@ -107,6 +119,8 @@ class OutputProcessor:
             if finished:
                 state.metrics["finished_time"] = now
                 del self.requests[state.request_id]
+            elif state.final_only:
+                continue
             results.append(self._request_output(state, finished))
         return results, to_abort
 
@@ -145,13 +159,13 @@ class OutputProcessor:
         return d
 
     def _piece(self, token_id: int) -> str | None:
-        if token_id >= len(self.tokenizer):
+        if token_id >= self.num_tokens:
             return None
-        return self.tokenizer.decode([token_id])
+        return self.decoders[False].decode([token_id])
 
     def _request_output(self, state: _RequestState, finished: bool) -> RequestOutput:
         outs = []
-        hold = max((len(s) for s in state.params.stop), default=1) - 1
+        hold = state.stop_hold
         for i, s in enumerate(state.samples):
             if state.delta:
                 # Hold back text that could still grow into a stop string.
@@ -160,6 +174,11 @@ class OutputProcessor:
                 text, tokens = s.text[s.sent_text:limit], s.token_ids[s.sent_tokens:]
                 lps = s.logprobs[s.sent_tokens:] if s.logprobs is not None else None
                 s.sent_text, s.sent_tokens = limit, len(s.token_ids)
+                if s.sent_text - hold > _KEEP_SENT_TEXT:
+                    # Sent text is needed only as far back as a stop string can reach; keeping
+                    # all of it would make every append copy the whole answer so far.
+                    cut = s.sent_text - hold
+                    s.text, s.sent_text = s.text[cut:], hold
             else:
                 text, tokens, lps = s.text, list(s.token_ids), s.logprobs
             outs.append(CompletionOutput(i, text, tokens, s.finish_reason, s.stop_reason, lps,

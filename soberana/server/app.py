@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from soberana.server.engine_client import (
     EngineRejectedError,
     QueueFullError,
 )
-from soberana.server.engine_inputs import render_chat
+from soberana.server.engine_inputs import chat_chars, render_chat
 from soberana.server.errors import OpenAIError, bad_request, install_error_handlers
 from soberana.server.protocol import (
     ChatCompletionRequest,
@@ -130,15 +131,21 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            tokens = render_chat(
+            prompt = await engine.run_tokenizer(
+                chat_chars(body.messages),
+                render_chat,
                 engine.tokenizer,
                 body.messages,
                 body.add_generation_prompt,
                 body.continue_final_message,
                 body.chat_template_kwargs,
-            ).token_ids
+            )
+            tokens = prompt.token_ids
         else:
-            tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            encode = functools.partial(
+                engine.tokenizer.encode, add_special_tokens=body.add_special_tokens
+            )
+            tokens = await engine.run_tokenizer(len(body.prompt), encode, body.prompt)
         return JSONResponse(
             {"tokens": tokens, "count": len(tokens), "max_model_len": info.max_model_len}
         )
@@ -153,6 +160,9 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
                 f"tokens holds {unknown[0]}, outside the vocabulary [0, {info.vocab_size - 1}]",
                 param="tokens",
             )
-        return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)})
+        # ~4 characters per token: the size run_tokenizer weighs.
+        decode = engine.tokenizer.decode
+        text = await engine.run_tokenizer(4 * len(body.tokens), decode, body.tokens)
+        return JSONResponse({"prompt": text})
 
     return app

@@ -79,6 +79,24 @@ def render_chat(
     return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
 
 
+def chat_chars(messages: list[ChatMessage]) -> int:
+    """Characters of text in a conversation: what rendering and tokenizing it costs."""
+    total = 0
+    for message in messages:
+        if isinstance(message.content, str):
+            total += len(message.content)
+        elif message.content is not None:
+            total += sum(len(part.text or "") for part in message.content)
+    return total
+
+
+def prompt_chars(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """Characters of text to tokenize in a completions prompt (token ids need none)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(item) for item in prompt if isinstance(item, str))
+
+
 def _template_message(message: ChatMessage) -> dict[str, str]:
     # "developer" is OpenAI's newer name for the system role; templates know "system".
     role = "system" if message.role == "developer" else message.role

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from soberana.engine.outputs import Logprob
 from soberana.server.engine_client import EngineClient
 from soberana.server.engine_inputs import (
+    chat_chars,
     check_common,
     check_prompt,
     fit_context,
@@ -22,6 +23,7 @@ from soberana.server.errors import bad_request
 from soberana.server.protocol import ChatCompletionRequest
 from soberana.server.streaming import (
     SSE_DONE,
+    TEXT_SLOT,
     Choice,
     EventStream,
     cancel_on_disconnect,
@@ -31,6 +33,7 @@ from soberana.server.streaming import (
     safe_logprob,
     sse,
     stream_error,
+    text_events,
     usage,
 )
 from soberana.server.tenancy import effective_cache_salt
@@ -44,7 +47,9 @@ async def create_chat_completion(
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     info = engine.model_info
-    prompt = render_chat(
+    prompt = await engine.run_tokenizer(
+        chat_chars(body.messages),
+        render_chat,
         engine.tokenizer,
         body.messages,
         body.add_generation_prompt,
@@ -123,6 +128,11 @@ async def _stream(
             payload["usage"] = usage(prompt_tokens, generated, cached) if continuous else None
         return sse(payload)
 
+    # A content delta without logprobs or running usage is the same JSON around new text.
+    plain = not body.logprobs and not continuous
+    content_events = (
+        [text_events(chunk(i, {"content": TEXT_SLOT})) for i in range(body.n)] if plain else []
+    )
     try:
         for index in range(body.n):
             yield chunk(index, {"role": "assistant", "content": ""})
@@ -137,7 +147,10 @@ async def _stream(
                 if index in done:
                     continue
                 generated += len(choice.token_ids)
-                if choice.text or (body.logprobs and choice.token_ids):
+                if plain:
+                    if choice.text:
+                        yield content_events[index](choice.text)
+                elif choice.text or (body.logprobs and choice.token_ids):
                     yield chunk(index, {"content": choice.text}, choice)
                 if choice.finish_reason is not None:
                     done.add(index)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -18,11 +18,13 @@ from soberana.server.engine_inputs import (
     check_prompt,
     completion_prompts,
     fit_context,
+    prompt_chars,
     sampling_params,
 )
 from soberana.server.protocol import CompletionRequest
 from soberana.server.streaming import (
     SSE_DONE,
+    TEXT_SLOT,
     Choice,
     EventStream,
     cancel_on_disconnect,
@@ -32,6 +34,7 @@ from soberana.server.streaming import (
     safe_logprob,
     sse,
     stream_error,
+    text_events,
     usage,
 )
 from soberana.server.tenancy import effective_cache_salt
@@ -43,7 +46,9 @@ async def create_completion(
     """Validate and tokenize every prompt, run them, and answer."""
     check_common(body)
     info = engine.model_info
-    prompts = completion_prompts(engine.tokenizer, body)
+    prompts = await engine.run_tokenizer(
+        prompt_chars(body.prompt), completion_prompts, engine.tokenizer, body
+    )
     params = []
     for prompt in prompts:
         check_prompt(prompt, info.vocab_size, "prompt")
@@ -196,6 +201,9 @@ async def _stream(
             payload["usage"] = usage(prompt_tokens, generated, sum(cached)) if continuous else None
         return sse(payload)
 
+    # A text delta without logprobs, echo or running usage is the same JSON around new text.
+    plain = body.logprobs is None and not body.echo and not continuous
+    text_event: dict[int, Callable[[str], str]] = {}  # choice index -> its events (plain)
     try:
         async for prompt_index, outputs in _merge(streams):
             cached[prompt_index] = outputs[-1].num_cached_tokens
@@ -208,8 +216,19 @@ async def _stream(
                     continue
                 first = index not in started
                 generated += len(choice.token_ids)
-                with_logprobs = body.logprobs is not None and choice.token_ids
-                if choice.text or with_logprobs or (first and body.echo):
+                if plain:
+                    if choice.text:
+                        if first:
+                            started.add(index)
+                            slot = Choice(j, TEXT_SLOT)
+                            template = event(render.choice(prompt_index, slot, None, False, False))
+                            text_event[index] = text_events(template)
+                        yield text_event[index](choice.text)
+                elif (
+                    choice.text
+                    or (body.logprobs is not None and choice.token_ids)
+                    or (first and body.echo)
+                ):
                     started.add(index)
                     entry = render.choice(prompt_index, choice, outputs[0].prompt_logprobs, first, False)
                     yield event(entry)
@@ -236,6 +255,12 @@ async def _stream(
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, list]]:
     """Outputs of several requests as they arrive, tagged with the prompt index, until all end."""
+    if len(streams) == 1:  # the common case needs no task per wake-up
+        while True:
+            outputs = await streams[0].get()
+            yield 0, outputs
+            if outputs[-1].finished:
+                return
     pending = {asyncio.ensure_future(s.get()): i for i, s in enumerate(streams)}
     try:
         while pending:

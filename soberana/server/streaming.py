@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False) uses
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -16,6 +17,7 @@ from soberana.server.engine_client import EngineDeadError, EngineRejectedError, 
 from soberana.server.errors import OpenAIError, logger
 
 SSE_DONE = "data: [DONE]\n\n"
+TEXT_SLOT = "\x00text\x00"  # marks where the text goes in a `text_events` template
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM reports this instead
 
 
@@ -70,6 +72,21 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 def sse(payload: dict) -> str:
     """One server-sent event carrying a JSON object."""
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def text_events(template: str) -> Callable[[str], str]:
+    """Events like `template` (an `sse` event holding `TEXT_SLOT`), each with its own text.
+
+    The JSON around the text is encoded once; each event then costs one string encoding and
+    a concatenation instead of building and encoding the whole payload per token. The bytes
+    are exactly those `sse` gives for the payload with the text in place.
+    """
+    head, tail = template.split(encode_basestring(TEXT_SLOT))
+
+    def event(text: str) -> str:
+        return f"{head}{encode_basestring(text)}{tail}"
+
+    return event
 
 
 def stream_error(exc: Exception) -> str:
