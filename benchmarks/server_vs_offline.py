@@ -216,9 +216,14 @@ def main() -> int:
     else:
         path, model_arg = resolve_model_path(None), None
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, vocab, (args.input_len,), generator=g).tolist()
-               for _ in range(args.num_prompts)]  # fmt: skip
+    draws = iter(range(1_000_000))
+
+    def fresh_prompts() -> list[list[int]]:
+        """A new prompt set for every run: a repeated set would come from the prefix cache."""
+        g = torch.Generator().manual_seed(next(draws))
+        return [torch.randint(0, vocab, (args.input_len,), generator=g).tolist()
+                for _ in range(args.num_prompts)]  # fmt: skip
+
     flags = engine_flags(args, args.input_len + args.output_len + 16)
     result = {
         "benchmark": "server_vs_offline",
@@ -228,6 +233,7 @@ def main() -> int:
         "workload": {"model": model_label(args), "num_prompts": args.num_prompts,
                      "input_len": args.input_len, "output_len": args.output_len,
                      "greedy": True, "ignore_eos": True, "engine": flags,
+                     "prompts": "a fresh random set for every run (no prefix-cache reuse)",
                      "warmup_rounds": args.warmups, "warmup_output_len": args.warmup_len,
                      "client": "aiohttp, all requests at once"},
         "runs": {"offline": [], "http": [], "http_stream": []},
@@ -242,16 +248,16 @@ def main() -> int:
         # Warm-up: the full workload on both sides (allocators, CUDA graphs, kernels compiled
         # for the batch shapes that requests arriving over HTTP produce, CPU workspaces).
         for _ in range(args.warmups):
-            run_offline(llm, prompts, args.warmup_len)
-            asyncio.run(run_http(server.url, prompts, args.warmup_len, stream=False))
-            asyncio.run(run_http(server.url, prompts, args.warmup_len, stream=True))
+            run_offline(llm, fresh_prompts(), args.warmup_len)
+            asyncio.run(run_http(server.url, fresh_prompts(), args.warmup_len, stream=False))
+            asyncio.run(run_http(server.url, fresh_prompts(), args.warmup_len, stream=True))
         for r in range(args.repeats):
             for name, run in (
-                ("offline", lambda: run_offline(llm, prompts, args.output_len)),
-                ("http", lambda: asyncio.run(run_http(server.url, prompts, args.output_len, False))),
-                ("http_stream", lambda: asyncio.run(run_http(server.url, prompts, args.output_len, True))),
+                ("offline", lambda p: run_offline(llm, p, args.output_len)),
+                ("http", lambda p: asyncio.run(run_http(server.url, p, args.output_len, False))),
+                ("http_stream", lambda p: asyncio.run(run_http(server.url, p, args.output_len, True))),
             ):
-                outcome = run()
+                outcome = run(fresh_prompts())
                 outcome["load_avg"] = os.getloadavg()[0]
                 result["runs"][name].append(outcome)
                 print(f"round {r} {name:12s} {outcome['output_tok_s']:9.1f} tok/s "
