@@ -31,10 +31,15 @@ def uses_triton(x: torch.Tensor) -> bool:
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in float32, as transformers does, cast back, times weight."""
-    dtype = x.dtype
+    # transformers' ops and rounding points; in place on our own intermediates, because on
+    # CPUs every large fresh tensor costs page faults (float32 input: x.float() is x itself).
     x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
+    x32 = x32 * inv_rms if x.dtype == torch.float32 else x32.mul_(inv_rms)
+    out = x32.to(x.dtype)
+    if torch.promote_types(out.dtype, weight.dtype) != out.dtype:
+        return weight * out
+    return out.mul_(weight)
 
 
 class RMSNorm(nn.Module):
@@ -64,18 +69,17 @@ def torch_rotary_embedding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half rotary embedding of q [T, Hq, D] and k [T, Hkv, D] from [P, D] tables."""
     # The tables stay float32 until indexed; the products are computed in the tensor dtype.
-    cos_t = cos[positions].unsqueeze(1)
-    sin_t = sin[positions].unsqueeze(1)
-    return _rotate(q, cos_t, sin_t), _rotate(k, cos_t, sin_t)
+    cos_t = cos[positions].unsqueeze(1).to(q.dtype)
+    sin_t = sin[positions].unsqueeze(1).to(q.dtype)
+    # rotate_half(x) * sin == roll(x, D/2) * [-sin1 | sin2]: the same products (negation is
+    # exact), with one copy of x instead of a negation and a cat (~15% faster on CPUs).
+    half = q.shape[-1] // 2
+    signed_sin = torch.cat((-sin_t[..., :half], sin_t[..., half:]), dim=-1)
+    return _rotate(q, cos_t, signed_sin), _rotate(k, cos_t, signed_sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    cos = cos.to(x.dtype)
-    sin = sin.to(x.dtype)
-    return x * cos + rotated * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class RotaryEmbedding(nn.Module):
@@ -102,7 +106,7 @@ class RotaryEmbedding(nn.Module):
 def torch_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for a fused [.., 2 * I] projection, in PyTorch ops."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
