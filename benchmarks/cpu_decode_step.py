@@ -231,7 +231,8 @@ def profile_case(case: Case, baseline: tuple[ModuleType, ModuleType], threads: i
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline", default="HEAD", help="git revision of the old code")
+    ap.add_argument("--baseline", default="eeb3f97",
+                    help="git revision of the old code (default: the commit before the new CPU path)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--cases", default=",".join(c.name for c in CASES))
