@@ -92,9 +92,9 @@ def test_client_disconnect_aborts_the_request_and_frees_its_kv_blocks(server, st
 def test_waiting_queue_past_the_limit_gets_429_with_retry_after(start_server):
     srv = start_server("--max-num-seqs", "1", "--max-waiting-requests", "2")
     with ThreadPoolExecutor(3) as pool:
-        # One runs (max-num-seqs 1); two wait: the queue is full.
-        body = {**LONG, "max_tokens": 60}
-        running = [pool.submit(_stream, srv, body) for _ in range(3)]
+        # One runs (max-num-seqs 1); two wait: the queue is full. The running request is long
+        # (240 tokens) so that the queue is still full when the fourth request arrives.
+        running = [pool.submit(_stream, srv, LONG) for _ in range(3)]
         assert wait_until(
             lambda: metric(srv.metrics(), "vllm:num_requests_waiting") == 2, timeout=30
         )
