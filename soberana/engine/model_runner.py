@@ -126,10 +126,6 @@ class ModelRunner:
             prompt_logprobs[req.key] = gather_logprobs(lps, tgt, n)
         return PendingStep(sched, batch.sample_requests, sampled, prompt_logprobs, self.device)
 
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Run one step and wait for its result."""
-        return self.launch(sched).result()
-
     def _prepare(self, sched: SchedulerOutput, prev: PendingStep | None) -> _Batch:
         entries = sched.scheduled
         reqs = [s.request for s in entries]

@@ -17,7 +17,7 @@ from soberana.server.engine_client import (
     EngineRejectedError,
     QueueFullError,
 )
-from soberana.server.engine_inputs import chat_chars, render_chat
+from soberana.server.engine_inputs import render_chat_off_loop
 from soberana.server.errors import OpenAIError, bad_request, install_error_handlers
 from soberana.server.protocol import (
     ChatCompletionRequest,
@@ -131,15 +131,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
-            prompt = await engine.run_tokenizer(
-                chat_chars(body.messages),
-                render_chat,
-                engine.tokenizer,
-                body.messages,
-                body.add_generation_prompt,
-                body.continue_final_message,
-                body.chat_template_kwargs,
-            )
+            prompt = await render_chat_off_loop(engine, body)
             tokens = prompt.token_ids
         else:
             encode = functools.partial(

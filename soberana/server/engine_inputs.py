@@ -79,6 +79,20 @@ def render_chat(
     return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
 
 
+async def render_chat_off_loop(engine: Any, body: Any) -> Prompt:
+    """`render_chat` for a request with chat fields (chat completions, /tokenize), run on the
+    engine client's tokenizer pool when the messages are long."""
+    return await engine.run_tokenizer(
+        chat_chars(body.messages),
+        render_chat,
+        engine.tokenizer,
+        body.messages,
+        body.add_generation_prompt,
+        body.continue_final_message,
+        body.chat_template_kwargs,
+    )
+
+
 def chat_chars(messages: list[ChatMessage]) -> int:
     """Characters of text in a conversation: what rendering and tokenizing it costs."""
     total = 0

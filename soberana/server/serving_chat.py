@@ -12,11 +12,10 @@ from fastapi.responses import JSONResponse, Response
 from soberana.engine.outputs import Logprob
 from soberana.server.engine_client import EngineClient
 from soberana.server.engine_inputs import (
-    chat_chars,
     check_common,
     check_prompt,
     fit_context,
-    render_chat,
+    render_chat_off_loop,
     sampling_params,
 )
 from soberana.server.errors import bad_request
@@ -47,15 +46,7 @@ async def create_chat_completion(
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     info = engine.model_info
-    prompt = await engine.run_tokenizer(
-        chat_chars(body.messages),
-        render_chat,
-        engine.tokenizer,
-        body.messages,
-        body.add_generation_prompt,
-        body.continue_final_message,
-        body.chat_template_kwargs,
-    )
+    prompt = await render_chat_off_loop(engine, body)
     check_prompt(prompt, info.vocab_size, "messages")
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = fit_context(len(prompt.token_ids), requested, info.max_model_len, "messages")
