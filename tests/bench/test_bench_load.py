@@ -154,7 +154,9 @@ def test_duration_stops_starting_requests_when_time_is_up(fake_endpoint, run_ben
     assert code == 0, err
     starts = [float(r["start_s"]) for r in read_rows(tmp_path)]
     assert len(starts) > 20  # ~ 2 users x 1 s / ~12 ms per request
-    assert max(starts) < 1.0
+    # A request is admitted before the deadline; its start is stamped just after that check,
+    # so allow the few milliseconds between them on a loaded machine (CI saw 1.00027 s).
+    assert max(starts) < 1.05
 
 
 def test_warmup_requests_are_sent_first_and_not_counted(fake_endpoint, run_bench, tmp_path):
