@@ -82,11 +82,14 @@ class Server:
         self.log.close()
 
 
-def run_bench(url: str, out_dir: Path, workload: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "soberana.cli", "bench", "--base-url", url + "/v1",
+def run_bench(server: Server, out_dir: Path, workload: list[str]) -> dict:
+    """One `soberana bench` run; the server's counters are reported as this run's deltas."""
+    before = server.metrics()
+    cmd = [sys.executable, "-m", "soberana.cli", "bench", "--base-url", server.url + "/v1",
            "--workload", "multiturn", "--ignore-eos", "--no-progress",
            "--output-dir", str(out_dir), *workload]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    after = server.metrics()
     summary = json.loads((out_dir / "summary.json").read_text())
     ttft_returning = []
     ttft_first = []
@@ -95,8 +98,29 @@ def run_bench(url: str, out_dir: Path, workload: list[str]) -> dict:
     for row in rows:
         ms = float(row["ttft_ms"])
         (ttft_returning if int(row["turn"]) >= 1 else ttft_first).append(ms)
-    return {"summary": summary, "ttft_returning_ms": pct(ttft_returning),
-            "ttft_first_turn_ms": pct(ttft_first), "returning_prefix": returning_prefix(rows)}
+    counters = ("_total", "_sum", "_count")
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()
+             if k.startswith(("soberana:kv_", "vllm:prefix_cache"))
+             and k.split("{")[0].endswith(counters)}
+    prefix = returning_prefix(rows)
+    saved = metric(delta, "soberana:kv_prefill_tokens_saved_total")
+    known = prefix["known_prefix_tokens"]
+    prefix["from_warehouse_tokens"] = saved
+    prefix["from_warehouse_frac"] = saved / known if known else None
+    loads = metric(delta, "soberana:kv_load_latency_seconds_count")
+    run = summary["runs"][0]
+    return {"load": run["load"], "duration_s": run["duration_s"],
+            "throughput": run["throughput"], "tokens": run["tokens"],
+            "ttft_returning_ms": pct(ttft_returning), "ttft_first_turn_ms": pct(ttft_first),
+            "returning_prefix": prefix,
+            "mean_load_ms": 1000 * metric(delta, "soberana:kv_load_latency_seconds_sum") / loads
+            if loads else None,
+            "server_metrics_delta": {k: v for k, v in delta.items() if v}}
+
+
+def metric(metrics: dict[str, float], name: str) -> float:
+    """The sum of a metric's samples over its labels."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
 def returning_prefix(rows: list[dict], block_size: int = 16) -> dict:
@@ -133,20 +157,14 @@ def pct(values: list[float]) -> dict:
     return {"n": len(v), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(v) / len(v)}
 
 
-def tier_hits(metrics: dict[str, float]) -> dict:
-    out = {}
-    for key, value in metrics.items():
-        if key.startswith("soberana:kv_") and ("tier=" in key or "_total" in key):
-            out[key] = value
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model directory (default: the demo model)")
     ap.add_argument("--load-format", default=None)
     ap.add_argument("--kv-cache-gb", type=float, default=0.25, help="the engine's own KV pool")
     ap.add_argument("--kv-offload-gb", type=float, default=2.0)
+    ap.add_argument("--kv-disk", action=argparse.BooleanOptionalAction, default=True,
+                    help="add a local disk tier below host RAM (warehouse on)")
     ap.add_argument("--users", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--system-prompt-len", type=int, default=256)
@@ -154,69 +172,96 @@ def main() -> int:
     ap.add_argument("--question-len", type=int, default=32)
     ap.add_argument("--answer-len", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--request-rates", default="",
+                    help="after the closed loop, open-loop runs at these request rates (req/s, "
+                    "comma-separated), each on fresh conversations, on the same servers")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--extra-serve-args", default="")
+    ap.add_argument("--skip-replicas", action="store_true", help="skip the two-replica run")
     ap.add_argument("--output", type=Path,
                     default=Path("benchmarks/results/kv_warehouse_multiturn_cpu.json"))
     args = ap.parse_args()
+    rates = [float(r) for r in args.request_rates.split(",") if r]
 
     work = Path(tempfile.mkdtemp(prefix="kvbench-"))
     serve = ([args.model] if args.model else []) + [
         "--max-model-len", str(args.max_model_len), "--kv-cache-gb", str(args.kv_cache_gb),
         *(["--load-format", args.load_format] if args.load_format else []),
         *args.extra_serve_args.split()]
-    workload = ["--num-users", str(args.users), "--num-rounds", str(args.rounds),
-                "--system-prompt-len", str(args.system_prompt_len),
-                "--history-len", str(args.history_len), "--input-len", str(args.question_len),
-                "--output-len", str(args.answer_len), "--concurrency", str(args.concurrency),
-                "--num-prompts", str(args.users * args.rounds), "--seed", "1"]
-    tokenizer_model = args.model
-    if tokenizer_model:
-        workload += ["--tokenizer", tokenizer_model]
+    shape = ["--num-users", str(args.users), "--num-rounds", str(args.rounds),
+             "--system-prompt-len", str(args.system_prompt_len),
+             "--history-len", str(args.history_len), "--input-len", str(args.question_len),
+             "--output-len", str(args.answer_len),
+             "--num-prompts", str(args.users * args.rounds)]
+    if args.model:
+        shape += ["--tokenizer", args.model]
+    # Each run has its own seed, hence its own conversations: no run finds another's users in
+    # the warehouse. The system prompt is the same text in every run.
+    loads = [("closed", ["--concurrency", str(args.concurrency), "--seed", "1"])]
+    loads += [(f"rate_{r:g}", ["--request-rate", str(r), "--seed", str(2 + i)])
+              for i, r in enumerate(rates)]
     result = {
         "benchmark": "kv_warehouse_multiturn",
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
+        "dirty": bool(subprocess.run(["git", "status", "--porcelain", "soberana", "benchmarks"],
+                                     capture_output=True, text=True).stdout.strip()),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cores": os.cpu_count(),
                     "load_avg_at_start": os.getloadavg()},
         "settings": vars(args) | {"output": str(args.output)},
         "working_set_note": "users x (system + history + rounds x (question + answer)) tokens "
                             "against the engine's --kv-cache-gb pool",
+        "returning_prefix_note": "known prefix of turn t = full blocks of turn t-1's prompt; "
+                                 "served = cached tokens (GPU pool or warehouse) within it; "
+                                 "from_warehouse = prefill tokens the warehouse loaded",
     }
-    for name, extra in (("warehouse_off", []),
-                        ("warehouse_on", ["--kv-offload-gb", str(args.kv_offload_gb),
-                                          "--kv-disk-dir", str(work / "disk")])):
+    on_extra = ["--kv-offload-gb", str(args.kv_offload_gb)]
+    if args.kv_disk:
+        on_extra += ["--kv-disk-dir", str(work / "disk")]
+    for name, extra in (("warehouse_off", []), ("warehouse_on", on_extra)):
         server = Server(serve + extra, work / f"{name}.log")
         try:
-            r = run_bench(server.url, work / name, workload)
-            r["server_metrics"] = tier_hits(server.metrics())
-            r["prefix_cache"] = {k: v for k, v in server.metrics().items()
-                                 if k.startswith("vllm:prefix_cache")}
+            runs = {}
+            for load, flags in loads:
+                runs[load] = run_bench(server, work / name / load, shape + flags)
+                print(name, load, json.dumps(runs[load]["ttft_returning_ms"]),
+                      json.dumps(runs[load]["returning_prefix"]), flush=True)
         finally:
             server.stop()
-        result[name] = r
-        saved = sum(v for k, v in r["server_metrics"].items()
-                    if k.startswith("soberana:kv_prefill_tokens_saved_total"))
-        known = r["returning_prefix"]["known_prefix_tokens"]
-        r["returning_prefix"]["from_warehouse_frac"] = saved / known if known else None
-        print(name, json.dumps(r["ttft_returning_ms"]), json.dumps(r["returning_prefix"]),
-              flush=True)
-    off, on = result["warehouse_off"]["ttft_returning_ms"], result["warehouse_on"]["ttft_returning_ms"]
-    if off and on:
-        result["ttft_returning_p50_speedup"] = off["p50"] / on["p50"]
-        result["ttft_returning_p99_speedup"] = off["p99"] / on["p99"]
-        print(f"returning-user TTFT p50: {off['p50']:.0f} ms -> {on['p50']:.0f} ms "
-              f"({result['ttft_returning_p50_speedup']:.2f}x)")
+        # The closed loop stays at the top level, as in earlier results.
+        result[name] = runs.pop("closed") | {"open_loop": runs}
+        result[name]["engine_log_kv"] = [
+            line.strip() for line in (work / f"{name}.log").read_text().splitlines()
+            if "kv warehouse" in line or "KV cache:" in line][:20]
+    result["ttft_returning_speedup"] = speedups(result)
+    for load, ratio in result["ttft_returning_speedup"].items():
+        print(f"returning-user TTFT {load}: p50 {ratio['p50']:.2f}x, p99 {ratio['p99']:.2f}x")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        result["two_replicas_redis"] = two_replicas(serve, work, args)
-    except Exception as exc:  # keep the main results whatever happens here
-        result["two_replicas_redis"] = {"error": f"{type(exc).__name__}: {exc}"}
-    print("two_replicas_redis", json.dumps(result["two_replicas_redis"]), flush=True)
     args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if not args.skip_replicas:
+        try:
+            result["two_replicas_redis"] = two_replicas(serve, work, args)
+        except Exception as exc:  # keep the main results whatever happens here
+            result["two_replicas_redis"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print("two_replicas_redis", json.dumps(result["two_replicas_redis"]), flush=True)
+        args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def speedups(result: dict) -> dict:
+    """Returning-user TTFT off / on for each load (closed loop and every request rate)."""
+    off, on = result["warehouse_off"], result["warehouse_on"]
+    pairs = {"closed": (off, on)} | {
+        load: (off["open_loop"][load], on["open_loop"][load]) for load in off["open_loop"]}
+    out = {}
+    for load, (a, b) in pairs.items():
+        ta, tb = a["ttft_returning_ms"], b["ttft_returning_ms"]
+        if ta and tb:
+            out[load] = {"p50": ta["p50"] / tb["p50"], "p99": ta["p99"] / tb["p99"],
+                         "off_p50_ms": ta["p50"], "on_p50_ms": tb["p50"]}
+    return out
 
 
 def two_replicas(serve: list[str], work: Path, args) -> dict:

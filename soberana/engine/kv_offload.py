@@ -1,7 +1,7 @@
 """The engine's side of the KV warehouse: what leaves the block pool and what comes back.
 
 Write path: a cached block the pool is about to reuse is handed to the warehouse
-(`BlockPool.on_evict`); with write-through, every block is handed over as soon as it is full,
+(`BlockPool.on_evict`), batched per scheduler step (`flush_evictions`); with write-through, every block is handed over as soon as it is full,
 so another replica can reuse it before anything is evicted here.
 Read path: at admission the scheduler asks for the request's blocks past its GPU prefix hit;
 found blocks are loaded into freshly allocated pool blocks in the background while other
@@ -48,11 +48,31 @@ class KVOffload:
         self.loads: dict[tuple[str, int], _Load] = {}
         self.cancelled: list[_Load] = []  # aborted while loading: freed once the copy ends
         self.num_written: dict[tuple[str, int], int] = {}  # leading blocks already handed over
+        # (hash, block id) evicted since the last flush; their contents are intact until
+        # something is launched that writes the blocks.
+        self.evicted: list[tuple[bytes, int]] = []
         if not write_through:  # with write-through every full block is out already
             kv.pool.on_evict = self._on_evict
 
     def _on_evict(self, block_hash: bytes, block_id: int) -> None:
-        self.warehouse.put_async(block_hash, self.kv_cache[:, :, block_id])
+        self.evicted.append((block_hash, block_id))
+
+    def flush_evictions(self) -> None:
+        """Hand this step's evicted blocks to the warehouse in one batch. Call before
+        launching anything that may write them: the copies are queued on the current stream.
+        """
+        if not self.evicted:
+            return
+        hashes, ids, seen = [], [], set()
+        for block_hash, block_id in self.evicted:
+            # A block evicted twice since the last flush was never computed under its second
+            # name (nothing ran in between): only the first name holds its contents.
+            if block_id not in seen:
+                seen.add(block_id)
+                hashes.append(block_hash)
+                ids.append(block_id)
+        self.evicted.clear()
+        self.warehouse.put_blocks_async(hashes, self.kv_cache, ids)
 
     # ---- read path -------------------------------------------------------------------------
 
@@ -66,6 +86,7 @@ class KVOffload:
         """Copy the request's blocks [first_block, first_block + num_blocks) in."""
         table = self.kv.block_table(request)[first_block:first_block + num_blocks]
         hashes = request.block_hashes[first_block:first_block + num_blocks]
+        self.flush_evictions()  # the blocks just allocated may be evicted ones: copy them first
         handle = self.warehouse.load_async(hashes, self.kv_cache, table)
         self.loads[request.key] = _Load(request, handle, first_block)
 
@@ -119,8 +140,8 @@ class KVOffload:
             if full <= start:
                 continue
             table = self.kv.block_table(r)
-            for i in range(start, full):
-                self.warehouse.put_async(r.block_hashes[i], self.kv_cache[:, :, table[i]])
+            self.warehouse.put_blocks_async(r.block_hashes[start:full], self.kv_cache,
+                                            table[start:full])
             self.num_written[r.key] = full
 
     def forget(self, request: Request) -> None:

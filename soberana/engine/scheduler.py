@@ -99,6 +99,8 @@ class Scheduler:
 
         scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
         out.scheduled = scheduled
+        if self.offload is not None:  # evicted blocks leave before the step overwrites them
+            self.offload.flush_evictions()
         return out
 
     def _admit(self, scheduled: list[ScheduledRequest], budget: int) -> int:

@@ -7,6 +7,11 @@ import argparse
 from dataclasses import dataclass
 
 GB = 1 << 30
+# Default write staging: this much, or room for this many blocks if that is more. One
+# admission can evict a whole prompt's blocks at once (a 4k-token prompt of an 8B model is
+# 256 blocks of 2 MB), and blocks that find no slot are dropped.
+DEFAULT_WRITE_BUFFER_MB = 256
+DEFAULT_WRITE_BUFFER_BLOCKS = 1024
 
 
 @dataclass
@@ -20,7 +25,7 @@ class KVWarehouseConfig:
     redis_ttl_s: float | None = None  # None: rely on Redis maxmemory + allkeys-lru
     shared_dir: str | None = None
     shared_gb: float = 256.0
-    write_buffer_mb: int = 256
+    write_buffer_mb: int | None = None  # None: the default, write_buffer_bytes()
     # Hand every block over as soon as it is full, not only when evicted: replicas sharing
     # Redis or a directory can then reuse a conversation this engine still holds.
     write_through: bool = False
@@ -30,6 +35,12 @@ class KVWarehouseConfig:
     def enabled(self) -> bool:
         """Whether any tier is configured."""
         return bool(self.offload_gb or self.disk_dir or self.redis_url or self.shared_dir)
+
+    def write_buffer_bytes(self, block_nbytes: int) -> int:
+        """Staging memory of the write path for blocks of `block_nbytes` bytes."""
+        if self.write_buffer_mb is not None:
+            return self.write_buffer_mb << 20
+        return max(DEFAULT_WRITE_BUFFER_MB << 20, DEFAULT_WRITE_BUFFER_BLOCKS * block_nbytes)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -55,7 +66,7 @@ class KVWarehouseConfig:
             )
         if self.load_policy not in ("auto", "always"):
             raise ValueError(f"--kv-load-policy must be auto or always; got {self.load_policy!r}")
-        if self.write_buffer_mb < 1:
+        if self.write_buffer_mb is not None and self.write_buffer_mb < 1:
             raise ValueError(f"--kv-write-buffer-mb must be >= 1; got {self.write_buffer_mb}")
 
 
@@ -100,12 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-write-buffer-mb",
         type=int,
-        default=256,
-        help="staging memory for blocks on their way to the tiers; when full, "
-        "evicted blocks are dropped rather than stalling the engine",
+        default=None,
+        help="staging memory for blocks on their way to the tiers (pinned on CUDA hosts); "
+        f"when full, evicted blocks are dropped rather than stalling the engine (default: "
+        f"{DEFAULT_WRITE_BUFFER_MB} MB or {DEFAULT_WRITE_BUFFER_BLOCKS} blocks, whichever is "
+        "larger)",
     )
-
-
     g.add_argument(
         "--kv-write-through",
         action="store_true",

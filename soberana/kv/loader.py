@@ -8,12 +8,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from soberana.kv.layout import KVLayout
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,19 +76,36 @@ class _Job:
     submitted: float
 
 
+# Staging memory per device between the tiers' payloads and the cache (64 MiB: 32 blocks of
+# the Llama-3.1-8B shape). A block's place in the cache, kv_cache[:, :, b], is 2 * layers
+# strided pieces, so a copy per block would cost a temporary and a kernel each; instead each
+# batch is copied in contiguously and placed with one scatter.
+STAGING_BYTES = 64 << 20
+
+
 class BlockLoader:
     """One thread that serves loads in order. On a GPU the copies run on the thread's own
     stream, after everything the caller had queued when it asked (the destination blocks may
-    have just been freed by a kernel still running), and the job is done once they land."""
+    have just been freed by a kernel still running), and the job is done once they land.
+
+    Each batch of blocks costs one host-to-device copy per run of payloads adjacent in memory
+    (blocks stored in order sit in consecutive host slots) and one scatter into the cache.
+    """
 
     def __init__(
-        self, layout: KVLayout, sources: SourcesFn, finished: Callable[[LoadHandle, float], None]
+        self,
+        layout: KVLayout,
+        sources: SourcesFn,
+        finished: Callable[[LoadHandle, float], None],
+        staging_bytes: int = STAGING_BYTES,
     ) -> None:
         self.layout = layout
+        self.batch_blocks = max(1, staging_bytes // layout.block_nbytes)
         self._sources = sources
         self._finished = finished
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._staging: dict[torch.device, torch.Tensor] = {}  # [rows, block_nbytes] uint8
         self._thread = threading.Thread(target=self._run, name="kv-loader", daemon=True)
         self._thread.start()
 
@@ -97,11 +117,7 @@ class BlockLoader:
             raise ValueError(
                 f"block_hashes ({len(block_hashes)}) and block_ids ({len(block_ids)}) differ"
             )
-        shape = tuple(kv_cache.shape)
-        if shape[:2] + shape[3:] != self.layout.block_shape or (
-            kv_cache.dtype != self.layout.torch_dtype
-        ):
-            raise ValueError(f"kv_cache {shape} {kv_cache.dtype} does not match {self.layout}")
+        check_cache(self.layout, kv_cache)
         after = None
         if kv_cache.is_cuda:
             after = torch.cuda.Event()
@@ -125,9 +141,9 @@ class BlockLoader:
                     job.handle._finished.set()
 
     def _load(self, job: _Job) -> None:
+        device = job.kv_cache.device
         stream = None
         if job.kv_cache.is_cuda:
-            device = job.kv_cache.device
             stream = self._streams.get(device) or torch.cuda.Stream(device)
             self._streams[device] = stream
         sources: list[BlockSource] = []
@@ -136,14 +152,18 @@ class BlockLoader:
             with torch.inference_mode(), torch.cuda.stream(stream):
                 if job.after is not None:
                     stream.wait_event(job.after)
-                for source, block_id in zip(blocks, job.block_ids, strict=False):
+                ids = torch.tensor(job.block_ids, dtype=torch.long).to(device, non_blocking=True)
+                staging = self._staging_rows(device, min(len(job.block_ids), self.batch_blocks))
+                start = 0  # sources[start:] are read but not yet copied
+                for source in blocks:
                     sources.append(source)
-                    payload = source.payload.view(self.layout.torch_dtype)
-                    job.kv_cache[:, :, block_id].copy_(
-                        payload.view(self.layout.block_shape), non_blocking=True
-                    )
-                    if job.handle._cancelled.is_set():
-                        break
+                    if len(sources) - start == self.batch_blocks:
+                        self._copy_in(job.kv_cache, staging, sources[start:], ids[start:])
+                        start = len(sources)
+                        if job.handle._cancelled.is_set():
+                            break
+                if len(sources) > start:
+                    self._copy_in(job.kv_cache, staging, sources[start:], ids[start:])
                 if stream is not None:
                     stream.synchronize()
         finally:
@@ -154,7 +174,84 @@ class BlockLoader:
         job.handle.tiers = [s.tier for s in sources]
         job.handle.num_loaded = len(sources)
 
+    def _staging_rows(self, device: torch.device, rows: int) -> torch.Tensor:
+        """This device's staging buffer with at least `rows` block rows. Batches reuse it:
+        on a GPU the next batch's copies queue behind the scatter that reads it."""
+        staging = self._staging.get(device)
+        if staging is None or staging.shape[0] < rows:
+            staging = torch.empty((rows, self.layout.block_nbytes), dtype=torch.uint8,
+                                  device=device)  # fmt: skip
+            self._staging[device] = staging
+        return staging
+
+    def _copy_in(
+        self,
+        kv_cache: torch.Tensor,
+        staging: torch.Tensor,
+        batch: list[BlockSource],
+        ids: torch.Tensor,
+    ) -> None:
+        """Copy `batch` into `staging`, then scatter it to `kv_cache[:, :, ids[i]]`."""
+        n = len(batch)
+        for first, end in runs([s.payload for s in batch], adjacent_in_memory):
+            payload = batch[first].payload
+            span = payload.as_strided(((end - first) * payload.numel(),), (1,))
+            staging[first:end].view(-1).copy_(span, non_blocking=True)
+        rows = as_block_rows(staging[:n], self.layout)
+        blocks_dim(kv_cache).index_copy_(1, ids[:n], rows.transpose(0, 1))
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Finish the loads already asked for, then stop the thread."""
         self._jobs.put(None)
         self._thread.join(timeout)
+
+
+def check_cache(layout: KVLayout, kv_cache: torch.Tensor) -> None:
+    """Raise ValueError unless `kv_cache` is a contiguous engine cache of `layout`."""
+    shape = tuple(kv_cache.shape)
+    if shape[:2] + shape[3:] != layout.block_shape or kv_cache.dtype != layout.torch_dtype:
+        raise ValueError(f"kv_cache {shape} {kv_cache.dtype} does not match {layout}")
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous (the engine's cache tensor)")
+
+
+def blocks_dim(kv_cache: torch.Tensor) -> torch.Tensor:
+    """A view `[layers * 2, num_blocks, words]` of the cache's bytes: a block is a column.
+
+    Words are the widest integer type that divides a row (copies move bytes, never values,
+    and integer kernels exist on every device and for every cache dtype, float8 included).
+    """
+    num_layers, kv, num_blocks = kv_cache.shape[:3]
+    raw = kv_cache.view(torch.uint8)
+    return raw.view(_word_dtype(raw.shape[-1])).view(num_layers * kv, num_blocks, -1)
+
+
+def as_block_rows(staging: torch.Tensor, layout: KVLayout) -> torch.Tensor:
+    """`[n, block_nbytes]` uint8 staging as `[n, layers * 2, words]`, matching `blocks_dim`."""
+    word = _word_dtype(layout.head_dim * layout.torch_dtype.itemsize)
+    return staging.view(word).view(staging.shape[0], 2 * layout.num_layers, -1)
+
+
+def _word_dtype(last_dim_bytes: int) -> torch.dtype:
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        if last_dim_bytes % dtype.itemsize == 0:
+            return dtype
+    return torch.uint8
+
+
+def runs(items: list[T], follows: Callable[[T, T], bool]) -> Iterator[tuple[int, int]]:
+    """`(first, end)` index ranges of items each of which `follows` the one before: each
+    run is one copy (payloads adjacent in one allocation, consecutive staging slots)."""
+    first = 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or not follows(items[i - 1], items[i]):
+            yield first, i
+            first = i
+
+
+def adjacent_in_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when 1-D `b` starts where `a` ends, inside the same allocation."""
+    return (
+        b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    )

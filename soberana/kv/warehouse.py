@@ -267,6 +267,26 @@ class KVWarehouse:
                 self._stats.puts_dropped += 1
         return accepted
 
+    def put_blocks_async(
+        self, block_hashes: list[bytes], kv_cache: torch.Tensor, block_ids: list[int]
+    ) -> int:
+        """Hand over `kv_cache[:, :, block_ids[i]]` named `block_hashes[i]`, all at once: the
+        engine's evictions of one step, gathered in a few kernels and copies (`put_async`
+        costs a temporary, a kernel and a copy per block). Never waits; returns how many
+        blocks were dropped because the staging buffer was full."""
+        if self.host is not None:  # from the warehouse, or handed over before
+            fresh = [i for i, held in enumerate(self.host.contains_many(block_hashes)) if not held]
+            block_hashes = [block_hashes[i] for i in fresh]
+            block_ids = [block_ids[i] for i in fresh]
+        if not block_hashes:
+            return 0
+        accepted = self._writer.submit_blocks(block_hashes, kv_cache, block_ids)
+        dropped = len(block_hashes) - accepted
+        with self._stats_lock:
+            self._stats.puts += accepted
+            self._stats.puts_dropped += dropped
+        return dropped
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every block handed over so far is stored; False on timeout."""
         return self._writer.flush(timeout)
@@ -394,7 +414,7 @@ def build_warehouse(config: KVWarehouseConfig, layout: KVLayout) -> KVWarehouse 
         host=host,
         disk=disk,
         shared=shared,
-        write_buffer_bytes=config.write_buffer_mb << 20,
+        write_buffer_bytes=config.write_buffer_bytes(layout.block_nbytes),
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from soberana.kv.layout import KVLayout
+from soberana.kv.loader import STAGING_BYTES, as_block_rows, blocks_dim, check_cache, runs
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class BlockWriter:
     ) -> None:
         self.layout = layout
         self.depth = max(1, buffer_bytes // layout.block_nbytes)
+        # Blocks gathered on the device at once: bounds the temporary it needs.
+        self.gather_blocks = max(1, STAGING_BYTES // layout.block_nbytes)
         self._store = store
         self._staging = torch.empty(
             (self.depth, layout.block_nbytes), dtype=torch.uint8, pin_memory=pin_memory
@@ -86,6 +89,43 @@ class BlockWriter:
             self._in_flight += 1
             self._cond.notify_all()
         return True
+
+    def submit_blocks(self, keys: list[bytes], kv_cache: torch.Tensor, block_ids: list[int]) -> int:
+        """Queue `kv_cache[:, :, block_ids[i]]` under `keys[i]`; returns how many leading
+        blocks were taken (the rest are dropped: the staging buffer is full or closed).
+
+        One gather kernel per chunk of blocks and one device-to-host copy per run of
+        consecutive staging slots, instead of a temporary, a kernel and a copy per block.
+        """
+        if len(keys) != len(block_ids):
+            raise ValueError(f"keys ({len(keys)}) and block_ids ({len(block_ids)}) differ")
+        check_cache(self.layout, kv_cache)
+        with self._cond:
+            n = 0 if self._closing else min(len(keys), len(self._free_slots))
+            slots = sorted(self._free_slots[len(self._free_slots) - n :])
+            del self._free_slots[len(self._free_slots) - n :]
+        if n == 0:
+            return 0
+        ids = torch.tensor(block_ids[:n], dtype=torch.long).to(kv_cache.device, non_blocking=True)
+        columns = blocks_dim(kv_cache).transpose(0, 1)  # [num_blocks, layers * 2, words]
+        staging = as_block_rows(self._staging, self.layout)
+        for start in range(0, n, self.gather_blocks):
+            end = min(start + self.gather_blocks, n)
+            gathered = columns.index_select(0, ids[start:end])  # contiguous [m, layers*2, words]
+            for first, last in runs(slots[start:end], lambda a, b: b == a + 1):
+                rows = staging[slots[start + first] : slots[start + last - 1] + 1]
+                rows.copy_(gathered[first:last], non_blocking=True)
+        ready = None
+        if kv_cache.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        with self._cond:
+            self._jobs.extend(
+                _Job(k, slot, ready, None) for k, slot in zip(keys[:n], slots, strict=True)
+            )
+            self._in_flight += n
+            self._cond.notify_all()
+        return n
 
     def _run(self) -> None:
         while True:

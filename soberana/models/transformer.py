@@ -10,8 +10,20 @@ import torch
 from torch import nn
 
 from soberana.models.config import ModelConfig, rope_inv_freq
-from soberana.ops.attention import AttentionMetadata, paged_attention, write_kv
-from soberana.ops.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from soberana.ops.attention import (
+    AttentionMetadata,
+    fused_decode_attention,
+    fuses_decode,
+    paged_attention,
+    write_kv,
+)
+from soberana.ops.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    silu_and_mul,
+    skinny_linear,
+    uses_skinny_gemm,
+)
 
 
 class Attention(nn.Module):
@@ -22,6 +34,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
+        self.eps = cfg.rms_norm_eps
         # q, k and v share one matmul: [q | k | v] along the output dimension.
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
@@ -36,18 +49,33 @@ class Attention(nn.Module):
         kv: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attend(self.qkv_proj(x), positions, rotary, kv, meta))
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        kv: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Attention output [T, q_size] from the fused projection; writes this step's K/V."""
+        k_cache, v_cache = kv[0], kv[1]
+        if fuses_decode(qkv, meta):
+            norms = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+            return fused_decode_attention(qkv, positions, rotary.cos, rotary.sin, k_cache,
+                                          v_cache, meta, self.num_heads, self.scale, *norms,
+                                          self.eps)  # fmt: skip
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        k_cache, v_cache = kv[0], kv[1]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return paged_attention(q, k, v, k_cache, v_cache, meta, self.scale).reshape(t, -1)
 
 
 class DecoderLayer(nn.Module):
@@ -72,6 +100,8 @@ class DecoderLayer(nn.Module):
 
         The residual add is deferred into the next norm, which fuses add + RMSNorm on GPUs.
         """
+        if uses_skinny_gemm(x):
+            return self._forward_skinny(x, residual, positions, rotary, kv, meta)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
@@ -79,6 +109,16 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, positions, rotary, kv, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.down_proj(silu_and_mul(self.gate_up_proj(h))), residual
+
+    def _forward_skinny(self, x, residual, positions, rotary, kv, meta):
+        """GPU decode batches: each norm and SiLU-and-mul runs inside the projection next to
+        it (triton_skinny_gemm.py), five launches per layer with the fused decode attention."""
+        attn = self.self_attn
+        qkv, residual = skinny_linear(x, attn.qkv_proj, self.input_layernorm, residual)
+        h, _ = skinny_linear(attn.attend(qkv, positions, rotary, kv, meta), attn.o_proj)
+        act, residual = skinny_linear(h, self.gate_up_proj, self.post_attention_layernorm,
+                                      residual, gated=True)  # fmt: skip
+        return skinny_linear(act, self.down_proj)[0], residual
 
 
 class CausalLM(nn.Module):

@@ -51,6 +51,33 @@ def uses_triton(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_ops() is not None
 
 
+def fuses_decode(qkv: torch.Tensor, meta: AttentionMetadata) -> bool:
+    """Whether a step's attention runs as one fused decode kernel (decode-only, Triton)."""
+    return uses_triton(qkv.device) and 0 < qkv.shape[0] == meta.num_decodes
+
+
+def fused_decode_attention(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    num_heads: int,
+    scale: float,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Per-head q/k norm, rotary, KV write and attention of a decode-only step in one kernel
+    (`triton_decode_fused.py`); returns [T, Hq * D]."""
+    return _triton_ops().fused_decode_attention(
+        qkv, positions, cos, sin, meta.slot_mapping, k_cache, v_cache, meta.seq_lens,
+        meta.block_table, num_heads, scale, q_norm=q_norm, k_norm=k_norm, eps=eps,
+    )  # fmt: skip
+
+
 def write_kv(
     key: torch.Tensor,
     value: torch.Tensor,

@@ -29,6 +29,38 @@ def uses_triton(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and _triton_ops() is not None
 
 
+@functools.cache
+def _skinny_ops():
+    try:
+        from soberana.ops import triton_skinny_gemm
+    except ImportError:
+        return None
+    return triton_skinny_gemm
+
+
+def uses_skinny_gemm(x: torch.Tensor) -> bool:
+    """Whether a layer's projections of `x` [T, H] run as fused skinny GEMMs (GPU decode
+    batches of at most `triton_skinny_gemm.MAX_M` tokens)."""
+    ops = _skinny_ops() if x.device.type == "cuda" else None
+    return ops is not None and x.dim() == 2 and x.shape[0] <= ops.MAX_M
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    linear: nn.Linear,
+    norm: RMSNorm | None = None,
+    residual: torch.Tensor | None = None,
+    gated: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`linear(x)` in one launch, with `norm`'s (add +) RMSNorm before it and, for a fused
+    gate/up projection, SiLU-and-mul after it; returns (out, new residual or None)."""
+    return _skinny_ops().skinny_gemm(
+        x, linear.weight, linear.bias,
+        norm_weight=None if norm is None else norm.weight, eps=1e-6 if norm is None else norm.eps,
+        residual=residual, gated=gated,
+    )  # fmt: skip
+
+
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in float32, as transformers does, cast back, times weight."""
     # transformers' ops and rounding points; in place on our own intermediates, because on

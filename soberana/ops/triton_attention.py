@@ -13,11 +13,13 @@ import torch
 from soberana.ops.attention import AttentionMetadata
 from soberana.ops.triton_cache_write import reshape_and_cache
 from soberana.ops.triton_decode_attention import DecodeConfig, paged_decode_attention
+from soberana.ops.triton_decode_fused import fused_decode_attention
 from soberana.ops.triton_prefill_attention import PrefillConfig, paged_prefill_attention
 
 __all__ = [
     "DecodeConfig",
     "PrefillConfig",
+    "fused_decode_attention",
     "paged_decode_attention",
     "paged_prefill_attention",
     "reshape_and_cache",

@@ -45,7 +45,7 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
 
 
 @functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -214,7 +214,7 @@ def paged_decode_attention(
         return out
     cfg = config or default_decode_config(head_dim, q.dtype)
     num_splits = cfg.num_splits or choose_num_splits(
-        num_seqs, num_kv_heads, block_table.shape[1] * block_size, cfg.tile_n, _num_sms(q.device)
+        num_seqs, num_kv_heads, block_table.shape[1] * block_size, cfg.tile_n, num_sms(q.device)
     )
     queries_per_kv = num_heads // num_kv_heads
     dim_pad = triton.next_power_of_2(head_dim)

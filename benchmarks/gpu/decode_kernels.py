@@ -1,0 +1,190 @@
+"""The decode fast-path kernels at Llama-3.1-8B shapes on one GPU, against what they replace.
+
+- Skinny GEMMs (`soberana/ops/triton_skinny_gemm.py`) for M = 1..16 decode rows: qkv with
+  add + RMSNorm fused in, o, gate/up with add + RMSNorm and SiLU-and-mul fused in, down.
+  Peer, same run: cuBLAS through `F.linear` plus the separate Triton norm / SiLU kernels.
+- Fused decode attention (`triton_decode_fused.py`: rotary, KV write, split-K attention and
+  merge in one launch). Peer: the rotary, KV-write and split-K decode kernels it replaces.
+Every time is per call of a CUDA graph of back-to-back calls (launch gaps as in the engine's
+decode graph), rotating through enough weight copies that each call reads from HBM, not L2.
+Bandwidth is the weight bytes (plus KV bytes for attention) over that time.
+
+    python benchmarks/gpu/decode_kernels.py --out DIR [--sweep] [--commit SHA]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_kernels import _copies_beyond_l2, _graph_ms, environment, read_bandwidth_gbps  # noqa: E402
+
+from soberana.ops.layers import RotaryEmbedding  # noqa: E402
+from soberana.ops.triton_attention import paged_decode_attention, reshape_and_cache  # noqa: E402
+from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
+from soberana.ops.triton_fused import fused_add_rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
+from soberana.ops.triton_skinny_gemm import SkinnyConfig, default_config, skinny_gemm  # noqa: E402
+
+DTYPE = torch.bfloat16
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4096, 14336, 32, 8, 128, 16
+QKV = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+# name: (rows of W, K, norm before, gated)
+SHAPES = {"qkv": (QKV, HIDDEN, True, False), "o": (HIDDEN, HEADS * HEAD_DIM, False, False),
+          "gate_up": (2 * INTER, HIDDEN, True, True), "down": (HIDDEN, INTER, False, False)}  # fmt: skip
+
+
+def _rand(*shape):
+    return torch.randn(*shape, device="cuda", dtype=DTYPE)
+
+
+def _gemm_calls(name: str, m: int, cfg: SkinnyConfig | None):
+    """(ours, peer) call lists over weight copies that overflow L2, and bytes per call."""
+    rows, k, norm, gated = SHAPES[name]
+    nbytes = rows * k * 2
+    copies = _copies_beyond_l2(nbytes)
+    weights = [_rand(rows, k) * k**-0.5 for _ in range(copies)]
+    x, res, g = _rand(m, k), _rand(m, k), _rand(k)
+    ours, peer = [], []
+    for w in weights:
+        if norm:
+            ours.append(lambda w=w: skinny_gemm(x, w, norm_weight=g, residual=res, gated=gated,
+                                                config=cfg))  # fmt: skip
+        else:
+            ours.append(lambda w=w: skinny_gemm(x, w, config=cfg))
+
+        def unfused(w=w):
+            h = fused_add_rms_norm(x, res, g, 1e-5)[0] if norm else x
+            out = F.linear(h, w)
+            return silu_and_mul(out) if gated else out
+
+        peer.append(unfused)
+    return ours, peer, nbytes
+
+
+def bench_gemms(ms: list[int]) -> list[dict]:
+    rows = []
+    for m, name in itertools.product(ms, SHAPES):
+        ours, peer, nbytes = _gemm_calls(name, m, None)
+        t_ours, t_peer = _graph_ms(ours), _graph_ms(peer)
+        rows.append({"op": name, "m": m, "weight_MB": nbytes / 1e6,
+                     "config": vars(default_config(SHAPES[name][0] // (2 if SHAPES[name][3]
+                                                                         else 1),
+                                                   SHAPES[name][1])),
+                     "ours_us": t_ours * 1e3, "peer_us": t_peer * 1e3,
+                     "ours_GBps": nbytes / t_ours / 1e6, "peer_GBps": nbytes / t_peer / 1e6,
+                     "speedup": t_peer / t_ours})  # fmt: skip
+        r = rows[-1]
+        print(f"gemm {name:>8} m={m:<2} ours {r['ours_us']:7.1f} us ({r['ours_GBps']:5.0f} GB/s)"
+              f"  cuBLAS+kernels {r['peer_us']:7.1f} us ({r['peer_GBps']:5.0f} GB/s)"
+              f"  x{r['speedup']:.3f}", flush=True)  # fmt: skip
+    return rows
+
+
+def sweep_gemms(ms: list[int]) -> list[dict]:
+    """Every tile shape per (op, m); the best is what `default_config` should pick."""
+    out = []
+    for m, name in itertools.product(ms, SHAPES):
+        best = None
+        for bn, bk, warps, stages, dot in itertools.product(
+            (8, 16, 32), (64, 128, 256, 512, 1024), (4, 8), (2, 4),
+            (True, False) if m == 1 else (True,),
+        ):
+            if bn * bk > 32768 or (SHAPES[name][3] and bn * bk > 16384) or (
+                    dot and bk > 256) or (not dot and bk < 256):  # fmt: skip
+                continue  # spills for sure, or too little work per load
+            cfg = SkinnyConfig(bn, bk, warps, stages, dot)
+            try:
+                ours, _, nbytes = _gemm_calls(name, m, cfg)
+                t = _graph_ms(ours)
+            except Exception as e:  # out of resources: not a candidate
+                print(f"  {name} m={m} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            row = {"op": name, "m": m, "config": vars(cfg), "us": t * 1e3,
+                   "GBps": nbytes / t / 1e6}  # fmt: skip
+            out.append(row)
+            if best is None or row["us"] < best["us"]:
+                best = row
+        print(f"sweep {name:>8} m={m:<2} best {best['config']} {best['us']:.1f} us "
+              f"({best['GBps']:.0f} GB/s)", flush=True)  # fmt: skip
+    return out
+
+
+def _attention_case(batch: int, context: int, table_width: int):
+    nblocks = batch * math.ceil(context / BLOCK)
+    k_cache = _rand(nblocks + 1, BLOCK, KV_HEADS, HEAD_DIM)
+    v_cache = _rand(nblocks + 1, BLOCK, KV_HEADS, HEAD_DIM)
+    table = torch.zeros(batch, table_width, dtype=torch.int32, device="cuda")
+    perm = torch.randperm(nblocks, device="cuda").to(torch.int32).view(batch, -1)
+    table[:, : perm.shape[1]] = perm
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    positions = (seq_lens - 1).long()
+    slots = (table[:, (context - 1) // BLOCK].long() * BLOCK + (context - 1) % BLOCK)
+    qkv = _rand(batch, QKV)
+    rope = RotaryEmbedding(1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)),
+                           table_width * BLOCK).cuda()  # fmt: skip
+    return qkv, positions, rope, slots, k_cache, v_cache, seq_lens, table
+
+
+def bench_attention_case(batch: int, context: int, max_model_len: int) -> dict:
+    width = max(math.ceil(context / BLOCK), max_model_len // BLOCK)
+    qkv, pos, rope, slots, kc, vc, lens, table = _attention_case(batch, context, width)
+    scale = HEAD_DIM**-0.5
+
+    def ours():
+        return fused_decode_attention(qkv, pos, rope.cos, rope.sin, slots, kc, vc, lens, table,
+                                      HEADS, scale)  # fmt: skip
+
+    def peer():
+        q = qkv[:, : HEADS * HEAD_DIM].view(batch, HEADS, HEAD_DIM)
+        k = qkv[:, HEADS * HEAD_DIM : QKV - KV_HEADS * HEAD_DIM].view(batch, KV_HEADS, -1)
+        v = qkv[:, QKV - KV_HEADS * HEAD_DIM :].view(batch, KV_HEADS, HEAD_DIM)
+        q, k = rotary_embedding(pos, q, k, rope.cos, rope.sin)
+        reshape_and_cache(k, v, kc, vc, slots)
+        return paged_decode_attention(q, kc, vc, lens, table, scale)
+
+    ref = peer().reshape(batch, -1).float()
+    err = ((ours().float() - ref).norm() / ref.norm()).item()
+    t_ours, t_peer = _graph_ms([ours] * 16), _graph_ms([peer] * 16)
+    kv_bytes = batch * context * KV_HEADS * HEAD_DIM * 2 * 2
+    r = {"batch": batch, "context": context, "table_tokens": width * BLOCK,
+         "ours_us": t_ours * 1e3, "peer_us": t_peer * 1e3, "ours_GBps": kv_bytes / t_ours / 1e6,
+         "speedup": t_peer / t_ours, "rel_err_vs_peer": err}  # fmt: skip
+    print(f"attn b={batch:<3} ctx={context:<6} fused {r['ours_us']:7.1f} us  "
+          f"rotary+write+split-K {r['peer_us']:7.1f} us  x{r['speedup']:.2f}  err {err:.1e}",
+          flush=True)  # fmt: skip
+    return r
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sweep", action="store_true", help="also sweep the GEMM tile shapes")
+    parser.add_argument("--commit", default=None)
+    parser.add_argument("--max-model-len", type=int, default=8192,
+                        help="block-table width the attention launch is sized for")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(args.commit), "read_bw_GBps": read_bandwidth_gbps()}
+    print(f"read bandwidth {report['read_bw_GBps']:.0f} GB/s", flush=True)
+    report["gemm"] = bench_gemms([1, 2, 4, 8, 16])
+    report["attention"] = [
+        bench_attention_case(b, ctx, args.max_model_len)
+        for b, ctx in [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024),
+                       (256, 512)]  # fmt: skip
+    ]
+    if args.sweep:
+        report["sweep"] = sweep_gemms([1, 8])
+    (args.out / "decode_kernels.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

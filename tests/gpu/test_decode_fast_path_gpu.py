@@ -1,0 +1,185 @@
+"""The decode fast path on a GPU: skinny GEMMs with fused norm/activation and the fused decode
+attention at model shapes in bf16, and the engine's tokens with the path on and off.
+
+Each case draws fresh random inputs (the seed is in the failure message). Outputs are
+poisoned: the caching allocator's next block of the output's size is filled with NaN first,
+and the cache slots the kernel must write hold NaN, so an element left unwritten fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+
+from soberana import LLM, SamplingParams  # noqa: E402
+from soberana.models import transformer  # noqa: E402
+from soberana.ops.triton_decode_attention import DecodeConfig  # noqa: E402
+from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
+from soberana.ops.triton_skinny_gemm import SkinnyConfig, skinny_gemm  # noqa: E402
+from tests.engine.tiny_models import prompts_of_lengths  # noqa: E402
+from tests.ops.decode_fast_path_cases import (  # noqa: E402
+    make_fused_decode_case,
+    reference_skinny,
+    written_slots,
+)
+from tests.ops.fused_cases import assert_matches, randn  # noqa: E402
+from tests.ops.paged_attention_cases import relative_error  # noqa: E402
+
+# bf16: a float32 sum in another order flips a rounding here and there (~2e-3 normwise).
+GEMM_TOLERANCE = {torch.bfloat16: 6e-3, torch.float16: 2e-3, torch.float32: 1e-5}
+ATTENTION_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def _poison_next(shape, dtype):
+    """Leave a NaN block of this size at the front of the caching allocator's free list."""
+    torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def _check(out, ref, tol, gen):
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), f"unwritten (NaN) elements (seed {gen.initial_seed()})"
+    err = relative_error(out, ref)
+    assert err < tol, f"relative error {err:.2e} (seed {gen.initial_seed()})"
+
+
+# Llama-3.1-8B's projections: (rows of W, K, norm before, gated).
+SHAPES = {"qkv": (6144, 4096, True, False), "o": (4096, 4096, False, False),
+          "gate_up": (28672, 4096, True, True), "down": (4096, 14336, False, False),
+          "odd": (1000, 1100, True, True)}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 2, 7, 16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_skinny_gemm_matches_the_unfused_chain_at_model_shapes(dtype, m, shape, gen):
+    rows, k, norm, gated = SHAPES[shape]
+    x = randn(m, k, dtype=dtype, device="cuda", gen=gen)
+    w = (randn(rows, k, dtype=torch.float32, device="cuda", gen=gen) * k**-0.5).to(dtype)
+    bias = randn(rows, dtype=dtype, device="cuda", gen=gen) if shape == "qkv" else None
+    kw = {}
+    if norm:
+        kw = {"norm_weight": randn(k, dtype=dtype, device="cuda", gen=gen), "eps": 1e-5,
+              "residual": randn(m, k, dtype=dtype, device="cuda", gen=gen)}  # fmt: skip
+    _poison_next((m, rows // 2 if gated else rows), dtype)
+    out, new_res = skinny_gemm(x, w, bias, gated=gated, **kw)
+    ref, ref_res = reference_skinny(x, w, bias, gated=gated, **kw)
+    _check(out, ref.float(), GEMM_TOLERANCE[dtype] * (2 if gated else 1), gen)
+    if norm:
+        assert torch.equal(new_res, ref_res)  # the residual sum is one rounding, exactly
+
+
+def test_skinny_gemm_m1_on_the_cuda_cores_matches_too(gen):
+    x = randn(1, 4096, dtype=torch.bfloat16, device="cuda", gen=gen)
+    w = (randn(4096, 4096, dtype=torch.float32, device="cuda", gen=gen) * 4096**-0.5).to(
+        torch.bfloat16)  # fmt: skip
+    out, _ = skinny_gemm(x, w, config=SkinnyConfig(16, 512, 4, 4, dot=False))
+    _check(out, reference_skinny(x, w)[0].float(), GEMM_TOLERANCE[torch.bfloat16], gen)
+
+
+def test_skinny_gemm_rows_are_batch_invariant(gen):
+    x = randn(16, 4096, dtype=torch.bfloat16, device="cuda", gen=gen)
+    w = randn(6144, 4096, dtype=torch.bfloat16, device="cuda", gen=gen)
+    batched, _ = skinny_gemm(x, w)
+    for m in (1, 3, 16):
+        alone, _ = skinny_gemm(x[m - 1 : m].clone(), w)
+        assert torch.equal(alone[0], batched[m - 1]), (m, gen.initial_seed())
+
+
+def _fused(case, num_splits=None):
+    tile = 16 if case.qkv.dtype == torch.float32 else 64
+    cfg = None if num_splits is None else DecodeConfig(tile, 4, 2, num_splits)
+    torch.cuda.synchronize()
+    _poison_next(case.ref_out.shape, case.qkv.dtype)
+    return fused_decode_attention(
+        case.qkv, case.positions, case.cos, case.sin, case.slot_mapping, case.k_cache,
+        case.v_cache, case.seq_lens, case.block_table, case.num_heads, case.scale,
+        q_norm=case.q_norm, k_norm=case.k_norm, config=cfg,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_fused_decode_matches_float32_attention_over_ragged_contexts(group, head_dim,
+                                                                   block_size, gen):  # fmt: skip
+    contexts = [1, 17, 1000, 4097, 32768]
+    case = make_fused_decode_case(contexts, num_heads=8 * group, num_kv_heads=8,
+                                  head_dim=head_dim, block_size=block_size,
+                                  dtype=torch.bfloat16, device="cuda", gen=gen)  # fmt: skip
+    out = _fused(case)
+    _check(out, case.ref_out, ATTENTION_TOLERANCE[torch.bfloat16], gen)
+    keys, values = written_slots(case)
+    assert torch.equal(keys, case.ref_k) and torch.equal(values, case.ref_v)  # bit for bit
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_decode_merges_any_number_of_partitions(num_splits, dtype, gen):
+    # Batch 1 at long context is where the merge runs; repeated launches reuse the counters.
+    case = make_fused_decode_case([20000], num_heads=32, num_kv_heads=8, head_dim=128,
+                                  block_size=16, dtype=dtype, device="cuda", gen=gen)  # fmt: skip
+    for _ in range(3):
+        out = _fused(case, num_splits)
+        _check(out, case.ref_out, ATTENTION_TOLERANCE[dtype], gen)
+
+
+def test_fused_decode_with_qk_norm_and_padding_rows(gen):
+    case = make_fused_decode_case([300, 0, 5000, 1], num_heads=32, num_kv_heads=8,
+                                  head_dim=128, block_size=16, dtype=torch.bfloat16,
+                                  device="cuda", gen=gen, qk_norm=True)  # fmt: skip
+    out = _fused(case)
+    _check(out, case.ref_out, ATTENTION_TOLERANCE[torch.bfloat16], gen)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    keys, _ = written_slots(case)
+    assert_matches(keys, case.ref_k)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    import transformers
+
+    from soberana.models.loader import resolve_model_path
+
+    out = tmp_path_factory.mktemp("fast-path-llama")
+    cfg = transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
+        initializer_range=0.05,
+    )  # fmt: skip
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    for f in resolve_model_path(None).glob("tokenizer*"):
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize(("dtype", "min_same"), [("float32", 12), ("bfloat16", 10)])
+def test_engine_tokens_with_the_fast_path_equal_the_unfused_path(llama_dir, dtype, min_same,
+                                                                 monkeypatch):  # fmt: skip
+    # Batches of 1..12 decodes run the fast path; 12 prompts of ragged lengths.
+    prompts = prompts_of_lengths([3, 30, 200, 900] * 3, seed=4, vocab=4096)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, detokenize=False)
+
+    def tokens():
+        llm = LLM(str(llama_dir), dtype=dtype, max_model_len=2048, kv_cache_gb=2,
+                  enable_prefix_caching=False)  # fmt: skip
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    fast = tokens()
+    monkeypatch.setattr(transformer, "uses_skinny_gemm", lambda x: False)
+    monkeypatch.setattr(transformer, "fuses_decode", lambda qkv, meta: False)
+    unfused = tokens()
+    same = sum(a == b for a, b in zip(fast, unfused))
+    # float32 differs only in summation order; bf16 may flip a near-tie of this random model.
+    assert same >= min_same, (dtype, same)
