@@ -27,8 +27,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_kernels import _copies_beyond_l2, _graph_ms, environment, read_bandwidth_gbps  # noqa: E402
 
+from soberana.ops import triton_decode_fused  # noqa: E402
 from soberana.ops.layers import RotaryEmbedding  # noqa: E402
-from soberana.ops.triton_attention import paged_decode_attention, reshape_and_cache  # noqa: E402
+from soberana.ops.triton_attention import (  # noqa: E402
+    DecodeConfig,  # noqa: E402
+    paged_decode_attention,
+    reshape_and_cache,
+)
 from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
 from soberana.ops.triton_fused import fused_add_rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
 from soberana.ops.triton_skinny_gemm import SkinnyConfig, default_config, skinny_gemm  # noqa: E402
@@ -88,19 +93,28 @@ def bench_gemms(ms: list[int]) -> list[dict]:
     return rows
 
 
+# (block_n, block_k, num_warps) candidates: elementwise single-row tiles of 8-16k elements,
+# and matrix-unit tiles.
+_ROW_TILES = [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 4),
+              (16, 1024, 8), (32, 256, 4), (32, 512, 8), (64, 256, 8)]  # fmt: skip
+_DOT_TILES = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 64, 4), (64, 128, 4),
+              (128, 64, 4)]  # fmt: skip
+
+
+def _candidates(m: int):
+    if m == 1:
+        yield from (SkinnyConfig(*t, stages, False)
+                    for t, stages in itertools.product(_ROW_TILES, (1, 2, 3)))  # fmt: skip
+    yield from (SkinnyConfig(*t, stages, True)
+                for t, stages in itertools.product(_DOT_TILES, (3, 5)))  # fmt: skip
+
+
 def sweep_gemms(ms: list[int]) -> list[dict]:
-    """Every tile shape per (op, m); the best is what `default_config` should pick."""
+    """Candidate tile shapes per (op, m); the best is what `default_config` should pick."""
     out = []
     for m, name in itertools.product(ms, SHAPES):
         best = None
-        for bn, bk, warps, stages, dot in itertools.product(
-            (8, 16, 32), (64, 128, 256, 512, 1024), (4, 8), (2, 4),
-            (True, False) if m == 1 else (True,),
-        ):
-            if bn * bk > 32768 or (SHAPES[name][3] and bn * bk > 16384) or (
-                    dot and bk > 256) or (not dot and bk < 256):  # fmt: skip
-                continue  # spills for sure, or too little work per load
-            cfg = SkinnyConfig(bn, bk, warps, stages, dot)
+        for cfg in _candidates(m):
             try:
                 ours, _, nbytes = _gemm_calls(name, m, cfg)
                 t = _graph_ms(ours)
@@ -163,6 +177,36 @@ def bench_attention_case(batch: int, context: int, max_model_len: int) -> dict:
     return r
 
 
+def sweep_attention(cases: list[tuple[int, int]], max_model_len: int) -> list[dict]:
+    """Tile width, pipeline depth and minimum tiles per partition of the fused decode kernel."""
+    out = []
+    for (batch, context), tile, stages, min_tiles in itertools.product(
+        cases, (32, 64, 128), (2, 3), (1, 2, 4, 8)
+    ):
+        triton_decode_fused._MIN_TILES = min_tiles
+        width = max(math.ceil(context / BLOCK), max_model_len // BLOCK)
+        qkv, pos, rope, slots, kc, vc, lens, table = _attention_case(batch, context, width)
+        cfg = DecodeConfig(tile, 4, stages)
+
+        def call(qkv=qkv, pos=pos, rope=rope, slots=slots, kc=kc, vc=vc, lens=lens, table=table,
+                 cfg=cfg):  # fmt: skip
+            return fused_decode_attention(qkv, pos, rope.cos, rope.sin, slots, kc, vc, lens,
+                                          table, HEADS, HEAD_DIM**-0.5, config=cfg)  # fmt: skip
+
+        try:
+            t = _graph_ms([call] * 16)
+        except Exception as e:
+            print(f"  attn {batch} {context} {cfg} {min_tiles}: {type(e).__name__}", flush=True)
+            continue
+        out.append({"batch": batch, "context": context, "tile_n": tile, "num_stages": stages,
+                    "min_tiles": min_tiles, "us": t * 1e3})  # fmt: skip
+    for batch, context in cases:
+        rows = [r for r in out if (r["batch"], r["context"]) == (batch, context)]
+        best = min(rows, key=lambda r: r["us"])
+        print(f"sweep attn b={batch} ctx={context}: best {best}", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -174,15 +218,24 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(args.commit), "read_bw_GBps": read_bandwidth_gbps()}
     print(f"read bandwidth {report['read_bw_GBps']:.0f} GB/s", flush=True)
-    report["gemm"] = bench_gemms([1, 2, 4, 8, 16])
-    report["attention"] = [
-        bench_attention_case(b, ctx, args.max_model_len)
-        for b, ctx in [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024),
-                       (256, 512)]  # fmt: skip
-    ]
+    path = args.out / "decode_kernels.json"
+    sections = {
+        "gemm": lambda: bench_gemms([1, 2, 4, 8, 16]),
+        "attention": lambda: [
+            bench_attention_case(b, ctx, args.max_model_len)
+            for b, ctx in [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024),
+                           (256, 512)]  # fmt: skip
+        ],
+    }
     if args.sweep:
-        report["sweep"] = sweep_gemms([1, 8])
-    (args.out / "decode_kernels.json").write_text(json.dumps(report, indent=1))
+        sections["sweep_m1"] = lambda: sweep_gemms([1])
+        sections["sweep_attention"] = lambda: sweep_attention(
+            [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024)],
+            args.max_model_len)  # fmt: skip
+        sections["sweep_m8"] = lambda: sweep_gemms([8])
+    for name, run in sections.items():
+        report[name] = run()
+        path.write_text(json.dumps(report, indent=1))  # kept if a later section is cut short
     return 0
 
 

@@ -99,6 +99,23 @@ class HostTier:
             self._readers[slot] = self._readers.get(slot, 0) + 1
             return slot, self._slab[slot]
 
+    def hold(self, keys: list[bytes]) -> list[int | None]:
+        """`acquire` each key at once, without views: its slot in `slab`, or None if absent."""
+        with self._lock:
+            slots: list[int | None] = []
+            for key in keys:
+                slot = self._index.get(key)
+                if slot is not None:
+                    self._index.move_to_end(key)
+                    self._readers[slot] = self._readers.get(slot, 0) + 1
+                slots.append(slot)
+            return slots
+
+    @property
+    def slab(self) -> torch.Tensor:
+        """`[num_slots, block_nbytes]` uint8: every slot's payload (read held slots only)."""
+        return self._slab
+
     def release(self, slot: int) -> None:
         """End one `acquire` of `slot`."""
         with self._lock:

@@ -21,11 +21,15 @@ T = TypeVar("T")
 
 @dataclass
 class BlockSource:
-    """A block found in a tier: its payload as `[block_nbytes]` uint8 on the CPU."""
+    """A block found in a tier: its payload as `[block_nbytes]` uint8 on the CPU, or (host
+    tier) row `slot` of a slab `[num_slots, block_nbytes]`, read in runs of consecutive rows.
+    """
 
     tier: str
-    payload: torch.Tensor
+    payload: torch.Tensor | None
     release: Callable[[], None] | None = None  # called once the copy out of it has finished
+    slab: torch.Tensor | None = None
+    slot: int = 0
 
 
 def payload_tensor(payload: memoryview) -> torch.Tensor:
@@ -76,11 +80,11 @@ class _Job:
     submitted: float
 
 
-# Staging memory per device between the tiers' payloads and the cache (64 MiB: 32 blocks of
+# Staging memory per device between the tiers' payloads and the cache (128 MiB: 64 blocks of
 # the Llama-3.1-8B shape). A block's place in the cache, kv_cache[:, :, b], is 2 * layers
 # strided pieces, so a copy per block would cost a temporary and a kernel each; instead each
 # batch is copied in contiguously and placed with one scatter.
-STAGING_BYTES = 64 << 20
+STAGING_BYTES = 128 << 20
 
 
 class BlockLoader:
@@ -141,6 +145,8 @@ class BlockLoader:
                     job.handle._finished.set()
 
     def _load(self, job: _Job) -> None:
+        # Every torch call here releases and retakes the GIL, which the engine thread holds
+        # through its Python: the calls are per batch and per run of host slots, not per block.
         device = job.kv_cache.device
         stream = None
         if job.kv_cache.is_cuda:
@@ -154,16 +160,17 @@ class BlockLoader:
                     stream.wait_event(job.after)
                 ids = torch.tensor(job.block_ids, dtype=torch.long).to(device, non_blocking=True)
                 staging = self._staging_rows(device, min(len(job.block_ids), self.batch_blocks))
+                columns = blocks_dim(job.kv_cache)
                 start = 0  # sources[start:] are read but not yet copied
                 for source in blocks:
                     sources.append(source)
                     if len(sources) - start == self.batch_blocks:
-                        self._copy_in(job.kv_cache, staging, sources[start:], ids[start:])
+                        self._copy_in(columns, staging, sources[start:], ids[start:])
                         start = len(sources)
                         if job.handle._cancelled.is_set():
                             break
                 if len(sources) > start:
-                    self._copy_in(job.kv_cache, staging, sources[start:], ids[start:])
+                    self._copy_in(columns, staging, sources[start:], ids[start:])
                 if stream is not None:
                     stream.synchronize()
         finally:
@@ -186,19 +193,22 @@ class BlockLoader:
 
     def _copy_in(
         self,
-        kv_cache: torch.Tensor,
+        columns: torch.Tensor,
         staging: torch.Tensor,
         batch: list[BlockSource],
         ids: torch.Tensor,
     ) -> None:
-        """Copy `batch` into `staging`, then scatter it to `kv_cache[:, :, ids[i]]`."""
+        """Copy `batch` into `staging`, then scatter it to the cache's blocks `ids[i]`
+        (`columns` is `blocks_dim` of the cache)."""
+        for first, end in runs(batch, _next_row):
+            s = batch[first]
+            if s.slab is None:
+                staging[first].copy_(s.payload, non_blocking=True)
+            else:
+                staging[first:end].copy_(s.slab[s.slot : s.slot + end - first], non_blocking=True)
         n = len(batch)
-        for first, end in runs([s.payload for s in batch], adjacent_in_memory):
-            payload = batch[first].payload
-            span = payload.as_strided(((end - first) * payload.numel(),), (1,))
-            staging[first:end].view(-1).copy_(span, non_blocking=True)
         rows = as_block_rows(staging[:n], self.layout)
-        blocks_dim(kv_cache).index_copy_(1, ids[:n], rows.transpose(0, 1))
+        columns.index_copy_(1, ids[:n], rows.transpose(0, 1))
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Finish the loads already asked for, then stop the thread."""
@@ -249,9 +259,5 @@ def runs(items: list[T], follows: Callable[[T, T], bool]) -> Iterator[tuple[int,
             first = i
 
 
-def adjacent_in_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when 1-D `b` starts where `a` ends, inside the same allocation."""
-    return (
-        b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
-        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    )
+def _next_row(a: BlockSource, b: BlockSource) -> bool:
+    return a.slab is not None and b.slab is a.slab and b.slot == a.slot + 1

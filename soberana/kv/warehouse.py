@@ -193,15 +193,15 @@ class KVWarehouse:
         them back to RAM when it evicts them.
         """
         host = self.host
-        held: list[tuple[int, torch.Tensor] | None] = [None] * len(keys)
+        held: list[int | None] = [None] * len(keys)
         if host is not None and host.name in self.load_tiers:
-            held = [host.acquire(k) for k in keys]
+            held = host.hold(keys)
         try:
             for i, key in enumerate(keys):
-                pinned, held[i] = held[i], None
-                if pinned is not None:
+                slot, held[i] = held[i], None
+                if slot is not None:
                     self._count(host.name, hits=1, bytes_read=self.layout.block_nbytes)
-                    yield BlockSource(host.name, pinned[1], partial(host.release, pinned[0]))
+                    yield BlockSource(host.name, None, partial(host.release, slot), host.slab, slot)
                     continue
                 if host is not None and host.name in self.load_tiers:
                     self._count(host.name, misses=1)
@@ -210,9 +210,9 @@ class KVWarehouse:
                     return
                 yield BlockSource(found[0].name, payload_tensor(found[1]))
         finally:
-            for pinned in held:
-                if pinned is not None:
-                    host.release(pinned[0])
+            for slot in held:
+                if slot is not None:
+                    host.release(slot)
 
     def _read_stores(self, key: bytes) -> tuple[EntryStore, memoryview] | None:
         for store in self.stores:

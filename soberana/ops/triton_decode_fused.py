@@ -88,7 +88,7 @@ def _fused_decode_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, QK_NORM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, SPLITS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -179,21 +179,50 @@ def _fused_decode_kernel(
     arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
     if arrived == used - 1:  # the last partition merges; the others are done
         tl.store(counter, 0)  # ready for the next launch (or graph replay)
-        first = (seq.to(tl.int64) * NUM_HEADS + heads) * num_splits
-        lse_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        for j in range(0, used):
-            lse_j = tl.load(part_lse_ptr + first + j, mask=row_ok, other=0.0, cache_modifier=".cg")
-            lse_max = tl.maximum(lse_max, lse_j)
-        total = tl.zeros([GROUP_PAD], tl.float32)
-        merged = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
-        for j in range(0, used):
-            lse_j = tl.load(part_lse_ptr + first + j, mask=row_ok, other=0.0, cache_modifier=".cg")
-            weight = tl.exp2(lse_j - lse_max)
-            o_j = tl.load(part_out_ptr + (first + j)[:, None] * HEAD_DIM + dims[None, :],
-                          mask=io_mask, other=0.0, cache_modifier=".cg")  # fmt: skip
-            total += weight
-            merged += o_j * weight[:, None]
-        tl.store(o_ptrs, (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)
+        _merge_partitions(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, used, num_splits,
+                          stride_out, NUM_HEADS, QUERIES_PER_KV, MERGE_ROWS, HEAD_DIM,
+                          DIM_PAD, SPLITS_PAD)  # fmt: skip
+
+
+@triton.jit
+def _merge_partitions(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, used, num_splits,
+                      stride_out, NUM_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
+                      ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+                      SPLITS_PAD: tl.constexpr):  # fmt: skip
+    """One kv head's query heads: the partitions' outputs weighted by their log-sum-exp.
+
+    Reads bypass L1 (`.cg`): the partials were written by other SMs during this launch.
+    """
+    CHUNK: tl.constexpr = 8  # partitions per load: [ROWS, CHUNK, DIM_PAD] in registers
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < QUERIES_PER_KV
+    heads = kv_head * QUERIES_PER_KV + rows
+    dims = tl.arange(0, DIM_PAD)
+    first = (seq.to(tl.int64) * NUM_HEADS + heads) * num_splits  # partition 0 of each head
+    splits = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(part_lse_ptr + first[:, None] + splits[None, :],
+                  mask=row_ok[:, None] & (splits < used)[None, :], other=float("-inf"),
+                  cache_modifier=".cg")  # fmt: skip
+    lse_max = tl.where(row_ok, tl.max(lse, axis=1), 0.0)
+    total = tl.sum(tl.exp2(lse - lse_max[:, None]), axis=1)
+    merged = tl.zeros([ROWS, DIM_PAD], tl.float32)
+    for c in range(0, used, CHUNK):
+        js = c + tl.arange(0, CHUNK)
+        ok = row_ok[:, None] & (js < used)[None, :]
+        lse_c = tl.load(part_lse_ptr + first[:, None] + js[None, :], mask=ok,
+                        other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+        weight = tl.exp2(lse_c - lse_max[:, None])
+        parts = tl.load(
+            part_out_ptr + (first[:, None] + js[None, :])[:, :, None] * HEAD_DIM
+            + dims[None, None, :],
+            mask=ok[:, :, None] & (dims < HEAD_DIM)[None, None, :], other=0.0,
+            cache_modifier=".cg",
+        )  # fmt: skip
+        merged += tl.sum(parts * weight[:, :, None], axis=1)
+    result = merged / tl.where(row_ok, total, 1.0)[:, None]
+    o_ptrs = out_ptr + seq.to(tl.int64) * stride_out + heads[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])  # fmt: skip
 
 
 def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
@@ -280,6 +309,8 @@ def fused_decode_attention(
         GROUP_PAD=max(16, triton.next_power_of_2(queries_per_kv)),
         HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         TILE_N=cfg.tile_n, MIN_TILES=_MIN_TILES, QK_NORM=q_norm is not None,
+        MERGE_ROWS=triton.next_power_of_2(queries_per_kv),
+        SPLITS_PAD=triton.next_power_of_2(num_splits),
         DOT_PRECISION=dot_precision(qkv.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         # Rotary must round each product (see triton_fused.rotary_embedding).

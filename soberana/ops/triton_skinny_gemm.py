@@ -5,15 +5,19 @@ At batch 1 a decode step is a stream of weights through the matrix units; what c
 around the matmuls is the small kernels between them (RMSNorm, SiLU-and-mul, cuBLAS's split-K
 reduction) and the gaps between launches. Here
 - the **prologue** can apply the layer's (residual add +) RMSNorm to `x`: every program reads
-  the few input rows (a few KB, from L2) and normalises them itself, so no norm kernel runs;
+  the few input rows (a few KB, from L2) as it streams W, multiplies them by the norm's weight
+  and scales its accumulator by each row's 1 / rms at the end, so no norm kernel runs;
   program 0 also writes the new residual stream;
 - the **epilogue** can add a bias, or apply SiLU-and-mul to a fused gate/up projection: a
   program computes the same rows of the gate half and the up half and writes only
   `silu(gate) * up`.
 Each program owns `BLOCK_N` whole output columns (no split-K), so results are deterministic
-and independent of how many programs run. Rounding follows the unfused chain: the normed
-input, the projection and the activation are rounded to the tensor dtype where
-`soberana/ops/layers.py` rounds them; only the float32 summation order differs from cuBLAS.
+and independent of how many programs run. Rounding follows the unfused chain where it can:
+the residual sum, the projection and the activation are rounded to the tensor dtype where
+`soberana/ops/layers.py` rounds them. The normed input is not: the GEMM reads
+`x * norm_weight` rounded once and applies 1 / rms in float32 afterwards, where the eager
+chain rounds `x / rms` and then its product with the weight (the same value to within a
+rounding of the input, one pass over it instead of two).
 """
 
 from __future__ import annotations
@@ -63,15 +67,6 @@ def _load_input(x_ptr, res_ptr, rows, ks, mask, stride_xm, stride_rm,
     return x
 
 
-@triton.jit
-def _times_weight(x, w, M_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """x [M_PAD, BK] times w [BN, BK] transposed, in float32: [M_PAD, BN]."""
-    if M_PAD == 1:
-        # One row: a multiply and a row sum on the CUDA cores, no padding to a 16-row tile.
-        return tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-    return tl.dot(x.to(w.dtype), tl.trans(w), input_precision=DOT_PRECISION)
-
-
 @triton.jit(do_not_specialize=["M"])  # every decode batch size shares one compiled variant
 def _skinny_gemm_kernel(
     x_ptr, res_ptr, norm_w_ptr, w_ptr, bias_ptr, out_ptr, res_out_ptr,
@@ -88,20 +83,15 @@ def _skinny_gemm_kernel(
     col_ok = cols < N
     w_rows = w_ptr + cols[:, None] * stride_wn
 
-    if NORM:
-        # First pass: each row's mean square (the input is a few KB, read again from L2).
-        sum_sq = tl.zeros([M_PAD], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (ks < K)[None, :]
-            x = _load_input(x_ptr, res_ptr, rows, ks, mask, stride_xm, stride_rm,
-                            HAS_RESIDUAL).to(tl.float32)  # fmt: skip
-            sum_sq += tl.sum(x * x, axis=1)
-        inv_rms = tl.math.rsqrt(sum_sq / K + eps)[:, None]
-
-    acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    if GATED:
+    # One row (M_PAD == 1) accumulates products elementwise and reduces once at the end;
+    # several rows go through the matrix units as one 16-row tile.
+    if M_PAD == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    else:
+        acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
         acc_up = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    sum_sq = tl.zeros([M_PAD], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -112,18 +102,33 @@ def _skinny_gemm_kernel(
                 # The new residual stream, written once.
                 tl.store(res_out_ptr + rows[:, None] * stride_rom + ks[None, :], x,
                          mask=mask & (pid == 0))  # fmt: skip
-            dtype = x.dtype
-            normed = (x.to(tl.float32) * inv_rms).to(dtype).to(tl.float32)
+            # RMSNorm's 1 / rms is one factor per row: the sum of squares builds up here and
+            # the factor scales the accumulator at the end, so the input is read in one pass.
+            xf = x.to(tl.float32)
+            sum_sq += tl.sum(xf * xf, axis=1)
             g = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            x = (normed * g[None, :]).to(dtype)
+            x = (xf * g[None, :]).to(x.dtype)
         w_mask = col_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
-        acc += _times_weight(x, w, M_PAD, DOT_PRECISION)
         if GATED:
             # The up half's rows sit N rows below the gate half's.
             w_up = tl.load(w_rows + N * stride_wn + ks[None, :], mask=w_mask, other=0.0)
-            acc_up += _times_weight(x, w_up, M_PAD, DOT_PRECISION)
+        if M_PAD == 1:
+            acc += w.to(tl.float32) * x.to(tl.float32)
+            if GATED:
+                acc_up += w_up.to(tl.float32) * x.to(tl.float32)
+        else:
+            acc += tl.dot(x.to(w.dtype), tl.trans(w), input_precision=DOT_PRECISION)
+            if GATED:
+                acc_up += tl.dot(x.to(w.dtype), tl.trans(w_up), input_precision=DOT_PRECISION)
 
+    if M_PAD == 1:
+        acc = tl.sum(acc, axis=1)[None, :]
+        acc_up = tl.sum(acc_up, axis=1)[None, :]
+    if NORM:
+        inv_rms = tl.math.rsqrt(sum_sq / K + eps)[:, None]
+        acc = acc * inv_rms
+        acc_up = acc_up * inv_rms
     out_dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]

@@ -10,7 +10,7 @@ from soberana.engine.kv_offload import KVOffload
 from soberana.kv.config import KVWarehouseConfig
 from soberana.kv.host_tier import HostTier
 from soberana.kv.layout import KVLayout
-from soberana.kv.loader import BlockLoader, BlockSource, LoadHandle, payload_tensor
+from soberana.kv.loader import BlockLoader, BlockSource, LoadHandle, payload_tensor, runs
 from soberana.kv.warehouse import KVWarehouse
 from tests.kv.helpers import block_bytes, make_cache, make_hashes, small_layout
 
@@ -68,20 +68,25 @@ def test_a_batch_larger_than_the_free_staging_drops_the_rest_without_waiting(lay
 
 
 def test_a_load_across_many_staging_batches_and_sources_lands_every_block_in_place(layout):
-    """Host slots in a row (one copy each run), scattered slots and tier payloads mixed."""
+    """Host slots in a row (one copy per run), lone slots and other tiers' payloads mixed."""
     cache = make_cache(layout, 10, seed=5)
     host = HostTier(layout, 16 * layout.block_nbytes)
     hashes = make_hashes(layout, 10)
-    for i in (0, 1, 2, 3, 6, 8):  # in RAM; the others come from a slower tier's bytes
+    # In RAM, stored tail first as the pool evicts (so 0..3 sit in consecutive slots); the
+    # others come from a slower tier's bytes.
+    for i in (8, 6, 3, 2, 1, 0):
         host.put(hashes[i], torch.frombuffer(bytearray(block_bytes(cache, i)), dtype=torch.uint8))
+    slots = host.hold(hashes[:4])
+    assert list(runs(slots, lambda a, b: b == a + 1)) == [(0, 4)]  # one copy for the four
+    for slot in slots:
+        host.release(slot)
 
     def sources(keys: list[bytes]):
-        for i, key in enumerate(keys):
-            held = host.acquire(key)
-            if held is None:
+        for i, slot in enumerate(host.hold(keys)):
+            if slot is None:
                 yield BlockSource("disk", payload_tensor(memoryview(block_bytes(cache, i))))
             else:
-                yield BlockSource("host", held[1], lambda slot=held[0]: host.release(slot))
+                yield BlockSource("host", None, lambda s=slot: host.release(s), host.slab, slot)
 
     finished: list[LoadHandle] = []
     loader = BlockLoader(layout, sources, lambda h, s: finished.append(h),

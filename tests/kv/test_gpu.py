@@ -92,3 +92,28 @@ def test_calibration_measures_loads_into_the_gpu(gpu_cache, tmp_path):
         assert decision.load_tokens_per_s["host"] > decision.load_tokens_per_s["disk"] > 0
     finally:
         warehouse.close()
+
+
+def test_a_batch_of_evictions_is_snapshot_before_later_kernels_and_loads_back_in_place(
+    gpu_cache,
+):
+    """The engine's path: evicted blocks leave in one batch, a returning prefix of more blocks
+    than one staging batch comes back into scattered blocks."""
+    cache, layout = gpu_cache
+    warehouse = KVWarehouse(layout, host=HostTier(layout, 96 * layout.block_nbytes))
+    try:
+        n = warehouse._loader.batch_blocks + 5  # crosses a staging batch
+        big = torch.randn(32, 2, 2 * n, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+        hashes = make_hashes(layout, n)
+        evicted = list(range(n - 1, -1, -1))  # the pool evicts a sequence tail first
+        expected = big[:, :, :n].clone()
+        torch.cuda._sleep(SPIN_CYCLES)
+        assert warehouse.put_blocks_async(hashes[::-1], big, evicted) == 0
+        big[:, :, :n].zero_()  # the step that reuses the evicted blocks
+        assert warehouse.flush(timeout=30)
+        dst = list(range(2 * n - 1, n - 1, -1))
+        assert warehouse.load_async(hashes, big, dst).wait(timeout=30) == n
+        torch.cuda.synchronize()
+        assert torch.equal(big[:, :, dst], expected)
+    finally:
+        warehouse.close()

@@ -47,7 +47,7 @@ class FusedDecodeCase:
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     ref_out: torch.Tensor  # float32 [B, Hq * D]
-    ref_k: torch.Tensor  # the rotated new keys [B, Hkv, D], as the eager chain rounds them
+    ref_k: torch.Tensor  # real rows' rotated new keys [rows, Hkv, D], rounded as eagerly
     ref_v: torch.Tensor
 
 
@@ -83,9 +83,10 @@ def make_fused_decode_case(context_lens, *, num_heads, num_kv_heads, head_dim, b
     for cache in (step.k_cache, step.v_cache):
         cache.view(heads)[slots[slots >= 0]] = float("nan")
     qkv = torch.cat([q_raw.reshape(b, -1), k_raw.reshape(b, -1), v_new.reshape(b, -1)], dim=1)
+    real = slots >= 0
     return FusedDecodeCase(qkv, positions, cos, sin, slots, step.k_cache, step.v_cache,
                            step.seq_lens, step.block_table, num_heads, step.scale, q_norm,
-                           k_norm, ref, k_rot, v_new)  # fmt: skip
+                           k_norm, ref, k_rot[real], v_new[real])  # fmt: skip
 
 
 def written_slots(case: FusedDecodeCase) -> tuple[torch.Tensor, torch.Tensor]:
