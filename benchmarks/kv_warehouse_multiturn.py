@@ -175,6 +175,8 @@ def main() -> int:
     ap.add_argument("--request-rates", default="",
                     help="after the closed loop, open-loop runs at these request rates (req/s, "
                     "comma-separated), each on fresh conversations, on the same servers")
+    ap.add_argument("--open-loop-users", type=int, default=None,
+                    help="users of each open-loop run (default: --users); rounds as --rounds")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--extra-serve-args", default="")
     ap.add_argument("--skip-replicas", action="store_true", help="skip the two-replica run")
@@ -188,17 +190,22 @@ def main() -> int:
         "--max-model-len", str(args.max_model_len), "--kv-cache-gb", str(args.kv_cache_gb),
         *(["--load-format", args.load_format] if args.load_format else []),
         *args.extra_serve_args.split()]
-    shape = ["--num-users", str(args.users), "--num-rounds", str(args.rounds),
+    shape = ["--num-rounds", str(args.rounds),
              "--system-prompt-len", str(args.system_prompt_len),
              "--history-len", str(args.history_len), "--input-len", str(args.question_len),
-             "--output-len", str(args.answer_len),
-             "--num-prompts", str(args.users * args.rounds)]
+             "--output-len", str(args.answer_len)]
     if args.model:
         shape += ["--tokenizer", args.model]
+
+    def users(n: int) -> list[str]:
+        return ["--num-users", str(n), "--num-prompts", str(n * args.rounds)]
+
+    open_users = args.open_loop_users or args.users
     # Each run has its own seed, hence its own conversations: no run finds another's users in
     # the warehouse. The system prompt is the same text in every run.
-    loads = [("closed", ["--concurrency", str(args.concurrency), "--seed", "1"])]
-    loads += [(f"rate_{r:g}", ["--request-rate", str(r), "--seed", str(2 + i)])
+    loads = [("closed", users(args.users) + ["--concurrency", str(args.concurrency),
+                                             "--seed", "1"])]
+    loads += [(f"rate_{r:g}", users(open_users) + ["--request-rate", str(r), "--seed", str(2 + i)])
               for i, r in enumerate(rates)]
     result = {
         "benchmark": "kv_warehouse_multiturn",
@@ -207,7 +214,8 @@ def main() -> int:
         "dirty": bool(subprocess.run(["git", "status", "--porcelain", "soberana", "benchmarks"],
                                      capture_output=True, text=True).stdout.strip()),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "cores": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(),
+                    "cores": os.cpu_count(), "gpu": gpu_name(),
                     "load_avg_at_start": os.getloadavg()},
         "settings": vars(args) | {"output": str(args.output)},
         "working_set_note": "users x (system + history + rounds x (question + answer)) tokens "
@@ -248,6 +256,23 @@ def main() -> int:
         args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name, from lscpu."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                 if ln.startswith("Model name")), "unknown")
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name, from nvidia-smi; None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
 
 
 def speedups(result: dict) -> dict:

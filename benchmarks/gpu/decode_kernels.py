@@ -55,7 +55,8 @@ def _gemm_calls(name: str, m: int, cfg: SkinnyConfig | None):
     rows, k, norm, gated = SHAPES[name]
     nbytes = rows * k * 2
     copies = _copies_beyond_l2(nbytes)
-    weights = [_rand(rows, k) * k**-0.5 for _ in range(copies)]
+    # At least 8 calls per graph, so the replay's own launch is a small share of the time.
+    weights = [_rand(rows, k) * k**-0.5 for _ in range(copies)] * math.ceil(8 / copies)
     x, res, g = _rand(m, k), _rand(m, k), _rand(k)
     ours, peer = [], []
     for w in weights:
@@ -80,9 +81,7 @@ def bench_gemms(ms: list[int]) -> list[dict]:
         ours, peer, nbytes = _gemm_calls(name, m, None)
         t_ours, t_peer = _graph_ms(ours), _graph_ms(peer)
         rows.append({"op": name, "m": m, "weight_MB": nbytes / 1e6,
-                     "config": vars(default_config(SHAPES[name][0] // (2 if SHAPES[name][3]
-                                                                         else 1),
-                                                   SHAPES[name][1])),
+                     "config": vars(default_config(m, SHAPES[name][3])),
                      "ours_us": t_ours * 1e3, "peer_us": t_peer * 1e3,
                      "ours_GBps": nbytes / t_ours / 1e6, "peer_GBps": nbytes / t_peer / 1e6,
                      "speedup": t_peer / t_ours})  # fmt: skip
@@ -109,10 +108,10 @@ def _candidates(m: int):
                 for t, stages in itertools.product(_DOT_TILES, (3, 5)))  # fmt: skip
 
 
-def sweep_gemms(ms: list[int]) -> list[dict]:
+def sweep_gemms(ms: list[int], ops: list[str]) -> list[dict]:
     """Candidate tile shapes per (op, m); the best is what `default_config` should pick."""
     out = []
-    for m, name in itertools.product(ms, SHAPES):
+    for m, name in itertools.product(ms, ops):
         best = None
         for cfg in _candidates(m):
             try:
@@ -211,6 +210,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sweep", action="store_true", help="also sweep the GEMM tile shapes")
+    parser.add_argument("--sweep-ops", default=",".join(SHAPES),
+                        help="the projections to sweep, comma-separated")
+    parser.add_argument("--sweep-attention", action="store_true",
+                        help="with --sweep, also the fused decode attention's tiles")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--max-model-len", type=int, default=8192,
                         help="block-table width the attention launch is sized for")
@@ -228,11 +231,13 @@ def main() -> int:
         ],
     }
     if args.sweep:
-        sections["sweep_m1"] = lambda: sweep_gemms([1])
-        sections["sweep_attention"] = lambda: sweep_attention(
-            [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024)],
-            args.max_model_len)  # fmt: skip
-        sections["sweep_m8"] = lambda: sweep_gemms([8])
+        ops = args.sweep_ops.split(",")
+        sections["sweep_m1"] = lambda: sweep_gemms([1], ops)
+        if args.sweep_attention:
+            sections["sweep_attention"] = lambda: sweep_attention(
+                [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024)],
+                args.max_model_len)  # fmt: skip
+        sections["sweep_m8"] = lambda: sweep_gemms([8], ops)
     for name, run in sections.items():
         report[name] = run()
         path.write_text(json.dumps(report, indent=1))  # kept if a later section is cut short

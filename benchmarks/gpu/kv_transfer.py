@@ -76,6 +76,13 @@ class PythonLoad:
         self._thread.join()
 
 
+def cpu_model() -> str:
+    """The CPU's model name, from lscpu."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                 if ln.startswith("Model name")), "unknown")  # fmt: skip
+
+
 def ceilings(nbytes: int, device: torch.device, reps: int) -> tuple[dict, dict]:
     """One contiguous pinned copy of `nbytes` each way: what the bus allows."""
     gpu = device.type == "cuda"
@@ -120,6 +127,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": torch.cuda.get_device_name() if gpu else "cpu",
         "torch": torch.__version__,
+        "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "block_shape": list(layout.block_shape),
         "block_bytes": layout.block_nbytes,
@@ -133,7 +141,8 @@ def main() -> int:
 
     result["ceiling_h2d"], result["ceiling_d2h"] = ceilings(nbytes, device, reps)
 
-    host = HostTier(layout, (2 * reps + 6) * nbytes, pin_memory=gpu)
+    # Room for three loads' worth: older stores are evicted (dropped), the last one stays.
+    host = HostTier(layout, 3 * nbytes, pin_memory=gpu)
     warehouse = KVWarehouse(layout, host=host, write_buffer_bytes=nbytes, pin_memory=gpu)
     try:
         result["calibrated_host_load_tokens_per_s"] = warehouse.calibrate(

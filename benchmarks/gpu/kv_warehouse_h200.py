@@ -1,14 +1,28 @@
-"""The KV warehouse multi-round benchmark on one GPU with the Llama-3.1-8B body.
+"""The KV warehouse on one GPU with the Llama-3.1-8B body: transfer rates, then multi-round QA.
 
 The vocabulary is the demo tokenizer's (934 ids) instead of 128,256, so every generated id
 decodes to text and TTFT is measurable over HTTP; prefill cost is the 32 layers', which the
-vocabulary barely touches. Runs benchmarks/kv_warehouse_multiturn.py (warehouse off, then on,
-same workload) with a GPU KV pool several times smaller than the live working set.
+vocabulary barely touches. Writes into $OUT:
+
+1. `kv_transfer_h200.json`: benchmarks/gpu/kv_transfer.py (load/store GB/s, 8B block layout).
+2. `kv_warehouse_multiturn_h200_pool2gb.json`: run 4's setting (2 GB KV pool, 16 users x 4
+   rounds, 512 system + 3072 history + 64 question tokens, 16-token answers, closed loop of
+   4). Its pool holds 953 blocks of 16 tokens, fewer than four ~3.7k-token conversations
+   need, so a fourth request waits for one to finish with the warehouse on or off.
+3. `kv_warehouse_multiturn_h200_pool4gb.json`: a 4 GB pool (room for the closed loop's four
+   conversations) and 32 users, so the live working set (32 x ~3.9k tokens, ~16 GB) is still
+   4x the pool; closed loop of 4, then open-loop runs at `--rates` req/s of 16 users x 4
+   rounds each (new conversations per run). Host RAM tier only (24 GB, LRU).
+
+Each multi-round file has warehouse off and on, same workload, and
+`ttft_returning_speedup` per load. `--only` picks parts (transfer, pool2gb, pool4gb).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,21 +31,37 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from engine_h200 import demo_vocab_model_dir  # noqa: E402
 
+SHAPE = ["--rounds", "4", "--system-prompt-len", "512", "--history-len", "3072",
+         "--question-len", "64", "--answer-len", "16", "--concurrency", "4",
+         "--max-model-len", "8192", "--skip-replicas"]  # fmt: skip
+
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="transfer,pool2gb,pool4gb")
+    ap.add_argument("--rates", default="3,6", help="open-loop request rates for pool4gb")
+    args = ap.parse_args()
+    parts = set(args.only.split(","))
+    out = Path(os.environ.get("OUT", "/tmp"))
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    if "transfer" in parts:
+        cmd = [sys.executable, str(HERE / "kv_transfer.py"),
+               "--output", str(out / "kv_transfer_h200.json")]  # fmt: skip
+        failed |= subprocess.run(cmd).returncode
     path = demo_vocab_model_dir(HERE / "model_configs" / "llama-3.1-8b.json")
-    import kv_warehouse_multiturn
-
-    out = Path(os.environ.get("OUT", "/tmp")) / "kv_warehouse_multiturn_h200.json"
-    sys.argv = ["kv_warehouse_multiturn.py", "--model", str(path), "--load-format", "dummy",
-                "--kv-cache-gb", "2", "--kv-offload-gb", "40", "--users", "16",
-                "--rounds", "4", "--system-prompt-len", "512", "--history-len", "3072",
-                "--question-len", "64", "--answer-len", "16", "--concurrency", "4",
-                "--max-model-len", "8192", "--output", str(out),
-                # A 2 MB block per 16 tokens: the default 256 MB staging (128 blocks) drops
-                # evicted blocks when a long prompt's admission evicts hundreds at once.
-                "--extra-serve-args", "--kv-write-buffer-mb 4096"]
-    return kv_warehouse_multiturn.main()
+    bench = [sys.executable, str(HERE.parent / "kv_warehouse_multiturn.py"), "--model",
+             str(path), "--load-format", "dummy", *SHAPE]  # fmt: skip
+    if "pool2gb" in parts:
+        cmd = bench + ["--kv-cache-gb", "2", "--kv-offload-gb", "24", "--users", "16",
+                       "--output", str(out / "kv_warehouse_multiturn_h200_pool2gb.json")]
+        failed |= subprocess.run(cmd).returncode
+    if "pool4gb" in parts:
+        cmd = bench + ["--kv-cache-gb", "4", "--kv-offload-gb", "24", "--no-kv-disk",
+                       "--users", "32", "--open-loop-users", "16", "--request-rates", args.rates,
+                       "--output", str(out / "kv_warehouse_multiturn_h200_pool4gb.json")]
+        failed |= subprocess.run(cmd).returncode
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The engine's side of the KV warehouse: what leaves the block pool and what comes back.
 
 Write path: a cached block the pool is about to reuse is handed to the warehouse
-(`BlockPool.on_evict`), batched per scheduler step (`flush_evictions`); with write-through, every block is handed over as soon as it is full,
-so another replica can reuse it before anything is evicted here.
+(`BlockPool.on_evict`), all of a scheduler step's at once (`flush_evictions`); with
+write-through, every block is handed over as soon as it is full, so another replica can reuse
+it before anything is evicted here.
 Read path: at admission the scheduler asks for the request's blocks past its GPU prefix hit;
 found blocks are loaded into freshly allocated pool blocks in the background while other
 requests run, and are registered in the prefix cache only once they are in place.

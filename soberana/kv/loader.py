@@ -109,7 +109,8 @@ class BlockLoader:
         self._finished = finished
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._staging: dict[torch.device, torch.Tensor] = {}  # [rows, block_nbytes] uint8
+        # Per device: [rows, block_nbytes] uint8 and the same memory as_block_rows.
+        self._staging: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._thread = threading.Thread(target=self._run, name="kv-loader", daemon=True)
         self._thread.start()
 
@@ -145,8 +146,8 @@ class BlockLoader:
                     job.handle._finished.set()
 
     def _load(self, job: _Job) -> None:
-        # Every torch call here releases and retakes the GIL, which the engine thread holds
-        # through its Python: the calls are per batch and per run of host slots, not per block.
+        # Torch calls release and retake the GIL, which the engine thread holds through its
+        # Python: calls here are per load, per batch and per run of host slots, not per block.
         device = job.kv_cache.device
         stream = None
         if job.kv_cache.is_cuda:
@@ -156,8 +157,6 @@ class BlockLoader:
         blocks = self._sources(job.block_hashes)
         try:
             with torch.inference_mode(), torch.cuda.stream(stream):
-                if job.after is not None:
-                    stream.wait_event(job.after)
                 ids = torch.tensor(job.block_ids, dtype=torch.long).to(device, non_blocking=True)
                 staging = self._staging_rows(device, min(len(job.block_ids), self.batch_blocks))
                 columns = blocks_dim(job.kv_cache)
@@ -165,12 +164,12 @@ class BlockLoader:
                 for source in blocks:
                     sources.append(source)
                     if len(sources) - start == self.batch_blocks:
-                        self._copy_in(columns, staging, sources[start:], ids[start:])
+                        self._copy_in(columns, staging, sources[start:], ids[start:], job)
                         start = len(sources)
                         if job.handle._cancelled.is_set():
                             break
                 if len(sources) > start:
-                    self._copy_in(columns, staging, sources[start:], ids[start:])
+                    self._copy_in(columns, staging, sources[start:], ids[start:], job)
                 if stream is not None:
                     stream.synchronize()
         finally:
@@ -181,34 +180,38 @@ class BlockLoader:
         job.handle.tiers = [s.tier for s in sources]
         job.handle.num_loaded = len(sources)
 
-    def _staging_rows(self, device: torch.device, rows: int) -> torch.Tensor:
-        """This device's staging buffer with at least `rows` block rows. Batches reuse it:
-        on a GPU the next batch's copies queue behind the scatter that reads it."""
+    def _staging_rows(self, device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This device's staging buffer with at least `rows` block rows, and its
+        `as_block_rows` view. Batches reuse it: on a GPU the next batch's copies queue behind
+        the scatter that reads it."""
         staging = self._staging.get(device)
-        if staging is None or staging.shape[0] < rows:
-            staging = torch.empty((rows, self.layout.block_nbytes), dtype=torch.uint8,
-                                  device=device)  # fmt: skip
-            self._staging[device] = staging
+        if staging is None or staging[0].shape[0] < rows:
+            raw = torch.empty((rows, self.layout.block_nbytes), dtype=torch.uint8, device=device)
+            staging = self._staging[device] = (raw, as_block_rows(raw, self.layout))
         return staging
 
     def _copy_in(
         self,
         columns: torch.Tensor,
-        staging: torch.Tensor,
+        staging: tuple[torch.Tensor, torch.Tensor],
         batch: list[BlockSource],
         ids: torch.Tensor,
+        job: _Job,
     ) -> None:
         """Copy `batch` into `staging`, then scatter it to the cache's blocks `ids[i]`
         (`columns` is `blocks_dim` of the cache)."""
+        raw, rows = staging
         for first, end in runs(batch, _next_row):
             s = batch[first]
             if s.slab is None:
-                staging[first].copy_(s.payload, non_blocking=True)
+                raw[first].copy_(s.payload, non_blocking=True)
             else:
-                staging[first:end].copy_(s.slab[s.slot : s.slot + end - first], non_blocking=True)
+                raw[first:end].copy_(s.slab[s.slot : s.slot + end - first], non_blocking=True)
+        if job.after is not None:  # the first batch's copy overlaps the caller's work
+            torch.cuda.current_stream().wait_event(job.after)
+            job.after = None
         n = len(batch)
-        rows = as_block_rows(staging[:n], self.layout)
-        columns.index_copy_(1, ids[:n], rows.transpose(0, 1))
+        columns.index_copy_(1, ids[:n], rows[:n].transpose(0, 1))
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Finish the loads already asked for, then stop the thread."""

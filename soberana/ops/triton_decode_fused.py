@@ -35,7 +35,9 @@ from soberana.ops.triton_decode_attention import (
 )
 from soberana.ops.triton_paged_tile import attend_paged_tile, dot_precision, tile_block_ids
 
-_MIN_TILES = 4  # key tiles per partition before a sequence's context is split further
+# Key tiles per partition before a context is split further: on an H200 one tile per
+# partition was fastest from 256 to 8k keys at batch 1 and 8 (decode_kernels.py --sweep).
+_MIN_TILES = 1
 _counters: dict[torch.device, torch.Tensor] = {}
 
 

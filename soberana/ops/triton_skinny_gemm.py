@@ -38,8 +38,8 @@ class SkinnyConfig:
     """Launch parameters: output columns and reduction width per iteration of a program.
 
     With `dot` the rows go through the matrix units as one 16-row tile whatever M is, so a
-    row's result does not depend on the batch it is in; without it a single row is reduced
-    on the CUDA cores (M = 1 only).
+    row's result does not depend on the other rows; without it a single row is reduced on the
+    CUDA cores (M = 1 only; faster there, summed in another order).
     """
 
     block_n: int
@@ -49,11 +49,13 @@ class SkinnyConfig:
     dot: bool = True
 
 
-def default_config(n: int, k: int) -> SkinnyConfig:
-    """Tile shapes measured on an H200 (benchmarks/gpu/decode_kernels.py --sweep)."""
-    # At least ~2 programs per SM of 132, each streaming long rows of W.
-    block_n = 16 if n <= 8192 else 32
-    return SkinnyConfig(block_n=block_n, block_k=128, num_warps=4, num_stages=4)
+def default_config(m: int, gated: bool) -> SkinnyConfig:
+    """Tile shapes measured on an H200 at Llama-3.1-8B's projections
+    (benchmarks/gpu/decode_kernels.py --sweep): many narrow programs, each streaming 8-16
+    rows of W in 512-wide slices, for one row; 16-row matrix-unit tiles for more."""
+    if m == 1:
+        return SkinnyConfig(16 if gated else 8, 512, 4, 1 if gated else 2, dot=False)
+    return SkinnyConfig(16 if gated else 32, 256, 4, 5)
 
 
 @triton.jit
@@ -91,7 +93,9 @@ def _skinny_gemm_kernel(
     else:
         acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
         acc_up = tl.zeros([M_PAD, BLOCK_N], tl.float32)
-    sum_sq = tl.zeros([M_PAD], tl.float32)
+    # Squares build up elementwise and are summed once at the end: a reduction across the
+    # program's threads in every iteration would stall the stream of weight loads.
+    sum_sq = tl.zeros([M_PAD, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -105,7 +109,7 @@ def _skinny_gemm_kernel(
             # RMSNorm's 1 / rms is one factor per row: the sum of squares builds up here and
             # the factor scales the accumulator at the end, so the input is read in one pass.
             xf = x.to(tl.float32)
-            sum_sq += tl.sum(xf * xf, axis=1)
+            sum_sq += xf * xf
             g = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
             x = (xf * g[None, :]).to(x.dtype)
         w_mask = col_ok[:, None] & k_ok[None, :]
@@ -126,7 +130,7 @@ def _skinny_gemm_kernel(
         acc = tl.sum(acc, axis=1)[None, :]
         acc_up = tl.sum(acc_up, axis=1)[None, :]
     if NORM:
-        inv_rms = tl.math.rsqrt(sum_sq / K + eps)[:, None]
+        inv_rms = tl.math.rsqrt(tl.sum(sum_sq, axis=1) / K + eps)[:, None]
         acc = acc * inv_rms
         acc_up = acc_up * inv_rms
     out_dtype = out_ptr.dtype.element_ty
@@ -172,7 +176,7 @@ def skinny_gemm(
         new_residual = x if residual is None else torch.empty_like(x)
     if m == 0:
         return out, new_residual
-    cfg = config or default_config(n, k)
+    cfg = config or default_config(m, gated)
     m_pad = 1 if m == 1 and not cfg.dot else 16
     res = residual if residual is not None else x
     res_out = new_residual if residual is not None else out  # unused without a residual
