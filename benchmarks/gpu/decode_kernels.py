@@ -1,8 +1,8 @@
 """The decode fast-path kernels at Llama-3.1-8B shapes on one GPU, against what they replace.
 
-- Skinny GEMMs (`soberana/ops/triton_skinny_gemm.py`) for M = 1..16 decode rows: qkv with
-  add + RMSNorm fused in, o, gate/up with add + RMSNorm and SiLU-and-mul fused in, down.
-  Peer, same run: cuBLAS through `F.linear` plus the separate Triton norm / SiLU kernels.
+- Batch-1 GEMVs (`soberana/ops/triton_gemv.py`): qkv with add + RMSNorm fused in, o,
+  gate/up with add + RMSNorm and SiLU-and-mul fused in, down. Peer, same run: cuBLAS
+  through `F.linear` plus the separate Triton norm / SiLU kernels.
 - Fused decode attention (`triton_decode_fused.py`: rotary, KV write, split-K attention and
   merge in one launch). Peer: the rotary, KV-write and split-K decode kernels it replaces.
 Every time is per call of a CUDA graph of back-to-back calls (launch gaps as in the engine's
@@ -36,7 +36,7 @@ from soberana.ops.triton_attention import (  # noqa: E402
 )
 from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
 from soberana.ops.triton_fused import fused_add_rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
-from soberana.ops.triton_skinny_gemm import SkinnyConfig, default_config, skinny_gemm  # noqa: E402
+from soberana.ops.triton_gemv import GemvConfig, default_config, gemv  # noqa: E402
 
 DTYPE = torch.bfloat16
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4096, 14336, 32, 8, 128, 16
@@ -50,21 +50,21 @@ def _rand(*shape):
     return torch.randn(*shape, device="cuda", dtype=DTYPE)
 
 
-def _gemm_calls(name: str, m: int, cfg: SkinnyConfig | None):
+def _gemm_calls(name: str, cfg: GemvConfig | None):
     """(ours, peer) call lists over weight copies that overflow L2, and bytes per call."""
     rows, k, norm, gated = SHAPES[name]
     nbytes = rows * k * 2
     copies = _copies_beyond_l2(nbytes)
     # At least 8 calls per graph, so the replay's own launch is a small share of the time.
     weights = [_rand(rows, k) * k**-0.5 for _ in range(copies)] * math.ceil(8 / copies)
-    x, res, g = _rand(m, k), _rand(m, k), _rand(k)
+    x, res, g = _rand(1, k), _rand(1, k), _rand(k)
     ours, peer = [], []
     for w in weights:
         if norm:
-            ours.append(lambda w=w: skinny_gemm(x, w, norm_weight=g, residual=res, gated=gated,
-                                                config=cfg))  # fmt: skip
+            ours.append(lambda w=w: gemv(x, w, norm_weight=g, residual=res, gated=gated,
+                                         config=cfg))  # fmt: skip
         else:
-            ours.append(lambda w=w: skinny_gemm(x, w, config=cfg))
+            ours.append(lambda w=w: gemv(x, w, config=cfg))
 
         def unfused(w=w):
             h = fused_add_rms_norm(x, res, g, 1e-5)[0] if norm else x
@@ -75,57 +75,44 @@ def _gemm_calls(name: str, m: int, cfg: SkinnyConfig | None):
     return ours, peer, nbytes
 
 
-def bench_gemms(ms: list[int]) -> list[dict]:
+def bench_gemms() -> list[dict]:
     rows = []
-    for m, name in itertools.product(ms, SHAPES):
-        ours, peer, nbytes = _gemm_calls(name, m, None)
+    for name in SHAPES:
+        ours, peer, nbytes = _gemm_calls(name, None)
         t_ours, t_peer = _graph_ms(ours), _graph_ms(peer)
-        rows.append({"op": name, "m": m, "weight_MB": nbytes / 1e6,
-                     "config": vars(default_config(m, SHAPES[name][3])),
+        rows.append({"op": name, "weight_MB": nbytes / 1e6,
+                     "config": vars(default_config(SHAPES[name][3])),
                      "ours_us": t_ours * 1e3, "peer_us": t_peer * 1e3,
                      "ours_GBps": nbytes / t_ours / 1e6, "peer_GBps": nbytes / t_peer / 1e6,
                      "speedup": t_peer / t_ours})  # fmt: skip
         r = rows[-1]
-        print(f"gemm {name:>8} m={m:<2} ours {r['ours_us']:7.1f} us ({r['ours_GBps']:5.0f} GB/s)"
+        print(f"gemv {name:>8} ours {r['ours_us']:7.1f} us ({r['ours_GBps']:5.0f} GB/s)"
               f"  cuBLAS+kernels {r['peer_us']:7.1f} us ({r['peer_GBps']:5.0f} GB/s)"
               f"  x{r['speedup']:.3f}", flush=True)  # fmt: skip
     return rows
 
 
-# (block_n, block_k, num_warps) candidates: elementwise single-row tiles of 8-16k elements,
-# and matrix-unit tiles.
-_ROW_TILES = [(8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 4),
-              (16, 1024, 8), (32, 256, 4), (32, 512, 8), (64, 256, 8)]  # fmt: skip
-_DOT_TILES = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 64, 4), (64, 128, 4),
-              (128, 64, 4)]  # fmt: skip
-
-
-def _candidates(m: int):
-    if m == 1:
-        yield from (SkinnyConfig(*t, stages, False)
-                    for t, stages in itertools.product(_ROW_TILES, (1, 2, 3)))  # fmt: skip
-    yield from (SkinnyConfig(*t, stages, True)
-                for t, stages in itertools.product(_DOT_TILES, (3, 5)))  # fmt: skip
-
-
-def sweep_gemms(ms: list[int], ops: list[str]) -> list[dict]:
-    """Candidate tile shapes per (op, m); the best is what `default_config` should pick."""
+def sweep_gemms(ops: list[str]) -> list[dict]:
+    """Candidate tile shapes per op; the best is what `default_config` should pick."""
     out = []
-    for m, name in itertools.product(ms, ops):
+    for name in ops:
         best = None
-        for cfg in _candidates(m):
+        for bn, bk, warps, stages in itertools.product((4, 8, 16, 32), (256, 512, 1024),
+                                                       (4, 8), (1, 2, 3)):  # fmt: skip
+            if bn * bk > 16384 or bn * bk < 2048 or (SHAPES[name][3] and bn * bk > 8192):
+                continue  # spills for sure, or too little work per load
+            cfg = GemvConfig(bn, bk, warps, stages)
             try:
-                ours, _, nbytes = _gemm_calls(name, m, cfg)
+                ours, _, nbytes = _gemm_calls(name, cfg)
                 t = _graph_ms(ours)
             except Exception as e:  # out of resources: not a candidate
-                print(f"  {name} m={m} {cfg}: {type(e).__name__}", flush=True)
+                print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
                 continue
-            row = {"op": name, "m": m, "config": vars(cfg), "us": t * 1e3,
-                   "GBps": nbytes / t / 1e6}  # fmt: skip
+            row = {"op": name, "config": vars(cfg), "us": t * 1e3, "GBps": nbytes / t / 1e6}
             out.append(row)
             if best is None or row["us"] < best["us"]:
                 best = row
-        print(f"sweep {name:>8} m={m:<2} best {best['config']} {best['us']:.1f} us "
+        print(f"sweep {name:>8} best {best['config']} {best['us']:.1f} us "
               f"({best['GBps']:.0f} GB/s)", flush=True)  # fmt: skip
     return out
 
@@ -223,7 +210,7 @@ def main() -> int:
     print(f"read bandwidth {report['read_bw_GBps']:.0f} GB/s", flush=True)
     path = args.out / "decode_kernels.json"
     sections = {
-        "gemm": lambda: bench_gemms([1, 2, 4, 8, 16]),
+        "gemv": bench_gemms,
         "attention": lambda: [
             bench_attention_case(b, ctx, args.max_model_len)
             for b, ctx in [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024),
@@ -232,12 +219,11 @@ def main() -> int:
     }
     if args.sweep:
         ops = args.sweep_ops.split(",")
-        sections["sweep_m1"] = lambda: sweep_gemms([1], ops)
+        sections["sweep_gemv"] = lambda: sweep_gemms(ops)
         if args.sweep_attention:
             sections["sweep_attention"] = lambda: sweep_attention(
                 [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024)],
                 args.max_model_len)  # fmt: skip
-        sections["sweep_m8"] = lambda: sweep_gemms([8], ops)
     for name, run in sections.items():
         report[name] = run()
         path.write_text(json.dumps(report, indent=1))  # kept if a later section is cut short

@@ -7,7 +7,7 @@ after each switch; prefix caching is off so every mode computes its own prompt):
             the separate rotary / KV-write / split-K attention kernels
   fused     the fused elementwise kernels (add + RMSNorm, rotary, SiLU-and-mul) between
             cuBLAS projections: 13 launches per layer
-  fast      the decode fast path: skinny GEMMs with the norms and SiLU-and-mul fused in and
+  fast      the decode fast path: batch-1 GEMVs with the norms and SiLU-and-mul fused in and
             the fused decode attention, 5 launches per layer (the engine's default)
 For each: the median engine step (ends with the sampled id read back, as engine_h200.py
 times it), the forward's CUDA-graph replay alone, achieved GB/s, and the greedy tokens.
@@ -67,9 +67,9 @@ def main() -> int:
     nbytes = weight_bytes(cfg) + (PROMPT_LEN + NEW_TOKENS / 2) * kv_bytes_per_token(cfg)
 
     fused_uses_triton = layers.uses_triton
-    fast_path = (transformer.uses_skinny_gemm, transformer.fuses_decode)
+    fast_path = (transformer.uses_gemv, transformer.fuses_decode)
     layers.uses_triton = lambda x: False  # the torch chains, in the graph captured at start
-    transformer.uses_skinny_gemm = lambda x: False
+    transformer.uses_gemv = lambda x: False
     transformer.fuses_decode = lambda qkv, meta: False
     llm = LLM(str(model_dir(args.config)), load_format="dummy", max_model_len=1024,
               max_num_seqs=1, kv_cache_gb=2, enable_prefix_caching=False)  # fmt: skip
@@ -79,7 +79,7 @@ def main() -> int:
         if mode == "fused":
             layers.uses_triton = fused_uses_triton
         if mode == "fast":
-            transformer.uses_skinny_gemm, transformer.fuses_decode = fast_path
+            transformer.uses_gemv, transformer.fuses_decode = fast_path
         if mode != "torch":
             llm.engine.runner.graphs.capture()
         r = decode(llm, prompt, mode)

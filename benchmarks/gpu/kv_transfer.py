@@ -10,7 +10,8 @@ default 232: 3,712 tokens), each the median of `--reps`:
 - stores of scattered cache blocks into the host tier: `put_blocks_async` (what the engine's
   evictions use) and per-block `put_async`; the engine thread's time and the time until
   stored;
-- the same loads while another thread runs Python (the engine loop holding the GIL).
+- the same loads while another thread runs Python (the engine loop holding the GIL), with
+  the default 5 ms GIL switch interval and with 0.5 ms.
 
 Every loaded block is checked byte for byte. Writes one JSON file.
 
@@ -195,6 +196,15 @@ def main() -> int:
             result[name]["blocks_identical"] = bool(torch.equal(cache[:, :, dst_ids], expected))
             with PythonLoad():
                 result[name + "_beside_python_thread"] = with_rate(timed(fn, reps), nbytes)
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(0.0005)  # what a 0.5 ms GIL switch interval would give
+            try:
+                with PythonLoad():
+                    result[name + "_beside_python_thread_switch_0.5ms"] = with_rate(
+                        timed(fn, reps), nbytes
+                    )
+            finally:
+                sys.setswitchinterval(interval)
     finally:
         warehouse.close()
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -80,10 +80,11 @@ class _Job:
     submitted: float
 
 
-# Staging memory per device between the tiers' payloads and the cache (128 MiB: 64 blocks of
-# the Llama-3.1-8B shape). A block's place in the cache, kv_cache[:, :, b], is 2 * layers
-# strided pieces, so a copy per block would cost a temporary and a kernel each; instead each
-# batch is copied in contiguously and placed with one scatter.
+# A GPU's staging memory between the tiers' payloads and the cache (128 MiB: 64 blocks of
+# the Llama-3.1-8B shape); the writer's gathers are bounded by the same size. A block's place
+# in the cache, kv_cache[:, :, b], is 2 * layers strided pieces, so a copy per block would cost
+# a temporary and a kernel each; instead each batch is copied in contiguously and placed with
+# one scatter.
 STAGING_BYTES = 128 << 20
 
 
@@ -92,8 +93,9 @@ class BlockLoader:
     stream, after everything the caller had queued when it asked (the destination blocks may
     have just been freed by a kernel still running), and the job is done once they land.
 
-    Each batch of blocks costs one host-to-device copy per run of payloads adjacent in memory
-    (blocks stored in order sit in consecutive host slots) and one scatter into the cache.
+    On a GPU each batch of blocks costs one host-to-device copy per run of consecutive host
+    slots (the pool evicts a sequence's blocks in order, so they sit in a run) or per block
+    from another tier, then one scatter into the cache.
     """
 
     def __init__(
@@ -158,7 +160,9 @@ class BlockLoader:
         try:
             with torch.inference_mode(), torch.cuda.stream(stream):
                 ids = torch.tensor(job.block_ids, dtype=torch.long).to(device, non_blocking=True)
-                staging = self._staging_rows(device, min(len(job.block_ids), self.batch_blocks))
+                staging = None  # a CPU cache takes blocks straight from the tiers' memory
+                if stream is not None:
+                    staging = self._staging_rows(device, min(len(job.block_ids), self.batch_blocks))
                 columns = blocks_dim(job.kv_cache)
                 start = 0  # sources[start:] are read but not yet copied
                 for source in blocks:
@@ -193,25 +197,29 @@ class BlockLoader:
     def _copy_in(
         self,
         columns: torch.Tensor,
-        staging: tuple[torch.Tensor, torch.Tensor],
+        staging: tuple[torch.Tensor, torch.Tensor] | None,
         batch: list[BlockSource],
         ids: torch.Tensor,
         job: _Job,
     ) -> None:
-        """Copy `batch` into `staging`, then scatter it to the cache's blocks `ids[i]`
-        (`columns` is `blocks_dim` of the cache)."""
-        raw, rows = staging
+        """Copy `batch` into the device's `staging`, then scatter it to the cache's blocks
+        `ids[i]` (`columns` is `blocks_dim` of the cache); without staging, scatter each run
+        straight from where it is."""
         for first, end in runs(batch, _next_row):
             s = batch[first]
-            if s.slab is None:
-                raw[first].copy_(s.payload, non_blocking=True)
+            src = s.payload[None] if s.slab is None else s.slab[s.slot : s.slot + end - first]
+            if staging is None:
+                rows = as_block_rows(src, self.layout).transpose(0, 1)
+                columns.index_copy_(1, ids[first:end], rows)
             else:
-                raw[first:end].copy_(s.slab[s.slot : s.slot + end - first], non_blocking=True)
+                staging[0][first:end].copy_(src, non_blocking=True)
+        if staging is None:
+            return
         if job.after is not None:  # the first batch's copy overlaps the caller's work
             torch.cuda.current_stream().wait_event(job.after)
             job.after = None
         n = len(batch)
-        columns.index_copy_(1, ids[:n], rows[:n].transpose(0, 1))
+        columns.index_copy_(1, ids[:n], staging[1][:n].transpose(0, 1))
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Finish the loads already asked for, then stop the thread."""

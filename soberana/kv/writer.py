@@ -111,10 +111,16 @@ class BlockWriter:
         staging = as_block_rows(self._staging, self.layout)
         for start in range(0, n, self.gather_blocks):
             end = min(start + self.gather_blocks, n)
-            gathered = columns.index_select(0, ids[start:end])  # contiguous [m, layers*2, words]
+            part = ids[start:end]
+            # A GPU gathers into its own memory, then one copy per run of staging slots
+            # crosses the bus; a CPU gathers straight into the staging slots.
+            gathered = columns.index_select(0, part) if kv_cache.is_cuda else None
             for first, last in runs(slots[start:end], lambda a, b: b == a + 1):
                 rows = staging[slots[start + first] : slots[start + last - 1] + 1]
-                rows.copy_(gathered[first:last], non_blocking=True)
+                if gathered is None:
+                    torch.index_select(columns, 0, part[first:last], out=rows)
+                else:
+                    rows.copy_(gathered[first:last], non_blocking=True)
         ready = None
         if kv_cache.is_cuda:
             ready = torch.cuda.Event()

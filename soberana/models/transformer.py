@@ -20,9 +20,9 @@ from soberana.ops.attention import (
 from soberana.ops.layers import (
     RMSNorm,
     RotaryEmbedding,
+    gemv_linear,
     silu_and_mul,
-    skinny_linear,
-    uses_skinny_gemm,
+    uses_gemv,
 )
 
 
@@ -100,8 +100,8 @@ class DecoderLayer(nn.Module):
 
         The residual add is deferred into the next norm, which fuses add + RMSNorm on GPUs.
         """
-        if uses_skinny_gemm(x):
-            return self._forward_skinny(x, residual, positions, rotary, kv, meta)
+        if uses_gemv(x):
+            return self._forward_gemv(x, residual, positions, rotary, kv, meta)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
@@ -110,15 +110,15 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.down_proj(silu_and_mul(self.gate_up_proj(h))), residual
 
-    def _forward_skinny(self, x, residual, positions, rotary, kv, meta):
-        """GPU decode batches: each norm and SiLU-and-mul runs inside the projection next to
-        it (triton_skinny_gemm.py), five launches per layer with the fused decode attention."""
+    def _forward_gemv(self, x, residual, positions, rotary, kv, meta):
+        """Batch-1 decode on GPUs: each norm and SiLU-and-mul runs inside the projection next
+        to it (triton_gemv.py), five launches per layer with the fused decode attention."""
         attn = self.self_attn
-        qkv, residual = skinny_linear(x, attn.qkv_proj, self.input_layernorm, residual)
-        h, _ = skinny_linear(attn.attend(qkv, positions, rotary, kv, meta), attn.o_proj)
-        act, residual = skinny_linear(h, self.gate_up_proj, self.post_attention_layernorm,
-                                      residual, gated=True)  # fmt: skip
-        return skinny_linear(act, self.down_proj)[0], residual
+        qkv, residual = gemv_linear(x, attn.qkv_proj, self.input_layernorm, residual)
+        h, _ = gemv_linear(attn.attend(qkv, positions, rotary, kv, meta), attn.o_proj)
+        act, residual = gemv_linear(h, self.gate_up_proj, self.post_attention_layernorm,
+                                    residual, gated=True)  # fmt: skip
+        return gemv_linear(act, self.down_proj)[0], residual
 
 
 class CausalLM(nn.Module):

@@ -30,31 +30,31 @@ def uses_triton(x: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _skinny_ops():
+def _gemv_ops():
     try:
-        from soberana.ops import triton_skinny_gemm
+        from soberana.ops import triton_gemv
     except ImportError:
         return None
-    return triton_skinny_gemm
+    return triton_gemv
 
 
-def uses_skinny_gemm(x: torch.Tensor) -> bool:
-    """Whether a layer's projections of `x` [T, H] run as fused skinny GEMMs (GPU decode
-    batches of at most `triton_skinny_gemm.MAX_M` tokens)."""
-    ops = _skinny_ops() if x.device.type == "cuda" else None
-    return ops is not None and x.dim() == 2 and x.shape[0] <= ops.MAX_M
+def uses_gemv(x: torch.Tensor) -> bool:
+    """Whether a layer's projections of `x` [T, H] run as fused GEMV kernels (batch-1 decode
+    and other one-token steps on GPUs, `triton_gemv.py`)."""
+    return x.device.type == "cuda" and x.dim() == 2 and x.shape[0] == 1 and (
+        _gemv_ops() is not None)  # fmt: skip
 
 
-def skinny_linear(
+def gemv_linear(
     x: torch.Tensor,
     linear: nn.Linear,
     norm: RMSNorm | None = None,
     residual: torch.Tensor | None = None,
     gated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`linear(x)` in one launch, with `norm`'s (add +) RMSNorm before it and, for a fused
-    gate/up projection, SiLU-and-mul after it; returns (out, new residual or None)."""
-    return _skinny_ops().skinny_gemm(
+    """`linear(x)` for one row in one launch, with `norm`'s (add +) RMSNorm before it and,
+    for a fused gate/up projection, SiLU-and-mul after it; returns (out, new residual)."""
+    return _gemv_ops().gemv(
         x, linear.weight, linear.bias,
         norm_weight=None if norm is None else norm.weight, eps=1e-6 if norm is None else norm.eps,
         residual=residual, gated=gated,

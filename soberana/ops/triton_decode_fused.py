@@ -12,7 +12,9 @@ kv head, partition):
   softmax from registers, so no program reads a slot that is being written;
 - every partition folds its share of the cached keys `[0, seq_len - 1)`;
 - with several partitions, each stores its partial output, and the last one to finish (an
-  atomic counter per (sequence, kv head), reset by that program) merges them by log-sum-exp.
+  atomic counter per (sequence, kv head), reset by that program) merges them by log-sum-exp;
+- on Hopper and later it is a programmatic dependent launch that waits for the qkv
+  projection inside the kernel, so its launch overlaps that kernel's tail.
 The partition count is launched from host-known shapes (CUDA-graph safe); on the device each
 sequence uses only as many partitions as its context needs (`MIN_TILES` tiles each), so short
 contexts do not pay for a merge.
@@ -25,6 +27,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from soberana.ops.triton_checks import check_batch, check_cache_pair
 from soberana.ops.triton_decode_attention import (
@@ -33,6 +36,7 @@ from soberana.ops.triton_decode_attention import (
     default_decode_config,
     num_sms,
 )
+from soberana.ops.triton_gemv import supports_pdl
 from soberana.ops.triton_paged_tile import attend_paged_tile, dot_precision, tile_block_ids
 
 # Key tiles per partition before a context is split further: on an H200 one tile per
@@ -91,7 +95,11 @@ def _fused_decode_kernel(
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, QK_NORM: tl.constexpr,
     MERGE_ROWS: tl.constexpr, SPLITS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # launched early (programmatic dependent launch): qkv is ready from here on
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -313,8 +321,8 @@ def fused_decode_attention(
         TILE_N=cfg.tile_n, MIN_TILES=_MIN_TILES, QK_NORM=q_norm is not None,
         MERGE_ROWS=triton.next_power_of_2(queries_per_kv),
         SPLITS_PAD=triton.next_power_of_2(num_splits),
-        DOT_PRECISION=dot_precision(qkv.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(qkv.dtype), PDL=supports_pdl(qkv.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=supports_pdl(qkv.device),
         # Rotary must round each product (see triton_fused.rotary_embedding).
         enable_fp_fusion=False,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The decode fast path on a GPU: skinny GEMMs with fused norm/activation and the fused decode
+"""The decode fast path on a GPU: fused GEMVs (norm/activation inside) and the fused decode
 attention at model shapes in bf16, and the engine's tokens with the path on and off.
 
 Each case draws fresh random inputs (the seed is in the failure message). Outputs are
@@ -20,11 +20,11 @@ from soberana import LLM, SamplingParams  # noqa: E402
 from soberana.models import transformer  # noqa: E402
 from soberana.ops.triton_decode_attention import DecodeConfig  # noqa: E402
 from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
-from soberana.ops.triton_skinny_gemm import SkinnyConfig, skinny_gemm  # noqa: E402
+from soberana.ops.triton_gemv import gemv  # noqa: E402
 from tests.engine.tiny_models import prompts_of_lengths  # noqa: E402
 from tests.ops.decode_fast_path_cases import (  # noqa: E402
     make_fused_decode_case,
-    reference_skinny,
+    reference_gemv,
     written_slots,
 )
 from tests.ops.fused_cases import assert_matches, randn  # noqa: E402
@@ -55,45 +55,49 @@ def _check(out, ref, tol, gen):
 # Llama-3.1-8B's projections: (rows of W, K, norm before, gated).
 SHAPES = {"qkv": (6144, 4096, True, False), "o": (4096, 4096, False, False),
           "gate_up": (28672, 4096, True, True), "down": (4096, 14336, False, False),
-          "odd": (1000, 1100, True, True)}  # fmt: skip
+          "ragged": (1000, 1100, True, True)}  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m", [1, 2, 7, 16])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_skinny_gemm_matches_the_unfused_chain_at_model_shapes(dtype, m, shape, gen):
+def test_gemv_matches_the_unfused_chain_at_model_shapes(dtype, shape, gen):
     rows, k, norm, gated = SHAPES[shape]
-    x = randn(m, k, dtype=dtype, device="cuda", gen=gen)
+    x = randn(1, k, dtype=dtype, device="cuda", gen=gen)
     w = (randn(rows, k, dtype=torch.float32, device="cuda", gen=gen) * k**-0.5).to(dtype)
     bias = randn(rows, dtype=dtype, device="cuda", gen=gen) if shape == "qkv" else None
     kw = {}
     if norm:
         kw = {"norm_weight": randn(k, dtype=dtype, device="cuda", gen=gen), "eps": 1e-5,
-              "residual": randn(m, k, dtype=dtype, device="cuda", gen=gen)}  # fmt: skip
-    _poison_next((m, rows // 2 if gated else rows), dtype)
-    out, new_res = skinny_gemm(x, w, bias, gated=gated, **kw)
-    ref, ref_res = reference_skinny(x, w, bias, gated=gated, **kw)
+              "residual": randn(1, k, dtype=dtype, device="cuda", gen=gen)}  # fmt: skip
+    _poison_next((1, rows // 2 if gated else rows), dtype)
+    out, new_res = gemv(x, w, bias, gated=gated, **kw)
+    ref, ref_res = reference_gemv(x, w, bias, gated=gated, **kw)
     _check(out, ref.float(), GEMM_TOLERANCE[dtype] * (2 if gated else 1), gen)
     if norm:
         assert torch.equal(new_res, ref_res)  # the residual sum is one rounding, exactly
 
 
-def test_skinny_gemm_m1_on_the_cuda_cores_matches_too(gen):
+def test_gemv_chain_with_programmatic_dependent_launch_in_a_cuda_graph(gen):
+    # Each kernel may start before the previous one ends and waits for it in-kernel; a chain
+    # where every GEMV reads the one before it, replayed as a graph, must still be exact.
+    ws = [(randn(4096, 4096, dtype=torch.float32, device="cuda", gen=gen) * 4096**-0.5).to(
+        torch.bfloat16) for _ in range(6)]  # fmt: skip
     x = randn(1, 4096, dtype=torch.bfloat16, device="cuda", gen=gen)
-    w = (randn(4096, 4096, dtype=torch.float32, device="cuda", gen=gen) * 4096**-0.5).to(
-        torch.bfloat16)  # fmt: skip
-    out, _ = skinny_gemm(x, w, config=SkinnyConfig(16, 512, 4, 4, dot=False))
-    _check(out, reference_skinny(x, w)[0].float(), GEMM_TOLERANCE[torch.bfloat16], gen)
 
+    def chain():
+        h = x
+        for w in ws:
+            h, _ = gemv(h, w)
+        return h
 
-def test_skinny_gemm_rows_do_not_depend_on_the_other_rows_of_a_batch(gen):
-    # Batches of 2..16 share the matrix-unit path: a row's result is the same in any of them.
-    x = randn(16, 4096, dtype=torch.bfloat16, device="cuda", gen=gen)
-    w = randn(6144, 4096, dtype=torch.bfloat16, device="cuda", gen=gen)
-    batched, _ = skinny_gemm(x, w)
-    for start, stop in ((0, 2), (3, 6), (8, 16)):
-        part, _ = skinny_gemm(x[start:stop].clone(), w)
-        assert torch.equal(part, batched[start:stop]), (start, stop, gen.initial_seed())
+    eager = chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager), gen.initial_seed()
 
 
 def _fused(case, num_splits=None):
@@ -166,20 +170,22 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("dtype", "n_tokens", "min_same"),
-                         [("float32", 20, 12), ("bfloat16", 4, 9)])  # fmt: skip
+                         [("float32", 20, 16), ("bfloat16", 4, 12)])  # fmt: skip
 def test_engine_tokens_with_the_fast_path_equal_the_unfused_path(llama_dir, dtype, n_tokens,
                                                                  min_same, monkeypatch):  # fmt: skip
-    # Batches of 1..12 decodes run the fast path; 12 prompts of ragged lengths.
+    # The fused attention runs for every decode batch, the fused GEMVs for batch 1: the
+    # prompts are generated together, then one at a time.
     prompts = prompts_of_lengths([3, 30, 200, 900] * 3, seed=4, vocab=4096)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, detokenize=False)
 
     def tokens():
         llm = LLM(str(llama_dir), dtype=dtype, max_model_len=2048, kv_cache_gb=2,
                   enable_prefix_caching=False)  # fmt: skip
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        return batched + [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts[:4]]
 
     fast = tokens()
-    monkeypatch.setattr(transformer, "uses_skinny_gemm", lambda x: False)
+    monkeypatch.setattr(transformer, "uses_gemv", lambda x: False)
     monkeypatch.setattr(transformer, "fuses_decode", lambda qkv, meta: False)
     unfused = tokens()
     same = sum(a[:n_tokens] == b[:n_tokens] for a, b in zip(fast, unfused))

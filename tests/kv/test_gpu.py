@@ -117,3 +117,25 @@ def test_a_batch_of_evictions_is_snapshot_before_later_kernels_and_loads_back_in
         assert torch.equal(big[:, :, dst], expected)
     finally:
         warehouse.close()
+
+
+def test_handing_over_a_batch_never_synchronises_the_engine_stream(gpu_cache):
+    """It runs inside the engine's step, before the launch (async scheduling): a sync would
+    stall the GPU."""
+    cache, layout = gpu_cache
+    warehouse = KVWarehouse(layout, host=HostTier(layout, 16 * layout.block_nbytes))
+    try:
+        hashes = make_hashes(layout, 8)
+        # The debug mode is global: the writer thread waits (on this lock) until it is off.
+        with warehouse._writer._cond:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                assert warehouse.put_blocks_async(hashes, cache, list(range(8))) == 0
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert warehouse.flush(timeout=30)
+        assert warehouse.load_async(hashes, cache, list(range(16, 24))).wait(timeout=30) == 8
+        torch.cuda.synchronize()
+        assert torch.equal(cache[:, :, 16:24], cache[:, :, :8])
+    finally:
+        warehouse.close()

@@ -1,4 +1,4 @@
-"""Inputs and references for the decode fast-path kernels (skinny GEMM, fused decode
+"""Inputs and references for the decode fast-path kernels (fused GEMV, fused decode
 attention), shared by the interpreter tests here and the GPU tests in tests/gpu."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from tests.ops.fused_cases import randn, rope_tables
 from tests.ops.paged_attention_cases import make_step, reference_attention
 
 
-def reference_skinny(x, weight, bias=None, *, norm_weight=None, eps=1e-6, residual=None,
-                     gated=False):  # fmt: skip
+def reference_gemv(x, weight, bias=None, *, norm_weight=None, eps=1e-6, residual=None,
+                   gated=False):  # fmt: skip
     """The unfused eager chain: (add +) RMSNorm, linear, SiLU-and-mul; (out, new residual)."""
     new_residual = None
     if norm_weight is not None:

@@ -1,5 +1,4 @@
-"""The decode fast-path kernels (skinny GEMM with fused norm/activation, fused decode
-attention) run by Triton's CPU interpreter on small shapes, against the unfused eager chain.
+"""The decode fast-path kernels (GEMV with fused norm/activation, fused decode attention) run by Triton's CPU interpreter on small shapes, against the unfused eager chain.
 
 Float32 and float16 only (the interpreter mishandles bfloat16 in `tl.dot`); tests/gpu covers
 bfloat16 at model shapes. Outputs start as NaN or the cache slots being written hold NaN, so
@@ -22,10 +21,10 @@ pytestmark = [
 
 from soberana.ops.triton_decode_attention import DecodeConfig  # noqa: E402
 from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
-from soberana.ops.triton_skinny_gemm import SkinnyConfig, skinny_gemm  # noqa: E402
+from soberana.ops.triton_gemv import GemvConfig, gemv  # noqa: E402
 from tests.ops.decode_fast_path_cases import (  # noqa: E402
     make_fused_decode_case,
-    reference_skinny,
+    reference_gemv,
     written_slots,
 )
 from tests.ops.fused_cases import assert_matches, randn  # noqa: E402
@@ -39,8 +38,8 @@ def gen():
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
-def _inputs(m, n, k, dtype, gen, *, gated=False, bias=False):
-    x = randn(m, k, dtype=dtype, device="cpu", gen=gen)
+def _inputs(n, k, dtype, gen, *, gated=False, bias=False):
+    x = randn(1, k, dtype=dtype, device="cpu", gen=gen)
     w = randn(2 * n if gated else n, k, dtype=dtype, device="cpu", gen=gen) * k**-0.5
     b = randn(w.shape[0], dtype=dtype, device="cpu", gen=gen) if bias else None
     return x, w.to(dtype), b
@@ -51,29 +50,31 @@ def _close(out, ref, dtype):
     assert relative_error(out, ref) < TOLERANCE[dtype], relative_error(out, ref)
 
 
+# Shapes whose rows and K split evenly into tiles, and ones that leave ragged edges.
+EVEN, RAGGED = (48, 64), (40, 96)
+CONFIG = GemvConfig(16, 32, 4, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("shape", [EVEN, RAGGED])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dot", [True, False])
-def test_skinny_gemm_equals_linear_for_each_batch_size(dtype, m, bias, dot, gen):
-    x, w, b = _inputs(m, 40, 96, dtype, gen, bias=bias)
-    out, res = skinny_gemm(x, w, b, config=SkinnyConfig(16, 32, 4, 1, dot))
-    assert res is None and out.shape == (m, 40)
-    _close(out, reference_skinny(x, w, b)[0], dtype)
+def test_gemv_equals_linear(dtype, shape, bias, gen):
+    x, w, b = _inputs(*shape, dtype, gen, bias=bias)
+    out, res = gemv(x, w, b, config=CONFIG)
+    assert res is None and out.shape == (1, shape[0])
+    _close(out, reference_gemv(x, w, b)[0], dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("shape", [EVEN, RAGGED])
 @pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("dot", [True, False])
-def test_skinny_gemm_fuses_add_and_rms_norm_before_the_projection(dtype, m, with_residual, dot,
-                                                                 gen):  # fmt: skip
-    x, w, _ = _inputs(m, 24, 80, dtype, gen)  # K not a multiple of BLOCK_K: masked tail
-    residual = randn(m, 80, dtype=dtype, device="cpu", gen=gen) if with_residual else None
-    g = randn(80, dtype=dtype, device="cpu", gen=gen)
-    out, res = skinny_gemm(x, w, norm_weight=g, eps=1e-5, residual=residual,
-                           config=SkinnyConfig(16, 32, 4, 1, dot))
-    ref, ref_res = reference_skinny(x, w, norm_weight=g, eps=1e-5, residual=residual)
+def test_gemv_fuses_add_and_rms_norm_before_the_projection(dtype, shape, with_residual, gen):
+    x, w, _ = _inputs(*shape, dtype, gen)
+    k = shape[1]
+    residual = randn(1, k, dtype=dtype, device="cpu", gen=gen) if with_residual else None
+    g = randn(k, dtype=dtype, device="cpu", gen=gen)
+    out, res = gemv(x, w, norm_weight=g, eps=1e-5, residual=residual, config=CONFIG)
+    ref, ref_res = reference_gemv(x, w, norm_weight=g, eps=1e-5, residual=residual)
     _close(out, ref, dtype)
     # The new residual stream is the rounded sum, exactly; without one it is x itself.
     assert torch.equal(res, ref_res)
@@ -82,38 +83,26 @@ def test_skinny_gemm_fuses_add_and_rms_norm_before_the_projection(dtype, m, with
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("dot", [True, False])
-def test_skinny_gemm_gated_writes_silu_of_gate_times_up(dtype, m, dot, gen):
-    x, w, b = _inputs(m, 48, 64, dtype, gen, gated=True, bias=True)
-    residual = randn(m, 64, dtype=dtype, device="cpu", gen=gen)
-    g = randn(64, dtype=dtype, device="cpu", gen=gen)
-    out, _ = skinny_gemm(x, w, b, norm_weight=g, residual=residual, gated=True,
-                         config=SkinnyConfig(16, 32, 4, 1, dot))
-    assert out.shape == (m, 48)
-    ref, _ = reference_skinny(x, w, b, norm_weight=g, residual=residual, gated=True)
+@pytest.mark.parametrize("shape", [EVEN, RAGGED])
+def test_gemv_gated_writes_silu_of_gate_times_up(dtype, shape, gen):
+    x, w, b = _inputs(*shape, dtype, gen, gated=True, bias=True)
+    residual = randn(1, shape[1], dtype=dtype, device="cpu", gen=gen)
+    g = randn(shape[1], dtype=dtype, device="cpu", gen=gen)
+    out, _ = gemv(x, w, b, norm_weight=g, residual=residual, gated=True, config=CONFIG)
+    assert out.shape == (1, shape[0])
+    ref, _ = reference_gemv(x, w, b, norm_weight=g, residual=residual, gated=True)
     _close(out, ref, dtype)
 
 
-def test_skinny_gemm_rows_do_not_depend_on_the_batch_they_are_in(gen):
-    # With the matrix-unit path (the default) a row's result is the same whatever else is
-    # in the batch: per-request seeds then sample the same tokens in any batch.
-    x, w, _ = _inputs(9, 40, 96, torch.float16, gen)
-    alone, _ = skinny_gemm(x[2:3], w, config=SkinnyConfig(16, 32, 4, 1))
-    batched, _ = skinny_gemm(x, w, config=SkinnyConfig(16, 32, 4, 1))
-    assert torch.equal(alone[0], batched[2])
-
-
-def test_skinny_gemm_rejects_what_it_cannot_compute():
-    x = torch.zeros(17, 8)
-    with pytest.raises(ValueError, match="M <= 16"):
-        skinny_gemm(x, torch.zeros(4, 8))
+def test_gemv_rejects_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="one contiguous row"):
+        gemv(torch.zeros(2, 8), torch.zeros(4, 8))
     with pytest.raises(ValueError, match="weight"):
-        skinny_gemm(torch.zeros(2, 8), torch.zeros(4, 6))
+        gemv(torch.zeros(1, 8), torch.zeros(4, 6))
     with pytest.raises(ValueError, match="norm_weight"):
-        skinny_gemm(torch.zeros(2, 8), torch.zeros(4, 8), residual=torch.zeros(2, 8))
+        gemv(torch.zeros(1, 8), torch.zeros(4, 8), residual=torch.zeros(1, 8))
     with pytest.raises(ValueError, match="gated"):
-        skinny_gemm(torch.zeros(2, 8), torch.zeros(5, 8), gated=True)
+        gemv(torch.zeros(1, 8), torch.zeros(5, 8), gated=True)
 
 
 def _run_fused(case, num_splits=None, tile_n=16):
@@ -172,3 +161,31 @@ def test_fused_decode_counters_reset_so_repeated_launches_agree(gen):
     again = _run_fused(case, num_splits=5)
     assert torch.equal(first, again)
     _close(again, case.ref_out, torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_engine_tokens_on_the_fast_path_equal_the_eager_path(arch, tmp_path, monkeypatch):
+    # The GPU dispatch, forced onto the interpreter: one-token steps through the fused GEMVs,
+    # decode-only steps through the fused attention (q/k norm for qwen3, biases for qwen2).
+    from soberana import LLM, SamplingParams
+    from soberana.models import transformer
+    from tests.engine.tiny_models import build_tiny_model, prompts_of_lengths
+
+    build_tiny_model(tmp_path, arch)
+    prompts = prompts_of_lengths([3, 40])
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)
+
+    def tokens():
+        llm = LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_gb=0.01)
+        alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+        return alone, [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    eager = tokens()
+    calls = []
+    gemv_linear = transformer.gemv_linear
+    monkeypatch.setattr(transformer, "uses_gemv", lambda x: x.shape[0] == 1)
+    monkeypatch.setattr(transformer, "fuses_decode", lambda qkv, m: qkv.shape[0] == m.num_decodes)
+    monkeypatch.setattr(transformer, "gemv_linear", lambda *a, **k: calls.append(1) or
+                        gemv_linear(*a, **k))  # fmt: skip
+    assert tokens() == eager
+    assert calls  # the fused path ran

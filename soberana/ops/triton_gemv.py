@@ -1,0 +1,216 @@
+"""Batch-1 GEMV for decode: `x [1, K] @ W[N, K].T`, with the neighbouring elementwise work fused
+in, so a batch-1 decode layer is five launches instead of thirteen.
+
+At batch 1 a decode step is a stream of weights from HBM; what costs time around the matrix
+products is the small kernels between them (RMSNorm, SiLU-and-mul, cuBLAS's split-K
+reduction), the launches, and each kernel's ramp-up before its loads reach full bandwidth.
+Here
+- the **prologue** can apply the layer's (residual add +) RMSNorm to `x`: every program reads
+  the input row (a few KB, from L2) as it streams W, multiplies it by the norm's weight and
+  scales its result by 1 / rms at the end, so no norm kernel runs; program 0 also writes the
+  new residual stream;
+- the **epilogue** can add a bias, or apply SiLU-and-mul to a fused gate/up projection: a
+  program computes the same rows of the gate half and the up half and writes only
+  `silu(gate) * up`;
+- with **programmatic dependent launch** (Hopper and later), a program loads its first tile
+  of W, which does not depend on the previous kernel, and only then waits for that kernel
+  (`griddepcontrol.wait`), so its launch and first loads overlap the previous kernel's tail.
+Each program owns `BLOCK_N` whole rows of W (no split-K): results are deterministic. Rounding
+follows the unfused chain where it can: the residual sum, the projection and the activation
+are rounded to the tensor dtype where `soberana/ops/layers.py` rounds them. The normed input
+is not: the product reads `x * norm_weight` rounded once and applies 1 / rms in float32
+afterwards, where the eager chain rounds `x / rms` and then its product with the weight (the
+same value to within a rounding of the input, in one pass over it instead of two).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters: rows of W per program and reduction width per iteration."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(gated: bool) -> GemvConfig:
+    """Measured on an H200 at Llama-3.1-8B's projections (benchmarks/gpu/decode_kernels.py
+    --sweep): many narrow programs, each streaming 8 (16 for gate/up pairs) rows of W in
+    512-wide slices."""
+    return GemvConfig(16, 512, 4, 1) if gated else GemvConfig(8, 512, 4, 2)
+
+
+@functools.lru_cache(maxsize=8)
+def supports_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def _load_rows(w_rows, ks, col_ok, K, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(w_rows + ks[None, :])
+    return tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_ptr, res_ptr, norm_w_ptr, res_out_ptr, K,
+                pid, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+                EVEN: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Fold the input slice `k0:k0+BLOCK_K` times this program's tile(s) of W into `acc`."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    if EVEN:
+        x = tl.load(x_ptr + ks)
+    else:
+        x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+    if HAS_RESIDUAL:
+        # The rounded sum, as the eager `x + residual` is; program 0 writes it out.
+        r = tl.load(res_ptr + ks, mask=k_ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + ks, x, mask=k_ok & (pid == 0))
+    xf = x.to(tl.float32)
+    if NORM:
+        # Squares build up elementwise and are summed once at the end: a reduction across
+        # the program's threads in every iteration would stall the stream of weight loads.
+        sum_sq += xf * xf
+        g = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        xf = (xf * g).to(x.dtype).to(tl.float32)
+    acc += w.to(tl.float32) * xf[None, :]
+    if GATED:
+        acc_up += w_up.to(tl.float32) * xf[None, :]
+    return acc, acc_up, sum_sq
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, res_ptr, norm_w_ptr, w_ptr, bias_ptr, out_ptr, res_out_ptr,
+    N, K, eps, stride_wn,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w_rows = w_ptr + cols[:, None] * stride_wn
+    # The up half's rows sit N rows below the gate half's.
+    w_up_rows = w_rows + N * stride_wn
+    ks = tl.arange(0, BLOCK_K)
+    # The first tile of W depends on nothing the previous kernel writes: load it, then wait.
+    w = _load_rows(w_rows, ks, col_ok, K, EVEN)
+    w_up = w
+    if GATED:
+        w_up = _load_rows(w_up_rows, ks, col_ok, K, EVEN)
+    if PDL:
+        gdc_wait()  # the previous kernel's writes (x, residual) are visible from here on
+        gdc_launch_dependents()
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    sum_sq = tl.zeros([BLOCK_K], tl.float32)
+    acc, acc_up, sum_sq = _accumulate(acc, acc_up, sum_sq, w, w_up, 0, x_ptr, res_ptr,
+                                      norm_w_ptr, res_out_ptr, K, pid, NORM, HAS_RESIDUAL,
+                                      GATED, EVEN, BLOCK_K)  # fmt: skip
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _load_rows(w_rows, k0 + ks, col_ok, K, EVEN)
+        if GATED:
+            w_up = _load_rows(w_up_rows, k0 + ks, col_ok, K, EVEN)
+        acc, acc_up, sum_sq = _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_ptr, res_ptr,
+                                          norm_w_ptr, res_out_ptr, K, pid, NORM, HAS_RESIDUAL,
+                                          GATED, EVEN, BLOCK_K)  # fmt: skip
+
+    out = tl.sum(acc, axis=1)
+    out_up = tl.sum(acc_up, axis=1)
+    if NORM:
+        inv_rms = tl.math.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
+        out = out * inv_rms
+        out_up = out_up * inv_rms
+    out_dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if GATED:
+            out_up += tl.load(bias_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if GATED:
+        # silu(gate) * up with the gate, the up projection and the SiLU each rounded to the
+        # dtype, as `F.silu(gate).mul_(up)` on the projection's output rounds them.
+        gate = out.to(out_dtype).to(tl.float32)
+        up = out_up.to(out_dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
+        out = act * up
+    tl.store(out_ptr + cols, out.to(out_dtype), mask=col_ok)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    gated: bool = False,
+    config: GemvConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`x @ weight.T (+ bias)` for one row `x` [1, K]; returns (out, new residual).
+
+    With `norm_weight`, `x` is first replaced by `RMSNorm(x (+ residual)) * norm_weight`; the
+    second result is then `x + residual` (or `x` itself without a residual), else None.
+    With `gated`, `weight` is a fused [2I, K] gate/up projection and out is
+    `silu(gate) * up` [1, I].
+    """
+    _check(x, weight, bias, norm_weight, residual, gated)
+    k = x.shape[1]
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    new_residual = None
+    if norm_weight is not None:
+        new_residual = x if residual is None else torch.empty_like(x)
+    cfg = config or default_config(gated)
+    res = residual if residual is not None else x
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, res, norm_weight if norm_weight is not None else weight, weight,
+        bias if bias is not None else weight, out,
+        new_residual if residual is not None else out,  # unused without a residual
+        n, k, eps, weight.stride(0),
+        NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None, GATED=gated,
+        EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, PDL=supports_pdl(x.device),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=supports_pdl(x.device),
+    )  # fmt: skip
+    return out, new_residual
+
+
+def _check(x, weight, bias, norm_weight, residual, gated) -> None:
+    if x.dim() != 2 or x.shape[0] != 1 or x.stride(1) != 1:
+        raise ValueError(f"x must be one contiguous row [1, K], got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.stride(1) != 1:
+        raise ValueError(f"weight must be a row-major [N, {x.shape[1]}] tensor, got "
+                         f"{tuple(weight.shape)} with strides {weight.stride()}")  # fmt: skip
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"a gated weight stacks gate and up rows: got {weight.shape[0]} rows")
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(f"x ({x.dtype} on {x.device}) and weight ({weight.dtype} on "
+                         f"{weight.device}) must match")  # fmt: skip
+    for name, t, size in (("bias", bias, weight.shape[0]), ("norm_weight", norm_weight,
+                                                            x.shape[1])):  # fmt: skip
+        if t is not None and (t.shape != (size,) or t.stride(0) != 1 or t.device != x.device):
+            raise ValueError(f"{name} must be a contiguous [{size}] tensor on {x.device}, "
+                             f"got {tuple(t.shape)}")  # fmt: skip
+    if residual is not None:
+        if norm_weight is None:
+            raise ValueError("residual is added before the norm: pass norm_weight with it")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1:
+            raise ValueError(f"residual must be a {tuple(x.shape)} {x.dtype} tensor contiguous "
+                             f"in its last dim, got {tuple(residual.shape)} {residual.dtype}")  # fmt: skip
