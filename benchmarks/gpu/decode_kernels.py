@@ -36,7 +36,7 @@ from soberana.ops.triton_attention import (  # noqa: E402
 )
 from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
 from soberana.ops.triton_fused import fused_add_rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
-from soberana.ops.triton_gemv import GemvConfig, default_config, gemv  # noqa: E402
+from soberana.ops.triton_gemv import DEFAULT_CONFIG, GemvConfig, gemv  # noqa: E402
 
 DTYPE = torch.bfloat16
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4096, 14336, 32, 8, 128, 16
@@ -75,13 +75,13 @@ def _gemm_calls(name: str, cfg: GemvConfig | None):
     return ours, peer, nbytes
 
 
-def bench_gemms() -> list[dict]:
+def bench_gemms(cfg: GemvConfig | None = None) -> list[dict]:
     rows = []
     for name in SHAPES:
-        ours, peer, nbytes = _gemm_calls(name, None)
+        ours, peer, nbytes = _gemm_calls(name, cfg)
         t_ours, t_peer = _graph_ms(ours), _graph_ms(peer)
         rows.append({"op": name, "weight_MB": nbytes / 1e6,
-                     "config": vars(default_config(SHAPES[name][3])),
+                     "config": vars(cfg or DEFAULT_CONFIG),
                      "ours_us": t_ours * 1e3, "peer_us": t_peer * 1e3,
                      "ours_GBps": nbytes / t_ours / 1e6, "peer_GBps": nbytes / t_peer / 1e6,
                      "speedup": t_peer / t_ours})  # fmt: skip
@@ -93,7 +93,7 @@ def bench_gemms() -> list[dict]:
 
 
 def sweep_gemms(ops: list[str]) -> list[dict]:
-    """Candidate tile shapes per op; the best is what `default_config` should pick."""
+    """Candidate tile shapes per op; the best is what `DEFAULT_CONFIG` should be."""
     out = []
     for name in ops:
         best = None
