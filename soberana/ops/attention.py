@@ -51,9 +51,17 @@ def uses_triton(device: torch.device) -> bool:
     return device.type == "cuda" and _triton_ops() is not None
 
 
+# Decode batches up to this size run the fused decode kernel. Its gain is the launches it
+# saves, which matter at small batches; at 256 sequences of 512 tokens an H200 ran it ~4%
+# slower than the separate kernels (benchmarks/gpu/decode_kernels.py).
+FUSED_DECODE_MAX_BATCH = 64
+
+
 def fuses_decode(qkv: torch.Tensor, meta: AttentionMetadata) -> bool:
-    """Whether a step's attention runs as one fused decode kernel (decode-only, Triton)."""
-    return uses_triton(qkv.device) and 0 < qkv.shape[0] == meta.num_decodes
+    """Whether a step's attention runs as one fused decode kernel (small decode-only batches
+    on a device with Triton)."""
+    return (uses_triton(qkv.device) and 0 < qkv.shape[0] == meta.num_decodes
+            and qkv.shape[0] <= FUSED_DECODE_MAX_BATCH)  # fmt: skip
 
 
 def fused_decode_attention(

@@ -22,7 +22,7 @@ from soberana.ops.triton_paged_tile import attend_paged_tile, dot_precision, til
 
 # Decode programs resident per SM with the default tile (4 warps, ~120 registers a thread).
 _PROGRAMS_PER_SM = 4
-_MAX_SPLITS = 64
+MAX_SPLITS = 64
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def choose_num_splits(
     """
     per_wave = _PROGRAMS_PER_SM * num_sms
     wanted = per_wave // max(1, num_seqs * num_kv_heads)
-    return max(1, min(wanted, math.ceil(max_context / tile_n), _MAX_SPLITS))
+    return max(1, min(wanted, math.ceil(max_context / tile_n), MAX_SPLITS))
 
 
 # Runtime-varying ints are not specialised (==1, %16): no JIT compile for new batch shapes.

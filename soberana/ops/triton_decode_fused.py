@@ -31,6 +31,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from soberana.ops.triton_checks import check_batch, check_cache_pair
 from soberana.ops.triton_decode_attention import (
+    MAX_SPLITS,
     DecodeConfig,
     choose_num_splits,
     default_decode_config,
@@ -320,7 +321,8 @@ def fused_decode_attention(
         HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
         TILE_N=cfg.tile_n, MIN_TILES=_MIN_TILES, QK_NORM=q_norm is not None,
         MERGE_ROWS=triton.next_power_of_2(queries_per_kv),
-        SPLITS_PAD=triton.next_power_of_2(num_splits),
+        # One compiled variant whatever the partition count (no compile per graph bucket).
+        SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS),
         DOT_PRECISION=dot_precision(qkv.dtype), PDL=supports_pdl(qkv.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=supports_pdl(qkv.device),
         # Rotary must round each product (see triton_fused.rotary_embedding).
