@@ -57,13 +57,26 @@ class LoadHandle:
         self.tiers: list[str] = []  # where each loaded block came from
         self._finished = threading.Event()
         self._cancelled = threading.Event()
+        # A load issued from the engine's thread: its copies' end on the device, and what
+        # to do once they have landed (release the sources, count, mark done).
+        self._in_flight: tuple[torch.cuda.Event, Callable[[], None]] | None = None
 
     def done(self) -> bool:
+        if self._in_flight is not None and self._in_flight[0].query():
+            self._land()
         return self._finished.is_set()
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Blocks loaded, once done; None on timeout."""
+        if self._in_flight is not None:
+            self._in_flight[0].synchronize()
+            self._land()
         return self.num_loaded if self._finished.wait(timeout) else None
+
+    def _land(self) -> None:
+        _, finish = self._in_flight
+        self._in_flight = None
+        finish()
 
     def cancel(self) -> None:
         """Stop after the block being copied (the request was aborted)."""
@@ -110,16 +123,28 @@ class BlockLoader:
         self._sources = sources
         self._finished = finished
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        # Per device: [rows, block_nbytes] uint8 and the same memory as_block_rows.
-        self._staging: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Per (device, issued by the loader thread): a stream, and a staging buffer
+        # [rows, block_nbytes] uint8 with the same memory as_block_rows.
+        self._streams: dict[tuple[torch.device, bool], torch.cuda.Stream] = {}
+        self._staging: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self._thread = threading.Thread(target=self._run, name="kv-loader", daemon=True)
         self._thread.start()
 
     def submit(
-        self, block_hashes: list[bytes], kv_cache: torch.Tensor, block_ids: list[int]
+        self,
+        block_hashes: list[bytes],
+        kv_cache: torch.Tensor,
+        block_ids: list[int],
+        inline: bool = False,
     ) -> LoadHandle:
-        """Start loading `block_hashes[i]` into `kv_cache[:, :, block_ids[i]]`."""
+        """Start loading `block_hashes[i]` into `kv_cache[:, :, block_ids[i]]`.
+
+        `inline` (a GPU cache, every block in host RAM): the copies are issued from the
+        calling thread and the handle is done once they land on the device. The loader thread
+        would need the GIL back after each of its torch calls while the engine's thread runs
+        Python: beside a busy thread that cost 1.7 s for a 470 MB load that takes 10 ms alone
+        (benchmarks/gpu/kv_transfer.py on an H200).
+        """
         if len(block_hashes) != len(block_ids):
             raise ValueError(
                 f"block_hashes ({len(block_hashes)}) and block_ids ({len(block_ids)}) differ"
@@ -131,8 +156,32 @@ class BlockLoader:
             after.record()
         handle = LoadHandle(len(block_hashes))
         job = _Job(handle, list(block_hashes), kv_cache, list(block_ids), after, time.monotonic())
-        self._jobs.put(job)
+        if inline and kv_cache.is_cuda:
+            self._start_inline(job)
+        else:
+            self._jobs.put(job)
         return handle
+
+    def _start_inline(self, job: _Job) -> None:
+        sources: list[BlockSource] = []
+        try:
+            stream = self._issue(job, sources)
+            landed = torch.cuda.Event()
+            landed.record(stream)
+        except Exception:
+            logger.exception("kv loader: load of %d blocks failed", len(job.block_hashes))
+            job.handle.num_loaded = 0  # blocks may be half written: nothing is valid
+            landed = torch.cuda.Event()
+            landed.record()
+
+        def finish() -> None:
+            try:
+                self._release(job, sources)
+                self._finished(job.handle, time.monotonic() - job.submitted)
+            finally:
+                job.handle._finished.set()
+
+        job.handle._in_flight = (landed, finish)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -150,19 +199,32 @@ class BlockLoader:
     def _load(self, job: _Job) -> None:
         # Torch calls release and retake the GIL, which the engine thread holds through its
         # Python: calls here are per load, per batch and per run of host slots, not per block.
+        sources: list[BlockSource] = []
+        try:
+            stream = self._issue(job, sources)
+            if stream is not None:
+                stream.synchronize()
+        finally:
+            self._release(job, sources)
+
+    def _issue(self, job: _Job, sources: list[BlockSource]) -> torch.cuda.Stream | None:
+        """Queue the copies of the job's blocks (on a GPU, on this loader's stream); the
+        sources read are appended to `sources`. Returns the stream, None on a CPU."""
         device = job.kv_cache.device
+        # The loader thread and inline loads each have their own stream and staging buffer:
+        # copies issued from two threads into one buffer could interleave.
+        key = (device, threading.current_thread() is self._thread)
         stream = None
         if job.kv_cache.is_cuda:
-            stream = self._streams.get(device) or torch.cuda.Stream(device)
-            self._streams[device] = stream
-        sources: list[BlockSource] = []
+            stream = self._streams.get(key) or torch.cuda.Stream(device)
+            self._streams[key] = stream
         blocks = self._sources(job.block_hashes)
         try:
             with torch.inference_mode(), torch.cuda.stream(stream):
                 ids = torch.tensor(job.block_ids, dtype=torch.long).to(device, non_blocking=True)
                 staging = None  # a CPU cache takes blocks straight from the tiers' memory
                 if stream is not None:
-                    staging = self._staging_rows(device, min(len(job.block_ids), self.batch_blocks))
+                    staging = self._staging_rows(key, min(len(job.block_ids), self.batch_blocks))
                 columns = blocks_dim(job.kv_cache)
                 start = 0  # sources[start:] are read but not yet copied
                 for source in blocks:
@@ -174,24 +236,27 @@ class BlockLoader:
                             break
                 if len(sources) > start:
                     self._copy_in(columns, staging, sources[start:], ids[start:], job)
-                if stream is not None:
-                    stream.synchronize()
         finally:
             blocks.close()
-            for source in sources:
-                if source.release is not None:
-                    source.release()
+        return stream
+
+    def _release(self, job: _Job, sources: list[BlockSource]) -> None:
+        """The copies out of `sources` have landed: let the tiers reuse them; count them."""
+        for source in sources:
+            if source.release is not None:
+                source.release()
         job.handle.tiers = [s.tier for s in sources]
         job.handle.num_loaded = len(sources)
 
-    def _staging_rows(self, device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _staging_rows(self, key: tuple[torch.device, bool], rows: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """This device's staging buffer with at least `rows` block rows, and its
         `as_block_rows` view. Batches reuse it: on a GPU the next batch's copies queue behind
         the scatter that reads it."""
-        staging = self._staging.get(device)
+        staging = self._staging.get(key)
         if staging is None or staging[0].shape[0] < rows:
-            raw = torch.empty((rows, self.layout.block_nbytes), dtype=torch.uint8, device=device)
-            staging = self._staging[device] = (raw, as_block_rows(raw, self.layout))
+            raw = torch.empty((rows, self.layout.block_nbytes), dtype=torch.uint8, device=key[0])
+            staging = self._staging[key] = (raw, as_block_rows(raw, self.layout))
         return staging
 
     def _copy_in(

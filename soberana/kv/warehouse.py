@@ -153,7 +153,10 @@ class KVWarehouse:
         Stops at the first block it cannot find or that fails its check; `handle.num_loaded`
         leading blocks are valid once `handle.done()`.
         """
-        return self._loader.submit(block_hashes, kv_cache, block_ids)
+        # Blocks all in host RAM are issued from the caller's (the engine's) thread.
+        inline = kv_cache.is_cuda and self.host is not None and all(
+            self.host.contains_many(block_hashes))  # fmt: skip
+        return self._loader.submit(block_hashes, kv_cache, block_ids, inline=inline)
 
     def get(self, block_hash: bytes) -> bytes | None:
         """One block's payload (`kv_cache[:, :, b]` as bytes) from the fastest tier holding
