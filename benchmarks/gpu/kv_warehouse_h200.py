@@ -14,8 +14,10 @@ vocabulary barely touches. Writes into $OUT:
    4x the pool; closed loop of 4, then open-loop runs at `--rates` req/s of 16 users x 4
    rounds each (new conversations per run). Host RAM tier only (24 GB, LRU).
 
+4. `kv_warehouse_multiturn_h200_long.json` (`--only long`): 12,288-token histories, 16 users
+   (~26 GB live) against a 4 GB pool and a 40 GB host tier; closed loop of 4, then open loop.
 Each multi-round file has warehouse off and on, same workload, and
-`ttft_returning_speedup` per load. `--only` picks parts (transfer, pool2gb, pool4gb).
+`ttft_returning_speedup` per load. `--only` picks parts (transfer, pool2gb, pool4gb, long).
 """
 
 from __future__ import annotations
@@ -32,15 +34,20 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from engine_h200 import demo_vocab_model_dir  # noqa: E402
 
-SHAPE = ["--rounds", "4", "--system-prompt-len", "512", "--history-len", "3072",
-         "--question-len", "64", "--answer-len", "16", "--concurrency", "4",
-         "--max-model-len", "8192", "--skip-replicas"]  # fmt: skip
+
+def shape(history: int) -> list[str]:
+    """Multi-round QA: 4 rounds, a 512-token system prompt, `history` tokens per user."""
+    return ["--rounds", "4", "--system-prompt-len", "512", "--history-len", str(history),
+            "--question-len", "64", "--answer-len", "16", "--concurrency", "4",
+            "--max-model-len", str(max(8192, 2 * history)), "--skip-replicas"]  # fmt: skip
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="transfer,pool2gb,pool4gb")
+    ap.add_argument("--only", default="transfer,pool2gb,pool4gb",
+                    help="parts to run: transfer, pool2gb, pool4gb, long")
     ap.add_argument("--rates", default="3,6", help="open-loop request rates for pool4gb")
+    ap.add_argument("--long-rates", default="1", help="open-loop request rates for long")
     ap.add_argument("--rates-if-started-by-s", type=float, default=200.0,
                     help="skip the open-loop runs when pool4gb starts later than this (keeps "
                     "the whole command near 6 minutes)")
@@ -56,9 +63,9 @@ def main() -> int:
         failed |= subprocess.run(cmd).returncode
     path = demo_vocab_model_dir(HERE / "model_configs" / "llama-3.1-8b.json")
     bench = [sys.executable, str(HERE.parent / "kv_warehouse_multiturn.py"), "--model",
-             str(path), "--load-format", "dummy", *SHAPE]  # fmt: skip
+             str(path), "--load-format", "dummy"]  # fmt: skip
     if "pool2gb" in parts:
-        cmd = bench + ["--kv-cache-gb", "2", "--kv-offload-gb", "24", "--users", "16",
+        cmd = bench + shape(3072) + ["--kv-cache-gb", "2", "--kv-offload-gb", "24", "--users", "16",
                        "--output", str(out / "kv_warehouse_multiturn_h200_pool2gb.json")]
         failed |= subprocess.run(cmd).returncode
     if "pool4gb" in parts:
@@ -66,9 +73,17 @@ def main() -> int:
         if time.monotonic() - start > args.rates_if_started_by_s:
             print(f"pool4gb starts after {time.monotonic() - start:.0f} s: no open-loop runs")
             rates = ""
-        cmd = bench + ["--kv-cache-gb", "4", "--kv-offload-gb", "24", "--no-kv-disk",
-                       "--users", "32", "--open-loop-users", "16", "--request-rates", rates,
+        cmd = bench + shape(3072) + ["--kv-cache-gb", "4", "--kv-offload-gb", "24",
+                                     "--no-kv-disk", "--users", "32", "--open-loop-users", "16", "--request-rates", rates,
                        "--output", str(out / "kv_warehouse_multiturn_h200_pool4gb.json")]
+        failed |= subprocess.run(cmd).returncode
+    if "long" in parts:
+        # Longer histories (12k tokens, ~1.6 GB of KV per user): the shape agent sessions
+        # reach, where recomputing costs most. 16 users (~26 GB live) against a 4 GB pool.
+        cmd = bench + shape(12288) + ["--kv-cache-gb", "4", "--kv-offload-gb", "40",
+                                      "--no-kv-disk", "--users", "16", "--open-loop-users",
+                                      "8", "--request-rates", args.long_rates, "--output",
+                                      str(out / "kv_warehouse_multiturn_h200_long.json")]  # fmt: skip
         failed |= subprocess.run(cmd).returncode
     return 1 if failed else 0
 
