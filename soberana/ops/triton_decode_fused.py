@@ -16,8 +16,8 @@ kv head, partition):
 - on Hopper and later it is a programmatic dependent launch that waits for the qkv
   projection inside the kernel, so its launch overlaps that kernel's tail.
 The partition count is launched from host-known shapes (CUDA-graph safe); on the device each
-sequence uses only as many partitions as its context needs (`MIN_TILES` tiles each), so short
-contexts do not pay for a merge.
+sequence uses only as many partitions as its context has key tiles (`_MIN_TILES` or more
+each), and a context of one tile needs no merge.
 """
 
 from __future__ import annotations

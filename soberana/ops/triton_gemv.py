@@ -52,8 +52,10 @@ DEFAULT_CONFIG = GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=1)
 
 @functools.lru_cache(maxsize=8)
 def supports_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Programmatic dependent launch: NVIDIA GPUs of compute capability 9.0 (Hopper) or later
+    (ROCm reports its gfx9 GPUs as capability 9.x too, and has no such launch)."""
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] >= 9)  # fmt: skip
 
 
 @triton.jit
