@@ -6,11 +6,12 @@ Layout and field meanings are fixed in docs/engine-core.md. The PyTorch path ser
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from soberana.ops import triton_module
 
 
 @dataclass
@@ -37,14 +38,8 @@ class AttentionMetadata:
         return self.num_decodes
 
 
-@functools.cache
 def _triton_ops():
-    """The Triton kernels, or None where Triton is missing (CPU builds)."""
-    try:
-        from soberana.ops import triton_attention
-    except ImportError:
-        return None
-    return triton_attention
+    return triton_module("triton_attention")
 
 
 def uses_triton(device: torch.device) -> bool:

@@ -7,21 +7,15 @@ of `triton_fused.py` instead, which round at the same points.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soberana.ops import triton_module
 
-@functools.cache
+
 def _triton_ops():
-    """The fused Triton kernels, or None where Triton is missing (CPU builds)."""
-    try:
-        from soberana.ops import triton_fused
-    except ImportError:
-        return None
-    return triton_fused
+    return triton_module("triton_fused")
 
 
 def uses_triton(x: torch.Tensor) -> bool:
@@ -29,13 +23,8 @@ def uses_triton(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and _triton_ops() is not None
 
 
-@functools.cache
 def _gemv_ops():
-    try:
-        from soberana.ops import triton_gemv
-    except ImportError:
-        return None
-    return triton_gemv
+    return triton_module("triton_gemv")
 
 
 def uses_gemv(x: torch.Tensor) -> bool:

@@ -10,14 +10,10 @@ import os
 import pytest
 import torch
 
+from tests.ops.interpreted import INTERPRETED
+
 pytest.importorskip("triton")
-pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1",
-        reason="interpreter tests run on machines without a GPU; tests/gpu covers GPUs",
-    ),
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
-]
+pytestmark = INTERPRETED
 
 from soberana.ops.triton_decode_attention import DecodeConfig  # noqa: E402
 from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402

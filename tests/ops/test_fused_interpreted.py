@@ -10,15 +10,10 @@ import os
 import pytest
 import torch
 
+from tests.ops.interpreted import INTERPRETED
+
 pytest.importorskip("triton")
-pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1",
-        reason="interpreter tests run on machines without a GPU; tests/gpu covers GPUs",
-    ),
-    # Raised inside Triton's interpreter on every scalar index, not by our code.
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
-]
+pytestmark = INTERPRETED
 
 from soberana.ops.layers import (  # noqa: E402
     torch_rms_norm,

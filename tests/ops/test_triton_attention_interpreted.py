@@ -4,20 +4,14 @@ Float32 and float16 only: the interpreter keeps bfloat16 as raw uint16 bits and 
 those in `tl.dot` (Triton 3.6), so bfloat16 accuracy is checked on a GPU in tests/gpu.
 """
 
-import os
 
 import pytest
 import torch
 
+from tests.ops.interpreted import INTERPRETED
+
 pytest.importorskip("triton")
-pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1",
-        reason="interpreter tests run on machines without a GPU; tests/gpu covers GPUs",
-    ),
-    # Raised inside Triton's interpreter on every scalar index, not by our code.
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
-]
+pytestmark = INTERPRETED
 
 from soberana.ops.triton_attention import (  # noqa: E402
     DecodeConfig,
