@@ -100,7 +100,7 @@ def run_bench(server: Server, out_dir: Path, workload: list[str]) -> dict:
         (ttft_returning if int(row["turn"]) >= 1 else ttft_first).append(ms)
     counters = ("_total", "_sum", "_count")
     delta = {k: v - before.get(k, 0.0) for k, v in after.items()
-             if k.startswith(("soberana:kv_", "vllm:prefix_cache"))
+             if k.startswith(("soberana:kv_", "vllm:prefix_cache", *SERVER_TIMES.values()))
              and k.split("{")[0].endswith(counters)}
     prefix = returning_prefix(rows)
     saved = metric(delta, "soberana:kv_prefill_tokens_saved_total")
@@ -115,7 +115,25 @@ def run_bench(server: Server, out_dir: Path, workload: list[str]) -> dict:
             "returning_prefix": prefix,
             "mean_load_ms": 1000 * metric(delta, "soberana:kv_load_latency_seconds_sum") / loads
             if loads else None,
+            "server_mean_ms": server_means(delta),
             "server_metrics_delta": {k: v for k, v in delta.items() if v}}
+
+
+# The server's own clocks, all requests of a run (first turns included): TTFT from the
+# engine's arrival stamp, the wait until first scheduled (a warehouse load included), and
+# scheduled to first token. Against the client's TTFT they show where the time goes.
+SERVER_TIMES = {"ttft": "vllm:time_to_first_token_seconds",
+                "queue": "vllm:request_queue_time_seconds",
+                "prefill": "vllm:request_prefill_time_seconds"}
+
+
+def server_means(delta: dict[str, float]) -> dict[str, float | None]:
+    """Mean of each server histogram over the run, in ms (None when it saw no request)."""
+    out = {}
+    for name, hist in SERVER_TIMES.items():
+        count = metric(delta, hist + "_count")
+        out[name] = 1000 * metric(delta, hist + "_sum") / count if count else None
+    return out
 
 
 def metric(metrics: dict[str, float], name: str) -> float:
