@@ -6,8 +6,9 @@ Variants: cuBLAS (`F.linear`), the engine's GEMV (`triton_gemv.py`, PDL on),
 and a plain GEMV with programmatic dependent launch (PDL): each kernel waits for the previous
 one (`griddepcontrol.wait`) only before reading its input, after loading its first weight
 tile, so its launch and first loads overlap the previous kernel's tail.
-(Run 4 of this script also tried weights through TMA descriptors, ~2.1 TB/s, and a
-matrix-unit GEMV with W as the left operand, no faster than cuBLAS; both were dropped.)
+(An earlier version of this script, session 3, also tried weights through TMA descriptors,
+~2.1 TB/s, and a matrix-unit GEMV with W as the left operand, no faster than cuBLAS; both
+were dropped.)
 
     python benchmarks/gpu/gemv_variants.py --out DIR
 """
