@@ -93,12 +93,54 @@ class _Job:
     submitted: float
 
 
-# A GPU's staging memory between the tiers' payloads and the cache (128 MiB: 64 blocks of
-# the Llama-3.1-8B shape); the writer's gathers are bounded by the same size. A block's place
+# A load batch between the tiers' payloads and a GPU's cache (128 MiB: 64 blocks of the
+# Llama-3.1-8B shape; a load pipeline holds two); the writer's gathers are bounded by the
+# same size. A block's place
 # in the cache, kv_cache[:, :, b], is 2 * layers strided pieces, so a copy per block would cost
 # a temporary and a kernel each; instead each batch is copied in contiguously and placed with
 # one scatter.
 STAGING_BYTES = 128 << 20
+
+
+class _Pipeline:
+    """A GPU's path from pinned host memory into the cache: two staging buffers, an upload
+    stream and a placing stream. Batch i is uploaded into buffer i % 2 while batch i - 1 is
+    placed (scattered into the cache) from the other; each buffer is reused only once the
+    scatter reading it has run."""
+
+    def __init__(self, device: torch.device, rows: int, layout: KVLayout) -> None:
+        self.upload = torch.cuda.Stream(device)
+        self.place = torch.cuda.Stream(device)
+        # Allocated once at full size (a buffer freed while a copy reads it could be reused).
+        self.buffers = []
+        for _ in range(2):
+            raw = torch.empty((rows, layout.block_nbytes), dtype=torch.uint8, device=device)
+            self.buffers.append((raw, as_block_rows(raw, layout)))
+        self._free_after: list[torch.cuda.Event | None] = [None, None]  # last scatter of each
+        self._current = 1
+
+    def next_buffer(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next staging buffer ([rows, block_nbytes] bytes and its `as_block_rows` view);
+        the upload stream waits for the scatter that last read it."""
+        self._current = 1 - self._current
+        free = self._free_after[self._current]
+        if free is not None:
+            self.upload.wait_event(free)
+        return self.buffers[self._current]
+
+    def place_after_upload(self, after: torch.cuda.Event | None) -> None:
+        """The placing stream waits for the uploads queued so far (and for `after`)."""
+        uploaded = torch.cuda.Event()
+        uploaded.record(self.upload)
+        self.place.wait_event(uploaded)
+        if after is not None:
+            self.place.wait_event(after)
+
+    def placed(self) -> None:
+        """Mark the current buffer free once the scatter just queued on `place` has run."""
+        done = torch.cuda.Event()
+        done.record(self.place)
+        self._free_after[self._current] = done
 
 
 class BlockLoader:
@@ -123,10 +165,8 @@ class BlockLoader:
         self._sources = sources
         self._finished = finished
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        # Per (device, issued by the loader thread): a stream, and a staging buffer
-        # [rows, block_nbytes] uint8 with the same memory as_block_rows.
-        self._streams: dict[tuple[torch.device, bool], torch.cuda.Stream] = {}
-        self._staging: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Per (device, issued by the loader thread): the GPU copy pipeline.
+        self._pipes: dict[tuple[torch.device, bool], _Pipeline] = {}
         self._thread = threading.Thread(target=self._run, name="kv-loader", daemon=True)
         self._thread.start()
 
@@ -208,37 +248,36 @@ class BlockLoader:
             self._release(job, sources)
 
     def _issue(self, job: _Job, sources: list[BlockSource]) -> torch.cuda.Stream | None:
-        """Queue the copies of the job's blocks (on a GPU, on this loader's stream); the
-        sources read are appended to `sources`. Returns the stream, None on a CPU."""
+        """Queue the copies of the job's blocks; the sources read are appended to `sources`.
+        Returns the stream whose queued work ends the load (None on a CPU)."""
         device = job.kv_cache.device
-        # The loader thread and inline loads each have their own stream and staging buffer:
-        # copies issued from two threads into one buffer could interleave.
-        key = (device, threading.current_thread() is self._thread)
-        stream = None
+        pipe = None
         if job.kv_cache.is_cuda:
-            stream = self._streams.get(key) or torch.cuda.Stream(device)
-            self._streams[key] = stream
+            # The loader thread and inline loads each have their own pipeline: copies issued
+            # from two threads into one staging buffer could interleave.
+            key = (device, threading.current_thread() is self._thread)
+            pipe = self._pipes.get(key) or _Pipeline(device, self.batch_blocks, self.layout)
+            self._pipes[key] = pipe
         blocks = self._sources(job.block_hashes)
         try:
-            with torch.inference_mode(), torch.cuda.stream(stream):
+            with torch.inference_mode(), torch.cuda.stream(pipe.upload if pipe else None):
                 ids = torch.tensor(job.block_ids, dtype=torch.long).to(device, non_blocking=True)
-                staging = None  # a CPU cache takes blocks straight from the tiers' memory
-                if stream is not None:
-                    staging = self._staging_rows(key, min(len(job.block_ids), self.batch_blocks))
+                if pipe is not None:
+                    ids.record_stream(pipe.place)
                 columns = blocks_dim(job.kv_cache)
                 start = 0  # sources[start:] are read but not yet copied
                 for source in blocks:
                     sources.append(source)
                     if len(sources) - start == self.batch_blocks:
-                        self._copy_in(columns, staging, sources[start:], ids[start:], job)
+                        self._copy_in(columns, pipe, sources[start:], ids[start:], job)
                         start = len(sources)
                         if job.handle._cancelled.is_set():
                             break
                 if len(sources) > start:
-                    self._copy_in(columns, staging, sources[start:], ids[start:], job)
+                    self._copy_in(columns, pipe, sources[start:], ids[start:], job)
         finally:
             blocks.close()
-        return stream
+        return pipe.place if pipe else None
 
     def _release(self, job: _Job, sources: list[BlockSource]) -> None:
         """The copies out of `sources` have landed: let the tiers reuse them; count them."""
@@ -248,43 +287,36 @@ class BlockLoader:
         job.handle.tiers = [s.tier for s in sources]
         job.handle.num_loaded = len(sources)
 
-    def _staging_rows(self, key: tuple[torch.device, bool], rows: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """This device's staging buffer with at least `rows` block rows, and its
-        `as_block_rows` view. Batches reuse it: on a GPU the next batch's copies queue behind
-        the scatter that reads it."""
-        staging = self._staging.get(key)
-        if staging is None or staging[0].shape[0] < rows:
-            raw = torch.empty((rows, self.layout.block_nbytes), dtype=torch.uint8, device=key[0])
-            staging = self._staging[key] = (raw, as_block_rows(raw, self.layout))
-        return staging
-
     def _copy_in(
         self,
         columns: torch.Tensor,
-        staging: tuple[torch.Tensor, torch.Tensor] | None,
+        pipe: _Pipeline | None,
         batch: list[BlockSource],
         ids: torch.Tensor,
         job: _Job,
     ) -> None:
-        """Copy `batch` into the device's `staging`, then scatter it to the cache's blocks
-        `ids[i]` (`columns` is `blocks_dim` of the cache); without staging, scatter each run
-        straight from where it is."""
+        """Copy `batch` to the cache's blocks `ids[i]` (`columns` is `blocks_dim` of the
+        cache): on a GPU through one of `pipe`'s staging buffers, then one scatter; on a CPU
+        each run straight from where it is."""
+        if pipe is None:
+            for first, end in runs(batch, _next_row):
+                s = batch[first]
+                src = s.payload[None] if s.slab is None else s.slab[s.slot : s.slot + end - first]
+                columns.index_copy_(1, ids[first:end], as_block_rows(src, self.layout).transpose(0, 1))
+            return
+        raw, rows = pipe.next_buffer()  # the current stream (upload) waits until it is free
         for first, end in runs(batch, _next_row):
             s = batch[first]
             src = s.payload[None] if s.slab is None else s.slab[s.slot : s.slot + end - first]
-            if staging is None:
-                rows = as_block_rows(src, self.layout).transpose(0, 1)
-                columns.index_copy_(1, ids[first:end], rows)
-            else:
-                staging[0][first:end].copy_(src, non_blocking=True)
-        if staging is None:
-            return
-        if job.after is not None:  # the first batch's copy overlaps the caller's work
-            torch.cuda.current_stream().wait_event(job.after)
-            job.after = None
+            raw[first:end].copy_(src, non_blocking=True)
+        # Only the scatter waits for the caller's stream (a freed block may still be written
+        # by the step in flight); the uploads of later batches go on meanwhile.
+        pipe.place_after_upload(job.after)
+        job.after = None
         n = len(batch)
-        columns.index_copy_(1, ids[:n], staging[1][:n].transpose(0, 1))
+        with torch.cuda.stream(pipe.place):
+            columns.index_copy_(1, ids[:n], rows[:n].transpose(0, 1))
+        pipe.placed()
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Finish the loads already asked for, then stop the thread."""
