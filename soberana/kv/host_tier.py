@@ -63,28 +63,67 @@ class HostTier:
         Evicts least recently used blocks that no reader holds. A key already present is only
         marked recently used: the same name always means the same bytes.
         """
-        if payload.dtype != torch.uint8 or payload.numel() != self.block_nbytes:
-            raise ValueError(
-                f"payload must be {self.block_nbytes} uint8 values; got "
-                f"{payload.numel()} {payload.dtype}"
-            )
+        return self.put_many([key], [payload], spill)[1]
+
+    def put_many(
+        self,
+        keys: list[bytes],
+        payloads: list[torch.Tensor],
+        spill: Callable[[bytes], bool] | None = None,
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """`put` each block: (how many were stored, evicted blocks that `spill` keeps).
+
+        Slots are taken under the lock, filled outside it in one call (the engine's lookups
+        do not wait for the copies), then published: nothing reads a slot before its bytes.
+        """
+        for payload in payloads:
+            if payload.dtype != torch.uint8 or payload.numel() != self.block_nbytes:
+                raise ValueError(
+                    f"payload must be {self.block_nbytes} uint8 values; got "
+                    f"{payload.numel()} {payload.dtype}"
+                )
         spilled: list[tuple[bytes, bytes]] = []
+        taken: list[tuple[bytes, int, torch.Tensor]] = []
         with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
-                return spilled
-            if not self._free_slots:
-                victim = next((k for k, s in self._index.items() if s not in self._readers), None)
-                if victim is None:
-                    return spilled  # every slot is being read: drop rather than wait
-                slot = self._index.pop(victim)
-                if spill is not None and spill(victim):
-                    spilled.append((victim, self._slab[slot].numpy().tobytes()))
-                self._free_slots.append(slot)
-            slot = self._free_slots.pop()
-            self._slab[slot].copy_(payload.reshape(-1))
-            self._index[key] = slot
-        return spilled
+            seen = set()
+            for key, payload in zip(keys, payloads, strict=True):
+                if key in self._index or key in seen:
+                    if key in self._index:
+                        self._index.move_to_end(key)
+                    continue
+                if not self._free_slots and not self._evict_one(spill, spilled):
+                    if not taken:
+                        break  # every slot is being read: drop rather than wait
+                    # A batch larger than the tier: its oldest blocks give way, as they would
+                    # one put at a time.
+                    victim, slot, victim_payload = taken.pop(0)
+                    seen.discard(victim)
+                    if spill is not None and spill(victim):
+                        spilled.append((victim, victim_payload.numpy().tobytes()))
+                    self._free_slots.append(slot)
+                seen.add(key)
+                taken.append((key, self._free_slots.pop(), payload))
+        if taken:
+            # One call for the batch: each torch call lets the GIL go (see writer.STORE_BATCH).
+            torch._foreach_copy_([self._slab[slot] for _, slot, _ in taken],
+                                 [p if p.dim() == 1 else p.reshape(-1) for _, _, p in taken])  # fmt: skip
+        with self._lock:
+            for key, slot, _ in taken:
+                self._index[key] = slot
+        return len(taken), spilled
+
+    def _evict_one(
+        self, spill: Callable[[bytes], bool] | None, spilled: list[tuple[bytes, bytes]]
+    ) -> bool:
+        """Free the least recently used slot no reader holds (lock held); False if none."""
+        victim = next((k for k, s in self._index.items() if s not in self._readers), None)
+        if victim is None:
+            return False
+        slot = self._index.pop(victim)
+        if spill is not None and spill(victim):
+            spilled.append((victim, self._slab[slot].numpy().tobytes()))
+        self._free_slots.append(slot)
+        return True
 
     def acquire(self, key: bytes) -> tuple[int, torch.Tensor] | None:
         """Hold a block for reading: (slot, `[block_nbytes]` uint8 view); None when absent.

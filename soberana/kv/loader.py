@@ -302,7 +302,9 @@ class BlockLoader:
             for first, end in runs(batch, _next_row):
                 s = batch[first]
                 src = s.payload[None] if s.slab is None else s.slab[s.slot : s.slot + end - first]
-                columns.index_copy_(1, ids[first:end], as_block_rows(src, self.layout).transpose(0, 1))
+                columns.index_copy_(
+                    1, ids[first:end], as_block_rows(src, self.layout).transpose(0, 1)
+                )
             return
         raw, rows = pipe.next_buffer()  # the current stream (upload) waits until it is free
         for first, end in runs(batch, _next_row):

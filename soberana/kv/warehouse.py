@@ -294,32 +294,33 @@ class KVWarehouse:
         """Wait until every block handed over so far is stored; False on timeout."""
         return self._writer.flush(timeout)
 
-    def _store(self, key: bytes, payload: torch.Tensor, source: str | None) -> None:
-        """Writer thread: put one block where it belongs. `source` is None for the engine's
-        blocks, else the tier a promoted block was read from."""
-        entry: bytes | None = None
-
-        def encoded() -> bytes:
-            nonlocal entry
-            if entry is None:
-                entry = encode_entry(self.layout, key, memoryview(payload.numpy()))
-            return entry
-
+    def _store(
+        self, keys: list[bytes], payloads: list[torch.Tensor], sources: list[str | None]
+    ) -> None:
+        """Writer thread: put a batch of blocks where they belong. A source is None for the
+        engine's blocks, else the tier a promoted block was read from."""
         if self.host is not None:
-            if not self.host.contains_many([key])[0]:
-                spill = self._admit_to_disk if self.disk is not None else None
-                for victim, victim_payload in self.host.put(key, payload, spill):
-                    self._write(
-                        self.disk, victim, encode_entry(self.layout, victim, victim_payload)
-                    )
-                self._count(self.host.name, blocks_written=1, bytes_written=payload.numel())
-        elif self.disk is not None and source != self.disk.name and self._admit_to_disk(key):
-            self._write(self.disk, key, encoded())
-        if source is None:
-            # Shared stores take every block: their point is that another replica may want it.
-            for store in self.shared:
-                if not self._guarded(store, store.contains_many, [key], default=[True])[0]:
-                    self._write(store, key, encoded())
+            spill = self._admit_to_disk if self.disk is not None else None
+            stored, spilled = self.host.put_many(keys, payloads, spill)
+            for victim, victim_payload in spilled:
+                self._write(self.disk, victim, encode_entry(self.layout, victim, victim_payload))
+            if stored:
+                self._count(self.host.name, blocks_written=stored,
+                            bytes_written=stored * self.layout.block_nbytes)  # fmt: skip
+        for key, payload, source in zip(keys, payloads, sources, strict=True):
+            entry: bytes | None = None
+            if self.host is None and self.disk is not None and source != self.disk.name:
+                if self._admit_to_disk(key):
+                    entry = encode_entry(self.layout, key, memoryview(payload.numpy()))
+                    self._write(self.disk, key, entry)
+            if source is None:
+                # Shared stores take every block: their point is that another replica may
+                # want it.
+                for store in self.shared:
+                    if not self._guarded(store, store.contains_many, [key], default=[True])[0]:
+                        if entry is None:
+                            entry = encode_entry(self.layout, key, memoryview(payload.numpy()))
+                        self._write(store, key, entry)
 
     def _admit_to_disk(self, key: bytes) -> bool:
         admitted = self.admission is None or self.admission.admits(key)

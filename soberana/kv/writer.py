@@ -16,8 +16,14 @@ from soberana.kv.loader import STAGING_BYTES, as_block_rows, blocks_dim, check_c
 
 logger = logging.getLogger(__name__)
 
-# (block hash, payload as [block_nbytes] uint8, source tier or None for the engine's blocks)
-StoreFn = Callable[[bytes, torch.Tensor, "str | None"], None]
+# Stores a batch: (block hashes, payloads as [block_nbytes] uint8 rows, per block the source
+# tier or None for the engine's blocks).
+StoreFn = Callable[[list[bytes], list[torch.Tensor], list["str | None"]], None]
+
+# Blocks the thread stores per call. Each torch call the thread makes lets the GIL go and must
+# win it back from the engine's busy thread (up to a switch interval, 5 ms), so a call per
+# block capped the thread at ~100 blocks/s; a batch pays that once.
+STORE_BATCH = 256
 
 
 @dataclass
@@ -33,8 +39,10 @@ class BlockWriter:
 
     `submit` takes a free slot, starts the copy into it and returns; with no free slot it
     drops the block. The buffer is the queue bound: memory is fixed and the caller never
-    waits on a slow tier. On a GPU the copy is queued on the caller's current stream, so it
-    reads the block before any later kernel on that stream overwrites it.
+    waits on a slow tier. On a GPU, `submit_blocks` gathers the blocks into device memory on
+    the caller's current stream (so before any later kernel there overwrites them) and
+    copies them off the GPU on a stream of its own, so the caller's next kernels do not
+    queue behind the bus.
     """
 
     def __init__(
@@ -49,6 +57,7 @@ class BlockWriter:
             (self.depth, layout.block_nbytes), dtype=torch.uint8, pin_memory=pin_memory
         )
         self._free_slots = list(range(self.depth))
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}  # device-to-host copies
         self._jobs: deque[_Job] = deque()
         self._in_flight = 0  # submitted and not yet stored
         self._closing = False
@@ -109,29 +118,42 @@ class BlockWriter:
         ids = torch.tensor(block_ids[:n], dtype=torch.long).to(kv_cache.device, non_blocking=True)
         columns = blocks_dim(kv_cache).transpose(0, 1)  # [num_blocks, layers * 2, words]
         staging = as_block_rows(self._staging, self.layout)
+        copy_stream = self._copy_stream(kv_cache.device) if kv_cache.is_cuda else None
+        taken = n
         for start in range(0, n, self.gather_blocks):
             end = min(start + self.gather_blocks, n)
             part = ids[start:end]
-            # A GPU gathers into its own memory, then one copy per run of staging slots
-            # crosses the bus; a CPU gathers straight into the staging slots.
-            gathered = columns.index_select(0, part) if kv_cache.is_cuda else None
-            for first, last in runs(slots[start:end], lambda a, b: b == a + 1):
-                rows = staging[slots[start + first] : slots[start + last - 1] + 1]
-                if gathered is None:
+            if copy_stream is None:  # a CPU gathers straight into the staging slots
+                for first, last in runs(slots[start:end], lambda a, b: b == a + 1):
+                    rows = staging[slots[start + first] : slots[start + last - 1] + 1]
                     torch.index_select(columns, 0, part[first:last], out=rows)
-                else:
+                continue
+            gathered = _gather_on_device(columns, part, copy_stream)
+            if gathered is None:
+                taken = start
+                break
+            with torch.cuda.stream(copy_stream):
+                for first, last in runs(slots[start:end], lambda a, b: b == a + 1):
+                    rows = staging[slots[start + first] : slots[start + last - 1] + 1]
                     rows.copy_(gathered[first:last], non_blocking=True)
         ready = None
-        if kv_cache.is_cuda:
+        if copy_stream is not None:
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(copy_stream)
         with self._cond:
+            self._free_slots.extend(slots[taken:])
             self._jobs.extend(
-                _Job(k, slot, ready, None) for k, slot in zip(keys[:n], slots, strict=True)
+                _Job(k, slot, ready, None) for k, slot in zip(keys[:taken], slots, strict=False)
             )
-            self._in_flight += n
+            self._in_flight += taken
             self._cond.notify_all()
-        return n
+        return taken
+
+    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = torch.cuda.Stream(device)
+        return stream
 
     def _run(self) -> None:
         while True:
@@ -140,18 +162,20 @@ class BlockWriter:
                     self._cond.wait()
                 if not self._jobs:
                     return  # closing and drained
-                job = self._jobs.popleft()
+                batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), STORE_BATCH))]
             try:
-                if job.ready is not None:
-                    job.ready.synchronize()
-                self._store(job.key, self._staging[job.slot], job.source)
+                events = {id(j.ready): j.ready for j in batch if j.ready is not None}
+                for event in events.values():
+                    event.synchronize()
+                self._store([j.key for j in batch], [self._staging[j.slot] for j in batch],
+                            [j.source for j in batch])  # fmt: skip
             except Exception:
                 # The store guards every tier; this keeps the thread alive if it has a bug.
-                logger.exception("kv writer: storing block %s failed", job.key.hex()[:16])
+                logger.exception("kv writer: storing %d blocks failed", len(batch))
             finally:
                 with self._cond:
-                    self._free_slots.append(job.slot)
-                    self._in_flight -= 1
+                    self._free_slots.extend(j.slot for j in batch)
+                    self._in_flight -= len(batch)
                     self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -165,3 +189,29 @@ class BlockWriter:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(timeout)
+
+
+def _gather_on_device(
+    columns: torch.Tensor, ids: torch.Tensor, copy_stream: torch.cuda.Stream
+) -> torch.Tensor | None:
+    """`columns[ids]` gathered on the current stream, readable from `copy_stream` (which
+    waits for the gather), or None when the device has no memory left for it.
+
+    The temporary is held until the copy stream is done with it (`record_stream`); what is in
+    flight is bounded by the host staging buffer. Out of memory, the copies in flight are
+    waited for once (their temporaries are then free) before giving up: the blocks are then
+    dropped, never the engine's step.
+    """
+    for attempt in range(2):
+        try:
+            gathered = columns.index_select(0, ids)
+            break
+        except torch.OutOfMemoryError:
+            if attempt:
+                logger.warning("kv writer: no device memory to gather %d blocks", len(ids))
+                return None
+            copy_stream.synchronize()
+            torch.cuda.empty_cache()
+    gathered.record_stream(copy_stream)
+    copy_stream.wait_stream(torch.cuda.current_stream())
+    return gathered

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from soberana.kv.host_tier import HostTier
 from soberana.kv.layout import KVLayout
 from soberana.kv.loader import BlockLoader, BlockSource, LoadHandle, payload_tensor, runs
 from soberana.kv.warehouse import KVWarehouse
+from soberana.kv.writer import BlockWriter
 from tests.kv.helpers import block_bytes, make_cache, make_hashes, small_layout
 
 
@@ -160,3 +163,24 @@ def test_the_default_write_staging_holds_a_thousand_big_blocks_or_256_mb():
     assert config.write_buffer_bytes(2 << 20) == 1024 * (2 << 20)  # Llama-3.1-8B: 2 MB blocks
     assert config.write_buffer_bytes(1024) == 256 << 20
     assert KVWarehouseConfig(write_buffer_mb=64).write_buffer_bytes(2 << 20) == 64 << 20
+
+
+def test_the_writer_stores_many_blocks_per_call(layout):
+    """Each call the writer's thread makes gives the GIL away and must win it back from the
+    engine's busy thread: stores go in batches, not one call per block."""
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def store(keys, payloads, sources):
+        gate.wait(10)  # hold the first call until the whole hand-over is queued
+        calls.append(len(keys))
+
+    writer = BlockWriter(layout, store, 64 * layout.block_nbytes, pin_memory=False)
+    try:
+        cache = make_cache(layout, 40)
+        assert writer.submit_blocks(make_hashes(layout, 40), cache, list(range(40))) == 40
+        gate.set()
+        assert writer.flush(timeout=10)
+        assert sum(calls) == 40 and len(calls) <= 2
+    finally:
+        writer.close()

@@ -139,3 +139,25 @@ def test_handing_over_a_batch_never_synchronises_the_engine_stream(gpu_cache):
         assert torch.equal(cache[:, :, 16:24], cache[:, :, :8])
     finally:
         warehouse.close()
+
+
+def test_copies_off_the_gpu_do_not_hold_back_the_engine_stream(gpu_cache):
+    """Evictions are gathered on the engine's stream (a device copy) but cross the bus on the
+    writer's own stream: the engine's next kernels do not queue behind them."""
+    cache, layout = gpu_cache
+    warehouse = KVWarehouse(layout, host=HostTier(layout, 16 * layout.block_nbytes))
+    try:
+        copy_stream = warehouse._writer._copy_stream(cache.device)
+        with torch.cuda.stream(copy_stream):
+            torch.cuda._sleep(5 * SPIN_CYCLES)  # the bus is "busy" for ~0.5 s
+        expected = cache[:, :, :8].clone()
+        assert warehouse.put_blocks_async(make_hashes(layout, 8), cache, list(range(8))) == 0
+        cache[:, :, :8].zero_()  # the engine's next step overwrites the evicted blocks
+        torch.cuda.current_stream().synchronize()
+        assert not copy_stream.query()  # the engine stream ran ahead of the copies
+        assert warehouse.flush(timeout=30)
+        assert warehouse.load_async(make_hashes(layout, 8), cache, list(range(8, 16))).wait(30) == 8
+        torch.cuda.synchronize()
+        assert torch.equal(cache[:, :, 8:16], expected)
+    finally:
+        warehouse.close()

@@ -72,6 +72,34 @@ def test_putting_a_known_block_only_refreshes_it(layout):
     assert tier.get(a) == bytes([1]) * layout.block_nbytes
 
 
+def test_a_batch_is_stored_as_if_put_one_block_at_a_time(layout):
+    tier = HostTier(layout, 3 * layout.block_nbytes)
+    old, *batch = make_hashes(layout, 6)
+    tier.put(old, payload(layout, 9))
+    kept = []
+    stored, spilled = tier.put_many(
+        batch, [payload(layout, i) for i in range(5)], spill=lambda key: kept.append(key) or True
+    )
+    # Five blocks into three slots: the old block and the batch's two oldest give way,
+    # each handed to the spill policy with its own bytes.
+    assert stored == 3
+    assert tier.contains_many([old, *batch]) == [False, False, False, True, True, True]
+    assert kept == [old, batch[0], batch[1]]
+    assert spilled == [(old, bytes([9]) * layout.block_nbytes),
+                       (batch[0], bytes([0]) * layout.block_nbytes),
+                       (batch[1], bytes([1]) * layout.block_nbytes)]  # fmt: skip
+    assert [tier.get(k) for k in batch[2:]] == [bytes([i]) * layout.block_nbytes for i in (2, 3, 4)]
+
+
+def test_a_batch_repeating_a_name_stores_it_once(layout):
+    tier = HostTier(layout, 4 * layout.block_nbytes)
+    a, b = make_hashes(layout, 2)
+    stored, _ = tier.put_many(
+        [a, b, a], [payload(layout, 1), payload(layout, 2), payload(layout, 1)]
+    )
+    assert stored == 2 and tier.usage().entries == 2
+
+
 def test_memory_is_pinned_exactly_when_cuda_is_available(layout):
     assert HostTier(layout, layout.block_nbytes).pinned == torch.cuda.is_available()
 
