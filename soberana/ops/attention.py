@@ -1,7 +1,8 @@
 """Attention over the paged KV cache: metadata and the portable PyTorch path.
 
 Layout and field meanings are fixed in docs/engine-core.md. The PyTorch path serves CPUs
-(and any device without Triton); the Triton path lives in `triton_attention.py`.
+(and any device without Triton); the Triton path lives in `triton_attention.py`. On CPUs,
+decodes go to the native kernel of `cpu_kernels.py` where it is available.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from soberana.ops import triton_module
+from soberana.ops import cpu_kernels, triton_module
 
 
 @dataclass
@@ -114,7 +115,11 @@ def paged_attention(
         return _triton_ops().triton_paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     nd = meta.num_decodes
-    if nd:
+    # The native kernel reads each decode's K/V from the pool once; the PyTorch path below
+    # copies it several times (gather, transpose) before its matmuls.
+    if nd and not cpu_kernels.paged_decode_attention(
+        q[:nd], k_cache, v_cache, meta.block_table, meta.seq_lens, scale, out[:nd]
+    ):
         _decode_attention(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
     start = nd
     for i in range(nd, len(meta.query_lens_cpu)):

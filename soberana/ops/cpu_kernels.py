@@ -1,0 +1,181 @@
+"""Native CPU kernels: C sources in `csrc/`, compiled at first use and called through ctypes.
+
+The library is built by the system C compiler ($CC, else `cc`) and cached as
+`<cache_root>/kernels/<hash>.so`, the hash covering source, flags, compiler and target CPU.
+Without a compiler, when the build fails, or with SOBERANA_CPU_KERNELS=0, the entry points
+return False and callers use the PyTorch path. ctypes releases the GIL during a call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from soberana.models.demo import cache_root
+
+logger = logging.getLogger("soberana.ops")
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
+# For compilers that reject -march=native (or do not know this CPU).
+PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The kernel's return codes (paged_decode_attention.c).
+_OK, _UNSUPPORTED, _BAD_BLOCK, _NO_MEMORY = 0, 1, 2, 3
+
+
+def compile_library(source: Path, flags: Sequence[str]) -> Path:
+    """The shared library of `source` built with `flags`: from the cache, or compiled into it.
+
+    Published with an atomic rename, so processes building at once are safe. Raises OSError
+    (no compiler) or subprocess.CalledProcessError (a failed build).
+    """
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    version = _run([*cc, "--version"])
+    # With -march=native the macros the compiler predefines name this CPU's features, so a
+    # cache shared between machines never hands one a library built for the other.
+    target = _run([*cc, *(f for f in flags if f != "-shared"), "-dM", "-E", "-x", "c", os.devnull])
+    key = hashlib.sha256(source.read_bytes())
+    for part in (" ".join(flags), version, target, platform.machine()):
+        key.update(b"\0" + part.encode())
+    path = cache_root() / "kernels" / f"{key.hexdigest()[:32]}.so"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        _run([*cc, *flags, "-o", tmp, str(source), "-lm"])
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of the cache out
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """A built kernel library, its functions typed."""
+    lib = ctypes.CDLL(str(path))
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    lib.paged_decode_attention.argtypes = [
+        ptr, i64, ptr, ptr, i64, ptr, i64, i32, ptr, ptr,  # tensors, strides, sizes
+        i32, i32, i32, i32, i32, i32, ctypes.c_float, i32, ptr,  # shape, dtype, scale, threads
+    ]  # fmt: skip
+    lib.paged_decode_attention.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("SOBERANA_CPU_KERNELS", "1") == "0":
+        logger.info("Native CPU kernels off (SOBERANA_CPU_KERNELS=0); using the PyTorch path")
+        return None
+    try:
+        try:
+            path = compile_library(SOURCE, FLAGS)
+        except subprocess.CalledProcessError:
+            path = compile_library(SOURCE, PORTABLE_FLAGS)
+            logger.info("Native CPU kernels built without -march=native (the compiler refused it)")
+        return load_library(path)
+    except subprocess.CalledProcessError as e:
+        why = f"{shlex.join(e.cmd)} failed: {(e.stderr or '').strip()[-500:]}"
+    except (OSError, subprocess.SubprocessError) as e:
+        why = str(e)
+    logger.info("Native CPU kernels unavailable (%s); using the PyTorch path", why)
+    return None
+
+
+@functools.cache
+def _openmp_parallel() -> int | None:
+    """The address of `GOMP_parallel` in torch's own OpenMP runtime, or None.
+
+    The kernel's threads must be that runtime's: after each parallel op its workers spin for
+    a while (libgomp's GOMP_SPINCOUNT), and a thread of our own started then shares a core
+    with one of them (measured: in a decode step, the second of 2 threads did a third of the
+    work). torch loads its runtime with RTLD_GLOBAL, so the process's symbol table has it.
+    """
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        return ctypes.cast(ctypes.CDLL(None).GOMP_parallel, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> bool:
+    """Attention of q [B, Hq, D], one query per sequence, over its first seq_lens[b] cached
+    keys, into out [B, Hq, D]. False (out untouched) where the kernel cannot serve the call:
+    no library, another device, dtype or layout; the caller then uses the PyTorch path."""
+    if not _servable(q, k_cache, v_cache, block_table, seq_lens, out):
+        return False
+    lib = _library()
+    if lib is None:
+        return False
+    num_seqs, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+    rc = lib.paged_decode_attention(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
+        block_table.data_ptr(), block_table.stride(0), block_table.shape[1],
+        seq_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim,
+        block_size, _DTYPES[q.dtype], scale, torch.get_num_threads(), _openmp_parallel(),
+    )  # fmt: skip
+    if rc == _BAD_BLOCK:
+        raise IndexError(
+            f"block_table: a block id outside [0, {num_blocks}), or seq_lens longer than "
+            f"{block_table.shape[1]} blocks of {block_size} tokens"
+        )
+    if rc == _NO_MEMORY:
+        raise MemoryError("paged_decode_attention: no memory for its per-thread workspace")
+    return rc == _OK
+
+
+def _servable(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+) -> bool:
+    tensors = (q, k_cache, v_cache, block_table, seq_lens, out)
+    if any(t.device.type != "cpu" for t in tensors) or q.dtype not in _DTYPES:
+        return False
+    if not (q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape):
+        return False
+    num_seqs, num_heads, head_dim = q.shape
+    return (
+        k_cache.dtype == v_cache.dtype == out.dtype == q.dtype
+        and k_cache.shape[3] == head_dim and num_heads % k_cache.shape[2] == 0
+        and q.stride(2) == 1 and q.stride(1) == head_dim  # rows may be apart (a slice of qkv)
+        and out.shape == q.shape and out.is_contiguous()
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
+        and block_table.dtype == seq_lens.dtype == torch.int32
+        and block_table.dim() == 2 and block_table.stride(1) == 1
+        and block_table.shape[0] >= num_seqs
+        and seq_lens.dim() == 1 and seq_lens.is_contiguous() and seq_lens.numel() >= num_seqs
+    )  # fmt: skip
