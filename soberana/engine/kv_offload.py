@@ -73,7 +73,10 @@ class KVOffload:
                 hashes.append(block_hash)
                 ids.append(block_id)
         self.evicted.clear()
-        self.warehouse.put_blocks_async(hashes, self.kv_cache, ids)
+        # The pool evicts each sequence tail first; hand the blocks over head first, so that
+        # if the staging buffer cannot take them all, what is dropped is tails (a block is
+        # only reusable after its whole prefix, so a dropped head would waste its tail).
+        self.warehouse.put_blocks_async(hashes[::-1], self.kv_cache, ids[::-1])
 
     # ---- read path -------------------------------------------------------------------------
 

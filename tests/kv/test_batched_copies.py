@@ -158,9 +158,31 @@ def test_evictions_of_one_step_go_out_together_under_the_name_their_contents_had
     assert offload.evicted == []
 
 
-def test_the_default_write_staging_holds_a_thousand_big_blocks_or_256_mb():
+def test_when_staging_is_short_the_tails_of_evicted_sequences_are_dropped_not_heads(
+    layout: KVLayout,
+):
+    """A block is only reusable after its whole prefix: keeping a tail without its head
+    would waste the slot."""
+    w = KVWarehouse(layout, host=HostTier(layout, 16 * layout.block_nbytes),
+                    write_buffer_bytes=3 * layout.block_nbytes)  # fmt: skip
+    try:
+        cache = make_cache(layout, 8, seed=3)
+        kv = KVCacheManager(8, layout.block_size, True, b"\0" * 32)
+        offload = KVOffload(w, kv, cache, write_through=False)
+        chain = make_hashes(layout, 5)  # one sequence's blocks 0..4, in blocks 0..4
+        for i in reversed(range(5)):  # the pool evicts a sequence tail first
+            kv.pool.on_evict(chain[i], i)
+        offload.flush_evictions()
+        assert w.flush(timeout=10)
+        assert w.lookup_prefix(chain) == ["host"] * 3
+        assert w.stats().puts_dropped == 2
+    finally:
+        w.close()
+
+
+def test_the_default_write_staging_holds_two_thousand_big_blocks_or_256_mb():
     config = KVWarehouseConfig(offload_gb=1.0)
-    assert config.write_buffer_bytes(2 << 20) == 1024 * (2 << 20)  # Llama-3.1-8B: 2 MB blocks
+    assert config.write_buffer_bytes(2 << 20) == 2048 * (2 << 20)  # Llama-3.1-8B: 2 MB blocks
     assert config.write_buffer_bytes(1024) == 256 << 20
     assert KVWarehouseConfig(write_buffer_mb=64).write_buffer_bytes(2 << 20) == 64 << 20
 
