@@ -140,23 +140,9 @@ static inline void values_portable(float *restrict acc, const float *restrict p,
 static inline __m512 load16(const char *row, int i, int dtype) {
     if (dtype == DT_F32) return _mm512_loadu_ps((const float *)row + i);
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
-    if (dtype == DT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    if (dtype == DT_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return _mm512_cvtph_ps(h);
-}
-
-/* Columns i..i+31 as two float32 vectors. bf16 comes in one load, its even columns in the
- * low halves of the 32-bit lanes and its odd ones in the high halves: a shift and a mask
- * give both with no cross-lane shuffle (the widening load was the kernel's bottleneck), so
- * q and the accumulators keep each such chunk as 16 even then 16 odd columns (column()). */
-static inline void load32(const char *row, int i, int dtype, __m512 *lo, __m512 *hi) {
-    if (dtype == DT_BF16) {
-        __m512i x = _mm512_loadu_si512((const uint16_t *)row + i);
-        *lo = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-        *hi = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
-    } else {
-        *lo = load16(row, i, dtype);
-        *hi = load16(row, i + 16, dtype);
-    }
 }
 
 /* The 16 lane sums of 16 vectors in one vector: a shuffle-and-add tree (15 adds) instead of a
@@ -176,6 +162,8 @@ static inline __m512 sum16(const __m512 *v) {
                          _mm512_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* s[g * bs + t] = q_g . k_t, 16 rows at a time: each row's products stay 16 partial sums
+ * until sum16 adds up the 16 rows together. */
 static inline void scores_avx512(const float *restrict q, const char *k, int64_t row_bytes, int n,
                                  int G, int D, int bs, int dtype, float *restrict s) {
     for (int g = 0; g < G; g++) {
@@ -188,18 +176,18 @@ static inline void scores_avx512(const float *restrict q, const char *k, int64_t
                     const char *kr = k + (t0 + i) * row_bytes;
                     int c = 0;
                     for (; c + 32 <= D; c += 32) {
-                        __m512 lo, hi;
-                        load32(kr, c, dtype, &lo, &hi);
-                        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c), lo, a0);
-                        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c + 16), hi, a1);
+                        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c), load16(kr, c, dtype), a0);
+                        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c + 16),
+                                             load16(kr, c + 16, dtype), a1);
                     }
-                    if (c < D) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c), load16(kr, c, dtype), a0);
+                    if (c < D)
+                        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c), load16(kr, c, dtype), a0);
                 }
-                part[(i & 3) << 2 | i >> 2] = _mm512_add_ps(a0, a1); /* so sum16 keeps token order */
+                part[(i & 3) << 2 | i >> 2] = _mm512_add_ps(a0, a1); /* sum16 keeps t's order */
             }
             const int left = n - t0;
-            _mm512_mask_storeu_ps(s + g * bs + t0, left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1),
-                                  sum16(part));
+            const __mmask16 live = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            _mm512_mask_storeu_ps(s + g * bs + t0, live, sum16(part));
         }
     }
 }
@@ -241,8 +229,8 @@ static inline float softmax_avx512(float *s, int n, float *max, float *den) {
     return alpha;
 }
 
-/* Four 16-column accumulators stay in registers across the block's rows: four FMA chains
- * in flight instead of one. */
+/* acc_g += sum_t p[g * bs + t] * v_t. Four 16-column accumulators stay in registers across
+ * the block's rows: four FMA chains in flight instead of one. */
 static inline void values_avx512(float *restrict acc, const float *restrict p, const char *v,
                                  int64_t row_bytes, int n, int G, int D, int bs, int dtype) {
     for (int g = 0; g < G; g++) {
@@ -255,27 +243,13 @@ static inline void values_avx512(float *restrict acc, const float *restrict p, c
             for (int t = 0; t < n; t++) {
                 const char *vr = v + t * row_bytes;
                 const __m512 pt = _mm512_set1_ps(pg[t]);
-                __m512 lo0, hi0, lo1, hi1;
-                load32(vr, c, dtype, &lo0, &hi0);
-                load32(vr, c + 32, dtype, &lo1, &hi1);
-                a0 = _mm512_fmadd_ps(pt, lo0, a0);
-                a1 = _mm512_fmadd_ps(pt, hi0, a1);
-                a2 = _mm512_fmadd_ps(pt, lo1, a2);
-                a3 = _mm512_fmadd_ps(pt, hi1, a3);
+                a0 = _mm512_fmadd_ps(pt, load16(vr, c, dtype), a0);
+                a1 = _mm512_fmadd_ps(pt, load16(vr, c + 16, dtype), a1);
+                a2 = _mm512_fmadd_ps(pt, load16(vr, c + 32, dtype), a2);
+                a3 = _mm512_fmadd_ps(pt, load16(vr, c + 48, dtype), a3);
             }
             _mm512_storeu_ps(ag + c, a0), _mm512_storeu_ps(ag + c + 16, a1);
             _mm512_storeu_ps(ag + c + 32, a2), _mm512_storeu_ps(ag + c + 48, a3);
-        }
-        for (; c + 32 <= D; c += 32) {
-            __m512 a0 = _mm512_loadu_ps(ag + c), a1 = _mm512_loadu_ps(ag + c + 16);
-            for (int t = 0; t < n; t++) {
-                const __m512 pt = _mm512_set1_ps(pg[t]);
-                __m512 lo, hi;
-                load32(v + t * row_bytes, c, dtype, &lo, &hi);
-                a0 = _mm512_fmadd_ps(pt, lo, a0);
-                a1 = _mm512_fmadd_ps(pt, hi, a1);
-            }
-            _mm512_storeu_ps(ag + c, a0), _mm512_storeu_ps(ag + c + 16, a1);
         }
         for (; c < D; c += 16) {
             __m512 a = _mm512_loadu_ps(ag + c);
@@ -286,12 +260,6 @@ static inline void values_avx512(float *restrict acc, const float *restrict p, c
     }
 }
 #endif
-
-/* Where column d of a head sits in the kernel's float32 rows (q, accumulators): see load32. */
-static inline int column(int d, int D, int dtype, int simd) {
-    if (!simd || dtype != DT_BF16 || d >= (D & ~31)) return d;
-    return (d & ~31) | (d & 1) << 4 | (d & 31) >> 1;
-}
 
 /* ---- one work item: a sequence and a run of its KV heads ---------------------------- */
 
@@ -340,6 +308,7 @@ static int64_t workspace_floats(const Job *j) {
 /* always_inline with a constant dtype and path: one specialised copy per caller. */
 static inline __attribute__((always_inline)) void attend(Job *j, int item, Cursor *pf, float *ws,
                                                          const int dtype, const int simd) {
+    (void)simd; /* read only where the AVX-512 path is compiled */
     const int G = j->num_heads / j->num_kv_heads, D = j->head_dim, bs = j->block_size;
     const int64_t esz = dtype == DT_F32 ? 4 : 2, head_bytes = D * esz;
     const int64_t row_bytes = j->num_kv_heads * head_bytes; /* token to token */
@@ -349,9 +318,7 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
     const int rows = (h1 - h0) * G, len = j->seq_lens[b];
     float *q = ws, *acc = q + rows * D, *s = acc + rows * D, *mx = s + rows * bs, *den = mx + rows;
     const char *qrow = j->q + (b * j->q_stride + (int64_t)h0 * G * D) * esz;
-    for (int r = 0; r < rows; r++)
-        for (int d = 0; d < D; d++)
-            q[r * D + column(d, D, dtype, simd)] = load1(qrow, r * D + d, dtype) * j->scale;
+    for (int i = 0; i < rows * D; i++) q[i] = load1(qrow, i, dtype) * j->scale;
     memset(acc, 0, sizeof(float) * rows * D);
     for (int r = 0; r < rows; r++) mx[r] = -INFINITY, den[r] = 0.0f;
     const int32_t *blocks = j->block_table + b * j->table_stride;
@@ -406,8 +373,7 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
     char *orow = j->out + ((int64_t)b * j->num_heads + (int64_t)h0 * G) * D * esz;
     for (int r = 0; r < rows; r++) {
         const float inv = len > 0 ? 1.0f / den[r] : 0.0f; /* no keys: zeros, not NaN */
-        for (int d = 0; d < D; d++)
-            store1(orow, r * D + d, acc[r * D + column(d, D, dtype, simd)] * inv, dtype);
+        for (int c = 0; c < D; c++) store1(orow, r * D + c, acc[r * D + c] * inv, dtype);
     }
 }
 
