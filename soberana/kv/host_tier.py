@@ -36,7 +36,9 @@ class HostTier:
             (self.num_slots, self.block_nbytes), dtype=torch.uint8, pin_memory=self.pinned
         )
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> slot, least recent first
-        self._free_slots = list(range(self.num_slots))
+        # Popped from the end: ascending, so a sequence's blocks stored in order sit in
+        # consecutive slots and load back in one copy per run.
+        self._free_slots = list(range(self.num_slots - 1, -1, -1))
         # slot -> readers copying out of it; such a slot is never reused under them.
         self._readers: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -190,4 +192,4 @@ class HostTier:
     def close(self) -> None:
         with self._lock:
             self._index.clear()
-            self._free_slots = list(range(self.num_slots))
+            self._free_slots = list(range(self.num_slots - 1, -1, -1))

@@ -75,9 +75,9 @@ def test_a_load_across_many_staging_batches_and_sources_lands_every_block_in_pla
     cache = make_cache(layout, 10, seed=5)
     host = HostTier(layout, 16 * layout.block_nbytes)
     hashes = make_hashes(layout, 10)
-    # In RAM, stored tail first as the pool evicts (so 0..3 sit in consecutive slots); the
-    # others come from a slower tier's bytes.
-    for i in (8, 6, 3, 2, 1, 0):
+    # In RAM, stored head first as the engine hands evictions over (so 0..3 sit in
+    # consecutive slots); the others come from a slower tier's bytes.
+    for i in (0, 1, 2, 3, 6, 8):
         host.put(hashes[i], torch.frombuffer(bytearray(block_bytes(cache, i)), dtype=torch.uint8))
     slots = host.hold(hashes[:4])
     assert list(runs(slots, lambda a, b: b == a + 1)) == [(0, 4)]  # one copy for the four

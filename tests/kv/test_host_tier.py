@@ -100,6 +100,15 @@ def test_a_batch_repeating_a_name_stores_it_once(layout):
     assert stored == 2 and tier.usage().entries == 2
 
 
+def test_blocks_stored_in_order_sit_in_consecutive_slots(layout):
+    """A returning sequence then loads back in one host-to-device copy per run of slots."""
+    tier = HostTier(layout, 8 * layout.block_nbytes)
+    keys = make_hashes(layout, 5)
+    tier.put_many(keys, [payload(layout, i) for i in range(5)])
+    slots = tier.hold(keys)
+    assert slots == list(range(slots[0], slots[0] + 5))
+
+
 def test_memory_is_pinned_exactly_when_cuda_is_available(layout):
     assert HostTier(layout, layout.block_nbytes).pinned == torch.cuda.is_available()
 
