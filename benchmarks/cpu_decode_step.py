@@ -11,6 +11,8 @@ machine hits both alike; medians are reported per thread count.
     python benchmarks/cpu_decode_step.py                 # default cases, 2 and 1 threads
     python benchmarks/cpu_decode_step.py --baseline abc123 --reps 21
     python benchmarks/cpu_decode_step.py --profile decode_bf16_64x192 --threads 2
+    python benchmarks/cpu_decode_step.py --baseline 11fee17~1   # native CPU decode attention
+                                                                # vs the PyTorch path before it
 """
 
 from __future__ import annotations
