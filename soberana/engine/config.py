@@ -25,6 +25,9 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    # A prefill longer than this advances at most this many tokens per step, leaving room in
+    # the step's budget for shorter prompts (vLLM's name); 0: no limit.
+    long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
     seed: int = 0
     served_model_name: str | None = None
@@ -48,6 +51,11 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}"
+            )
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                "long_prefill_token_threshold must be >= 0 (0: no limit); got "
+                f"{self.long_prefill_token_threshold}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")

@@ -109,7 +109,7 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching, seed)
         self.offload = self._build_offload(config, loaded.fingerprint, mcfg, max_len)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.offload)
+                                   self.offload, config.long_prefill_token_threshold)
         self.sampler = Sampler(mcfg.vocab_size, self.device)
         graphs = None
         self.startup = {"model_s": t_model - t0, "kv_alloc_s": 0.0, "graphs_s": 0.0}

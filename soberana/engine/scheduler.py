@@ -50,10 +50,12 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         offload: KVOffload | None = None,
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.offload = offload
         self.waiting: list[Request] = []  # sorted by Request.sort_key()
         self.running: list[Request] = []  # sorted by Request.sort_key()
@@ -80,7 +82,7 @@ class Scheduler:
             if len(req.output_token_ids) >= req.max_tokens:
                 i += 1  # async scheduling: its last token is in flight; it ends with it
                 continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()  # lowest priority, latest arrival
                 self._preempt(victim)
@@ -103,6 +105,14 @@ class Scheduler:
             self.offload.flush_evictions()
         return out
 
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Tokens a request advances this step: what it has left, within the budget and,
+        for a long prefill, within `long_prefill_token_threshold` (so a short prompt behind
+        it, such as one whose history came back from the KV warehouse, need not wait for a
+        whole budget-sized chunk)."""
+        limit = self.long_prefill_token_threshold
+        return min(remaining, budget, limit) if limit > 0 else min(remaining, budget)
+
     def _admit(self, scheduled: list[ScheduledRequest], budget: int) -> int:
         skipped: list[Request] = []
         while (self.waiting and budget > 0
@@ -121,7 +131,7 @@ class Scheduler:
                         break  # the pool is full: retry when blocks free up
                     continue
             num_cached = len(cached) * self.kv.block_size
-            num_new = min(req.num_tokens - num_cached, budget)
+            num_new = self._chunk(req.num_tokens - num_cached, budget)
             if not self.kv.allocate_slots(req, num_new, cached):
                 break
             self.waiting.pop(0)

@@ -82,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
     eng.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     eng.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    eng.add_argument(
+        "--long-prefill-token-threshold", type=int, default=defaults.long_prefill_token_threshold,
+        help="a prefill longer than this advances at most this many tokens per step, so "
+        "shorter prompts are not held behind it (default 0: no limit)",
+    )
     eng.add_argument("--block-size", type=int, default=defaults.block_size)
     eng.add_argument("--dtype", default=defaults.dtype, help="auto, float32, float16 or bfloat16")
     eng.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
@@ -129,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
         served_model_name=args.served_model_name[0] if args.served_model_name else None,

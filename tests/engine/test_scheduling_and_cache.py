@@ -130,3 +130,38 @@ def test_max_num_batched_tokens_bounds_every_step():
     while core.has_unfinished_requests():
         core.step()
     assert steps and all(n > 0 for n in steps)
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_prefill_past_the_threshold():
+    """With long_prefill_token_threshold, the long prompt advances at most that many tokens a
+    step and the short prompt behind it is prefilled in the first step; outputs unchanged."""
+    prompts = [list(range(10, 10 + 200)), list(range(300, 300 + 12))]
+    params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
+    expected = [o.outputs[0].token_ids for o in
+                LLM(max_model_len=512, max_num_batched_tokens=256, dtype="float32").generate(prompts, params)]
+    llm = LLM(max_model_len=512, max_num_batched_tokens=256, long_prefill_token_threshold=64,
+              dtype="float32")  # chunking changes bf16 rounding, not the computation
+    core = llm.engine
+    for i, p in enumerate(prompts):
+        core.add_request(EngineCoreRequest(str(i), p, params, 0.0))
+    first = core.scheduler.schedule
+    steps = []
+
+    def recorded():
+        sched = first()
+        steps.append({s.request.request_id: s.num_new_tokens for s in sched.scheduled})
+        return sched
+
+    core.scheduler.schedule = recorded
+    outs = {}
+    while core.has_unfinished_requests():
+        for o in core.step():
+            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert steps[0] == {"0": 64, "1": 12}
+    assert all(n <= 64 for step in steps for n in step.values())
+    assert [outs["0"], outs["1"]] == expected
+
+
+def test_a_negative_long_prefill_threshold_is_refused():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        LLM(max_model_len=512, long_prefill_token_threshold=-1)
