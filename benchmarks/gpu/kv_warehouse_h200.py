@@ -16,6 +16,8 @@ vocabulary barely touches. Writes into $OUT:
 
 4. `kv_warehouse_multiturn_h200_long.json` (`--only long`): 12,288-token histories, 16 users
    (~26 GB live) against a 4 GB pool and a 40 GB host tier; closed loop of 4, then open loop.
+5. `kv_warehouse_multiturn_h200_long_threshold.json` (`--only long_threshold`): the same with
+   `--long-prefill-token-threshold 2048` on both sides.
 Each multi-round file has warehouse off and on, same workload, and
 `ttft_returning_speedup` per load. `--only` picks parts (transfer, pool2gb, pool4gb, long).
 """
@@ -45,7 +47,7 @@ def shape(history: int) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="transfer,pool2gb,pool4gb",
-                    help="parts to run: transfer, pool2gb, pool4gb, long")
+                    help="parts to run: transfer, pool2gb, pool4gb, long, long_threshold")
     ap.add_argument("--rates", default="3,6", help="open-loop request rates for pool4gb")
     ap.add_argument("--long-rates", default="1", help="open-loop request rates for long")
     ap.add_argument("--rates-if-started-by-s", type=float, default=200.0,
@@ -77,13 +79,18 @@ def main() -> int:
                                      "--no-kv-disk", "--users", "32", "--open-loop-users", "16", "--request-rates", rates,
                        "--output", str(out / "kv_warehouse_multiturn_h200_pool4gb.json")]
         failed |= subprocess.run(cmd).returncode
-    if "long" in parts:
+    for part in ("long", "long_threshold"):
+        if part not in parts:
+            continue
         # Longer histories (12k tokens, ~1.6 GB of KV per user): the shape agent sessions
         # reach, where recomputing costs most. 16 users (~26 GB live) against a 4 GB pool.
-        cmd = bench + shape(12288) + ["--kv-cache-gb", "4", "--kv-offload-gb", "40",
-                                      "--no-kv-disk", "--users", "16", "--open-loop-users",
-                                      "8", "--request-rates", args.long_rates, "--output",
-                                      str(out / "kv_warehouse_multiturn_h200_long.json")]  # fmt: skip
+        # long_threshold: the same with --long-prefill-token-threshold 2048 on both sides, so
+        # a returning user is not held behind another user's 8k-token prefill chunk.
+        extra = ["--extra-serve-args=--long-prefill-token-threshold 2048"] if part != "long" else []
+        cmd = bench + shape(12288) + extra + [
+            "--kv-cache-gb", "4", "--kv-offload-gb", "40", "--no-kv-disk", "--users", "16",
+            "--open-loop-users", "8", "--request-rates", args.long_rates,
+            "--output", str(out / f"kv_warehouse_multiturn_h200_{part}.json")]  # fmt: skip
         failed |= subprocess.run(cmd).returncode
     return 1 if failed else 0
 
