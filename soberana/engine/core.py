@@ -23,6 +23,7 @@ from soberana.engine.request import PLACEHOLDER, Request, RequestStatus
 from soberana.engine.sampler import Sampler
 from soberana.engine.scheduler import Scheduler, SchedulerOutput
 from soberana.models.loader import load_model, read_model_config, resolve_model_path
+from soberana.ops import cpu_kernels
 from soberana.ops.attention import AttentionMetadata, uses_triton
 
 log = logging.getLogger("soberana.engine")
@@ -78,6 +79,8 @@ class EngineCore:
         self.config = config
         t0 = time.perf_counter()
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            cpu_kernels.keep_freed_memory()
         path = resolve_model_path(config.model, config.revision)
         mcfg, _ = read_model_config(path)
         dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device)
@@ -120,6 +123,8 @@ class EngineCore:
             self.startup["graphs_s"] = graphs.capture()
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv, self.sampler, self.device,
                                   graphs)
+        if self.device.type == "cpu":
+            self.startup["warm_up_s"] = self._warm_up_cpu(mcfg, max_len)
         self.requests: dict[str, list[Request]] = {}  # request_id -> its samples
         # Async scheduling (default on GPUs): the step launched last, not yet read back.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
@@ -146,8 +151,9 @@ class EngineCore:
             fingerprint=seed.hex(),
             is_demo=is_demo,
         )
-        log.info("engine ready in %.1fs (model %.1fs) on %s", time.perf_counter() - t0,
-                 t_model - t0, self.device)
+        log.info("engine ready in %.1fs (model %.1fs%s) on %s", time.perf_counter() - t0,
+                 t_model - t0, f", warm-up {self.startup['warm_up_s']:.1f}s"
+                 if "warm_up_s" in self.startup else "", self.device)  # fmt: skip
 
     def _build_offload(self, config: EngineConfig, fingerprint: str, mcfg, max_len: int):
         wcfg = config.kv_warehouse
@@ -178,24 +184,39 @@ class EngineCore:
             seconds.append(time.perf_counter() - t)
         return tokens / min(seconds[1:])
 
-    def _one_sequence_forward(self, mcfg, dtype: torch.dtype, tokens: int):
-        """A forward of one `tokens`-long prompt over a temporary KV cache (for profiling);
-        returns a callable giving the final hidden states."""
+    def _one_sequence_forward(self, mcfg, dtype: torch.dtype, tokens: int, seqs: int = 1):
+        """A forward of `seqs` prompts of `tokens` each over a temporary KV cache (for
+        profiling and warm-up); returns a callable giving the final hidden states."""
         bs = self.config.block_size
-        nblocks = -(-tokens // bs)
+        per_seq = -(-tokens // bs)
+        nblocks, total = per_seq * seqs, tokens * seqs
         dev = self.device
         tmp = torch.zeros(mcfg.num_layers, 2, nblocks, bs, mcfg.num_kv_heads, mcfg.head_dim,
                           dtype=dtype, device=dev)
+        table = torch.arange(nblocks, dtype=torch.int32, device=dev).view(seqs, per_seq)
+        pos = torch.arange(tokens, device=dev).repeat(seqs)
         meta = AttentionMetadata(
-            slot_mapping=torch.arange(tokens, device=dev),
-            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=dev),
-            block_table=torch.arange(nblocks, dtype=torch.int32, device=dev)[None],
-            num_decodes=0, query_lens_cpu=[tokens], seq_lens_cpu=[tokens],
-        )
-        ids = torch.zeros(tokens, dtype=torch.long, device=dev)
-        pos = torch.arange(tokens, device=dev)
+            slot_mapping=(table.long()[:, :, None] * bs
+                          + torch.arange(bs, device=dev)).view(seqs, -1)[:, :tokens].reshape(-1),
+            query_start_loc=torch.arange(0, total + 1, tokens, dtype=torch.int32, device=dev),
+            seq_lens=torch.full((seqs,), tokens, dtype=torch.int32, device=dev),
+            block_table=table, num_decodes=0, query_lens_cpu=[tokens] * seqs,
+            seq_lens_cpu=[tokens] * seqs,
+        )  # fmt: skip
+        ids = torch.zeros(total, dtype=torch.long, device=dev)
         return lambda: self.model(ids, pos, tmp, meta)
+
+    @torch.inference_mode()
+    def _warm_up_cpu(self, mcfg, max_len: int) -> float:
+        """CPU: one forward over a full token budget before the first request, so that it
+        does not pay for building the native kernels or for growing the heap (see
+        cpu_kernels.keep_freed_memory). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        tokens = min(self.config.max_num_batched_tokens, max_len)
+        seqs = max(1, min(self.config.max_num_seqs, self.config.max_num_batched_tokens // tokens))
+        hidden = self._one_sequence_forward(mcfg, self.kv_cache.dtype, tokens, seqs)()
+        self.model.compute_logits(hidden[: min(len(hidden), self.config.max_num_seqs)])
+        return time.perf_counter() - t0
 
     @staticmethod
     def _max_model_len(config: EngineConfig, mcfg) -> int:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from soberana.models.config import ModelConfig
 from soberana.models.transformer import CausalLM, RotaryEmbedding, rope_inv_freq
+from soberana.ops import cpu_linear
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,18 @@ def load_model(
     else:
         raise ValueError(f"load_format must be 'safetensors' or 'dummy'; got {load_format!r}")
     model.eval()
+    if device.type == "cpu":
+        _pack_cpu_linears(model)
     return LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint)
+
+
+def _pack_cpu_linears(model: CausalLM) -> None:
+    """Pack the projections (and, tied or not, the output projection) for oneDNN once."""
+    count = cpu_linear.pack_linears(model)
+    if count and model.lm_head is None:  # tied: a packed copy of the embedding matrix
+        model.lm_head = cpu_linear.pack(None, model.embed_tokens.weight)
+    if count:
+        log.info("Packed %d CPU linear weights for oneDNN", count + (model.lm_head is not None))
 
 
 def _safetensors_files(path: Path) -> list[Path]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from soberana.models.config import ModelConfig, rope_inv_freq
+from soberana.ops import cpu_kernels
 from soberana.ops.attention import (
     AttentionMetadata,
     fused_decode_attention,
@@ -67,6 +68,16 @@ class Attention(nn.Module):
                                           v_cache, meta, self.num_heads, self.scale, *norms,
                                           self.eps)  # fmt: skip
         t = qkv.shape[0]
+        if qkv.device.type == "cpu" and self.q_norm is None:
+            # rotary embedding and the cache write in one native call; k comes back only
+            # where a prefill attends to its own new keys
+            fused = cpu_kernels.rope_and_cache(
+                qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping,
+                self.num_heads, want_k=meta.num_decodes < len(meta.query_lens_cpu))  # fmt: skip
+            if fused is not None:
+                q, k = fused
+                v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+                return paged_attention(q, k, v, k_cache, v_cache, meta, self.scale).reshape(t, -1)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -149,5 +160,6 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of the given hidden rows."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head is None:  # tied embeddings
+            return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()

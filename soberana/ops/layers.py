@@ -1,8 +1,9 @@
 """RMSNorm, rotary embedding and SiLU-gated MLP activation.
 
-The `torch_*` functions are the portable PyTorch path (CPUs, and the reference the kernels
-are tested against). On CUDA, where Triton imports, the layers run the fused Triton kernels
-of `triton_fused.py` instead, which round at the same points.
+The `torch_*` functions are the portable PyTorch path (the reference the kernels are tested
+against). On CUDA, where Triton imports, the layers run the fused Triton kernels of
+`triton_fused.py` instead, and on CPUs the native ones of `csrc/cpu_layers.c`; both round at
+the same points.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soberana.ops import triton_module
+from soberana.ops import cpu_kernels, triton_module
 
 
 def _triton_ops():
@@ -79,6 +80,10 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return _triton_ops().rms_norm(x, self.weight, self.eps)
             return _triton_ops().fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if x.device.type == "cpu":  # add + norm in one native call where it can
+            fused = cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            if fused is not None:
+                return fused[0] if residual is None else fused
         if residual is None:
             return torch_rms_norm(x, self.weight, self.eps)
         residual = x + residual
@@ -134,4 +139,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for a fused [.., 2 * I] projection (gate first)."""
     if uses_triton(gate_up) and gate_up.dim() == 2:
         return _triton_ops().silu_and_mul(gate_up)
+    if gate_up.device.type == "cpu" and (out := cpu_kernels.silu_and_mul(gate_up)) is not None:
+        return out
     return torch_silu_and_mul(gate_up)

@@ -9,6 +9,8 @@
  *
  * Math is float32 whatever the storage dtype. The AVX-512 path needs head_dim % 16 == 0;
  * other builds and shapes take the portable path, which the compiler vectorises where it can.
+ * bfloat16 with head_dim % 32 == 0 (the common case) reads each block row by row, all the
+ * item's heads at once (block_bf16); the others go head by head.
  */
 #include <math.h>
 #include <pthread.h>
@@ -82,6 +84,9 @@ static inline void store1(char *row, int i, float x, int dtype) {
     else
         ((uint16_t *)row)[i] = dtype == DT_BF16 ? f32_to_bf16(x) : f32_to_f16(x);
 }
+
+/* Where column i of a head sits in the split layout (the bfloat16 AVX-512 path, below). */
+static inline int split_index(int i) { return (i & ~31) | (i & 1) << 4 | (i & 31) >> 1; }
 
 /* ---- portable path ---------------------------------------------------------------- */
 
@@ -259,6 +264,82 @@ static inline void values_avx512(float *restrict acc, const float *restrict p, c
         }
     }
 }
+
+/* bfloat16 rows without a shuffle: each 32-bit lane of a row holds elements 2i (low half) and
+ * 2i + 1 (high half), and a shift or a mask turns either into a float. So q and the
+ * accumulators are kept "split", per 32 columns the 16 even ones then the 16 odd ones
+ * (split_index), and a row of 32 bfloat16 is one load and two integer ops away from the two
+ * float vectors it multiplies; a zero-extending shuffle per 16 values was the kernel's
+ * bottleneck. */
+
+static inline __m512 bf16_even(__m512i w) { return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)); }
+
+static inline __m512 bf16_odd(__m512i w) {
+    return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+/* One block of an item in the split layout, rows read in memory order: scores of every head
+ * of row t, then of row t + 1, ..., then the softmax, then values row by row. The item's
+ * heads of a row are one contiguous run of bytes, so a block is read front to back, a
+ * stream the hardware prefetchers follow (head by head it is 16 short reads a row apart per
+ * head, and the kernel ran at a third of the memory bandwidth). `ahead` (a byte offset, or
+ * -1) is the block to prefetch: row t of it, head by head, while row t of this one is scored
+ * (in bursts of a row or more, the prefetches stall the core). */
+static inline void block_bf16(Job *j, const float *restrict q, float *restrict acc,
+                              float *restrict s, float *restrict mx, float *restrict den,
+                              __m512 *restrict part, const char *k, const char *v, int64_t ahead,
+                              int64_t row_bytes, int n, int heads, int G, int D, int bs) {
+    const int rows = heads * G;
+    for (int t0 = 0; t0 < n; t0 += 16) {
+        for (int i = 0; i < 16; i++) {
+            const int t = t0 + i, slot = (i & 3) << 2 | i >> 2; /* sum16 keeps t's order */
+            if (t >= n) {
+                for (int r = 0; r < rows; r++) part[r * 16 + slot] = _mm512_setzero_ps();
+                continue;
+            }
+            const char *kr = k + t * row_bytes;
+            for (int r = 0; r < rows; r++) {
+                const int64_t head = (int64_t)(r / G) * D * 2;
+                const char *kh = kr + head;
+                if (ahead >= 0 && r % G == 0) /* spread among the math, not in bursts */
+                    for (int64_t o = 0; o < D * 2; o += 64) {
+                        __builtin_prefetch(j->k + ahead + t * row_bytes + head + o);
+                        __builtin_prefetch(j->v + ahead + t * row_bytes + head + o);
+                    }
+                const float *qr = q + r * D;
+                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+                for (int c = 0; c < D; c += 32) {
+                    const __m512i w = _mm512_loadu_si512(kh + 2 * c);
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c), bf16_even(w), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c + 16), bf16_odd(w), a1);
+                }
+                part[r * 16 + slot] = _mm512_add_ps(a0, a1);
+            }
+        }
+        const int left = n - t0;
+        const __mmask16 live = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(s + r * bs + t0, live, sum16(part + r * 16));
+    }
+    for (int r = 0; r < rows; r++) {
+        const float alpha = softmax_avx512(s + r * bs, n, &mx[r], &den[r]);
+        if (alpha != 1.0f)
+            for (int c = 0; c < D; c++) acc[r * D + c] *= alpha;
+    }
+    for (int t = 0; t < n; t++) {
+        const char *vr = v + t * row_bytes;
+        for (int r = 0; r < rows; r++) {
+            const char *vh = vr + (int64_t)(r / G) * D * 2;
+            const __m512 p = _mm512_set1_ps(s[r * bs + t]);
+            float *ar = acc + r * D;
+            for (int c = 0; c < D; c += 32) {
+                const __m512i w = _mm512_loadu_si512(vh + 2 * c);
+                _mm512_storeu_ps(ar + c, _mm512_fmadd_ps(p, bf16_even(w), _mm512_loadu_ps(ar + c)));
+                _mm512_storeu_ps(ar + c + 16,
+                                 _mm512_fmadd_ps(p, bf16_odd(w), _mm512_loadu_ps(ar + c + 16)));
+            }
+        }
+    }
+}
 #endif
 
 /* ---- one work item: a sequence and a run of its KV heads ---------------------------- */
@@ -302,7 +383,7 @@ static inline int64_t next_block(const Job *j, Cursor *c, int64_t esz) {
  * scores [block_size], running max and denominator. */
 static int64_t workspace_floats(const Job *j) {
     int64_t rows = (int64_t)j->heads_per_item * (j->num_heads / j->num_kv_heads);
-    return rows * (2 * (int64_t)j->head_dim + j->block_size + 2);
+    return rows * (16 * 16 + 2 * (int64_t)j->head_dim + j->block_size + 2);
 }
 
 /* always_inline with a constant dtype and path: one specialised copy per caller. */
@@ -312,13 +393,20 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
     const int G = j->num_heads / j->num_kv_heads, D = j->head_dim, bs = j->block_size;
     const int64_t esz = dtype == DT_F32 ? 4 : 2, head_bytes = D * esz;
     const int64_t row_bytes = j->num_kv_heads * head_bytes; /* token to token */
+    const int split = simd && dtype == DT_BF16 && D % 32 == 0; /* q and acc split (bf16) */
     int b, h0, h1;
     item_heads(j, item, &b, &h0, &h1);
     /* rows: the item's query heads, G per KV head, in q's order */
     const int rows = (h1 - h0) * G, len = j->seq_lens[b];
-    float *q = ws, *acc = q + rows * D, *s = acc + rows * D, *mx = s + rows * bs, *den = mx + rows;
+    /* part: [rows][16] row sums for sum16 (64-byte aligned, as the workspace) */
+    float *q = ws + rows * 256, *acc = q + rows * D, *s = acc + rows * D, *mx = s + rows * bs;
+    float *den = mx + rows;
+#ifdef __AVX512F__
+    __m512 *part = (__m512 *)ws;
+#endif
     const char *qrow = j->q + (b * j->q_stride + (int64_t)h0 * G * D) * esz;
-    for (int i = 0; i < rows * D; i++) q[i] = load1(qrow, i, dtype) * j->scale;
+    for (int i = 0; i < rows * D; i++)
+        q[split ? i - i % D + split_index(i % D) : i] = load1(qrow, i, dtype) * j->scale;
     memset(acc, 0, sizeof(float) * rows * D);
     for (int r = 0; r < rows; r++) mx[r] = -INFINITY, den[r] = 0.0f;
     const int32_t *blocks = j->block_table + b * j->table_stride;
@@ -335,6 +423,13 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
             return;
         }
         const int64_t first = (int64_t)block * bs * row_bytes + h0 * head_bytes;
+#ifdef __AVX512F__
+        if (split) {
+            block_bf16(j, q, acc, s, mx, den, part, j->k + first, j->v + first, ahead, row_bytes, n,
+                       h1 - h0, G, D, bs);
+            continue;
+        }
+#endif
         for (int kh = 0; kh < h1 - h0; kh++) {
             const char *k = j->k + first + kh * head_bytes, *v = j->v + first + kh * head_bytes;
             float *qh = q + kh * G * D, *ah = acc + kh * G * D, *sh = s + kh * G * bs;
@@ -373,7 +468,8 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
     char *orow = j->out + ((int64_t)b * j->num_heads + (int64_t)h0 * G) * D * esz;
     for (int r = 0; r < rows; r++) {
         const float inv = len > 0 ? 1.0f / den[r] : 0.0f; /* no keys: zeros, not NaN */
-        for (int c = 0; c < D; c++) store1(orow, r * D + c, acc[r * D + c] * inv, dtype);
+        for (int c = 0; c < D; c++)
+            store1(orow, r * D + c, acc[r * D + (split ? split_index(c) : c)] * inv, dtype);
     }
 }
 
@@ -419,7 +515,8 @@ static inline int claim(Job *j) {
  * thread that starts late takes fewer. */
 static void work(void *arg) {
     Job *j = arg;
-    float *ws = malloc(sizeof(float) * workspace_floats(j));
+    const size_t ws_bytes = (sizeof(float) * workspace_floats(j) + 63) & ~(size_t)63;
+    float *ws = aligned_alloc(64, ws_bytes);
     if (ws == NULL) return; /* the others take its share */
     const int64_t esz = j->dtype == DT_F32 ? 4 : 2;
     int item = claim(j);

@@ -1,0 +1,100 @@
+"""Linear layers on CPU with their weights packed once for oneDNN.
+
+`F.linear` on a CPU tensor reorders the weight into oneDNN's blocked layout on every call:
+for a decode step of 64 tokens through a 125M model that is most of a second's worth of
+copying per hundred steps. `pack_linears` does it once, when the model is loaded, and swaps
+each `nn.Linear` (and the output projection) for a `PackedLinear` that calls the same oneDNN
+matmul on the packed weight (PyTorch's own `mkldnn._linear_pointwise`, what Inductor emits
+for frozen CPU linears).
+
+Measured on a 2-core AVX-512-BF16 CPU (benchmarks/cpu_decode_step.py): bfloat16 outputs are
+bit-identical to `F.linear`; float32 runs oneDNN's kernel instead of MKL's sgemm, so sums
+round differently (about 1e-7 relative). A layer that fails the check at load time, or
+SOBERANA_CPU_KERNELS=0, keeps `F.linear`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("soberana.ops")
+
+# The batch size oneDNN tunes the packed layout for (any size works): a decode step's rows.
+BATCH_HINT = 64
+
+
+class PackedLinear(nn.Module):
+    """`x @ weight.T + bias` with `weight` already in oneDNN's layout (read-only after)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+
+
+def packable(dtype: torch.dtype) -> bool:
+    """Whether CPU linears of `dtype` can be packed here (oneDNN built in; bf16 and fp16 also
+    need the CPU to support them natively)."""
+    if os.environ.get("SOBERANA_CPU_KERNELS", "1") == "0":
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def pack(linear: nn.Linear | None, weight: torch.Tensor | None = None) -> nn.Module | None:
+    """A PackedLinear computing what `linear` (or `F.linear` with `weight`) does, or None where
+    this build cannot pack it or the packed result disagrees with `F.linear` on a probe."""
+    weight = linear.weight if weight is None else weight
+    bias = None if linear is None else linear.bias
+    if weight.device.type != "cpu" or weight.dim() != 2 or not packable(weight.dtype):
+        return None
+    try:
+        packed = PackedLinear(weight, bias)
+        probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        probe = probe.to(weight.dtype)
+        want, got = F.linear(probe, weight, bias).float(), packed(probe).float()
+    except RuntimeError as e:  # an op this build or CPU lacks
+        logger.info("oneDNN weight packing unavailable (%s); CPU linears use F.linear", e)
+        return None
+    tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    if not torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()):
+        logger.info("oneDNN packed linear disagrees with F.linear; CPU linears use F.linear")
+        return None
+    return packed
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every CPU `nn.Linear` in `model` by its PackedLinear; returns how many.
+
+    Stops at the first that cannot be packed (they share dtype and device), leaving the rest
+    as they are.
+    """
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                packed = pack(child)
+                if packed is None:
+                    return count
+                setattr(parent, name, packed)
+                count += 1
+    return count

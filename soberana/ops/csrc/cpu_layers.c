@@ -1,0 +1,313 @@
+/* The small per-token layers of a CPU forward pass in one call each: add + RMSNorm, rotary
+ * embedding with the KV-cache write, SiLU-and-mul.
+ *
+ * In PyTorch ops each of these is 5-12 ops, each a dispatch (~5-15 us) and a trip through
+ * memory: in a decode step of 64 tokens of a 125M model they cost more than the attention's
+ * math. They round where soberana/ops/layers.py's torch_* functions (transformers' ops) round:
+ * every op of theirs that stores a bfloat16/float16 tensor is a rounding here; sums are float32
+ * in a different order, so float32 results can differ in the last bits.
+ *
+ * Built and called by soberana/ops/cpu_kernels.py (plain C, compiled at first use). Rows are
+ * shared among torch's OpenMP threads (through GOMP_parallel) when there are enough of them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16); /* round to nearest even */
+}
+
+#ifdef __FLT16_MAX__
+static inline float f16_to_f32(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, 2);
+    return (float)x;
+}
+static inline uint16_t f32_to_f16(float f) {
+    _Float16 x = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &x, 2);
+    return h;
+}
+#define HAVE_F16 1
+#else
+static inline float f16_to_f32(uint16_t h) { (void)h; return 0.0f; }
+static inline uint16_t f32_to_f16(float f) { (void)f; return 0; }
+#define HAVE_F16 0
+#endif
+
+static inline float load(const void *p, int64_t i, int dtype) {
+    if (dtype == DT_F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    return dtype == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+static inline void store(void *p, int64_t i, float x, int dtype) {
+    if (dtype == DT_F32)
+        ((float *)p)[i] = x;
+    else
+        ((uint16_t *)p)[i] = dtype == DT_BF16 ? f32_to_bf16(x) : f32_to_f16(x);
+}
+
+/* x as stored in `dtype` and read back: the rounding of a PyTorch op's output. */
+static inline float round_to(float x, int dtype) {
+    if (dtype == DT_F32) return x;
+    return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(x)) : f16_to_f32(f32_to_f16(x));
+}
+
+/* ---- rows over threads -------------------------------------------------------------- */
+
+typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+
+typedef struct Rows {
+    void (*fn)(void *args, int64_t row);
+    void *args;
+    int64_t rows;
+    int64_t next; /* the first unclaimed chunk of rows */
+    int64_t chunk;
+} Rows;
+
+static void rows_worker(void *arg) {
+    Rows *r = arg;
+    for (;;) {
+        const int64_t start = __atomic_fetch_add(&r->next, r->chunk, __ATOMIC_RELAXED);
+        if (start >= r->rows) return;
+        const int64_t end = start + r->chunk < r->rows ? start + r->chunk : r->rows;
+        for (int64_t i = start; i < end; i++) r->fn(r->args, i);
+    }
+}
+
+/* fn(args, row) for every row; on `threads` of torch's OpenMP team when each thread gets at
+ * least `min_per_thread` elements' worth (a parallel region costs a few microseconds). */
+static void for_rows(void (*fn)(void *, int64_t), void *args, int64_t rows, int64_t row_elems,
+                     int threads, void *gomp_parallel) {
+    const int64_t min_per_thread = 32768;
+    int64_t useful = rows * row_elems / min_per_thread;
+    if (useful < threads) threads = useful < 1 ? 1 : (int)useful;
+    if (threads > rows) threads = (int)rows;
+    Rows r = {fn, args, rows, 0, 1};
+    if (threads <= 1 || gomp_parallel == NULL) {
+        for (int64_t i = 0; i < rows; i++) fn(args, i);
+        return;
+    }
+    r.chunk = rows / (threads * 4) > 1 ? rows / (threads * 4) : 1;
+    ((GompParallel)gomp_parallel)(rows_worker, &r, (unsigned)threads, 0);
+}
+
+/* ---- add + RMSNorm ------------------------------------------------------------------ */
+
+typedef struct NormArgs {
+    const void *x, *residual, *weight;
+    void *out, *residual_out;
+    int64_t x_stride, res_stride, out_stride, res_out_stride, hidden;
+    int dtype, weight_dtype;
+    float eps;
+} NormArgs;
+
+/* torch_rms_norm(x + residual) for one row: the sum rounded to the dtype (PyTorch's add),
+ * float32 mean of squares, x * rsqrt(.) rounded, times the weight, rounded again. */
+static inline __attribute__((always_inline)) void norm_impl(const NormArgs *a, int64_t row,
+                                                            const int dt, const int wdt) {
+    const int64_t H = a->hidden;
+    const void *x = (const char *)a->x + row * a->x_stride * (dt == DT_F32 ? 4 : 2);
+    const int promoted = wdt != dt && dt != DT_F32; /* a float32 weight: out is float32 */
+    void *out = (char *)a->out + row * a->out_stride * (dt == DT_F32 || promoted ? 4 : 2);
+    float buf[H]; /* the summed row, as stored */
+    if (a->residual != NULL) {
+        const void *res = (const char *)a->residual + row * a->res_stride * (dt == DT_F32 ? 4 : 2);
+        void *res_out = (char *)a->residual_out + row * a->res_out_stride * (dt == DT_F32 ? 4 : 2);
+        for (int64_t i = 0; i < H; i++) {
+            buf[i] = round_to(load(x, i, dt) + load(res, i, dt), dt);
+            store(res_out, i, buf[i], dt);
+        }
+    } else {
+        for (int64_t i = 0; i < H; i++) buf[i] = load(x, i, dt);
+    }
+    float part[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= H; i += 16)
+        for (int l = 0; l < 16; l++) part[l] += buf[i + l] * buf[i + l];
+    for (; i < H; i++) part[0] += buf[i] * buf[i];
+    float sum = 0.0f;
+    for (int l = 0; l < 16; l++) sum += part[l];
+    const float inv = 1.0f / sqrtf(sum / (float)H + a->eps);
+    if (!promoted) /* out = round(round(x * inv) * w) */
+        for (i = 0; i < H; i++)
+            store(out, i, round_to(buf[i] * inv, dt) * load(a->weight, i, wdt), dt);
+    else /* a float32 weight promotes: the product stays float32 */
+        for (i = 0; i < H; i++)
+            ((float *)out)[i] = round_to(buf[i] * inv, dt) * load(a->weight, i, wdt);
+}
+
+static void norm_row(void *arg, int64_t row) {
+    const NormArgs *a = arg;
+    if (a->dtype == DT_BF16 && a->weight_dtype == DT_BF16) norm_impl(a, row, DT_BF16, DT_BF16);
+    else if (a->dtype == DT_F32 && a->weight_dtype == DT_F32) norm_impl(a, row, DT_F32, DT_F32);
+    else norm_impl(a, row, a->dtype, a->weight_dtype);
+}
+
+/* out[r] = RMSNorm(x[r] (+ residual[r])) * weight for `rows` rows of `hidden` elements;
+ * with residual, residual_out[r] = x[r] + residual[r] (it may be residual itself). Strides
+ * are in elements. out is in `dtype`, or float32 where a float32 weight promotes it. */
+int add_rms_norm(const void *x, int64_t x_stride, const void *residual, int64_t res_stride,
+                 void *residual_out, int64_t res_out_stride, const void *weight, void *out,
+                 int64_t out_stride, int64_t rows, int64_t hidden, int32_t dtype,
+                 int32_t weight_dtype, float eps, int32_t threads, void *gomp_parallel) {
+    if ((dtype == DT_F16 || weight_dtype == DT_F16) && !HAVE_F16) return 1;
+    if (hidden <= 0 || hidden > 16384) return 1; /* the row buffer lives on the stack */
+    NormArgs a = {x, residual, weight, out, residual_out, x_stride, res_stride, out_stride,
+                  res_out_stride, hidden, dtype, weight_dtype, eps};
+    for_rows(norm_row, &a, rows, 3 * hidden, threads, gomp_parallel);
+    return 0;
+}
+
+/* ---- SiLU-and-mul ------------------------------------------------------------------- */
+
+typedef struct SiluArgs {
+    const void *gate_up;
+    void *out;
+    int64_t in_stride, out_stride, inter;
+    int dtype;
+} SiluArgs;
+
+/* exp(x), ~1 ulp like the Sleef exp PyTorch uses: x = n ln2 + r, Cephes' degree-5 polynomial
+ * in r, times 2^n in two halves through the exponent bits, so that it overflows to inf where
+ * expf does. x is clamped to [-88, 104] (NaN passes): below, exp is ~0 next to the 1 it is
+ * added to. A plain loop the compiler vectorises (libm's expf does not). */
+static inline float exp_poly(float x) {
+    x = x < -88.0f ? -88.0f : x;
+    x = x > 104.0f ? 104.0f : x;
+    /* round to nearest through the float adder (|x log2 e| < 2^22): plain arithmetic, which
+     * the compiler vectorises where it does not rintf */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + (r + 1.0f);
+    const int32_t half = (int32_t)n >> 1;
+    const int32_t bits1 = (half + 127) << 23, bits2 = ((int32_t)n - half + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &bits1, 4);
+    memcpy(&s2, &bits2, 4);
+    return p * s1 * s2;
+}
+
+/* F.silu(gate).mul_(up): silu rounded to the dtype, the product rounded again. */
+static inline __attribute__((always_inline)) void silu_impl(const SiluArgs *a, int64_t row,
+                                                            const int dt) {
+    const int64_t I = a->inter, esz = dt == DT_F32 ? 4 : 2;
+    const char *g = (const char *)a->gate_up + row * a->in_stride * esz;
+    const char *u = g + I * esz;
+    char *o = (char *)a->out + row * a->out_stride * esz;
+    for (int64_t i = 0; i < I; i++) {
+        const float x = load(g, i, dt);
+        store(o, i, round_to(x / (1.0f + exp_poly(-x)), dt) * load(u, i, dt), dt);
+    }
+}
+
+static void silu_row(void *arg, int64_t row) {
+    const SiluArgs *a = arg;
+    if (a->dtype == DT_BF16) silu_impl(a, row, DT_BF16);
+    else if (a->dtype == DT_F32) silu_impl(a, row, DT_F32);
+    else silu_impl(a, row, a->dtype);
+}
+
+/* out[r] = silu(gate_up[r, :I]) * gate_up[r, I:] for `rows` rows; strides in elements. */
+int silu_and_mul(const void *gate_up, int64_t in_stride, void *out, int64_t out_stride,
+                 int64_t rows, int64_t inter, int32_t dtype, int32_t threads, void *gomp_parallel) {
+    if (dtype == DT_F16 && !HAVE_F16) return 1;
+    SiluArgs a = {gate_up, out, in_stride, out_stride, inter, dtype};
+    for_rows(silu_row, &a, rows, 3 * inter, threads, gomp_parallel);
+    return 0;
+}
+
+/* ---- rotary embedding + KV-cache write ---------------------------------------------- */
+
+typedef struct RopeArgs {
+    const void *qkv;
+    const int64_t *positions, *slots;
+    const float *cos, *sin; /* [max_positions, D], both halves repeated */
+    void *q_out, *k_out, *k_cache, *v_cache;
+    int64_t qkv_stride, max_positions, num_slots;
+    int num_heads, num_kv_heads, head_dim, dtype;
+    int bad_index; /* a position or slot out of range */
+} RopeArgs;
+
+/* rotate-half of one head of D: x * cos + rotate_half(x) * sin, each product rounded to the
+ * dtype and the sum rounded, as torch_rotary_embedding computes it in the tensor's dtype. */
+static inline void rotate(const void *x, int64_t xi, void *out, int64_t oi, const float *c,
+                          const float *s, int D, int dt) {
+    const int half = D / 2;
+    for (int d = 0; d < D; d++) {
+        const float other = d < half ? -load(x, xi + d + half, dt) : load(x, xi + d - half, dt);
+        const float cs = round_to(c[d], dt), sn = round_to(s[d], dt);
+        /* -(x * s) == (-x) * s exactly, so negating x stands for the signed sine */
+        store(out, oi + d, round_to(load(x, xi + d, dt) * cs, dt) + round_to(other * sn, dt), dt);
+    }
+}
+
+static inline __attribute__((always_inline)) void rope_impl(RopeArgs *a, int64_t t,
+                                                            const int dt) {
+    const int D = a->head_dim, Hq = a->num_heads, Hk = a->num_kv_heads;
+    const int64_t p = a->positions[t], base = t * a->qkv_stride, slot = a->slots[t];
+    if (p < 0 || p >= a->max_positions || slot >= a->num_slots) {
+        __atomic_store_n(&a->bad_index, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    const float *c = a->cos + p * D, *s = a->sin + p * D;
+    for (int h = 0; h < Hq; h++)
+        rotate(a->qkv, base + (int64_t)h * D, a->q_out, (t * Hq + h) * (int64_t)D, c, s, D, dt);
+    const int64_t k0 = base + (int64_t)Hq * D, v0 = k0 + (int64_t)Hk * D, esz = dt == DT_F32 ? 4 : 2;
+    const int64_t row = slot * Hk * D, bytes = (int64_t)Hk * D * esz;
+    if (a->k_out != NULL) { /* rotated k also wanted in [T, Hkv, D]: rotate there, copy */
+        const int64_t out = t * Hk * D;
+        for (int h = 0; h < Hk; h++) rotate(a->qkv, k0 + (int64_t)h * D, a->k_out, out + h * D, c, s, D, dt);
+        if (slot >= 0) memcpy((char *)a->k_cache + row * esz, (char *)a->k_out + out * esz, bytes);
+    } else if (slot >= 0) {
+        for (int h = 0; h < Hk; h++) rotate(a->qkv, k0 + (int64_t)h * D, a->k_cache, row + h * D, c, s, D, dt);
+    }
+    if (slot >= 0) memcpy((char *)a->v_cache + row * esz, (const char *)a->qkv + v0 * esz, bytes);
+}
+
+static void rope_row(void *arg, int64_t t) {
+    RopeArgs *a = arg;
+    if (a->dtype == DT_BF16) rope_impl(a, t, DT_BF16);
+    else if (a->dtype == DT_F32) rope_impl(a, t, DT_F32);
+    else rope_impl(a, t, a->dtype);
+}
+
+/* For each token t of a fused projection qkv [T, (Hq + 2 Hkv) D] (rows qkv_stride apart):
+ * q_out[t] = rope(q) [Hq, D]; k_cache/v_cache slot slots[t] (contiguous [num_slots, Hkv, D])
+ * = rope(k), v; slots[t] < 0 writes no slot. k_out (or NULL) gets rope(k) [T, Hkv, D] too. positions index the float32 cos/sin tables
+ * [max_positions, D]. Returns 0, 1 (unsupported) or 2 (a position or slot out of range:
+ * that token's outputs are not written). */
+int rope_and_cache(const void *qkv, int64_t qkv_stride, const int64_t *positions,
+                   const float *cos, const float *sin, int64_t max_positions, void *q_out,
+                   void *k_out, void *k_cache, void *v_cache, const int64_t *slots, int64_t num_slots,
+                   int64_t tokens, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
+                   int32_t dtype, int32_t threads, void *gomp_parallel) {
+    if ((dtype == DT_F16 && !HAVE_F16) || head_dim % 2 != 0) return 1;
+    RopeArgs a = {qkv, positions, slots, cos, sin, q_out, k_out, k_cache, v_cache, qkv_stride,
+                  max_positions, num_slots, num_heads, num_kv_heads, head_dim, dtype, 0};
+    for_rows(rope_row, &a, tokens, (int64_t)(num_heads + 2 * num_kv_heads) * head_dim * 2,
+             threads, gomp_parallel);
+    return a.bad_index ? 2 : 0;
+}

@@ -1,0 +1,223 @@
+"""The native CPU layers (soberana/ops/csrc/cpu_layers.c) and oneDNN-packed linears against
+the PyTorch path they replace: bit for bit in bfloat16 (they round where it rounds), to the
+last bits in float32 (sums in another order)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from soberana.ops import cpu_kernels, cpu_linear
+from soberana.ops.attention import write_kv
+from soberana.ops.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    silu_and_mul,
+    torch_rms_norm,
+    torch_rotary_embedding,
+    torch_silu_and_mul,
+)
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels._layers_library() is None, reason="no C compiler, or SOBERANA_CPU_KERNELS=0"
+)
+DTYPES = [torch.float32, torch.bfloat16]
+# Rows: one, a decode batch, enough to be shared among threads; hidden not a multiple of 16.
+SHAPES = [(1, 64), (64, 768), (700, 200)]
+
+
+def _randn(*shape, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def _same(got, want, exact=True):
+    """Bit-identical in 16-bit dtypes (`exact=False`: where a float32 sum feeds a rounding,
+    at most one element in a thousand off by one ulp); float32 within a few ulps."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    elif exact:
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+    else:
+        off = got != want
+        assert off.float().mean() <= 1e-3, off.sum()
+        ulp = want.float().abs().clamp_min(1e-30) * 2.0**-7  # bfloat16: 8 significant bits
+        assert ((got.float() - want.float()).abs() <= ulp + 1e-30)[off].all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_equals_torch(dtype, shape, with_residual):
+    x = _randn(*shape, dtype=dtype, seed=1, scale=3.0)
+    residual = _randn(*shape, dtype=dtype, seed=2) if with_residual else None
+    weight = _randn(shape[1], dtype=dtype, seed=3)
+    out, new_residual = cpu_kernels.add_rms_norm(x, residual, weight, 1e-6)
+    summed = x if residual is None else x + residual
+    # the mean of squares is summed in another order: 1/rsqrt can differ in its last bit
+    _same(out, torch_rms_norm(summed, weight, 1e-6), exact=False)
+    if with_residual:
+        assert torch.equal(new_residual, summed)
+    else:
+        assert new_residual is None
+
+
+@needs_kernels
+def test_add_rms_norm_float32_weight_promotes_like_torch():
+    x, weight = _randn(8, 96, dtype=torch.bfloat16), _randn(96, dtype=torch.float32, seed=5)
+    out, _ = cpu_kernels.add_rms_norm(x, None, weight, 1e-5)
+    want = torch_rms_norm(x, weight, 1e-5)
+    assert out.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_rms_norm_module_takes_the_kernel_and_declines_what_it_cannot_serve(monkeypatch):
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(_randn(64, dtype=torch.float32, seed=4))
+    calls = []
+    kernel = cpu_kernels.add_rms_norm
+    monkeypatch.setattr(cpu_kernels, "add_rms_norm", lambda *a: calls.append(1) or kernel(*a))
+    x, r = _randn(5, 64, dtype=torch.float32), _randn(5, 64, dtype=torch.float32, seed=9)
+    out, res = norm(x, r)
+    _same(out, torch_rms_norm(x + r, norm.weight, 1e-6))
+    assert calls and torch.equal(res, x + r)
+    # q/k norms are 3-D [T, heads, D]: the PyTorch path
+    assert kernel(x.view(5, 2, 32), None, norm.weight[:32], 1e-6) is None
+    # a column slice (rows not unit-stride inside) is declined too
+    assert kernel(_randn(5, 128, dtype=torch.float32)[:, ::2], None, norm.weight, 1e-6) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 64, 700])
+def test_silu_and_mul_equals_torch(dtype, rows):
+    gate_up = _randn(rows, 2 * 176, dtype=dtype, scale=4.0)
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated and zero gates
+    got = cpu_kernels.silu_and_mul(gate_up)
+    want = torch_silu_and_mul(gate_up)
+    if dtype == torch.float32:  # exp in another polynomial: an ulp or two
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+    assert torch.equal(silu_and_mul(gate_up), got)  # the layer's CPU path is the kernel
+
+
+def _rope_case(dtype, tokens, num_heads=4, num_kv_heads=2, head_dim=32):
+    qkv = _randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, seed=11)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    rotary = RotaryEmbedding(inv_freq, 4096)
+    positions = torch.randint(0, 4096, (tokens,), generator=torch.Generator().manual_seed(3))
+    slots = torch.randperm(40 * 16, generator=torch.Generator().manual_seed(4))[:tokens]
+    slots[0] = -1  # a padding token: no slot written
+    nan = float("nan")
+    caches = [torch.full((40, 16, num_kv_heads, head_dim), nan, dtype=dtype) for _ in range(4)]
+    return qkv, rotary, positions, slots, caches, (num_heads, num_kv_heads, head_dim)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 64, 300])
+def test_rope_and_cache_equals_rotary_then_write_kv(dtype, tokens):
+    qkv, rotary, positions, slots, caches, (hq, hkv, d) = _rope_case(dtype, tokens)
+    k_cache, v_cache, k_ref, v_ref = caches
+    q, k = cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache,
+                                      slots, hq, want_k=True)  # fmt: skip
+    q_in, k_in, v_in = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q_want, k_want = torch_rotary_embedding(positions, q_in.view(-1, hq, d),
+                                            k_in.view(-1, hkv, d), rotary.cos, rotary.sin)  # fmt: skip
+    live = slots >= 0
+    write_kv(k_want[live], v_in.reshape(-1, hkv, d)[live], k_ref, v_ref, slots[live])
+    _same(q, q_want)
+    _same(k, k_want)
+    # same slots written with the same values; the NaN everywhere else stays NaN
+    assert torch.equal(k_cache.isnan(), k_ref.isnan()) and torch.equal(v_cache.isnan(), v_ref.isnan())
+    _same(k_cache.nan_to_num(), k_ref.nan_to_num())
+    assert torch.equal(v_cache.nan_to_num(), v_ref.nan_to_num())
+    # without want_k the cache gets the same keys
+    k2 = torch.full_like(k_cache, float("nan"))
+    q2, none = cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k2,
+                                          torch.empty_like(v_cache), slots, hq, want_k=False)  # fmt: skip
+    assert none is None and torch.equal(q2, q)
+    assert torch.equal(k2.nan_to_num(), k_cache.nan_to_num())
+
+
+@needs_kernels
+def test_rope_and_cache_rejects_out_of_range_positions_and_slots():
+    qkv, rotary, positions, slots, caches, (hq, _, _) = _rope_case(torch.float32, 8)
+    positions[3] = 4096  # one past the table
+    with pytest.raises(IndexError):
+        cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, caches[0], caches[1],
+                                   slots, hq, want_k=False)  # fmt: skip
+    positions[3], slots[2] = 0, 40 * 16  # one past the cache
+    with pytest.raises(IndexError):
+        cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, caches[0], caches[1],
+                                   slots, hq, want_k=False)  # fmt: skip
+    # int32 positions: declined, the caller's PyTorch path serves it
+    assert cpu_kernels.rope_and_cache(qkv, positions.int(), rotary.cos, rotary.sin, caches[0],
+                                      caches[1], slots, hq, want_k=False) is None  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear(dtype, bias):
+    if not cpu_linear.packable(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} here")
+    linear = nn.Linear(96, 200, bias=bias).to(dtype)
+    packed = cpu_linear.pack(linear)
+    assert isinstance(packed, cpu_linear.PackedLinear)
+    for rows in (1, 7, 64, 300):
+        x = _randn(rows, 96, dtype=dtype, seed=rows)
+        want = F.linear(x, linear.weight, linear.bias)
+        got = packed(x)
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, want)
+        else:  # oneDNN's float32 kernel, not MKL's: sums in another order
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linears_swaps_every_linear_and_respects_the_switch(monkeypatch):
+    if not cpu_linear.packable(torch.float32):
+        pytest.skip("oneDNN cannot pack here")
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(nn.ReLU(), nn.Linear(16, 4)))
+    x = torch.randn(3, 8)
+    want = model(x)
+    assert cpu_linear.pack_linears(model) == 2
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("SOBERANA_CPU_KERNELS", "0")
+    assert cpu_linear.pack_linears(nn.Sequential(nn.Linear(8, 8))) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama32-tied"])
+def test_cpu_models_load_with_packed_projections_and_output_head(arch, tmp_path):
+    from soberana.models.loader import load_model
+    from tests.engine.tiny_models import build_tiny_model
+
+    if not cpu_linear.packable(torch.float32):
+        pytest.skip("oneDNN cannot pack here")
+    build_tiny_model(tmp_path, arch)
+    model = load_model(tmp_path, torch.float32, torch.device("cpu"), 64).model
+    layer = model.layers[0]
+    for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.gate_up_proj,
+                 layer.down_proj, model.lm_head):  # fmt: skip
+        assert isinstance(proj, cpu_linear.PackedLinear)
+    hidden = torch.randn(3, model.config.hidden_size)
+    # tied or not, the packed head computes hidden @ W^T of the checkpoint's output matrix
+    weight = model.embed_tokens.weight if arch == "llama32-tied" else None
+    if weight is not None:
+        torch.testing.assert_close(model.compute_logits(hidden), F.linear(hidden, weight),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_keep_freed_memory_is_on_with_glibc(monkeypatch):
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    monkeypatch.delenv("SOBERANA_CPU_KERNELS", raising=False)
+    cpu_kernels.keep_freed_memory.cache_clear()
+    assert cpu_kernels.keep_freed_memory() is True
