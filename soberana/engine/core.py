@@ -174,7 +174,7 @@ class EngineCore:
     def _prefill_tokens_per_s(self, mcfg, max_len: int) -> float:
         """Measured prefill rate of one 512-token sequence, for the load-or-recompute choice."""
         tokens = min(512, max_len, self.config.max_num_batched_tokens)
-        run = self._one_sequence_forward(mcfg, self.kv_cache.dtype, tokens)
+        run = self._dummy_forward(mcfg, self.kv_cache.dtype, tokens)
         seconds = []
         for _ in range(3):
             t = time.perf_counter()
@@ -184,7 +184,7 @@ class EngineCore:
             seconds.append(time.perf_counter() - t)
         return tokens / min(seconds[1:])
 
-    def _one_sequence_forward(self, mcfg, dtype: torch.dtype, tokens: int, seqs: int = 1):
+    def _dummy_forward(self, mcfg, dtype: torch.dtype, tokens: int, seqs: int = 1):
         """A forward of `seqs` prompts of `tokens` each over a temporary KV cache (for
         profiling and warm-up); returns a callable giving the final hidden states."""
         bs = self.config.block_size
@@ -214,7 +214,7 @@ class EngineCore:
         t0 = time.perf_counter()
         tokens = min(self.config.max_num_batched_tokens, max_len)
         seqs = max(1, min(self.config.max_num_seqs, self.config.max_num_batched_tokens // tokens))
-        hidden = self._one_sequence_forward(mcfg, self.kv_cache.dtype, tokens, seqs)()
+        hidden = self._dummy_forward(mcfg, self.kv_cache.dtype, tokens, seqs)()
         self.model.compute_logits(hidden[: min(len(hidden), self.config.max_num_seqs)])
         return time.perf_counter() - t0
 
@@ -241,7 +241,7 @@ class EngineCore:
         cfg = self.config
         tokens = min(cfg.max_num_batched_tokens, max_len)
         dev = self.device
-        run = self._one_sequence_forward(mcfg, dtype, tokens)
+        run = self._dummy_forward(mcfg, dtype, tokens)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)

@@ -1,7 +1,7 @@
 """Native CPU kernels: C sources in `csrc/`, compiled at first use and called through ctypes.
 
 The library is built by the system C compiler ($CC, else `cc`) and cached as
-`<cache_root>/kernels/<hash>.so`, the hash covering source, flags, compiler and target CPU.
+`<cache_root>/kernels/<hash>.so`, the hash covering source, headers, flags, compiler and target CPU.
 Without a compiler, when the build fails, or with SOBERANA_CPU_KERNELS=0, the entry points
 return False and callers use the PyTorch path. ctypes releases the GIL during a call.
 """
@@ -49,6 +49,8 @@ def compile_library(source: Path, flags: Sequence[str]) -> Path:
     # cache shared between machines never hands one a library built for the other.
     target = _run([*cc, *(f for f in flags if f != "-shared"), "-dM", "-E", "-x", "c", os.devnull])
     key = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):  # what the sources #include
+        key.update(b"\0" + header.read_bytes())
     for part in (" ".join(flags), version, target, platform.machine()):
         key.update(b"\0" + part.encode())
     path = cache_root() / "kernels" / f"{key.hexdigest()[:32]}.so"

@@ -14,53 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16); /* round to nearest even */
-}
-
-#ifdef __FLT16_MAX__
-static inline float f16_to_f32(uint16_t h) {
-    _Float16 x;
-    memcpy(&x, &h, 2);
-    return (float)x;
-}
-static inline uint16_t f32_to_f16(float f) {
-    _Float16 x = (_Float16)f;
-    uint16_t h;
-    memcpy(&h, &x, 2);
-    return h;
-}
-#define HAVE_F16 1
-#else
-static inline float f16_to_f32(uint16_t h) { (void)h; return 0.0f; }
-static inline uint16_t f32_to_f16(float f) { (void)f; return 0; }
-#define HAVE_F16 0
-#endif
-
-static inline float load(const void *p, int64_t i, int dtype) {
-    if (dtype == DT_F32) return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    return dtype == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
-}
-
-static inline void store(void *p, int64_t i, float x, int dtype) {
-    if (dtype == DT_F32)
-        ((float *)p)[i] = x;
-    else
-        ((uint16_t *)p)[i] = dtype == DT_BF16 ? f32_to_bf16(x) : f32_to_f16(x);
-}
+#include "dtypes.h"
 
 /* x as stored in `dtype` and read back: the rounding of a PyTorch op's output. */
 static inline float round_to(float x, int dtype) {
@@ -130,11 +84,11 @@ static inline __attribute__((always_inline)) void norm_impl(const NormArgs *a, i
         const void *res = (const char *)a->residual + row * a->res_stride * (dt == DT_F32 ? 4 : 2);
         void *res_out = (char *)a->residual_out + row * a->res_out_stride * (dt == DT_F32 ? 4 : 2);
         for (int64_t i = 0; i < H; i++) {
-            buf[i] = round_to(load(x, i, dt) + load(res, i, dt), dt);
-            store(res_out, i, buf[i], dt);
+            buf[i] = round_to(load1(x, i, dt) + load1(res, i, dt), dt);
+            store1(res_out, i, buf[i], dt);
         }
     } else {
-        for (int64_t i = 0; i < H; i++) buf[i] = load(x, i, dt);
+        for (int64_t i = 0; i < H; i++) buf[i] = load1(x, i, dt);
     }
     float part[16] = {0};
     int64_t i = 0;
@@ -146,10 +100,10 @@ static inline __attribute__((always_inline)) void norm_impl(const NormArgs *a, i
     const float inv = 1.0f / sqrtf(sum / (float)H + a->eps);
     if (!promoted) /* out = round(round(x * inv) * w) */
         for (i = 0; i < H; i++)
-            store(out, i, round_to(buf[i] * inv, dt) * load(a->weight, i, wdt), dt);
+            store1(out, i, round_to(buf[i] * inv, dt) * load1(a->weight, i, wdt), dt);
     else /* a float32 weight promotes: the product stays float32 */
         for (i = 0; i < H; i++)
-            ((float *)out)[i] = round_to(buf[i] * inv, dt) * load(a->weight, i, wdt);
+            ((float *)out)[i] = round_to(buf[i] * inv, dt) * load1(a->weight, i, wdt);
 }
 
 static void norm_row(void *arg, int64_t row) {
@@ -218,8 +172,8 @@ static inline __attribute__((always_inline)) void silu_impl(const SiluArgs *a, i
     const char *u = g + I * esz;
     char *o = (char *)a->out + row * a->out_stride * esz;
     for (int64_t i = 0; i < I; i++) {
-        const float x = load(g, i, dt);
-        store(o, i, round_to(x / (1.0f + exp_poly(-x)), dt) * load(u, i, dt), dt);
+        const float x = load1(g, i, dt);
+        store1(o, i, round_to(x / (1.0f + exp_poly(-x)), dt) * load1(u, i, dt), dt);
     }
 }
 
@@ -257,10 +211,10 @@ static inline void rotate(const void *x, int64_t xi, void *out, int64_t oi, cons
                           const float *s, int D, int dt) {
     const int half = D / 2;
     for (int d = 0; d < D; d++) {
-        const float other = d < half ? -load(x, xi + d + half, dt) : load(x, xi + d - half, dt);
+        const float other = d < half ? -load1(x, xi + d + half, dt) : load1(x, xi + d - half, dt);
         const float cs = round_to(c[d], dt), sn = round_to(s[d], dt);
         /* -(x * s) == (-x) * s exactly, so negating x stands for the signed sine */
-        store(out, oi + d, round_to(load(x, xi + d, dt) * cs, dt) + round_to(other * sn, dt), dt);
+        store1(out, oi + d, round_to(load1(x, xi + d, dt) * cs, dt) + round_to(other * sn, dt), dt);
     }
 }
 
