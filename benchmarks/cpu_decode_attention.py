@@ -39,7 +39,7 @@ def run_case(case, threads: list[int], reps: int) -> dict:
     impl = Impl(attention, transformer, cfg, random_state(cfg, dtype), kv_cache, dtype)
     kv_bytes = (2 * sum(batch["meta"]["seq_lens_cpu"]) * cfg.num_layers * cfg.num_kv_heads
                 * cfg.head_dim * kv_cache.element_size())  # fmt: skip
-    native, spent = cpu_kernels.paged_decode_attention, []
+    native, spent = cpu_kernels.paged_attention, []
     paths = {"native": native, "torch": lambda *args: False}
 
     def timed(*args):
@@ -56,13 +56,13 @@ def run_case(case, threads: list[int], reps: int) -> dict:
             times: dict[str, list[tuple[float, float]]] = {k: [] for k in paths}
             for r in range(reps + 1):
                 for name in paths if r % 2 == 0 else reversed(paths):
-                    cpu_kernels.paged_decode_attention = paths[name]
+                    cpu_kernels.paged_attention = paths[name]
                     spent.clear()
                     t0 = time.perf_counter()
                     impl.step(batch)
                     if r:  # the first round warms up
                         times[name].append((time.perf_counter() - t0, sum(spent)))
-            cpu_kernels.paged_decode_attention = native
+            cpu_kernels.paged_attention = native
             med = {k: {"step_ms": 1e3 * statistics.median(s for s, _ in v),
                        "attention_ms": 1e3 * statistics.median(a for _, a in v)}
                    for k, v in times.items()}  # fmt: skip
@@ -82,7 +82,7 @@ def run_case(case, threads: list[int], reps: int) -> dict:
                   f"step: torch {tor['step_ms']:6.1f} ms, native {nat['step_ms']:6.1f} ms",
                   flush=True)  # fmt: skip
     finally:
-        cpu_kernels.paged_decode_attention = native
+        cpu_kernels.paged_attention = native
         transformer.paged_attention = attention.paged_attention
     return result
 

@@ -116,7 +116,8 @@ class ModelRunner:
                 rows = hidden
             else:
                 rows = hidden[_on(batch.sample_rows, self.device)]
-            sampled = self.sampler(self.model.compute_logits(rows), batch.sample_requests)
+            logits = self.model.compute_logits(rows, float32=False)
+            sampled = self.sampler(logits, batch.sample_requests)
         prompt_logprobs = {}
         for req, rows, targets in batch.prompt_logprob_rows:  # rare: read back at once
             logits = self.model.compute_logits(hidden[_on(rows, self.device)])

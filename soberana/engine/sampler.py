@@ -14,6 +14,7 @@ import torch
 
 from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.request import Request
+from soberana.ops import cpu_kernels
 
 _NEG_INF = float("-inf")
 
@@ -37,12 +38,18 @@ class Sampler:
         self.generators.pop(request.key, None)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """Sample one token for each row of `logits` [N, V] (float32), row i for requests[i].
+        """Sample one token for each row of `logits` [N, V], row i for requests[i].
 
-        Nothing here waits for the device: per-request values go up with non-blocking copies.
+        Logits in the model's dtype are fine: anything but a plain greedy choice (logprobs,
+        penalties, min_tokens, sampling) works on their float32 values; a plain argmax needs
+        no conversion (a bfloat16/float16 value is exact in float32, so it picks the same
+        token). Nothing here waits for the device: per-request values go up with non-blocking
+        copies.
         """
         logits = logits[:, : self.vocab_size]
         want_lp = [r.params.logprobs for r in requests]
+        if any(not _plain_greedy(r) for r in requests) or any(n is not None for n in want_lp):
+            logits = logits.float()
         raw_logprobs = (
             torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_lp) else None
         )
@@ -104,7 +111,7 @@ class Sampler:
     def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         greedy = [r.params.greedy for r in requests]
         if all(greedy):
-            return logits.argmax(dim=-1)
+            return _argmax(logits)
         dev = logits.device
         temps = _column([1.0 if g else r.params.temperature for g, r in zip(greedy, requests)], dev)
         scaled = logits / temps
@@ -128,7 +135,7 @@ class Sampler:
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
             mask = _to(greedy, torch.bool, dev)
-            sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
+            sampled = torch.where(mask, _argmax(logits), sampled)
         return sampled
 
     def _generator(self, request: Request) -> torch.Generator:
@@ -138,6 +145,21 @@ class Sampler:
             gen = torch.Generator(device=self.device).manual_seed(seed)
             self.generators[request.key] = gen
         return gen
+
+
+def _plain_greedy(request: Request) -> bool:
+    """Greedy with nothing that changes the logits first (penalties, a min_tokens mask)."""
+    p = request.params
+    return p.greedy and not p.has_penalties and len(request.output_token_ids) >= p.min_tokens
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1); on a CPU through the native kernel (~10x faster at 64 x 32k)."""
+    if logits.device.type == "cpu":
+        ids = cpu_kernels.argmax(logits)
+        if ids is not None:
+            return ids
+    return logits.argmax(dim=-1)
 
 
 def _to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -69,15 +69,13 @@ class Attention(nn.Module):
                                           self.eps)  # fmt: skip
         t = qkv.shape[0]
         if qkv.device.type == "cpu" and self.q_norm is None:
-            # rotary embedding and the cache write in one native call; k comes back only
-            # where a prefill attends to its own new keys
-            fused = cpu_kernels.rope_and_cache(
-                qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping,
-                self.num_heads, want_k=meta.num_decodes < len(meta.query_lens_cpu))  # fmt: skip
-            if fused is not None:
-                q, k = fused
-                v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-                return paged_attention(q, k, v, k_cache, v_cache, meta, self.scale).reshape(t, -1)
+            # rotary embedding and the cache write in one native call; attention then reads
+            # this step's keys back from the cache
+            q = cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k_cache,
+                                           v_cache, meta.slot_mapping, self.num_heads)  # fmt: skip
+            if q is not None:
+                out = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)
+                return out.reshape(t, -1)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -158,8 +156,11 @@ class CausalLM(nn.Module):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
         return self.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [N, vocab] of the given hidden rows."""
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Logits [N, vocab] of the given hidden rows: float32, or with `float32=False` the
+        output head's dtype (the sampler converts only where it needs to)."""
         if self.lm_head is None:  # tied embeddings
-            return torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = torch.nn.functional.linear(hidden, self.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits

@@ -2,7 +2,7 @@
 
 Layout and field meanings are fixed in docs/engine-core.md. The PyTorch path serves CPUs
 (and any device without Triton); the Triton path lives in `triton_attention.py`. On CPUs,
-decodes go to the native kernel of `cpu_kernels.py` where it is available.
+attention goes to the native kernel of `cpu_kernels.py` where it is available.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def write_kv(
 
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
@@ -109,23 +109,27 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over cached + new keys; returns [T, Hq, D].
 
-    `k`, `v` are this step's keys/values, already written to the cache.
+    `k`, `v` are this step's keys/values, already written to the cache (None: the PyTorch
+    path reads them back from it).
     """
     if uses_triton(q.device):
         return _triton_ops().triton_paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     nd = meta.num_decodes
-    # The native kernel reads each decode's K/V from the pool once; the PyTorch path below
-    # copies it several times (gather, transpose) before its matmuls.
-    if nd and not cpu_kernels.paged_decode_attention(
-        q[:nd], k_cache, v_cache, meta.block_table, meta.seq_lens, scale, out[:nd]
-    ):
+    # The native kernel reads each sequence's K/V from the pool once per tile of its queries;
+    # the PyTorch path below copies it several times (gather, transpose) before its matmuls,
+    # and its prefill calls one SDPA per sequence.
+    prefills = nd < len(meta.query_lens_cpu)
+    if cpu_kernels.paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, scale,
+                                   out, meta.query_start_loc if prefills else None):  # fmt: skip
+        return out
+    if nd:
         _decode_attention(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
     start = nd
     for i in range(nd, len(meta.query_lens_cpu)):
         q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
         end = start + q_len
-        if seq_len == q_len:
+        if seq_len == q_len and k is not None and v is not None:
             # No cached prefix: attend only to the new keys, no gather needed.
             ki, vi = k[start:end], v[start:end]
         else:

@@ -26,15 +26,15 @@ from soberana.models.demo import cache_root
 
 logger = logging.getLogger("soberana.ops")
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 LAYERS_SOURCE = Path(__file__).parent / "csrc" / "cpu_layers.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
 # For compilers that reject -march=native (or do not know this CPU).
 PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# The kernel's return codes (paged_decode_attention.c).
-_OK, _UNSUPPORTED, _BAD_BLOCK, _NO_MEMORY = 0, 1, 2, 3
+# The kernel's return codes (paged_attention.c).
+_OK, _UNSUPPORTED, _BAD_BLOCK, _NO_MEMORY, _BAD_QUERIES = 0, 1, 2, 3, 4
 
 
 def compile_library(source: Path, flags: Sequence[str]) -> Path:
@@ -77,11 +77,11 @@ def load_library(path: Path) -> ctypes.CDLL:
     """A built kernel library, its functions typed."""
     lib = ctypes.CDLL(str(path))
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-    lib.paged_decode_attention.argtypes = [
-        ptr, i64, ptr, ptr, i64, ptr, i64, i32, ptr, ptr,  # tensors, strides, sizes
+    lib.paged_attention.argtypes = [
+        ptr, i64, ptr, ptr, i64, ptr, i64, i32, ptr, ptr, ptr,  # tensors, strides, sizes
         i32, i32, i32, i32, i32, i32, ctypes.c_float, i32, ptr,  # shape, dtype, scale, threads
     ]  # fmt: skip
-    lib.paged_decode_attention.restype = ctypes.c_int
+    lib.paged_attention.restype = ctypes.c_int
     return lib
 
 
@@ -92,22 +92,23 @@ def load_layers_library(path: Path) -> ctypes.CDLL:
     lib.add_rms_norm.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i32, i32,
                                  f32, i32, ptr]  # fmt: skip
     lib.silu_and_mul.argtypes = [ptr, i64, ptr, i64, i64, i64, i32, i32, ptr]
-    lib.rope_and_cache.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64,
+    lib.rope_and_cache.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64,
                                    i32, i32, i32, i32, i32, ptr]  # fmt: skip
-    for fn in (lib.add_rms_norm, lib.silu_and_mul, lib.rope_and_cache):
+    lib.argmax_rows.argtypes = [ptr, i64, ptr, i64, i64, i32, i32, ptr]
+    for fn in (lib.add_rms_norm, lib.silu_and_mul, lib.rope_and_cache, lib.argmax_rows):
         fn.restype = ctypes.c_int
     return lib
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The decode-attention library, or None (the PyTorch path)."""
+    """The paged-attention library, or None (the PyTorch path)."""
     return _build(SOURCE, load_library)
 
 
 @functools.cache
 def _layers_library() -> ctypes.CDLL | None:
-    """The small layers' library (norm, rotary + cache write, SiLU-and-mul), or None."""
+    """The small layers' library (norm, rotary + cache write, SiLU-and-mul, argmax), or None."""
     return _build(LAYERS_SOURCE, load_layers_library)
 
 
@@ -148,7 +149,7 @@ def _openmp_parallel() -> int | None:
         return None
 
 
-def paged_decode_attention(
+def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -156,30 +157,41 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    query_start: torch.Tensor | None = None,
 ) -> bool:
-    """Attention of q [B, Hq, D], one query per sequence, over its first seq_lens[b] cached
-    keys, into out [B, Hq, D]. False (out untouched) where the kernel cannot serve the call:
-    no library, another device, dtype or layout; the caller then uses the PyTorch path."""
-    if not _servable(q, k_cache, v_cache, block_table, seq_lens, out):
+    """Causal attention of q [T, Hq, D] over the paged cache, into out [T, Hq, D].
+
+    Without `query_start`, row b is one decode query of sequence b over its first seq_lens[b]
+    cached keys. With it ([B + 1] int32 offsets), sequence b's n_b = query_start[b + 1] -
+    query_start[b] queries are rows query_start[b]... and its i-th sees keys [0, seq_lens[b]
+    - n_b + i] (its own and earlier ones, already written to the cache). False (out
+    untouched) where the kernel cannot serve the call: no library, another device, dtype or
+    layout; the caller then uses the PyTorch path.
+    """
+    if not _servable(q, k_cache, v_cache, block_table, seq_lens, out, query_start):
         return False
     lib = _library()
     if lib is None:
         return False
-    num_seqs, num_heads, head_dim = q.shape
+    num_heads, head_dim = q.shape[1:]
+    num_seqs = q.shape[0] if query_start is None else query_start.shape[0] - 1
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
-    rc = lib.paged_decode_attention(
+    rc = lib.paged_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
         block_table.data_ptr(), block_table.stride(0), block_table.shape[1],
-        seq_lens.data_ptr(), out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim,
-        block_size, _DTYPES[q.dtype], scale, torch.get_num_threads(), _openmp_parallel(),
+        seq_lens.data_ptr(), _ptr(query_start), out.data_ptr(), num_seqs, num_heads,
+        num_kv_heads, head_dim, block_size, _DTYPES[q.dtype], scale, torch.get_num_threads(),
+        _openmp_parallel(),
     )  # fmt: skip
     if rc == _BAD_BLOCK:
         raise IndexError(
             f"block_table: a block id outside [0, {num_blocks}), or seq_lens longer than "
             f"{block_table.shape[1]} blocks of {block_size} tokens"
         )
+    if rc == _BAD_QUERIES:
+        raise ValueError("query_start: offsets must ascend, with no more queries than seq_lens")
     if rc == _NO_MEMORY:
-        raise MemoryError("paged_decode_attention: no memory for its per-thread workspace")
+        raise MemoryError("paged_attention: no memory for its per-thread workspace")
     return rc == _OK
 
 
@@ -190,13 +202,21 @@ def _servable(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     out: torch.Tensor,
+    query_start: torch.Tensor | None,
 ) -> bool:
     tensors = (q, k_cache, v_cache, block_table, seq_lens, out)
     if any(t.device.type != "cpu" for t in tensors) or q.dtype not in _DTYPES:
         return False
     if not (q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape):
         return False
-    num_seqs, num_heads, head_dim = q.shape
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = num_tokens
+    if query_start is not None:
+        num_seqs = query_start.shape[0] - 1
+        if not (query_start.device.type == "cpu" and query_start.dtype == torch.int32
+                and query_start.dim() == 1 and query_start.is_contiguous() and num_seqs >= 0
+                and int(query_start[-1]) <= num_tokens and int(query_start[0]) >= 0):  # fmt: skip
+            return False
     return (
         k_cache.dtype == v_cache.dtype == out.dtype == q.dtype
         and k_cache.shape[3] == head_dim and num_heads % k_cache.shape[2] == 0
@@ -295,12 +315,10 @@ def rope_and_cache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     num_heads: int,
-    want_k: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """From a fused projection qkv [T, (Hq + 2 Hkv) D]: (q, k) with rotary embedding, q
-    [T, Hq, D] and, if `want_k`, k [T, Hkv, D] (else None); k and v are written to their cache
-    slots (-1: none), as torch_rotary_embedding then write_kv do. None where the kernel cannot
-    serve the call."""
+) -> torch.Tensor | None:
+    """From a fused projection qkv [T, (Hq + 2 Hkv) D]: q [T, Hq, D] with rotary embedding;
+    k (rotated) and v are written to their cache slots (-1: none), as torch_rotary_embedding
+    then write_kv do. None where the kernel cannot serve the call."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
     if not (qkv.dim() == 2 and qkv.stride(1) == 1
             and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
@@ -317,18 +335,32 @@ def rope_and_cache(
         return None
     tokens = qkv.shape[0]
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype)
-    k = torch.empty(tokens, num_kv_heads, head_dim, dtype=qkv.dtype) if want_k else None
     num_slots = k_cache.numel() // (num_kv_heads * head_dim)
     rc = lib.rope_and_cache(
         qkv.data_ptr(), qkv.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-        cos.shape[0], q.data_ptr(), _ptr(k), k_cache.data_ptr(), v_cache.data_ptr(),
+        cos.shape[0], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         slot_mapping.data_ptr(), num_slots, tokens, num_heads, num_kv_heads, head_dim,
         _DTYPES[qkv.dtype], torch.get_num_threads(), _openmp_parallel(),
     )  # fmt: skip
     if rc == 2:
         raise IndexError(f"positions past the rotary table ({cos.shape[0]}) or slots past the "
                          f"KV cache ({num_slots})")  # fmt: skip
-    return (q, k) if rc == _OK else None
+    return q if rc == _OK else None
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor | None:
+    """x.argmax(dim=-1) of a 2-D tensor with unit-stride rows (int64; a NaN wins, the first
+    of equal maxima wins, as torch's), or None (the caller's PyTorch path). Reads bfloat16 and
+    float16 as they are: their float32 values are exact, so the answer is the same."""
+    if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0:
+        return None
+    lib = _layers(x)
+    if lib is None or not x.is_floating_point():
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    rc = lib.argmax_rows(x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0], x.shape[1],
+                         _DTYPES[x.dtype], torch.get_num_threads(), _openmp_parallel())  # fmt: skip
+    return out if rc == _OK else None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -189,3 +189,24 @@ def test_sampling_follows_the_temperature_scaled_distribution():
                             minlength=4).float()
     expected = torch.softmax(logits[0] / 0.5, -1) * 4000
     assert torch.allclose(counts, expected, atol=4 * expected.sqrt().max().item())
+
+
+def test_bfloat16_logits_choose_as_their_float32_values_do():
+    # Plain greedy rows take the argmax of the model's dtype as it is; anything else (here a
+    # repetition penalty, logprobs and sampling) works on the float32 values.
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 300) * 4).to(torch.bfloat16)
+    logits[1, 7] = logits[1, 9] = 50.0  # a tie: the first wins
+    plain = [SamplingParams(temperature=0.0) for _ in range(6)]
+    reqs = [Request(str(i), 0, [1, 2], p, 0.0, 0, None, 8) for i, p in enumerate(plain)]
+    sampler = Sampler(300, torch.device("cpu"))
+    out = sampler(logits, reqs)
+    assert out.token_ids.tolist() == logits.float().argmax(-1).tolist()
+    assert out.token_ids[1] == 7
+    mixed = plain[:4] + [SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=2),
+                         SamplingParams(temperature=1.0, seed=3)]  # fmt: skip
+    reqs = [Request(str(i), 0, [1, 2], p, 0.0, 0, None, 8) for i, p in enumerate(mixed)]
+    from_bf16 = Sampler(300, torch.device("cpu"))(logits, reqs)
+    from_f32 = Sampler(300, torch.device("cpu"))(logits.float(), reqs)
+    assert torch.equal(from_bf16.token_ids, from_f32.token_ids)
+    assert from_bf16.logprobs is not None

@@ -124,25 +124,18 @@ def _rope_case(dtype, tokens, num_heads=4, num_kv_heads=2, head_dim=32):
 def test_rope_and_cache_equals_rotary_then_write_kv(dtype, tokens):
     qkv, rotary, positions, slots, caches, (hq, hkv, d) = _rope_case(dtype, tokens)
     k_cache, v_cache, k_ref, v_ref = caches
-    q, k = cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache,
-                                      slots, hq, want_k=True)  # fmt: skip
+    q = cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache,
+                                   slots, hq)  # fmt: skip
     q_in, k_in, v_in = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
     q_want, k_want = torch_rotary_embedding(positions, q_in.view(-1, hq, d),
                                             k_in.view(-1, hkv, d), rotary.cos, rotary.sin)  # fmt: skip
     live = slots >= 0
     write_kv(k_want[live], v_in.reshape(-1, hkv, d)[live], k_ref, v_ref, slots[live])
     _same(q, q_want)
-    _same(k, k_want)
     # same slots written with the same values; the NaN everywhere else stays NaN
     assert torch.equal(k_cache.isnan(), k_ref.isnan()) and torch.equal(v_cache.isnan(), v_ref.isnan())
     _same(k_cache.nan_to_num(), k_ref.nan_to_num())
     assert torch.equal(v_cache.nan_to_num(), v_ref.nan_to_num())
-    # without want_k the cache gets the same keys
-    k2 = torch.full_like(k_cache, float("nan"))
-    q2, none = cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k2,
-                                          torch.empty_like(v_cache), slots, hq, want_k=False)  # fmt: skip
-    assert none is None and torch.equal(q2, q)
-    assert torch.equal(k2.nan_to_num(), k_cache.nan_to_num())
 
 
 @needs_kernels
@@ -151,14 +144,14 @@ def test_rope_and_cache_rejects_out_of_range_positions_and_slots():
     positions[3] = 4096  # one past the table
     with pytest.raises(IndexError):
         cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, caches[0], caches[1],
-                                   slots, hq, want_k=False)  # fmt: skip
+                                   slots, hq)  # fmt: skip
     positions[3], slots[2] = 0, 40 * 16  # one past the cache
     with pytest.raises(IndexError):
         cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, caches[0], caches[1],
-                                   slots, hq, want_k=False)  # fmt: skip
+                                   slots, hq)  # fmt: skip
     # int32 positions: declined, the caller's PyTorch path serves it
     assert cpu_kernels.rope_and_cache(qkv, positions.int(), rotary.cos, rotary.sin, caches[0],
-                                      caches[1], slots, hq, want_k=False) is None  # fmt: skip
+                                      caches[1], slots, hq) is None  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -221,3 +214,26 @@ def test_keep_freed_memory_is_on_with_glibc(monkeypatch):
     monkeypatch.delenv("SOBERANA_CPU_KERNELS", raising=False)
     cpu_kernels.keep_freed_memory.cache_clear()
     assert cpu_kernels.keep_freed_memory() is True
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_argmax_answers_as_torch_does(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(12, 3001).to(dtype)
+    x[1, 100] = float("nan")  # the first NaN wins, wherever the maximum is
+    x[1, 2000] = float("nan")
+    x[2, 5] = float("inf")
+    x[3] = float("-inf")  # all equal: index 0
+    x[4, 7] = x[4, 2999] = 100.0  # ties: the first
+    x[5, 0] = float("nan")
+    x[6, 3000] = 1000.0  # in the tail past the last 16 columns
+    x[7, 17] = x[7, 33] = float("inf")
+    got = cpu_kernels.argmax(x)
+    assert torch.equal(got, x.argmax(dim=-1))
+    for cols in (1, 5, 16, 17, 33):
+        y = torch.randn(7, cols).to(dtype)
+        assert torch.equal(cpu_kernels.argmax(y), y.argmax(dim=-1))
+    rows = torch.randn(6, 4000)[:, :3001].to(dtype)[::2]  # rows apart, unit stride
+    assert torch.equal(cpu_kernels.argmax(rows), rows.argmax(dim=-1))
+    assert cpu_kernels.argmax(x.t()) is None  # columns apart: declined

@@ -16,9 +16,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 @pytest.fixture(autouse=True)
 def torch_path_only(monkeypatch):
-    # Decodes would go to the native kernel (tests/ops/test_cpu_decode_attention.py); this
-    # file is about the PyTorch path, which stays the fallback.
-    monkeypatch.setattr(cpu_kernels, "paged_decode_attention", lambda *args: False)
+    # CPU attention would go to the native kernel (tests/ops/test_cpu_paged_attention.py);
+    # this file is about the PyTorch path, which stays the fallback.
+    monkeypatch.setattr(cpu_kernels, "paged_attention", lambda *args: False)
 
 
 def _step(context_lens, query_lens, *, group=1, num_kv_heads=2, head_dim=32, block_size=16,
@@ -74,6 +74,12 @@ def test_mixed_step_of_decodes_fresh_prompts_and_prefix_hits_matches_reference(d
     out = _attend(step, GatherWorkspace())
     assert not torch.isnan(out).any()
     assert relative_error(out, reference_attention(step)) < TOLERANCE[dtype]
+
+
+def test_without_this_steps_keys_the_prefills_read_them_from_the_cache(dtype=torch.float32):
+    step = _step([12, 1, 45, 30, 64, 61], [1, 1, 1, 30, 17, 20], group=4, dtype=dtype)
+    out = paged_attention(step.q, None, None, step.k_cache, step.v_cache, step.meta, step.scale)
+    assert torch.equal(out, _attend(step))
 
 
 def test_keys_written_by_slot_are_the_ones_attention_reads():

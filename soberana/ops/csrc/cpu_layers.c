@@ -1,5 +1,5 @@
 /* The small per-token layers of a CPU forward pass in one call each: add + RMSNorm, rotary
- * embedding with the KV-cache write, SiLU-and-mul.
+ * embedding with the KV-cache write, SiLU-and-mul; and the greedy argmax over the logits.
  *
  * In PyTorch ops each of these is 5-12 ops, each a dispatch (~5-15 us) and a trip through
  * memory: in a decode step of 64 tokens of a 125M model they cost more than the attention's
@@ -13,6 +13,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "dtypes.h"
 
@@ -199,7 +202,7 @@ typedef struct RopeArgs {
     const void *qkv;
     const int64_t *positions, *slots;
     const float *cos, *sin; /* [max_positions, D], both halves repeated */
-    void *q_out, *k_out, *k_cache, *v_cache;
+    void *q_out, *k_cache, *v_cache;
     int64_t qkv_stride, max_positions, num_slots;
     int num_heads, num_kv_heads, head_dim, dtype;
     int bad_index; /* a position or slot out of range */
@@ -231,14 +234,9 @@ static inline __attribute__((always_inline)) void rope_impl(RopeArgs *a, int64_t
         rotate(a->qkv, base + (int64_t)h * D, a->q_out, (t * Hq + h) * (int64_t)D, c, s, D, dt);
     const int64_t k0 = base + (int64_t)Hq * D, v0 = k0 + (int64_t)Hk * D, esz = dt == DT_F32 ? 4 : 2;
     const int64_t row = slot * Hk * D, bytes = (int64_t)Hk * D * esz;
-    if (a->k_out != NULL) { /* rotated k also wanted in [T, Hkv, D]: rotate there, copy */
-        const int64_t out = t * Hk * D;
-        for (int h = 0; h < Hk; h++) rotate(a->qkv, k0 + (int64_t)h * D, a->k_out, out + h * D, c, s, D, dt);
-        if (slot >= 0) memcpy((char *)a->k_cache + row * esz, (char *)a->k_out + out * esz, bytes);
-    } else if (slot >= 0) {
-        for (int h = 0; h < Hk; h++) rotate(a->qkv, k0 + (int64_t)h * D, a->k_cache, row + h * D, c, s, D, dt);
-    }
-    if (slot >= 0) memcpy((char *)a->v_cache + row * esz, (const char *)a->qkv + v0 * esz, bytes);
+    if (slot < 0) return;
+    for (int h = 0; h < Hk; h++) rotate(a->qkv, k0 + (int64_t)h * D, a->k_cache, row + h * D, c, s, D, dt);
+    memcpy((char *)a->v_cache + row * esz, (const char *)a->qkv + v0 * esz, bytes);
 }
 
 static void rope_row(void *arg, int64_t t) {
@@ -250,18 +248,93 @@ static void rope_row(void *arg, int64_t t) {
 
 /* For each token t of a fused projection qkv [T, (Hq + 2 Hkv) D] (rows qkv_stride apart):
  * q_out[t] = rope(q) [Hq, D]; k_cache/v_cache slot slots[t] (contiguous [num_slots, Hkv, D])
- * = rope(k), v; slots[t] < 0 writes no slot. k_out (or NULL) gets rope(k) [T, Hkv, D] too. positions index the float32 cos/sin tables
+ * = rope(k), v; slots[t] < 0 writes no slot. positions index the float32 cos/sin tables
  * [max_positions, D]. Returns 0, 1 (unsupported) or 2 (a position or slot out of range:
  * that token's outputs are not written). */
 int rope_and_cache(const void *qkv, int64_t qkv_stride, const int64_t *positions,
                    const float *cos, const float *sin, int64_t max_positions, void *q_out,
-                   void *k_out, void *k_cache, void *v_cache, const int64_t *slots, int64_t num_slots,
+                   void *k_cache, void *v_cache, const int64_t *slots, int64_t num_slots,
                    int64_t tokens, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
                    int32_t dtype, int32_t threads, void *gomp_parallel) {
     if ((dtype == DT_F16 && !HAVE_F16) || head_dim % 2 != 0) return 1;
-    RopeArgs a = {qkv, positions, slots, cos, sin, q_out, k_out, k_cache, v_cache, qkv_stride,
+    RopeArgs a = {qkv, positions, slots, cos, sin, q_out, k_cache, v_cache, qkv_stride,
                   max_positions, num_slots, num_heads, num_kv_heads, head_dim, dtype, 0};
     for_rows(rope_row, &a, tokens, (int64_t)(num_heads + 2 * num_kv_heads) * head_dim * 2,
              threads, gomp_parallel);
     return a.bad_index ? 2 : 0;
+}
+
+/* ---- greedy argmax ------------------------------------------------------------------ */
+
+typedef struct ArgmaxArgs {
+    const void *x;
+    int64_t *out;
+    int64_t stride, cols;
+    int dtype;
+} ArgmaxArgs;
+
+/* The index of a row's first maximum, or of its first NaN (torch.argmax's answer). */
+static inline __attribute__((always_inline)) void argmax_impl(const ArgmaxArgs *a, int64_t row,
+                                                              const int dt) {
+    const char *x = (const char *)a->x + row * a->stride * (dt == DT_F32 ? 4 : 2);
+    const int64_t n = a->cols;
+    int64_t i = 0, at = 0;
+    float best = n > 0 ? load1(x, 0, dt) : 0.0f;
+#ifdef __AVX512F__
+    if (n >= 16 && n < INT32_MAX && best == best) {
+        /* 16 lanes, each the first maximum of its columns (a strict >), then the smallest
+         * index among the lanes that hold the overall maximum */
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        __m512i where = _mm512_setzero_si512(), index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __mmask16 nan = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m512 v;
+            if (dt == DT_F32)
+                v = _mm512_loadu_ps((const float *)x + i);
+            else {
+                const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+                v = dt == DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                                  : _mm512_cvtph_ps(h);
+            }
+            const __mmask16 up = _mm512_cmp_ps_mask(v, top, _CMP_GT_OQ);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            top = _mm512_mask_mov_ps(top, up, v);
+            where = _mm512_mask_mov_epi32(where, up, index);
+            index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+        }
+        if (nan) {
+            i = 0; /* the scalar loop below finds the first NaN */
+        } else {
+            best = _mm512_reduce_max_ps(top);
+            const __mmask16 tied = _mm512_cmp_ps_mask(top, _mm512_set1_ps(best), _CMP_EQ_OQ);
+            at = _mm512_mask_reduce_min_epi32(tied, where);
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        const float v = load1(x, i, dt);
+        if (v != v) {
+            at = i;
+            break;
+        }
+        if (v > best || i == 0) best = v, at = i;
+    }
+    a->out[row] = at;
+}
+
+static void argmax_row(void *arg, int64_t row) {
+    ArgmaxArgs *a = arg;
+    if (a->dtype == DT_F32) argmax_impl(a, row, DT_F32);
+    else if (a->dtype == DT_BF16) argmax_impl(a, row, DT_BF16);
+    else argmax_impl(a, row, a->dtype);
+}
+
+/* out[r] = argmax of row r of x [rows, cols] (rows `stride` elements apart), as torch.argmax
+ * answers: the first maximum, or the first NaN. Returns 0, or 1 (unsupported). */
+int argmax_rows(const void *x, int64_t stride, int64_t *out, int64_t rows, int64_t cols,
+                int32_t dtype, int32_t threads, void *gomp_parallel) {
+    if (dtype == DT_F16 && !HAVE_F16) return 1;
+    ArgmaxArgs a = {x, out, stride, cols, dtype};
+    for_rows(argmax_row, &a, rows, cols, threads, gomp_parallel);
+    return 0;
 }

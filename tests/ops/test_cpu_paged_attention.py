@@ -1,5 +1,5 @@
-"""The native CPU decode attention (soberana/ops/csrc/paged_decode_attention.c) against a float32
-reference, and how `paged_attention` chooses between it and the PyTorch path.
+"""The native CPU paged attention (soberana/ops/csrc/paged_attention.c), decodes and prefills,
+against a float32 reference, and how `paged_attention` chooses between it and the PyTorch path.
 
 The pool is poisoned with NaN everywhere a request does not own (paged_attention_cases), and
 its blocks are a random permutation, so reading a slot past a context, a block of another
@@ -45,7 +45,7 @@ def _step(contexts, *, group=1, num_kv_heads=2, head_dim=64, block_size=16,
 def _kernel(step, q=None):
     q = step.q if q is None else q
     out = torch.empty(q.shape, dtype=q.dtype)
-    assert cpu_kernels.paged_decode_attention(
+    assert cpu_kernels.paged_attention(
         q, step.k_cache, step.v_cache, step.block_table, step.seq_lens, step.scale, out
     )
     return out
@@ -168,7 +168,7 @@ def test_layouts_it_cannot_read_are_declined_not_misread():
     for i, value in wrong.items():
         changed = list(args)
         changed[i] = value
-        assert not cpu_kernels.paged_decode_attention(*changed)
+        assert not cpu_kernels.paged_attention(*changed)
 
 
 def _attend(step):
@@ -223,3 +223,144 @@ def test_float16_falls_back_when_the_kernel_lacks_it(monkeypatch):
     out = _attend(step)
     assert calls == [len(CONTEXTS)]
     assert relative_error(out, reference_attention(step)) < 1e-3
+
+
+# ---- prefills: several queries per sequence (query_start), causal over any cached prefix ----
+
+# (keys, new queries) per sequence: a fresh prompt shorter than a block, exactly one block,
+# a block plus one, a cached prefix with a short chunk, a long chunk after a long prefix (more
+# than one chunk of keys and more than one item of queries), and one-query sequences (a decode
+# inside the call, and a chunk of one token).
+PREFILLS = [(5, 5), (16, 16), (17, 17), (70, 9), (1000, 300), (41, 1), (129, 128), (64, 1)]
+
+
+def _prefill(prefills=PREFILLS, *, group=1, num_kv_heads=2, head_dim=64, block_size=16,
+             dtype=torch.float32, seed=0):  # fmt: skip
+    contexts, queries = zip(*prefills, strict=True)
+    return make_step(
+        list(contexts), list(queries), num_heads=group * num_kv_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size, dtype=dtype,
+        device="cpu", generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+
+
+def _prefill_kernel(step, q=None):
+    q = step.q if q is None else q
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)  # every row must be written
+    assert cpu_kernels.paged_attention(q, step.k_cache, step.v_cache, step.block_table,
+                                       step.seq_lens, step.scale, out, step.query_start_loc)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_matches_reference(dtype, group, head_dim, block_size):
+    step = _prefill(group=group, head_dim=head_dim, block_size=block_size, dtype=dtype)
+    assert relative_error(_prefill_kernel(step), reference_attention(step)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("head_dim", [40, 80, 8])
+@pytest.mark.parametrize("block_size", [8, 48, 256])
+def test_prefill_odd_head_dims_and_block_sizes_match_reference(head_dim, block_size):
+    # Head dims off the 32-column bfloat16 layout (and off the vector width: the portable
+    # path); blocks that do not divide a chunk of keys into groups of 16, or exceed one.
+    for dtype in (torch.float32, torch.bfloat16):
+        step = _prefill(group=2, head_dim=head_dim, block_size=block_size, dtype=dtype)
+        out = _prefill_kernel(step)
+        assert relative_error(out, reference_attention(step)) < TOLERANCE[dtype]
+
+
+def test_each_query_sees_only_the_keys_before_it():
+    # A key after a query that is huge would dominate that query's softmax if it were read.
+    step = _prefill([(40, 40)], dtype=torch.float32)
+    k_new = step.k_cache.clone()
+    block = int(step.block_table[0, 2])
+    k_new[block, 7] = 1e4  # key 39, every head
+    out = torch.empty_like(step.q)
+    assert cpu_kernels.paged_attention(step.q, k_new, step.v_cache, step.block_table,
+                                       step.seq_lens, step.scale, out, step.query_start_loc)
+    ref = _prefill_kernel(step)
+    assert torch.equal(out[:39], ref[:39])  # queries 0-38 never see key 39
+    assert not torch.equal(out[39], ref[39])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_is_the_same_on_one_or_two_threads_and_either_thread_source(
+    dtype, threads, monkeypatch
+):
+    step = _prefill(PREFILLS * 2, group=2, num_kv_heads=4, dtype=dtype)
+    threads(1)
+    one = _prefill_kernel(step)
+    threads(2)
+    two = _prefill_kernel(step)
+    monkeypatch.setattr(cpu_kernels, "_openmp_parallel", lambda: None)
+    assert torch.equal(one, two) and torch.equal(one, _prefill_kernel(step))
+
+
+def test_prefill_decodes_in_the_same_call_match_a_decode_call():
+    step = _prefill()
+    out = _prefill_kernel(step)
+    decodes = [i for i, (_, n) in enumerate(PREFILLS) if n == 1]
+    rows = step.query_start_loc[decodes].long()
+    alone = torch.empty(len(decodes), *step.q.shape[1:])
+    assert cpu_kernels.paged_attention(step.q[rows], step.k_cache, step.v_cache,
+                                       step.block_table[decodes].contiguous(),
+                                       step.seq_lens[decodes].contiguous(), step.scale, alone)
+    assert torch.equal(out[rows], alone)
+
+
+def test_prefill_query_rows_may_be_a_strided_slice_of_the_fused_qkv():
+    step = _prefill(group=2)
+    num_tokens, num_heads, head_dim = step.q.shape
+    qkv = torch.randn(num_tokens, (num_heads + 4) * head_dim)
+    qkv[:, : num_heads * head_dim] = step.q.reshape(num_tokens, -1)
+    q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
+    assert torch.equal(_prefill_kernel(step, q), _prefill_kernel(step))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 flags")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_portable_build_prefills_the_same(dtype, monkeypatch):
+    step = _prefill(group=2, dtype=dtype)
+    native = _prefill_kernel(step)
+    portable = cpu_kernels.load_library(
+        cpu_kernels.compile_library(cpu_kernels.SOURCE, PORTABLE_FLAGS)
+    )
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: portable)
+    out = _prefill_kernel(step)
+    assert relative_error(out, reference_attention(step)) < TOLERANCE[dtype]
+    assert relative_error(out, native) < TOLERANCE[dtype]
+
+
+def test_more_queries_than_keys_raise_value_error():
+    step = _prefill([(40, 40), (20, 10)])
+    step.seq_lens[1] = 9
+    with pytest.raises(ValueError, match="query_start"):
+        _prefill_kernel(step)
+
+
+def test_a_prefill_block_outside_the_pool_raises_index_error():
+    step = _prefill([(40, 40), (20, 10)])
+    step.block_table[1, 1] = -1
+    with pytest.raises(IndexError, match="block_table"):
+        _prefill_kernel(step)
+
+
+def test_query_start_it_cannot_read_is_declined():
+    step = _prefill([(40, 40), (20, 10)])
+    out = torch.empty_like(step.q)
+    args = [step.q, step.k_cache, step.v_cache, step.block_table, step.seq_lens, step.scale, out]
+    for wrong in (step.query_start_loc.long(), step.query_start_loc + 1000):
+        assert not cpu_kernels.paged_attention(*args, wrong)
+
+
+def test_paged_attention_sends_cpu_prefills_to_the_kernel(monkeypatch):
+    sdpa = []
+    monkeypatch.setattr(attention, "_prefill_attention", lambda *a: sdpa.append(a))
+    step = _prefill(group=2, dtype=torch.bfloat16)
+    out = attention.paged_attention(step.q, None, None, step.k_cache, step.v_cache, step.meta,
+                                    step.scale)  # fmt: skip
+    assert sdpa == []
+    assert relative_error(out, reference_attention(step)) < TOLERANCE[torch.bfloat16]
