@@ -90,21 +90,32 @@ def test_client_disconnect_aborts_the_request_and_frees_its_kv_blocks(server, st
 
 
 def test_waiting_queue_past_the_limit_gets_429_with_retry_after(start_server):
-    srv = start_server("--max-num-seqs", "1", "--max-waiting-requests", "2")
-    with ThreadPoolExecutor(3) as pool:
-        # One runs (max-num-seqs 1); two wait: the queue is full. The running request is long
-        # (240 tokens) so that the queue is still full when the fourth request arrives.
-        running = [pool.submit(_stream, srv, LONG) for _ in range(3)]
-        assert wait_until(
-            lambda: metric(srv.metrics(), "vllm:num_requests_waiting") == 2, timeout=30
-        )
-        resp = srv.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
-        assert resp.status_code == 429
-        assert int(resp.headers["Retry-After"]) >= 1
-        assert resp.json()["error"]["code"] == "rate_limit_exceeded"
-        # The queued requests are unharmed.
-        for future in running:
-            assert future.result()[-1] == "[DONE]"
+    srv = start_server(
+        "--max-num-seqs", "1", "--max-waiting-requests", "2", "--max-model-len", "4096"
+    )
+    # One request runs (max-num-seqs 1) and is far from done when the fourth request arrives:
+    # 4,000 tokens, held on a raw socket and hung up on (aborted) once the 429 is checked, so
+    # the test does not depend on how fast the engine generates.
+    holder = RawRequest(srv, "/v1/completions", {**LONG, "max_tokens": 4000, "stream": True})
+    try:
+        holder.read_until(b"data: ", count=2)
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(_stream, srv, LONG) for _ in range(2)]  # the queue is full
+            assert wait_until(
+                lambda: metric(srv.metrics(), "vllm:num_requests_waiting") == 2, timeout=30
+            )
+            resp = srv.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            assert resp.status_code == 429
+            assert int(resp.headers["Retry-After"]) >= 1
+            assert resp.json()["error"]["code"] == "rate_limit_exceeded"
+            holder.close()
+            # The queued requests are unharmed.
+            for future in waiting:
+                events = future.result()
+                assert events[-1] == "[DONE]"
+                assert events[-2]["choices"][0]["finish_reason"] == "length"
+    finally:
+        holder.close()
     assert srv.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
