@@ -156,15 +156,51 @@ def _lengths(spec: str, n: int, g: torch.Generator) -> list[int]:
     return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
 
 
+def _cpuinfo() -> dict:
+    """Family, model and vector flags of the first CPU in /proc/cpuinfo ("AMD EPYC" alone does
+    not tell Zen 4 from Zen 5, and this workplace's hosts have been both)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        return {}
+    flags = [f for f in fields.get("flags", "").split() if f.startswith(("avx512", "amx"))]
+    return {"vendor": fields.get("vendor_id"), "family": fields.get("cpu family"),
+            "model": fields.get("model"), "stepping": fields.get("stepping"), "flags": flags}
+
+
+def gemm_gflops(dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """This host's rate on one decode-shaped matmul (64 x 768 by 768 x 3072, packed for oneDNN
+    as the engine packs its linears, or plain F.linear where packing is unavailable): a
+    yardstick for comparing runs on different hosts, which differ by up to 2.5x here."""
+    from soberana.ops.cpu_linear import PackedLinear, packable
+
+    x, w = torch.randn(64, 768, dtype=dtype), torch.randn(3072, 768, dtype=dtype)
+    linear = PackedLinear(w, None) if packable(dtype) else (lambda a: torch.nn.functional.linear(a, w))
+    for _ in range(10):
+        linear(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        linear(x)
+        n += 1
+    return 2 * 64 * 768 * 3072 * n / (time.perf_counter() - t0) / 1e9
+
+
 def machine() -> dict:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
                   if line.startswith("Model name")), platform.processor())
     import transformers
 
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-            "python": platform.python_version(),
+    return {"cpu": model, "cpuinfo": _cpuinfo(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "gemm_gflops_64x768x3072": {"bfloat16": gemm_gflops(torch.bfloat16),
+                                        "float32": gemm_gflops(torch.float32)},
             "load_avg_at_start": os.getloadavg()}
 
 
