@@ -334,7 +334,32 @@ static inline void block_bf16(Job *j, const float *restrict q, float *restrict a
         if (alpha != 1.0f)
             for (int c = 0; c < D; c++) acc[r * D + c] *= alpha;
     }
-    for (int t = 0; t < n; t++) {
+    /* Values four rows at a time: each accumulator is loaded and stored once per four rows
+     * (a 512-bit store takes two cycles on Zen 4), summed in the same order as row by row. */
+    int t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const char *vr = v + t * row_bytes;
+        for (int r = 0; r < rows; r++) {
+            const char *vh = vr + (int64_t)(r / G) * D * 2;
+            const float *sr = s + r * bs + t;
+            const __m512 p0 = _mm512_set1_ps(sr[0]), p1 = _mm512_set1_ps(sr[1]);
+            const __m512 p2 = _mm512_set1_ps(sr[2]), p3 = _mm512_set1_ps(sr[3]);
+            float *ar = acc + r * D;
+            for (int c = 0; c < D; c += 32) {
+                const __m512i w0 = _mm512_loadu_si512(vh + 2 * c);
+                const __m512i w1 = _mm512_loadu_si512(vh + row_bytes + 2 * c);
+                const __m512i w2 = _mm512_loadu_si512(vh + 2 * row_bytes + 2 * c);
+                const __m512i w3 = _mm512_loadu_si512(vh + 3 * row_bytes + 2 * c);
+                __m512 e = _mm512_fmadd_ps(p0, bf16_even(w0), _mm512_loadu_ps(ar + c));
+                __m512 o = _mm512_fmadd_ps(p0, bf16_odd(w0), _mm512_loadu_ps(ar + c + 16));
+                e = _mm512_fmadd_ps(p1, bf16_even(w1), e), o = _mm512_fmadd_ps(p1, bf16_odd(w1), o);
+                e = _mm512_fmadd_ps(p2, bf16_even(w2), e), o = _mm512_fmadd_ps(p2, bf16_odd(w2), o);
+                e = _mm512_fmadd_ps(p3, bf16_even(w3), e), o = _mm512_fmadd_ps(p3, bf16_odd(w3), o);
+                _mm512_storeu_ps(ar + c, e), _mm512_storeu_ps(ar + c + 16, o);
+            }
+        }
+    }
+    for (; t < n; t++) {
         const char *vr = v + t * row_bytes;
         for (int r = 0; r < rows; r++) {
             const char *vh = vr + (int64_t)(r / G) * D * 2;
