@@ -16,7 +16,7 @@
  * other builds and shapes take the portable path, which the compiler vectorises where it can.
  * bfloat16 with head_dim % 32 == 0 (the common case) keeps q and the accumulators in a split
  * layout (below): a decode reads each block row by row, all the item's heads at once
- * (block_bf16); a prefill tile goes row by row of the tile (tile_bf16).
+ * (block_rows, every dtype); a prefill tile goes row by row of the tile (tile_bf16).
  */
 #include <math.h>
 #include <pthread.h>
@@ -287,18 +287,34 @@ static inline __m512i bf16_round(__m512 x) {
     return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
 }
 
-/* One block of an item in the split layout, rows read in memory order: scores of every head
+/* Columns [c, c + 32) of a row of K or V as two float vectors, in the layout q and the
+ * accumulators use: bfloat16 split (the even columns, then the odd ones: no shuffle), float16
+ * and float32 in order. */
+static inline __attribute__((always_inline)) void load32(const char *row, int c, int dtype,
+                                                         __m512 *lo, __m512 *hi) {
+    if (dtype == DT_BF16) {
+        const __m512i w = _mm512_loadu_si512(row + 2 * c);
+        *lo = bf16_even(w), *hi = bf16_odd(w);
+    } else {
+        *lo = load16(row, c, dtype), *hi = load16(row, c + 16, dtype);
+    }
+}
+
+/* One block of a decode item, rows read in memory order (D % 32 == 0; bfloat16 in the split
+ * layout): scores of every head
  * of row t, then of row t + 1, ..., then the softmax, then values row by row. The item's
  * heads of a row are one contiguous run of bytes, so a block is read front to back, a
  * stream the hardware prefetchers follow (head by head it is 16 short reads a row apart per
  * head, and the kernel ran at a third of the memory bandwidth). `ahead` (a byte offset, or
  * -1) is the block to prefetch: row t of it, head by head, while row t of this one is scored
  * (in bursts of a row or more, the prefetches stall the core). */
-static inline void block_bf16(Job *j, const float *restrict q, float *restrict acc,
+static inline __attribute__((always_inline)) void block_rows(Job *j, const float *restrict q, float *restrict acc,
                               float *restrict s, float *restrict mx, float *restrict den,
                               __m512 *restrict part, const char *k, const char *v, int64_t ahead,
-                              int64_t row_bytes, int n, int heads, int G, int D, int bs) {
+                              int64_t row_bytes, int n, int heads, int G, int D, int bs,
+                              const int dtype) {
     const int rows = heads * G;
+    const int64_t hb = (int64_t)D * (dtype == DT_F32 ? 4 : 2); /* bytes of a head's row */
     for (int t0 = 0; t0 < n; t0 += 16) {
         for (int i = 0; i < 16; i++) {
             const int t = t0 + i, slot = (i & 3) << 2 | i >> 2; /* sum16 keeps t's order */
@@ -308,19 +324,20 @@ static inline void block_bf16(Job *j, const float *restrict q, float *restrict a
             }
             const char *kr = k + t * row_bytes;
             for (int r = 0; r < rows; r++) {
-                const int64_t head = (int64_t)(r / G) * D * 2;
+                const int64_t head = (r / G) * hb;
                 const char *kh = kr + head;
                 if (ahead >= 0 && r % G == 0) /* spread among the math, not in bursts */
-                    for (int64_t o = 0; o < D * 2; o += 64) {
+                    for (int64_t o = 0; o < hb; o += 64) {
                         __builtin_prefetch(j->k + ahead + t * row_bytes + head + o);
                         __builtin_prefetch(j->v + ahead + t * row_bytes + head + o);
                     }
                 const float *qr = q + r * D;
                 __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
                 for (int c = 0; c < D; c += 32) {
-                    const __m512i w = _mm512_loadu_si512(kh + 2 * c);
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c), bf16_even(w), a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c + 16), bf16_odd(w), a1);
+                    __m512 lo, hi;
+                    load32(kh, c, dtype, &lo, &hi);
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c), lo, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c + 16), hi, a1);
                 }
                 part[r * 16 + slot] = _mm512_add_ps(a0, a1);
             }
@@ -340,21 +357,21 @@ static inline void block_bf16(Job *j, const float *restrict q, float *restrict a
     for (; t + 4 <= n; t += 4) {
         const char *vr = v + t * row_bytes;
         for (int r = 0; r < rows; r++) {
-            const char *vh = vr + (int64_t)(r / G) * D * 2;
+            const char *vh = vr + (r / G) * hb;
             const float *sr = s + r * bs + t;
             const __m512 p0 = _mm512_set1_ps(sr[0]), p1 = _mm512_set1_ps(sr[1]);
             const __m512 p2 = _mm512_set1_ps(sr[2]), p3 = _mm512_set1_ps(sr[3]);
             float *ar = acc + r * D;
             for (int c = 0; c < D; c += 32) {
-                const __m512i w0 = _mm512_loadu_si512(vh + 2 * c);
-                const __m512i w1 = _mm512_loadu_si512(vh + row_bytes + 2 * c);
-                const __m512i w2 = _mm512_loadu_si512(vh + 2 * row_bytes + 2 * c);
-                const __m512i w3 = _mm512_loadu_si512(vh + 3 * row_bytes + 2 * c);
-                __m512 e = _mm512_fmadd_ps(p0, bf16_even(w0), _mm512_loadu_ps(ar + c));
-                __m512 o = _mm512_fmadd_ps(p0, bf16_odd(w0), _mm512_loadu_ps(ar + c + 16));
-                e = _mm512_fmadd_ps(p1, bf16_even(w1), e), o = _mm512_fmadd_ps(p1, bf16_odd(w1), o);
-                e = _mm512_fmadd_ps(p2, bf16_even(w2), e), o = _mm512_fmadd_ps(p2, bf16_odd(w2), o);
-                e = _mm512_fmadd_ps(p3, bf16_even(w3), e), o = _mm512_fmadd_ps(p3, bf16_odd(w3), o);
+                __m512 l0, h0, l1, h1, l2, h2, l3, h3;
+                load32(vh, c, dtype, &l0, &h0), load32(vh + row_bytes, c, dtype, &l1, &h1);
+                load32(vh + 2 * row_bytes, c, dtype, &l2, &h2);
+                load32(vh + 3 * row_bytes, c, dtype, &l3, &h3);
+                __m512 e = _mm512_fmadd_ps(p0, l0, _mm512_loadu_ps(ar + c));
+                __m512 o = _mm512_fmadd_ps(p0, h0, _mm512_loadu_ps(ar + c + 16));
+                e = _mm512_fmadd_ps(p1, l1, e), o = _mm512_fmadd_ps(p1, h1, o);
+                e = _mm512_fmadd_ps(p2, l2, e), o = _mm512_fmadd_ps(p2, h2, o);
+                e = _mm512_fmadd_ps(p3, l3, e), o = _mm512_fmadd_ps(p3, h3, o);
                 _mm512_storeu_ps(ar + c, e), _mm512_storeu_ps(ar + c + 16, o);
             }
         }
@@ -362,14 +379,14 @@ static inline void block_bf16(Job *j, const float *restrict q, float *restrict a
     for (; t < n; t++) {
         const char *vr = v + t * row_bytes;
         for (int r = 0; r < rows; r++) {
-            const char *vh = vr + (int64_t)(r / G) * D * 2;
+            const char *vh = vr + (r / G) * hb;
             const __m512 p = _mm512_set1_ps(s[r * bs + t]);
             float *ar = acc + r * D;
             for (int c = 0; c < D; c += 32) {
-                const __m512i w = _mm512_loadu_si512(vh + 2 * c);
-                _mm512_storeu_ps(ar + c, _mm512_fmadd_ps(p, bf16_even(w), _mm512_loadu_ps(ar + c)));
-                _mm512_storeu_ps(ar + c + 16,
-                                 _mm512_fmadd_ps(p, bf16_odd(w), _mm512_loadu_ps(ar + c + 16)));
+                __m512 lo, hi;
+                load32(vh, c, dtype, &lo, &hi);
+                _mm512_storeu_ps(ar + c, _mm512_fmadd_ps(p, lo, _mm512_loadu_ps(ar + c)));
+                _mm512_storeu_ps(ar + c + 16, _mm512_fmadd_ps(p, hi, _mm512_loadu_ps(ar + c + 16)));
             }
         }
     }
@@ -688,9 +705,9 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
             lim[r] = m < 0 ? 0 : m < n ? m : n;
         }
 #ifdef __AVX512F__
-        if (split && nq == 1) {
-            block_bf16(j, q, acc, s, mx, den, part, j->k + first, j->v + first, ahead, row_bytes, n,
-                       h1 - h0, G, D, bs);
+        if (simd && nq == 1 && D % 32 == 0) {
+            block_rows(j, q, acc, s, mx, den, part, j->k + first, j->v + first, ahead, row_bytes, n,
+                       h1 - h0, G, D, bs, dtype);
             continue;
         }
 #endif
