@@ -326,10 +326,13 @@ static inline __attribute__((always_inline)) void block_rows(Job *j, const float
             for (int r = 0; r < rows; r++) {
                 const int64_t head = (r / G) * hb;
                 const char *kh = kr + head;
-                if (ahead >= 0 && r % G == 0) /* spread among the math, not in bursts */
+                /* spread among the math, not in bursts; into L2 (prefetcht1): the next
+                 * block's keys and values into L1 would evict this block's values (Zen 4 has
+                 * 32 KB of L1 data, a block of 12 heads of 64 is 24 KB of keys) */
+                if (ahead >= 0 && r % G == 0)
                     for (int64_t o = 0; o < hb; o += 64) {
-                        __builtin_prefetch(j->k + ahead + t * row_bytes + head + o);
-                        __builtin_prefetch(j->v + ahead + t * row_bytes + head + o);
+                        __builtin_prefetch(j->k + ahead + t * row_bytes + head + o, 0, 2);
+                        __builtin_prefetch(j->v + ahead + t * row_bytes + head + o, 0, 2);
                     }
                 const float *qr = q + r * D;
                 __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
