@@ -69,20 +69,23 @@ def test_head_dims_off_the_vector_width_match_reference(head_dim):
         assert relative_error(_kernel(step), reference_attention(step)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_result_is_the_same_on_one_or_two_threads_and_either_thread_source(
-    dtype, threads, monkeypatch
+    kind, dtype, threads, monkeypatch
 ):
-    # Every (sequence, head) is computed by one thread with the same code, so how the work is
-    # shared out (and whether torch's OpenMP team or our own pthreads do it) changes no bit.
-    step = _step(CONTEXTS * 3, group=2, num_kv_heads=4, dtype=dtype)
+    # Every work item is computed by one thread with the same code, so how the work is shared
+    # out (and whether torch's OpenMP team or our own pthreads do it) changes no bit.
+    if kind == "decode":
+        step, run = _step(CONTEXTS * 3, group=2, num_kv_heads=4, dtype=dtype), _kernel
+    else:
+        step, run = _prefill(PREFILLS * 2, group=2, num_kv_heads=4, dtype=dtype), _prefill_kernel
     threads(1)
-    one = _kernel(step)
+    one = run(step)
     threads(2)
-    two = _kernel(step)
+    two = run(step)
     monkeypatch.setattr(cpu_kernels, "_openmp_parallel", lambda: None)
-    two_pthreads = _kernel(step)
-    assert torch.equal(one, two) and torch.equal(one, two_pthreads)
+    assert torch.equal(one, two) and torch.equal(one, run(step))
     assert relative_error(one, reference_attention(step)) < TOLERANCE[dtype]
 
 
@@ -284,19 +287,6 @@ def test_each_query_sees_only_the_keys_before_it():
     ref = _prefill_kernel(step)
     assert torch.equal(out[:39], ref[:39])  # queries 0-38 never see key 39
     assert not torch.equal(out[39], ref[39])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_is_the_same_on_one_or_two_threads_and_either_thread_source(
-    dtype, threads, monkeypatch
-):
-    step = _prefill(PREFILLS * 2, group=2, num_kv_heads=4, dtype=dtype)
-    threads(1)
-    one = _prefill_kernel(step)
-    threads(2)
-    two = _prefill_kernel(step)
-    monkeypatch.setattr(cpu_kernels, "_openmp_parallel", lambda: None)
-    assert torch.equal(one, two) and torch.equal(one, _prefill_kernel(step))
 
 
 def test_prefill_decodes_in_the_same_call_match_a_decode_call():
