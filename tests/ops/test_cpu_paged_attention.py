@@ -131,15 +131,19 @@ def test_query_rows_may_be_a_strided_slice_of_the_fused_qkv():
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 flags")
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_portable_build_gives_the_same_numbers(dtype, monkeypatch):
-    step = _step(CONTEXTS, group=2, dtype=dtype)
-    native = _kernel(step)
+def test_portable_build_gives_the_same_numbers(kind, dtype, monkeypatch):
+    if kind == "decode":
+        step, run = _step(CONTEXTS, group=2, dtype=dtype), _kernel
+    else:
+        step, run = _prefill(group=2, dtype=dtype), _prefill_kernel
+    native = run(step)
     portable = cpu_kernels.load_library(
         cpu_kernels.compile_library(cpu_kernels.SOURCE, PORTABLE_FLAGS)
     )
     monkeypatch.setattr(cpu_kernels, "_library", lambda: portable)
-    out = _kernel(step)
+    out = run(step)
     assert relative_error(out, reference_attention(step)) < TOLERANCE[dtype]
     assert relative_error(out, native) < TOLERANCE[dtype]
 
@@ -308,20 +312,6 @@ def test_prefill_query_rows_may_be_a_strided_slice_of_the_fused_qkv():
     qkv[:, : num_heads * head_dim] = step.q.reshape(num_tokens, -1)
     q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
     assert torch.equal(_prefill_kernel(step, q), _prefill_kernel(step))
-
-
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 flags")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_portable_build_prefills_the_same(dtype, monkeypatch):
-    step = _prefill(group=2, dtype=dtype)
-    native = _prefill_kernel(step)
-    portable = cpu_kernels.load_library(
-        cpu_kernels.compile_library(cpu_kernels.SOURCE, PORTABLE_FLAGS)
-    )
-    monkeypatch.setattr(cpu_kernels, "_library", lambda: portable)
-    out = _prefill_kernel(step)
-    assert relative_error(out, reference_attention(step)) < TOLERANCE[dtype]
-    assert relative_error(out, native) < TOLERANCE[dtype]
 
 
 def test_more_queries_than_keys_raise_value_error():

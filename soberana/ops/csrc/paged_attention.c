@@ -14,9 +14,10 @@
  *
  * Math is float32 whatever the storage dtype. The AVX-512 path needs head_dim % 16 == 0;
  * other builds and shapes take the portable path, which the compiler vectorises where it can.
- * bfloat16 with head_dim % 32 == 0 (the common case) keeps q and the accumulators in a split
- * layout (below): a decode reads each block row by row, all the item's heads at once
- * (block_rows, every dtype); a prefill tile goes row by row of the tile (tile_bf16).
+ * With head_dim % 32 == 0 (the common case) a decode reads each block row by row, all the
+ * item's heads at once (block_rows, any dtype); bfloat16 then keeps q and the accumulators in
+ * a split layout (below). A prefill item widens chunks of keys and values to float32 and
+ * takes its rows four at a time (chunk_rows).
  */
 #include <math.h>
 #include <pthread.h>
