@@ -307,8 +307,9 @@ static inline __attribute__((always_inline)) void load32(const char *row, int c,
  * heads of a row are one contiguous run of bytes, so a block is read front to back, a
  * stream the hardware prefetchers follow (head by head it is 16 short reads a row apart per
  * head, and the kernel ran at a third of the memory bandwidth). `ahead` (a byte offset, or
- * -1) is the block to prefetch: row t of it, head by head, while row t of this one is scored
- * (in bursts of a row or more, the prefetches stall the core). */
+ * -1) is the block to prefetch: its keys row by row while this block's are scored, its
+ * values four rows at a time while this block's are summed (in bursts of a row or more, the
+ * prefetches stall the core). */
 static inline __attribute__((always_inline)) void block_rows(Job *j, const float *restrict q, float *restrict acc,
                               float *restrict s, float *restrict mx, float *restrict den,
                               __m512 *restrict part, const char *k, const char *v, int64_t ahead,
@@ -327,14 +328,14 @@ static inline __attribute__((always_inline)) void block_rows(Job *j, const float
             for (int r = 0; r < rows; r++) {
                 const int64_t head = (r / G) * hb;
                 const char *kh = kr + head;
-                /* spread among the math, not in bursts; into L2 (prefetcht1): the next
-                 * block's keys and values into L1 would evict this block's values (Zen 4 has
-                 * 32 KB of L1 data, a block of 12 heads of 64 is 24 KB of keys) */
+                /* the next block's keys while these are scored (its values follow while
+                 * these values are summed: both in one phase asked for 48 KB in a burst and
+                 * left the other phase idle on the memory bus); spread among the math;
+                 * into L2 (prefetcht1): into L1 they would evict this block's values (Zen 4
+                 * has 32 KB of L1 data, a block of 12 heads of 64 is 24 KB of keys) */
                 if (ahead >= 0 && r % G == 0)
-                    for (int64_t o = 0; o < hb; o += 64) {
+                    for (int64_t o = 0; o < hb; o += 64)
                         __builtin_prefetch(j->k + ahead + t * row_bytes + head + o, 0, 2);
-                        __builtin_prefetch(j->v + ahead + t * row_bytes + head + o, 0, 2);
-                    }
                 const float *qr = q + r * D;
                 __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
                 for (int c = 0; c < D; c += 32) {
@@ -362,6 +363,10 @@ static inline __attribute__((always_inline)) void block_rows(Job *j, const float
         const char *vr = v + t * row_bytes;
         for (int r = 0; r < rows; r++) {
             const char *vh = vr + (r / G) * hb;
+            if (ahead >= 0 && r % G == 0) /* the next block's values, rows t to t + 3 */
+                for (int i = 0; i < 4; i++)
+                    for (int64_t o = 0; o < hb; o += 64)
+                        __builtin_prefetch(j->v + ahead + (t + i) * row_bytes + (r / G) * hb + o, 0, 2);
             const float *sr = s + r * bs + t;
             const __m512 p0 = _mm512_set1_ps(sr[0]), p1 = _mm512_set1_ps(sr[1]);
             const __m512 p2 = _mm512_set1_ps(sr[2]), p3 = _mm512_set1_ps(sr[3]);
