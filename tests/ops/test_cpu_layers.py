@@ -121,8 +121,10 @@ def _rope_case(dtype, tokens, num_heads=4, num_kv_heads=2, head_dim=32):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 64, 300])
-def test_rope_and_cache_equals_rotary_then_write_kv(dtype, tokens):
-    qkv, rotary, positions, slots, caches, (hq, hkv, d) = _rope_case(dtype, tokens)
+@pytest.mark.parametrize("head_dim", [32, 48])  # the AVX-512 path (D % 32 == 0) and the other
+def test_rope_and_cache_equals_rotary_then_write_kv(dtype, tokens, head_dim):
+    qkv, rotary, positions, slots, caches, (hq, hkv, d) = _rope_case(dtype, tokens,
+                                                                     head_dim=head_dim)
     k_cache, v_cache, k_ref, v_ref = caches
     q = cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache,
                                    slots, hq)  # fmt: skip

@@ -13,11 +13,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 #include "dtypes.h"
+#include "simd.h"
 
 /* x as stored in `dtype` and read back: the rounding of a PyTorch op's output. */
 static inline float round_to(float x, int dtype) {
@@ -83,6 +81,29 @@ static inline __attribute__((always_inline)) void norm_impl(const NormArgs *a, i
     const int promoted = wdt != dt && dt != DT_F32; /* a float32 weight: out is float32 */
     void *out = (char *)a->out + row * a->out_stride * (dt == DT_F32 || promoted ? 4 : 2);
     float buf[H]; /* the summed row, as stored */
+#ifdef __AVX512F__
+    if (H % 16 == 0) {
+        const void *res = (const char *)a->residual + row * a->res_stride * (dt == DT_F32 ? 4 : 2);
+        void *res_out = (char *)a->residual_out + row * a->res_out_stride * (dt == DT_F32 ? 4 : 2);
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t i = 0; i < H; i += 16) {
+            __m512 v = load16(x, i, dt);
+            if (a->residual != NULL) {
+                v = round16(_mm512_add_ps(v, load16(res, i, dt)), dt);
+                store16(res_out, i, v, dt);
+            }
+            _mm512_storeu_ps(buf + i, v);
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)H + a->eps));
+        for (int64_t i = 0; i < H; i += 16) {
+            const __m512 y = _mm512_mul_ps(round16(_mm512_mul_ps(_mm512_loadu_ps(buf + i), inv), dt),
+                                           load16(a->weight, i, wdt));
+            store16(out, i, y, promoted ? DT_F32 : dt);
+        }
+        return;
+    }
+#endif
     if (a->residual != NULL) {
         const void *res = (const char *)a->residual + row * a->res_stride * (dt == DT_F32 ? 4 : 2);
         void *res_out = (char *)a->residual_out + row * a->res_out_stride * (dt == DT_F32 ? 4 : 2);
@@ -174,7 +195,15 @@ static inline __attribute__((always_inline)) void silu_impl(const SiluArgs *a, i
     const char *g = (const char *)a->gate_up + row * a->in_stride * esz;
     const char *u = g + I * esz;
     char *o = (char *)a->out + row * a->out_stride * esz;
-    for (int64_t i = 0; i < I; i++) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= I; i += 16) {
+        const __m512 x = load16(g, i, dt), one = _mm512_set1_ps(1.0f);
+        const __m512 silu = round16(_mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)))), dt);
+        store16(o, i, _mm512_mul_ps(silu, load16(u, i, dt)), dt);
+    }
+#endif
+    for (; i < I; i++) {
         const float x = load1(g, i, dt);
         store1(o, i, round_to(x / (1.0f + exp_poly(-x)), dt) * load1(u, i, dt), dt);
     }
@@ -221,6 +250,26 @@ static inline void rotate(const void *x, int64_t xi, void *out, int64_t oi, cons
     }
 }
 
+#ifdef __AVX512F__
+/* rotate, 16 columns of each half at a time (D % 32 == 0), with cos and sin already rounded
+ * to the dtype. */
+static inline __attribute__((always_inline)) void rotate16(const void *x, int64_t xi, void *out,
+                                                           int64_t oi, const float *cs,
+                                                           const float *sn, int D, const int dt) {
+    const int half = D / 2;
+    for (int d = 0; d < half; d += 16) {
+        const __m512 lo = load16(x, xi + d, dt), hi = load16(x, xi + d + half, dt);
+        const __m512 neg_hi = _mm512_sub_ps(_mm512_setzero_ps(), hi);
+        const __m512 first = _mm512_add_ps(round16(_mm512_mul_ps(lo, _mm512_loadu_ps(cs + d)), dt),
+                                           round16(_mm512_mul_ps(neg_hi, _mm512_loadu_ps(sn + d)), dt));
+        const __m512 second = _mm512_add_ps(round16(_mm512_mul_ps(hi, _mm512_loadu_ps(cs + d + half)), dt),
+                                            round16(_mm512_mul_ps(lo, _mm512_loadu_ps(sn + d + half)), dt));
+        store16(out, oi + d, first, dt);
+        store16(out, oi + d + half, second, dt);
+    }
+}
+#endif
+
 static inline __attribute__((always_inline)) void rope_impl(RopeArgs *a, int64_t t,
                                                             const int dt) {
     const int D = a->head_dim, Hq = a->num_heads, Hk = a->num_kv_heads;
@@ -230,10 +279,26 @@ static inline __attribute__((always_inline)) void rope_impl(RopeArgs *a, int64_t
         return;
     }
     const float *c = a->cos + p * D, *s = a->sin + p * D;
-    for (int h = 0; h < Hq; h++)
-        rotate(a->qkv, base + (int64_t)h * D, a->q_out, (t * Hq + h) * (int64_t)D, c, s, D, dt);
     const int64_t k0 = base + (int64_t)Hq * D, v0 = k0 + (int64_t)Hk * D, esz = dt == DT_F32 ? 4 : 2;
     const int64_t row = slot * Hk * D, bytes = (int64_t)Hk * D * esz;
+#ifdef __AVX512F__
+    if (D % 32 == 0 && D <= 1024) {
+        float cs[D], sn[D]; /* rounded to the dtype once for all the token's heads */
+        for (int d = 0; d < D; d += 16) {
+            _mm512_storeu_ps(cs + d, round16(_mm512_loadu_ps(c + d), dt));
+            _mm512_storeu_ps(sn + d, round16(_mm512_loadu_ps(s + d), dt));
+        }
+        for (int h = 0; h < Hq; h++)
+            rotate16(a->qkv, base + (int64_t)h * D, a->q_out, (t * Hq + h) * (int64_t)D, cs, sn, D, dt);
+        if (slot < 0) return;
+        for (int h = 0; h < Hk; h++)
+            rotate16(a->qkv, k0 + (int64_t)h * D, a->k_cache, row + h * D, cs, sn, D, dt);
+        memcpy((char *)a->v_cache + row * esz, (const char *)a->qkv + v0 * esz, bytes);
+        return;
+    }
+#endif
+    for (int h = 0; h < Hq; h++)
+        rotate(a->qkv, base + (int64_t)h * D, a->q_out, (t * Hq + h) * (int64_t)D, c, s, D, dt);
     if (slot < 0) return;
     for (int h = 0; h < Hk; h++) rotate(a->qkv, k0 + (int64_t)h * D, a->k_cache, row + h * D, c, s, D, dt);
     memcpy((char *)a->v_cache + row * esz, (const char *)a->qkv + v0 * esz, bytes);

@@ -29,6 +29,7 @@
 #endif
 
 #include "dtypes.h"
+#include "simd.h"
 enum { OK = 0, UNSUPPORTED = 1, BAD_BLOCK = 2, NO_MEMORY = 3, BAD_QUERIES = 4 };
 
 struct Cursor;
@@ -141,14 +142,6 @@ static inline void values_portable(float *restrict acc, const float *restrict p,
 /* ---- AVX-512 path ----------------------------------------------------------------- */
 #ifdef __AVX512F__
 
-static inline __m512 load16(const char *row, int i, int dtype) {
-    if (dtype == DT_F32) return _mm512_loadu_ps((const float *)row + i);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
-    if (dtype == DT_BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    return _mm512_cvtph_ps(h);
-}
-
 /* The 16 lane sums of 16 vectors in one vector: a shuffle-and-add tree (15 adds) instead of a
  * full horizontal reduction per vector. Output lane 4k + j holds the sum of v[4j + k]. */
 static inline __m512 sum16(const __m512 *v) {
@@ -194,24 +187,6 @@ static inline void scores_avx512(const float *restrict q, const char *k, int64_t
             _mm512_mask_storeu_ps(s + g * bs + t0, live, sum16(part));
         }
     }
-}
-
-/* exp(x) for x <= 0 (Cephes expf: x = n ln2 + r, a degree-5 polynomial in r; ~1 ulp).
- * max(-88, x) keeps 2^n in range and lets a NaN through. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
 }
 
 static inline float softmax_avx512(float *s, int n, float *max, float *den) {
@@ -275,17 +250,6 @@ static inline __m512 bf16_even(__m512i w) { return _mm512_castsi512_ps(_mm512_sl
 
 static inline __m512 bf16_odd(__m512i w) {
     return _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u)));
-}
-
-/* x rounded to bfloat16 in the high half of each lane, as f32_to_bf16 does (to nearest
- * even; a NaN stays a quiet NaN). */
-static inline __m512i bf16_round(__m512 x) {
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                  _mm512_set1_epi32(0x7f800000));
-    return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
 }
 
 /* Columns [c, c + 32) of a row of K or V as two float vectors, in the layout q and the

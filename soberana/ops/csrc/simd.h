@@ -1,0 +1,73 @@
+/* AVX-512 helpers shared by the native CPU kernels: 16 elements of a row in any storage dtype
+ * as float32 and back, rounding as the dtype stores, and exp. Included by the kernels in this
+ * directory (the build cache key in cpu_kernels.py covers this header); empty without
+ * AVX-512F. */
+#ifndef SOBERANA_SIMD_H
+#define SOBERANA_SIMD_H
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "dtypes.h"
+
+/* Elements [i, i + 16) of a row stored in `dtype`, as float32. */
+static inline __m512 load16(const void *row, int64_t i, int dtype) {
+    if (dtype == DT_F32) return _mm512_loadu_ps((const float *)row + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
+    if (dtype == DT_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+/* x rounded to bfloat16 in the high half of each lane, as f32_to_bf16 does (to nearest
+ * even; a NaN stays a quiet NaN). */
+static inline __m512i bf16_round(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
+}
+
+/* x as stored in `dtype` and read back (round_to of 16 lanes). */
+static inline __m512 round16(__m512 x, int dtype) {
+    if (dtype == DT_F32) return x;
+    if (dtype == DT_BF16)
+        return _mm512_castsi512_ps(_mm512_and_si512(bf16_round(x), _mm512_set1_epi32((int)0xffff0000u)));
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* Elements [i, i + 16) of a row stored in `dtype`: x rounded as store1 rounds. */
+static inline void store16(void *row, int64_t i, __m512 x, int dtype) {
+    if (dtype == DT_F32) {
+        _mm512_storeu_ps((float *)row + i, x);
+        return;
+    }
+    const __m256i h = dtype == DT_BF16
+        ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round(x), 16))
+        : _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256((__m256i *)((uint16_t *)row + i), h);
+}
+
+/* exp(x) (Cephes expf: x = n ln2 + r, a degree-5 polynomial in r; ~1 ulp). max(-88, x)
+ * keeps 2^n in range and lets a NaN through; scalef overflows to inf where expf does. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+#endif /* __AVX512F__ */
+#endif
