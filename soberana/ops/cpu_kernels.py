@@ -28,6 +28,7 @@ logger = logging.getLogger("soberana.ops")
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 LAYERS_SOURCE = Path(__file__).parent / "csrc" / "cpu_layers.c"
+LINEAR_SOURCE = Path(__file__).parent / "csrc" / "linear_bf16.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
 # For compilers that reject -march=native (or do not know this CPU).
 PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
@@ -100,6 +101,18 @@ def load_layers_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def load_linear_library(path: Path) -> ctypes.CDLL:
+    """A built linear_bf16 library, its functions typed."""
+    lib = ctypes.CDLL(str(path))
+    i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
+    lib.linear_bf16_available.argtypes, lib.linear_bf16_available.restype = [], ctypes.c_int
+    lib.linear_bf16_packed_elems.argtypes, lib.linear_bf16_packed_elems.restype = [i64, i64], i64
+    lib.pack_bf16.argtypes, lib.pack_bf16.restype = [ptr, i64, i64, i64, ptr], ctypes.c_int
+    lib.linear_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32, ptr]
+    lib.linear_bf16.restype = ctypes.c_int
+    return lib
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The paged-attention library, or None (the PyTorch path)."""
@@ -110,6 +123,13 @@ def _library() -> ctypes.CDLL | None:
 def _layers_library() -> ctypes.CDLL | None:
     """The small layers' library (norm, rotary + cache write, SiLU-and-mul, argmax), or None."""
     return _build(LAYERS_SOURCE, load_layers_library)
+
+
+@functools.cache
+def _linear_library() -> ctypes.CDLL | None:
+    """The bfloat16 linear library where it has its kernel (AVX512_BF16), or None."""
+    lib = _build(LINEAR_SOURCE, load_linear_library)
+    return lib if lib is not None and lib.linear_bf16_available() == 1 else None
 
 
 def _build(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | None:
@@ -360,6 +380,41 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(x.shape[0], dtype=torch.int64)
     rc = lib.argmax_rows(x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0], x.shape[1],
                          _DTYPES[x.dtype], torch.get_num_threads(), _openmp_parallel())  # fmt: skip
+    return out if rc == _OK else None
+
+
+def pack_bf16_linear(weight: torch.Tensor) -> torch.Tensor | None:
+    """A bfloat16 weight [N, K] (K even, unit-stride rows) packed for `linear_bf16`, or None
+    where this machine or build has no kernel for it."""
+    if not (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.stride(1) == 1 and weight.shape[1] % 2 == 0 and weight.numel() > 0):  # fmt: skip
+        return None
+    lib = _linear_library()
+    if lib is None:
+        return None
+    n, k = weight.shape
+    packed = torch.empty(lib.linear_bf16_packed_elems(n, k), dtype=torch.bfloat16)
+    if lib.pack_bf16(weight.data_ptr(), weight.stride(0), n, k, packed.data_ptr()) != _OK:
+        return None
+    return packed
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+                ) -> torch.Tensor | None:
+    """x [M, K] (bfloat16, unit-stride rows) times a `pack_bf16_linear` weight of n outputs,
+    plus `bias` (bfloat16, padded with zeros to a multiple of 64) or None: [M, n] bfloat16,
+    float32 sums rounded once. None: the caller's path."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
+        return None
+    m, k = x.shape
+    if packed.numel() != -(-n // 64) * 64 * k:  # not a weight of [n, k]
+        raise ValueError(f"linear_bf16: x has {k} columns; the packed weight does not")
+    lib = _linear_library()
+    if lib is None:
+        return None
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = lib.linear_bf16(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
+                         out.data_ptr(), n, torch.get_num_threads(), _openmp_parallel())  # fmt: skip
     return out if rc == _OK else None
 
 

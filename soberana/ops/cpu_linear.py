@@ -1,16 +1,20 @@
-"""Linear layers on CPU with their weights packed once for oneDNN.
+"""Linear layers on CPU with their weights packed once.
 
 `F.linear` on a CPU tensor reorders the weight into oneDNN's blocked layout on every call:
 for a decode step of 64 tokens through a 125M model that is most of a second's worth of
-copying per hundred steps. `pack_linears` does it once, when the model is loaded, and swaps
-each `nn.Linear` (and the output projection) for a `PackedLinear` that calls the same oneDNN
-matmul on the packed weight (PyTorch's own `mkldnn._linear_pointwise`, what Inductor emits
-for frozen CPU linears).
-
-Measured on a 2-core AVX-512-BF16 CPU (benchmarks/cpu_decode_step.py): bfloat16 outputs are
-bit-identical to `F.linear`; float32 runs oneDNN's kernel instead of MKL's sgemm, so sums
-round differently (about 1e-7 relative). A layer that fails the check at load time, or
-SOBERANA_CPU_KERNELS=0, keeps `F.linear`.
+copying per hundred steps. `pack_linears` packs once, when the model is loaded, and swaps
+each `nn.Linear` (and the output projection) for a `PackedLinear`:
+  - bfloat16 on a CPU with AVX512_BF16: soberana's kernel (csrc/linear_bf16.c). Measured on a
+    2-core Zen 4 next to oneDNN's packed matmul: 64-row decode steps 10-15% faster per
+    projection (weights streamed from memory), one row ~2x, 2,048 rows about the same; the
+    offline 128/128 benchmark 0.4-0.6 s of ~12 s faster. Its float32 sums run in another
+    order than oneDNN's, so about 1 output in 10,000 differs from `F.linear` by one ulp.
+    SOBERANA_CPU_LINEAR=onednn keeps oneDNN's.
+  - otherwise oneDNN's matmul on the packed weight (PyTorch's own
+    `mkldnn._linear_pointwise`, what Inductor emits for frozen CPU linears): bfloat16 outputs
+    bit-identical to `F.linear`; float32 runs oneDNN's kernel instead of MKL's sgemm, so sums
+    round differently (about 1e-7 relative).
+A layer that fails the check at load time, or SOBERANA_CPU_KERNELS=0, keeps `F.linear`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from soberana.ops import cpu_kernels
+
 logger = logging.getLogger("soberana.ops")
 
 # The batch size oneDNN tunes the packed layout for (any size works): a decode step's rows.
@@ -29,19 +35,41 @@ BATCH_HINT = 64
 
 
 class PackedLinear(nn.Module):
-    """`x @ weight.T + bias` with `weight` already in oneDNN's layout (read-only after)."""
+    """`x @ weight.T + bias` with `weight` packed once (read-only after): for bfloat16 on a
+    CPU with AVX512_BF16, for soberana's own kernel (csrc/linear_bf16.c), else for oneDNN."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
+        weight = weight.detach()
+        self.native = cpu_kernels.pack_bf16_linear(weight) if native_bf16() else None
         self.bias = None if bias is None else bias.detach()
+        if self.native is not None:
+            self.packed = None
+            # the kernel reads the bias a panel of 64 columns at a time
+            self.native_bias = None if bias is None else F.pad(
+                self.bias.to(torch.bfloat16), (0, -self.out_features % 64))
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            rows = x.reshape(-1, self.in_features)
+            out = cpu_kernels.linear_bf16(rows, self.native, self.out_features, self.native_bias)
+            if out is not None:
+                return out.view(*x.shape[:-1], self.out_features)
+            raise ValueError(f"PackedLinear: bfloat16 input expected on the CPU, got {x.dtype} "
+                             f"on {x.device}")  # fmt: skip
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        kind = "soberana bf16 kernel" if self.native is not None else "oneDNN"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed ({kind})"
+
+
+def native_bf16() -> bool:
+    """Whether bfloat16 linears use soberana's kernel (SOBERANA_CPU_LINEAR=onednn: oneDNN's)."""
+    return os.environ.get("SOBERANA_CPU_LINEAR", "native") != "onednn"
 
 
 def packable(dtype: torch.dtype) -> bool:

@@ -156,22 +156,71 @@ def test_rope_and_cache_rejects_out_of_range_positions_and_slots():
                                       caches[1], slots, hq) is None  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+needs_bf16_linear = pytest.mark.skipif(
+    cpu_kernels._linear_library() is None, reason="no AVX512_BF16 (or no C compiler) here"
+)
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float32, "onednn"), (torch.bfloat16, "onednn"),
+                                           (torch.bfloat16, "native")])  # fmt: skip
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_f_linear(dtype, bias):
+def test_packed_linear_equals_f_linear(dtype, backend, bias, monkeypatch):
+    monkeypatch.setenv("SOBERANA_CPU_LINEAR", backend)
     if not cpu_linear.packable(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} here")
-    linear = nn.Linear(96, 200, bias=bias).to(dtype)
+    if backend == "native" and cpu_kernels._linear_library() is None:
+        pytest.skip("no AVX512_BF16 (or no C compiler) here")
+    linear = nn.Linear(96, 200, bias=bias).to(dtype)  # 200 outputs: a partial panel of 64
     packed = cpu_linear.pack(linear)
     assert isinstance(packed, cpu_linear.PackedLinear)
-    for rows in (1, 7, 64, 300):
+    assert (packed.native is not None) == (backend == "native" and dtype == torch.bfloat16)
+    for rows in (1, 2, 3, 5, 7, 64, 300):  # every remainder of the 6-row tiles
         x = _randn(rows, 96, dtype=dtype, seed=rows)
         want = F.linear(x, linear.weight, linear.bias)
         got = packed(x)
-        if dtype == torch.bfloat16:
-            assert torch.equal(got, want)
-        else:  # oneDNN's float32 kernel, not MKL's: sums in another order
+        if dtype == torch.float32:  # oneDNN's float32 kernel, not MKL's: sums in another order
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        elif backend == "onednn":
+            assert torch.equal(got, want)
+        else:  # float32 sums in another order than oneDNN's: a rare one-ulp difference
+            _same(got, want, exact=False)
+
+
+@needs_bf16_linear
+def test_native_bf16_linear_is_the_same_whatever_the_threads_and_row_layout():
+    weight = _randn(200, 64, dtype=torch.bfloat16, seed=1)
+    packed = cpu_kernels.pack_bf16_linear(weight)
+    wide = _randn(300, 100, dtype=torch.bfloat16, seed=2)
+    x = wide[:, 10:74]  # rows 100 elements apart
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.linear_bf16(x, packed, 200, None)
+        torch.set_num_threads(max(2, threads))
+        many = cpu_kernels.linear_bf16(x, packed, 200, None)
+        # one panel, fewer than the threads: the threads share the rows instead
+        small = cpu_kernels.pack_bf16_linear(weight[:40])
+        rows_shared = cpu_kernels.linear_bf16(x, small, 40, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    assert torch.equal(one, cpu_kernels.linear_bf16(x.contiguous(), packed, 200, None))
+    assert torch.equal(rows_shared, one[:, :40])
+    _same(one, F.linear(x, weight), exact=False)
+
+
+@needs_bf16_linear
+def test_native_bf16_linear_declines_what_it_cannot_serve(monkeypatch):
+    monkeypatch.setenv("SOBERANA_CPU_LINEAR", "native")
+    odd = nn.Linear(95, 64, bias=False).to(torch.bfloat16)  # K odd: no pairs; oneDNN's instead
+    assert cpu_kernels.pack_bf16_linear(odd.weight) is None
+    packed = cpu_linear.pack(odd)
+    assert packed.native is None and packed.packed is not None
+    linear = cpu_linear.pack(nn.Linear(64, 64).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="bfloat16 input"):
+        linear(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="columns"):
+        cpu_kernels.linear_bf16(torch.randn(2, 32).bfloat16(), linear.native, 64, None)
 
 
 def test_pack_linears_swaps_every_linear_and_respects_the_switch(monkeypatch):
