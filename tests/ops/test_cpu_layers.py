@@ -288,3 +288,28 @@ def test_argmax_answers_as_torch_does(dtype):
     rows = torch.randn(6, 4000)[:, :3001].to(dtype)[::2]  # rows apart, unit stride
     assert torch.equal(cpu_kernels.argmax(rows), rows.argmax(dim=-1))
     assert cpu_kernels.argmax(x.t()) is None  # columns apart: declined
+
+
+@needs_bf16_linear
+@pytest.mark.parametrize("arch", ["qwen2", "llama32-tied"])  # q/k/v biases; a tied output head
+def test_bf16_models_run_on_the_native_linear_as_on_onednn(arch, tmp_path, monkeypatch):
+    """A whole bfloat16 model with soberana's linear kernel scores a prompt as it does with
+    oneDNN's, to bfloat16 rounding (the two sum in different orders)."""
+    from soberana import LLM, SamplingParams
+    from tests.engine.tiny_models import build_tiny_model
+
+    build_tiny_model(tmp_path, arch)
+    prompt = torch.randint(2, 900, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    scores = {}
+    for backend in ("native", "onednn"):
+        monkeypatch.setenv("SOBERANA_CPU_LINEAR", backend)
+        llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01)
+        head = llm.engine.model.lm_head
+        assert (head.native is not None) == (backend == "native")
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        scores[backend] = torch.tensor([d[t].logprob for d, t in
+                                        zip(out.prompt_logprobs[1:], prompt[1:])])
+        del llm
+    assert scores["native"].shape == (39,)
+    torch.testing.assert_close(scores["native"], scores["onednn"], rtol=0, atol=0.1)
