@@ -221,6 +221,10 @@ def test_native_bf16_linear_declines_what_it_cannot_serve(monkeypatch):
         linear(torch.randn(2, 64))
     with pytest.raises(ValueError, match="columns"):
         cpu_kernels.linear_bf16(torch.randn(2, 32).bfloat16(), linear.native, 64, None)
+    # a build without AVX512_BF16 (or no compiler): oneDNN's packed matmul, as before
+    monkeypatch.setattr(cpu_kernels, "_linear_library", lambda: None)
+    fallback = cpu_linear.pack(nn.Linear(64, 64).to(torch.bfloat16))
+    assert fallback.native is None and fallback.packed is not None
 
 
 def test_pack_linears_swaps_every_linear_and_respects_the_switch(monkeypatch):
