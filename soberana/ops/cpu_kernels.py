@@ -406,12 +406,12 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tenso
     float32 sums rounded once. None: the caller's path."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
         return None
-    m, k = x.shape
-    if packed.numel() != -(-n // 64) * 64 * k:  # not a weight of [n, k]
-        raise ValueError(f"linear_bf16: x has {k} columns; the packed weight does not")
     lib = _linear_library()
     if lib is None:
         return None
+    m, k = x.shape
+    if packed.numel() != lib.linear_bf16_packed_elems(n, k):  # not a weight of [n, k]
+        raise ValueError(f"linear_bf16: x has {k} columns; the packed weight does not")
     out = torch.empty(m, n, dtype=torch.bfloat16)
     rc = lib.linear_bf16(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
                          out.data_ptr(), n, torch.get_num_threads(), _openmp_parallel())  # fmt: skip

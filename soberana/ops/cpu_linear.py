@@ -46,16 +46,15 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
         if self.native is not None:
             self.packed = None
-            # the kernel reads the bias a panel of 64 columns at a time
-            self.native_bias = None if bias is None else F.pad(
-                self.bias.to(torch.bfloat16), (0, -self.out_features % 64))
+            if self.bias is not None:  # the kernel reads it a panel of 64 columns at a time
+                self.bias = F.pad(self.bias.to(torch.bfloat16), (0, -self.out_features % 64))
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
             rows = x.reshape(-1, self.in_features)
-            out = cpu_kernels.linear_bf16(rows, self.native, self.out_features, self.native_bias)
+            out = cpu_kernels.linear_bf16(rows, self.native, self.out_features, self.bias)
             if out is not None:
                 return out.view(*x.shape[:-1], self.out_features)
             raise ValueError(f"PackedLinear: bfloat16 input expected on the CPU, got {x.dtype} "

@@ -282,25 +282,21 @@ static inline __attribute__((always_inline)) void rope_impl(RopeArgs *a, int64_t
     const int64_t k0 = base + (int64_t)Hq * D, v0 = k0 + (int64_t)Hk * D, esz = dt == DT_F32 ? 4 : 2;
     const int64_t row = slot * Hk * D, bytes = (int64_t)Hk * D * esz;
 #ifdef __AVX512F__
-    if (D % 32 == 0 && D <= 1024) {
-        float cs[D], sn[D]; /* rounded to the dtype once for all the token's heads */
-        for (int d = 0; d < D; d += 16) {
-            _mm512_storeu_ps(cs + d, round16(_mm512_loadu_ps(c + d), dt));
-            _mm512_storeu_ps(sn + d, round16(_mm512_loadu_ps(s + d), dt));
-        }
-        for (int h = 0; h < Hq; h++)
-            rotate16(a->qkv, base + (int64_t)h * D, a->q_out, (t * Hq + h) * (int64_t)D, cs, sn, D, dt);
-        if (slot < 0) return;
-        for (int h = 0; h < Hk; h++)
-            rotate16(a->qkv, k0 + (int64_t)h * D, a->k_cache, row + h * D, cs, sn, D, dt);
-        memcpy((char *)a->v_cache + row * esz, (const char *)a->qkv + v0 * esz, bytes);
-        return;
+    const int simd = D % 32 == 0 && D <= 1024;
+    float cs[simd ? D : 1], sn[simd ? D : 1]; /* rounded to the dtype once for all the heads */
+    for (int d = 0; simd && d < D; d += 16) {
+        _mm512_storeu_ps(cs + d, round16(_mm512_loadu_ps(c + d), dt));
+        _mm512_storeu_ps(sn + d, round16(_mm512_loadu_ps(s + d), dt));
     }
+#define ROTATE(x, xi, out, oi) \
+    (simd ? rotate16(x, xi, out, oi, cs, sn, D, dt) : rotate(x, xi, out, oi, c, s, D, dt))
+#else
+#define ROTATE(x, xi, out, oi) rotate(x, xi, out, oi, c, s, D, dt)
 #endif
-    for (int h = 0; h < Hq; h++)
-        rotate(a->qkv, base + (int64_t)h * D, a->q_out, (t * Hq + h) * (int64_t)D, c, s, D, dt);
+    for (int h = 0; h < Hq; h++) ROTATE(a->qkv, base + (int64_t)h * D, a->q_out, (t * Hq + h) * (int64_t)D);
     if (slot < 0) return;
-    for (int h = 0; h < Hk; h++) rotate(a->qkv, k0 + (int64_t)h * D, a->k_cache, row + h * D, c, s, D, dt);
+    for (int h = 0; h < Hk; h++) ROTATE(a->qkv, k0 + (int64_t)h * D, a->k_cache, row + h * D);
+#undef ROTATE
     memcpy((char *)a->v_cache + row * esz, (const char *)a->qkv + v0 * esz, bytes);
 }
 
@@ -353,14 +349,7 @@ static inline __attribute__((always_inline)) void argmax_impl(const ArgmaxArgs *
         __m512i where = _mm512_setzero_si512(), index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         __mmask16 nan = 0;
         for (; i + 16 <= n; i += 16) {
-            __m512 v;
-            if (dt == DT_F32)
-                v = _mm512_loadu_ps((const float *)x + i);
-            else {
-                const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
-                v = dt == DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-                                  : _mm512_cvtph_ps(h);
-            }
+            const __m512 v = load16(x, i, dt);
             const __mmask16 up = _mm512_cmp_ps_mask(v, top, _CMP_GT_OQ);
             nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
             top = _mm512_mask_mov_ps(top, up, v);

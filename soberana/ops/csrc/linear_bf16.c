@@ -106,11 +106,10 @@ static inline __attribute__((always_inline)) void tile(const Job *job, int64_t m
         for (int r = 0; r < R; r++) {
             uint16_t *c = job->out + (m + r) * job->out_stride + j * NB + 16 * q;
             const __m512 y = job->bias != NULL ? _mm512_add_ps(acc[r][q], bias) : acc[r][q];
-            const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round(y), 16));
             if (live >= 16)
-                _mm256_storeu_si256((__m256i *)c, h);
+                store16(c, 0, y, DT_BF16);
             else
-                _mm256_mask_storeu_epi16(c, (__mmask16)((1u << live) - 1), h);
+                _mm256_mask_storeu_epi16(c, (__mmask16)((1u << live) - 1), to_bf16x16(y));
         }
     }
 }

@@ -39,6 +39,11 @@ static inline __m512 round16(__m512 x, int dtype) {
     return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+/* 16 floats as 16 bfloat16 (f32_to_bf16 of each). */
+static inline __m256i to_bf16x16(__m512 x) {
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round(x), 16));
+}
+
 /* Elements [i, i + 16) of a row stored in `dtype`: x rounded as store1 rounds. */
 static inline void store16(void *row, int64_t i, __m512 x, int dtype) {
     if (dtype == DT_F32) {
@@ -46,7 +51,7 @@ static inline void store16(void *row, int64_t i, __m512 x, int dtype) {
         return;
     }
     const __m256i h = dtype == DT_BF16
-        ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round(x), 16))
+        ? to_bf16x16(x)
         : _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_storeu_si256((__m256i *)((uint16_t *)row + i), h);
 }
