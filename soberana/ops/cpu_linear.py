@@ -5,9 +5,9 @@ for a decode step of 64 tokens through a 125M model that is most of a second's w
 copying per hundred steps. `pack_linears` packs once, when the model is loaded, and swaps
 each `nn.Linear` (and the output projection) for a `PackedLinear`:
   - bfloat16 on a CPU with AVX512_BF16: soberana's kernel (csrc/linear_bf16.c). Measured on a
-    2-core Zen 4 next to oneDNN's packed matmul: 64-row decode steps 10-15% faster per
-    projection (weights streamed from memory), one row ~2x, 2,048 rows about the same; the
-    offline 128/128 benchmark 0.4-0.6 s of ~12 s faster. Its float32 sums run in another
+    2-core Zen 4 next to oneDNN's packed matmul (benchmarks/cpu_linear_ab.py): one row 0.72x
+    the time, a 64-row decode step 0.97x, 2,048 rows 0.98-1.03x; the offline 128/128
+    benchmark 0.4-0.6 s of ~12 s faster in alternating runs. Its float32 sums run in another
     order than oneDNN's, so about 1 output in 10,000 differs from `F.linear` by one ulp.
     SOBERANA_CPU_LINEAR=onednn keeps oneDNN's.
   - otherwise oneDNN's matmul on the packed weight (PyTorch's own

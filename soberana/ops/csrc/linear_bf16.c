@@ -10,10 +10,11 @@
  * before the next chunk.
  *
  * Measured on a 2-core Zen 4 (AVX512_BF16, ~450 GFLOP/s at 1 vdpbf16ps per cycle per core)
- * against oneDNN's packed matmul, which PyTorch uses: 64 rows (a decode step) through a 125M
- * model's projections, weights not in cache, 395-430 GFLOP/s vs 325-390; 1 row (batch-1
- * decode) ~2x; 2,048 rows about the same (both near peak). The sums run in a different
- * order from oneDNN's, so about 1 output in 10,000 differs by one bfloat16 ulp.
+ * against oneDNN's packed matmul, which PyTorch uses, alternating through a 125M model's 12
+ * layers and head with the weights coming from memory (benchmarks/cpu_linear_ab.py): 1 row
+ * (batch-1 decode) 0.72x the time, 64 rows (a decode step) 0.97x at ~390 GFLOP/s, 2,048
+ * rows 0.98-1.03x. The sums run in a different order from oneDNN's, so about 1 output in
+ * 10,000 differs by one bfloat16 ulp.
  *
  * Rows are shared among torch's OpenMP threads (through GOMP_parallel): panels split among
  * them, or, with fewer panels than threads, rows. Each output is summed by one thread in one
