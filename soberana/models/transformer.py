@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from soberana.models.config import ModelConfig, rope_inv_freq
-from soberana.ops import cpu_kernels
+from soberana.ops import cpu_forward, cpu_kernels
 from soberana.ops.attention import (
     AttentionMetadata,
     fused_decode_attention,
@@ -152,6 +152,10 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        if x.device.type == "cpu":  # all layers in one native call where it can
+            hidden = cpu_forward.forward(self, x, positions, kv_cache, meta)
+            if hidden is not None:
+                return hidden
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
         return self.norm(x, residual)[0]

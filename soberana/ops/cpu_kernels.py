@@ -33,7 +33,7 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
 # For compilers that reject -march=native (or do not know this CPU).
 PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # The kernel's return codes (paged_attention.c).
 _OK, _UNSUPPORTED, _BAD_BLOCK, _NO_MEMORY, _BAD_QUERIES = 0, 1, 2, 3, 4
 
@@ -116,23 +116,25 @@ def load_linear_library(path: Path) -> ctypes.CDLL:
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The paged-attention library, or None (the PyTorch path)."""
-    return _build(SOURCE, load_library)
+    return build_library(SOURCE, load_library)
 
 
 @functools.cache
 def _layers_library() -> ctypes.CDLL | None:
     """The small layers' library (norm, rotary + cache write, SiLU-and-mul, argmax), or None."""
-    return _build(LAYERS_SOURCE, load_layers_library)
+    return build_library(LAYERS_SOURCE, load_layers_library)
 
 
 @functools.cache
 def _linear_library() -> ctypes.CDLL | None:
     """The bfloat16 linear library where it has its kernel (AVX512_BF16), or None."""
-    lib = _build(LINEAR_SOURCE, load_linear_library)
+    lib = build_library(LINEAR_SOURCE, load_linear_library)
     return lib if lib is not None and lib.linear_bf16_available() == 1 else None
 
 
-def _build(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | None:
+def build_library(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | None:
+    """`source` built (or taken from the cache) and loaded with `load`, or None, logged why:
+    kernels switched off (SOBERANA_CPU_KERNELS=0), no compiler, or a failed build."""
     if os.environ.get("SOBERANA_CPU_KERNELS", "1") == "0":
         logger.info("Native CPU kernels off (SOBERANA_CPU_KERNELS=0); using the PyTorch path")
         return None
@@ -153,7 +155,7 @@ def _build(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | N
 
 
 @functools.cache
-def _openmp_parallel() -> int | None:
+def openmp_parallel() -> int | None:
     """The address of `GOMP_parallel` in torch's own OpenMP runtime, or None.
 
     The kernel's threads must be that runtime's: after each parallel op its workers spin for
@@ -200,19 +202,24 @@ def paged_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
         block_table.data_ptr(), block_table.stride(0), block_table.shape[1],
         seq_lens.data_ptr(), _ptr(query_start), out.data_ptr(), num_seqs, num_heads,
-        num_kv_heads, head_dim, block_size, _DTYPES[q.dtype], scale, torch.get_num_threads(),
-        _openmp_parallel(),
+        num_kv_heads, head_dim, block_size, DTYPES[q.dtype], scale, torch.get_num_threads(),
+        openmp_parallel(),
     )  # fmt: skip
+    raise_attention_error(rc, num_blocks, block_table.shape[1], block_size)
+    return rc == _OK
+
+
+def raise_attention_error(rc: int, num_blocks: int, max_blocks: int, block_size: int) -> None:
+    """Raise what a paged_attention return code means, where it is an error of the input."""
     if rc == _BAD_BLOCK:
         raise IndexError(
             f"block_table: a block id outside [0, {num_blocks}), or seq_lens longer than "
-            f"{block_table.shape[1]} blocks of {block_size} tokens"
+            f"{max_blocks} blocks of {block_size} tokens"
         )
     if rc == _BAD_QUERIES:
         raise ValueError("query_start: offsets must ascend, with no more queries than seq_lens")
     if rc == _NO_MEMORY:
         raise MemoryError("paged_attention: no memory for its per-thread workspace")
-    return rc == _OK
 
 
 def _servable(
@@ -225,7 +232,7 @@ def _servable(
     query_start: torch.Tensor | None,
 ) -> bool:
     tensors = (q, k_cache, v_cache, block_table, seq_lens, out)
-    if any(t.device.type != "cpu" for t in tensors) or q.dtype not in _DTYPES:
+    if any(t.device.type != "cpu" for t in tensors) or q.dtype not in DTYPES:
         return False
     if not (q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape):
         return False
@@ -281,7 +288,7 @@ def keep_freed_memory() -> bool:
 def _layers(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The layers library, where every tensor is on the CPU and each floating one in a kernel
     dtype; else None."""
-    if any(t.device.type != "cpu" or (t.is_floating_point() and t.dtype not in _DTYPES)
+    if any(t.device.type != "cpu" or (t.is_floating_point() and t.dtype not in DTYPES)
            for t in tensors):  # fmt: skip
         return None
     return _layers_library()
@@ -306,7 +313,7 @@ def add_rms_norm(
     rc = lib.add_rms_norm(
         x.data_ptr(), x.stride(0), _ptr(residual), 0 if residual is None else residual.stride(0),
         _ptr(new_residual), hidden, weight.data_ptr(), out.data_ptr(), hidden, rows, hidden,
-        _DTYPES[x.dtype], _DTYPES[weight.dtype], eps, torch.get_num_threads(), _openmp_parallel(),
+        DTYPES[x.dtype], DTYPES[weight.dtype], eps, torch.get_num_threads(), openmp_parallel(),
     )  # fmt: skip
     return (out, new_residual) if rc == _OK else None
 
@@ -321,8 +328,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
     rc = lib.silu_and_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, rows,
-                          inter, _DTYPES[gate_up.dtype], torch.get_num_threads(),
-                          _openmp_parallel())  # fmt: skip
+                          inter, DTYPES[gate_up.dtype], torch.get_num_threads(),
+                          openmp_parallel())  # fmt: skip
     return out if rc == _OK else None
 
 
@@ -360,12 +367,17 @@ def rope_and_cache(
         qkv.data_ptr(), qkv.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
         cos.shape[0], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         slot_mapping.data_ptr(), num_slots, tokens, num_heads, num_kv_heads, head_dim,
-        _DTYPES[qkv.dtype], torch.get_num_threads(), _openmp_parallel(),
+        DTYPES[qkv.dtype], torch.get_num_threads(), openmp_parallel(),
     )  # fmt: skip
-    if rc == 2:
-        raise IndexError(f"positions past the rotary table ({cos.shape[0]}) or slots past the "
-                         f"KV cache ({num_slots})")  # fmt: skip
+    raise_rope_error(rc, cos.shape[0], num_slots)
     return q if rc == _OK else None
+
+
+def raise_rope_error(rc: int, max_positions: int, num_slots: int) -> None:
+    """Raise what a rope_and_cache return code means, where it is an error of the input."""
+    if rc == 2:
+        raise IndexError(f"positions past the rotary table ({max_positions}) or slots past the "
+                         f"KV cache ({num_slots})")  # fmt: skip
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor | None:
@@ -379,7 +391,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
         return None
     out = torch.empty(x.shape[0], dtype=torch.int64)
     rc = lib.argmax_rows(x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0], x.shape[1],
-                         _DTYPES[x.dtype], torch.get_num_threads(), _openmp_parallel())  # fmt: skip
+                         DTYPES[x.dtype], torch.get_num_threads(), openmp_parallel())  # fmt: skip
     return out if rc == _OK else None
 
 
@@ -414,7 +426,7 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tenso
         raise ValueError(f"linear_bf16: x has {k} columns; the packed weight does not")
     out = torch.empty(m, n, dtype=torch.bfloat16)
     rc = lib.linear_bf16(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
-                         out.data_ptr(), n, torch.get_num_threads(), _openmp_parallel())  # fmt: skip
+                         out.data_ptr(), n, torch.get_num_threads(), openmp_parallel())  # fmt: skip
     return out if rc == _OK else None
 
 

@@ -84,7 +84,7 @@ def test_result_is_the_same_on_one_or_two_threads_and_either_thread_source(
     one = run(step)
     threads(2)
     two = run(step)
-    monkeypatch.setattr(cpu_kernels, "_openmp_parallel", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "openmp_parallel", lambda: None)
     assert torch.equal(one, two) and torch.equal(one, run(step))
     assert relative_error(one, reference_attention(step)) < TOLERANCE[dtype]
 
@@ -225,7 +225,7 @@ def test_kernels_off_by_environment_use_the_torch_path(monkeypatch, caplog):
 def test_float16_falls_back_when_the_kernel_lacks_it(monkeypatch):
     # A compiler without _Float16 builds the kernel without float16: the call is declined.
     calls = _count_torch_decodes(monkeypatch)
-    monkeypatch.setitem(cpu_kernels._DTYPES, torch.float16, 7)  # a dtype code it rejects
+    monkeypatch.setitem(cpu_kernels.DTYPES, torch.float16, 7)  # a dtype code it rejects
     step = _step(CONTEXTS, dtype=torch.float16)
     out = _attend(step)
     assert calls == [len(CONTEXTS)]
