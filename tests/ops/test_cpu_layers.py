@@ -106,6 +106,23 @@ def test_silu_and_mul_equals_torch(dtype, rows):
     assert torch.equal(silu_and_mul(gate_up), got)  # the layer's CPU path is the kernel
 
 
+@needs_kernels
+def test_bfloat16_rounding_keeps_denormals_as_torch_does():
+    """Values below 2^-126 round as torch rounds them, not flushed to zero (the one-instruction
+    conversion flushes them; vectors holding one take the exact path)."""
+    tiny = torch.tensor([1e-39, -3e-39, 5e-40, 1.1e-38] * 8).to(torch.bfloat16)  # denormal
+    assert (tiny.float().abs() < 2.0**-126).all() and (tiny != 0).all()
+    x = tiny.repeat(3, 1)
+    x[1] = _randn(32, dtype=torch.bfloat16, seed=1)  # a row of ordinary values between
+    residual = torch.zeros_like(x)
+    residual[2, ::2] = tiny[::2] / 2
+    _, summed = cpu_kernels.add_rms_norm(x, residual, torch.ones(32, dtype=torch.bfloat16), 1e-6)
+    assert torch.equal(summed, x + residual) and (summed[0] != 0).all()
+    gate_up = torch.cat([x, torch.ones_like(x)], dim=1)  # silu(tiny) * 1: denormal products
+    got = cpu_kernels.silu_and_mul(gate_up)
+    assert torch.equal(got, torch_silu_and_mul(gate_up)) and (got[0] != 0).all()
+
+
 def _rope_case(dtype, tokens, num_heads=4, num_kv_heads=2, head_dim=32):
     qkv = _randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, seed=11)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))

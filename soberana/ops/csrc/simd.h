@@ -11,12 +11,16 @@
 
 #include "dtypes.h"
 
+/* 16 bfloat16 as float32 (exact). */
+static inline __m512 bf16x16_to_f32(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 /* Elements [i, i + 16) of a row stored in `dtype`, as float32. */
 static inline __m512 load16(const void *row, int64_t i, int dtype) {
     if (dtype == DT_F32) return _mm512_loadu_ps((const float *)row + i);
     const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
-    if (dtype == DT_BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    if (dtype == DT_BF16) return bf16x16_to_f32(h);
     return _mm512_cvtph_ps(h);
 }
 
@@ -31,17 +35,24 @@ static inline __m512i bf16_round(__m512 x) {
     return _mm512_mask_or_epi32(rounded, nan, u, _mm512_set1_epi32(0x400000));
 }
 
+/* 16 floats as 16 bfloat16 (f32_to_bf16 of each). With AVX512_BF16, vcvtneps2bf16 rounds the
+ * same way in one instruction, and a NaN to the same quiet NaN, but it flushes denormals to
+ * zero: a vector holding one (below 2^-126, rare in activations) takes the integer path. */
+static inline __m256i to_bf16x16(__m512 x) {
+#ifdef __AVX512BF16__
+    const __m512i u = _mm512_castps_si512(x);
+    const __mmask16 tiny = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000)); /* 0, denormal */
+    if (_mm512_mask_test_epi32_mask(tiny, u, _mm512_set1_epi32(0x007fffff)) == 0)
+        return (__m256i)_mm512_cvtneps_pbh(x);
+#endif
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round(x), 16));
+}
+
 /* x as stored in `dtype` and read back (round_to of 16 lanes). */
 static inline __m512 round16(__m512 x, int dtype) {
     if (dtype == DT_F32) return x;
-    if (dtype == DT_BF16)
-        return _mm512_castsi512_ps(_mm512_and_si512(bf16_round(x), _mm512_set1_epi32((int)0xffff0000u)));
+    if (dtype == DT_BF16) return bf16x16_to_f32(to_bf16x16(x));
     return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-/* 16 floats as 16 bfloat16 (f32_to_bf16 of each). */
-static inline __m256i to_bf16x16(__m512 x) {
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round(x), 16));
 }
 
 /* Elements [i, i + 16) of a row stored in `dtype`: x rounded as store1 rounds. */
