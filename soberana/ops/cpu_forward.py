@@ -17,6 +17,7 @@ import ctypes
 import functools
 import os
 import weakref
+from collections.abc import Callable
 from ctypes import POINTER, byref, c_float, c_int32, c_int64, c_void_p
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,42 +104,57 @@ def _kernels() -> tuple[ctypes.CDLL, _Kernels] | None:
 
 
 class NativeStack:
-    """One model's decoder layers over one KV cache, as csrc/cpu_forward.c runs them."""
+    """One model's decoder layers as csrc/cpu_forward.c runs them, over the KV cache it was
+    last bound to (held weakly: the engine's warm-up cache is freed when it is done with)."""
 
-    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, lib: ctypes.CDLL,
-                 kernels: _Kernels) -> None:  # fmt: skip
+    def __init__(self, model: CausalLM, lib: ctypes.CDLL, kernels: _Kernels) -> None:
         cfg = model.config
         self.lib, self.kernels = lib, kernels
-        self.kv_cache_ptr = kv_cache.data_ptr()
+        self.config = cfg
         self.hidden = cfg.hidden_size
         q_size, qkv_size = cfg.q_size, cfg.q_size + 2 * cfg.kv_size
         # Per token, in elements: residual, y, h, qkv, q, attn, gate_up, act. One buffer,
-        # grown to the largest step seen.
+        # grown to the largest step seen and kept, as the heap keeps freed activations
+        # (cpu_kernels.keep_freed_memory): a step does not fault in fresh pages.
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
         self.widths = (hidden, hidden, hidden, qkv_size, q_size, q_size, 2 * inter, inter)
         self.buffer = torch.empty(0, dtype=torch.bfloat16)
         # The tensors whose addresses the structures hold; kept alive with them.
-        self.keep: list[torch.Tensor] = [kv_cache, model.norm.weight, model.rotary.cos,
-                                         model.rotary.sin]  # fmt: skip
+        self.keep: list[torch.Tensor] = [model.norm.weight, model.rotary.cos, model.rotary.sin]
         layers = []
-        for i, layer in enumerate(model.layers):
+        for layer in model.layers:
             attn = layer.self_attn
             linears = (attn.qkv_proj, attn.o_proj, layer.gate_up_proj, layer.down_proj)
             weights = [ptr for lin in linears for ptr in (lin.native.data_ptr(), _ptr(lin.bias))]
             self.keep += [t for lin in linears for t in (lin.native, lin.bias) if t is not None]
             self.keep += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             layers.append(_Layer(layer.input_layernorm.weight.data_ptr(),
-                                 layer.post_attention_layernorm.weight.data_ptr(), *weights,
-                                 kv_cache[i, 0].data_ptr(), kv_cache[i, 1].data_ptr()))  # fmt: skip
+                                 layer.post_attention_layernorm.weight.data_ptr(), *weights))  # fmt: skip
         self.layers = (_Layer * len(layers))(*layers)
-        num_blocks, block_size = kv_cache.shape[2:4]
         self.model = _Model(
             ctypes.pointer(kernels), self.layers, model.norm.weight.data_ptr(),
             model.rotary.cos.data_ptr(), model.rotary.sin.data_ptr(), model.rotary.cos.shape[0],
             cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            cfg.intermediate_size, num_blocks, block_size, cpu_kernels.DTYPES[torch.bfloat16],
-            cfg.rms_norm_eps, cfg.head_dim**-0.5,
+            cfg.intermediate_size, 0, 0, cpu_kernels.DTYPES[torch.bfloat16], cfg.rms_norm_eps,
+            cfg.head_dim**-0.5,
         )  # fmt: skip
+        self.cache: Callable[[], torch.Tensor | None] = lambda: None  # a weak reference
+
+    def bind(self, kv_cache: torch.Tensor) -> bool:
+        """Point the layers at kv_cache [L, 2, blocks, block size, kv heads, head dim]
+        (contiguous, bfloat16); False, and unbound, where it is laid out otherwise."""
+        cfg = self.config
+        self.cache = lambda: None
+        if not (kv_cache.device.type == "cpu" and kv_cache.dtype == torch.bfloat16
+                and kv_cache.is_contiguous() and kv_cache.dim() == 6
+                and kv_cache.shape[0] == cfg.num_layers and kv_cache.shape[1] == 2
+                and tuple(kv_cache.shape[4:]) == (cfg.num_kv_heads, cfg.head_dim)):  # fmt: skip
+            return False
+        for i, layer in enumerate(self.layers):
+            layer.k_cache, layer.v_cache = kv_cache[i, 0].data_ptr(), kv_cache[i, 1].data_ptr()
+        self.model.num_blocks, self.model.block_size = kv_cache.shape[2:4]
+        self.cache = weakref.ref(kv_cache)
+        return True
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor | None:  # fmt: skip
@@ -203,17 +219,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _servable(model: CausalLM, kv_cache: torch.Tensor) -> bool:
-    """Whether the model and cache are what csrc/cpu_forward.c computes: bfloat16 throughout,
-    every linear on soberana's bf16 kernel, no q/k norms, the cache [L, 2, blocks, block
-    size, kv heads, head dim] contiguous."""
+def _servable(model: CausalLM) -> bool:
+    """Whether the model is what csrc/cpu_forward.c computes: bfloat16 throughout, every
+    linear on soberana's bf16 kernel, no q/k norms."""
     cfg = model.config
     if os.environ.get("SOBERANA_CPU_FORWARD", "native") == "modules" or cfg.num_layers < 1:
-        return False
-    if not (kv_cache.device.type == "cpu" and kv_cache.dtype == torch.bfloat16
-            and kv_cache.is_contiguous() and kv_cache.dim() == 6
-            and kv_cache.shape[0] == cfg.num_layers and kv_cache.shape[1] == 2
-            and tuple(kv_cache.shape[4:]) == (cfg.num_kv_heads, cfg.head_dim)):  # fmt: skip
         return False
     rotary = model.rotary
     if not (rotary.cos.dtype == rotary.sin.dtype == torch.float32 and rotary.cos.is_contiguous()
@@ -235,19 +245,24 @@ def _servable(model: CausalLM, kv_cache: torch.Tensor) -> bool:
     return True
 
 
-# model -> (the cache's address, its stack or None); weak, so a dropped model frees its entry.
+# model -> its stack, or None where the model is not served; weak, so a dropped model frees
+# its entry.
 _stacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def stack_for(model: CausalLM) -> NativeStack | None:
+    """The model's native stack (built at first use), or None where it is not served."""
+    if model not in _stacks:
+        found = _kernels()
+        _stacks[model] = NativeStack(model, *found) if found and _servable(model) else None
+    return _stacks[model]
 
 
 def forward(model: CausalLM, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor | None:  # fmt: skip
     """`model`'s decoder layers and final norm over the embeddings x in one native call, or
     None where the native stack does not serve this model, cache or step."""
-    entry = _stacks.get(model)
-    if entry is None or entry[0] != kv_cache.data_ptr():
-        found = _kernels()
-        stack = None
-        if found is not None and _servable(model, kv_cache):
-            stack = NativeStack(model, kv_cache, *found)
-        entry = _stacks[model] = (kv_cache.data_ptr(), stack)
-    return None if entry[1] is None else entry[1](x, positions, meta)
+    stack = stack_for(model)
+    if stack is None or (stack.cache() is not kv_cache and not stack.bind(kv_cache)):
+        return None
+    return stack(x, positions, meta)

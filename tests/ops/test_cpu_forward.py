@@ -2,6 +2,9 @@
 modules it replaces: the same kernels in the same order, so every step's hidden states and
 KV cache are bit-identical."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -67,7 +70,7 @@ def test_generation_is_the_same_with_the_stack_on_and_off(tmp_path, monkeypatch)
         monkeypatch.setenv("SOBERANA_CPU_FORWARD", mode)
         llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01)
         outs = llm.generate(prompts, params, use_tqdm=False)
-        served = cpu_forward._stacks[llm.engine.model][1] is not None
+        served = cpu_forward.stack_for(llm.engine.model) is not None
         assert served == (mode == "native")
         results[mode] = [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()}
                                                    for d in o.outputs[0].logprobs])
@@ -90,7 +93,7 @@ def test_native_stack_declines_what_it_does_not_compute(case, tmp_path, monkeypa
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
                        use_tqdm=False)[0]  # fmt: skip
     assert len(out.outputs[0].token_ids) == 3
-    assert cpu_forward._stacks[llm.engine.model] == (llm.engine.kv_cache.data_ptr(), None)
+    assert cpu_forward.stack_for(llm.engine.model) is None
 
 
 def _decode_step(model, kv_cache, seq_lens: list[int]):
@@ -127,4 +130,27 @@ def test_native_stack_raises_on_bad_input_as_the_kernels_do(tmp_path):
             cpu_forward.forward(model, x, far, kv_cache, meta)
         # laid out otherwise than the kernels read (int32 positions): the modules' turn
         assert cpu_forward.forward(model, x, positions.int(), kv_cache, meta) is None
+
+
+def test_native_stack_does_not_keep_a_cache_alive(tmp_path):
+    """The engine's warm-up runs over a temporary cache: the stack holds it weakly, and keeps
+    its weights and workspace for the engine's own cache."""
+    build_tiny_model(tmp_path, "llama")
+    llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=64, kv_cache_gb=0.01)
+    model, kv_cache = llm.engine.model, llm.engine.kv_cache
+    x, positions, meta = _decode_step(model, kv_cache, [5, 20, 33])
+    with torch.inference_mode():
+        want = cpu_forward.forward(model, x, positions, kv_cache.clone(), meta)
+        temporary = kv_cache.clone()
+        assert torch.equal(cpu_forward.forward(model, x, positions, temporary, meta), want)
+        stack = cpu_forward.stack_for(model)
+        assert stack.cache() is temporary
+        gone = weakref.ref(temporary)
+        del temporary
+        gc.collect()
+        assert gone() is None and stack.cache() is None
+        assert torch.equal(cpu_forward.forward(model, x, positions, kv_cache, meta), want)
+        assert stack.cache() is kv_cache and cpu_forward.stack_for(model) is stack
+        # a cache laid out otherwise (float32): declined, the modules run
+        assert cpu_forward.forward(model, x, positions, kv_cache.float(), meta) is None
 
