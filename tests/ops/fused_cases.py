@@ -33,8 +33,8 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, *, same_rounding: bool 
 
     float32: ‖out − ref‖ / ‖ref‖ < 1e-5. float16/bfloat16: every element within two units
     in the last place (a float32 difference can flip one rounding, then the next), and with
-    `same_rounding` at least 99% identical, which holds only if the kernel rounds to the
-    half type at the same points as the eager chain.
+    `same_rounding` at least 99% identical (one element may differ on tiny tensors), which
+    holds only if the kernel rounds to the half type at the same points as the eager chain.
     """
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert not torch.isnan(out).any(), "NaN in the output: an element was not written"
@@ -45,5 +45,8 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, *, same_rounding: bool 
     eps = torch.finfo(out.dtype).eps
     torch.testing.assert_close(out, ref, rtol=2 * eps, atol=1e-6)
     if same_rounding and out.numel():
-        identical = (out == ref).float().mean().item()
-        assert identical >= 0.99, f"only {identical:.2%} of elements identical to torch"
+        # 99% identical; on tensors under 100 elements one flip is allowed (the inputs are
+        # random each run: a 1 x 40 case failed about one run in 20 with a single flip)
+        differ = (out != ref).sum().item()
+        assert differ <= max(1, 0.01 * out.numel()), (
+            f"{differ} of {out.numel()} elements differ from torch")
