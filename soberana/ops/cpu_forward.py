@@ -35,7 +35,6 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_forward.c"
 
 # forward_layers' return value: which kernel failed (stage << 8) and its code.
 _ROPE, _ATTENTION = 3, 4
-_UNSUPPORTED = 1
 
 
 # Mirrors of the structures in cpu_forward.c, field for field.
