@@ -117,6 +117,7 @@ class NativeStack:
         # (cpu_kernels.keep_freed_memory): a step does not fault in fresh pages.
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
         self.widths = (hidden, hidden, hidden, qkv_size, q_size, q_size, 2 * inter, inter)
+        self.row_elems = sum(self.widths)
         self.buffer = torch.empty(0, dtype=torch.bfloat16)
         # The tensors whose addresses the structures hold; kept alive with them.
         self.keep: list[torch.Tensor] = [model.norm.weight, model.rotary.cos, model.rotary.sin]
@@ -161,12 +162,11 @@ class NativeStack:
         are), this step's K/V written to the cache; None where a kernel could not serve the
         step: the caller runs the modules, which write the same K/V again."""
         tokens = x.shape[0]
-        num_seqs = len(meta.query_lens_cpu)
-        decode_only = meta.num_decodes == num_seqs
-        if not _step_servable(x, self.hidden, positions, meta, num_seqs, decode_only):
+        decode_only = meta.num_decodes == len(meta.query_lens_cpu)
+        if not _step_servable(x, self.hidden, positions, meta, decode_only):
             return None
-        if self.buffer.numel() < tokens * sum(self.widths):
-            self.buffer = torch.empty(tokens * sum(self.widths), dtype=torch.bfloat16)
+        if self.buffer.numel() < tokens * self.row_elems:
+            self.buffer = torch.empty(tokens * self.row_elems, dtype=torch.bfloat16)
         at, parts = self.buffer.data_ptr(), []
         for width in self.widths:
             parts.append(at)
@@ -175,7 +175,8 @@ class NativeStack:
         table = meta.block_table
         step = _Step(tokens, positions.data_ptr(), meta.slot_mapping.data_ptr(),
                      table.data_ptr(), table.stride(0), table.shape[1],
-                     tokens if decode_only else num_seqs, meta.seq_lens.data_ptr(),
+                     tokens if decode_only else meta.query_start_loc.shape[0] - 1,
+                     meta.seq_lens.data_ptr(),
                      None if decode_only else meta.query_start_loc.data_ptr())  # fmt: skip
         out = torch.empty(tokens, self.hidden, dtype=torch.bfloat16)
         rc = self.lib.forward_layers(byref(self.model), byref(step), byref(workspace),
@@ -191,27 +192,18 @@ class NativeStack:
 
 
 def _step_servable(x: torch.Tensor, hidden: int, positions: torch.Tensor,
-                   meta: AttentionMetadata, num_seqs: int, decode_only: bool) -> bool:  # fmt: skip
-    """Whether a step's tensors are laid out as the native stack reads them (the checks each
-    kernel's Python wrapper makes)."""
-    tokens = x.shape[0]
-    table, lens, slots, starts = meta.block_table, meta.seq_lens, meta.slot_mapping, meta.query_start_loc
-    ok = (x.dtype == torch.bfloat16 and x.shape == (tokens, hidden) and x.is_contiguous()
-          and tokens > 0 and x.device.type == "cpu"
-          and positions.dtype == slots.dtype == torch.int64
-          and positions.shape == slots.shape == (tokens,)
-          and positions.is_contiguous() and slots.is_contiguous()
-          and table.dtype == lens.dtype == torch.int32 and table.dim() == 2
-          and table.stride(1) == 1 and lens.dim() == 1 and lens.is_contiguous()
-          and table.device.type == lens.device.type == "cpu")  # fmt: skip
-    if not ok:
-        return False
-    if decode_only:  # one query per sequence, row b of the table and lens
-        return tokens == num_seqs and table.shape[0] >= tokens and lens.numel() >= tokens
-    return (starts.dtype == torch.int32 and starts.shape == (num_seqs + 1,)
-            and starts.is_contiguous() and table.shape[0] >= num_seqs
-            and lens.numel() >= num_seqs and int(starts[0]) >= 0
-            and int(starts[-1]) <= tokens)  # fmt: skip
+                   meta: AttentionMetadata, decode_only: bool) -> bool:  # fmt: skip
+    """Whether a step's tensors are laid out as the native stack reads them (the checks the
+    rotary and attention wrappers make)."""
+    tokens, slots = x.shape[0], meta.slot_mapping
+    return (x.dtype == torch.bfloat16 and x.shape == (tokens, hidden) and x.is_contiguous()
+            and tokens > 0 and x.device.type == positions.device.type == slots.device.type == "cpu"
+            and positions.dtype == slots.dtype == torch.int64
+            and positions.shape == slots.shape == (tokens,)
+            and positions.is_contiguous() and slots.is_contiguous()
+            and cpu_kernels.attention_metadata_servable(
+                meta.block_table, meta.seq_lens, None if decode_only else meta.query_start_loc,
+                tokens))  # fmt: skip
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -231,12 +231,26 @@ def _servable(
     out: torch.Tensor,
     query_start: torch.Tensor | None,
 ) -> bool:
-    tensors = (q, k_cache, v_cache, block_table, seq_lens, out)
+    tensors = (q, k_cache, v_cache, out)
     if any(t.device.type != "cpu" for t in tensors) or q.dtype not in DTYPES:
         return False
     if not (q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape):
         return False
     num_tokens, num_heads, head_dim = q.shape
+    return (
+        k_cache.dtype == v_cache.dtype == out.dtype == q.dtype
+        and k_cache.shape[3] == head_dim and num_heads % k_cache.shape[2] == 0
+        and q.stride(2) == 1 and q.stride(1) == head_dim  # rows may be apart (a slice of qkv)
+        and out.shape == q.shape and out.is_contiguous()
+        and k_cache.is_contiguous() and v_cache.is_contiguous()
+        and attention_metadata_servable(block_table, seq_lens, query_start, num_tokens)
+    )  # fmt: skip
+
+
+def attention_metadata_servable(block_table: torch.Tensor, seq_lens: torch.Tensor,
+                                query_start: torch.Tensor | None, num_tokens: int) -> bool:  # fmt: skip
+    """Whether the kernel can read a step's block table, lengths and query offsets (None: one
+    query per sequence, num_tokens sequences) as they are laid out."""
     num_seqs = num_tokens
     if query_start is not None:
         num_seqs = query_start.shape[0] - 1
@@ -245,11 +259,7 @@ def _servable(
                 and int(query_start[-1]) <= num_tokens and int(query_start[0]) >= 0):  # fmt: skip
             return False
     return (
-        k_cache.dtype == v_cache.dtype == out.dtype == q.dtype
-        and k_cache.shape[3] == head_dim and num_heads % k_cache.shape[2] == 0
-        and q.stride(2) == 1 and q.stride(1) == head_dim  # rows may be apart (a slice of qkv)
-        and out.shape == q.shape and out.is_contiguous()
-        and k_cache.is_contiguous() and v_cache.is_contiguous()
+        block_table.device.type == seq_lens.device.type == "cpu"
         and block_table.dtype == seq_lens.dtype == torch.int32
         and block_table.dim() == 2 and block_table.stride(1) == 1
         and block_table.shape[0] >= num_seqs
