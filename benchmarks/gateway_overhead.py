@@ -386,6 +386,7 @@ def main() -> int:
                         endpoint: http://127.0.0.1:{upstream_port}
                         kind: vllm
                         model: bench-upstream
+                        privacy: onprem
                         max_concurrency: 1024
                         context_window: 32768
                 tenants:

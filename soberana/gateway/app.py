@@ -15,6 +15,7 @@ from soberana.gateway.errors import GatewayError
 from soberana.gateway.metrics import GatewayMetrics
 from soberana.gateway.proxy import Proxy
 from soberana.gateway.request_info import ENDPOINT_CAPABILITY
+from soberana.gateway.tenants import bearer_key_hash
 
 log = logging.getLogger("soberana.gateway")
 
@@ -129,7 +130,17 @@ class _Routes:
         )
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        """Prometheus text exposition."""
+        """Prometheus text exposition; needs a metrics key when `metrics.api_key_sha256` is set."""
+        allowed = self.proxy.fleet.config.metrics.api_key_sha256
+        if allowed:
+            # Only a metrics key opens this page: tenants' keys never do, since the page shows
+            # the whole fleet (backends, hardware, every tenant's traffic).
+            if bearer_key_hash(request.headers.get("Authorization")) not in allowed:
+                raise GatewayError(
+                    401,
+                    "/metrics needs the metrics API key: send it as `Authorization: Bearer <key>`",
+                    "invalid_api_key",
+                )
         response = web.Response(body=generate_latest(self.metrics.registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 from soberana.gateway.config import BackendConfig, HealthConfig
 from soberana.gateway.kinds import TRAITS, KindTraits
@@ -26,6 +29,9 @@ class BackendState:
         self.ejected_until = 0.0  # time.monotonic() before which it gets no traffic
         self.waiting = 0.0  # scraped queue length (vLLM-style /metrics); 0 when not scraped
         self.kv_usage = 0.0  # scraped KV-cache usage, 0..1
+        # Deadlines of attempts that have sent their client nothing yet: expired at once when
+        # a probe marks the backend down, so they fail over instead of waiting out first_byte_s.
+        self.unanswered: set[asyncio.Timeout] = set()
 
     @property
     def name(self) -> str:
@@ -72,6 +78,24 @@ class BackendState:
             self.probe_failures += 1
             if self.probe_failures >= health.unhealthy_after:
                 self.healthy = False
+
+    @contextlib.contextmanager
+    def watch(self, deadline: asyncio.Timeout) -> Iterator[None]:
+        """While inside, `cancel_unanswered` can expire `deadline`."""
+        self.unanswered.add(deadline)
+        try:
+            yield
+        finally:
+            self.unanswered.discard(deadline)
+
+    def cancel_unanswered(self) -> int:
+        """Expire every watched deadline now (their attempts raise TimeoutError); how many."""
+        now = asyncio.get_running_loop().time()
+        pending, self.unanswered = self.unanswered, set()
+        for deadline in pending:
+            if not deadline.expired():
+                deadline.reschedule(now)
+        return len(pending)
 
     def ejected(self) -> bool:
         """Inside its ejection cooldown."""

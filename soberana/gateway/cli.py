@@ -9,7 +9,9 @@ import logging
 import sys
 from pathlib import Path
 
+from soberana.gateway.config import GatewayConfig
 from soberana.gateway.config_loader import ConfigError, load_config
+from soberana.gateway.exposure import onprem_exposures
 from soberana.gateway.tenants import hash_key
 
 
@@ -23,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="port to listen on; 0 picks a free one (default: server.port or 8080)",
     )
     parser.add_argument(
-        "--check", action="store_true", help="validate the config and exit (0 if valid, 2 if not)"
+        "--check",
+        action="store_true",
+        help="validate the config and exit: 0 if valid, 1 if valid but an `onprem` backend's "
+        "endpoint is not loopback or a private address, 2 if invalid",
     )
     parser.add_argument(
         "--hash-key",
@@ -58,11 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: invalid gateway config: {e}", file=sys.stderr)
         return 2
     if args.check:
-        backends = sum(len(m.backends) for m in config.models.values())
-        print(
-            f"{args.config}: OK ({len(config.models)} models, {backends} backends, {len(config.tenants)} tenants)"
-        )
-        return 0
+        return _check(args.config, config)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -76,6 +77,20 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:  # the address is taken, or not ours to bind
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _check(path: Path, config: GatewayConfig) -> int:
+    """Print the verdict of `--check`; privacy exposures are reported as warnings (exit 1)."""
+    exposures = onprem_exposures(config)
+    for line in exposures:
+        print(f"warning: {path}: {line}", file=sys.stderr)
+    backends = sum(len(m.backends) for m in config.models.values())
+    counts = f"{len(config.models)} models, {backends} backends, {len(config.tenants)} tenants"
+    if exposures:
+        print(f"{path}: valid, with {len(exposures)} privacy warning(s) ({counts})")
+        return 1
+    print(f"{path}: OK ({counts})")
     return 0
 
 

@@ -25,12 +25,14 @@ class BackendConfig:
     endpoint: str  # base URL without the /v1 suffix, e.g. http://10.0.0.5:8000
     kind: str
     model: str  # the upstream's own model name, written into the forwarded body
+    # Who can read the prompts it receives. Required: a missing class must never mean
+    # `onprem`, or an external API would silently receive onprem-only tenants' prompts.
+    privacy: str
     api_key_env: str | None = None
     hardware: str = ""
     capabilities: tuple[str, ...] = ("chat", "completions")
     region: str = "default"
     pool: str = "primary"
-    privacy: str = "onprem"
     max_concurrency: int | None = None  # None: no cap enforced by the gateway
     weight: float = 1.0
     context_window: int | None = None  # tokens; None: unknown, never filtered on
@@ -56,6 +58,7 @@ class TenantConfig:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_concurrency: int | None = None
+    weight: float = 1.0  # share of contended slots: a tenant of weight 2 gets twice the slots
     cache_salt: str | None = None  # None: derived from the tenant's name
 
 
@@ -68,6 +71,7 @@ class RoutingConfig:
     queue_threshold: int = 8  # a scraped waiting queue longer than this saturates a backend
     queue_timeout_s: float = 10.0  # wait for a free slot this long, then 429
     max_queued: int = 256  # requests waiting for a slot per model; more get 429 at once
+    max_queued_per_tenant: int = 64  # ...and per tenant of a model, so no tenant fills the queue
     affinity_load_factor: float = 1.25  # bounded-load consistent hashing: cap = factor * mean
     retry_after_s: int = 1  # Retry-After sent with a 429 from the gateway's own queue
 
@@ -94,6 +98,14 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Who may read /metrics and what it reveals."""
+
+    api_key_sha256: tuple[str, ...] = ()  # empty: /metrics is open (bind it to a private network)
+    tenant_labels: bool = False  # off: tenant names are replaced by "all" in metric labels
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The whole gateway.yaml."""
 
@@ -102,5 +114,6 @@ class GatewayConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     host: str = "127.0.0.1"
     port: int = 8080

@@ -19,6 +19,7 @@ from soberana.gateway.config import (
     BackendConfig,
     GatewayConfig,
     HealthConfig,
+    MetricsConfig,
     ModelConfig,
     RoutingConfig,
     TenantConfig,
@@ -26,12 +27,14 @@ from soberana.gateway.config import (
 )
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-_TOP_LEVEL = {"server", "routing", "timeouts", "health", "models", "tenants"}
+_TOP_LEVEL = {"server", "routing", "timeouts", "health", "metrics", "models", "tenants"}
 _BACKEND_KEYS = {f.name for f in fields(BackendConfig)}
 _TENANT_KEYS = {f.name for f in fields(TenantConfig)}
 # Zero is meaningful for these: no queueing at all, any waiting request saturates.
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-_ROUTING_ZERO_OK = frozenset({"queue_threshold", "queue_timeout_s", "max_queued"})
+_ROUTING_ZERO_OK = frozenset(
+    {"queue_threshold", "queue_timeout_s", "max_queued", "max_queued_per_tenant"}
+)
 
 
 class ConfigError(ValueError):
@@ -168,6 +171,7 @@ class _Parser:
             routing=self.routing(top.get("routing")),
             timeouts=self.section(top.get("timeouts"), "timeouts", TimeoutConfig),
             health=self.health(top.get("health")),
+            metrics=self.metrics(top.get("metrics")),
             host=host,
             port=port,
         )
@@ -194,6 +198,34 @@ class _Parser:
     def health(self, node: yaml.Node | None) -> HealthConfig:
         return self.section(node, "health", HealthConfig)
 
+    def metrics(self, node: yaml.Node | None) -> MetricsConfig:
+        if node is None:
+            return MetricsConfig()
+        items = self.mapping(node, "metrics", {"api_key_sha256", "tenant_labels"})
+        kwargs: dict[str, Any] = {}
+        if "api_key_sha256" in items:
+            kwargs["api_key_sha256"] = self.digests(
+                items["api_key_sha256"], "metrics.api_key_sha256"
+            )
+        if "tenant_labels" in items:
+            kwargs["tenant_labels"] = self.scalar(
+                items["tenant_labels"], "metrics.tenant_labels", bool
+            )
+        return MetricsConfig(**kwargs)
+
+    def digests(self, node: yaml.Node, path: str) -> tuple[str, ...]:
+        """A list of sha256 hex digests of API keys (never the keys themselves)."""
+        digests = self.str_list(node, path)
+        for j, digest in enumerate(digests):
+            if not _SHA256_HEX.match(digest):
+                raise self.error(
+                    node.value[j],
+                    f"{path}[{j}]",
+                    "expected a 64-character lower-case sha256 hex digest "
+                    "(make one with `soberana gateway --hash-key`)",
+                )
+        return digests
+
     def models(self, node: yaml.Node) -> dict[str, ModelConfig]:
         if not isinstance(node, yaml.MappingNode) or not node.value:
             raise self.error(node, "models", "expected a non-empty mapping of public model names")
@@ -206,7 +238,10 @@ class _Parser:
             seq = items["backends"]
             if not isinstance(seq, yaml.SequenceNode) or not seq.value:
                 raise self.error(seq, f"{path}.backends", "expected a non-empty list of backends")
-            backends = [self.backend(b, f"{path}.backends[{i}]") for i, b in enumerate(seq.value)]
+            backends = [
+                self.backend(b, f"{path}.backends[{i}]", f"backend-{i}")
+                for i, b in enumerate(seq.value)
+            ]
             seen: dict[str, int] = {}
             for i, backend in enumerate(backends):
                 if backend.name in seen:
@@ -220,17 +255,28 @@ class _Parser:
             models[name] = ModelConfig(name=name, backends=tuple(backends))
         return models
 
-    def backend(self, node: yaml.Node, path: str) -> BackendConfig:
+    def backend(self, node: yaml.Node, path: str, default_name: str) -> BackendConfig:
         items = self.mapping(node, path, _BACKEND_KEYS)
         for required in ("endpoint", "kind", "model"):
             if required not in items:
                 raise self.error(node, path, f"missing required key {required!r}")
-        endpoint = self.endpoint(items["endpoint"], f"{path}.endpoint")
+        if "privacy" not in items:
+            # Fail closed: guessing `onprem` would send onprem-only tenants' prompts to
+            # whatever this endpoint is, e.g. a cloud API.
+            raise self.error(
+                node,
+                path,
+                "missing required key 'privacy': declare who can read the prompts it receives "
+                "(onprem: infrastructure you operate; external: a third party such as a cloud API)",
+            )
+        # The default name is positional, never the endpoint: names reach clients (the
+        # X-Gateway-Backend header) and metrics, and must not reveal internal addresses.
         kwargs: dict[str, Any] = {
-            "endpoint": endpoint,
+            "endpoint": self.endpoint(items["endpoint"], f"{path}.endpoint"),
             "kind": self.choice(items["kind"], f"{path}.kind", KINDS),
             "model": self.scalar(items["model"], f"{path}.model", str),
-            "name": urlsplit(endpoint).netloc,
+            "privacy": self.choice(items["privacy"], f"{path}.privacy", PRIVACY_CLASSES),
+            "name": default_name,
         }
         for key in ("name", "hardware", "region"):
             if key in items:
@@ -251,8 +297,6 @@ class _Parser:
             kwargs["capabilities"] = caps
         if "pool" in items:
             kwargs["pool"] = self.choice(items["pool"], f"{path}.pool", POOLS)
-        if "privacy" in items:
-            kwargs["privacy"] = self.choice(items["privacy"], f"{path}.privacy", PRIVACY_CLASSES)
         for key in ("max_concurrency", "context_window"):
             if key in items:
                 kwargs[key] = self.positive(items[key], f"{path}.{key}", int)
@@ -296,15 +340,7 @@ class _Parser:
         for required in ("name", "key_sha256"):
             if required not in items:
                 raise self.error(node, path, f"missing required key {required!r}")
-        digests = self.str_list(items["key_sha256"], f"{path}.key_sha256")
-        for j, digest in enumerate(digests):
-            if not _SHA256_HEX.match(digest):
-                raise self.error(
-                    items["key_sha256"].value[j],
-                    f"{path}.key_sha256[{j}]",
-                    "expected a 64-character lower-case sha256 hex digest "
-                    "(make one with `soberana gateway --hash-key`)",
-                )
+        digests = self.digests(items["key_sha256"], f"{path}.key_sha256")
         kwargs: dict[str, Any] = {
             "name": self.scalar(items["name"], f"{path}.name", str),
             "key_sha256": digests,
@@ -325,6 +361,8 @@ class _Parser:
         for key in ("requests_per_minute", "tokens_per_minute", "max_concurrency"):
             if key in items:
                 kwargs[key] = self.positive(items[key], f"{path}.{key}", int)
+        if "weight" in items:
+            kwargs["weight"] = self.positive(items["weight"], f"{path}.weight", float)
         return TenantConfig(**kwargs)
 
 

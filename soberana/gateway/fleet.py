@@ -36,7 +36,11 @@ class Fleet:
             rings[model.name] = HashRing([(b.name, b.weight) for b in model.backends])
         self.backends = backends
         self.router = Router(backends, rings, config.routing)
-        self.tenants = TenantRegistry(config.tenants, previous.tenants if previous else None)
+        self.tenants = TenantRegistry(
+            config.tenants,
+            previous.tenants if previous else None,
+            names_in_metrics=config.metrics.tenant_labels,
+        )
 
     def all_backends(self) -> list[BackendState]:
         """Every backend of every model."""

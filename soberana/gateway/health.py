@@ -88,6 +88,15 @@ class HealthMonitor:
             log.warning(
                 "backend %s/%s is %s", backend.model, backend.name, "up" if usable else "down"
             )
+        if was_usable and not usable:
+            cancelled = backend.cancel_unanswered()
+            if cancelled:
+                log.warning(
+                    "backend %s/%s: %d request(s) it had not answered fail over",
+                    backend.model,
+                    backend.name,
+                    cancelled,
+                )
         if usable:
             self.on_change()
 

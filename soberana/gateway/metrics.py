@@ -29,7 +29,8 @@ class GatewayMetrics:
         )
         self.errors = Counter(
             "soberana_gateway_errors",
-            "Failed upstream attempts (connect, timeout, disconnected, http_5xx, http_429, stream_interrupted).",
+            "Failed upstream attempts (connect, timeout, disconnected, http_5xx, http_429, "
+            "backend_down, stream_interrupted, stream_truncated).",
             ["model", "backend", "reason"],
             registry=r,
         )
@@ -87,7 +88,7 @@ class GatewayMetrics:
         )
         self.tenant_requests = Counter(
             "soberana_gateway_tenant_requests",
-            "Requests per tenant.",
+            'Requests per tenant (tenant="all" unless metrics.tenant_labels is on).',
             ["tenant", "model"],
             registry=r,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -13,10 +14,12 @@ from soberana.gateway.config import RoutingConfig
 from soberana.gateway.errors import GatewayError
 from soberana.gateway.fleet import Fleet
 from soberana.gateway.metrics import GatewayMetrics
-from soberana.gateway.request_info import RequestNeeds, estimate_prompt_tokens, request_needs
+from soberana.gateway.request_info import RequestNeeds, request_needs
 from soberana.gateway.tenants import TenantState
 from soberana.gateway.upstream import Exchange, Upstream, UpstreamFailure
-from soberana.gateway.waiters import SlotWaiters
+from soberana.gateway.waiters import SlotWaiters, Ticket
+
+log = logging.getLogger("soberana.gateway")
 
 _RECHECK_S = 0.5  # a queued request re-checks for a slot at least this often
 
@@ -51,11 +54,11 @@ class Proxy:
         )
         candidates = fleet.router.candidates(model, needs, tenant.config.privacy)
         try:
-            tenant.admit()
+            tenant.admit(needs.context_tokens)
         except GatewayError as e:
-            self.metrics.rejections.labels(tenant.config.name, e.code).inc()
+            self.metrics.rejections.labels(tenant.metrics_label, e.code).inc()
             raise
-        self.metrics.tenant_requests.labels(tenant.config.name, model).inc()
+        self.metrics.tenant_requests.labels(tenant.metrics_label, model).inc()
         exchange = Exchange(
             request_id=request["request_id"], stream=needs.stream, strip_usage_event=False
         )
@@ -65,27 +68,27 @@ class Proxy:
                 request, fleet, tenant, model, body, needs, candidates, exchange
             )
         finally:
-            self._account(tenant, model, exchange, size, served=response is not None)
+            self._account(tenant, model, exchange, needs, served=response is not None)
         added = exchange.ready_at - started - exchange.upstream_s - exchange.queue_s
         self.metrics.added_latency.labels(model).observe(max(0.0, added))
         return response
 
     def _account(
-        self, tenant: TenantState, model: str, exchange: Exchange, size: int, served: bool
+        self, tenant: TenantState, model: str, exchange: Exchange, needs: RequestNeeds, served: bool
     ) -> None:
         """Release the tenant's slot; count queueing and the tokens a served request used."""
         if exchange.queue_s:
             self.metrics.queue_wait.labels(model).observe(exchange.queue_s)
         usage = exchange.usage
         if not served:
-            tenant.finish(0)
+            tenant.finish(0, needs.context_tokens)
             return
         if not usage.reported:
-            usage.prompt_tokens = estimate_prompt_tokens(size)
-        tenant.finish(usage.total)
+            usage.prompt_tokens = needs.prompt_tokens
+        tenant.finish(usage.total, needs.context_tokens)
         tokens = self.metrics.tenant_tokens
-        tokens.labels(tenant.config.name, model, "prompt").inc(usage.prompt_tokens)
-        tokens.labels(tenant.config.name, model, "completion").inc(usage.completion_tokens)
+        tokens.labels(tenant.metrics_label, model, "prompt").inc(usage.prompt_tokens)
+        tokens.labels(tenant.metrics_label, model, "completion").inc(usage.completion_tokens)
 
     async def _forward(
         self,
@@ -103,32 +106,41 @@ class Proxy:
         tried: list[BackendState] = []
         failures: list[UpstreamFailure] = []
         queue_deadline: float | None = None
-        while len(tried) < routing.max_attempts:
-            try:
-                choice = fleet.router.pick(model, candidates, needs, region, tried)
-            except GatewayError:
-                if failures:
-                    break  # every healthy backend was tried: report what they did
-                raise
-            if choice is None:
-                if queue_deadline is None:
-                    queue_deadline = time.monotonic() + routing.queue_timeout_s
-                await self._wait_for_slot(model, tenant, routing, queue_deadline, exchange)
-                continue
-            backend, overflow = choice
-            if tried:
-                self.metrics.retries.labels(model, tried[-1].name).inc()
-            try:
-                response = await self._attempt(request, fleet, tenant, body, backend, exchange)
-            except UpstreamFailure as failure:
-                tried.append(backend)
-                failures.append(failure)
-                continue
-            if overflow:
-                self.metrics.overflows.labels(model, backend.name).inc()
-            if tried or (region is not None and backend.config.region != region):
-                self.metrics.failovers.labels(model, backend.name).inc()
-            return response
+        ticket: Ticket | None = None
+        try:
+            while len(tried) < routing.max_attempts:
+                try:
+                    choice = fleet.router.pick(model, candidates, needs, region, tried)
+                except GatewayError:
+                    if failures:
+                        break  # every healthy backend was tried: report what they did
+                    raise
+                if choice is None:
+                    if ticket is None:
+                        ticket = self._enqueue(model, tenant, routing)
+                        queue_deadline = time.monotonic() + routing.queue_timeout_s
+                    await self._wait_for_slot(ticket, tenant, routing, queue_deadline, exchange)
+                    continue
+                if ticket is not None:
+                    self.waiters.leave(ticket, served=True)
+                    ticket = None
+                backend, overflow = choice
+                if tried:
+                    self.metrics.retries.labels(model, tried[-1].name).inc()
+                try:
+                    response = await self._attempt(request, fleet, tenant, body, backend, exchange)
+                except UpstreamFailure as failure:
+                    tried.append(backend)
+                    failures.append(failure)
+                    continue
+                if overflow:
+                    self.metrics.overflows.labels(model, backend.name).inc()
+                if tried or (region is not None and backend.config.region != region):
+                    self.metrics.failovers.labels(model, backend.name).inc()
+                return response
+        finally:
+            if ticket is not None:  # gave up waiting: a timeout, or the client went away
+                self.waiters.leave(ticket, served=False)
         raise _exhausted(model, failures)
 
     async def _attempt(
@@ -151,13 +163,21 @@ class Proxy:
                 request, backend, request.path, payload, fleet.config.timeouts, exchange
             )
         except UpstreamFailure as failure:
+            log.info(
+                "request %s: backend %s/%s failed before answering: %s%s",
+                exchange.request_id,
+                backend.model,
+                backend.name,
+                failure.detail,
+                f" ({failure.internal})" if failure.internal else "",
+            )
             self._record_failure(backend, failure.reason, failure.backend_fault, fleet)
             raise
         finally:
             backend.outstanding -= 1
             self.waiters.wake(model)
-        if exchange.stream_failed:
-            self._record_failure(backend, "stream_interrupted", True, fleet)
+        if exchange.stream_failure:
+            self._record_failure(backend, exchange.stream_failure, True, fleet)
         else:
             backend.record_success()
         self.metrics.upstream_latency.labels(model, backend.name).observe(
@@ -165,27 +185,35 @@ class Proxy:
         )
         return response
 
+    def _enqueue(self, model: str, tenant: TenantState, routing: RoutingConfig) -> Ticket:
+        """A place in `model`'s queue, or a 429 when the queue or the tenant's share is full."""
+        why = None
+        if self.waiters.count(model) >= routing.max_queued:
+            why = f"{routing.max_queued} requests are already queued"
+        elif self.waiters.count_tenant(model, tenant.config.name) >= routing.max_queued_per_tenant:
+            why = f"you already have {routing.max_queued_per_tenant} requests queued"
+        if why is not None:
+            self.metrics.rejections.labels(tenant.metrics_label, "queue_full").inc()
+            raise _busy(model, why, "queue_full", routing.retry_after_s)
+        return self.waiters.enqueue(model, tenant.config.name, tenant.config.weight)
+
     async def _wait_for_slot(
         self,
-        model: str,
+        ticket: Ticket,
         tenant: TenantState,
         routing: RoutingConfig,
         deadline: float,
         exchange: Exchange,
     ) -> None:
-        """Park until a slot may be free; 429 when the queue is full or the wait runs out."""
-        if self.waiters.count(model) >= routing.max_queued:
-            self.metrics.rejections.labels(tenant.config.name, "queue_full").inc()
-            why = f"{routing.max_queued} requests are already queued"
-            raise _busy(model, why, "queue_full", routing.retry_after_s)
+        """Park until a slot may be free; 429 when the wait runs out."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            self.metrics.rejections.labels(tenant.config.name, "queue_timeout").inc()
+            self.metrics.rejections.labels(tenant.metrics_label, "queue_timeout").inc()
             why = "no backend slot became free in time"
-            raise _busy(model, why, "queue_timeout", routing.retry_after_s)
+            raise _busy(ticket.model, why, "queue_timeout", routing.retry_after_s)
         parked = time.perf_counter()
         try:
-            await self.waiters.wait(model, min(remaining, _RECHECK_S))
+            await self.waiters.wait(ticket, min(remaining, _RECHECK_S))
         except TimeoutError:
             pass  # re-check anyway: scraped queues can drain without a wake-up
         exchange.queue_s += time.perf_counter() - parked
@@ -194,8 +222,17 @@ class Proxy:
         self, backend: BackendState, reason: str, backend_fault: bool, fleet: Fleet
     ) -> None:
         self.metrics.errors.labels(backend.model, backend.name, reason).inc()
-        if backend_fault and backend.record_failure(fleet.config.health):
+        health = fleet.config.health
+        if backend_fault and backend.record_failure(health):
             self.metrics.ejections.labels(backend.model, backend.name).inc()
+            log.warning(
+                "backend %s/%s ejected for %.0f s after %d consecutive failed requests (last: %s)",
+                backend.model,
+                backend.name,
+                health.cooldown_s,
+                health.eject_after,
+                reason,
+            )
 
 
 async def _read_json(request: web.Request) -> tuple[dict[str, Any], int]:

@@ -22,6 +22,7 @@ class RequestNeeds:
     """The routing-relevant facts of one request."""
 
     capabilities: tuple[str, ...]
+    prompt_tokens: int  # estimated from the body's size
     context_tokens: int  # estimated prompt tokens plus max_tokens
     stream: bool
     affinity_key: bytes | None  # same key -> same replica (prefix cache), unless overloaded
@@ -42,11 +43,13 @@ def request_needs(
     if isinstance(fmt, dict) and fmt.get("type") in _JSON_RESPONSE_FORMATS:
         caps.append("json_mode")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    context = estimate_prompt_tokens(raw_size)
+    prompt = estimate_prompt_tokens(raw_size)
+    context = prompt
     if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0:
         context += max_tokens
     return RequestNeeds(
         capabilities=tuple(caps),
+        prompt_tokens=prompt,
         context_tokens=context,
         stream=body.get("stream") is True,
         affinity_key=_affinity_key(body, session_id, namespace.encode()),

@@ -54,8 +54,13 @@ class GatewayServer:
             self.proxy = Proxy(fleet, Upstream(session), metrics)
             self.monitor = HealthMonitor(session, on_change=self.proxy.waiters.wake)
             await self.monitor.start(fleet)
+            # handler_cancellation: a client that disconnects cancels its handler, which drops
+            # the upstream request and frees its slots (aiohttp's default keeps it running).
             runner = web.AppRunner(
-                build_app(self.proxy, metrics), access_log=None, shutdown_timeout=_DRAIN_S
+                build_app(self.proxy, metrics),
+                access_log=None,
+                shutdown_timeout=_DRAIN_S,
+                handler_cancellation=True,
             )
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)

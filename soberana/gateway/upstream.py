@@ -12,19 +12,27 @@ from aiohttp import web
 from soberana.gateway.backend import BackendState
 from soberana.gateway.config import TimeoutConfig
 from soberana.gateway.errors import sse_error_event
+from soberana.gateway.stream_start import first_token_reached
 from soberana.gateway.usage import SseUsageTap, Usage
 
 _CONNECTION_ERRORS = (aiohttp.ClientError, OSError)
 
 
 class UpstreamFailure(Exception):
-    """The attempt failed before anything reached the client, so another backend may be tried."""
+    """The attempt failed before anything reached the client, so another backend may be tried.
 
-    def __init__(self, reason: str, detail: str, backend_fault: bool = True) -> None:
+    `detail` reaches the client (in a 502) and names the backend only by its configured name;
+    `internal` (addresses, the upstream's own error text) goes to the operator's log only.
+    """
+
+    def __init__(
+        self, reason: str, detail: str, backend_fault: bool = True, internal: str = ""
+    ) -> None:
         super().__init__(detail)
-        self.reason = reason  # connect | timeout | disconnected | http_5xx | http_429
+        self.reason = reason  # connect | timeout | disconnected | http_5xx | http_429 | ...
         self.detail = detail
         self.backend_fault = backend_fault  # counts towards passive ejection
+        self.internal = internal
 
 
 @dataclass
@@ -38,7 +46,7 @@ class Exchange:
     upstream_s: float = 0.0  # time spent waiting on upstreams, all attempts together
     queue_s: float = 0.0  # time spent waiting for a free backend slot
     ready_at: float = 0.0  # perf_counter() when the response (or its first chunk) was ready
-    stream_failed: bool = False  # a stream broke after the client got its first byte
+    stream_failure: str | None = None  # why a stream broke after the client got bytes
 
 
 class Upstream:
@@ -64,30 +72,45 @@ class Upstream:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(timeouts.first_byte_s):
-                response = await self.session.post(
-                    url, data=payload, headers=headers, timeout=timeout
-                )
+            async with asyncio.timeout(timeouts.first_byte_s) as deadline:
+                with backend.watch(deadline):
+                    response = await self.session.post(
+                        url, data=payload, headers=headers, timeout=timeout
+                    )
             try:
                 if exchange.stream and response.status == 200:
                     return await self._relay_stream(
                         request, backend, response, timeouts, exchange, started
                     )
                 return await self._relay_body(backend, response, timeouts, exchange, started)
+            except asyncio.CancelledError:
+                # The client went away (aiohttp cancels the handler): drop the upstream
+                # connection so the backend stops generating and its slot frees.
+                response.close()
+                raise
             finally:
                 response.release()
         except TimeoutError:
             exchange.upstream_s += time.perf_counter() - started
+            if not backend.available(time.monotonic()):
+                # Cut short by `cancel_unanswered`: probes marked the backend down meanwhile.
+                raise UpstreamFailure(
+                    "backend_down",
+                    f"{backend.name}: marked down before it answered",
+                    backend_fault=False,  # the probes have already taken it out
+                ) from None
             raise UpstreamFailure("timeout", f"{backend.name}: no response in time") from None
         except aiohttp.ClientConnectorError as e:
             exchange.upstream_s += time.perf_counter() - started
             raise UpstreamFailure(
-                "connect", f"{backend.name}: cannot connect ({e.os_error})"
+                "connect", f"{backend.name}: cannot connect", internal=str(e)
             ) from None
         except _CONNECTION_ERRORS as e:
             exchange.upstream_s += time.perf_counter() - started
             raise UpstreamFailure(
-                "disconnected", f"{backend.name}: {type(e).__name__}: {e}"
+                "disconnected",
+                f"{backend.name}: connection lost ({type(e).__name__})",
+                internal=str(e),
             ) from None
 
     async def _relay_body(
@@ -98,13 +121,16 @@ class Upstream:
         exchange: Exchange,
         started: float,
     ) -> web.Response:
-        async with asyncio.timeout(timeouts.idle_s):
-            body = await response.read()
+        # A non-streaming client has nothing until the whole body: this is still "unanswered".
+        async with asyncio.timeout(timeouts.idle_s) as deadline:
+            with backend.watch(deadline):
+                body = await response.read()
         exchange.upstream_s += time.perf_counter() - started
         if response.status >= 500:
             raise UpstreamFailure(
                 "http_5xx",
-                f"{backend.name}: HTTP {response.status}: {body[:200].decode(errors='replace')}",
+                f"{backend.name}: HTTP {response.status}",
+                internal=body[:500].decode(errors="replace"),
             )
         if response.status == 429:
             # A backend's own rate limit says it is busy, not broken: try another, do not eject.
@@ -126,13 +152,19 @@ class Upstream:
         exchange: Exchange,
         started: float,
     ) -> web.StreamResponse:
-        # Nothing is sent to the client until the first chunk is in hand: a backend that dies
-        # before it can still be retried elsewhere.
-        async with asyncio.timeout(timeouts.first_byte_s):
-            first = await response.content.readany()
+        # Nothing is sent to the client before the first token is in hand (see stream_start):
+        # a backend that dies or is marked down before it can still be retried elsewhere.
+        held = b""
+        async with asyncio.timeout(timeouts.first_byte_s) as deadline:
+            with backend.watch(deadline):
+                while not first_token_reached(held):
+                    chunk = await response.content.readany()
+                    if not chunk:
+                        raise UpstreamFailure(
+                            "disconnected", f"{backend.name}: stream ended before its first token"
+                        )
+                    held += chunk
         exchange.upstream_s += time.perf_counter() - started
-        if not first:
-            raise UpstreamFailure("disconnected", f"{backend.name}: stream ended before any data")
         out = web.StreamResponse(status=200)
         out.headers["Content-Type"] = response.headers.get("Content-Type", "text/event-stream")
         out.headers["Cache-Control"] = "no-cache"
@@ -141,7 +173,7 @@ class Upstream:
         tap = SseUsageTap(exchange.strip_usage_event)
         try:
             await out.prepare(request)
-            await out.write(tap.feed(first))
+            await out.write(tap.feed(held))
             exchange.ready_at = time.perf_counter()
             while True:
                 try:
@@ -149,7 +181,7 @@ class Upstream:
                         chunk = await response.content.readany()
                 except (TimeoutError, aiohttp.ClientError, OSError) as e:
                     reason = "no data in time" if isinstance(e, TimeoutError) else type(e).__name__
-                    exchange.stream_failed = True
+                    exchange.stream_failure = "stream_interrupted"
                     await out.write(
                         tap.flush()
                         + sse_error_event(
@@ -159,7 +191,16 @@ class Upstream:
                     )
                     break
                 if not chunk:
-                    await out.write(tap.flush())
+                    rest = tap.flush()
+                    if not tap.finished:
+                        # A clean close without a finish_reason or [DONE] is a cut, not an end.
+                        exchange.stream_failure = "stream_truncated"
+                        rest += sse_error_event(
+                            f"backend {backend.name} ended the stream before it finished; "
+                            "the response is incomplete",
+                            "upstream_stream_truncated",
+                        )
+                    await out.write(rest)
                     break
                 data = tap.feed(chunk)
                 if data:

@@ -10,6 +10,8 @@ _PROMPT = re.compile(rb'(?<!\\)"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'(?<!\\)"completion_tokens"\s*:\s*(\d+)')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+# A stream that really ended says so: a choice's finish reason (a string, not null) or [DONE].
+_FINISHED = re.compile(rb'(?<!\\)"finish_reason"\s*:\s*"|^data:\s*\[DONE\]', re.MULTILINE)
 _TAIL = 512  # bytes of the previous chunk kept so a usage object split across chunks is found
 
 
@@ -48,19 +50,21 @@ class SseUsageTap:
         self.strip = strip_usage_event
         self.usage = Usage()
         self.data_events = 0  # counted as a completion-token estimate when no usage is reported
+        self.finished = False  # a finish_reason or [DONE] went by
         self._pending = b""  # strip mode: an incomplete event; pass mode: the previous chunk's tail
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send on to the client for this upstream chunk."""
         self.data_events += chunk.count(b"data:")
+        window = self._pending + chunk
+        if not self.finished and _FINISHED.search(window):
+            self.finished = True
         if not self.strip:
-            window = self._pending + chunk
             if b"_tokens" in window:
                 self.usage.scan(window)
             self._pending = window[-_TAIL:]
             return chunk
-        data = self._pending + chunk
-        parts = _EVENT_END.split(data)
+        parts = _EVENT_END.split(window)
         self._pending = parts.pop()  # after the last separator: not a whole event yet
         if not parts:
             return b""

@@ -32,7 +32,11 @@ class Received:
 class Behaviour:
     """What the server does; tests change these fields while it runs."""
 
-    mode: str = "ok"  # ok | fail (HTTP 500) | reject (HTTP 400) | drop | drop_mid_stream | hang
+    # ok | fail (HTTP 500) | reject (HTTP 400) | drop | drop_mid_stream | hang
+    # | drop_after_role (a stream's role-only chunk, then the connection drops)
+    # | truncate (a stream closed cleanly without a finish_reason or [DONE])
+    mode: str = "ok"
+    role_chunk: bool = False  # streams open with a role-only chunk, as Soberana and vLLM do
     delay_s: float = 0.0  # before the response headers
     stream_chunks: int = 4
     chunk_delay_s: float = 0.0
@@ -51,6 +55,7 @@ class FakeUpstream:
         self.port = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.cancelled = 0  # requests whose client (the gateway) went away mid-answer
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -92,7 +97,10 @@ class FakeUpstream:
         return self
 
     async def _start(self, port: int) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.1)
+        # handler_cancellation: a request whose connection drops stops, as a real server's does.
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, shutdown_timeout=0.1, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port, reuse_address=True)
         await site.start()
@@ -170,6 +178,9 @@ class FakeUpstream:
                 except ConnectionResetError:  # the gateway dropped the stream: stop generating
                     return web.Response()
             return web.json_response(self._completion(request.path, body))
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         finally:
             self.in_flight -= 1
 
@@ -219,6 +230,19 @@ class FakeUpstream:
         b = self.behaviour
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if b.role_chunk or b.mode == "drop_after_role":
+            role = {"role": "assistant", "content": ""}
+            chunk = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "model": body.get("model"),
+            }
+            chunk["choices"] = [{"index": 0, "delta": role, "finish_reason": None}]
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if b.mode == "drop_after_role":
+                await asyncio.sleep(0.2)  # a prefill in progress
+                request.transport.abort()
+                return response
         for i in range(b.stream_chunks):
             chunk = {
                 "id": "chatcmpl-1",
@@ -234,6 +258,9 @@ class FakeUpstream:
                 return response
             if b.chunk_delay_s:
                 await asyncio.sleep(b.chunk_delay_s)
+        if b.mode == "truncate":
+            await response.write_eof()
+            return response
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {
                 "id": "chatcmpl-1",

@@ -36,7 +36,13 @@ TEST_HEALTH = {
 def backend(name: str, upstream: FakeUpstream | str, **fields) -> dict:
     """A backend entry for gateway.yaml pointing at a test upstream."""
     endpoint = upstream if isinstance(upstream, str) else upstream.url
-    entry = {"name": name, "endpoint": endpoint, "kind": "vllm", "model": f"upstream-{name}"}
+    entry = {
+        "name": name,
+        "endpoint": endpoint,
+        "kind": "vllm",
+        "model": f"upstream-{name}",
+        "privacy": "onprem",  # test upstreams listen on loopback
+    }
     entry.update(fields)
     return entry
 
@@ -53,6 +59,7 @@ def config(models: dict[str, list[dict]], tenants: list[dict], **sections) -> di
     doc = {
         "health": dict(TEST_HEALTH),
         "timeouts": {"connect_s": 1.0, "first_byte_s": 5.0, "idle_s": 5.0},
+        "metrics": {"tenant_labels": True},  # tests read per-tenant series
         "models": {name: {"backends": backends} for name, backends in models.items()},
         "tenants": tenants,
     }
@@ -83,7 +90,7 @@ class Gateway:
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """Every sample on /metrics, keyed by (name, sorted labels)."""
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = httpx.get(self.url + "/metrics", timeout=10).raise_for_status().text
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text)

@@ -27,6 +27,7 @@ models:
         region: eu
         max_concurrency: 4
         context_window: 2048
+        privacy: onprem
 tenants:
   - name: acme
     key_sha256: [{DIGEST}]
@@ -96,13 +97,13 @@ def test_endpoint_must_be_an_http_url():
 
 def test_tenant_key_must_be_a_sha256_digest_not_a_plain_key():
     err = error_for(VALID.replace(DIGEST, "sk-plaintext-key"))
-    assert err.line == 14 and "tenants[0].key_sha256[0]" in str(err) and "sha256" in str(err)
+    assert err.line == 15 and "tenants[0].key_sha256[0]" in str(err) and "sha256" in str(err)
 
 
 def test_tenant_may_only_list_models_in_the_catalog():
     err = error_for(VALID.replace("models: [chat-small]", "models: [chat-large]"))
     assert (
-        err.line == 15
+        err.line == 16
         and "tenants[0].models[0]" in str(err)
         and "unknown model 'chat-large'" in str(err)
     )
@@ -115,12 +116,12 @@ def test_unknown_privacy_class_is_rejected():
 
 def test_unknown_top_level_section_is_rejected():
     err = error_for(VALID + "routin:\n  max_attempts: 2\n")
-    assert err.line == 17 and "routin: unknown key" in str(err)
+    assert err.line == 18 and "routin: unknown key" in str(err)
 
 
 def test_routing_values_are_checked():
     err = error_for(VALID + "routing:\n  affinity_load_factor: 0.5\n")
-    assert err.line == 18 and "routing.affinity_load_factor" in str(err)
+    assert err.line == 19 and "routing.affinity_load_factor" in str(err)
 
 
 def test_api_key_env_must_be_set(monkeypatch):
@@ -141,16 +142,17 @@ def test_api_key_env_must_be_set(monkeypatch):
 def test_duplicate_backend_names_are_rejected():
     text = VALID.replace(
         "tenants:",
-        "      - {name: a, endpoint: 'http://127.0.0.1:9002', kind: vllm, model: tiny}\ntenants:",
+        "      - {name: a, endpoint: 'http://127.0.0.1:9002', kind: vllm, model: tiny, "
+        "privacy: onprem}\ntenants:",
     )
     err = error_for(text)
-    assert err.line == 12 and "backend name 'a' is already used" in str(err)
+    assert err.line == 13 and "backend name 'a' is already used" in str(err)
 
 
 def test_the_same_key_for_two_tenants_is_rejected():
     text = VALID + f"  - name: other\n    key_sha256: [{DIGEST}]\n"
     err = error_for(text)
-    assert err.line == 17 and "also used by tenant 'acme'" in str(err)
+    assert err.line == 18 and "also used by tenant 'acme'" in str(err)
 
 
 def test_broken_yaml_reports_its_line():
@@ -164,6 +166,8 @@ def test_the_shipped_example_is_valid(monkeypatch):
     assert {"llama-3.1-8b", "guard-1b", "embed-small"} <= set(cfg.models)
     pools = {b.pool for b in cfg.models["llama-3.1-8b"].backends}
     assert pools == {"primary", "overflow"}
+    result = run_cli("--config", str(REPO / "examples/gateway.yaml"), "--check")
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -190,6 +194,52 @@ def test_check_flag_validates_without_serving(tmp_path):
     path.write_text(VALID)
     result = run_cli("--config", str(path), "--check")
     assert result.returncode == 0 and "OK (1 models, 1 backends, 1 tenants)" in result.stdout
+
+
+def test_a_backend_must_declare_its_privacy_class():
+    # A cloud API without `privacy:` used to default to onprem and receive onprem-only prompts.
+    text = VALID.replace("        privacy: onprem\n", "").replace(
+        "http://127.0.0.1:9001/v1", "https://api.openai.com/v1"
+    )
+    err = error_for(text)
+    assert err.line == 4 and "models.chat-small.backends[0]" in str(err)
+    assert "missing required key 'privacy'" in str(err) and "external" in str(err)
+
+
+def test_the_default_backend_name_does_not_reveal_its_address():
+    cfg = parse_config(VALID.replace("      - name: a\n        endpoint", "      - endpoint"))
+    assert cfg.models["chat-small"].backends[0].name == "backend-0"
+
+
+@pytest.mark.parametrize(
+    "endpoint, shown",
+    [("http://8.8.8.8:8000", "is a public address"), ("https://api.openai.com/v1", "")],
+)
+def test_check_flags_an_onprem_backend_on_a_public_address(tmp_path, endpoint, shown):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(VALID.replace("http://127.0.0.1:9001/v1", endpoint))
+    result = run_cli("--config", str(path), "--check")
+    assert result.returncode == 1, result.stdout + result.stderr
+    warning = result.stderr
+    assert "models.chat-small.backends[0] (a): declared privacy onprem" in warning
+    assert shown in warning and "privacy: external" in warning
+    assert "1 privacy warning(s)" in result.stdout
+
+
+def test_check_accepts_private_and_loopback_onprem_endpoints(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    private = VALID.replace("http://127.0.0.1:9001/v1", "http://10.1.2.3:8000")
+    for text in (VALID, private, VALID.replace("127.0.0.1", "localhost")):
+        path.write_text(text)
+        result = run_cli("--config", str(path), "--check")
+        assert result.returncode == 0 and "OK" in result.stdout, result.stderr
+
+
+def test_metrics_keys_are_stored_hashed():
+    err = error_for(VALID + "metrics:\n  api_key_sha256: [sk-plain]\n")
+    assert "metrics.api_key_sha256[0]" in str(err) and "sha256" in str(err)
+    cfg = parse_config(VALID + f"metrics:\n  api_key_sha256: [{DIGEST}]\n  tenant_labels: true\n")
+    assert cfg.metrics.api_key_sha256 == (DIGEST,) and cfg.metrics.tenant_labels
 
 
 def test_hash_key_prints_the_digest_to_store():

@@ -50,7 +50,10 @@ def stream_text(gw, key: str = KEY, **fields) -> tuple[int, str]:
 def test_a_backend_failing_before_the_first_byte_is_retried_and_then_ejected(
     upstreams, start_gateway, mode
 ):
-    gw, first, spare = preferred_and_spare(upstreams, start_gateway, mode)
+    # A cooldown far longer than the test, so the gauge read at the end still sees the ejection.
+    gw, first, spare = preferred_and_spare(
+        upstreams, start_gateway, mode, health={"cooldown_s": 30.0}
+    )
     for i in range(6):
         r = gw.chat(KEY, content=f"q{i}")
         assert r.status_code == 200 and r.headers["X-Gateway-Backend"] == "spare"
@@ -204,3 +207,107 @@ def test_killing_a_backend_under_load_fails_no_request_that_had_not_started_stre
     )
     served = {gw.chat(KEY, content=f"after {i}").headers["X-Gateway-Backend"] for i in range(8)}
     assert "victim" in served
+
+
+def test_a_backend_dying_after_its_role_only_chunk_is_retried_invisibly(upstreams, start_gateway):
+    # Soberana sends `{"delta": {"role": "assistant", "content": ""}}` when a request is
+    # scheduled, seconds before its first token: that chunk must not commit the stream.
+    gw, first, spare = preferred_and_spare(upstreams, start_gateway, "drop_after_role")
+    status, text = stream_text(gw)
+    assert status == 200 and "error" not in text
+    assert "spare-0" in text and text.endswith("data: [DONE]\n\n")
+    assert len(first.received) == 1 and len(spare.received) == 1
+    assert gw.metric("soberana_gateway_retries_total", backend="first") == 1
+
+
+def test_a_role_only_chunk_is_relayed_with_the_tokens_that_follow_it(upstreams, start_gateway):
+    gw, first, spare = preferred_and_spare(upstreams, start_gateway, "ok")
+    first.behaviour.role_chunk = True
+    status, text = stream_text(gw)
+    events = [json.loads(e.removeprefix("data: ")) for e in text.strip().split("\n\n")[:-1]]
+    assert status == 200 and text.endswith("data: [DONE]\n\n")
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [e["choices"][0]["delta"]["content"] for e in events[1:]] == [
+        f"first-{i} " for i in range(4)
+    ]
+    assert spare.received == []
+
+
+def test_a_stream_cut_without_finish_reason_or_done_ends_with_an_error_event(
+    upstreams, start_gateway
+):
+    gw, first, spare = preferred_and_spare(upstreams, start_gateway, "truncate")
+    status, text = stream_text(gw)
+    assert status == 200
+    events = [e.removeprefix("data: ") for e in text.strip().split("\n\n")]
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:4]] == [
+        f"first-{i} " for i in range(4)
+    ]
+    error = json.loads(events[4])["error"]
+    assert error["code"] == "upstream_stream_truncated" and "first" in error["message"]
+    assert events[5] == "[DONE]"
+    assert (
+        gw.metric("soberana_gateway_errors_total", backend="first", reason="stream_truncated") == 1
+    )
+
+
+def test_a_backend_marked_down_fails_over_the_requests_it_has_not_answered(
+    upstreams, start_gateway
+):
+    gw, first, spare = preferred_and_spare(
+        upstreams, start_gateway, "hang", timeouts={"first_byte_s": 60.0}
+    )
+    results: dict[str, object] = {}
+
+    def call(name: str, stream: bool) -> None:
+        if stream:
+            results[name] = stream_text(gw)
+        else:
+            results[name] = gw.chat(KEY, content=name)
+
+    threads = [
+        threading.Thread(target=call, args=("plain", False)),
+        threading.Thread(target=call, args=("stream", True)),
+    ]
+    for t in threads:
+        t.start()
+    wait_until(lambda: first.in_flight == 2, what="both requests to reach the hung backend")
+    marked_down = time.monotonic()
+    first.behaviour.health_status = 503  # its probes now fail: the gateway marks it down
+    for t in threads:
+        t.join(60)
+    # Both were retried on the spare once the probe took `first` out, not after first_byte_s.
+    assert time.monotonic() - marked_down < 15
+    plain = results["plain"]
+    assert plain.status_code == 200 and plain.headers["X-Gateway-Backend"] == "spare"
+    status, text = results["stream"]
+    assert status == 200 and "spare-0" in text and "error" not in text
+    assert gw.metric("soberana_gateway_errors_total", backend="first", reason="backend_down") == 2
+    assert " WARNING " in gw.log() and "2 request(s) it had not answered fail over" in gw.log()
+    wait_until(lambda: first.in_flight == 0, what="the hung backend to see its requests dropped")
+
+
+def test_a_client_leaving_a_non_streaming_request_aborts_it_upstream(upstreams, start_gateway):
+    slow = upstreams("slow", delay_s=60.0)
+    gw = start_gateway(
+        config(
+            {"m": [backend("slow", slow)]},
+            [tenant("acme", KEY, max_concurrency=1)],
+            timeouts={"first_byte_s": 120.0, "idle_s": 120.0},
+        )
+    )
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            gw.url + "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "long"}]},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=httpx.Timeout(10.0, read=1.0),
+        )
+    # The backend stops generating for nobody, and the tenant's only slot is free again.
+    wait_until(lambda: slow.cancelled == 1 and slow.in_flight == 0, what="the upstream abort")
+    wait_until(
+        lambda: gw.metric("soberana_gateway_backend_outstanding_requests", backend="slow") == 0,
+        what="the backend slot to free",
+    )
+    slow.behaviour.delay_s = 0.0
+    assert gw.chat(KEY, content="next").status_code == 200  # not 429 concurrency_limit_exceeded

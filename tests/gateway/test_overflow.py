@@ -3,6 +3,7 @@ privacy classes allow it; the others queue (bounded) and then get 429 with Retry
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -120,3 +121,37 @@ def test_a_long_backend_queue_counts_as_saturation(upstreams, start_gateway):
     )
     assert gw.chat(ONPREM).headers["X-Gateway-Backend"] == "primary"
     assert gw.chat(FLEXIBLE).headers["X-Gateway-Backend"] == "primary"
+
+
+def test_one_tenants_burst_cannot_fill_the_queue_for_the_others(upstreams, start_gateway):
+    primary = upstreams("primary", delay_s=1.0)
+    gw = start_gateway(
+        config(
+            {"m": [backend("primary", primary, max_concurrency=1)]},
+            [tenant("burst", ONPREM), tenant("quiet", FLEXIBLE)],
+            routing={"queue_timeout_s": 30, "max_queued": 8, "max_queued_per_tenant": 4},
+        )
+    )
+    burst: list[httpx.Response] = []
+    burster = threading.Thread(
+        target=lambda: burst.extend(concurrent_chats_named(gw, ONPREM, "burst", 12))
+    )
+    burster.start()
+    # While its first request is served, the burst queues up to its share (4) and the rest
+    # is refused at once; before, it filled all 8 places and the quiet tenant got queue_full.
+    wait_until(lambda: len(primary.received) >= 1, what="the burst to start")
+    time.sleep(0.3)
+    quiet = concurrent_chats_named(gw, FLEXIBLE, "quiet", 2)
+    burster.join(60)
+    assert [r.status_code for r in quiet] == [200, 200]  # queued, not queue_full
+    refused = [r for r in burst if r.status_code == 429]
+    assert refused and all(r.json()["error"]["code"] == "queue_full" for r in refused)
+    assert "you already have 4 requests queued" in refused[0].json()["error"]["message"]
+    # Fair queuing: the quiet tenant's requests do not wait behind the whole burst.
+    order = [r.body["messages"][0]["content"].split("-")[0] for r in primary.received]
+    assert order.index("quiet") < len(order) - 2 and order[-1] == "burst", order
+    assert gw.metric("soberana_gateway_rejections_total", tenant="quiet") == 0
+
+
+def concurrent_chats_named(gw, key: str, name: str, n: int) -> list[httpx.Response]:
+    return concurrently(lambda i: gw.chat(key, content=f"{name}-{i}"), n)

@@ -68,7 +68,12 @@ def test_quoted_usage_inside_generated_text_is_not_mistaken_for_usage():
 
 def backends(names: list[str]) -> list[BackendState]:
     return [
-        BackendState("m", BackendConfig(name=n, endpoint=f"http://{n}:1", kind="vllm", model="x"))
+        BackendState(
+            "m",
+            BackendConfig(
+                name=n, endpoint=f"http://{n}:1", kind="vllm", model="x", privacy="onprem"
+            ),
+        )
         for n in names
     ]
 

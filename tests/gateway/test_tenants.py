@@ -118,16 +118,34 @@ def test_requests_per_minute_limit_returns_429_with_retry_after(one_backend):
 
 
 def test_tokens_per_minute_limit_counts_reported_usage(one_backend):
-    # The upstream reports 7 prompt + 3 completion tokens per request.
-    gw, upstream = one_backend(tenant("acme", ACME, tokens_per_minute=15))
-    assert gw.chat(ACME, content="a").status_code == 200
-    assert gw.chat(ACME, content="b").status_code == 200  # 10 used, 5 left: still admitted
-    r = gw.chat(ACME, content="c")  # 20 used: over the limit until it refills
+    # The upstream reports 7 prompt + 3 completion tokens per request; each small request
+    # reserves its estimate (13-17 tokens) up front and is settled to 10 when it ends.
+    gw, upstream = one_backend(tenant("acme", ACME, tokens_per_minute=40))
+    codes = [gw.chat(ACME, content=c).status_code for c in "abc"]
+    assert codes == [200, 200, 200]  # 40 - 2 * 10 = 20 left: the third still fits
+    r = gw.chat(ACME, content="d")  # 10 left, fewer than the request needs
     assert_openai_error(r, 429, "rate_limit_exceeded")
     assert int(r.headers["Retry-After"]) >= 1
-    assert len(upstream.received) == 2
-    assert gw.metric("soberana_gateway_tenant_tokens_total", tenant="acme", type="prompt") == 14
-    assert gw.metric("soberana_gateway_tenant_tokens_total", tenant="acme", type="completion") == 6
+    assert len(upstream.received) == 3
+    assert gw.metric("soberana_gateway_tenant_tokens_total", tenant="acme", type="prompt") == 21
+    assert gw.metric("soberana_gateway_tenant_tokens_total", tenant="acme", type="completion") == 9
+
+
+def test_tokens_per_minute_limit_reserves_prompt_and_max_tokens_up_front(upstreams, start_gateway):
+    slow = upstreams("slow", delay_s=1.0)
+    gw = start_gateway(
+        config({"m": [backend("slow", slow)]}, [tenant("acme", ACME, tokens_per_minute=100)])
+    )
+    # Each needs about 17 prompt + 30 max_tokens: two fit in 100, a third at once does not
+    # (a limit checked only for "any token left" admitted all three).
+    responses = concurrently(lambda i: gw.chat(ACME, content=f"q{i}", max_tokens=30), 3)
+    assert sorted(r.status_code for r in responses) == [200, 200, 429]
+    too_big = gw.chat(ACME, content="essay", max_tokens=200)
+    error = assert_openai_error(too_big, 429, "rate_limit_exceeded")
+    assert "more than" in error["message"] and "100 tokens per minute" in error["message"]
+    assert len(slow.received) == 2
+    # The two served used 10 tokens each, not the 47 reserved: the rest was given back.
+    assert gw.chat(ACME, content="again", max_tokens=30).status_code == 200
 
 
 def test_streamed_usage_is_counted_but_not_shown_unless_asked(one_backend):
