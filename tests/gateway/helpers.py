@@ -186,6 +186,9 @@ def run_load(
                     "model": "m",
                     "stream": stream,
                     "messages": [{"role": "user", "content": f"w{w} i{i}"}],
+                    **(
+                        extra or {}
+                    ),  # e.g. max_tokens: real replicas otherwise run to max_model_len
                 }
                 outcome = Outcome(started=time.monotonic())
                 outcomes.append(outcome)

@@ -183,7 +183,7 @@ class MultiTurnRun:
     hits: float  # prefix-cache hits, tokens, over both replicas
     queries: float  # prefix-cache queries, tokens
     routes: list[list[str]]  # per conversation, the backend that served each turn
-    reusable: int  # tokens each follow-up could reuse at best: the previous turn's prompt
+    reusable: int  # tokens the follow-ups must reuse at least: their previous prompts' blocks
 
     @property
     def hit_rate(self) -> float:
@@ -232,7 +232,7 @@ def test_prefix_affinity_raises_the_prefix_cache_hit_rate(replicas, start_gatewa
     kept = multi_turn(affinity, replicas, "affinity")
     print(
         f"prefix-cache hit rate: least-load {spread.hit_rate:.3f}, "
-        f"prefix affinity {kept.hit_rate:.3f} (best possible {kept.reusable / kept.queries:.3f})"
+        f"prefix affinity {kept.hit_rate:.3f} (reuse bound {kept.reusable / kept.queries:.3f})"
     )
     # Affinity is deterministic: every turn returns to the replica of the conversation's first
     # turn, and so reuses (nearly) all of the previous turn's prompt. This bound is computed
