@@ -81,7 +81,7 @@ class TimeoutConfig:
     """Upstream timeouts, in seconds."""
 
     connect_s: float = 3.0
-    first_byte_s: float = 120.0  # until response headers (and first stream chunk) arrive
+    first_byte_s: float = 120.0  # until response headers, and again until a stream's first token
     idle_s: float = 120.0  # between two chunks of a stream
 
 
