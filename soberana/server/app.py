@@ -125,14 +125,15 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         result = await cancel_on_disconnect(work, request.receive)
         return Response(status_code=499) if result is None else result
 
-    @app.api_route(
-        "/health", methods=["GET", "HEAD"],
-        responses={200: {"model": r.HealthResponse}, 503: r.API_ERRORS[503]},
-    )
+    @app.get("/health", responses={200: {"model": r.HealthResponse}, 503: r.API_ERRORS[503]})
     async def health() -> JSONResponse:
         """200 once the engine is ready; 503 while starting and after a fatal engine error."""
         ready_engine()
         return JSONResponse({"status": "ok"})
+
+    # HEAD for probes that send it (load balancers); same status, no body.
+    app.head("/health", responses={200: {"description": "Ready"}, 503: r.API_ERRORS[503]},
+             operation_id="health_head")(health)
 
     @app.get("/version", responses={200: {"model": r.VersionResponse}})
     async def version() -> JSONResponse:

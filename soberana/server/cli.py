@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds to let running requests finish before aborting them",
+        help="on SIGTERM, seconds to let running requests finish; the rest then end with an "
+        "OpenAI error (JSON 503, or an SSE error event then [DONE])",
     )
     http.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -297,13 +298,13 @@ async def _serve(
         return 1
     info = engine.model_info
     logger.info(
-        "ready in %.1fs: serving %s (max_model_len %d, %s, %s) at %s/v1",
-        time.perf_counter() - t0,
+        "ready: serving %s (max_model_len %d, %s, %s) at %s/v1; start-up took %.1fs",
         ", ".join(args.served_model_name or [info.name]),
         info.max_model_len,
         info.device,
         info.dtype,
         url,
+        time.perf_counter() - t0,
     )
     await serving
     if engine.crashed:

@@ -144,7 +144,7 @@ def test_start_up_logs_each_phase_and_loads_the_tokenizer_with_the_engine(server
     log = server.log()
     phases = [r"engine core process started", r"engine core: libraries imported in \d",
               r"tokenizer loaded in \d+\.\ds \(while the engine loads\)",
-              r"engine core ready in \d", r"soberana.server: ready in \d"]
+              r"engine core ready in \d", r"soberana.server: ready: serving .* start-up took \d"]
     positions = [re.search(p, log) for p in phases]
     assert all(positions), [p for p, found in zip(phases, positions) if not found]
     # The tokenizer loads beside the engine, not after it: both are done before "ready".
