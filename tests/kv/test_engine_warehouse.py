@@ -93,11 +93,13 @@ def _replica(config: dict, prompt: list[int]) -> dict:
 
 @pytest.mark.parametrize("shared", ["redis", "shared_dir"])
 def test_second_engine_process_reuses_the_first_ones_kv(shared, tmp_path, start_redis):
-    if shared == "redis":
-        config = {"redis_url": start_redis().url}
-    else:
+    key_file = tmp_path / "kv.key"
+    key_file.write_text("the replicas' shared secret")
+    if shared == "redis":  # sealed and encrypted
+        config = {"redis_url": start_redis().url, "shared_encrypt": True}
+    else:  # sealed
         config = {"shared_dir": str(tmp_path / "shared"), "shared_gb": 1.0}
-    config |= {"write_through": True, "load_policy": "always"}
+    config |= {"write_through": True, "load_policy": "always", "shared_key_file": str(key_file)}
     prompt = prompts_of_lengths([150], seed=33)[0]
     first = _replica(config, prompt)
     second = _replica(config, prompt)
@@ -109,7 +111,7 @@ def test_second_engine_process_reuses_the_first_ones_kv(shared, tmp_path, start_
 
 def test_corrupt_shared_entries_are_misses_not_wrong_tokens(tmp_path):
     config = {"shared_dir": str(tmp_path / "shared"), "shared_gb": 1.0, "write_through": True,
-              "load_policy": "always"}
+              "load_policy": "always", "shared_trusted": True}
     prompt = prompts_of_lengths([150], seed=34)[0]
     first = _replica(config, prompt)
     entries = sorted(p for p in (tmp_path / "shared").rglob("*") if p.is_file())
