@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
+from soberana.kv.build import build_warehouse
 from soberana.kv.config import add_arguments, config_from_args
-from soberana.kv.warehouse import build_warehouse
 from tests.kv.helpers import small_layout
 
 

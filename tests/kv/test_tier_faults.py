@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from soberana.kv.build import build_warehouse
 from soberana.kv.config import KVWarehouseConfig
 from soberana.kv.disk_tier import DiskTier
 from soberana.kv.entry import encode_entry, entry_size
 from soberana.kv.redis_tier import RedisTier
-from soberana.kv.warehouse import build_warehouse
 from tests.kv.helpers import block_bytes, free_port, make_cache, make_hashes, small_layout
 
 LAYOUT = small_layout()
