@@ -56,10 +56,11 @@ class RedisTier:
         )
         self._usage = TierUsage(0, 0, None)
         self.eviction_policy = self._read_eviction_policy()
-        try:
-            self.refresh_usage()
-        except redis.RedisError:
-            pass  # reported by _read_eviction_policy; the upkeep thread retries
+        if self.eviction_policy is not None:  # else unreachable: the upkeep thread retries
+            try:
+                self.refresh_usage()
+            except redis.RedisError:
+                pass
 
     def _read_eviction_policy(self) -> str | None:
         """Warn at start when nothing will ever evict our keys."""

@@ -27,10 +27,12 @@ class TierGuard:
     warning; skips a tier for `cooldown_s` after it was unreachable.
 
     `call_bounded` is for the engine's thread: the call runs on the tier's own worker thread
-    and the caller waits at most `timeout_s` for it. A hung store (a Redis that accepts and
-    never answers) then costs the engine that long once per cooldown, instead of the
-    client's socket timeout (1 s) on every admission, and while the hung call is still
-    running later calls to that tier return the default at once.
+    and the caller waits at most `timeout_s` for it. While a call that ran past that is still
+    running, later calls to the tier return the default at once; when it fails (the client's
+    socket timeout) the tier is skipped for the cooldown. A hung store (a Redis that accepts
+    and never answers) then costs the engine `timeout_s` once per socket timeout plus
+    cooldown, instead of the socket timeout on every admission. A slow answer is only a miss
+    for that call: it does not take the tier away.
     """
 
     def __init__(self, count_error: Callable[[str], None], cooldown_s: float = 5.0) -> None:
@@ -78,13 +80,15 @@ class TierGuard:
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout:
-            now = time.monotonic()
-            self._failed(tier, fn, TimeoutError(f"no answer within {timeout_s} s"), now)
+            error = TimeoutError(f"no answer within {timeout_s} s")
+            self._failed(tier, fn, error, time.monotonic(), skip_tier=False)
             return default
 
-    def _failed(self, tier: str, fn: Callable, error: Exception, now: float) -> None:
+    def _failed(
+        self, tier: str, fn: Callable, error: Exception, now: float, skip_tier: bool = True
+    ) -> None:
         self._count_error(tier)
-        if isinstance(error, UNREACHABLE):
+        if skip_tier and isinstance(error, UNREACHABLE):
             self._down_until[tier] = now + self.cooldown_s
         if now - self._last_error_log.get(tier, float("-inf")) >= ERROR_LOG_INTERVAL_S:
             self._last_error_log[tier] = now

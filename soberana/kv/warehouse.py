@@ -28,9 +28,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The engine's thread waits this long at most for a shared store to answer a lookup (a
-# Redis pipeline on a LAN answers in about a millisecond).
-LOOKUP_TIMEOUT_S = 0.05
+# The engine's thread waits this long at most for a shared store to answer a lookup. A Redis
+# pipeline on a LAN answers in about a millisecond, but on a loaded host (2 cores shared by
+# many processes) waking the worker thread alone took over 50 ms.
+LOOKUP_TIMEOUT_S = 0.25
 # Between two upkeep rounds: shared usage refreshed, failed probes retried.
 UPKEEP_INTERVAL_S = 5.0
 _NAMESPACE_CACHE = 4096
@@ -392,13 +393,13 @@ class KVWarehouse:
             if source is None:
                 # Shared stores take every block: their point is that another replica may
                 # want it.
-                entry: bytes | None = None
+                sealed: bytes | None = None
                 for store in self.shared:
                     if not self._guarded(store, store.contains_many, [key], ns, default=[True])[0]:
-                        if entry is None:  # the shared stores share one codec
-                            entry = self.codecs[store.name].encode(
+                        if sealed is None:  # the shared stores share one codec
+                            sealed = self.codecs[store.name].encode(
                                 key, memoryview(payload.numpy()), ns)
-                        self._write(store, key, entry, ns)
+                        self._write(store, key, sealed, ns)
 
     def _admit_to_disk(self, key: bytes) -> bool:
         admitted = self.admission is None or self.admission.admits(key)

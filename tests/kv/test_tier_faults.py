@@ -95,19 +95,19 @@ class HungServer:
 def test_a_hung_redis_never_holds_the_engine_thread(warehouses):
     hung = HungServer()
     try:
-        tier = RedisTier(f"redis://127.0.0.1:{hung.port}/0", LAYOUT, timeout_s=1.0)
+        tier = RedisTier(f"redis://127.0.0.1:{hung.port}/0", LAYOUT, timeout_s=2.0)
         w = warehouses(LAYOUT, shared=[tier], cooldown_s=0.5, upkeep_interval_s=0.2)
         hashes = make_hashes(LAYOUT, 4)
         slowest = 0.0
-        end = time.monotonic() + 4.0  # several cooldowns and socket timeouts
+        end = time.monotonic() + 5.0  # two socket timeouts and cooldowns
         while time.monotonic() < end:
             start = time.perf_counter()
             assert w.lookup_prefix(hashes) == []
             w.stats()  # the engine ships stats every few steps
             slowest = max(slowest, time.perf_counter() - start)
             time.sleep(0.01)
-        # The client's socket timeout is 1 s: a lookup that did the I/O itself waits it out.
-        assert slowest < 0.5, slowest
+        # The client's socket timeout is 2 s: a lookup that did the I/O itself waits it out.
+        assert slowest < 1.0, slowest
         assert w.stats().tiers["redis"].errors >= 1
     finally:
         hung.close()
