@@ -19,6 +19,7 @@ from soberana.kv.config import KVWarehouseConfig
 from soberana.kv.disk_tier import DiskTier
 from soberana.kv.entry import encode_entry, entry_size
 from soberana.kv.redis_tier import RedisTier
+from soberana.kv.shared_dir_tier import SharedDirTier
 from tests.kv.helpers import block_bytes, free_port, make_cache, make_hashes, small_layout
 
 LAYOUT = small_layout()
@@ -219,3 +220,15 @@ def test_a_disk_that_fills_up_is_answered_by_evicting(tmp_path, monkeypatch, war
     # The newest blocks made it: writes recovered instead of failing from then on.
     assert [w.get(h) for h in hashes[-3:]] == [block_bytes(cache, i) for i in range(37, 40)]
     assert w.stats().tiers["disk"].blocks_written >= 30
+
+
+def test_a_shared_directory_that_fills_up_is_answered_by_evicting(tmp_path, monkeypatch):
+    tier = SharedDirTier(tmp_path, 100 * ENTRY, LAYOUT)
+    fs = SmallFilesystem(tmp_path, 12 * ENTRY, monkeypatch)  # other users filled the volume
+    hashes = make_hashes(LAYOUT, 40)
+    cache = make_cache(LAYOUT, 40)
+    for i, h in enumerate(hashes):  # never a failed write: the tier evicts first
+        assert tier.put(h, encode_entry(LAYOUT, h, block_bytes(cache, i)))
+    assert fs.used() <= 12 * ENTRY
+    assert tier.capacity_bytes < 12 * ENTRY
+    assert tier.contains_many(hashes[-3:]) == [True] * 3
