@@ -84,10 +84,18 @@ def _is_open(path: str) -> bool:
 
 
 def effective_cache_salt(scope: Scope, requested: str | None) -> str | None:
-    """The salt the engine sees: HMAC of the tenant and the client's own salt (None when
-    neither is set: anonymous requests share the cache)."""
+    """The salt the engine sees (None when neither a tenant nor a client salt is set:
+    anonymous requests share the cache).
+
+    `HMAC(tenant)`, then `|HMAC(tenant, client salt)` when the client sent one: the part
+    before the `|` names the tenant's KV namespace in shared tiers (soberana.kv.namespace), so
+    `soberana kv purge --tenant` reaches every block of the tenant, whatever client salts it used.
+    """
     state = scope.get("state", {})
     tenant = state.get("tenant")
     if tenant is None and requested is None:
         return None
-    return derive_salt(state["salt_secret"], tenant or "", requested or "")
+    tenant_part = derive_salt(state["salt_secret"], tenant or "")
+    if requested is None:
+        return tenant_part
+    return f"{tenant_part}|{derive_salt(state['salt_secret'], tenant or '', requested)}"

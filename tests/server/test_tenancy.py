@@ -71,7 +71,10 @@ def test_cache_salts_are_keyed_by_the_server_secret_not_derivable_from_the_name(
     one, other = b"s" * 32, b"t" * 32
     scope = {"state": {"tenant": "key:abc", "salt_secret": one}}
     salt = effective_cache_salt(scope, "team-a")
-    assert salt == derive_salt(one, "key:abc", "team-a")
+    assert salt == derive_salt(one, "key:abc") + "|" + derive_salt(one, "key:abc", "team-a")
+    # The tenant's part (its KV namespace in shared tiers) is the same with or without a
+    # client salt, so a purge of the tenant reaches both.
+    assert salt.split("|")[0] == effective_cache_salt(scope, None)
     assert salt != effective_cache_salt({"state": {**scope["state"], "salt_secret": other}}, "team-a")
     assert salt != hashlib.sha256(b"key:abc|team-a").hexdigest()
     # A client without a tenant cannot send a salt that lands in a tenant's partition.
