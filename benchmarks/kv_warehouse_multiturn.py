@@ -318,7 +318,9 @@ def two_replicas(serve: list[str], work: Path, args) -> dict:
     try:
         time.sleep(0.5)
         extra = ["--kv-redis-url", f"redis://127.0.0.1:{port}/0", "--kv-write-through",
-                 "--kv-load-policy", "always"]
+                 "--kv-load-policy", "always",
+                 # A loopback Redis only this benchmark reaches.
+                 "--kv-shared-trusted"]
         a = Server(serve + extra, work / "replica_a.log")
         b = Server(serve + extra, work / "replica_b.log")
         # About a quarter of the context: "factN" is several tokens in small vocabularies.

@@ -12,6 +12,7 @@ _SUBCOMMANDS = {
     "bench": ("soberana.bench.cli", "benchmark any OpenAI-compatible endpoint"),
     "gateway": ("soberana.gateway.cli", "run the gateway over a fleet of backends"),
     "demo-model": ("soberana.models.demo", "build (or locate) the built-in demo model"),
+    "kv": ("soberana.kv.cli", "manage the KV warehouse's shared tiers (purge a tenant)"),
 }
 
 

@@ -7,12 +7,15 @@ from collections.abc import Callable
 
 
 class Block:
-    __slots__ = ("block_id", "ref_cnt", "block_hash")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "cache_salt")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
         self.block_hash: bytes | None = None  # set once the block is full and registered
+        # The salt the hash was computed under: the KV warehouse files the block under its
+        # tenant, so that the tenant's blocks can be purged.
+        self.cache_salt: str | None = None
 
 
 class BlockPool:
@@ -80,13 +83,15 @@ class BlockPool:
                 else:
                     self.free_queue[block.block_id] = None
 
-    def register(self, block: Block, block_hash: bytes) -> None:
-        """Name a full block by its hash so later requests can reuse it."""
+    def register(self, block: Block, block_hash: bytes, cache_salt: str | None = None) -> None:
+        """Name a full block by its hash (computed under `cache_salt`) so later requests can
+        reuse it."""
         if not self.enable_caching or block.block_hash is not None:
             return
         if block_hash in self.cached:
             return  # an identical block already serves this hash; this one stays anonymous
         block.block_hash = block_hash
+        block.cache_salt = cache_salt
         self.cached[block_hash] = block
 
     def reset_prefix_cache(self) -> None:

@@ -160,8 +160,8 @@ class EngineCore:
         if wcfg is None or not wcfg.enabled():
             return None
         from soberana.engine.kv_offload import KVOffload
+        from soberana.kv.build import build_warehouse
         from soberana.kv.layout import KVLayout
-        from soberana.kv.warehouse import build_warehouse
 
         warehouse = build_warehouse(wcfg, KVLayout.from_kv_cache(self.kv_cache, fingerprint))
         if wcfg.load_policy == "auto":

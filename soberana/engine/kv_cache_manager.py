@@ -112,7 +112,7 @@ class KVCacheManager:
         self._update_hashes(request)
         blocks = self.req_blocks[request.key]
         for i in range(start, num_full):
-            self.pool.register(blocks[i], request.block_hashes[i])
+            self.pool.register(blocks[i], request.block_hashes[i], request.cache_salt)
         self.num_registered[request.key] = num_full
 
     def free(self, request: Request) -> None:

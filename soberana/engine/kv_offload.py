@@ -49,14 +49,15 @@ class KVOffload:
         self.loads: dict[tuple[str, int], _Load] = {}
         self.cancelled: list[_Load] = []  # aborted while loading: freed once the copy ends
         self.num_written: dict[tuple[str, int], int] = {}  # leading blocks already handed over
-        # (hash, block id) evicted since the last flush; their contents are intact until
-        # something is launched that writes the blocks.
-        self.evicted: list[tuple[bytes, int]] = []
+        # (hash, block id, tenant namespace) evicted since the last flush; their contents are
+        # intact until something is launched that writes the blocks.
+        self.evicted: list[tuple[bytes, int, str]] = []
         if not write_through:  # with write-through every full block is out already
             kv.pool.on_evict = self._on_evict
 
     def _on_evict(self, block_hash: bytes, block_id: int) -> None:
-        self.evicted.append((block_hash, block_id))
+        salt = self.kv.pool.blocks[block_id].cache_salt
+        self.evicted.append((block_hash, block_id, self.warehouse.namespace_of(salt)))
 
     def flush_evictions(self) -> None:
         """Hand this step's evicted blocks to the warehouse in one batch. Call before
@@ -64,19 +65,20 @@ class KVOffload:
         """
         if not self.evicted:
             return
-        hashes, ids, seen = [], [], set()
-        for block_hash, block_id in self.evicted:
+        hashes, ids, namespaces, seen = [], [], [], set()
+        for block_hash, block_id, namespace in self.evicted:
             # A block evicted twice since the last flush was never computed under its second
             # name (nothing ran in between): only the first name holds its contents.
             if block_id not in seen:
                 seen.add(block_id)
                 hashes.append(block_hash)
                 ids.append(block_id)
+                namespaces.append(namespace)
         self.evicted.clear()
         # The pool evicts each sequence tail first; hand the blocks over head first, so that
         # if the staging buffer cannot take them all, what is dropped is tails (a block is
         # only reusable after its whole prefix, so a dropped head would waste its tail).
-        self.warehouse.put_blocks_async(hashes[::-1], self.kv_cache, ids[::-1])
+        self.warehouse.put_blocks_async(hashes[::-1], self.kv_cache, ids[::-1], namespaces[::-1])
 
     # ---- read path -------------------------------------------------------------------------
 
@@ -84,14 +86,18 @@ class KVOffload:
         """How many blocks after the GPU prefix hit the warehouse can load (asked once)."""
         last = (request.num_tokens - 1) // self.kv.block_size
         hashes = request.block_hashes[num_cached_blocks:last]
-        return len(self.warehouse.lookup_prefix(hashes)) if hashes else 0
+        if not hashes:
+            return 0
+        namespace = self.warehouse.namespace_of(request.cache_salt)
+        return len(self.warehouse.lookup_prefix(hashes, namespace))
 
     def start_load(self, request: Request, first_block: int, num_blocks: int) -> None:
         """Copy the request's blocks [first_block, first_block + num_blocks) in."""
         table = self.kv.block_table(request)[first_block:first_block + num_blocks]
         hashes = request.block_hashes[first_block:first_block + num_blocks]
         self.flush_evictions()  # the blocks just allocated may be evicted ones: copy them first
-        handle = self.warehouse.load_async(hashes, self.kv_cache, table)
+        namespace = self.warehouse.namespace_of(request.cache_salt)
+        handle = self.warehouse.load_async(hashes, self.kv_cache, table, namespace)
         self.loads[request.key] = _Load(request, handle, first_block)
 
     def finished_loads(self) -> list[tuple[Request, int]]:
@@ -144,8 +150,9 @@ class KVOffload:
             if full <= start:
                 continue
             table = self.kv.block_table(r)
+            namespace = self.warehouse.namespace_of(r.cache_salt)
             self.warehouse.put_blocks_async(r.block_hashes[start:full], self.kv_cache,
-                                            table[start:full])
+                                            table[start:full], [namespace] * (full - start))
             self.num_written[r.key] = full
 
     def forget(self, request: Request) -> None:

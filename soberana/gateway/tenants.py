@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections.abc import Sequence
 
 from soberana.gateway.config import TenantConfig
 from soberana.gateway.errors import GatewayError
+from soberana.tenant_salt import derive_salt, load_salt_secret
 
 
 def hash_key(api_key: str) -> str:
@@ -20,6 +22,18 @@ def bearer_key_hash(authorization: str | None) -> str | None:
     if not authorization or not authorization.startswith("Bearer "):
         return None
     return hash_key(authorization[7:].strip())
+
+
+def tenant_cache_salt(name: str) -> str:
+    """The cache salt of tenant `name`: HMAC-SHA256 under the gateway's salt secret."""
+    return derive_salt(_salt_secret(), "soberana-tenant", name)[:32]
+
+
+@functools.cache
+def _salt_secret() -> bytes:
+    # $SOBERANA_TENANT_SALT_SECRET_FILE or $SOBERANA_TENANT_SALT_SECRET; random per process
+    # otherwise (salts then change on restart: cache misses, never a shared block).
+    return load_salt_secret(who="gateway")
 
 
 class TokenBucket:
@@ -67,8 +81,9 @@ class TenantState:
         self.metrics_label = config.name if name_in_metrics else "all"
         self.requests = _bucket(self.requests, config.requests_per_minute)
         self.tokens = _bucket(self.tokens, config.tokens_per_minute)
-        # A salt derived from the name keeps tenants apart even when none is configured.
-        self.cache_salt = config.cache_salt or hash_key("soberana-tenant:" + config.name)[:32]
+        # A salt derived from the name keeps tenants apart even when none is configured; keyed
+        # by the gateway's secret, so whoever reaches a backend directly cannot compute it.
+        self.cache_salt = config.cache_salt or tenant_cache_salt(config.name)
 
     def may_use(self, model: str) -> bool:
         """The tenant's allow-list includes `model` (no list: every model)."""

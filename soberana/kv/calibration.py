@@ -11,7 +11,7 @@ from functools import partial
 
 import torch
 
-from soberana.kv.entry import HEADER_SIZE, encode_entry, entry_problem
+from soberana.kv.codec import CheckedCodec, EntryCodec, EntryRejected
 from soberana.kv.host_tier import HostTier
 from soberana.kv.layout import KVLayout
 from soberana.kv.loader import payload_tensor
@@ -69,16 +69,19 @@ def measure_load_rates(
     stores: list[EntryStore],
     device: torch.device | str,
     reps: int = 8,
+    codecs: dict[str, EntryCodec] | None = None,
 ) -> dict[str, float]:
-    """Each tier's load rate in tokens/s, from a probe block written there and removed after;
-    0 for a tier the probe fails on (it will not be loaded from)."""
+    """Each tier's load rate in tokens/s, from a probe block written there (in the store's
+    codec: sealed entries cost their check or decryption) and removed after; 0 for a tier
+    the probe fails on (unreachable, full, read-only: it is not loaded from)."""
     probe = torch.randint(0, 256, (layout.block_nbytes,), dtype=torch.uint8)
     rates: dict[str, float] = {}
     if host is not None:
         rates[host.name] = _host_rate(layout, host, probe, device, reps)
     for store in stores:
         try:
-            rates[store.name] = _store_rate(layout, store, probe, device, reps)
+            codec = (codecs or {}).get(store.name) or CheckedCodec(layout)
+            rates[store.name] = _store_rate(layout, store, codec, probe, device, reps)
         except Exception as e:  # an unusable tier is a measurement, not a start-up failure
             logger.warning("kv %s: the load probe failed (%r); not loading from it", store.name, e)
             rates[store.name] = 0.0
@@ -102,16 +105,24 @@ def _host_rate(
 
 
 def _store_rate(
-    layout: KVLayout, store: EntryStore, probe: torch.Tensor, device: torch.device | str, reps: int
+    layout: KVLayout,
+    store: EntryStore,
+    codec: EntryCodec,
+    probe: torch.Tensor,
+    device: torch.device | str,
+    reps: int,
 ) -> float:
     key = os.urandom(32)
-    store.put(key, encode_entry(layout, key, memoryview(probe.numpy())))
+    store.put(key, codec.encode(key, memoryview(probe.numpy())))
 
     def read() -> tuple[torch.Tensor, Callable[[], None]] | None:
         entry = store.get(key)
-        if entry is None or entry_problem(layout, key, entry) is not None:
+        if entry is None:
             return None
-        return payload_tensor(memoryview(entry)[HEADER_SIZE:]), _nothing
+        try:
+            return payload_tensor(memoryview(codec.decode(key, entry))), _nothing
+        except EntryRejected:
+            return None
 
     try:
         return time_block_loads(layout, read, device, reps)

@@ -4,9 +4,13 @@ argument parsing uses this)."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 GB = 1 << 30
+# The shared tiers' key, for deployments that pass secrets as environment variables.
+SHARED_KEY_ENV = "SOBERANA_KV_SHARED_KEY"
+MIN_SHARED_KEY_BYTES = 16
 # Default write staging: this much, or room for this many blocks if that is more. One
 # admission can evict a whole prompt's blocks at once (a 12k-token prompt of an 8B model is
 # 800 blocks of 2 MB; two admissions in a step, 1,600), and blocks that find no slot are
@@ -32,6 +36,23 @@ class KVWarehouseConfig:
     write_through: bool = False
     # auto: load from a tier only if it beats recomputing (measured at start); always: load.
     load_policy: str = "auto"
+    # The shared tiers' (Redis, shared directory) secret: a file, else $SOBERANA_KV_SHARED_KEY.
+    # Without one, shared tiers refuse to start unless marked trusted.
+    shared_key_file: str | None = None
+    shared_trusted: bool = False
+    shared_encrypt: bool = False
+
+    def has_shared_tier(self) -> bool:
+        """Whether a tier that other machines can write is configured."""
+        return bool(self.redis_url or self.shared_dir)
+
+    def shared_key(self) -> bytes | None:
+        """The shared tiers' secret (surrounding whitespace stripped), or None."""
+        if self.shared_key_file:
+            with open(self.shared_key_file, "rb") as f:
+                return f.read().strip()
+        value = os.environ.get(SHARED_KEY_ENV)
+        return value.strip().encode() if value and value.strip() else None
 
     def enabled(self) -> bool:
         """Whether any tier is configured."""
@@ -69,6 +90,34 @@ class KVWarehouseConfig:
             raise ValueError(f"--kv-load-policy must be auto or always; got {self.load_policy!r}")
         if self.write_buffer_mb is not None and self.write_buffer_mb < 1:
             raise ValueError(f"--kv-write-buffer-mb must be >= 1; got {self.write_buffer_mb}")
+        self._validate_shared_key()
+
+    def _validate_shared_key(self) -> None:
+        if not self.has_shared_tier():
+            return
+        try:
+            key = self.shared_key()
+        except OSError as e:
+            raise ValueError(f"--kv-shared-key-file cannot be read: {e}") from None
+        if key is None:
+            if self.shared_encrypt:
+                raise ValueError(
+                    "--kv-shared-encrypt needs a key: --kv-shared-key-file or "
+                    f"${SHARED_KEY_ENV}"
+                )
+            if not self.shared_trusted:
+                raise ValueError(
+                    "--kv-redis-url and --kv-shared-dir need a key shared by the replicas "
+                    f"(--kv-shared-key-file or ${SHARED_KEY_ENV}): without one, whoever can "
+                    "write the store can change other tenants' outputs. Pass "
+                    "--kv-shared-trusted to run without it on a store only this trust "
+                    "domain can reach"
+                )
+        elif len(key) < MIN_SHARED_KEY_BYTES:
+            raise ValueError(
+                f"the KV shared key must be at least {MIN_SHARED_KEY_BYTES} bytes; got "
+                f"{len(key)} (e.g. `head -c 32 /dev/urandom | base64 > kv.key`)"
+            )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +180,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: load a tier's blocks only where that beats recomputing them (measured "
         "at start); always: load whatever is found",
     )
+    g.add_argument(
+        "--kv-shared-key-file",
+        default=None,
+        help="file holding the secret (>= 16 bytes) that authenticates the entries of "
+        f"--kv-redis-url and --kv-shared-dir; the same on every replica (or ${SHARED_KEY_ENV})",
+    )
+    g.add_argument(
+        "--kv-shared-encrypt",
+        action="store_true",
+        help="also encrypt shared-tier entries (AES-256-GCM), so the store holds no readable KV",
+    )
+    g.add_argument(
+        "--kv-shared-trusted",
+        action="store_true",
+        help="run shared tiers without a key: only where no one outside this trust domain "
+        "can write the Redis or directory",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> KVWarehouseConfig:
@@ -146,6 +212,9 @@ def config_from_args(args: argparse.Namespace) -> KVWarehouseConfig:
         write_buffer_mb=args.kv_write_buffer_mb,
         write_through=args.kv_write_through,
         load_policy=args.kv_load_policy,
+        shared_key_file=args.kv_shared_key_file,
+        shared_trusted=args.kv_shared_trusted,
+        shared_encrypt=args.kv_shared_encrypt,
     )
     config.validate()
     return config

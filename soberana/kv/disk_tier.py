@@ -5,12 +5,15 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from soberana.kv.config import GB
 from soberana.kv.entry import HEADER_SIZE, entry_size, stored_identity
 from soberana.kv.entry_files import (
+    FULL_ERRNOS,
     TEMP_SUFFIX,
     entry_path,
     key_from_name,
@@ -24,6 +27,8 @@ from soberana.kv.tier import TierUsage
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+# After the filesystem filled up, the capacity is lowered to this fraction of what it held.
+FULL_LOW_WATER = 0.9
 
 
 class DiskTier:
@@ -51,7 +56,21 @@ class DiskTier:
         self._index: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self._rebuild_index()
+        self._fit_free_space()
 
+    def _fit_free_space(self) -> None:
+        """Lower the capacity to what the filesystem can hold: our entries plus its free
+        space. A full filesystem fails every write; a tier that knows evicts instead."""
+        fits = len(self._index) * self.entry_size + shutil.disk_usage(self.root).free
+        if fits < self.capacity_bytes:
+            logger.warning(
+                "kv disk tier %s: --kv-disk-gb is %.2f GB but the filesystem holds only "
+                "%.2f GB more of ours; using %.2f GB",
+                self.root, self.capacity_bytes / GB, fits / GB, fits * FULL_LOW_WATER / GB,
+            )  # fmt: skip
+            self.capacity_bytes = max(self.entry_size, int(fits * FULL_LOW_WATER))
+            with self._lock:
+                self._evict_to(self.capacity_bytes)
     def _take_directory_lock(self) -> int:
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -99,7 +118,7 @@ class DiskTier:
             key, _ = self._index.popitem(last=False)
             entry_path(self.root, key).unlink(missing_ok=True)
 
-    def get(self, key: bytes) -> bytearray | None:
+    def get(self, key: bytes, namespace: str = "") -> bytearray | None:
         with self._lock:
             if key not in self._index:
                 return None
@@ -112,11 +131,13 @@ class DiskTier:
             return None
         try:
             os.utime(path)  # the mtime is the LRU order a restart rebuilds
-        except FileNotFoundError:
-            pass  # evicted after the read: the bytes we hold are still whole
+        except OSError:
+            # Evicted after the read, or a read-only filesystem (EPERM, EROFS): the bytes we
+            # hold are whole either way, and only the order after a restart is lost.
+            pass
         return data
 
-    def put(self, key: bytes, entry: bytes) -> bool:
+    def put(self, key: bytes, entry: bytes, namespace: str = "") -> bool:
         if len(entry) != self.entry_size:
             raise ValueError(f"entry must be {self.entry_size} bytes; got {len(entry)}")
         with self._lock:
@@ -124,16 +145,32 @@ class DiskTier:
                 self._index.move_to_end(key)
                 return False
             self._evict_to(self.capacity_bytes - self.entry_size)
-        write_atomic(entry_path(self.root, key), entry)
+        try:
+            write_atomic(entry_path(self.root, key), entry)
+        except OSError as e:
+            if e.errno not in FULL_ERRNOS:
+                raise
+            self._shrink_after_full()
+            write_atomic(entry_path(self.root, key), entry)
         with self._lock:
             self._index[key] = None
         return True
 
-    def contains_many(self, keys: list[bytes]) -> list[bool]:
+    def _shrink_after_full(self) -> None:
+        """The filesystem filled before our capacity did (others write to it too): keep a
+        lower capacity from now on and evict down to it, so writes succeed again."""
+        with self._lock:
+            held = len(self._index) * self.entry_size
+            self.capacity_bytes = max(self.entry_size, int(held * FULL_LOW_WATER))
+            self._evict_to(self.capacity_bytes - self.entry_size)
+        logger.warning("kv disk tier %s: the filesystem is full; capacity lowered to %.2f GB",
+                       self.root, self.capacity_bytes / GB)  # fmt: skip
+
+    def contains_many(self, keys: list[bytes], namespace: str = "") -> list[bool]:
         with self._lock:
             return [k in self._index for k in keys]
 
-    def discard(self, key: bytes) -> None:
+    def discard(self, key: bytes, namespace: str = "") -> None:
         with self._lock:
             self._index.pop(key, None)
         entry_path(self.root, key).unlink(missing_ok=True)

@@ -6,6 +6,7 @@ Shared by the disk tier and the shared-directory tier. An entry for block hash `
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from pathlib import Path
 
 ENTRY_SUFFIX = ".kv"
 TEMP_SUFFIX = ".tmp"
+# A write failing with one of these means the filesystem (or the user's quota) is full.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def entry_path(root: Path, key: bytes) -> Path:

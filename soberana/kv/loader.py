@@ -40,9 +40,9 @@ def payload_tensor(payload: memoryview) -> torch.Tensor:
     return torch.frombuffer(payload, dtype=torch.uint8)
 
 
-# Yields a source for each leading block it can serve, in order; closing it early releases
-# what it still holds.
-SourcesFn = Callable[[list[bytes]], Iterator[BlockSource]]
+# (block hashes, tenant namespace) -> a source for each leading block it can serve, in
+# order; closing it early releases what it still holds.
+SourcesFn = Callable[[list[bytes], str], Iterator[BlockSource]]
 
 
 class LoadHandle:
@@ -91,6 +91,7 @@ class _Job:
     block_ids: list[int]
     after: torch.cuda.Event | None  # the caller's stream position the copies must follow
     submitted: float
+    namespace: str = ""
 
 
 # A load batch between the tiers' payloads and a GPU's cache (128 MiB: 64 blocks of the
@@ -176,6 +177,7 @@ class BlockLoader:
         kv_cache: torch.Tensor,
         block_ids: list[int],
         inline: bool = False,
+        namespace: str = "",
     ) -> LoadHandle:
         """Start loading `block_hashes[i]` into `kv_cache[:, :, block_ids[i]]`.
 
@@ -195,7 +197,8 @@ class BlockLoader:
             after = torch.cuda.Event()
             after.record()
         handle = LoadHandle(len(block_hashes))
-        job = _Job(handle, list(block_hashes), kv_cache, list(block_ids), after, time.monotonic())
+        job = _Job(handle, list(block_hashes), kv_cache, list(block_ids), after, time.monotonic(),
+                   namespace)  # fmt: skip
         if inline and kv_cache.is_cuda:
             self._start_inline(job)
         else:
@@ -258,7 +261,7 @@ class BlockLoader:
             key = (device, threading.current_thread() is self._thread)
             pipe = self._pipes.get(key) or _Pipeline(device, self.batch_blocks, self.layout)
             self._pipes[key] = pipe
-        blocks = self._sources(job.block_hashes)
+        blocks = self._sources(job.block_hashes, job.namespace)
         try:
             with torch.inference_mode(), torch.cuda.stream(pipe.upload if pipe else None):
                 ids = torch.tensor(job.block_ids, dtype=torch.long).to(device, non_blocking=True)

@@ -19,24 +19,25 @@ class EntryStore(Protocol):
     """A byte store keyed by block hash. Stores move bytes; the warehouse checks them.
 
     Methods may raise OSError or a client library's error; the warehouse turns those into
-    misses and never lets them reach the engine.
+    misses and never lets them reach the engine. `namespace` is the tenant namespace of the
+    entry (`namespace.py`); stores only one replica uses (the local disk) ignore it.
     """
 
     name: str
 
-    def get(self, key: bytes) -> bytes | bytearray | None:
+    def get(self, key: bytes, namespace: str = "") -> bytes | bytearray | None:
         """The stored entry, or None when absent."""
         ...
 
-    def put(self, key: bytes, entry: bytes) -> bool:
+    def put(self, key: bytes, entry: bytes, namespace: str = "") -> bool:
         """Publish atomically; False when the key was already there (nothing written)."""
         ...
 
-    def contains_many(self, keys: list[bytes]) -> list[bool]:
+    def contains_many(self, keys: list[bytes], namespace: str = "") -> list[bool]:
         """Presence of each key, in one round trip where the store allows it."""
         ...
 
-    def discard(self, key: bytes) -> None:
+    def discard(self, key: bytes, namespace: str = "") -> None:
         """Remove an entry the warehouse found unsound."""
         ...
 

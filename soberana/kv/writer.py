@@ -17,8 +17,8 @@ from soberana.kv.loader import STAGING_BYTES, as_block_rows, blocks_dim, check_c
 logger = logging.getLogger(__name__)
 
 # Stores a batch: (block hashes, payloads as [block_nbytes] uint8 rows, per block the source
-# tier or None for the engine's blocks).
-StoreFn = Callable[[list[bytes], list[torch.Tensor], list["str | None"]], None]
+# tier or None for the engine's blocks, per block the tenant namespace).
+StoreFn = Callable[[list[bytes], list[torch.Tensor], list["str | None"], list[str]], None]
 
 # Blocks the thread stores per call. Each torch call the thread makes lets the GIL go and must
 # win it back from the engine's busy thread (up to a switch interval, 5 ms), so a call per
@@ -32,6 +32,7 @@ class _Job:
     slot: int
     ready: torch.cuda.Event | None  # set when the copy off the GPU is still in flight
     source: str | None
+    namespace: str = ""
 
 
 class BlockWriter:
@@ -66,7 +67,11 @@ class BlockWriter:
         self._thread.start()
 
     def submit(
-        self, key: bytes, block: torch.Tensor | bytes | memoryview, source: str | None = None
+        self,
+        key: bytes,
+        block: torch.Tensor | bytes | memoryview,
+        source: str | None = None,
+        namespace: str = "",
     ) -> bool:
         """Queue one block; False (dropped) when the staging buffer is full or closed."""
         if isinstance(block, torch.Tensor):
@@ -94,13 +99,20 @@ class BlockWriter:
         else:
             staging.numpy()[:] = np.frombuffer(block, dtype=np.uint8)
         with self._cond:
-            self._jobs.append(_Job(key, slot, ready, source))
+            self._jobs.append(_Job(key, slot, ready, source, namespace))
             self._in_flight += 1
             self._cond.notify_all()
         return True
 
-    def submit_blocks(self, keys: list[bytes], kv_cache: torch.Tensor, block_ids: list[int]) -> int:
-        """Queue `kv_cache[:, :, block_ids[i]]` under `keys[i]`; returns how many leading
+    def submit_blocks(
+        self,
+        keys: list[bytes],
+        kv_cache: torch.Tensor,
+        block_ids: list[int],
+        namespaces: list[str] | None = None,
+    ) -> int:
+        """Queue `kv_cache[:, :, block_ids[i]]` under `keys[i]` (tenant namespace
+        `namespaces[i]`, default none); returns how many leading
         blocks were taken (the rest are dropped: the staging buffer is full or closed).
 
         One gather kernel per chunk of blocks and one device-to-host copy per run of
@@ -143,7 +155,9 @@ class BlockWriter:
         with self._cond:
             self._free_slots.extend(slots[taken:])
             self._jobs.extend(
-                _Job(k, slot, ready, None) for k, slot in zip(keys[:taken], slots, strict=False)
+                _Job(k, slot, ready, None, ns)
+                for k, slot, ns in zip(keys[:taken], slots, namespaces or [""] * taken,
+                                       strict=False)  # fmt: skip
             )
             self._in_flight += taken
             self._cond.notify_all()
@@ -168,7 +182,7 @@ class BlockWriter:
                 for event in events.values():
                     event.synchronize()
                 self._store([j.key for j in batch], [self._staging[j.slot] for j in batch],
-                            [j.source for j in batch])  # fmt: skip
+                            [j.source for j in batch], [j.namespace for j in batch])  # fmt: skip
             except Exception:
                 # The store guards every tier; this keeps the thread alive if it has a bug.
                 logger.exception("kv writer: storing %d blocks failed", len(batch))

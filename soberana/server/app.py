@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import functools
+import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from soberana import __version__
+from soberana.server import responses as r
+from soberana.server.body_limit import RequestBodyLimit
+from soberana.server.docs import install_docs
 from soberana.server.engine_client import (
     EngineClient,
     EngineDeadError,
     EngineRejectedError,
     QueueFullError,
+    ServerShuttingDownError,
 )
-from soberana.server.engine_inputs import render_chat_off_loop
+from soberana.server.engine_inputs import check_prompt_chars, render_chat_off_loop
 from soberana.server.errors import OpenAIError, bad_request, install_error_handlers
 from soberana.server.protocol import (
     ChatCompletionRequest,
@@ -27,9 +34,8 @@ from soberana.server.protocol import (
 )
 from soberana.server.serving_chat import create_chat_completion
 from soberana.server.serving_completion import create_completion
+from soberana.server.streaming import cancel_on_disconnect
 from soberana.server.tenancy import TenantMiddleware
-
-# Paths that answer without the API key: probes and scrapers carry no credentials.
 
 
 @dataclass
@@ -38,17 +44,33 @@ class ServerSettings:
 
     served_model_names: list[str] | None = None  # None: the engine's model name
     api_keys: list[str] | None = None  # each key is one tenant; None: no authentication
-    tenant_header: str | None = None  # trusted header naming the tenant (behind a gateway)
+    tenant_header: str | None = None  # names a sub-tenant within the key's tenant
     retry_after_s: int = 1  # Retry-After on a 429
+    # Keys the tenants' cache salts (HMAC); random unless the operator shares one.
+    salt_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    allowed_origins: list[str] | None = None  # CORS; None: browsers on other origins refused
+    max_request_body_bytes: int = 32 * 2**20
 
 
 def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     """The OpenAI-compatible application over a (possibly still starting) engine client."""
-    app = FastAPI(title="Soberana", version=__version__, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="Soberana", version=__version__, docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    if settings.api_keys or settings.tenant_header:
-        app.add_middleware(TenantMiddleware, api_keys=settings.api_keys or [],
-                           tenant_header=settings.tenant_header)
+    install_docs(app)
+    # Middleware runs outermost-last-added: CORS answers preflights before any key check; the
+    # body limit refuses an oversized body before anything reads it.
+    app.add_middleware(TenantMiddleware, api_keys=settings.api_keys or [],
+                       tenant_header=settings.tenant_header, salt_secret=settings.salt_secret)
+    app.add_middleware(RequestBodyLimit, max_bytes=settings.max_request_body_bytes)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     started = int(time.time())
 
     def model_names() -> list[str]:
@@ -73,6 +95,10 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return OpenAIError(503, f"The engine has stopped: {str(exc).splitlines()[0]}").response()
 
+    @app.exception_handler(ServerShuttingDownError)
+    async def _shutting_down(_: Request, exc: ServerShuttingDownError) -> JSONResponse:
+        return OpenAIError(503, str(exc), code="server_shutting_down").response()
+
     @app.exception_handler(EngineRejectedError)
     async def _rejected(_: Request, exc: EngineRejectedError) -> JSONResponse:
         return bad_request(str(exc)).response()
@@ -82,67 +108,103 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         headers = {"Retry-After": str(settings.retry_after_s)}
         return OpenAIError(429, str(exc), code="rate_limit_exceeded", headers=headers).response()
 
-    @app.get("/health")
+    def model_card(name: str) -> dict:
+        info = engine.model_info
+        return {
+            "id": name,
+            "object": "model",
+            "created": started,
+            "owned_by": "soberana",
+            "root": info.path,
+            "parent": None,
+            "max_model_len": info.max_model_len,
+        }
+
+    async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+        # A client that leaves while its prompt is rendered or tokenized stops that work.
+        result = await cancel_on_disconnect(work, request.receive)
+        return Response(status_code=499) if result is None else result
+
+    @app.get("/health", responses={200: {"model": r.HealthResponse}, 503: r.API_ERRORS[503]})
     async def health() -> JSONResponse:
         """200 once the engine is ready; 503 while starting and after a fatal engine error."""
         ready_engine()
         return JSONResponse({"status": "ok"})
 
-    @app.get("/version")
+    # HEAD for probes that send it (load balancers); same status, no body.
+    app.head("/health", responses={200: {"description": "Ready"}, 503: r.API_ERRORS[503]},
+             operation_id="health_head")(health)
+
+    @app.get("/version", responses={200: {"model": r.VersionResponse}})
     async def version() -> JSONResponse:
         return JSONResponse({"version": __version__})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics", response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus text exposition format (vLLM's names)"}},
+    )
     async def metrics() -> Response:
         body = engine.metrics.render() if engine.metrics is not None else b""
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": r.ModelList}, 401: r.API_ERRORS[401],
+                                      503: r.API_ERRORS[503]})
     async def list_models() -> JSONResponse:
-        info = ready_engine().model_info
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": started,
-                "owned_by": "soberana",
-                "root": info.path,
-                "parent": None,
-                "max_model_len": info.max_model_len,
-            }
-            for name in model_names()
-        ]
-        return JSONResponse({"object": "list", "data": data})
+        ready_engine()
+        return JSONResponse({"object": "list", "data": [model_card(n) for n in model_names()]})
 
-    @app.post("/v1/chat/completions")
+    @app.get("/v1/models/{model_id:path}", responses={200: {"model": r.ModelCard},
+                                                        **r.API_ERRORS})
+    async def retrieve_model(model_id: str) -> JSONResponse:
+        """One model by id (`client.models.retrieve`)."""
+        ready_engine(model_id)
+        return JSONResponse(model_card(model_id))
+
+    @app.post(
+        "/v1/chat/completions",
+        responses={**r.API_ERRORS, **r.streamed(r.ChatCompletion, "The completion, or its chunks")},
+    )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         ready_engine(body.model)
-        return await create_chat_completion(body, request, engine, body.model or model_names()[0])
+        check_prompt_chars(engine, [body.messages], "messages")
+        model = body.model or model_names()[0]
+        return await until_disconnect(
+            request, create_chat_completion(body, request, engine, model)
+        )
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        responses={**r.API_ERRORS, **r.streamed(r.Completion, "The completion, or its chunks")},
+    )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         ready_engine(body.model)
-        return await create_completion(body, request, engine, body.model or model_names()[0])
+        check_prompt_chars(engine, body.prompt, "prompt")
+        model = body.model or model_names()[0]
+        return await until_disconnect(request, create_completion(body, request, engine, model))
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+    @app.post("/tokenize", responses={200: {"model": r.TokenizeResponse}, **r.API_ERRORS})
+    async def tokenize(body: TokenizeRequest, request: Request) -> Response:
         """Token ids of a prompt, or of chat messages rendered with the chat template."""
         info = ready_engine(body.model).model_info
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt or messages", param="prompt")
-        if body.messages is not None:
-            prompt = await render_chat_off_loop(engine, body)
-            tokens = prompt.token_ids
-        else:
-            encode = functools.partial(
-                engine.tokenizer.encode, add_special_tokens=body.add_special_tokens
-            )
-            tokens = await engine.run_tokenizer(len(body.prompt), encode, body.prompt)
-        return JSONResponse(
-            {"tokens": tokens, "count": len(tokens), "max_model_len": info.max_model_len}
-        )
 
-    @app.post("/detokenize")
+        async def work() -> Response:
+            if body.messages is not None:
+                prompt = await render_chat_off_loop(engine, body)
+                tokens = prompt.token_ids
+            else:
+                encode = functools.partial(
+                    engine.tokenizer.encode, add_special_tokens=body.add_special_tokens
+                )
+                tokens = await engine.run_tokenizer(len(body.prompt), encode, body.prompt)
+            return JSONResponse(
+                {"tokens": tokens, "count": len(tokens), "max_model_len": info.max_model_len}
+            )
+
+        return await until_disconnect(request, work())
+
+    @app.post("/detokenize", responses={200: {"model": r.DetokenizeResponse}, **r.API_ERRORS})
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
         """Text of a list of token ids."""
         info = ready_engine(body.model).model_info

@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,13 +21,42 @@ from soberana.engine.config import EngineConfig
 from soberana.kv.config import add_arguments as add_kv_arguments
 from soberana.kv.config import config_from_args as kv_config_from_args
 from soberana.server.app import ServerSettings, build_app
-from soberana.server.engine_client import EngineClient
+from soberana.server.engine_client import EngineClient, ServerShuttingDownError
+from soberana.tenant_salt import load_salt_secret
 
 logger = logging.getLogger("soberana.server")
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# Past --shutdown-timeout, requests are ended with an error; uvicorn's own hard stop follows
+# this much later, for responses that still would not finish.
+_HARD_STOP_AFTER_S = 10.0
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends each flag's default to its help, unless the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default in (None, argparse.SUPPRESS, False)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def device_arg(value: str) -> str:
+    """`--device`: checked while parsing, so an unsupported device fails at once."""
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"unsupported device {value!r}: choose {DEVICES}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `soberana serve` (vLLM's names where vLLM has one)."""
+    parser.formatter_class = _HelpFormatter
     parser.add_argument(
         "model",
         nargs="?",
@@ -33,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local Hugging Face model directory or hub id; omit for the built-in demo model",
     )
     http = parser.add_argument_group("HTTP server")
-    http.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind")
     http.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one")
     http.add_argument(
         "--api-key",
@@ -45,8 +76,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument(
         "--tenant-header",
         default=None,
-        help="trusted header naming the tenant (e.g. X-Tenant-Id, set by a gateway in front); "
-        "requests of different tenants never share KV blocks",
+        help="header naming a sub-tenant within the tenant of the request's API key (e.g. "
+        "X-Tenant-Id, set by a gateway in front); needs --api-key. Requests of different "
+        "tenants never share KV blocks",
+    )
+    http.add_argument(
+        "--tenant-salt-secret-file",
+        default=None,
+        help="file holding the secret (>= 16 bytes) that keys tenants' KV cache salts "
+        "(HMAC-SHA256); default $SOBERANA_TENANT_SALT_SECRET_FILE, $SOBERANA_TENANT_SALT_SECRET, "
+        "else random per process (no reuse of tenant-salted blocks across restarts/replicas)",
+    )
+    http.add_argument(
+        "--allowed-origins",
+        action="append",
+        default=None,
+        help="an origin allowed to call the API from a browser (CORS), e.g. "
+        "https://app.example.org, or '*'; repeat for several; default: none",
+    )
+    http.add_argument(
+        "--max-request-body-mb",
+        type=float,
+        default=32.0,
+        help="answer 413 to a request body larger than this many MiB, before reading it",
     )
     http.add_argument(
         "--served-model-name",
@@ -69,9 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds to let running requests finish before aborting them",
+        help="on SIGTERM, seconds to let running requests finish; the rest then end with an "
+        "OpenAI error (JSON 503, or an SSE error event then [DONE])",
     )
-    http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    http.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="least severe log level printed",
+    )
     http.add_argument(
         "--disable-uvicorn-access-log", action="store_true", help="do not log every request"
     )
@@ -79,24 +135,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = EngineConfig()
     eng.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     eng.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GB")
-    eng.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
-    eng.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    eng.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
+    eng.add_argument(
+        "--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+        help="share of GPU memory the engine may use (weights, KV cache, activations)",
+    )
+    eng.add_argument(
+        "--max-num-seqs", type=int, default=defaults.max_num_seqs,
+        help="most sequences in one engine step (the running batch)",
+    )
+    eng.add_argument(
+        "--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+        help="token budget of one engine step (prefill chunks plus decodes)",
+    )
     eng.add_argument(
         "--long-prefill-token-threshold", type=int, default=defaults.long_prefill_token_threshold,
         help="a prefill longer than this advances at most this many tokens per step, so "
         "shorter prompts are not held behind it (default 0: no limit)",
     )
-    eng.add_argument("--block-size", type=int, default=defaults.block_size)
-    eng.add_argument("--dtype", default=defaults.dtype, help="auto, float32, float16 or bfloat16")
-    eng.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    eng.add_argument("--seed", type=int, default=defaults.seed)
+    eng.add_argument(
+        "--block-size", type=int, default=defaults.block_size, help="tokens per KV cache block"
+    )
+    eng.add_argument("--dtype", default=defaults.dtype, choices=DTYPES, help="weight and KV dtype")
+    eng.add_argument("--device", default=defaults.device, type=device_arg, help=DEVICES)
+    eng.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the engine's random generator"
+    )
     eng.add_argument("--revision", default=None, help="hub revision of MODEL")
-    eng.add_argument("--max-logprobs", type=int, default=defaults.max_logprobs)
+    eng.add_argument(
+        "--max-logprobs", type=int, default=defaults.max_logprobs,
+        help="most logprobs a request may ask for per token",
+    )
     eng.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=defaults.enable_prefix_caching,
+        help="reuse the KV blocks of prompt prefixes already computed",
     )
     eng.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs")
     eng.add_argument(
@@ -151,6 +224,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-waiting-requests must be >= 1; got {args.max_waiting_requests}")
         if args.shutdown_timeout < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0; got {args.shutdown_timeout}")
+        if args.max_request_body_mb <= 0:
+            raise ValueError(f"--max-request-body-mb must be > 0; got {args.max_request_body_mb}")
+        if args.tenant_header and not _api_keys(args):
+            raise ValueError("--tenant-header needs --api-key: the header only names sub-tenants "
+                             "within the tenant of the key that sent the request")
+        salt_secret = load_salt_secret(args.tenant_salt_secret_file)
         chat_template = _read_chat_template(args.chat_template)
         sock = _bind(args.host, args.port)
     except (ValueError, OSError) as exc:
@@ -166,23 +245,41 @@ def run(args: argparse.Namespace) -> int:
             DEMO_NAME,
             LABEL,
         )
-    return _event_loop_runner()(_serve(args, config, chat_template, sock))
+    return _event_loop_runner()(_serve(args, config, chat_template, sock, salt_secret))
 
 
 async def _serve(
-    args: argparse.Namespace, config: EngineConfig, chat_template: str | None, sock: socket.socket
+    args: argparse.Namespace,
+    config: EngineConfig,
+    chat_template: str | None,
+    sock: socket.socket,
+    salt_secret: bytes,
 ) -> int:
+    t0 = time.perf_counter()
     engine = EngineClient(config, args.max_waiting_requests, chat_template)
-    app = build_app(engine, ServerSettings(args.served_model_name, _api_keys(args), args.tenant_header))
+    settings = ServerSettings(
+        served_model_names=args.served_model_name,
+        api_keys=_api_keys(args),
+        tenant_header=args.tenant_header,
+        salt_secret=salt_secret,
+        allowed_origins=args.allowed_origins,
+        max_request_body_bytes=int(args.max_request_body_mb * 2**20),
+    )
+    app = build_app(engine, settings)
     server = _Server(
         uvicorn.Config(
             app,
             lifespan="off",
             log_config=None,
             access_log=not args.disable_uvicorn_access_log,
-            timeout_graceful_shutdown=args.shutdown_timeout,
-        )
+            timeout_graceful_shutdown=args.shutdown_timeout + _HARD_STOP_AFTER_S,
+        ),
+        engine,
+        args.shutdown_timeout,
     )
+    # A dead engine core ends the server (exit 1) once in-flight requests have their error, so
+    # a supervisor restarts it instead of a replica answering 503 forever.
+    engine.on_fatal = server.stop
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -201,25 +298,57 @@ async def _serve(
         return 1
     info = engine.model_info
     logger.info(
-        "ready: serving %s (max_model_len %d, %s, %s) at %s/v1",
+        "ready: serving %s (max_model_len %d, %s, %s) at %s/v1; start-up took %.1fs",
         ", ".join(args.served_model_name or [info.name]),
         info.max_model_len,
         info.device,
         info.dtype,
         url,
+        time.perf_counter() - t0,
     )
     await serving
+    if engine.crashed:
+        logger.error("exiting with code 1: the engine core died (%s)",
+                     (engine.dead_reason or "").splitlines()[0])
+        await engine.shutdown(timeout=5)
+        return 1
     logger.info("HTTP server stopped; stopping the engine")
     await engine.shutdown()
     return 0
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, except that a drained SIGTERM ends with exit code 0.
+    """uvicorn, except that a drained SIGTERM ends with exit code 0, and requests still
+    running at --shutdown-timeout end with an OpenAI error rather than a cut connection.
 
     uvicorn re-raises the caught signal after its graceful shutdown, so the process would
     die of it (exit -15) even though every request finished.
     """
+
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, drain_s: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.drain_s = drain_s
+
+    def stop(self) -> None:
+        self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.drain_s, self._drain_timed_out)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _drain_timed_out(self) -> None:
+        error = ServerShuttingDownError(
+            f"the server is shutting down and this request did not finish within "
+            f"--shutdown-timeout {self.drain_s:g}s"
+        )
+        ended = self.engine.fail_all(error)
+        if ended:
+            logger.warning("--shutdown-timeout %gs passed: ended %d running requests with an error",
+                           self.drain_s, ended)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

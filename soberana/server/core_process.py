@@ -61,8 +61,11 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        t0 = time.perf_counter()
         from soberana.engine.core import EngineCore
 
+        logger.info("engine core: libraries imported in %.1fs; loading the model",
+                    time.perf_counter() - t0)
         core = EngineCore(config)
     except BaseException as exc:
         results.send(CoreFatal(f"engine core failed to start: {exc!r}\n{traceback.format_exc()}"))

@@ -41,6 +41,12 @@ _MAX_STEPS_PER_BATCH = 64
 # Characters of prompt text above which tokenization leaves the event loop: ~1-2 ms of work on
 # a slow core, against ~0.1 ms for the hop to the tokenizer thread and back.
 OFFLOAD_TOKENIZATION_CHARS = 4096
+# Tokenizer threads: the Rust tokenizer releases the GIL while it encodes, so two long prompts
+# proceed side by side instead of one waiting ~seconds behind the other.
+TOKENIZER_WORKERS = 2
+# Long-text jobs admitted to the tokenizer pool at once (queued or running); past this a
+# request gets a 429 rather than an unbounded queue of prompts held in memory.
+MAX_TOKENIZER_JOBS = 64
 
 T = TypeVar("T")
 
@@ -55,6 +61,10 @@ class EngineRejectedError(ValueError):
 
 class QueueFullError(RuntimeError):
     """More requests are waiting than --max-waiting-requests allows."""
+
+
+class ServerShuttingDownError(EngineDeadError):
+    """The request was still running when --shutdown-timeout expired."""
 
 
 class RequestStream:
@@ -137,16 +147,21 @@ class EngineClient:
         self._num_sent = 0  # requests handed to the sender
         self._num_received = 0  # requests the core has taken in (from its last StepResult)
         self._closing = False
-        # One thread: the Rust tokenizer releases the GIL while it encodes, and one thread never
-        # races another on the tokenizer's settings.
-        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self.crashed = False  # the core died while serving (not a shutdown we asked for)
+        self.on_fatal: Callable[[], None] | None = None  # called once the core has died
+        self.max_token_chars = 1  # characters of the longest vocabulary entry
+        # Encoding and decoding only read the tokenizer (no truncation or padding is ever set),
+        # so the threads share it.
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_WORKERS, thread_name_prefix="tokenizer")
+        self._tokenizer_jobs = 0
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Spawn the core, wait until it has loaded the model, load the tokenizer."""
+        """Spawn the core and, while it loads the model, load the tokenizer here."""
         from soberana.models.tokenizer import load_tokenizer
 
+        t0 = time.perf_counter()
         self._loop = asyncio.get_running_loop()
         ctx = multiprocessing.get_context("spawn")
         core_requests, self._requests = ctx.Pipe(duplex=False)
@@ -162,17 +177,27 @@ class EngineClient:
         core_requests.close()
         core_results.close()
         logger.info("engine core process started (pid %d); loading the model", self._process.pid)
+        early = self._loop.run_in_executor(None, _load_tokenizer_early, self.config)
         try:
             first = await self._loop.run_in_executor(None, self._results.recv)
         except (EOFError, OSError):
             first = CoreFatal(f"engine core process exited with code {self._wait_exit()}")
         if isinstance(first, CoreFatal):
             self.dead_reason = first.message
+            early.cancel()
             raise EngineDeadError(first.message)
         assert isinstance(first, CoreReady)
-        tokenizer = await self._loop.run_in_executor(
-            None, load_tokenizer, Path(first.model_info.path)
-        )
+        logger.info("engine core ready in %.1fs", time.perf_counter() - t0)
+        try:
+            path, tokenizer = await early
+        except ValueError:
+            path, tokenizer = None, None  # the core resolved the model another way: retry below
+        if path != Path(first.model_info.path):
+            t_tok = time.perf_counter()
+            tokenizer = await self._loop.run_in_executor(
+                None, load_tokenizer, Path(first.model_info.path)
+            )
+            logger.info("tokenizer loaded in %.1fs", time.perf_counter() - t_tok)
         if self.chat_template is not None:
             tokenizer.chat_template = self.chat_template
         self._attach(first.model_info, tokenizer)
@@ -186,6 +211,7 @@ class EngineClient:
 
         self.model_info = model_info
         self.tokenizer = tokenizer
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self._processor = OutputProcessor(tokenizer)
         # model_info.name is the first --served-model-name, else the model's own name.
         self.metrics = ServerMetrics(model_info.name, model_info.max_model_len)
@@ -213,7 +239,23 @@ class EngineClient:
         for tracked in self._tracked.values():
             tracked.stream.fail(EngineDeadError("the server is shutting down"))
         self._tracked.clear()
-        self._tokenizer_thread.shutdown(wait=False)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    def fail_all(self, error: EngineDeadError) -> int:
+        """End every in-flight request with `error` (and abort it in the core); later requests
+        get it too. Returns how many were ended."""
+        self.ready = False
+        self.dead_reason = str(error)
+        if self._processor is None:
+            return 0  # never started: nothing in flight
+        ids = list(self._tracked)
+        for request_id in ids:
+            tracked = self._tracked.pop(request_id)
+            self._processor.abort_request(request_id)
+            tracked.stream.fail(error)
+        if ids:
+            self._outbox.put(AbortRequests(ids))
+        return len(ids)
 
     def _wait_exit(self) -> int | None:
         assert self._process is not None
@@ -224,12 +266,23 @@ class EngineClient:
 
     async def run_tokenizer(self, num_chars: int, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` (chat template, tokenization, decoding) over `num_chars` characters of
-        text: on the event loop when short, else on the tokenizer thread, so that a long
-        prompt (~40 ms per 100k characters) does not stall every other stream meanwhile."""
+        text: on the event loop when short, else on the bounded tokenizer pool, so that a long
+        prompt (~40 ms per 100k characters) does not stall every other stream meanwhile.
+
+        Cancelling the caller (its client left) drops a job that has not started yet."""
         if num_chars < OFFLOAD_TOKENIZATION_CHARS:
             return fn(*args)
+        if self._tokenizer_jobs >= MAX_TOKENIZER_JOBS:
+            raise QueueFullError(
+                f"the server is tokenizing {self._tokenizer_jobs} long prompts "
+                f"(limit {MAX_TOKENIZER_JOBS}); retry later"
+            )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_thread, functools.partial(fn, *args))
+        self._tokenizer_jobs += 1
+        try:
+            return await loop.run_in_executor(self._tokenizer_pool, functools.partial(fn, *args))
+        finally:
+            self._tokenizer_jobs -= 1
 
     def num_waiting(self) -> int:
         """Requests in the core's waiting queue, plus those on their way that will find no
@@ -376,10 +429,29 @@ class EngineClient:
             return
         self.ready = False
         self.dead_reason = reason
-        logger.error("engine core failed; /health now reports 503: %s", reason)
+        self.crashed = True
+        logger.error("engine core failed; failing %d in-flight requests and exiting: %s",
+                     len(self._tracked), reason)
         for tracked in self._tracked.values():
             tracked.stream.fail(EngineDeadError(reason))
         self._tracked.clear()
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+
+def _load_tokenizer_early(config: EngineConfig) -> tuple[Path, Any]:
+    """The tokenizer of a local (or the demo) model, loaded while the core loads the weights;
+    ValueError for a hub id, whose download the core owns."""
+    from soberana.models.loader import resolve_model_path
+    from soberana.models.tokenizer import load_tokenizer
+
+    if config.model is not None and not Path(config.model).expanduser().is_dir():
+        raise ValueError("not a local model directory")
+    t0 = time.perf_counter()
+    path = resolve_model_path(config.model, config.revision)
+    tokenizer = load_tokenizer(path)
+    logger.info("tokenizer loaded in %.1fs (while the engine loads)", time.perf_counter() - t0)
+    return path, tokenizer
 
 
 def _grow_pipe(conn: Any) -> None:

@@ -84,6 +84,9 @@ def validation_error(errors: list[dict]) -> OpenAIError:
     if not errors:
         return bad_request("Invalid request body")
     first = errors[0]
+    if first.get("type") == "invalid_unicode":
+        param = (first.get("ctx") or {}).get("param")
+        return bad_request(first["msg"], param=param, code="invalid_unicode")
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "could not parse")
         return bad_request(f"Invalid JSON in request body: {detail}", code="invalid_json")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from soberana.engine.sampling_params import MAX_LOGPROBS, MAX_N
 
@@ -26,12 +28,56 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+class RequestBody(StrictModel):
+    """Base of every request body: also refuses text that is not Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        # JSON may escape half of a surrogate pair ("\ud800", what a JavaScript client sends
+        # when it cuts an emoji); no tokenizer or UTF-8 encoder accepts such a string.
+        param = lone_surrogate_path(data)
+        if param is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "{param} holds a lone UTF-16 surrogate (half of an escaped character pair), "
+                "which is not valid Unicode",
+                {"param": param},
+            )
+        return data
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_path(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate (dotted path), if anywhere."""
+    if isinstance(value, str):
+        return path if not value.isascii() and _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = str(key).encode("utf-8", "backslashreplace").decode()
+            sub = f"{path}.{name}" if path else name
+            if lone_surrogate_path(key) is not None:
+                return sub
+            found = lone_surrogate_path(item, sub)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, (str, list, dict)):
+                found = lone_surrogate_path(item, f"{path}.{i}" if path else str(i))
+                if found is not None:
+                    return found
+    return None
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(StrictModel):
+class SamplingFields(RequestBody):
     """Parameters shared by chat and completions: OpenAI's, then vLLM's extras."""
 
     model: str | None = None
@@ -129,7 +175,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
 
-class TokenizeRequest(StrictModel):
+class TokenizeRequest(RequestBody):
     """Body of POST /tokenize: a prompt, or chat messages rendered with the chat template."""
 
     model: str | None = None
@@ -141,7 +187,7 @@ class TokenizeRequest(StrictModel):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class DetokenizeRequest(StrictModel):
+class DetokenizeRequest(RequestBody):
     """Body of POST /detokenize."""
 
     model: str | None = None

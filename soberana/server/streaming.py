@@ -13,7 +13,12 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from soberana.engine.outputs import Logprob, RequestOutput
-from soberana.server.engine_client import EngineDeadError, EngineRejectedError, RequestStream
+from soberana.server.engine_client import (
+    EngineDeadError,
+    EngineRejectedError,
+    RequestStream,
+    ServerShuttingDownError,
+)
 from soberana.server.errors import OpenAIError, logger
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -91,7 +96,9 @@ def text_events(template: str) -> Callable[[str], str]:
 
 def stream_error(exc: Exception) -> str:
     """The SSE event that ends a stream which failed after its headers were sent."""
-    if isinstance(exc, EngineDeadError):
+    if isinstance(exc, ServerShuttingDownError):
+        error = OpenAIError(503, str(exc), code="server_shutting_down")
+    elif isinstance(exc, EngineDeadError):
         error = OpenAIError(503, f"the engine stopped: {exc}")
     elif isinstance(exc, EngineRejectedError):
         error = OpenAIError(400, str(exc))

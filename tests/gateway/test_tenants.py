@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import httpx
 import pytest
 
+from soberana.tenant_salt import derive_salt
 from tests.gateway.helpers import backend, concurrently, config, tenant
 
 ACME, GLOBEX = "sk-acme", "sk-globex"
@@ -197,6 +200,18 @@ def test_each_tenant_salt_reaches_soberana_backends_and_clients_cannot_replace_i
     assert globex_salt == "globex-salt"
     assert acme_salt and acme_salt != globex_salt
     assert forged == f"{acme_salt}:globex-salt"  # still under acme's salt: a sub-partition only
+
+
+def test_derived_tenant_salts_are_keyed_by_the_gateway_secret(one_backend, monkeypatch):
+    # Issue 17 item 3: sha256("soberana-tenant:" + name) let anyone who reaches a backend
+    # compute a tenant's salt and probe its prefix cache.
+    monkeypatch.setenv("SOBERANA_TENANT_SALT_SECRET", "the gateway's own secret, 32+ bytes")
+    gw, upstream = one_backend(tenant("acme", ACME), kind="soberana")
+    assert gw.chat(ACME, content="x").status_code == 200
+    salt = upstream.received[-1].body["cache_salt"]
+    assert salt != hashlib.sha256(b"soberana-tenant:acme").hexdigest()[:32]
+    secret = b"the gateway's own secret, 32+ bytes"
+    assert salt == derive_salt(secret, "soberana-tenant", "acme")[:32]
 
 
 def test_backends_get_their_own_key_and_model_name_never_the_clients(one_backend, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from soberana.kv.warehouse import KVWarehouse
 from tests.kv.helpers import RedisServer, small_layout
 
 
@@ -17,10 +18,10 @@ def start_redis(tmp_path):
     """Start real `redis-server`s (extra arguments allowed); all are stopped afterwards."""
     servers: list[RedisServer] = []
 
-    def start(*extra_args: str) -> RedisServer:
+    def start(*extra_args: str, port: int | None = None) -> RedisServer:
         workdir = tmp_path / f"redis-{len(servers)}"
         workdir.mkdir()
-        server = RedisServer(workdir, *extra_args)
+        server = RedisServer(workdir, *extra_args, port=port)
         servers.append(server)
         return server
 
@@ -29,3 +30,19 @@ def start_redis(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture
+def warehouses():
+    """Warehouses built by a test, closed after it (their threads stopped)."""
+    made: list[KVWarehouse] = []
+
+    def make(layout, **kwargs) -> KVWarehouse:
+        made.append(KVWarehouse(layout, **kwargs))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for w in made:
+            w.close()

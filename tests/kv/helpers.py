@@ -70,11 +70,11 @@ def free_port() -> int:
 class RedisServer:
     """A throwaway `redis-server` on a free loopback port, no persistence."""
 
-    def __init__(self, workdir: Path, *extra_args: str) -> None:
+    def __init__(self, workdir: Path, *extra_args: str, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (Debian package redis-server)")
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         args = [
             binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",

@@ -84,7 +84,7 @@ def test_a_load_across_many_staging_batches_and_sources_lands_every_block_in_pla
     for slot in slots:
         host.release(slot)
 
-    def sources(keys: list[bytes]):
+    def sources(keys: list[bytes], namespace: str):
         for i, slot in enumerate(host.hold(keys)):
             if slot is None:
                 yield BlockSource("disk", payload_tensor(memoryview(block_bytes(cache, i))))
@@ -193,7 +193,7 @@ def test_the_writer_stores_many_blocks_per_call(layout):
     calls: list[int] = []
     gate = threading.Event()
 
-    def store(keys, payloads, sources):
+    def store(keys, payloads, sources, namespaces):
         gate.wait(10)  # hold the first call until the whole hand-over is queued
         calls.append(len(keys))
 

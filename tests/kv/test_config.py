@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
+from soberana.kv.build import build_warehouse
 from soberana.kv.config import add_arguments, config_from_args
-from soberana.kv.warehouse import build_warehouse
 from tests.kv.helpers import small_layout
 
 
@@ -25,7 +25,10 @@ def test_without_flags_there_is_no_warehouse():
 
 def test_flags_build_every_tier_in_speed_order(tmp_path, start_redis):
     server = start_redis("--maxmemory", "16mb", "--maxmemory-policy", "allkeys-lru")
+    key_file = tmp_path / "kv.key"
+    key_file.write_text("a secret of the replicas' trust domain\n")
     config = parse(
+        "--kv-shared-key-file", str(key_file),
         "--kv-offload-gb", "0.001",
         "--kv-disk-dir", str(tmp_path / "disk"), "--kv-disk-gb", "0.01",
         "--kv-redis-url", server.url, "--kv-redis-ttl-s", "3600",
@@ -50,8 +53,10 @@ def test_flags_build_every_tier_in_speed_order(tmp_path, start_redis):
     [
         (["--kv-offload-gb", "-1"], "--kv-offload-gb must be >= 0"),
         (["--kv-disk-dir", "/tmp/x", "--kv-disk-gb", "0"], "--kv-disk-gb must be > 0"),
-        (["--kv-shared-dir", "/tmp/x", "--kv-shared-gb", "0"], "--kv-shared-gb must be > 0"),
-        (["--kv-redis-url", "localhost:6379"], "--kv-redis-url must start with redis://"),
+        (["--kv-shared-dir", "/tmp/x", "--kv-shared-gb", "0", "--kv-shared-trusted"],
+         "--kv-shared-gb must be > 0"),  # fmt: skip
+        (["--kv-redis-url", "localhost:6379", "--kv-shared-trusted"],
+         "--kv-redis-url must start with redis://"),  # fmt: skip
         (["--kv-redis-ttl-s", "0"], "--kv-redis-ttl-s must be > 0"),
         (["--kv-write-buffer-mb", "0"], "--kv-write-buffer-mb must be >= 1"),
     ],

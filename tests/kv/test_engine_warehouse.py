@@ -93,11 +93,13 @@ def _replica(config: dict, prompt: list[int]) -> dict:
 
 @pytest.mark.parametrize("shared", ["redis", "shared_dir"])
 def test_second_engine_process_reuses_the_first_ones_kv(shared, tmp_path, start_redis):
-    if shared == "redis":
-        config = {"redis_url": start_redis().url}
-    else:
+    key_file = tmp_path / "kv.key"
+    key_file.write_text("the replicas' shared secret")
+    if shared == "redis":  # sealed and encrypted
+        config = {"redis_url": start_redis().url, "shared_encrypt": True}
+    else:  # sealed
         config = {"shared_dir": str(tmp_path / "shared"), "shared_gb": 1.0}
-    config |= {"write_through": True, "load_policy": "always"}
+    config |= {"write_through": True, "load_policy": "always", "shared_key_file": str(key_file)}
     prompt = prompts_of_lengths([150], seed=33)[0]
     first = _replica(config, prompt)
     second = _replica(config, prompt)
@@ -109,7 +111,7 @@ def test_second_engine_process_reuses_the_first_ones_kv(shared, tmp_path, start_
 
 def test_corrupt_shared_entries_are_misses_not_wrong_tokens(tmp_path):
     config = {"shared_dir": str(tmp_path / "shared"), "shared_gb": 1.0, "write_through": True,
-              "load_policy": "always"}
+              "load_policy": "always", "shared_trusted": True}
     prompt = prompts_of_lengths([150], seed=34)[0]
     first = _replica(config, prompt)
     entries = sorted(p for p in (tmp_path / "shared").rglob("*") if p.is_file())
@@ -146,4 +148,45 @@ def test_salted_requests_never_load_each_others_blocks(tmp_path):
     assert run("a", "tenant-a") == 0
     assert run("b", "tenant-b") == 0  # same tokens, other tenant: nothing reused
     assert run("c", "tenant-a") == ((len(prompt) - 1) // 16) * 16
+    core.shutdown()
+
+
+def test_evicted_blocks_are_filed_under_their_tenant_and_purged_with_it(tmp_path):
+    from soberana.engine.outputs import EngineCoreRequest
+    from soberana.kv.purge import purge_tenant
+
+    key_file = tmp_path / "kv.key"
+    key_file.write_text("the replicas' shared secret")
+    shared = tmp_path / "shared"
+    warehouse = KVWarehouseConfig(shared_dir=str(shared), shared_gb=1.0, load_policy="always",
+                                  shared_key_file=str(key_file))  # evictions only
+    llm = LLM(max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
+    core = llm.engine
+    w = core.offload.warehouse
+    prompt = USERS[0]
+    full = ((len(prompt) - 1) // 16) * 16
+
+    def run(rid: str, salt: str) -> int:
+        core.add_request(EngineCoreRequest(rid, prompt, GREEDY, 0.0, cache_salt=salt))
+        outs = []
+        while core.has_unfinished_requests():
+            outs += core.step()
+        for other in USERS[1:4]:  # evict this request's blocks from the pool
+            llm.generate([other], GREEDY)
+        assert w.flush(timeout=30)
+        return outs[0].num_cached_tokens
+
+    assert run("a", "acme|chat-1") == 0
+    assert run("g", "globex|chat-1") == 0
+    assert run("a2", "acme|chat-2") == 0  # another salt of the tenant: other blocks
+
+    def files(salt: str) -> set:
+        return set(shared.rglob(f"t{w.namespace_of(salt)}/*/*.kv"))
+
+    acme, globex = files("acme|x"), files("globex|x")
+    assert len(acme) >= full // 16 and globex  # both chats of acme's, evicted
+    assert purge_tenant(w.namespace_of("acme|x"), shared_dir=shared) == {"shared_dir": len(acme)}
+    assert files("acme|x") == set() and files("globex|x") == globex
+    assert run("a3", "acme|chat-1") == 0  # purged: recomputed
+    assert run("g2", "globex|chat-1") == full  # untouched: from the pool and the tier
     core.shutdown()

@@ -21,22 +21,6 @@ from soberana.kv.warehouse import KVWarehouse
 from tests.kv.helpers import block_bytes, make_cache, make_hashes, small_layout
 
 
-@pytest.fixture
-def warehouses():
-    """Warehouses built by a test, closed after it (their threads stopped)."""
-    made: list[KVWarehouse] = []
-
-    def make(layout, **kwargs) -> KVWarehouse:
-        made.append(KVWarehouse(layout, **kwargs))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for w in made:
-            w.close()
-
-
 def hand_over(warehouse: KVWarehouse, hashes: list[bytes], cache: torch.Tensor) -> None:
     for i, h in enumerate(hashes):
         assert warehouse.put_async(h, cache[:, :, i])

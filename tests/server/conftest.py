@@ -5,13 +5,15 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.server.helpers import API_KEY, ServerProcess
+from tests.server.helpers import ALLOWED_ORIGIN, API_KEY, ServerProcess
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The shared server: demo model, API key required, 64+ sequences at once."""
-    proc = ServerProcess(tmp_path_factory.mktemp("server") / "server.log")
+    """The shared server: demo model, API key required, 64+ sequences at once, one CORS origin."""
+    proc = ServerProcess(
+        tmp_path_factory.mktemp("server") / "server.log", "--allowed-origins", ALLOWED_ORIGIN
+    )
     try:
         yield proc.start()
     finally:
