@@ -27,6 +27,7 @@ from soberana.server.protocol import (
 )
 from soberana.server.serving_chat import create_chat_completion
 from soberana.server.serving_completion import create_completion
+from soberana.server.serving_pooling import add_pooling_routes, require_task
 from soberana.server.tenancy import TenantMiddleware
 
 # Paths that answer without the API key: probes and scrapers carry no credentials.
@@ -116,13 +117,15 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        ready_engine(body.model)
+        require_task(ready_engine(body.model), "/v1/chat/completions", "generate")
         return await create_chat_completion(body, request, engine, body.model or model_names()[0])
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        ready_engine(body.model)
+        require_task(ready_engine(body.model), "/v1/completions", "generate")
         return await create_completion(body, request, engine, body.model or model_names()[0])
+
+    add_pooling_routes(app, ready_engine, model_names)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> JSONResponse:

@@ -15,7 +15,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from soberana.engine.config import EngineConfig
-from soberana.engine.outputs import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from soberana.engine.outputs import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    PoolingOutput,
+    PoolingRequest,
+    SchedulerStats,
+)
 
 logger = logging.getLogger("soberana.engine_core")
 
@@ -46,6 +52,7 @@ class StepResult:
     num_received: int
     timestamp: float  # time.time() when the step ended: token latencies are measured here
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (request_id, reason)
+    pooled: list[PoolingOutput] = field(default_factory=list)  # an embedding/rerank core's results
 
 
 @dataclass
@@ -61,9 +68,9 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from soberana.engine.core import EngineCore
+        from soberana.engine.pooling_core import build_engine_core
 
-        core = EngineCore(config)
+        core = build_engine_core(config)
     except BaseException as exc:
         results.send(CoreFatal(f"engine core failed to start: {exc!r}\n{traceback.format_exc()}"))
         return
@@ -82,6 +89,8 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
 
 def _loop(core: Any, requests: Connection, results: Connection) -> None:
     num_received = 0
+    pooling = core.model_info.task != "generate"
+    pooled: list[PoolingOutput] = []
     while True:
         if not core.has_unfinished_requests():
             requests.poll(None)  # idle: sleep until the API process sends something
@@ -89,7 +98,7 @@ def _loop(core: Any, requests: Connection, results: Connection) -> None:
         # Take in everything that arrived, without waiting, before scheduling the next step.
         while requests.poll(0):
             message = requests.recv()
-            if isinstance(message, EngineCoreRequest):
+            if isinstance(message, EngineCoreRequest | PoolingRequest):
                 num_received += 1
                 try:
                     core.add_request(message)
@@ -100,4 +109,7 @@ def _loop(core: Any, requests: Connection, results: Connection) -> None:
             elif isinstance(message, Shutdown):
                 return
         outputs = core.step() if core.has_unfinished_requests() else []
-        results.send(StepResult(outputs, core.get_stats(), num_received, time.time(), rejected))
+        if pooling:  # an embedding/rerank core: every output is a finished PoolingOutput
+            outputs, pooled = [], outputs
+        results.send(StepResult(outputs, core.get_stats(), num_received, time.time(), rejected,
+                                pooled))

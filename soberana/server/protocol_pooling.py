@@ -1,0 +1,40 @@
+"""Request bodies of the embedding and scoring endpoints: OpenAI's `/v1/embeddings`, the
+Cohere/Jina `/v1/rerank` shape and vLLM's `/v1/score`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    # Keep at most this many tokens of each input (right side cut, special tokens kept);
+    # -1: the model's limit. Without it an over-long input is a 400.
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    user: str | None = None
+
+
+class EmbeddingRequest(_Request):
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankRequest(_Request):
+    query: str
+    documents: list[str | RerankDocument]
+    top_n: int | None = Field(default=None, ge=0)
+    return_documents: bool = True
+
+
+class ScoreRequest(_Request):
+    text_1: str | list[str]
+    text_2: str | list[str]
