@@ -23,6 +23,7 @@ from soberana.engine.outputs import PoolingOutput, PoolingRequest, SchedulerStat
 from soberana.models.encoder import EncoderConfig, PackedBatch, is_encoder_dir, load_encoder
 from soberana.models.loader import resolve_model_path
 from soberana.models.pooling import PoolingConfig, pool
+from soberana.ops import cpu_linear
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class PoolingCore:
         else:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = load_encoder(path, self.dtype, self.device)
+        if self.device.type == "cpu":
+            # Weights packed once for oneDNN (or soberana's bf16 kernel): F.linear repacks them
+            # every call; measured ~15% of a MiniLM batch of 14k tokens on Zen 4.
+            cpu_linear.pack_linears(self.model)
         cfg = self.model.cfg
         if self.task == "rerank" and cfg.num_labels != 1:
             raise ValueError(f"{path}: a reranker needs one output label; this one has "
