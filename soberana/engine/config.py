@@ -41,6 +41,8 @@ class EngineConfig:
     # without a checkpoint, as vLLM's --load-format dummy).
     load_format: str = "safetensors"
     kv_warehouse: KVWarehouseConfig | None = None  # tiers below the KV pool (soberana/kv)
+    # "generate", "embed" or "rerank"; "auto" follows the checkpoint's architecture.
+    task: str = "auto"
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -71,6 +73,8 @@ class EngineConfig:
             self.kv_warehouse.validate()
             if not self.enable_prefix_caching:
                 raise ValueError("the KV warehouse needs enable_prefix_caching=True")
+        if self.task not in ("auto", "generate", "embed", "rerank"):
+            raise ValueError(f"task must be auto, generate, embed or rerank; got {self.task!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16; got {self.dtype!r}"

@@ -44,6 +44,7 @@ class ModelInfo:
     block_size: int
     fingerprint: str
     is_demo: bool
+    task: str = "generate"  # or "embed" / "rerank" (soberana.engine.pooling_core)
 
 
 def _available_ram() -> int:

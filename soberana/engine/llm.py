@@ -7,11 +7,12 @@ import time
 from collections.abc import Sequence
 
 from soberana.engine.config import EngineConfig
-from soberana.engine.core import EngineCore
 from soberana.engine.output_processor import OutputProcessor
-from soberana.engine.outputs import EngineCoreRequest, RequestOutput
+from soberana.engine.outputs import EngineCoreRequest, PoolingRequest, RequestOutput
+from soberana.engine.pooling_core import build_engine_core
 from soberana.engine.sampling_params import SamplingParams
 from soberana.log import setup_logging
+from soberana.models.pooling import cosine
 from soberana.models.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
@@ -49,7 +50,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, block_size=block_size, seed=seed,
             load_format=load_format, **kwargs,
         )
-        self.engine = EngineCore(config)
+        self.engine = build_engine_core(config)  # an embedding/rerank model gets a PoolingCore
         self.tokenizer = load_tokenizer(self.engine.model_info.path)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
@@ -61,6 +62,7 @@ class LLM:
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
         """Complete each prompt (text or token ids); results come back in input order."""
+        self._require_task("generate", "generate")
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -96,6 +98,56 @@ class LLM:
                 ids = ids["input_ids"]
             prompts.append(list(ids))
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def embed(self, texts: str | Sequence[str], *, truncate_prompt_tokens: int | None = None
+              ) -> list[list[float]]:
+        """One embedding per text (an embedding model: `task="embed"`), in input order."""
+        self._require_task("embed", "embed")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return [out.embedding for out in self._pool(self._encode(texts, None,
+                                                                 truncate_prompt_tokens))]
+
+    def score(self, query: str, documents: Sequence[str], *,
+              truncate_prompt_tokens: int | None = None) -> list[float]:
+        """How well each document answers `query`: a cross-encoder's score (`task="rerank"`),
+        or the cosine similarity of an embedder's vectors."""
+        self._require_task("score", "embed", "rerank")
+        documents = list(documents)
+        if self.engine.model_info.task == "rerank":
+            outs = self._pool(self._encode([query] * len(documents), documents,
+                                           truncate_prompt_tokens))
+            return [out.score for out in outs]
+        query_vec, *doc_vecs = self.embed([query, *documents],
+                                          truncate_prompt_tokens=truncate_prompt_tokens)
+        return [cosine(query_vec, v) for v in doc_vecs]
+
+    def _require_task(self, method: str, *tasks: str) -> None:
+        task = self.engine.model_info.task
+        if task not in tasks:
+            raise ValueError(f"LLM.{method} needs a model with task {' or '.join(tasks)}; "
+                             f"this model serves task {task}")
+
+    def _encode(self, left: list[str], right: list[str] | None, truncate: int | None
+                ) -> list[tuple[list[int], list[int] | None]]:
+        limit = self.engine.model_info.max_model_len
+        cut = None if truncate is None else (limit if truncate == -1 else min(truncate, limit))
+        args = (left,) if right is None else (left, right)
+        how = "only_second" if right is not None else True
+        enc = self.tokenizer(*args, add_special_tokens=True, truncation=how if cut else False,
+                             max_length=cut)
+        types = enc.get("token_type_ids") or [None] * len(enc["input_ids"])
+        return list(zip(enc["input_ids"], types))
+
+    def _pool(self, inputs: list[tuple[list[int], list[int] | None]]) -> list:
+        now = time.time()
+        ids = [str(next(self._ids)) for _ in inputs]
+        for rid, (tokens, types) in zip(ids, inputs):
+            self.engine.add_request(PoolingRequest(rid, tokens, now, types))
+        done = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                done[out.request_id] = out
+        return [done[rid] for rid in ids]
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:
         if isinstance(prompt, str):

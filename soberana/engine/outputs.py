@@ -106,3 +106,23 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PoolingRequest:
+    """An embedding or scoring input: token ids (and a cross-encoder pair's segment ids)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    arrival_time: float
+    token_type_ids: list[int] | None = None
+
+
+@dataclass
+class PoolingOutput:
+    """The result of one PoolingRequest: an embedding (embedders) or a score (cross-encoders)."""
+
+    request_id: str
+    embedding: list[float] | None
+    score: float | None
+    num_prompt_tokens: int

@@ -35,6 +35,7 @@ from soberana.server.protocol import (
 from soberana.server.serving_chat import create_chat_completion
 from soberana.server.serving_completion import create_completion
 from soberana.server.streaming import cancel_on_disconnect
+from soberana.server.serving_pooling import add_pooling_routes, require_task
 from soberana.server.tenancy import TenantMiddleware
 
 
@@ -165,7 +166,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         responses={**r.API_ERRORS, **r.streamed(r.ChatCompletion, "The completion, or its chunks")},
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        ready_engine(body.model)
+        require_task(ready_engine(body.model), "/v1/chat/completions", "generate")
         check_prompt_chars(engine, [body.messages], "messages")
         model = body.model or model_names()[0]
         return await until_disconnect(
@@ -177,10 +178,12 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         responses={**r.API_ERRORS, **r.streamed(r.Completion, "The completion, or its chunks")},
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        ready_engine(body.model)
+        require_task(ready_engine(body.model), "/v1/completions", "generate")
         check_prompt_chars(engine, body.prompt, "prompt")
         model = body.model or model_names()[0]
         return await until_disconnect(request, create_completion(body, request, engine, model))
+
+    add_pooling_routes(app, ready_engine, model_names)
 
     @app.post("/tokenize", responses={200: {"model": r.TokenizeResponse}, **r.API_ERRORS})
     async def tokenize(body: TokenizeRequest, request: Request) -> Response:

@@ -184,6 +184,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="safetensors",
         help="dummy: random weights in the model's shape (performance runs without a checkpoint)",
     )
+    eng.add_argument(
+        "--task",
+        choices=["auto", "generate", "embed", "rerank"],
+        default="auto",
+        help="what the model serves: generate (chat/completions), embed (/v1/embeddings, "
+        "/v1/score, /v1/rerank by cosine) or rerank (a cross-encoder: /v1/rerank, /v1/score); "
+        "auto follows the checkpoint's architecture (default auto)",
+    )
     add_kv_arguments(parser)
 
 
@@ -216,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         load_format=args.load_format,
+        task=args.task,
         kv_warehouse=kv_warehouse if kv_warehouse.enabled() else None,
     )
     try:

@@ -15,7 +15,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from soberana.engine.config import EngineConfig
-from soberana.engine.outputs import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from soberana.engine.outputs import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    PoolingOutput,
+    PoolingRequest,
+    SchedulerStats,
+)
 
 logger = logging.getLogger("soberana.engine_core")
 
@@ -46,6 +52,7 @@ class StepResult:
     num_received: int
     timestamp: float  # time.time() when the step ended: token latencies are measured here
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (request_id, reason)
+    pooled: list[PoolingOutput] = field(default_factory=list)  # an embedding/rerank core's results
 
 
 @dataclass
@@ -62,11 +69,11 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         t0 = time.perf_counter()
-        from soberana.engine.core import EngineCore
+        from soberana.engine.pooling_core import build_engine_core
 
         logger.info("engine core: libraries imported in %.1fs; loading the model",
                     time.perf_counter() - t0)
-        core = EngineCore(config)
+        core = build_engine_core(config)
     except BaseException as exc:
         results.send(CoreFatal(f"engine core failed to start: {exc!r}\n{traceback.format_exc()}"))
         return
@@ -85,6 +92,8 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
 
 def _loop(core: Any, requests: Connection, results: Connection) -> None:
     num_received = 0
+    pooling = core.model_info.task != "generate"
+    pooled: list[PoolingOutput] = []
     while True:
         if not core.has_unfinished_requests():
             requests.poll(None)  # idle: sleep until the API process sends something
@@ -92,7 +101,7 @@ def _loop(core: Any, requests: Connection, results: Connection) -> None:
         # Take in everything that arrived, without waiting, before scheduling the next step.
         while requests.poll(0):
             message = requests.recv()
-            if isinstance(message, EngineCoreRequest):
+            if isinstance(message, EngineCoreRequest | PoolingRequest):
                 num_received += 1
                 try:
                     core.add_request(message)
@@ -103,4 +112,7 @@ def _loop(core: Any, requests: Connection, results: Connection) -> None:
             elif isinstance(message, Shutdown):
                 return
         outputs = core.step() if core.has_unfinished_requests() else []
-        results.send(StepResult(outputs, core.get_stats(), num_received, time.time(), rejected))
+        if pooling:  # an embedding/rerank core: every output is a finished PoolingOutput
+            outputs, pooled = [], outputs
+        results.send(StepResult(outputs, core.get_stats(), num_received, time.time(), rejected,
+                                pooled))

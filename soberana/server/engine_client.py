@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from soberana.engine.config import EngineConfig
-from soberana.engine.outputs import EngineCoreRequest, RequestOutput, SchedulerStats
+from soberana.engine.outputs import (
+    EngineCoreRequest,
+    PoolingOutput,
+    PoolingRequest,
+    RequestOutput,
+    SchedulerStats,
+)
 from soberana.engine.sampling_params import SamplingParams
 from soberana.server.core_process import (
     AbortRequests,
@@ -142,6 +148,7 @@ class EngineClient:
         self._results: Any = None  # our end of the pipe from the core
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
+        self._pooling: dict[str, asyncio.Future[PoolingOutput]] = {}  # embed/score inputs
         self._processor: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._num_sent = 0  # requests handed to the sender
@@ -239,6 +246,7 @@ class EngineClient:
         for tracked in self._tracked.values():
             tracked.stream.fail(EngineDeadError("the server is shutting down"))
         self._tracked.clear()
+        self._fail_pooling(EngineDeadError("the server is shutting down"))
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     def fail_all(self, error: EngineDeadError) -> int:
@@ -255,7 +263,9 @@ class EngineClient:
             tracked.stream.fail(error)
         if ids:
             self._outbox.put(AbortRequests(ids))
-        return len(ids)
+        ended = len(ids) + len(self._pooling)
+        self._fail_pooling(error)
+        return ended
 
     def _wait_exit(self) -> int | None:
         assert self._process is not None
@@ -331,6 +341,25 @@ class EngineClient:
         )
         return stream
 
+    def add_pooling_request(
+        self, request_id: str, token_ids: list[int], token_type_ids: list[int] | None = None
+    ) -> asyncio.Future[PoolingOutput]:
+        """Send one embedding/scoring input to the core; the future resolves with its result."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        assert self._loop is not None
+        future: asyncio.Future[PoolingOutput] = self._loop.create_future()
+        self._pooling[request_id] = future
+        self._num_sent += 1
+        self._outbox.put(PoolingRequest(request_id, token_ids, time.time(), token_type_ids))
+        return future
+
+    def abort_pooling(self, request_ids: list[str]) -> None:
+        """Drop inputs whose client has gone (those still queued in the core are skipped)."""
+        gone = [r for r in request_ids if self._pooling.pop(r, None) is not None]
+        if gone:
+            self._outbox.put(AbortRequests(list(gone)))
+
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone, shutdown): the core frees its KV blocks at once."""
         tracked = self._tracked.pop(request_id, None)
@@ -388,6 +417,7 @@ class EngineClient:
         outputs = []
         generated = 0
         for step in steps:
+            self._on_pooled(step)
             for request_id, reason in step.rejected:
                 tracked = self._tracked.pop(request_id, None)
                 if tracked is not None:
@@ -424,6 +454,22 @@ class EngineClient:
                 self.metrics.record_samples_finished(reasons)
             tracked.stream.put(output)
 
+    def _on_pooled(self, step: StepResult) -> None:
+        for out in step.pooled:
+            future = self._pooling.pop(out.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(out)
+        for request_id, reason in step.rejected:
+            future = self._pooling.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(EngineRejectedError(reason))
+
+    def _fail_pooling(self, error: Exception) -> None:
+        for future in self._pooling.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pooling.clear()
+
     def _on_fatal(self, reason: str) -> None:
         if self._closing:
             return
@@ -435,6 +481,7 @@ class EngineClient:
         for tracked in self._tracked.values():
             tracked.stream.fail(EngineDeadError(reason))
         self._tracked.clear()
+        self._fail_pooling(EngineDeadError(reason))
         if self.on_fatal is not None:
             self.on_fatal()
 

@@ -221,6 +221,13 @@ class ServerMetrics:
             if times.generated > 1:
                 self.time_per_output_token.observe(decode / (times.generated - 1))
 
+    def record_pooling(self, prompt_tokens: int, seconds: float) -> None:
+        """An embedding or scoring request (any number of inputs) finished."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.e2e_request_latency.observe(seconds)
+        self.request_success["stop"].inc()
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)

@@ -1,0 +1,185 @@
+"""Embedding throughput on this CPU: `soberana serve` through HTTP against sentence-transformers
+in-process, on the same sentences and model.
+
+10,000 sentences of 8-256 tokens (words drawn from licence texts installed on the machine)
+are embedded by sentence-transformers' `encode` (batch 32, its default; it sorts inputs by
+length, so its padding waste is small) in a fresh process, and by a real `soberana serve`
+process through HTTP by an asyncio client at a fixed concurrency, with 1 or 32 sentences per
+request. Reports sentences/s, the ratio, latency percentiles and the cosine agreement.
+
+    python benchmarks/embeddings_cpu.py --model /path/to/all-MiniLM-L6-v2 --out benchmarks/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from offline_throughput import commit, machine  # noqa: E402
+
+
+def corpus_words() -> list[str]:
+    """Words of the licence texts that ship with installed packages (English prose)."""
+    words: list[str] = []
+    for path in sorted(Path(sys.prefix).rglob("LICENSE*"))[:400]:
+        try:
+            words += re.findall(r"[A-Za-z][A-Za-z'-]+[.,;]?", path.read_text(errors="ignore"))
+        except OSError:
+            continue
+    return words
+
+
+def sentences(tokenizer, n: int, lo: int, hi: int, seed: int) -> list[str]:
+    words = corpus_words()
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        target = rng.randint(lo, hi)
+        start = rng.randrange(len(words) - 400)
+        text = " ".join(words[start:start + int(target * 0.8) + 1])
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) > target:  # cut to the drawn length (special tokens kept)
+            text = tokenizer.decode(ids[1:target - 1])
+        if lo <= len(tokenizer(text)["input_ids"]) <= hi:
+            out.append(text)
+    return out
+
+
+def run_sentence_transformers(model: str, texts_file: str, batch_size: int) -> dict:
+    code = f"""
+import json, time, torch
+from sentence_transformers import SentenceTransformer
+texts = json.load(open({texts_file!r}))
+m = SentenceTransformer({model!r}, device="cpu")
+m.encode(texts[:64], batch_size={batch_size})
+t0 = time.perf_counter()
+v = m.encode(texts, batch_size={batch_size})
+dt = time.perf_counter() - t0
+json.dump({{"seconds": dt, "sample": v[:64].tolist()}}, open({texts_file!r} + ".st.json", "w"))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return json.loads(Path(texts_file + ".st.json").read_text())
+
+
+async def run_server(url: str, texts: list[str], concurrency: int, per_request: int) -> dict:
+    import httpx
+
+    chunks = [texts[i:i + per_request] for i in range(0, len(texts), per_request)]
+    latencies: list[float] = []
+    vectors: dict[int, list[float]] = {}
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, chunk in enumerate(chunks):
+        queue.put_nowait((i, chunk))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            i, chunk = queue.get_nowait()
+            t0 = time.perf_counter()
+            r = await client.post(f"{url}/v1/embeddings", json={"input": chunk})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            if i * per_request < 64:
+                for j, d in enumerate(r.json()["data"]):
+                    vectors[i * per_request + j] = d["embedding"]
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(min(concurrency, 4))))  # warm-up
+        for i, chunk in enumerate(chunks):
+            queue.put_nowait((i, chunk))
+        latencies.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        seconds = time.perf_counter() - t0
+    latencies.sort()
+    pct = {f"p{p}": latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
+           for p in (50, 95, 99)}
+    return {"seconds": seconds, "latency_s": pct,
+            "sample": [vectors[i] for i in range(min(64, len(texts)))]}
+
+
+def start_server(model: str, log: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "soberana.cli", "serve", model, "--port", "0",
+                             "--disable-uvicorn-access-log"], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        found = re.search(r"ready: serving .* at (http://[\d.:]+)/v1", log.read_text())
+        if found:
+            return proc, found.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.5)
+    raise TimeoutError(log.read_text())
+
+
+def cosine_min(a: list[list[float]], b: list[list[float]]) -> float:
+    def cos(x, y):
+        dot = sum(p * q for p, q in zip(x, y))
+        return dot / ((sum(p * p for p in x) ** 0.5) * (sum(q * q for q in y) ** 0.5))
+
+    return min(cos(x, y) for x, y in zip(a, b))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--num", type=int, default=10_000)
+    ap.add_argument("--lengths", default="8:256")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--per-request", default="1,32")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    lo, hi = (int(x) for x in args.lengths.split(":"))
+    texts = sentences(tok, args.num, lo, hi, seed=0)
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts_file = str(out_dir / ".embeddings_texts.json")
+    Path(texts_file).write_text(json.dumps(texts))
+    result = {"commit": commit(), "machine": machine(), "model": args.model,
+              "num_sentences": len(texts), "tokens": {"mean": statistics.mean(lengths),
+                                                      "min": min(lengths), "max": max(lengths)},
+              "concurrency": args.concurrency, "runs": []}
+    st = run_sentence_transformers(args.model, texts_file, 32)
+    result["sentence_transformers"] = {"batch_size": 32, "seconds": st["seconds"],
+                                       "sentences_per_s": len(texts) / st["seconds"]}
+    log = out_dir / ".embeddings_server.log"
+    proc, url = start_server(args.model, log)
+    try:
+        for per_request in (int(x) for x in args.per_request.split(",")):
+            run = asyncio.run(run_server(url, texts, args.concurrency, per_request))
+            result["runs"].append({
+                "sentences_per_request": per_request, "seconds": run["seconds"],
+                "sentences_per_s": len(texts) / run["seconds"],
+                "vs_sentence_transformers": st["seconds"] / run["seconds"],
+                "request_latency_s": run["latency_s"],
+                "min_cosine_vs_sentence_transformers": cosine_min(run["sample"], st["sample"]),
+            })
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    for f in (texts_file, texts_file + ".st.json"):
+        os.unlink(f)
+    name = f"embeddings_cpu{('_' + args.tag) if args.tag else ''}.json"
+    (out_dir / name).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

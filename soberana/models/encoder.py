@@ -1,0 +1,316 @@
+"""Bidirectional encoders (BERT, RoBERTa / XLM-RoBERTa) over packed variable-length batches.
+
+Sentence embedders (all-MiniLM, BGE, E5, GTE, multilingual-E5) and cross-encoder rerankers
+(ms-marco MiniLM, bge-reranker) are these two architectures. The batch is packed: every
+sequence's tokens are concatenated ([T, hidden], no padding), so the linears and norms, most of
+the work, never touch a pad token. Attention alone needs sequences apart: it runs over groups
+of similar length (`length_groups`), padded within a group only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+ENCODER_ARCHITECTURES = {
+    "BertModel": ("bert", None),
+    "BertForSequenceClassification": ("bert", "classify"),
+    "RobertaModel": ("roberta", None),
+    "RobertaForSequenceClassification": ("roberta", "classify"),
+    "XLMRobertaModel": ("roberta", None),
+    "XLMRobertaForSequenceClassification": ("roberta", "classify"),
+}
+# A group's padded size may exceed its real tokens by this share (attention only).
+_MAX_GROUP_PADDING = 0.15
+
+
+@dataclass
+class EncoderConfig:
+    """The shape of an encoder, from its Hugging Face config.json."""
+
+    family: str  # "bert" or "roberta" (positions offset past the padding index)
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    pad_token_id: int
+    num_labels: int | None  # a cross-encoder's classifier outputs; None for an embedder
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest sequence the position table covers (RoBERTa spends pad_id + 1 rows)."""
+        if self.family == "roberta":
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_dir(cls, path: Path) -> EncoderConfig:
+        raw = json.loads((path / "config.json").read_text())
+        arch = (raw.get("architectures") or ["BertModel"])[0]
+        if arch not in ENCODER_ARCHITECTURES:
+            raise ValueError(
+                f"{path}: architecture {arch!r} is not an encoder Soberana serves "
+                f"({', '.join(sorted(ENCODER_ARCHITECTURES))})"
+            )
+        family, head = ENCODER_ARCHITECTURES[arch]
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: position_embedding_type "
+                             f"{raw['position_embedding_type']!r} is not supported (absolute only)")
+        num_labels = None
+        if head == "classify":
+            num_labels = len(raw.get("id2label") or {0: "LABEL_0"})
+        return cls(
+            family=family,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=raw["num_attention_heads"],
+            intermediate_size=raw["intermediate_size"],
+            max_position_embeddings=raw["max_position_embeddings"],
+            type_vocab_size=raw.get("type_vocab_size", 2),
+            layer_norm_eps=raw.get("layer_norm_eps", 1e-12),
+            hidden_act=raw.get("hidden_act", "gelu"),
+            pad_token_id=raw.get("pad_token_id", 0 if family == "bert" else 1),
+            num_labels=num_labels,
+        )
+
+
+def is_encoder_dir(path: Path) -> bool:
+    """Whether `path/config.json` names an encoder architecture."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (raw.get("architectures") or [""])[0] in ENCODER_ARCHITECTURES
+
+
+@dataclass
+class PackedBatch:
+    """Sequences concatenated: `input_ids`, `token_type_ids` and `positions` are [T]."""
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor
+    positions: torch.Tensor
+    seq_lens: list[int]
+
+    @classmethod
+    def build(cls, sequences: list[list[int]], token_types: list[list[int] | None],
+              position_offset: int, device: torch.device) -> PackedBatch:
+        ids = [t for seq in sequences for t in seq]
+        types = [t for seq, tt in zip(sequences, token_types)
+                 for t in (tt if tt is not None else [0] * len(seq))]
+        positions = [position_offset + i for seq in sequences for i in range(len(seq))]
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(tensor(ids), tensor(types), tensor(positions), [len(s) for s in sequences])
+
+
+def length_groups(seq_lens: list[int]) -> list[list[int]]:
+    """Sequence indices in groups of similar length, longest first, padding each group to its
+    longest member wastes at most ~15% of the group's attention work."""
+    order = sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups:
+            longest = seq_lens[groups[-1][0]]
+            if longest * (len(groups[-1]) + 1) <= (1 + _MAX_GROUP_PADDING) * (real + seq_lens[i]):
+                groups[-1].append(i)
+                real += seq_lens[i]
+                continue
+        groups.append([i])
+        real = seq_lens[i]
+    return groups
+
+
+class _GroupIndex:
+    """Where each group's padded [b, L] positions read from and write to the packed rows."""
+
+    def __init__(self, seq_lens: list[int], device: torch.device) -> None:
+        starts = [0]
+        for n in seq_lens[:-1]:
+            starts.append(starts[-1] + n)
+        total = sum(seq_lens)
+        self.groups = []
+        for group in length_groups(seq_lens):
+            longest = seq_lens[group[0]]
+            offsets = torch.arange(longest)
+            lens = torch.tensor([seq_lens[i] for i in group])
+            valid = offsets[None, :] < lens[:, None]  # [b, L]
+            rows = torch.tensor([starts[i] for i in group])[:, None] + offsets[None, :]
+            rows = torch.where(valid, rows, torch.full_like(rows, total))  # pad: a zero row
+            self.groups.append((rows.to(device), valid.to(device)))
+
+
+class _Layer(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_heads, h // cfg.num_heads
+        self.qkv = nn.Linear(h, 3 * h)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.up = nn.Linear(h, cfg.intermediate_size)
+        self.down = nn.Linear(cfg.intermediate_size, h)
+        self.out_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.act = _activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, index: _GroupIndex) -> torch.Tensor:
+        t, h = x.shape
+        qkv = self.qkv(x)
+        attn = torch.empty(t, h, dtype=x.dtype, device=x.device)
+        # One zero row past the end: pad positions of a group read it.
+        qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * h)])
+        for rows, valid in index.groups:
+            b, length = rows.shape
+            q, k, v = qkv[rows].view(b, length, 3, self.num_heads, self.head_dim).unbind(2)
+            mask = valid[:, None, None, :]  # keys that exist; padded queries are dropped below
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+            )
+            attn[rows[valid]] = out.transpose(1, 2).reshape(b, length, h)[valid]
+        x = self.attn_norm(x + self.attn_out(attn))
+        return self.out_norm(x + self.down(self.act(self.up(x))))
+
+
+class Encoder(nn.Module):
+    """Token embeddings → layers → final hidden states [T, hidden], and the optional
+    classification head of a cross-encoder."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, h)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, h)
+        self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_layers))
+        self.head: nn.Module | None = None
+        if cfg.num_labels is not None:
+            self.head = _BertHead(cfg) if cfg.family == "bert" else _RobertaHead(cfg)
+
+    @property
+    def position_offset(self) -> int:
+        return self.cfg.pad_token_id + 1 if self.cfg.family == "roberta" else 0
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        x = (self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.positions)
+             + self.token_type_embeddings(batch.token_type_ids))
+        x = self.embed_norm(x)
+        index = _GroupIndex(batch.seq_lens, x.device)
+        for layer in self.layers:
+            x = layer(x, index)
+        return x
+
+    def classify(self, first_tokens: torch.Tensor) -> torch.Tensor:
+        """The cross-encoder's logits [B, num_labels] from each sequence's first token."""
+        assert self.head is not None
+        return self.head(first_tokens)
+
+
+class _BertHead(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, first: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.tanh(self.pooler(first)))
+
+
+class _RobertaHead(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, first: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(torch.tanh(self.dense(first)))
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"hidden_act {name!r} is not supported (gelu, gelu_new, relu)")
+
+
+def load_encoder(path: Path, dtype: torch.dtype, device: torch.device) -> Encoder:
+    """The encoder of `path` (a Hugging Face directory with safetensors) on `device`."""
+    cfg = EncoderConfig.from_dir(path)
+    tensors = _read_safetensors(path)
+    with torch.device("meta"):
+        model = Encoder(cfg)
+    state = _our_names(tensors, cfg)
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {sorted(missing)[:5]}")
+    model.load_state_dict(state, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights")
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def _our_names(tensors: dict[str, torch.Tensor], cfg: EncoderConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face names (with or without the `bert.`/`roberta.` prefix) → this module's."""
+    plain = {}
+    for name, t in tensors.items():
+        for prefix in ("bert.", "roberta.", "model."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        plain[name] = t.float()
+    out = {
+        "word_embeddings.weight": plain.get("embeddings.word_embeddings.weight"),
+        "position_embeddings.weight": plain.get("embeddings.position_embeddings.weight"),
+        "token_type_embeddings.weight": plain.get("embeddings.token_type_embeddings.weight"),
+        "embed_norm.weight": plain.get("embeddings.LayerNorm.weight"),
+        "embed_norm.bias": plain.get("embeddings.LayerNorm.bias"),
+    }
+    for i in range(cfg.num_layers):
+        src, dst = f"encoder.layer.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            parts = [plain.get(f"{src}attention.self.{p}.{kind}") for p in ("query", "key", "value")]
+            out[f"{dst}qkv.{kind}"] = None if any(p is None for p in parts) else torch.cat(parts)
+            out[f"{dst}attn_out.{kind}"] = plain.get(f"{src}attention.output.dense.{kind}")
+            out[f"{dst}attn_norm.{kind}"] = plain.get(f"{src}attention.output.LayerNorm.{kind}")
+            out[f"{dst}up.{kind}"] = plain.get(f"{src}intermediate.dense.{kind}")
+            out[f"{dst}down.{kind}"] = plain.get(f"{src}output.dense.{kind}")
+            out[f"{dst}out_norm.{kind}"] = plain.get(f"{src}output.LayerNorm.{kind}")
+    if cfg.num_labels is not None:
+        for kind in ("weight", "bias"):
+            if cfg.family == "bert":
+                out[f"head.pooler.{kind}"] = plain.get(f"pooler.dense.{kind}")
+                out[f"head.classifier.{kind}"] = plain.get(f"classifier.{kind}")
+            else:
+                out[f"head.dense.{kind}"] = plain.get(f"classifier.dense.{kind}")
+                out[f"head.out_proj.{kind}"] = plain.get(f"classifier.out_proj.{kind}")
+    return {k: v for k, v in out.items() if v is not None}
+
