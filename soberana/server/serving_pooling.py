@@ -14,16 +14,16 @@ import math
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 
 from soberana.engine.outputs import PoolingOutput
 from soberana.models.pooling import cosine
+from soberana.server import responses as r
 from soberana.server.engine_client import EngineClient
 from soberana.server.errors import bad_request
-from soberana.server import responses as r
 from soberana.server.protocol_pooling import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -32,6 +32,7 @@ from soberana.server.protocol_pooling import (
     ScoreRequest,
     ScoreResponse,
 )
+from soberana.server.streaming import cancel_on_disconnect
 
 Pair = tuple[list[int], list[int] | None]
 
@@ -51,10 +52,14 @@ def add_pooling_routes(
     app: FastAPI, ready_engine: Callable[[str | None], EngineClient],
     model_names: Callable[[], list[str]],
 ) -> None:
-    """Register the embedding and scoring endpoints on `app`."""
+    """Register the embedding and scoring endpoints on `app`. A client that leaves cancels its
+    request, and its inputs still queued in the engine are dropped (`_run`)."""
 
     @app.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **r.API_ERRORS})
-    async def embeddings(body: EmbeddingRequest) -> JSONResponse:
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await _until_disconnect(request, _embeddings(body))
+
+    async def _embeddings(body: EmbeddingRequest) -> JSONResponse:
         engine = ready_engine(body.model)
         require_task(engine, "/v1/embeddings", "embed")
         started = time.time()
@@ -70,7 +75,10 @@ def add_pooling_routes(
             "usage": _usage(engine, outputs, started),
         })
 
-    async def rerank(body: RerankRequest) -> JSONResponse:
+    async def rerank(body: RerankRequest, request: Request) -> Response:
+        return await _until_disconnect(request, _rerank(body))
+
+    async def _rerank(body: RerankRequest) -> JSONResponse:
         engine = ready_engine(body.model)
         require_task(engine, "rerank", "embed", "rerank")
         started = time.time()
@@ -95,7 +103,10 @@ def add_pooling_routes(
     for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
         app.post(path, responses={200: {"model": RerankResponse}, **r.API_ERRORS})(rerank)
 
-    async def score(body: ScoreRequest) -> JSONResponse:
+    async def score(body: ScoreRequest, request: Request) -> Response:
+        return await _until_disconnect(request, _score_route(body))
+
+    async def _score_route(body: ScoreRequest) -> JSONResponse:
         engine = ready_engine(body.model)
         require_task(engine, "score", "embed", "rerank")
         started = time.time()
@@ -110,6 +121,11 @@ def add_pooling_routes(
 
     for path in ("/v1/score", "/score"):
         app.post(path, responses={200: {"model": ScoreResponse}, **r.API_ERRORS})(score)
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    result = await cancel_on_disconnect(work, request.receive)
+    return Response(status_code=499) if result is None else result
 
 
 def _score_pairs(text_1: str | list[str], text_2: str | list[str]) -> tuple[list[str], list[str]]:
