@@ -21,8 +21,9 @@ Message = dict[str, str]
 class LLM:
     """Generate offline: `LLM(model).generate(prompts, SamplingParams(...))`.
 
-    `model` is a local Hugging Face directory, a hub id, or None for the built-in demo model
-    (random weights — for smoke tests and trying the stack offline).
+    `model` is a local Hugging Face directory, a `.gguf` file, a hub id, "demo" (random
+    weights — for smoke tests and trying the stack offline), or None for the default model,
+    SmolLM2-135M-Instruct (soberana/models/default_model.py).
     """
 
     def __init__(
