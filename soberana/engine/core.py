@@ -221,10 +221,11 @@ class EngineCore:
         pos = torch.arange(tokens, device=dev).repeat(seqs)
         meta = AttentionMetadata(
             slot_mapping=(table.long()[:, :, None] * bs
-                          + torch.arange(bs, device=dev)).view(seqs, -1)[:, :tokens].reshape(-1),
+                          + torch.arange(bs, device=dev)).view(seqs, -1)[:, :tokens].flatten().contiguous(),
             query_start_loc=torch.arange(0, total + 1, tokens, dtype=torch.int32, device=dev),
             seq_lens=torch.full((seqs,), tokens, dtype=torch.int32, device=dev),
-            block_table=table, num_decodes=0, query_lens_cpu=[tokens] * seqs,
+            block_table=table, num_decodes=seqs if tokens == 1 else 0,
+            query_lens_cpu=[tokens] * seqs,
             seq_lens_cpu=[tokens] * seqs,
         )  # fmt: skip
         ids = torch.zeros(total, dtype=torch.long, device=dev)

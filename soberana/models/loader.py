@@ -203,7 +203,11 @@ def _target(name: str) -> tuple[str, int | None, str] | None:
 
 
 def _config_bytes(path: Path) -> bytes:
-    return path.read_bytes()[:1 << 20] if path.is_file() else (path / "config.json").read_bytes()
+    """What identifies a model's shape: config.json, or a GGUF's header (its first MB)."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            return f.read(1 << 20)
+    return (path / "config.json").read_bytes()
 
 
 def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
