@@ -67,6 +67,17 @@ def _available_ram() -> int:
     return 8 * 2**30
 
 
+def _zeros_lazily(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages the OS zero-fills at first touch: numpy's zeros is calloc,
+    which for a large block maps fresh zero pages instead of writing them (torch.zeros
+    writes every byte: seconds for a pool of a GB on a small CPU)."""
+    import numpy as np
+
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    raw = np.zeros(int(np.prod(shape)) * itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,10 +129,11 @@ class EngineCore:
             log.warning("max_model_len %d exceeds the KV pool (%d tokens); capping it",
                         max_len, num_blocks * block_size)
             max_len = num_blocks * block_size
-        self.kv_cache = torch.zeros(
-            mcfg.num_layers, 2, num_blocks, block_size, mcfg.num_kv_heads, mcfg.head_dim,
-            dtype=dtype, device=self.device,
-        )
+        kv_shape = (mcfg.num_layers, 2, num_blocks, block_size, mcfg.num_kv_heads, mcfg.head_dim)
+        if self.device.type == "cpu":
+            self.kv_cache = _zeros_lazily(kv_shape, dtype)
+        else:
+            self.kv_cache = torch.zeros(kv_shape, dtype=dtype, device=self.device)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s)", num_blocks,
                  block_size, num_blocks * block_size, num_blocks * bytes_per_block / 1e9, dtype)
         layout = f"L{mcfg.num_layers}x2xNBx{block_size}x{mcfg.num_kv_heads}x{mcfg.head_dim}"

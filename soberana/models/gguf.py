@@ -17,6 +17,7 @@ Tensor data is memory-mapped, so only the tensors read are paged in.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import struct
 from collections.abc import Iterator
@@ -201,6 +202,19 @@ _FAST = {
 }
 
 
+def open_gguf(path: Path | str) -> GGUFFile:
+    """GGUFFile(path), parsed once per process while the file is unchanged (config, weights and
+    tokenizer each read it at start-up)."""
+    p = Path(path).resolve()
+    stat = p.stat()
+    return _open_cached(p, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(path: Path, size: int, mtime_ns: int) -> GGUFFile:
+    return GGUFFile(path)
+
+
 def _quant_sizes(qtype: int, name: str) -> tuple[int, int]:
     from gguf.constants import GGML_QUANT_SIZES
 
@@ -246,7 +260,7 @@ def _read_value(buf: memoryview, pos: int, vtype: int) -> tuple[Any, int]:
 
 def gguf_config(path: Path | str, file: GGUFFile | None = None) -> tuple[ModelConfig, dict]:
     """Our ModelConfig, and the Hugging Face config.json-shaped dict it was built from."""
-    f = file or GGUFFile(path)
+    f = file or open_gguf(path)
     arch = f.architecture
     if arch not in _ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
@@ -311,7 +325,7 @@ def gguf_tensors(path: Path | str, cfg: ModelConfig,
     llama.cpp's converter permutes the q and k rows of Llama-family models for ggml's
     interleaved rotary; they are permuted back to the half-split order our rotary uses.
     """
-    f = file or GGUFFile(path)
+    f = file or open_gguf(path)
     permuted = _ARCHITECTURES.get(f.architecture, ("", False))[1]
     for name in f.tensors:
         target = hf_name(name)
@@ -350,7 +364,7 @@ def gguf_tokenizer(path: Path | str, file: GGUFFile | None = None):
     """A transformers fast tokenizer from the file's tokenizer.* metadata."""
     from transformers import PreTrainedTokenizerFast
 
-    f = file or GGUFFile(path)
+    f = file or open_gguf(path)
     m = f.metadata
     if "tokenizer.ggml.tokens" not in m:
         raise ValueError(f"{f.path} has no tokenizer (tokenizer.ggml.tokens)")

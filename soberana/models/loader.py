@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from soberana.models.config import ModelConfig
-from soberana.models.gguf import GGUFFile, gguf_config, gguf_tensors, is_gguf
+from soberana.models.gguf import gguf_config, gguf_tensors, is_gguf
 from soberana.models.gguf import fingerprint as gguf_fingerprint
 from soberana.models.transformer import CausalLM, RotaryEmbedding, rope_inv_freq
 from soberana.ops import cpu_linear
@@ -146,8 +146,7 @@ def load_model(
     elif load_format != "safetensors":
         raise ValueError(f"load_format must be 'safetensors' or 'dummy'; got {load_format!r}")
     elif path.is_file():  # GGUF: dequantized to float32, then cast to `dtype`
-        gguf_file = GGUFFile(path)
-        _load_tensors(model, cfg, gguf_tensors(path, cfg, gguf_file), path.name)
+        _load_tensors(model, cfg, gguf_tensors(path, cfg), path.name)
         fingerprint = gguf_fingerprint(path)
     else:
         files = _safetensors_files(path)

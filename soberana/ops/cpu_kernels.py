@@ -101,7 +101,8 @@ def load_library(path: Path) -> ctypes.CDLL:
         i32, i32, i32, i32, i32, i32, ctypes.c_float, i32, ptr,  # shape, dtype, scale, threads
     ]  # fmt: skip
     lib.paged_attention.restype = ctypes.c_int
-    lib.simd_level.argtypes, lib.simd_level.restype = [], ctypes.c_int
+    if hasattr(lib, "simd_level"):  # builds of older sources (benchmarks' A/B) lack it
+        lib.simd_level.argtypes, lib.simd_level.restype = [], ctypes.c_int
     return lib
 
 
