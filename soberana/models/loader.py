@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 
 from soberana.models.config import ModelConfig
-from soberana.models.gguf import gguf_config, gguf_tensors, is_gguf
 from soberana.models.gguf import fingerprint as gguf_fingerprint
+from soberana.models.gguf import gguf_config, gguf_tensors, is_gguf
 from soberana.models.transformer import CausalLM, RotaryEmbedding, rope_inv_freq
 from soberana.ops import cpu_linear
 
