@@ -178,3 +178,19 @@ def test_the_default_model_answers_sensibly():
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(max_tokens=24, temperature=0))  # fmt: skip
     assert "Paris" in out[0].outputs[0].text
+
+
+@pytest.mark.parametrize("flags, isa, want", [
+    (frozenset({"avx2", "fma"}), "native", torch.float32),  # Zen 3: no native bf16 matmul
+    (frozenset({"avx512f", "avx512_bf16"}), "native", torch.bfloat16),
+    (frozenset({"avx512f", "avx512_bf16"}), "avx2", torch.float32),  # the AVX2 build forced
+])  # fmt: skip
+def test_dtype_auto_is_float32_without_native_bf16_matmuls(monkeypatch, flags, isa, want):
+    from soberana.engine.core import resolve_dtype
+    from soberana.ops import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(cpu_kernels, "_isa", isa)
+    assert resolve_dtype("auto", "bfloat16", torch.device("cpu")) == want
+    assert resolve_dtype("auto", "float32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", "float32", torch.device("cpu")) == torch.bfloat16
