@@ -11,7 +11,8 @@ from soberana.kv.config import KVWarehouseConfig
 class EngineConfig:
     """Everything the engine core needs to start.
 
-    `model` is a local Hugging Face directory, a hub id, or None for the built-in demo model.
+    `model` is a local Hugging Face directory, a `.gguf` file, a hub id, "demo" (the
+    random-weights demo), or None for the default model (SmolLM2-135M-Instruct).
     `kv_cache_gb` sizes the KV pool absolutely; when None the pool takes
     `gpu_memory_utilization` of device memory on GPU, or a share of free RAM on CPU.
     """
@@ -43,6 +44,9 @@ class EngineConfig:
     kv_warehouse: KVWarehouseConfig | None = None  # tiers below the KV pool (soberana/kv)
     # "generate", "embed" or "rerank"; "auto" follows the checkpoint's architecture.
     task: str = "auto"
+    # CPU: the instruction sets the native kernels are built for: "native" (this CPU's),
+    # "avx2" (AVX2 + FMA, the path of CPUs without AVX-512) or "portable" (plain C).
+    cpu_isa: str = "native"
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -75,6 +79,8 @@ class EngineConfig:
                 raise ValueError("the KV warehouse needs enable_prefix_caching=True")
         if self.task not in ("auto", "generate", "embed", "rerank"):
             raise ValueError(f"task must be auto, generate, embed or rerank; got {self.task!r}")
+        if self.cpu_isa not in ("native", "avx2", "portable"):
+            raise ValueError(f"cpu_isa must be native, avx2 or portable; got {self.cpu_isa!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16; got {self.dtype!r}"

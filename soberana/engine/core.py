@@ -22,13 +22,23 @@ from soberana.engine.outputs import EngineCoreOutput, EngineCoreRequest, Schedul
 from soberana.engine.request import PLACEHOLDER, Request, RequestStatus
 from soberana.engine.sampler import Sampler
 from soberana.engine.scheduler import Scheduler, SchedulerOutput
-from soberana.models.loader import load_model, read_model_config, resolve_model_path
+from soberana.models.loader import (
+    is_demo_path,
+    load_model,
+    read_model_config,
+    resolve_model_path,
+)
 from soberana.ops import cpu_kernels
 from soberana.ops.attention import AttentionMetadata, uses_triton
 
 log = logging.getLogger("soberana.engine")
 
 _CPU_DEFAULT_KV_GB = 4.0
+# CPU: the pool holds this many tokens by default (or max_model_len, if longer): a CPU's
+# throughput saturates at a few dozen sequences, and zeroing an unused pool costs start-up.
+_CPU_DEFAULT_KV_TOKENS = 16384
+_WARM_UP_PROMPT = 128
+_WARM_UP_DECODE_ROWS = 8
 
 
 @dataclass
@@ -58,6 +68,17 @@ def _available_ram() -> int:
     return 8 * 2**30
 
 
+def _zeros_lazily(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages the OS zero-fills at first touch: numpy's zeros is calloc,
+    which for a large block maps fresh zero pages instead of writing them (torch.zeros
+    writes every byte: seconds for a pool of a GB on a small CPU)."""
+    import numpy as np
+
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    raw = np.zeros(int(np.prod(shape)) * itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,13 +86,19 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on GPUs; on CPU the checkpoint's float32/bfloat16, else float32
-    (float16 matmuls are slow on CPUs)."""
+    """`auto`: bfloat16 on GPUs; on CPU bfloat16 for a bfloat16 checkpoint where the CPU has
+    native bfloat16 matmuls (AVX512_BF16 or AMX), else float32 (emulated bfloat16 and float16
+    matmuls are slower than float32 on CPUs)."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.bfloat16
-    return torch.bfloat16 if checkpoint_dtype == "bfloat16" else torch.float32
+    if checkpoint_dtype == "bfloat16":
+        if cpu_kernels.native_bf16_matmul():
+            return torch.bfloat16
+        log.info("dtype auto: float32 (the checkpoint is bfloat16, but this CPU or the chosen "
+                 "cpu_isa has no native bfloat16 matmul: no avx512_bf16/amx_bf16)")
+    return torch.float32
 
 
 class EngineCore:
@@ -81,8 +108,10 @@ class EngineCore:
         t0 = time.perf_counter()
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
+            cpu_kernels.set_isa(config.cpu_isa)
             cpu_kernels.keep_freed_memory()
         path = resolve_model_path(config.model, config.revision)
+        t_found = time.perf_counter()
         mcfg, _ = read_model_config(path)
         dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device)
         max_len = self._max_model_len(config, mcfg)
@@ -101,10 +130,11 @@ class EngineCore:
             log.warning("max_model_len %d exceeds the KV pool (%d tokens); capping it",
                         max_len, num_blocks * block_size)
             max_len = num_blocks * block_size
-        self.kv_cache = torch.zeros(
-            mcfg.num_layers, 2, num_blocks, block_size, mcfg.num_kv_heads, mcfg.head_dim,
-            dtype=dtype, device=self.device,
-        )
+        kv_shape = (mcfg.num_layers, 2, num_blocks, block_size, mcfg.num_kv_heads, mcfg.head_dim)
+        if self.device.type == "cpu":
+            self.kv_cache = _zeros_lazily(kv_shape, dtype)
+        else:
+            self.kv_cache = torch.zeros(kv_shape, dtype=dtype, device=self.device)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s)", num_blocks,
                  block_size, num_blocks * block_size, num_blocks * bytes_per_block / 1e9, dtype)
         layout = f"L{mcfg.num_layers}x2xNBx{block_size}x{mcfg.num_kv_heads}x{mcfg.head_dim}"
@@ -125,6 +155,8 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv, self.sampler, self.device,
                                   graphs)
         if self.device.type == "cpu":
+            log.info("CPU kernels: %s (dtype %s)", cpu_kernels.describe_kernels(),
+                     str(dtype).removeprefix("torch."))  # fmt: skip
             self.startup["warm_up_s"] = self._warm_up_cpu(mcfg, max_len)
         self.requests: dict[str, list[Request]] = {}  # request_id -> its samples
         # Async scheduling (default on GPUs): the step launched last, not yet read back.
@@ -136,11 +168,14 @@ class EngineCore:
         if config.seed is not None:
             torch.manual_seed(config.seed)
 
+        from soberana.models.default_model import DEFAULT_MODEL
         from soberana.models.demo import DEMO_NAME
 
-        is_demo = config.model is None
+        is_demo = is_demo_path(path)
+        default_name = DEMO_NAME if is_demo else DEFAULT_MODEL
         self.model_info = ModelInfo(
-            name=config.served_model_name or (DEMO_NAME if is_demo else str(config.model)),
+            name=config.served_model_name or (default_name if config.model is None or is_demo
+                                              else str(config.model)),
             path=str(path),
             max_model_len=max_len,
             vocab_size=mcfg.vocab_size,
@@ -152,8 +187,9 @@ class EngineCore:
             fingerprint=seed.hex(),
             is_demo=is_demo,
         )
-        log.info("engine ready in %.1fs (model %.1fs%s) on %s", time.perf_counter() - t0,
-                 t_model - t0, f", warm-up {self.startup['warm_up_s']:.1f}s"
+        log.info("engine ready in %.1fs (find model %.1fs, load %.1fs, KV pool %.1fs%s) on %s",
+                 time.perf_counter() - t0, t_found - t0, t_model - t_found,
+                 self.startup["kv_alloc_s"], f", warm-up {self.startup['warm_up_s']:.1f}s"
                  if "warm_up_s" in self.startup else "", self.device)  # fmt: skip
 
     def _build_offload(self, config: EngineConfig, fingerprint: str, mcfg, max_len: int):
@@ -198,10 +234,11 @@ class EngineCore:
         pos = torch.arange(tokens, device=dev).repeat(seqs)
         meta = AttentionMetadata(
             slot_mapping=(table.long()[:, :, None] * bs
-                          + torch.arange(bs, device=dev)).view(seqs, -1)[:, :tokens].reshape(-1),
+                          + torch.arange(bs, device=dev)).view(seqs, -1)[:, :tokens].flatten().contiguous(),
             query_start_loc=torch.arange(0, total + 1, tokens, dtype=torch.int32, device=dev),
             seq_lens=torch.full((seqs,), tokens, dtype=torch.int32, device=dev),
-            block_table=table, num_decodes=0, query_lens_cpu=[tokens] * seqs,
+            block_table=table, num_decodes=seqs if tokens == 1 else 0,
+            query_lens_cpu=[tokens] * seqs,
             seq_lens_cpu=[tokens] * seqs,
         )  # fmt: skip
         ids = torch.zeros(total, dtype=torch.long, device=dev)
@@ -209,14 +246,17 @@ class EngineCore:
 
     @torch.inference_mode()
     def _warm_up_cpu(self, mcfg, max_len: int) -> float:
-        """CPU: one forward over a full token budget before the first request, so that it
-        does not pay for building the native kernels or for growing the heap (see
-        cpu_kernels.keep_freed_memory). Returns the seconds it took."""
+        """CPU: a few representative shapes before the first request (a prompt of up to
+        _WARM_UP_PROMPT tokens, and a batch of one-token rows as a decode step has), so that
+        it does not pay for loading the native kernels, oneDNN's first primitives or the first
+        growth of the heap. Not a full token budget: on a small CPU a max_model_len prefill
+        took minutes. Returns the seconds it took."""
         t0 = time.perf_counter()
-        tokens = min(self.config.max_num_batched_tokens, max_len)
-        seqs = max(1, min(self.config.max_num_seqs, self.config.max_num_batched_tokens // tokens))
-        hidden = self._dummy_forward(mcfg, self.kv_cache.dtype, tokens, seqs)()
-        self.model.compute_logits(hidden[: min(len(hidden), self.config.max_num_seqs)])
+        prompt = max(1, min(_WARM_UP_PROMPT, self.config.max_num_batched_tokens, max_len))
+        rows = max(1, min(_WARM_UP_DECODE_ROWS, self.config.max_num_seqs))
+        for tokens, seqs in ((prompt, 1), (1, rows)):
+            hidden = self._dummy_forward(mcfg, self.kv_cache.dtype, tokens, seqs)()
+            self.model.compute_logits(hidden[-seqs:])
         return time.perf_counter() - t0
 
     @staticmethod
@@ -266,9 +306,11 @@ class EngineCore:
             budget = (free - (1 - config.gpu_memory_utilization) * total
                       - activation_bytes - 2**30)
             return max(0, int(budget)) // bytes_per_block
-        # CPU: enough for every sequence at full length, within 4 GB and 20% of free RAM.
+        # CPU: by need: max(max_model_len, _CPU_DEFAULT_KV_TOKENS) tokens, no more than every
+        # sequence at full length, within 4 GB and 20% of free RAM (kv_cache_gb for more).
         useful = config.max_num_seqs * max_len / config.block_size * bytes_per_block
-        budget = min(_CPU_DEFAULT_KV_GB * 1e9, 0.2 * _available_ram(), useful)
+        need = max(max_len, _CPU_DEFAULT_KV_TOKENS) / config.block_size * bytes_per_block
+        budget = min(_CPU_DEFAULT_KV_GB * 1e9, 0.2 * _available_ram(), useful, need)
         return max(int(budget) // bytes_per_block, -(-max_len // config.block_size))
 
     # ---- requests -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Sequence
 
@@ -16,14 +17,19 @@ from soberana.models.pooling import cosine
 from soberana.models.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
+
+
+def _import_transformers() -> None:
+    import transformers.tokenization_utils_fast  # noqa: F401
 Message = dict[str, str]
 
 
 class LLM:
     """Generate offline: `LLM(model).generate(prompts, SamplingParams(...))`.
 
-    `model` is a local Hugging Face directory, a hub id, or None for the built-in demo model
-    (random weights — for smoke tests and trying the stack offline).
+    `model` is a local Hugging Face directory, a `.gguf` file, a hub id, "demo" (random
+    weights — for smoke tests and trying the stack offline), or None for the default model,
+    SmolLM2-135M-Instruct (soberana/models/default_model.py).
     """
 
     def __init__(
@@ -50,7 +56,12 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, block_size=block_size, seed=seed,
             load_format=load_format, **kwargs,
         )
-        self.engine = build_engine_core(config)  # an embedding/rerank model gets a PoolingCore
+        # transformers takes seconds to import on a small CPU: import it beside the engine's
+        # start-up, which does not need it.
+        importer = threading.Thread(target=_import_transformers, daemon=True)
+        importer.start()
+        self.engine = build_engine_core(config)  # an embedding/rerank model: PoolingCore
+        importer.join()
         self.tokenizer = load_tokenizer(self.engine.model_info.path)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

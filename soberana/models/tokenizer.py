@@ -9,8 +9,14 @@ log = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: Path | str):
-    """Load the tokenizer saved beside the model (tokenizer.json / tokenizer_config.json)."""
+    """Load the tokenizer saved beside the model (tokenizer.json / tokenizer_config.json), or
+    built from a GGUF file's metadata."""
     from transformers import AutoTokenizer
+
+    if Path(path).is_file():
+        from soberana.models.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(path)
 
     try:
         return AutoTokenizer.from_pretrained(str(path))

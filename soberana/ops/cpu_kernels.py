@@ -1,7 +1,11 @@
 """Native CPU kernels: C sources in `csrc/`, compiled at first use and called through ctypes.
 
-The library is built by the system C compiler ($CC, else `cc`) and cached as
-`<cache_root>/kernels/<hash>.so`, the hash covering source, headers, flags, compiler and target CPU.
+The library is built by the system C compiler ($CC, else `cc`) once and cached as
+`<cache_root>/kernels/<hash>.so`, the hash covering source, headers, flags, compiler and target
+CPU; a build is logged with its time and the compiler's messages (`<hash>.log` beside it).
+`set_isa` picks the instruction sets they are built for (EngineConfig.cpu_isa): this CPU's
+("native": AVX-512 where it has it), AVX2 + FMA ("avx2", x86-64-v3: the path of CPUs without
+AVX-512, testable on one with it), or plain C ("portable").
 Without a compiler, when the build fails, or with SOBERANA_CPU_KERNELS=0, the entry points
 return False and callers use the PyTorch path. ctypes releases the GIL during a call.
 """
@@ -17,6 +21,7 @@ import platform
 import shlex
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +37,12 @@ LINEAR_SOURCE = Path(__file__).parent / "csrc" / "linear_bf16.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
 # For compilers that reject -march=native (or do not know this CPU).
 PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
+ISA_FLAGS = {
+    "native": FLAGS,
+    "avx2": ("-O3", "-march=x86-64-v3", "-mtune=native", "-fPIC", "-shared", "-pthread"),
+    "portable": PORTABLE_FLAGS,
+}
+_isa = "native"
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # The kernel's return codes (paged_attention.c).
@@ -60,13 +71,20 @@ def compile_library(source: Path, flags: Sequence[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=path.parent)
     os.close(fd)
+    t0 = time.perf_counter()
     try:
-        _run([*cc, *flags, "-o", tmp, str(source), "-lm"])
+        result = subprocess.run([*cc, *flags, "-o", tmp, str(source), "-lm"], capture_output=True,
+                                text=True, check=True, timeout=300)  # fmt: skip
         os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of the cache out
+        messages = (result.stdout + result.stderr).strip()
+        path.with_suffix(".log").write_text(f"{shlex.join([*cc, *flags])} {source.name}\n{messages}\n")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    logger.info("Built native CPU kernels %s (%s) in %.1fs, cached as %s%s", source.name,
+                " ".join(flags), time.perf_counter() - t0, path,
+                f"; compiler said: {messages[-500:]}" if messages else "")  # fmt: skip
     return path
 
 
@@ -83,6 +101,8 @@ def load_library(path: Path) -> ctypes.CDLL:
         i32, i32, i32, i32, i32, i32, ctypes.c_float, i32, ptr,  # shape, dtype, scale, threads
     ]  # fmt: skip
     lib.paged_attention.restype = ctypes.c_int
+    if hasattr(lib, "simd_level"):  # builds of older sources (benchmarks' A/B) lack it
+        lib.simd_level.argtypes, lib.simd_level.restype = [], ctypes.c_int
     return lib
 
 
@@ -140,10 +160,11 @@ def build_library(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.C
         return None
     try:
         try:
-            path = compile_library(source, FLAGS)
+            path = compile_library(source, ISA_FLAGS[_isa])
         except subprocess.CalledProcessError:
             path = compile_library(source, PORTABLE_FLAGS)
-            logger.info("Native CPU kernels built without -march=native (the compiler refused it)")
+            logger.info("Native CPU kernels built without -march (the compiler refused %s)",
+                        " ".join(ISA_FLAGS[_isa]))  # fmt: skip
         return load(path)
     except subprocess.CalledProcessError as e:
         why = f"{shlex.join(e.cmd)} failed: {(e.stderr or '').strip()[-500:]}"
@@ -152,6 +173,61 @@ def build_library(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.C
     logger.info("Native CPU kernels (%s) unavailable (%s); using the PyTorch path",
                 source.name, why)  # fmt: skip
     return None
+
+
+def set_isa(isa: str) -> None:
+    """Build (or take from the cache) the native kernels for `isa` from now on: "native",
+    "avx2" or "portable" (see ISA_FLAGS). Process-wide; libraries already loaded for another
+    ISA are dropped from use."""
+    global _isa
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"cpu_isa must be one of {', '.join(ISA_FLAGS)}; got {isa!r}")
+    if isa == _isa:
+        return
+    _isa = isa
+    _library.cache_clear()
+    _layers_library.cache_clear()
+    _linear_library.cache_clear()
+    from soberana.ops import cpu_forward
+
+    cpu_forward._kernels.cache_clear()
+
+
+def current_isa() -> str:
+    """The ISA the native kernels are built for (set_isa)."""
+    return _isa
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_matmul() -> bool:
+    """Whether bfloat16 matmuls run natively here (AVX512_BF16 or AMX-BF16) with the kernels as
+    built: False where set_isa chose a build without AVX-512."""
+    return _isa == "native" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def describe_kernels() -> str:
+    """Which native kernels this process uses, for the start-up log."""
+    if os.environ.get("SOBERANA_CPU_KERNELS", "1") == "0":
+        return "native CPU kernels off (SOBERANA_CPU_KERNELS=0): PyTorch path"
+    lib = _library()
+    if lib is None:
+        return "native CPU kernels unavailable: PyTorch path"
+    simd = {2: "AVX-512", 1: "AVX2+FMA", 0: "portable C"}.get(lib.simd_level(), "?")
+    linear = "soberana AVX512_BF16" if _linear_library() is not None else "oneDNN"
+    return (f"native CPU kernels built for {_isa}: attention/norm/rotary {simd}; "
+            f"bf16 linears {linear}; fp32 linears oneDNN")
 
 
 @functools.cache

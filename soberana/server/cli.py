@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model",
         nargs="?",
         default=None,
-        help="local Hugging Face model directory or hub id; omit for the built-in demo model",
+        help="a local Hugging Face model directory, a .gguf file, a hub id, or 'demo' (random "
+        "weights); omit for the default model, SmolLM2-135M-Instruct",
     )
     http = parser.add_argument_group("HTTP server")
     http.add_argument("--host", default="127.0.0.1", help="address to bind")
@@ -158,6 +159,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--dtype", default=defaults.dtype, choices=DTYPES, help="weight and KV dtype")
     eng.add_argument("--device", default=defaults.device, type=device_arg, help=DEVICES)
     eng.add_argument(
+        "--cpu-isa", default=defaults.cpu_isa, choices=["native", "avx2", "portable"],
+        help="CPU: instruction sets of the native kernels (native: this CPU's; avx2: the path of "
+        "CPUs without AVX-512; portable: plain C)",
+    )
+    eng.add_argument(
         "--seed", type=int, default=defaults.seed, help="seed of the engine's random generator"
     )
     eng.add_argument("--revision", default=None, help="hub revision of MODEL")
@@ -208,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(
         model=args.model,
         dtype=args.dtype,
+        cpu_isa=args.cpu_isa,
         device=args.device,
         max_model_len=args.max_model_len,
         kv_cache_gb=args.kv_cache_gb,
@@ -245,15 +252,15 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 2
     if args.model is None:
+        from soberana.models.default_model import DEFAULT_MODEL
+
+        logger.info("No MODEL given: serving the default model %s (`soberana serve demo` for the "
+                    "random-weights demo, `soberana serve PATH` for another model)", DEFAULT_MODEL)
+    elif args.model in ("demo", "soberana-demo"):
         from soberana.models.demo import DEMO_NAME, LABEL
 
-        logger.warning(
-            "No MODEL given: serving the built-in demo model %r (%s); its answers are "
-            "meaningless. To serve a real model: `soberana serve /path/to/hf-model-dir` "
-            "or `soberana serve organisation/name`.",
-            DEMO_NAME,
-            LABEL,
-        )
+        logger.warning("Serving the built-in demo model %r (%s); its answers are meaningless.",
+                       DEMO_NAME, LABEL)  # fmt: skip
     return _event_loop_runner()(_serve(args, config, chat_template, sock, salt_secret))
 
 

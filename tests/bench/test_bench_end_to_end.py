@@ -45,6 +45,7 @@ def server(tmp_path_factory) -> Iterator[str]:
             "-m",
             "soberana.cli",
             "serve",
+            "demo",
             "--host",
             "127.0.0.1",
             "--port",

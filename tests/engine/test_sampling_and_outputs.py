@@ -13,7 +13,7 @@ from soberana.engine.sampler import Sampler
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(max_model_len=1024)  # the built-in demo model
+    return LLM("demo", max_model_len=1024)  # the built-in demo model
 
 
 def test_n_samples_share_the_prompt_blocks_and_differ(llm):

@@ -15,7 +15,7 @@ from soberana.engine.outputs import EngineCoreRequest
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(max_model_len=512, max_num_seqs=1)  # the demo model, one request at a time
+    return LLM("demo", max_model_len=512, max_num_seqs=1)  # the demo model, one request at a time
 
 
 def _drain(core) -> list:
@@ -43,7 +43,7 @@ def test_equal_priority_is_first_come_first_served(llm):
 
 
 def test_abort_frees_blocks_and_other_requests_continue():
-    core = LLM(max_model_len=512, max_num_seqs=8).engine
+    core = LLM("demo", max_model_len=512, max_num_seqs=8).engine
     long = SamplingParams(max_tokens=200, ignore_eos=True)
     core.add_request(EngineCoreRequest("victim", list(range(10, 90)), long, 0.0))
     core.add_request(EngineCoreRequest("bystander", list(range(100, 130)), long.clone(
@@ -111,7 +111,7 @@ def test_hash_chain_depends_on_parent_salt_and_model():
 
 
 def test_max_num_batched_tokens_bounds_every_step():
-    llm = LLM(max_model_len=512, max_num_batched_tokens=24, max_num_seqs=4)
+    llm = LLM("demo", max_model_len=512, max_num_batched_tokens=24, max_num_seqs=4)
     core = llm.engine
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     for i in range(4):
@@ -138,8 +138,8 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill_past_the_threshold():
     prompts = [list(range(10, 10 + 200)), list(range(300, 300 + 12))]
     params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
     expected = [o.outputs[0].token_ids for o in
-                LLM(max_model_len=512, max_num_batched_tokens=256, dtype="float32").generate(prompts, params)]
-    llm = LLM(max_model_len=512, max_num_batched_tokens=256, long_prefill_token_threshold=64,
+                LLM("demo", max_model_len=512, max_num_batched_tokens=256, dtype="float32").generate(prompts, params)]
+    llm = LLM("demo", max_model_len=512, max_num_batched_tokens=256, long_prefill_token_threshold=64,
               dtype="float32")  # chunking changes bf16 rounding, not the computation
     core = llm.engine
     for i, p in enumerate(prompts):
@@ -164,4 +164,4 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill_past_the_threshold():
 
 def test_a_negative_long_prefill_threshold_is_refused():
     with pytest.raises(ValueError, match="long_prefill_token_threshold"):
-        LLM(max_model_len=512, long_prefill_token_threshold=-1)
+        LLM("demo", max_model_len=512, long_prefill_token_threshold=-1)

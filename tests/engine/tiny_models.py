@@ -26,7 +26,7 @@ def build_tiny_model(out: Path, arch: str, seed: int = 0) -> Path:
     """Save a tiny random `arch` model (float32) plus the demo tokenizer into `out`."""
     import transformers
 
-    demo = resolve_model_path(None)
+    demo = resolve_model_path("demo")
     for f in demo.iterdir():
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(f, out / f.name)

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.gateway.helpers import REPO, backend, config, run_load, tenant, wait_until
 
 KEY, OTHER_KEY = "sk-acme", "sk-globex"
-SERVE_ARGS = ["--max-model-len", "512", "--kv-cache-gb", "0.05", "--disable-uvicorn-access-log"]
+SERVE_ARGS = ["demo", "--max-model-len", "512", "--kv-cache-gb", "0.05", "--disable-uvicorn-access-log"]
 
 
 def soberana_serve_available() -> bool:

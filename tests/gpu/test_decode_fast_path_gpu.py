@@ -164,7 +164,7 @@ def llama_dir(tmp_path_factory):
     cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(out)
-    for f in resolve_model_path(None).glob("tokenizer*"):
+    for f in resolve_model_path("demo").glob("tokenizer*"):
         (out / f.name).write_bytes(f.read_bytes())
     return out
 

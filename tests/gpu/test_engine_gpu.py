@@ -32,7 +32,7 @@ def mid_model(tmp_path_factory):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
-    for f in resolve_model_path(None).glob("tokenizer*"):
+    for f in resolve_model_path("demo").glob("tokenizer*"):
         (out / f.name).write_bytes(f.read_bytes())
     return out
 

@@ -34,10 +34,10 @@ def _rounds(llm: LLM, rounds: int = 4) -> list[list[int]]:
 
 
 def test_greedy_tokens_identical_with_the_warehouse_on_and_off_and_hits_come_from_it(tmp_path):
-    off = _rounds(LLM(max_model_len=512, kv_cache_gb=POOL_GB))
+    off = _rounds(LLM("demo", max_model_len=512, kv_cache_gb=POOL_GB))
     warehouse = KVWarehouseConfig(offload_gb=10 * BLOCK_BYTES / 2**30, disk_dir=str(tmp_path),
                                   disk_gb=1.0, load_policy="always")
-    llm = LLM(max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
+    llm = LLM("demo", max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
     on = _rounds(llm)
     assert on == off
     stats = llm.engine.get_stats().kv_warehouse
@@ -52,7 +52,7 @@ def test_greedy_tokens_identical_with_the_warehouse_on_and_off_and_hits_come_fro
 
 def test_loaded_blocks_skip_prefill(tmp_path):
     warehouse = KVWarehouseConfig(offload_gb=0.01, load_policy="always")
-    llm = LLM(max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
+    llm = LLM("demo", max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
     first = llm.generate([USERS[0]], GREEDY)[0]
     computed_before = llm.engine.get_stats().prompt_tokens
     for other in USERS[1:4]:  # push the first user's blocks out of the 24-block pool
@@ -73,7 +73,7 @@ import json, sys
 from soberana import LLM, SamplingParams
 from soberana.kv.config import KVWarehouseConfig
 cfg = KVWarehouseConfig(**json.loads(sys.argv[1]))
-llm = LLM(max_model_len=512, kv_warehouse=cfg)
+llm = LLM("demo", max_model_len=512, kv_warehouse=cfg)
 prompt = json.loads(sys.argv[2])
 out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
 llm.engine.offload.warehouse.flush(10)
@@ -132,7 +132,7 @@ def test_salted_requests_never_load_each_others_blocks(tmp_path):
     from soberana.engine.outputs import EngineCoreRequest
 
     warehouse = KVWarehouseConfig(offload_gb=0.01, load_policy="always", write_through=True)
-    llm = LLM(max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
+    llm = LLM("demo", max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
     core = llm.engine
     prompt = USERS[0]
 

@@ -54,7 +54,7 @@ def test_missing_directory_and_unsupported_architecture_are_clear_errors(tmp_pat
 
 
 def test_llama3_rope_config_reads_both_transformers_layouts():
-    base = json.load(open(resolve_model_path(None) / "config.json"))
+    base = json.load(open(resolve_model_path("demo") / "config.json"))
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     v4 = ModelConfig.from_hf({**base, "rope_theta": 500000.0, "rope_scaling": scaling})
@@ -81,7 +81,7 @@ def test_demo_model_is_deterministic_and_labelled(tmp_path):
 
 
 def test_auto_dtype_on_cpu_is_float32_for_a_float32_checkpoint():
-    llm = LLM(max_model_len=64)
+    llm = LLM("demo", max_model_len=64)
     assert llm.engine.model_info.dtype == "float32"
     assert llm.engine.kv_cache.dtype == torch.float32
 

@@ -14,9 +14,12 @@ import torch
 from soberana.ops import attention, cpu_kernels
 from tests.ops.paged_attention_cases import make_step, reference_attention, relative_error
 
-pytestmark = pytest.mark.skipif(
-    cpu_kernels._library() is None, reason="no C compiler, or SOBERANA_CPU_KERNELS=0"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        cpu_kernels._library() is None, reason="no C compiler, or SOBERANA_CPU_KERNELS=0"
+    ),
+    pytest.mark.usefixtures("cpu_isa"),  # each build: this CPU's, and AVX2 on an AVX-512 CPU
+]
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 # Ragged: one token, exactly one and two blocks, a block plus one, many blocks, ~1000.
@@ -344,3 +347,15 @@ def test_paged_attention_sends_cpu_prefills_to_the_kernel(monkeypatch):
                                     step.scale)  # fmt: skip
     assert sdpa == []
     assert relative_error(out, reference_attention(step)) < TOLERANCE[torch.bfloat16]
+
+
+def test_each_build_takes_its_vector_path(cpu_isa):
+    """The build for "avx2" runs the AVX2 + FMA path (not plain C), and "native" the widest this
+    CPU has, so the numbers the other tests check are those of that path."""
+    level = cpu_kernels._library().simd_level()
+    flags = cpu_kernels.cpu_flags()
+    if cpu_isa == "avx2" or (platform.machine() == "x86_64" and "avx512f" not in flags
+                             and {"avx2", "fma", "f16c"} <= flags):  # fmt: skip
+        assert level == 1
+    elif "avx512f" in flags:
+        assert level == 2

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 API_KEY = "test-key"
 ALLOWED_ORIGIN = "https://app.example.org"  # the shared server's one CORS origin
 # Small and short so the whole suite stays within a few minutes on 2 shared cores.
-BASE_ARGS = ["--max-model-len", "256", "--kv-cache-gb", "0.05", "--disable-uvicorn-access-log"]
+BASE_ARGS = ["demo", "--max-model-len", "256", "--kv-cache-gb", "0.05", "--disable-uvicorn-access-log"]
 
 
 class ServerProcess:

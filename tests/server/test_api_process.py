@@ -65,7 +65,7 @@ def _ticks_while(work) -> int:
 
 
 def test_long_prompts_are_tokenized_off_the_event_loop():
-    client = EngineClient(EngineConfig(), max_waiting_requests=10)
+    client = EngineClient(EngineConfig(model="demo"), max_waiting_requests=10)
     threads: list[str] = []
 
     def slow_tokenize(text: str) -> list[int]:

@@ -86,12 +86,12 @@ def wordpiece_with_clean_up() -> PreTrainedTokenizerFast:
 
 def byte_level_with_clean_up() -> PreTrainedTokenizerFast:
     """The demo tokenizer's kind (byte-level BPE), but asking for the space clean-up."""
-    return _wrap(Tokenizer.from_str(load_tokenizer(resolve_model_path(None))._tokenizer.to_str()),
+    return _wrap(Tokenizer.from_str(load_tokenizer(resolve_model_path("demo"))._tokenizer.to_str()),
                  clean_up=True)  # fmt: skip
 
 
 TOKENIZERS = {
-    "demo-byte-level-bpe": lambda: load_tokenizer(resolve_model_path(None)),
+    "demo-byte-level-bpe": lambda: load_tokenizer(resolve_model_path("demo")),
     "metaspace-unigram": metaspace_unigram,
     "byte-fallback-bpe": byte_fallback_bpe,
     "wordpiece-clean-up": wordpiece_with_clean_up,
@@ -148,7 +148,7 @@ def test_a_tokenizer_with_its_own_decode_is_decoded_its_way():
         def _decode(self, token_ids, skip_special_tokens=False, **kwargs):
             return super()._decode(token_ids, skip_special_tokens=skip_special_tokens).upper()
 
-    demo = load_tokenizer(resolve_model_path(None))
+    demo = load_tokenizer(resolve_model_path("demo"))
     tok = ShoutingTokenizer(tokenizer_object=Tokenizer.from_str(demo._tokenizer.to_str()))
     ids = tok.encode("hello world", add_special_tokens=False)
     detok = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
@@ -208,7 +208,7 @@ class _CountingBackend:
 
 @pytest.mark.parametrize("filler", ["skipped special tokens", "ids beyond the vocabulary"])
 def test_tokens_without_text_do_not_grow_the_decode_window(filler):
-    tok = load_tokenizer(resolve_model_path(None))
+    tok = load_tokenizer(resolve_model_path("demo"))
     counting = tok._tokenizer = _CountingBackend(tok._tokenizer)
     eos = tok.convert_tokens_to_ids("</s>")
     filler_id = eos if filler == "skipped special tokens" else len(tok) + 7
@@ -235,7 +235,7 @@ def _outputs(request_id: str, ids: list[int]) -> list[list[EngineCoreOutput]]:
 
 
 def test_final_only_requests_get_one_output_with_the_whole_result():
-    tok = load_tokenizer(resolve_model_path(None))
+    tok = load_tokenizer(resolve_model_path("demo"))
     ids = tok.encode(" Café 東京 and more", add_special_tokens=False)
     params = SamplingParams(max_tokens=len(ids))
     proc = OutputProcessor(tok)
@@ -253,7 +253,7 @@ def test_final_only_requests_get_one_output_with_the_whole_result():
 
 
 def test_long_streams_deliver_every_character_and_find_late_stop_strings():
-    tok = load_tokenizer(resolve_model_path(None))
+    tok = load_tokenizer(resolve_model_path("demo"))
     line = " The quick brown fox jumps over the lazy dog, doesn't it?"
     ids = tok.encode(line * 200 + " STOP here", add_special_tokens=False)  # ~11k characters
     params = SamplingParams(max_tokens=len(ids), stop=["fox jumps over the lazy dog, doesn't it? STOP"])

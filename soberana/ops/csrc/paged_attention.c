@@ -12,8 +12,10 @@
  * sees keys [0, seq_len - n + i]: only those are read, and pool slots past them may hold
  * stale data or NaN.
  *
- * Math is float32 whatever the storage dtype. The AVX-512 path needs head_dim % 16 == 0;
- * other builds and shapes take the portable path, which the compiler vectorises where it can.
+ * Math is float32 whatever the storage dtype. The AVX-512 path needs head_dim % 16 == 0; the
+ * AVX2 + FMA path (builds without AVX-512) head_dim % 8 == 0 and takes every item block by
+ * block (scores, online softmax and values vectorised 8 wide; a prefill tile's rows share each
+ * block while it is in L1); other builds and shapes take the portable path, which the compiler vectorises where it can.
  * With head_dim % 32 == 0 (the common case) a decode reads each block row by row, all the
  * item's heads at once (block_rows, any dtype); bfloat16 then keeps q and the accumulators in
  * a split layout (below). A prefill item widens chunks of keys and values to float32 and
@@ -534,6 +536,105 @@ static void chunk_rows_any(const float *q, float *acc, float *mx, float *den, fl
 }
 #endif
 
+/* ---- AVX2 + FMA path (CPUs without AVX-512) ---------------------------------------- */
+#ifdef SOBERANA_AVX2
+
+/* s[g * bs + t] = q_g . k_t, 8 keys at a time: two FMA chains per key, then sum8 adds up the
+ * 8 keys' partial sums together. D % 8 == 0. */
+static inline void scores_avx2(const float *restrict q, const char *k, int64_t row_bytes, int n,
+                               int G, int D, int bs, int dtype, float *restrict s) {
+    for (int g = 0; g < G; g++) {
+        const float *qg = q + g * D;
+        for (int t0 = 0; t0 < n; t0 += 8) {
+            __m256 part[8];
+            for (int i = 0; i < 8; i++) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                if (t0 + i < n) {
+                    const char *kr = k + (t0 + i) * row_bytes;
+                    int c = 0;
+                    for (; c + 16 <= D; c += 16) {
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c), load8(kr, c, dtype), a0);
+                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c + 8), load8(kr, c + 8, dtype), a1);
+                    }
+                    if (c < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c), load8(kr, c, dtype), a0);
+                }
+                part[i] = _mm256_add_ps(a0, a1);
+            }
+            const __m256 sums = sum8(part);
+            if (n - t0 >= 8) {
+                _mm256_storeu_ps(s + g * bs + t0, sums);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, sums);
+                for (int i = 0; i < n - t0; i++) s[g * bs + t0 + i] = tmp[i];
+            }
+        }
+    }
+}
+
+static inline float softmax_avx2(float *s, int n, float *max, float *den) {
+    float m = *max;
+    int t = 0;
+    if (n >= 8) {
+        __m256 mv = _mm256_set1_ps(m);
+        for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+        m = hmax8(mv);
+    }
+    for (; t < n; t++) m = s[t] > m ? s[t] : m;
+    const float alpha = expf(*max - m);
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= n; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+        _mm256_storeu_ps(s + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if (t < n) { /* the tail through a padded buffer: -inf lanes give exp 0 */
+        float tmp[8];
+        for (int i = 0; i < 8; i++) tmp[i] = t + i < n ? s[t + i] : -INFINITY;
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(tmp), mv));
+        _mm256_storeu_ps(tmp, e);
+        for (int i = 0; t + i < n; i++) s[t + i] = tmp[i];
+        sum = _mm256_add_ps(sum, e);
+    }
+    *den = *den * alpha + hsum8(sum);
+    *max = m;
+    return alpha;
+}
+
+/* acc_g += sum_t p[g * bs + t] * v_t: four 8-column accumulators in registers across the
+ * block's rows. */
+static inline void values_avx2(float *restrict acc, const float *restrict p, const char *v,
+                               int64_t row_bytes, int n, int G, int D, int bs, int dtype) {
+    for (int g = 0; g < G; g++) {
+        const float *pg = p + g * bs;
+        float *ag = acc + g * D;
+        int c = 0;
+        for (; c + 32 <= D; c += 32) {
+            __m256 a0 = _mm256_loadu_ps(ag + c), a1 = _mm256_loadu_ps(ag + c + 8);
+            __m256 a2 = _mm256_loadu_ps(ag + c + 16), a3 = _mm256_loadu_ps(ag + c + 24);
+            for (int t = 0; t < n; t++) {
+                const char *vr = v + t * row_bytes;
+                const __m256 pt = _mm256_set1_ps(pg[t]);
+                a0 = _mm256_fmadd_ps(pt, load8(vr, c, dtype), a0);
+                a1 = _mm256_fmadd_ps(pt, load8(vr, c + 8, dtype), a1);
+                a2 = _mm256_fmadd_ps(pt, load8(vr, c + 16, dtype), a2);
+                a3 = _mm256_fmadd_ps(pt, load8(vr, c + 24, dtype), a3);
+            }
+            _mm256_storeu_ps(ag + c, a0), _mm256_storeu_ps(ag + c + 8, a1);
+            _mm256_storeu_ps(ag + c + 16, a2), _mm256_storeu_ps(ag + c + 24, a3);
+        }
+        for (; c < D; c += 8) {
+            __m256 a = _mm256_loadu_ps(ag + c);
+            for (int t = 0; t < n; t++)
+                a = _mm256_fmadd_ps(_mm256_set1_ps(pg[t]), load8(v + t * row_bytes, c, dtype), a);
+            _mm256_storeu_ps(ag + c, a);
+        }
+    }
+}
+
+#endif /* SOBERANA_AVX2 */
+
 /* ---- one work item: a sequence, a tile of its queries, a run of its KV heads ----------- */
 
 /* Rows of one head are num_kv_heads * head_dim apart and blocks are scattered: patterns the
@@ -589,7 +690,11 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
     const int G = j->num_heads / j->num_kv_heads, D = j->head_dim, bs = j->block_size;
     const int64_t esz = dtype == DT_F32 ? 4 : 2, head_bytes = D * esz;
     const int64_t row_bytes = j->num_kv_heads * head_bytes; /* token to token */
+#ifdef __AVX512F__
     const int split = simd && dtype == DT_BF16 && D % 32 == 0; /* q and acc split (bf16) */
+#else
+    const int split = 0;
+#endif
     Span sp;
     item_span(j, item, &sp);
     const int b = sp.b, h0 = sp.h0, h1 = sp.h1, nq = sp.nq, len = sp.len;
@@ -697,6 +802,10 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
             if (simd)
                 scores_avx512(qh, k, row_bytes, n, RH, D, bs, dtype, sh);
             else
+#elif defined(SOBERANA_AVX2)
+            if (simd)
+                scores_avx2(qh, k, row_bytes, n, RH, D, bs, dtype, sh);
+            else
 #endif
                 scores_portable(qh, k, row_bytes, n, RH, D, bs, dtype, sh);
             for (int i = 0; i < RH; i++) {
@@ -706,6 +815,10 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
 #ifdef __AVX512F__
                     if (simd)
                         alpha = softmax_avx512(sr, m, &mx[r], &den[r]);
+                    else
+#elif defined(SOBERANA_AVX2)
+                    if (simd)
+                        alpha = softmax_avx2(sr, m, &mx[r], &den[r]);
                     else
 #endif
                         alpha = softmax_portable(sr, m, &mx[r], &den[r]);
@@ -718,6 +831,10 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
 #ifdef __AVX512F__
             if (simd)
                 values_avx512(ah, sh, v, row_bytes, n, RH, D, bs, dtype);
+            else
+#elif defined(SOBERANA_AVX2)
+            if (simd)
+                values_avx2(ah, sh, v, row_bytes, n, RH, D, bs, dtype);
             else
 #endif
                 values_portable(ah, sh, v, row_bytes, n, RH, D, bs, dtype);
@@ -756,6 +873,10 @@ ATTEND(attend_f16, DT_F16, 0)
 ATTEND(attend_f32_avx512, DT_F32, 1)
 ATTEND(attend_bf16_avx512, DT_BF16, 1)
 ATTEND(attend_f16_avx512, DT_F16, 1)
+#elif defined(SOBERANA_AVX2)
+ATTEND(attend_f32_avx2, DT_F32, 1)
+ATTEND(attend_bf16_avx2, DT_BF16, 1)
+ATTEND(attend_f16_avx2, DT_F16, 1)
 #endif
 
 typedef void (*AttendFn)(Job *, int, Cursor *, float *);
@@ -767,6 +888,12 @@ static AttendFn pick(int dtype, int head_dim) {
         if (dtype == DT_BF16) return attend_bf16_avx512;
         if (dtype == DT_F16 && HAVE_F16) return attend_f16_avx512;
     }
+#elif defined(SOBERANA_AVX2)
+    if (head_dim % 8 == 0) {
+        if (dtype == DT_F32) return attend_f32_avx2;
+        if (dtype == DT_BF16) return attend_bf16_avx2;
+        if (dtype == DT_F16 && HAVE_F16) return attend_f16_avx2;
+    }
 #else
     (void)head_dim;
 #endif
@@ -774,6 +901,17 @@ static AttendFn pick(int dtype, int head_dim) {
     if (dtype == DT_BF16) return attend_bf16;
     if (dtype == DT_F16 && HAVE_F16) return attend_f16;
     return NULL;
+}
+
+/* The vector path this build takes: 2 AVX-512, 1 AVX2 + FMA, 0 portable C. */
+int simd_level(void) {
+#if defined(__AVX512F__)
+    return 2;
+#elif defined(SOBERANA_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* ---- threads ---------------------------------------------------------------------- */

@@ -1,7 +1,8 @@
-/* AVX-512 helpers shared by the native CPU kernels: 16 elements of a row in any storage dtype
- * as float32 and back, rounding as the dtype stores, and exp. Included by the kernels in this
- * directory (the build cache key in cpu_kernels.py covers this header); empty without
- * AVX-512F. */
+/* SIMD helpers shared by the native CPU kernels. AVX-512: 16 elements of a row in any storage
+ * dtype as float32 and back, rounding as the dtype stores, and exp. AVX2 + FMA + F16C (CPUs
+ * without AVX-512, e.g. Zen 3; SOBERANA_AVX2 is defined): loads of 8 elements, exp and a sum of
+ * 8 vectors. Included by the kernels in this directory (the build cache key in cpu_kernels.py
+ * covers this header); empty with neither. */
 #ifndef SOBERANA_SIMD_H
 #define SOBERANA_SIMD_H
 
@@ -86,4 +87,58 @@ static inline __m512 exp512(__m512 x) {
 }
 
 #endif /* __AVX512F__ */
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SOBERANA_AVX2 1
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "dtypes.h"
+
+/* Elements [i, i + 8) of a row stored in `dtype`, as float32 (exact). */
+static inline __m256 load8(const void *row, int64_t i, int dtype) {
+    if (dtype == DT_F32) return _mm256_loadu_ps((const float *)row + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
+    if (dtype == DT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+/* Lane i: the sum of v[i]'s 8 lanes (a hadd tree: 6 hadds, 2 permutes and an add). */
+static inline __m256 sum8(const __m256 *v) {
+    const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* exp(x), as exp512: Cephes expf, x = n ln2 + r. 2^n is built in the exponent field: n = 128
+ * (x near 88.7) gives inf as expf does; n = -127 gives 0 where expf gives a denormal. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif /* SOBERANA_AVX2 */
 #endif
