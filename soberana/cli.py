@@ -12,6 +12,7 @@ _SUBCOMMANDS = {
     "bench": ("soberana.bench.cli", "benchmark any OpenAI-compatible endpoint"),
     "gateway": ("soberana.gateway.cli", "run the gateway over a fleet of backends"),
     "demo-model": ("soberana.models.demo", "build (or locate) the built-in demo model"),
+    "audit": ("soberana.gateway.privacy.audit_cli", "verify the gateway's hash-chained audit log"),
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from soberana.gateway.privacy.config import GuardrailPolicy, PiiPolicy, PrivacyConfig
+
 KINDS = ("soberana", "vllm", "llamacpp", "ollama", "openai")
 CAPABILITIES = (
     "chat",
@@ -42,6 +44,7 @@ class ModelConfig:
 
     name: str
     backends: tuple[BackendConfig, ...]
+    pii: PiiPolicy | None = None  # privacy hook (issue 22): this route's PII policy
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class TenantConfig:
     tokens_per_minute: int | None = None
     max_concurrency: int | None = None
     cache_salt: str | None = None  # None: derived from the tenant's name
+    # privacy hook (issue 22): None -> redact when leaving the site if `privacy` allows external
+    pii: PiiPolicy | None = None
+    guardrails: GuardrailPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -104,3 +110,4 @@ class GatewayConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     host: str = "127.0.0.1"
     port: int = 8080
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # privacy hook (issue 22)

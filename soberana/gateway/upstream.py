@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +40,7 @@ class Exchange:
     queue_s: float = 0.0  # time spent waiting for a free backend slot
     ready_at: float = 0.0  # perf_counter() when the response (or its first chunk) was ready
     stream_failed: bool = False  # a stream broke after the client got its first byte
+    privacy: Any = None  # privacy.layer.RequestPrivacy (issue 22): redaction and rehydration
 
 
 class Upstream:
@@ -63,6 +65,8 @@ class Upstream:
         url = backend.config.endpoint + path
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s)
         started = time.perf_counter()
+        # privacy hook (issue 22): rehydrates placeholders and runs the output check
+        transform = exchange.privacy.response_transform(backend) if exchange.privacy else None
         try:
             async with asyncio.timeout(timeouts.first_byte_s):
                 response = await self.session.post(
@@ -71,9 +75,11 @@ class Upstream:
             try:
                 if exchange.stream and response.status == 200:
                     return await self._relay_stream(
-                        request, backend, response, timeouts, exchange, started
+                        request, backend, response, timeouts, exchange, started, transform
                     )
-                return await self._relay_body(backend, response, timeouts, exchange, started)
+                return await self._relay_body(
+                    backend, response, timeouts, exchange, started, transform
+                )
             finally:
                 response.release()
         except TimeoutError:
@@ -97,6 +103,7 @@ class Upstream:
         timeouts: TimeoutConfig,
         exchange: Exchange,
         started: float,
+        transform: Any = None,
     ) -> web.Response:
         async with asyncio.timeout(timeouts.idle_s):
             body = await response.read()
@@ -111,7 +118,10 @@ class Upstream:
             raise UpstreamFailure("http_429", f"{backend.name}: HTTP 429", backend_fault=False)
         if response.status == 200 and b"_tokens" in body:
             exchange.usage.scan(body)
-        out = web.Response(status=response.status, body=body)
+        status = response.status
+        if transform is not None:
+            status, body = await transform.body(status, body)
+        out = web.Response(status=status, body=body)
         out.headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
         out.headers["X-Gateway-Backend"] = backend.name
         exchange.ready_at = time.perf_counter()
@@ -125,6 +135,7 @@ class Upstream:
         timeouts: TimeoutConfig,
         exchange: Exchange,
         started: float,
+        transform: Any = None,
     ) -> web.StreamResponse:
         # Nothing is sent to the client until the first chunk is in hand: a backend that dies
         # before it can still be retried elsewhere.
@@ -139,9 +150,10 @@ class Upstream:
         out.headers["X-Request-Id"] = exchange.request_id
         out.headers["X-Gateway-Backend"] = backend.name
         tap = SseUsageTap(exchange.strip_usage_event)
+        rehydrate = transform.feed if transform is not None else _same  # privacy hook
         try:
             await out.prepare(request)
-            await out.write(tap.feed(first))
+            await out.write(tap.feed(rehydrate(first)))
             exchange.ready_at = time.perf_counter()
             while True:
                 try:
@@ -151,7 +163,8 @@ class Upstream:
                     reason = "no data in time" if isinstance(e, TimeoutError) else type(e).__name__
                     exchange.stream_failed = True
                     await out.write(
-                        tap.flush()
+                        (tap.feed(transform.flush()) if transform is not None else b"")
+                        + tap.flush()
                         + sse_error_event(
                             f"backend {backend.name} failed mid-stream ({reason}); the response is incomplete",
                             "upstream_stream_interrupted",
@@ -159,9 +172,10 @@ class Upstream:
                     )
                     break
                 if not chunk:
-                    await out.write(tap.flush())
+                    held = tap.feed(transform.flush()) if transform is not None else b""
+                    await out.write(held + tap.flush())
                     break
-                data = tap.feed(chunk)
+                data = tap.feed(rehydrate(chunk))
                 if data:
                     await out.write(data)
             await out.write_eof()
@@ -173,3 +187,7 @@ class Upstream:
         if not tap.usage.reported:
             exchange.usage.completion_tokens = max(0, tap.data_events - 1)  # minus [DONE]
         return out
+
+
+def _same(chunk: bytes) -> bytes:
+    return chunk
