@@ -40,7 +40,7 @@ class Rehydrator:
         if at < 0:
             return text, ""
         tail = text[at:]
-        if any(p.startswith(tail) for p in self.values):
+        if any(len(p) > len(tail) and p.startswith(tail) for p in self.values):
             return text[:at], tail
         return text, ""
 
@@ -73,6 +73,7 @@ class SseRehydrator:
         self.held: dict[tuple, str] = {}  # field key -> tail kept back
         self.template: dict[str, Any] = {}  # id/model/... of the last OpenAI chunk, for flushes
         self.emitted: list[str] = []  # rehydrated text released, for the output guardrail
+        self.collect = False  # the output guardrail reads every event's text (no fast path)
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send on for this upstream chunk (whole events only)."""
@@ -90,7 +91,7 @@ class SseRehydrator:
     # ---- one event ---------------------------------------------------------------------------
 
     def _event(self, event: bytes) -> bytes:
-        if not self.held and b"<" not in event and b"\\u003c" not in event:
+        if not self.held and not self.collect and b"<" not in event and b"\\u003c" not in event:
             return event + b"\n\n"  # nothing to put back and nothing held: pass untouched
         lines = event.decode("utf-8", errors="replace").splitlines()
         data_at = next((i for i, line in enumerate(lines) if line.startswith("data:")), None)

@@ -25,6 +25,7 @@ class ResponseTransform:
     ) -> None:
         self.rehydrator = rehydrator or Rehydrator({})
         self.stream = SseRehydrator(self.rehydrator)
+        self.stream.collect = output_action != "off"
         self.output_action = output_action  # off | log | flag | block
         self.rules = rules  # streams are checked incrementally with the rules engine
         self.model_check = model_check
