@@ -59,8 +59,13 @@ def prompt_with_entities(n_entities: int = 20, target_chars: int = 8000) -> tupl
         pieces.append(" " + leads.get(kinds[i % len(kinds)], "dato: ") + v + " .")
     pieces.append(_FILLER)
     text = "".join(pieces)
-    body = {"model": "m", "messages": [{"role": "system", "content": "Eres un asistente."},
-                                       {"role": "user", "content": text}]}
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Eres un asistente."},
+            {"role": "user", "content": text},
+        ],
+    }
     return body, values
 
 
@@ -71,8 +76,13 @@ def pct(xs: list[float], p: float) -> float:
 
 def summary(xs_s: list[float]) -> dict:
     ms = [x * 1000 for x in xs_s]
-    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 3), "p90_ms": round(pct(ms, 90), 3),
-            "p99_ms": round(pct(ms, 99), 3), "mean_ms": round(statistics.mean(ms), 3)}
+    return {
+        "n": len(ms),
+        "p50_ms": round(pct(ms, 50), 3),
+        "p90_ms": round(pct(ms, 90), 3),
+        "p99_ms": round(pct(ms, 99), 3),
+        "mean_ms": round(statistics.mean(ms), 3),
+    }
 
 
 async def in_process(runs: int) -> dict:
@@ -82,8 +92,22 @@ async def in_process(runs: int) -> dict:
     text = json.dumps(redacted)
     leaked = [v for v in values if v in text]
     assert not leaked, leaked
-    answer = json.dumps({"choices": [{"index": 0, "message": {
-        "role": "assistant", "content": "Resumen: " + " ".join(redaction.by_placeholder) + " " + _FILLER * 4}}]}).encode()
+    answer = json.dumps(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "Resumen: "
+                        + " ".join(redaction.by_placeholder)
+                        + " "
+                        + _FILLER * 4,
+                    },
+                }
+            ]
+        }
+    ).encode()
     total, detect_only, rehydrate_only = [], [], []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -121,28 +145,68 @@ async def in_process(runs: int) -> dict:
 
 def start_gateway(cloud: EchoCloud, cpu: int, tmp: Path) -> tuple[subprocess.Popen, str]:
     doc = {
-        "models": {"m": {"backends": [{"name": "cloud", "endpoint": cloud.url, "kind": "openai",
-                                        "model": "x", "privacy": "external"}]}},
+        "models": {
+            "m": {
+                "backends": [
+                    {
+                        "name": "cloud",
+                        "endpoint": cloud.url,
+                        "kind": "openai",
+                        "model": "x",
+                        "privacy": "external",
+                    }
+                ]
+            }
+        },
         "tenants": [
-            {"name": "redact", "key_sha256": [hash_key("k-redact")], "privacy": ["onprem", "external"]},
-            {"name": "plain", "key_sha256": [hash_key("k-plain")], "privacy": ["onprem", "external"],
-             "pii": {"action": "off"}},
+            {
+                "name": "redact",
+                "key_sha256": [hash_key("k-redact")],
+                "privacy": ["onprem", "external"],
+            },
+            {
+                "name": "plain",
+                "key_sha256": [hash_key("k-plain")],
+                "privacy": ["onprem", "external"],
+                "pii": {"action": "off"},
+            },
         ],
         "health": {"interval_s": 5, "timeout_s": 10, "unhealthy_after": 100, "eject_after": 1000},
     }
     path = tmp / "gateway.yaml"
     path.write_text(yaml.safe_dump(doc))
     proc = subprocess.Popen(
-        ["taskset", "-c", str(cpu), sys.executable, "-m", "soberana.cli", "gateway", "--config", str(path),
-         "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        [
+            "taskset",
+            "-c",
+            str(cpu),
+            sys.executable,
+            "-m",
+            "soberana.cli",
+            "gateway",
+            "--config",
+            str(path),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     line = proc.stdout.readline()
     return proc, line.split()[-1]
 
 
 def ttft(url: str, key: str, body: dict) -> float:
     t0 = time.perf_counter()
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {key}"}, timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as r:
         first = None
         for chunk in r.iter_raw():
             if chunk and first is None:
@@ -169,9 +233,12 @@ def end_to_end(cpu: int, runs: int) -> dict:
             proc.wait(10)
             cloud.stop()
     s_redact, s_plain = summary(redact), summary(plain)
-    return {"ttft_redact": s_redact, "ttft_pii_off": s_plain,
-            "ttft_overhead_p50_ms": round(s_redact["p50_ms"] - s_plain["p50_ms"], 3),
-            "ttft_overhead_p99_ms": round(s_redact["p99_ms"] - s_plain["p99_ms"], 3)}
+    return {
+        "ttft_redact": s_redact,
+        "ttft_pii_off": s_plain,
+        "ttft_overhead_p50_ms": round(s_redact["p50_ms"] - s_plain["p50_ms"], 3),
+        "ttft_overhead_p99_ms": round(s_redact["p99_ms"] - s_plain["p99_ms"], 3),
+    }
 
 
 def machine() -> dict:
@@ -183,9 +250,12 @@ def machine() -> dict:
             if line.startswith("flags") and "cpu_flags" not in info:
                 info["cpu_flags"] = line.split(":", 1)[1].strip()
     info["cpus"] = os.cpu_count()
-    info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    info["commit"] = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
     try:
         import spacy  # noqa: F401
+
         info["ner"] = "spaCy installed"
     except ImportError:
         info["ner"] = "spaCy not installed: NER timings not measured"
@@ -197,13 +267,15 @@ def main() -> None:
     parser.add_argument("--cpu", type=int, default=0)
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--e2e-runs", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/privacy_overhead.json")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks/results/privacy_overhead.json"
+    )
     args = parser.parse_args()
     result = {"machine": machine()}
     os.sched_setaffinity(0, {args.cpu})
     result["in_process_one_core"] = asyncio.run(in_process(args.runs))
     os.sched_setaffinity(0, set(range(os.cpu_count())) - {args.cpu} or {args.cpu})
-    result["end_to_end_gateway_on_cpu%d" % args.cpu] = end_to_end(args.cpu, args.e2e_runs)
+    result[f"end_to_end_gateway_on_cpu{args.cpu}"] = end_to_end(args.cpu, args.e2e_runs)
     result["machine"]["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -160,7 +160,8 @@ class Proxy:
     ) -> web.StreamResponse:
         """One upstream attempt holding a slot of `backend`; raises UpstreamFailure."""
         model = backend.model
-        sent = exchange.privacy.body_for(backend, body) if exchange.privacy else body  # privacy hook
+        # privacy hook (issue 22): the body redacted for this backend where the policy says so
+        sent = exchange.privacy.body_for(backend, body) if exchange.privacy else body
         payload = _payload(sent, backend, tenant, exchange, request.path)
         self.metrics.requests.labels(model, backend.name).inc()
         backend.outstanding += 1

@@ -108,8 +108,10 @@ class AuditLog:
                     self._append(record)
             self._file.flush()
             now = time.monotonic()
-            if self.fsync == "always" or stop or (
-                self.fsync == "interval" and now - self._last_sync >= self.fsync_interval_s
+            if (
+                self.fsync == "always"
+                or stop
+                or (self.fsync == "interval" and now - self._last_sync >= self.fsync_interval_s)
             ):
                 os.fsync(self._file.fileno())
                 self._last_sync = now
@@ -138,7 +140,9 @@ class AuditLog:
         self._file = open(self.path, "ab")  # noqa: SIM115
 
 
-def verify(lines_by_file: list[tuple[str, list[bytes]]], key: bytes | None, allow_partial: bool) -> list[str]:
+def verify(
+    lines_by_file: list[tuple[str, list[bytes]]], key: bytes | None, allow_partial: bool
+) -> list[str]:
     """Problems found in the chain over these files, in order (empty: intact)."""
     problems: list[str] = []
     prev: str | None = None
@@ -163,12 +167,18 @@ def verify(lines_by_file: list[tuple[str, list[bytes]]], key: bytes | None, allo
                     )
             else:
                 if seq != expected_seq:
-                    problems.append(f"{where}: seq {seq} where {expected_seq} was expected (a record was removed or reordered)")
+                    problems.append(
+                        f"{where}: seq {seq} where {expected_seq} was expected (a record was removed or reordered)"
+                    )
                 if claimed_prev != prev:
-                    problems.append(f"{where}: prev hash does not match the previous record (removed, edited or reordered)")
+                    problems.append(
+                        f"{where}: prev hash does not match the previous record (removed, edited or reordered)"
+                    )
             if record_hash(claimed_prev, record) != digest:
                 problems.append(f"{where}: hash does not match the record's content (edited)")
-            if key is not None and not hmac.compare_digest(record.get("sig", ""), signature(key, digest)):
+            if key is not None and not hmac.compare_digest(
+                record.get("sig", ""), signature(key, digest)
+            ):
                 problems.append(f"{where}: signature does not verify with the given key")
             prev, expected_seq = digest, seq + 1
     return problems

@@ -15,13 +15,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = sub.add_parser("verify", help="verify the hash chain of audit log files, oldest first")
     v.add_argument("files", nargs="+", type=Path, help="rotated files oldest first, current last")
-    v.add_argument("--key-env", help="environment variable holding the HMAC key: also check signatures")
+    v.add_argument(
+        "--key-env", help="environment variable holding the HMAC key: also check signatures"
+    )
     v.add_argument(
         "--allow-partial",
         action="store_true",
         help="accept a chain that starts after seq 0 (older rotated files not at hand)",
     )
-    v.add_argument("--expect-last-seq", type=int, help="fail unless the last record has this seq (detects a cut tail)")
+    v.add_argument(
+        "--expect-last-seq",
+        type=int,
+        help="fail unless the last record has this seq (detects a cut tail)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             seq = None
         if seq != args.expect_last_seq:
-            problems.append(f"the last record has seq {seq}, expected {args.expect_last_seq} (records cut from the end)")
+            problems.append(
+                f"the last record has seq {seq}, expected {args.expect_last_seq} (records cut from the end)"
+            )
     for p in problems:
         print(p)
     if problems:

@@ -138,8 +138,14 @@ def parse_privacy(p: Any, node: Any | None, audit_node: Any | None) -> PrivacyCo
     if node is None:
         return PrivacyConfig(audit=audit)
     allowed = {
-        "detector_timeout_s", "custom_recognizers", "ner_models", "guard_engine", "guard_model",
-        "guard_timeout_s", "injection_patterns", "output_patterns",
+        "detector_timeout_s",
+        "custom_recognizers",
+        "ner_models",
+        "guard_engine",
+        "guard_model",
+        "guard_timeout_s",
+        "injection_patterns",
+        "output_patterns",
     }
     items = p.mapping(node, "privacy", allowed)
     kwargs: dict[str, Any] = {"audit": audit}
@@ -149,8 +155,13 @@ def parse_privacy(p: Any, node: Any | None, audit_node: Any | None) -> PrivacyCo
     if "ner_models" in items:
         kwargs["ner_models"] = p.str_list(items["ner_models"], "privacy.ner_models")
     if "guard_engine" in items:
-        kwargs["guard_engine"] = p.choice(items["guard_engine"], "privacy.guard_engine", GUARD_ENGINES)
-    for key, target in (("injection_patterns", "extra_injection_patterns"), ("output_patterns", "extra_output_patterns")):
+        kwargs["guard_engine"] = p.choice(
+            items["guard_engine"], "privacy.guard_engine", GUARD_ENGINES
+        )
+    for key, target in (
+        ("injection_patterns", "extra_injection_patterns"),
+        ("output_patterns", "extra_output_patterns"),
+    ):
         if key in items:
             patterns = p.str_list(items[key], f"privacy.{key}")
             for j, pattern in enumerate(patterns):
@@ -159,10 +170,16 @@ def parse_privacy(p: Any, node: Any | None, audit_node: Any | None) -> PrivacyCo
     if "custom_recognizers" in items:
         kwargs["custom_recognizers"] = _parse_custom(p, items["custom_recognizers"])
     if "guard_model" in items:
-        g = p.mapping(items["guard_model"], "privacy.guard_model", {"endpoint", "model", "timeout_s"})
+        g = p.mapping(
+            items["guard_model"], "privacy.guard_model", {"endpoint", "model", "timeout_s"}
+        )
         for required in ("endpoint", "model"):
             if required not in g:
-                raise p.error(items["guard_model"], "privacy.guard_model", f"missing required key {required!r}")
+                raise p.error(
+                    items["guard_model"],
+                    "privacy.guard_model",
+                    f"missing required key {required!r}",
+                )
         kwargs["guard_model"] = GuardModelConfig(
             endpoint=p.endpoint(g["endpoint"], "privacy.guard_model.endpoint"),
             model=p.scalar(g["model"], "privacy.guard_model.model", str),
@@ -187,7 +204,11 @@ def _parse_custom(p: Any, node: Any) -> tuple[CustomRecognizerConfig, ...]:
                 raise p.error(item, path, f"missing required key {required!r}")
         name = p.scalar(items["name"], f"{path}.name", str)
         if not _ENTITY_NAME.match(name):
-            raise p.error(items["name"], f"{path}.name", "must be upper-case letters, digits and _ (it names the placeholder)")
+            raise p.error(
+                items["name"],
+                f"{path}.name",
+                "must be upper-case letters, digits and _ (it names the placeholder)",
+            )
         pattern = p.scalar(items["pattern"], f"{path}.pattern", str)
         _check_regex(p, items["pattern"], f"{path}.pattern", pattern)
         validator = (
@@ -207,14 +228,18 @@ def _check_regex(p: Any, node: Any, path: str, pattern: str) -> None:
 
 
 def _parse_audit(p: Any, node: Any) -> AuditConfig:
-    items = p.mapping(node, "audit", {"path", "fsync", "fsync_interval_s", "rotate_bytes", "hmac_key_env"})
+    items = p.mapping(
+        node, "audit", {"path", "fsync", "fsync_interval_s", "rotate_bytes", "hmac_key_env"}
+    )
     if "path" not in items:
         raise p.error(node, "audit", "missing required key 'path'")
     kwargs: dict[str, Any] = {"path": p.scalar(items["path"], "audit.path", str)}
     if "fsync" in items:
         kwargs["fsync"] = p.choice(items["fsync"], "audit.fsync", FSYNC_POLICIES)
     if "fsync_interval_s" in items:
-        kwargs["fsync_interval_s"] = p.positive(items["fsync_interval_s"], "audit.fsync_interval_s", float)
+        kwargs["fsync_interval_s"] = p.positive(
+            items["fsync_interval_s"], "audit.fsync_interval_s", float
+        )
     if "rotate_bytes" in items:
         kwargs["rotate_bytes"] = p.positive(items["rotate_bytes"], "audit.rotate_bytes", int)
     if "hmac_key_env" in items:
@@ -222,6 +247,10 @@ def _parse_audit(p: Any, node: Any) -> AuditConfig:
 
         env = p.scalar(items["hmac_key_env"], "audit.hmac_key_env", str)
         if not os.environ.get(env):
-            raise p.error(items["hmac_key_env"], "audit.hmac_key_env", f"environment variable {env} is not set")
+            raise p.error(
+                items["hmac_key_env"],
+                "audit.hmac_key_env",
+                f"environment variable {env} is not set",
+            )
         kwargs["hmac_key_env"] = env
     return AuditConfig(**kwargs)

@@ -49,7 +49,9 @@ class Verdict:
 class RulesGuard:
     """Compiled rule sets; `check` is pure and fast enough for the request path."""
 
-    def __init__(self, extra_input: tuple[str, ...] = (), extra_output: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, extra_input: tuple[str, ...] = (), extra_output: tuple[str, ...] = ()
+    ) -> None:
         flags = re.IGNORECASE | re.DOTALL
         self.input = [(n, re.compile(p, flags)) for n, p in _INJECTION.items()]
         self.input += [(f"custom_{i}", re.compile(p, flags)) for i, p in enumerate(extra_input)]
@@ -90,7 +92,15 @@ class ModelGuard:
             content = answer["choices"][0]["message"]["content"].strip().lower()
         except TimeoutError:
             return Verdict(check, "error", "guard_timeout")
-        except (aiohttp.ClientError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (
+            aiohttp.ClientError,
+            OSError,
+            ValueError,
+            KeyError,
+            IndexError,
+            TypeError,
+            AttributeError,
+        ):
             return Verdict(check, "error", "guard_unavailable")
         if content.startswith("unsafe"):
             category = content.split()[1] if len(content.split()) > 1 else ""

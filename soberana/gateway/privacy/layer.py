@@ -49,7 +49,9 @@ class PrivacyLayer:
         """(Re)build from a config; a reload that keeps the audit settings keeps the open log."""
         if config is self.config:
             return
-        custom = [custom_recognizer(c.name, c.pattern, c.validator) for c in config.custom_recognizers]
+        custom = [
+            custom_recognizer(c.name, c.pattern, c.validator) for c in config.custom_recognizers
+        ]
         self.detector = Detector(custom, config.ner_models)
         self.guardrails = Guardrails(config, self.session)
         old = self.config.audit if self.config is not None else None
@@ -72,7 +74,9 @@ class PrivacyLayer:
 class RequestPrivacy:
     """One request's policy, placeholder mapping, verdicts and audit record."""
 
-    def __init__(self, layer: PrivacyLayer, config: GatewayConfig, request_id: str, path: str) -> None:
+    def __init__(
+        self, layer: PrivacyLayer, config: GatewayConfig, request_id: str, path: str
+    ) -> None:
         self.layer = layer
         self.config = config
         self.request_id = request_id
@@ -97,7 +101,9 @@ class RequestPrivacy:
         self.policy = (tenant.config.pii or PiiPolicy()).stricter(route)
         self.guard = tenant.config.guardrails or _NO_GUARDRAILS
 
-    async def screen(self, body: dict[str, Any], candidates: list[BackendState]) -> list[BackendState]:
+    async def screen(
+        self, body: dict[str, Any], candidates: list[BackendState]
+    ) -> list[BackendState]:
         """Input guardrail and PII detection; the candidates the request may still go to."""
         if self.guard.input != "off":
             verdict = await self.layer.guardrails.check("input", "\n".join(collect_texts(body)))
@@ -155,16 +161,25 @@ class RequestPrivacy:
         if self.policy.action == "off" or (self.policy.when == "external" and not leaves):
             return body
         if leaves and self.onprem_only:
-            raise GatewayError(500, "privacy invariant violated", "internal_error", type_="server_error")
+            raise GatewayError(
+                500, "privacy invariant violated", "internal_error", type_="server_error"
+            )
         if self.redacted_body is None:
             # Unreachable by construction (screen ran over these candidates); fail closed anyway.
-            raise GatewayError(503, "the request was not screened for personal data", "pii_not_screened", type_="server_error")
+            raise GatewayError(
+                503,
+                "the request was not screened for personal data",
+                "pii_not_screened",
+                type_="server_error",
+            )
         return self.redacted_body
 
     def response_transform(self, backend: BackendState) -> ResponseTransform | None:
         """How this attempt's answer must be changed: rehydrated and/or output-checked."""
-        rehydrate = self.redaction is not None and bool(self.redaction.by_placeholder) and (
-            self.policy.when == "always" or backend.config.privacy != "onprem"
+        rehydrate = (
+            self.redaction is not None
+            and bool(self.redaction.by_placeholder)
+            and (self.policy.when == "always" or backend.config.privacy != "onprem")
         )
         if not rehydrate and self.guard.output == "off":
             return None
@@ -179,7 +194,9 @@ class RequestPrivacy:
         self.transforms.append(transform)
         return transform
 
-    def finish(self, status: int, code: str | None, usage: Any, stream_failed: bool = False) -> None:
+    def finish(
+        self, status: int, code: str | None, usage: Any, stream_failed: bool = False
+    ) -> None:
         """Write the request's audit record (counts by type, verdicts; never a value)."""
         audit = self.layer.audit
         if audit is None:
@@ -200,7 +217,8 @@ class RequestPrivacy:
                 "action": self.policy.action,
                 "detector": self.detector_result,
                 "entities": dict(sorted(self.redaction.counts.items())) if self.redaction else {},
-                "redacted_for_backend": b is not None and self.redaction is not None
+                "redacted_for_backend": b is not None
+                and self.redaction is not None
                 and (self.policy.when == "always" or b.config.privacy != "onprem"),
             },
             "guardrails": [v.as_record() for v in self.verdicts],
@@ -246,7 +264,11 @@ class RequestPrivacy:
         action = self.guard.input if verdict.check == "input" else self.guard.output
         if verdict.result != "pass" and action in ("flag", "block"):
             log.warning(
-                "request %s: %s guardrail %s (%s)", self.request_id, verdict.check, verdict.result, verdict.rule
+                "request %s: %s guardrail %s (%s)",
+                self.request_id,
+                verdict.check,
+                verdict.result,
+                verdict.rule,
             )
 
     def _output_verdict(self, verdict: Verdict) -> None:

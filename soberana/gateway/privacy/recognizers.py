@@ -151,11 +151,15 @@ _E = r"(?![\w@])"
 _BUILTIN = (
     Recognizer(
         "EMAIL_ADDRESS",
-        re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+        re.compile(
+            r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
+        ),
         valid_email,
         60,
     ),
-    Recognizer("URL", re.compile(r"\b(?:https?://|www\.)[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]]"), valid_url, 50),
+    Recognizer(
+        "URL", re.compile(r"\b(?:https?://|www\.)[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]]"), valid_url, 50
+    ),
     Recognizer(
         "IBAN_CODE",
         re.compile(_B + r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?" + _E),
@@ -164,18 +168,26 @@ _BUILTIN = (
     ),
     # A whole digit run only: the first 16 digits of a (broken) IBAN are not a card.
     Recognizer(
-        "CREDIT_CARD", re.compile(r"(?<![\w@])(?<!\d[ -])\d(?:[ -]?\d){12,18}(?![ -]?\d)(?![\w@])"),
-        valid_card, 85,
+        "CREDIT_CARD",
+        re.compile(r"(?<![\w@])(?<!\d[ -])\d(?:[ -]?\d){12,18}(?![ -]?\d)(?![\w@])"),
+        valid_card,
+        85,
     ),
     Recognizer("ES_NIF", re.compile(_B + r"\d{8}[ -]?[A-Za-z]" + _E), valid_es_nif, 80),
-    Recognizer("ES_NIE", re.compile(_B + r"[XYZxyz][ -]?\d{7}[ -]?[A-Za-z]" + _E), valid_es_nie, 80),
     Recognizer(
-        "ES_CIF", re.compile(_B + r"[ABCDEFGHJNPQRSUVWabcdefghjnpqrsuvw][ -]?\d{7}[ -]?[0-9A-Ja-j]" + _E),
-        valid_es_cif, 80,
+        "ES_NIE", re.compile(_B + r"[XYZxyz][ -]?\d{7}[ -]?[A-Za-z]" + _E), valid_es_nie, 80
     ),
     Recognizer(
-        "ES_NSS", re.compile(r"(?<![\w@])(?<!\d[ /-])\d{2}[ /-]?\d{8}[ /-]?\d{2}(?![ /-]?\d)(?![\w@])"),
-        valid_es_nss, 75,
+        "ES_CIF",
+        re.compile(_B + r"[ABCDEFGHJNPQRSUVWabcdefghjnpqrsuvw][ -]?\d{7}[ -]?[0-9A-Ja-j]" + _E),
+        valid_es_cif,
+        80,
+    ),
+    Recognizer(
+        "ES_NSS",
+        re.compile(r"(?<![\w@])(?<!\d[ /-])\d{2}[ /-]?\d{8}[ /-]?\d{2}(?![ /-]?\d)(?![\w@])"),
+        valid_es_nss,
+        75,
     ),
     Recognizer(
         "IP_ADDRESS",

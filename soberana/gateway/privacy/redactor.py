@@ -20,9 +20,24 @@ from soberana.gateway.privacy.recognizers import Span
 # Fields that name things rather than carry user text; their values go out as they are.
 _STRUCTURAL = frozenset(
     {
-        "model", "role", "type", "id", "tool_call_id", "tool_use_id", "cache_salt", "stream",
-        "stream_options", "response_format", "tools", "functions", "tool_choice", "logit_bias",
-        "finish_reason", "object", "encoding_format", "media_type",
+        "model",
+        "role",
+        "type",
+        "id",
+        "tool_call_id",
+        "tool_use_id",
+        "cache_salt",
+        "stream",
+        "stream_options",
+        "response_format",
+        "tools",
+        "functions",
+        "tool_choice",
+        "logit_bias",
+        "finish_reason",
+        "object",
+        "encoding_format",
+        "media_type",
     }
 )
 _JSON_IN_STRING = frozenset({"arguments"})  # OpenAI tool-call arguments: a JSON document as text

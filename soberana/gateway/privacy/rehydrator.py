@@ -173,7 +173,11 @@ class SseRehydrator:
             self._release_choice(i, choice)
             choice["finish_reason"] = None
         obj = {**self.template, "choices": list(choices.values())}
-        return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+        return (
+            b"data: "
+            + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+            + b"\n\n"
+        )
 
     # ---- Anthropic /v1/messages events -------------------------------------------------------
 
@@ -183,7 +187,9 @@ class SseRehydrator:
             delta, i = obj["delta"], obj.get("index", 0)
             for name in ("text", "partial_json", "thinking"):
                 if isinstance(delta.get(name), str):
-                    delta[name] = self._field(("a", i, name), delta[name], name in _JSON_TEXT_FIELDS)
+                    delta[name] = self._field(
+                        ("a", i, name), delta[name], name in _JSON_TEXT_FIELDS
+                    )
             return b""
         if kind == "content_block_stop":
             return self._flush_anthropic(obj.get("index", 0))
@@ -196,8 +202,14 @@ class SseRehydrator:
         for key in [k for k in self.held if k[0] == "a" and (index is None or k[1] == index)]:
             tail = self.held.pop(key)
             self.emitted.append(tail)
-            kind = {"text": "text_delta", "partial_json": "input_json_delta"}.get(key[2], "thinking_delta")
-            obj = {"type": "content_block_delta", "index": key[1], "delta": {"type": kind, key[2]: tail}}
+            kind = {"text": "text_delta", "partial_json": "input_json_delta"}.get(
+                key[2], "thinking_delta"
+            )
+            obj = {
+                "type": "content_block_delta",
+                "index": key[1],
+                "delta": {"type": kind, key[2]: tail},
+            }
             out += (
                 b"event: content_block_delta\ndata: "
                 + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()

@@ -38,7 +38,10 @@ def cloud_config(cloud_server: EchoCloud, tenants: list[dict] | None = None, **s
     """One model `m` served only by the external (cloud) backend; tenants may use it."""
     tenants = tenants or [tenant("a", KEY_A, privacy=["onprem", "external"])]
     cloud_backend = backend(
-        "cloud", cloud_server.url, kind="openai", privacy="external",
+        "cloud",
+        cloud_server.url,
+        kind="openai",
+        privacy="external",
         capabilities=["chat", "completions", "tool_use"],
     )
     return config({"m": [cloud_backend]}, tenants, health=LENIENT_HEALTH, **sections)

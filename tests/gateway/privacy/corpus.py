@@ -16,7 +16,18 @@ from stdnum import iban, luhn
 from stdnum.es import ccc, cif
 
 _DNI_LETTERS = "TRWAGMYFPDXBNJZSQVHLCKE"
-_FIRST = ["Lucía", "Hugo", "Martina", "Mateo", "Paula", "Daniel", "Alice", "James", "Emma", "Oliver"]
+_FIRST = [
+    "Lucía",
+    "Hugo",
+    "Martina",
+    "Mateo",
+    "Paula",
+    "Daniel",
+    "Alice",
+    "James",
+    "Emma",
+    "Oliver",
+]
 _LAST = ["García", "Martínez", "López", "Sánchez", "Pérez", "Smith", "Jones", "Taylor", "Brown"]
 _DOMAINS = ["example.com", "correo.es", "empresa.org", "mail.example.co.uk", "universidad.edu"]
 
@@ -57,7 +68,9 @@ def gen_iban(rng: random.Random, valid: bool) -> str:
         if iban.is_valid(country + check + bban):
             check = f"{(int(check) + 1) % 100:02d}"
     value = country + check + bban
-    return value if rng.random() < 0.5 else " ".join(value[i : i + 4] for i in range(0, len(value), 4))
+    return (
+        value if rng.random() < 0.5 else " ".join(value[i : i + 4] for i in range(0, len(value), 4))
+    )
 
 
 def gen_card(rng: random.Random, valid: bool) -> str:
@@ -65,7 +78,9 @@ def gen_card(rng: random.Random, valid: bool) -> str:
     if kind == "amex":
         body = rng.choice(["34", "37"]) + _digits(rng, 12)
     else:
-        body = ("4" if kind == "visa" else "5" + rng.choice("12345")) + _digits(rng, 14 - (kind != "visa"))
+        body = ("4" if kind == "visa" else "5" + rng.choice("12345")) + _digits(
+            rng, 14 - (kind != "visa")
+        )
     check = luhn.calc_check_digit(body)
     if not valid:
         check = str((int(check) + rng.randint(1, 9)) % 10)
@@ -139,7 +154,12 @@ def gen_email(rng: random.Random) -> str:
 def gen_ip(rng: random.Random) -> str:
     if rng.random() < 0.7:
         return ".".join(str(rng.randint(1, 254)) for _ in range(4))
-    return "2001:db8:" + ":".join(f"{rng.randint(0, 65535):x}" for _ in range(3)) + "::" + f"{rng.randint(1, 65535):x}"
+    return (
+        "2001:db8:"
+        + ":".join(f"{rng.randint(0, 65535):x}" for _ in range(3))
+        + "::"
+        + f"{rng.randint(1, 65535):x}"
+    )
 
 
 def gen_url(rng: random.Random) -> str:
@@ -157,8 +177,12 @@ _NEAR_MISS = {
     "ES_NIE": lambda rng: gen_nie(rng, False),
     "ES_CIF": lambda rng: gen_cif(rng, False),
     "ES_NSS": lambda rng: gen_nss(rng, False),
-    "EMAIL_ADDRESS": lambda rng: rng.choice(["soporte(at)correo.es", "admin@localhost", "user@@example"]),
-    "IP_ADDRESS": lambda rng: f"{rng.randint(256, 999)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}",
+    "EMAIL_ADDRESS": lambda rng: rng.choice(
+        ["soporte(at)correo.es", "admin@localhost", "user@@example"]
+    ),
+    "IP_ADDRESS": lambda rng: (
+        f"{rng.randint(256, 999)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}"
+    ),
     "PHONE_NUMBER": lambda rng: f"{rng.randint(10, 99)}-{rng.randint(100, 999)}",
 }
 

@@ -46,7 +46,9 @@ class EchoCloud:
 
     def received_text(self) -> str:
         """Everything the cloud ever received, decoded (JSON escapes resolved)."""
-        return "\n".join(json.dumps(json.loads(b), ensure_ascii=False) for b in self.behaviour.raw_bodies)
+        return "\n".join(
+            json.dumps(json.loads(b), ensure_ascii=False) for b in self.behaviour.raw_bodies
+        )
 
     def start(self) -> EchoCloud:
         ready = threading.Event()
@@ -100,22 +102,52 @@ class EchoCloud:
         messages_api = request.path == "/v1/messages"
         if not body.get("stream"):
             if messages_api:
-                return web.json_response({
-                    "id": "msg_1", "type": "message", "role": "assistant", "model": body.get("model"),
-                    "content": [{"type": "text", "text": text},
-                                {"type": "tool_use", "id": "tu_1", "name": "lookup", "input": json.loads(args)}],
-                    "stop_reason": "end_turn", "usage": {"input_tokens": 10, "output_tokens": 5},
-                })
-            message = {"role": "assistant", "content": text, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": args}}]}
-            return web.json_response({
-                "id": "c1", "object": "chat.completion", "model": body.get("model"),
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-            })
+                return web.json_response(
+                    {
+                        "id": "msg_1",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": body.get("model"),
+                        "content": [
+                            {"type": "text", "text": text},
+                            {
+                                "type": "tool_use",
+                                "id": "tu_1",
+                                "name": "lookup",
+                                "input": json.loads(args),
+                            },
+                        ],
+                        "stop_reason": "end_turn",
+                        "usage": {"input_tokens": 10, "output_tokens": 5},
+                    }
+                )
+            message = {
+                "role": "assistant",
+                "content": text,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": args},
+                    }
+                ],
+            }
+            return web.json_response(
+                {
+                    "id": "c1",
+                    "object": "chat.completion",
+                    "model": body.get("model"),
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                }
+            )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        events = self._anthropic_events(text, args) if messages_api else self._openai_events(text, args, body)
+        events = (
+            self._anthropic_events(text, args)
+            if messages_api
+            else self._openai_events(text, args, body)
+        )
         for event in events:
             await response.write(event)
             if self.behaviour.piece_delay_s:
@@ -130,37 +162,94 @@ class EchoCloud:
 
     def _openai_events(self, text: str, args: str, body: dict) -> list[bytes]:
         def chunk(delta: dict, finish: str | None = None) -> bytes:
-            obj = {"id": "c1", "object": "chat.completion.chunk", "model": body.get("model"),
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            obj = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "model": body.get("model"),
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
         events = [chunk({"role": "assistant", "content": ""})]
         events += [chunk({"content": p}) for p in self._pieces(text)]
-        events.append(chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                             "function": {"name": "lookup", "arguments": ""}}]}))
-        events += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in self._pieces(args)]
+        events.append(
+            chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "lookup", "arguments": ""},
+                        }
+                    ]
+                }
+            )
+        )
+        events += [
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]})
+            for p in self._pieces(args)
+        ]
         events.append(chunk({}, "tool_calls"))
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"id": "c1", "object": "chat.completion.chunk", "choices": [],
-                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+            usage = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            }
             events.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return events
 
     def _anthropic_events(self, text: str, args: str) -> list[bytes]:
         def event(kind: str, obj: dict) -> bytes:
-            return f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **obj}).encode() + b"\n\n"
+            return (
+                f"event: {kind}\ndata: ".encode()
+                + json.dumps({"type": kind, **obj}).encode()
+                + b"\n\n"
+            )
 
-        events = [event("message_start", {"message": {"id": "msg_1", "role": "assistant", "content": []}}),
-                  event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})]
-        events += [event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}})
-                   for p in self._pieces(text)]
+        events = [
+            event(
+                "message_start", {"message": {"id": "msg_1", "role": "assistant", "content": []}}
+            ),
+            event(
+                "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
+            ),
+        ]
+        events += [
+            event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}})
+            for p in self._pieces(text)
+        ]
         events.append(event("content_block_stop", {"index": 0}))
-        events.append(event("content_block_start", {"index": 1, "content_block": {
-            "type": "tool_use", "id": "tu_1", "name": "lookup", "input": {}}}))
-        events += [event("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": p}})
-                   for p in self._pieces(args)]
+        events.append(
+            event(
+                "content_block_start",
+                {
+                    "index": 1,
+                    "content_block": {
+                        "type": "tool_use",
+                        "id": "tu_1",
+                        "name": "lookup",
+                        "input": {},
+                    },
+                },
+            )
+        )
+        events += [
+            event(
+                "content_block_delta",
+                {"index": 1, "delta": {"type": "input_json_delta", "partial_json": p}},
+            )
+            for p in self._pieces(args)
+        ]
         events.append(event("content_block_stop", {"index": 1}))
-        events.append(event("message_delta", {"delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 5}}))
+        events.append(
+            event(
+                "message_delta",
+                {"delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 5}},
+            )
+        )
         events.append(event("message_stop", {}))
         return events

@@ -63,11 +63,31 @@ def test_same_value_gets_the_same_placeholder_across_messages_and_parts():
         "model": "m",
         "messages": [
             {"role": "system", "content": "Cliente con cuenta " + iban},
-            {"role": "user", "content": [{"type": "text", "text": f"¿Saldo de {iban}? Escribe a ana@example.com"}]},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function",
-                 "function": {"name": "saldo", "arguments": json.dumps({"iban": iban, "phone": 612345678})}}]},
-            {"role": "tool", "tool_call_id": "call_1", "content": f"saldo de {iban}: 10 EUR; aviso a ana@example.com"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": f"¿Saldo de {iban}? Escribe a ana@example.com"}
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {
+                            "name": "saldo",
+                            "arguments": json.dumps({"iban": iban, "phone": 612345678}),
+                        },
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "tool_call_id": "call_1",
+                "content": f"saldo de {iban}: 10 EUR; aviso a ana@example.com",
+            },
         ],
     }
     out, redaction = redact(body)
@@ -87,10 +107,22 @@ def test_messages_api_blocks_and_system_are_redacted():
         "system": [{"type": "text", "text": "DNI del cliente: 12345678Z"}],
         "messages": [
             {"role": "user", "content": [{"type": "text", "text": "Mi NIE es X1234567L"}]},
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "tu_1", "name": "f",
-                                               "input": {"nie": "X1234567L"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "tu_1",
-                                          "content": [{"type": "text", "text": "NSS 28 12345678 40"}]}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": "tu_1", "name": "f", "input": {"nie": "X1234567L"}}
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "tu_1",
+                        "content": [{"type": "text", "text": "NSS 28 12345678 40"}],
+                    }
+                ],
+            },
         ],
     }
     out, _ = redact(body)
@@ -102,6 +134,8 @@ def test_messages_api_blocks_and_system_are_redacted():
 
 def test_custom_recognizer_from_config_redacts_with_its_validator():
     detector = Detector([custom_recognizer("EMPLOYEE_ID", r"EMP-(?P<value>\d{6})", "luhn")])
-    out, _ = redact({"messages": [{"role": "user", "content": "EMP-123455 and EMP-123456"}]}, detector)
+    out, _ = redact(
+        {"messages": [{"role": "user", "content": "EMP-123455 and EMP-123456"}]}, detector
+    )
     # 123455 passes Luhn, 123456 does not
     assert out["messages"][0]["content"] == "EMP-<EMPLOYEE_ID_1> and EMP-123456"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from soberana.gateway.privacy.rehydrator import Rehydrator, SseRehydrator
-from tests.gateway.privacy.echo_cloud import EchoCloud, EchoBehaviour
+from tests.gateway.privacy.echo_cloud import EchoBehaviour, EchoCloud
 
 VALUES = {"<IBAN_CODE_1>": "ES91 2100 0418 4502 0005 1332", "<PERSON_1>": 'Ana "la jefa" Ruiz'}
 
@@ -47,7 +47,9 @@ def upstream_stream(anthropic: bool, piece_chars: int) -> tuple[bytes, str, str]
     cloud = EchoCloud.__new__(EchoCloud)
     cloud.behaviour = EchoBehaviour(piece_chars=piece_chars, extra_text=" <PERSON_9> <IBAN_CODE_")
     text, args = cloud._answer(json.dumps(list(VALUES)).encode())
-    events = cloud._anthropic_events(text, args) if anthropic else cloud._openai_events(text, args, {})
+    events = (
+        cloud._anthropic_events(text, args) if anthropic else cloud._openai_events(text, args, {})
+    )
     return b"".join(events), text, args
 
 
@@ -111,9 +113,21 @@ def test_only_a_possible_placeholder_prefix_is_held_back():
 
 def test_whole_answer_is_rehydrated_in_content_and_tool_arguments():
     r = Rehydrator(VALUES)
-    body = {"choices": [{"message": {"content": "IBAN <IBAN_CODE_1>, <PERSON_2>", "tool_calls": [
-        {"function": {"name": "f", "arguments": json.dumps({"who": "<PERSON_1>"})}}]}}]}
+    body = {
+        "choices": [
+            {
+                "message": {
+                    "content": "IBAN <IBAN_CODE_1>, <PERSON_2>",
+                    "tool_calls": [
+                        {"function": {"name": "f", "arguments": json.dumps({"who": "<PERSON_1>"})}}
+                    ],
+                }
+            }
+        ]
+    }
     out = json.loads(r.body(json.dumps(body).encode()))
     message = out["choices"][0]["message"]
     assert message["content"] == "IBAN ES91 2100 0418 4502 0005 1332, <PERSON_2>"
-    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"who": VALUES["<PERSON_1>"]}
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {
+        "who": VALUES["<PERSON_1>"]
+    }
