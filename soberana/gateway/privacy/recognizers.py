@@ -37,14 +37,32 @@ class Recognizer:
     pattern: re.Pattern[str]
     validate: Validator
     priority: int  # on overlapping spans the higher priority wins (checksums beat shapes)
+    # Cheap pre-checks: the text must contain one of `hint` (or match `hint_pattern`) for the
+    # pattern to be run at all (an e-mail needs an @).
+    hint: str | tuple[str, ...] = ()
+    hint_pattern: re.Pattern[str] | None = None
+    # The match may start later than the value: it is extended left over these characters
+    # (an e-mail is found from its @, which is rare, instead of from every word).
+    extend_left: frozenset[str] = frozenset()
 
-    def find(self, text: str) -> list[Span]:
+    def find(self, text: str, taken: list[Span] = ()) -> list[Span]:
+        """Validated spans; candidates overlapping `taken` (a stronger type's) are not validated."""
+        if self.hint:
+            hints = (self.hint,) if isinstance(self.hint, str) else self.hint
+            if not any(h in text for h in hints) and not (
+                self.hint_pattern is not None and self.hint_pattern.search(text)
+            ):
+                return []
         spans = []
+        group = "value" if "value" in self.pattern.groupindex else 0
         for m in self.pattern.finditer(text):
-            group = "value" if "value" in self.pattern.groupindex else 0
-            value = m.group(group)
-            if value and self.validate(value):
-                spans.append(Span(m.start(group), m.end(group), self.entity_type))
+            start, end = m.start(group), m.end(group)
+            while start > 0 and text[start - 1] in self.extend_left:
+                start -= 1
+            if start == end or any(start < t.end and t.start < end for t in taken):
+                continue
+            if self.validate(text[start:end]):
+                spans.append(Span(start, end, self.entity_type))
         return spans
 
 
@@ -145,61 +163,90 @@ VALIDATORS: dict[str, Validator] = {
     "es_cif": valid_es_cif,
 }
 
-_B = r"(?<![\w@])"  # not glued to a preceding word character
+# Every pattern starts with a character class and checks the character before its match in a
+# lookbehind placed *after* that first character: re then skips impossible start positions in
+# C (its first-character prefilter), which makes each scan 2-3x faster than a leading
+# lookbehind. `(?<![\w@]\d)` right after a `\d` means "not glued to a preceding word".
 _E = r"(?![\w@])"
+_CIF_LETTERS = "ABCDEFGHJNPQRSUVWabcdefghjnpqrsuvw"
 
 _BUILTIN = (
     Recognizer(
         "EMAIL_ADDRESS",
-        re.compile(
-            r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
-        ),
+        re.compile(r"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
         valid_email,
         60,
+        hint="@",
+        extend_left=frozenset(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"
+        ),
     ),
     Recognizer(
-        "URL", re.compile(r"\b(?:https?://|www\.)[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]]"), valid_url, 50
+        "URL",
+        re.compile(r"\b(?:https?://|www\.)[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]]"),
+        valid_url,
+        50,
+        hint=("http", "www."),
     ),
     Recognizer(
         "IBAN_CODE",
-        re.compile(_B + r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?" + _E),
+        re.compile(
+            r"[A-Z](?<![\w@][A-Z])[A-Z]\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?" + _E
+        ),
         valid_iban,
         90,
     ),
     # A whole digit run only: the first 16 digits of a (broken) IBAN are not a card.
     Recognizer(
         "CREDIT_CARD",
-        re.compile(r"(?<![\w@])(?<!\d[ -])\d(?:[ -]?\d){12,18}(?![ -]?\d)(?![\w@])"),
+        re.compile(r"\d(?<![\w@]\d)(?<!\d[ -]\d)(?:[ -]?\d){12,18}(?![ -]?\d)" + _E),
         valid_card,
         85,
     ),
-    Recognizer("ES_NIF", re.compile(_B + r"\d{8}[ -]?[A-Za-z]" + _E), valid_es_nif, 80),
+    Recognizer("ES_NIF", re.compile(r"\d(?<![\w@]\d)\d{7}[ -]?[A-Za-z]" + _E), valid_es_nif, 80),
     Recognizer(
-        "ES_NIE", re.compile(_B + r"[XYZxyz][ -]?\d{7}[ -]?[A-Za-z]" + _E), valid_es_nie, 80
+        "ES_NIE",
+        re.compile(r"[XYZxyz](?<![\w@][XYZxyz])[ -]?\d{7}[ -]?[A-Za-z]" + _E),
+        valid_es_nie,
+        80,
     ),
     Recognizer(
         "ES_CIF",
-        re.compile(_B + r"[ABCDEFGHJNPQRSUVWabcdefghjnpqrsuvw][ -]?\d{7}[ -]?[0-9A-Ja-j]" + _E),
+        re.compile(
+            f"[{_CIF_LETTERS}](?<![\\w@][{_CIF_LETTERS}])" + r"[ -]?\d{7}[ -]?[0-9A-Ja-j]" + _E
+        ),
         valid_es_cif,
         80,
     ),
     Recognizer(
         "ES_NSS",
-        re.compile(r"(?<![\w@])(?<!\d[ /-])\d{2}[ /-]?\d{8}[ /-]?\d{2}(?![ /-]?\d)(?![\w@])"),
+        re.compile(r"\d(?<![\w@]\d)(?<!\d[ /-]\d)\d[ /-]?\d{8}[ /-]?\d{2}(?![ /-]?\d)" + _E),
         valid_es_nss,
         75,
     ),
     Recognizer(
         "IP_ADDRESS",
+        re.compile(r"\d(?<![\w.:]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w:]|\.\d)"),
+        valid_ip,
+        70,
+        hint=".",
+    ),
+    Recognizer(
+        "IP_ADDRESS",
         re.compile(
-            r"(?<![\w.:])(?:(?:\d{1,3}\.){3}\d{1,3}|(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{2,39}(?<!:)|::)(?![\w:]|\.\d)"
+            r"[0-9A-Fa-f:](?<![\w.:][0-9A-Fa-f:])"
+            r"(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{1,38}(?<!:)(?![\w:]|\.\d)"
         ),
         valid_ip,
         70,
+        hint="::",
+        hint_pattern=re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]{1,4}:"),
     ),
     Recognizer(
         "PHONE_NUMBER",
-        re.compile(r"(?<![\w+])(?:\+|00)?\(?\d[\d ().-]{5,17}\d" + _E),
+        re.compile(
+            r"(?:\+(?<![\w+]\+)\(?\d|\((?<![\w+]\()\d|\d(?<![\w+]\d))[\d ().-]{5,17}\d" + _E
+        ),
         valid_phone,
         40,
     ),
@@ -212,10 +259,15 @@ _BUILTIN = (
         ),
         always,
         65,
+        hint=("pass", "Pass", "PASS", "pasap", "Pasap", "PASAP"),
     ),
 )
 
-ENTITY_TYPES = tuple(r.entity_type for r in _BUILTIN) + ("PERSON", "LOCATION", "ORGANIZATION")
+ENTITY_TYPES = tuple(dict.fromkeys(r.entity_type for r in _BUILTIN)) + (
+    "PERSON",
+    "LOCATION",
+    "ORGANIZATION",
+)
 CHECKSUM_TYPES = ("IBAN_CODE", "CREDIT_CARD", "ES_NIF", "ES_NIE", "ES_CIF", "ES_NSS")
 
 
