@@ -139,3 +139,24 @@ def test_custom_recognizer_from_config_redacts_with_its_validator():
     )
     # 123455 passes Luhn, 123456 does not
     assert out["messages"][0]["content"] == "EMP-<EMPLOYEE_ID_1> and EMP-123456"
+
+
+def test_inline_detection_fails_closed_on_deadline_and_on_errors():
+    import pytest
+
+    from soberana.gateway.privacy.detector import DetectorError
+    from soberana.gateway.privacy.recognizers import Recognizer
+
+    detector = Detector([])
+    assert detector.inline
+    texts = ["IBAN ES91 2100 0418 4502 0005 1332 " * 50]
+    with pytest.raises(DetectorError, match="longer than"):
+        asyncio.run(detector.detect_async(texts, None, 1e-9))
+
+    def broken(value: str) -> bool:
+        raise RuntimeError("validator bug")
+
+    r = detector.recognizers[0]
+    detector.recognizers[0] = Recognizer(r.entity_type, r.pattern, broken, r.priority)
+    with pytest.raises(DetectorError, match="RuntimeError"):
+        asyncio.run(detector.detect_async(texts, None, 5.0))
