@@ -13,6 +13,7 @@ _SUBCOMMANDS = {
     "gateway": ("soberana.gateway.cli", "run the gateway over a fleet of backends"),
     "demo-model": ("soberana.models.demo", "build (or locate) the built-in demo model"),
     "kv": ("soberana.kv.cli", "manage the KV warehouse's shared tiers (purge a tenant)"),
+    "audit": ("soberana.gateway.privacy.audit_cli", "verify the gateway's hash-chained audit log"),
 }
 
 

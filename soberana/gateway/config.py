@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from soberana.gateway.privacy.config import GuardrailPolicy, PiiPolicy, PrivacyConfig
+
 KINDS = ("soberana", "vllm", "llamacpp", "ollama", "openai")
 CAPABILITIES = (
     "chat",
@@ -44,6 +46,7 @@ class ModelConfig:
 
     name: str
     backends: tuple[BackendConfig, ...]
+    pii: PiiPolicy | None = None  # privacy hook (issue 22): this route's PII policy
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class TenantConfig:
     max_concurrency: int | None = None
     weight: float = 1.0  # share of contended slots: a tenant of weight 2 gets twice the slots
     cache_salt: str | None = None  # None: derived from the tenant's name
+    # privacy hook (issue 22): None -> redact when leaving the site if `privacy` allows external
+    pii: PiiPolicy | None = None
+    guardrails: GuardrailPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -117,3 +123,4 @@ class GatewayConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     host: str = "127.0.0.1"
     port: int = 8080
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # privacy hook (issue 22)

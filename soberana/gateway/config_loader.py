@@ -25,9 +25,11 @@ from soberana.gateway.config import (
     TenantConfig,
     TimeoutConfig,
 )
+from soberana.gateway.privacy.config import parse_guardrails, parse_pii, parse_privacy
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-_TOP_LEVEL = {"server", "routing", "timeouts", "health", "metrics", "models", "tenants"}
+_TOP_LEVEL = {"server", "routing", "timeouts", "health", "metrics", "models", "tenants", "privacy",
+              "audit"}
 _BACKEND_KEYS = {f.name for f in fields(BackendConfig)}
 _TENANT_KEYS = {f.name for f in fields(TenantConfig)}
 # Zero is meaningful for these: no queueing at all, any waiting request saturates.
@@ -174,6 +176,7 @@ class _Parser:
             metrics=self.metrics(top.get("metrics")),
             host=host,
             port=port,
+            privacy=parse_privacy(self, top.get("privacy"), top.get("audit")),
         )
 
     def server(self, node: yaml.Node | None) -> tuple[str, int]:
@@ -232,7 +235,7 @@ class _Parser:
         models = {}
         for name, model_node in self.mapping(node, "models", None).items():
             path = f"models.{name}"
-            items = self.mapping(model_node, path, {"backends"})
+            items = self.mapping(model_node, path, {"backends", "pii"})
             if "backends" not in items:
                 raise self.error(model_node, path, "missing required key 'backends'")
             seq = items["backends"]
@@ -252,7 +255,8 @@ class _Parser:
                         " (give each backend a distinct `name`)",
                     )
                 seen[backend.name] = i
-            models[name] = ModelConfig(name=name, backends=tuple(backends))
+            pii = parse_pii(self, items["pii"], f"{path}.pii") if "pii" in items else None
+            models[name] = ModelConfig(name=name, backends=tuple(backends), pii=pii)
         return models
 
     def backend(self, node: yaml.Node, path: str, default_name: str) -> BackendConfig:
@@ -363,6 +367,10 @@ class _Parser:
                 kwargs[key] = self.positive(items[key], f"{path}.{key}", int)
         if "weight" in items:
             kwargs["weight"] = self.positive(items["weight"], f"{path}.weight", float)
+        if "pii" in items:  # privacy hook (issue 22)
+            kwargs["pii"] = parse_pii(self, items["pii"], f"{path}.pii")
+        if "guardrails" in items:
+            kwargs["guardrails"] = parse_guardrails(self, items["guardrails"], f"{path}.guardrails")
         return TenantConfig(**kwargs)
 
 

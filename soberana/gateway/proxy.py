@@ -14,6 +14,8 @@ from soberana.gateway.config import RoutingConfig
 from soberana.gateway.errors import GatewayError
 from soberana.gateway.fleet import Fleet
 from soberana.gateway.metrics import GatewayMetrics
+from soberana.gateway.privacy.layer import PrivacyLayer, RequestPrivacy
+from soberana.gateway.privacy.metrics import PrivacyMetrics
 from soberana.gateway.request_info import RequestNeeds, request_needs
 from soberana.gateway.tenants import TenantState
 from soberana.gateway.upstream import Exchange, Upstream, UpstreamFailure
@@ -32,11 +34,26 @@ class Proxy:
         self.upstream = upstream
         self.metrics = metrics
         self.waiters = SlotWaiters()
+        self.privacy = PrivacyLayer(PrivacyMetrics(metrics.registry), upstream.session)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Serve one inference request end to end."""
-        started = time.perf_counter()
+        """Serve one inference request end to end, with its audit record (privacy, issue 22)."""
         fleet = self.fleet
+        guard = self.privacy.begin(fleet.config, request["request_id"], request.path)
+        exchange = Exchange(request_id=request["request_id"], stream=False, strip_usage_event=False)
+        try:
+            response = await self._handle(request, fleet, guard, exchange)
+        except GatewayError as e:
+            guard.finish(e.status, e.code, exchange.usage)
+            raise
+        await guard.finish_streams()
+        guard.finish(response.status, None, exchange.usage, exchange.stream_failure is not None)
+        return response
+
+    async def _handle(
+        self, request: web.Request, fleet: Fleet, guard: RequestPrivacy, exchange: Exchange
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
         tenant = fleet.tenants.authenticate(request.headers.get("Authorization"))
         body, size = await _read_json(request)
         model = body.get("model")
@@ -49,19 +66,20 @@ class Proxy:
                 404, f"the model {model!r} does not exist", "model_not_found", param="model"
             )
         request["model"] = model
+        guard.identify(tenant, model)
         needs = request_needs(
             request.path, body, size, request.headers.get("X-Session-Id"), tenant.cache_salt
         )
         candidates = fleet.router.candidates(model, needs, tenant.config.privacy)
+        candidates = await guard.screen(body, candidates)  # privacy hook: guardrail, PII
         try:
             tenant.admit(needs.context_tokens)
         except GatewayError as e:
             self.metrics.rejections.labels(tenant.metrics_label, e.code).inc()
             raise
         self.metrics.tenant_requests.labels(tenant.metrics_label, model).inc()
-        exchange = Exchange(
-            request_id=request["request_id"], stream=needs.stream, strip_usage_event=False
-        )
+        exchange.stream = needs.stream
+        exchange.privacy = guard
         response = None
         try:
             response = await self._forward(
@@ -154,7 +172,9 @@ class Proxy:
     ) -> web.StreamResponse:
         """One upstream attempt holding a slot of `backend`; raises UpstreamFailure."""
         model = backend.model
-        payload = _payload(body, backend, tenant, exchange, request.path)
+        # privacy hook (issue 22): the body redacted for this backend where the policy says so
+        sent = exchange.privacy.body_for(backend, body) if exchange.privacy else body
+        payload = _payload(sent, backend, tenant, exchange, request.path)
         self.metrics.requests.labels(model, backend.name).inc()
         backend.outstanding += 1
         waited_before = exchange.upstream_s

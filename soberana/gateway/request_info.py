@@ -12,6 +12,7 @@ ENDPOINT_CAPABILITY = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
+    "/v1/messages": "chat",  # Anthropic Messages API (vLLM serves it); privacy covers its blocks
 }
 _JSON_RESPONSE_FORMATS = ("json_object", "json_schema")
 _BYTES_PER_TOKEN = 4  # rough for byte-level BPE on English text; only used to filter by context

@@ -52,6 +52,7 @@ class GatewayServer:
             fleet = Fleet(self.initial_config)
             metrics = GatewayMetrics(lambda: self.proxy.fleet.all_backends())
             self.proxy = Proxy(fleet, Upstream(session), metrics)
+            self.proxy.privacy.configure(fleet.config.privacy)  # open the audit log now
             self.monitor = HealthMonitor(session, on_change=self.proxy.waiters.wake)
             await self.monitor.start(fleet)
             # handler_cancellation: a client that disconnects cancels its handler, which drops
@@ -81,6 +82,7 @@ class GatewayServer:
             finally:
                 await self.monitor.close()
                 await runner.cleanup()
+                self.proxy.privacy.close()  # flush and fsync the audit log
 
     async def reload(self) -> None:
         """Re-read the config; on success swap the fleet in, keeping live state and requests."""

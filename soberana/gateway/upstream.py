@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -47,6 +48,7 @@ class Exchange:
     queue_s: float = 0.0  # time spent waiting for a free backend slot
     ready_at: float = 0.0  # perf_counter() when the response (or its first chunk) was ready
     stream_failure: str | None = None  # why a stream broke after the client got bytes
+    privacy: Any = None  # privacy.layer.RequestPrivacy (issue 22): redaction and rehydration
 
 
 class Upstream:
@@ -71,6 +73,8 @@ class Upstream:
         url = backend.config.endpoint + path
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect_s)
         started = time.perf_counter()
+        # privacy hook (issue 22): rehydrates placeholders and runs the output check
+        transform = exchange.privacy.response_transform(backend) if exchange.privacy else None
         try:
             async with asyncio.timeout(timeouts.first_byte_s) as deadline:
                 with backend.watch(deadline):
@@ -80,9 +84,11 @@ class Upstream:
             try:
                 if exchange.stream and response.status == 200:
                     return await self._relay_stream(
-                        request, backend, response, timeouts, exchange, started
+                        request, backend, response, timeouts, exchange, started, transform
                     )
-                return await self._relay_body(backend, response, timeouts, exchange, started)
+                return await self._relay_body(
+                    backend, response, timeouts, exchange, started, transform
+                )
             except asyncio.CancelledError:
                 # The client went away (aiohttp cancels the handler): drop the upstream
                 # connection so the backend stops generating and its slot frees.
@@ -120,6 +126,7 @@ class Upstream:
         timeouts: TimeoutConfig,
         exchange: Exchange,
         started: float,
+        transform: Any = None,
     ) -> web.Response:
         # A non-streaming client has nothing until the whole body: this is still "unanswered".
         async with asyncio.timeout(timeouts.idle_s) as deadline:
@@ -137,7 +144,10 @@ class Upstream:
             raise UpstreamFailure("http_429", f"{backend.name}: HTTP 429", backend_fault=False)
         if response.status == 200 and b"_tokens" in body:
             exchange.usage.scan(body)
-        out = web.Response(status=response.status, body=body)
+        status = response.status
+        if transform is not None:
+            status, body = await transform.body(status, body)
+        out = web.Response(status=status, body=body)
         out.headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
         out.headers["X-Gateway-Backend"] = backend.name
         exchange.ready_at = time.perf_counter()
@@ -151,6 +161,7 @@ class Upstream:
         timeouts: TimeoutConfig,
         exchange: Exchange,
         started: float,
+        transform: Any = None,
     ) -> web.StreamResponse:
         # Nothing is sent to the client before the first token is in hand (see stream_start):
         # a backend that dies or is marked down before it can still be retried elsewhere.
@@ -171,9 +182,10 @@ class Upstream:
         out.headers["X-Request-Id"] = exchange.request_id
         out.headers["X-Gateway-Backend"] = backend.name
         tap = SseUsageTap(exchange.strip_usage_event)
+        rehydrate = transform.feed if transform is not None else _same  # privacy hook
         try:
             await out.prepare(request)
-            await out.write(tap.feed(held))
+            await out.write(tap.feed(rehydrate(held)))
             exchange.ready_at = time.perf_counter()
             while True:
                 try:
@@ -183,7 +195,8 @@ class Upstream:
                     reason = "no data in time" if isinstance(e, TimeoutError) else type(e).__name__
                     exchange.stream_failure = "stream_interrupted"
                     await out.write(
-                        tap.flush()
+                        (tap.feed(transform.flush()) if transform is not None else b"")
+                        + tap.flush()
                         + sse_error_event(
                             f"backend {backend.name} failed mid-stream ({reason}); the response is incomplete",
                             "upstream_stream_interrupted",
@@ -191,7 +204,8 @@ class Upstream:
                     )
                     break
                 if not chunk:
-                    rest = tap.flush()
+                    rest = tap.feed(transform.flush()) if transform is not None else b""
+                    rest += tap.flush()
                     if not tap.finished:
                         # A clean close without a finish_reason or [DONE] is a cut, not an end.
                         exchange.stream_failure = "stream_truncated"
@@ -202,7 +216,7 @@ class Upstream:
                         )
                     await out.write(rest)
                     break
-                data = tap.feed(chunk)
+                data = tap.feed(rehydrate(chunk))
                 if data:
                     await out.write(data)
             await out.write_eof()
@@ -214,3 +228,7 @@ class Upstream:
         if not tap.usage.reported:
             exchange.usage.completion_tokens = max(0, tap.data_events - 1)  # minus [DONE]
         return out
+
+
+def _same(chunk: bytes) -> bytes:
+    return chunk
