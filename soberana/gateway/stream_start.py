@@ -5,7 +5,8 @@ as soon as a request is scheduled, while prefill may run for seconds more. Relay
 chunk would commit the request to a replica that has produced nothing yet, so one dying
 during a long prefill would reach the client although another is healthy. The gateway holds
 such empty events back and retries elsewhere until an event with content, a tool call, a
-finish reason, usage, an error or `[DONE]` arrives.
+finish reason, usage, an error or `[DONE]` arrives (for Anthropic's /v1/messages streams,
+`message_start`, `ping` and an empty text block's start are held the same way).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def _is_preamble(event: bytes) -> bool:
         return False
     if not isinstance(chunk, dict) or chunk.get("usage") or "error" in chunk:
         return False
+    kind = chunk.get("type")  # Anthropic's /v1/messages events
+    if kind in ("message_start", "ping"):
+        return True
+    if kind == "content_block_start":
+        block = chunk.get("content_block")
+        return isinstance(block, dict) and block.get("type") == "text" and not block.get("text")
     choices = chunk.get("choices")
     if not isinstance(choices, list) or not choices:
         return False

@@ -11,7 +11,10 @@ _COMPLETION = re.compile(rb'(?<!\\)"completion_tokens"\s*:\s*(\d+)')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 # A stream that really ended says so: a choice's finish reason (a string, not null) or [DONE].
-_FINISHED = re.compile(rb'(?<!\\)"finish_reason"\s*:\s*"|^data:\s*\[DONE\]', re.MULTILINE)
+# OpenAI streams end with a finish_reason and [DONE]; Anthropic's (/v1/messages) with message_stop.
+_FINISHED = re.compile(
+    rb'(?<!\\)"finish_reason"\s*:\s*"|^data:\s*\[DONE\]|"type"\s*:\s*"message_stop"', re.MULTILINE
+)
 _TAIL = 512  # bytes of the previous chunk kept so a usage object split across chunks is found
 
 

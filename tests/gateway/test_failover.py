@@ -311,3 +311,19 @@ def test_a_client_leaving_a_non_streaming_request_aborts_it_upstream(upstreams, 
     )
     slow.behaviour.delay_s = 0.0
     assert gw.chat(KEY, content="next").status_code == 200  # not 429 concurrency_limit_exceeded
+
+
+def test_anthropic_preamble_events_do_not_commit_a_stream():
+    from soberana.gateway.stream_start import first_token_reached
+
+    start = (b'event: message_start\ndata: {"type": "message_start", "message": {"id": "m"}}\n\n'
+             b'event: content_block_start\ndata: {"type": "content_block_start", "index": 0, '
+             b'"content_block": {"type": "text", "text": ""}}\n\nevent: ping\n'
+             b'data: {"type": "ping"}\n\n')
+    assert not first_token_reached(start)
+    delta = (b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, '
+             b'"delta": {"type": "text_delta", "text": "Hi"}}\n\n')
+    assert first_token_reached(start + delta)
+    tool = (b'event: content_block_start\ndata: {"type": "content_block_start", "index": 1, '
+            b'"content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}\n\n')
+    assert first_token_reached(start + tool)
