@@ -19,6 +19,7 @@ from soberana.server.engine_client import (
 )
 from soberana.server.engine_inputs import render_chat_off_loop
 from soberana.server.errors import OpenAIError, bad_request, install_error_handlers
+from soberana.server.ops_metrics import render_engine_up
 from soberana.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,6 +29,7 @@ from soberana.server.protocol import (
 from soberana.server.serving_chat import create_chat_completion
 from soberana.server.serving_completion import create_completion
 from soberana.server.tenancy import TenantMiddleware
+from soberana.telemetry.collector import GPUCollector
 
 # Paths that answer without the API key: probes and scrapers carry no credentials.
 
@@ -40,6 +42,7 @@ class ServerSettings:
     api_keys: list[str] | None = None  # each key is one tenant; None: no authentication
     tenant_header: str | None = None  # trusted header naming the tenant (behind a gateway)
     retry_after_s: int = 1  # Retry-After on a 429
+    gpu_telemetry: GPUCollector | None = None  # DCGM-named GPU series appended to /metrics
 
 
 def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
@@ -95,6 +98,9 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         body = engine.metrics.render() if engine.metrics is not None else b""
+        body += render_engine_up(engine)
+        if settings.gpu_telemetry is not None:
+            body += settings.gpu_telemetry.render()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

@@ -20,6 +20,8 @@ from soberana.kv.config import add_arguments as add_kv_arguments
 from soberana.kv.config import config_from_args as kv_config_from_args
 from soberana.server.app import ServerSettings, build_app
 from soberana.server.engine_client import EngineClient
+from soberana.telemetry.collector import GPUCollector
+from soberana.telemetry.monitor import TelemetryMonitor, process_tree
 
 logger = logging.getLogger("soberana.server")
 
@@ -173,7 +175,12 @@ async def _serve(
     args: argparse.Namespace, config: EngineConfig, chat_template: str | None, sock: socket.socket
 ) -> int:
     engine = EngineClient(config, args.max_waiting_requests, chat_template)
-    app = build_app(engine, ServerSettings(args.served_model_name, _api_keys(args), args.tenant_header))
+    # GPU telemetry on this server's /metrics; Soberana's processes are this one and its children.
+    telemetry = TelemetryMonitor(own_pids=process_tree, threshold=config.gpu_memory_utilization)
+    telemetry.start()  # a daemon thread: it ends with the process
+    settings = ServerSettings(args.served_model_name, _api_keys(args), args.tenant_header,
+                              gpu_telemetry=GPUCollector(telemetry) if telemetry.available else None)
+    app = build_app(engine, settings)
     server = _Server(
         uvicorn.Config(
             app,
