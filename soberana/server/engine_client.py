@@ -188,7 +188,12 @@ class EngineClient:
         self.tokenizer = tokenizer
         self._processor = OutputProcessor(tokenizer)
         # model_info.name is the first --served-model-name, else the model's own name.
-        self.metrics = ServerMetrics(model_info.name, model_info.max_model_len)
+        self.metrics = ServerMetrics(model_info.name, model_info.max_model_len, {
+            "block_size": str(self.config.block_size),
+            "gpu_memory_utilization": str(self.config.gpu_memory_utilization),
+            "enable_prefix_caching": str(self.config.enable_prefix_caching),
+            "cache_dtype": "auto",
+        })
         # Everything built so far (torch, transformers, the tokenizer, the app: ~400k objects)
         # lives as long as the process. Frozen, it is no longer walked by every full garbage
         # collection, each of which otherwise stops the event loop, and every stream, for
@@ -329,7 +334,9 @@ class EngineClient:
     def _on_steps(self, steps: list[StepResult]) -> None:
         assert self.metrics is not None
         last = steps[-1]
-        self.stats = last.stats
+        for step in steps:
+            self.metrics.record_iteration(self.stats, step.stats)
+            self.stats = step.stats
         self._num_received = last.num_received
         self.metrics.record_scheduler_stats(last.stats)
         outputs = []
@@ -345,7 +352,8 @@ class EngineClient:
                 tracked = self._tracked.get(out.request_id)
                 if tracked is not None:
                     self.metrics.record_tokens(
-                        tracked.times, step.timestamp, len(out.new_token_ids), out.scheduled_time
+                        tracked.times, step.timestamp, len(out.new_token_ids), out.scheduled_time,
+                        out.index,
                     )
             outputs += step.outputs
         if not outputs:
@@ -378,6 +386,9 @@ class EngineClient:
         self.dead_reason = reason
         logger.error("engine core failed; /health now reports 503: %s", reason)
         for tracked in self._tracked.values():
+            if self.metrics is not None:
+                errors = ["error"] * len(tracked.unfinished)
+                self.metrics.record_finished(tracked.times, time.time(), errors)
             tracked.stream.fail(EngineDeadError(reason))
         self._tracked.clear()
 
