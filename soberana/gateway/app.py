@@ -120,12 +120,15 @@ class _Routes:
         return web.json_response(self._model_object(name))
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 while the gateway runs, with how many backends can take traffic."""
+        """200 while some backend can take traffic; 503 when none can (a load balancer in
+        front then sends clients to another gateway), with the counts either way."""
         backends = self.proxy.fleet.all_backends()
         now = time.monotonic()
         usable = sum(1 for b in backends if b.available(now))
         return web.json_response(
-            {"status": "ok", "backends": len(backends), "backends_available": usable}
+            {"status": "ok" if usable else "no_backend_available", "backends": len(backends),
+             "backends_available": usable},
+            status=200 if usable else 503,
         )
 
     async def prometheus(self, request: web.Request) -> web.Response:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import logging
 import sys
 from pathlib import Path
 
 from soberana.gateway.config_loader import ConfigError, load_config
 from soberana.gateway.tenants import hash_key
+from soberana.log import LOG_FORMATS
+from soberana.log import configure as configure_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="default WARNING: backends going down and up, reloads",
+    )
+    parser.add_argument(
+        "--log-format", default="text", choices=list(LOG_FORMATS),
+        help="text, or json: one JSON object per line",
     )
 
 
@@ -63,9 +68,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.config}: OK ({len(config.models)} models, {backends} backends, {len(config.tenants)} tenants)"
         )
         return 0
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_format, args.log_level)
     from soberana.gateway.server import GatewayServer
 
     host = args.host or config.host

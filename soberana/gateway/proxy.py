@@ -163,6 +163,8 @@ class Proxy:
         self.metrics.upstream_latency.labels(model, backend.name).observe(
             exchange.upstream_s - waited_before
         )
+        self.metrics.upstream_first_byte.labels(model, backend.name).observe(exchange.first_byte_s)
+        self.metrics.upstream_total.labels(model, backend.name).observe(exchange.total_s)
         return response
 
     async def _wait_for_slot(

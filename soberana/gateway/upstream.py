@@ -39,6 +39,10 @@ class Exchange:
     queue_s: float = 0.0  # time spent waiting for a free backend slot
     ready_at: float = 0.0  # perf_counter() when the response (or its first chunk) was ready
     stream_failed: bool = False  # a stream broke after the client got its first byte
+    # The last successful attempt, from sending it: its first byte (headers; streams: the first
+    # chunk) and its whole body (streams: the end of the stream).
+    first_byte_s: float = 0.0
+    total_s: float = 0.0
 
 
 class Upstream:
@@ -68,6 +72,7 @@ class Upstream:
                 response = await self.session.post(
                     url, data=payload, headers=headers, timeout=timeout
                 )
+            exchange.first_byte_s = time.perf_counter() - started
             try:
                 if exchange.stream and response.status == 200:
                     return await self._relay_stream(
@@ -101,6 +106,7 @@ class Upstream:
         async with asyncio.timeout(timeouts.idle_s):
             body = await response.read()
         exchange.upstream_s += time.perf_counter() - started
+        exchange.total_s = time.perf_counter() - started
         if response.status >= 500:
             raise UpstreamFailure(
                 "http_5xx",
@@ -131,6 +137,7 @@ class Upstream:
         async with asyncio.timeout(timeouts.first_byte_s):
             first = await response.content.readany()
         exchange.upstream_s += time.perf_counter() - started
+        exchange.first_byte_s = time.perf_counter() - started
         if not first:
             raise UpstreamFailure("disconnected", f"{backend.name}: stream ended before any data")
         out = web.StreamResponse(status=200)
@@ -169,6 +176,7 @@ class Upstream:
             # The client went away (a reset, or a write to a closed transport): drop the
             # upstream connection so the backend stops generating for nobody.
             response.close()
+        exchange.total_s = time.perf_counter() - started
         exchange.usage = tap.usage
         if not tap.usage.reported:
             exchange.usage.completion_tokens = max(0, tap.data_events - 1)  # minus [DONE]

@@ -26,6 +26,7 @@ from soberana.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from soberana.server.request_log import RequestLogMiddleware, note_model
 from soberana.server.serving_chat import create_chat_completion
 from soberana.server.serving_completion import create_completion
 from soberana.server.tenancy import TenantMiddleware
@@ -52,6 +53,8 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     if settings.api_keys or settings.tenant_header:
         app.add_middleware(TenantMiddleware, api_keys=settings.api_keys or [],
                            tenant_header=settings.tenant_header)
+    # Outermost, so refusals (401, 404) get their request id and line too.
+    app.add_middleware(RequestLogMiddleware, quiet_paths=("/health", "/metrics"))
     started = int(time.time())
 
     def model_names() -> list[str]:
@@ -123,11 +126,13 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         ready_engine(body.model)
+        note_model(body.model or model_names()[0])
         return await create_chat_completion(body, request, engine, body.model or model_names()[0])
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         ready_engine(body.model)
+        note_model(body.model or model_names()[0])
         return await create_completion(body, request, engine, body.model or model_names()[0])
 
     @app.post("/tokenize")

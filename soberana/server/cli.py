@@ -18,12 +18,19 @@ import uvicorn
 from soberana.engine.config import EngineConfig
 from soberana.kv.config import add_arguments as add_kv_arguments
 from soberana.kv.config import config_from_args as kv_config_from_args
+from soberana.log import LOG_FORMATS
+from soberana.log import configure as configure_logging
 from soberana.server.app import ServerSettings, build_app
 from soberana.server.engine_client import EngineClient
+from soberana.server.request_log import filter_access_log
+from soberana.server.stats_log import log_engine_stats
 from soberana.telemetry.collector import GPUCollector
 from soberana.telemetry.monitor import TelemetryMonitor, process_tree
 
 logger = logging.getLogger("soberana.server")
+
+# Probes and scrapers call these every few seconds: no access line for them.
+_QUIET_PATHS = ("/health", "/metrics")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     http.add_argument(
+        "--log-format", default="text", choices=list(LOG_FORMATS),
+        help="text, or json: one JSON object per line (request lines carry their fields as keys)",
+    )
+    http.add_argument(
+        "--stats-log-interval", type=float, default=10.0,
+        help="seconds between engine statistics lines (running, waiting, KV use, tok/s); 0: none",
+    )
+    http.add_argument(
         "--disable-uvicorn-access-log", action="store_true", help="do not log every request"
     )
     eng = parser.add_argument_group("engine")
@@ -118,9 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT (exit 0 after draining) or an engine start failure (exit 1)."""
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_format, args.log_level)
+    filter_access_log(_QUIET_PATHS)
     try:
         kv_warehouse = kv_config_from_args(args)
     except ValueError as exc:
@@ -215,6 +229,9 @@ async def _serve(
         info.dtype,
         url,
     )
+    if args.stats_log_interval > 0:
+        stats_logging = asyncio.create_task(log_engine_stats(engine, args.stats_log_interval))
+        serving.add_done_callback(lambda _: stats_logging.cancel())
     await serving
     logger.info("HTTP server stopped; stopping the engine")
     await engine.shutdown()

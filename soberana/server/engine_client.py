@@ -34,6 +34,7 @@ from soberana.server.core_process import (
     run_engine_core,
 )
 from soberana.server.metrics import RequestTimes, ServerMetrics
+from soberana.server.request_log import current_request, note_finished
 
 logger = logging.getLogger("soberana.server")
 
@@ -110,6 +111,8 @@ class _Tracked:
         self.stream = stream
         self.times = times
         self.unfinished = set(range(n))  # sample indices not yet finished
+        # The HTTP request's log record (made in the request's context, which we run in here).
+        self.record = current_request.get()
 
 
 class EngineClient:
@@ -292,6 +295,7 @@ class EngineClient:
         self._processor.abort_request(request_id)
         assert self.metrics is not None
         self.metrics.record_finished(tracked.times, time.time(), ["abort"] * len(tracked.unfinished))
+        note_finished(tracked.record, tracked.times, ["abort"] * len(tracked.unfinished), 0)
 
     # ---- the two pipe threads ---------------------------------------------------------------
 
@@ -375,6 +379,7 @@ class EngineClient:
                 del self._tracked[output.request_id]
                 reasons += ["abort"] * len(tracked.unfinished)
                 self.metrics.record_finished(tracked.times, last.timestamp, reasons)
+                note_finished(tracked.record, tracked.times, reasons, output.num_cached_tokens)
             elif reasons:
                 self.metrics.record_samples_finished(reasons)
             tracked.stream.put(output)
@@ -389,6 +394,7 @@ class EngineClient:
             if self.metrics is not None:
                 errors = ["error"] * len(tracked.unfinished)
                 self.metrics.record_finished(tracked.times, time.time(), errors)
+            note_finished(tracked.record, tracked.times, ["error"] * len(tracked.unfinished), 0)
             tracked.stream.fail(EngineDeadError(reason))
         self._tracked.clear()
 
