@@ -19,7 +19,9 @@ from tests.gateway.helpers import REPO, read_line, stop_process, tenant
 from tests.server.helpers import ServerProcess
 
 GATEWAY_KEY = "sk-ops"
+LIMITED_KEY = "sk-limited"  # one request a minute: the second is refused
 MODEL = "soberana-demo"
+BROKEN_MODEL = "broken"
 
 
 @dataclass
@@ -32,11 +34,11 @@ class Stack:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def chat(self, content: str, request_id: str | None = None, stream: bool = False,
-             **fields) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+             key: str = GATEWAY_KEY, model: str = MODEL, **fields) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"}
         if request_id:
             headers["X-Request-Id"] = request_id
-        body = {"model": MODEL, "messages": [{"role": "user", "content": content}],
+        body = {"model": model, "messages": [{"role": "user", "content": content}],
                 "max_tokens": 8, "stream": stream, **fields}
         return httpx.post(f"{self.gateway_url}/v1/chat/completions", json=body, headers=headers,
                           timeout=120)
@@ -82,9 +84,16 @@ def start_stack(tmp: Path) -> Stack:
             "health": {"interval_s": 0.5, "timeout_s": 2.0, "eject_after": 3, "cooldown_s": 5.0,
                        "metrics_interval_s": 0.5},
             "timeouts": {"connect_s": 2.0, "first_byte_s": 120.0, "idle_s": 120.0},
-            "models": {MODEL: {"backends": [{"name": "engine-0", "endpoint": server.url,
-                                             "kind": "soberana", "model": MODEL}]}},
-            "tenants": [tenant("acme", GATEWAY_KEY)],
+            "models": {
+                MODEL: {"backends": [{"name": "engine-0", "endpoint": server.url,
+                                      "kind": "soberana", "model": MODEL}]},
+                # A real HTTP server that is no model server (the GPU exporter answers POST with
+                # 501): the gateway's error, retry and ejection series get real events.
+                BROKEN_MODEL: {"backends": [{"name": "not-a-model-server", "endpoint": exporter,
+                                             "kind": "soberana", "model": BROKEN_MODEL}]},
+            },
+            "tenants": [tenant("acme", GATEWAY_KEY),
+                        tenant("limited", LIMITED_KEY, requests_per_minute=1)],
         }
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(gateway_cfg))
         gateway = _start_line_printer(
