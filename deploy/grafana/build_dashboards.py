@@ -78,7 +78,7 @@ ENGINE = dashboard(
      variable("instance", 'label_values(vllm:num_requests_running{model_name=~"$model_name"}, instance)', "Instance")],
     [
         ("Load", [
-            panel("Engine up", "none", q(f"soberana:engine_up{{instance=~\"$instance\"}}", "{{instance}}"),
+            panel("Engine up", "none", q("soberana:engine_up{instance=~\"$instance\"}", "{{instance}}"),
                   kind="stat", description="0: starting, or the engine core died (EngineDown)."),
             panel("Requests running / waiting", "none",
                   q(f"sum by (model_name) (vllm:num_requests_running{{{M}}})", "running {{model_name}}"),
