@@ -80,6 +80,10 @@ def start_stack(tmp: Path) -> Stack:
         server.start()
         exporter = _start_line_printer(
             [sys.executable, "-m", "tests.telemetry.fake_exporter"], tmp / "exporter.log", procs)
+        # A second host whose one GPU is failing in every way the GPU alerts watch for.
+        faulty = _start_line_printer(
+            [sys.executable, "-m", "tests.telemetry.fake_exporter", "--recording", "l4_faulty",
+             "--hostname", "gpu-host-faulty"], tmp / "exporter-faulty.log", procs)
         gateway_cfg = {
             "health": {"interval_s": 0.5, "timeout_s": 2.0, "eject_after": 3, "cooldown_s": 5.0,
                        "metrics_interval_s": 0.5},
@@ -100,7 +104,7 @@ def start_stack(tmp: Path) -> Stack:
             [sys.executable, "-m", "soberana.cli", "gateway", "--config", str(tmp / "gateway.yaml"),
              "--host", "127.0.0.1", "--port", "0", "--log-level", "INFO", "--log-format", "json"],
             tmp / "gateway.log", procs)
-        prometheus = _start_prometheus(tmp, server.url, gateway, exporter, procs)
+        prometheus = _start_prometheus(tmp, server.url, gateway, [exporter, faulty], procs)
         return Stack(server, gateway, exporter, prometheus, tmp, procs)
     except BaseException:
         stop_stack_procs(server, procs)
@@ -128,7 +132,8 @@ def _start_line_printer(args: list[str], log_path: Path, procs: list) -> str:
     return line.split()[-1].rstrip("/")
 
 
-def _start_prometheus(tmp: Path, server: str, gateway: str, exporter: str, procs: list) -> str:
+def _start_prometheus(tmp: Path, server: str, gateway: str, exporters: list[str],
+                      procs: list) -> str:
     binary = shutil.which("prometheus")
     assert binary, "prometheus not installed (Debian: apt-get install prometheus)"
     rules = REPO / "deploy" / "prometheus"
@@ -139,7 +144,7 @@ def _start_prometheus(tmp: Path, server: str, gateway: str, exporter: str, procs
         "scrape_configs": [
             {"job_name": "soberana-engine", "static_configs": [{"targets": [host(server)]}]},
             {"job_name": "soberana-gateway", "static_configs": [{"targets": [host(gateway)]}]},
-            {"job_name": "gpu", "static_configs": [{"targets": [host(exporter)]}]},
+            {"job_name": "gpu", "static_configs": [{"targets": [host(e) for e in exporters]}]},
         ],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))

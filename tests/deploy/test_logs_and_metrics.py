@@ -83,7 +83,7 @@ def test_parity_metrics_reach_prometheus(stack):
 
 
 def test_gpu_series_reach_prometheus_with_dcgm_labels(stack):
-    (series,) = stack.wait_for('DCGM_FI_DEV_GPU_TEMP{gpu="0"}')
+    (series,) = stack.wait_for('DCGM_FI_DEV_GPU_TEMP{gpu="0", Hostname="gpu-host-1"}')
     labels = series["metric"]
     assert labels["modelName"] == "NVIDIA H100 80GB HBM3" and labels["Hostname"] == "gpu-host-1"
     assert labels["UUID"].startswith("GPU-") and float(series["value"][1]) == 41
@@ -94,3 +94,22 @@ def test_the_alert_rules_load_in_prometheus(stack):
     names = {r["name"] for g in rules for r in g["rules"]}
     assert {"GPUMemoryHigh", "KVCacheFull", "TTFTP95OverSLO", "EngineDown"} <= names
     assert all(r["health"] != "err" for g in rules for r in g["rules"])
+
+
+def test_gpu_alerts_evaluate_in_prometheus_on_a_faulty_card(stack):
+    """Real rule evaluation: XID and ECC page at once; HBM > 92% and thermal slowdown go
+    pending (they page after 2m and 1m, longer than a test waits); the healthy host is quiet."""
+    deadline = time.monotonic() + 60
+    wanted = {("GPUXidError", "firing"), ("GPUEccDoubleBitError", "firing"),
+              ("GPUMemoryHigh", "pending"), ("GPUThrottled", "pending")}
+    while time.monotonic() < deadline:
+        alerts = httpx.get(f"{stack.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+        gpu = {(a["labels"]["alertname"], a["state"]) for a in alerts
+               if a["labels"].get("Hostname") == "gpu-host-faulty"}
+        if wanted <= gpu:
+            break
+        time.sleep(0.5)
+    assert wanted <= gpu
+    assert not [a for a in alerts if a["labels"].get("Hostname") == "gpu-host-1"]
+    xid = next(a for a in alerts if a["labels"]["alertname"] == "GPUXidError")
+    assert xid["annotations"]["summary"] == "GPU 0 on gpu-host-faulty reported XID 79"

@@ -21,11 +21,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--recording", default="h100_sxm_x2")
+    parser.add_argument("--hostname", default="gpu-host-1")
     args = parser.parse_args()
     monitor = TelemetryMonitor([NVMLReader(FakeNVML(args.recording))], interval_s=1.0,
                                own_pids=lambda: {4242}, threshold=0.9)
     monitor.start()
-    httpd = serve(monitor, "127.0.0.1", args.port, hostname="gpu-host-1")
+    httpd = serve(monitor, "127.0.0.1", args.port, hostname=args.hostname)
     print(f"listening on http://127.0.0.1:{httpd.server_address[1]}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
