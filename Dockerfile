@@ -40,7 +40,8 @@ COPY soberana /src/soberana
 # tests/deploy/test_images.py checks this list covers what they import.
 RUN pip install --no-deps /src \
  && pip install aiohttp pyyaml prometheus_client jsonschema httpx numpy matplotlib tqdm \
-      uvloop nvidia-ml-py transformers tokenizers \
+      uvloop nvidia-ml-py transformers tokenizers opentelemetry-api opentelemetry-sdk \
+      opentelemetry-exporter-otlp-proto-http \
  && useradd --uid 1000 --create-home soberana
 USER soberana
 WORKDIR /home/soberana

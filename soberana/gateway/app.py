@@ -15,6 +15,8 @@ from soberana.gateway.errors import GatewayError
 from soberana.gateway.metrics import GatewayMetrics
 from soberana.gateway.proxy import Proxy
 from soberana.gateway.request_info import ENDPOINT_CAPABILITY
+from soberana.gateway.tracing import trace_middleware
+from soberana.tracing import Tracing
 
 log = logging.getLogger("soberana.gateway")
 
@@ -23,9 +25,11 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(proxy: Proxy, metrics: GatewayMetrics) -> web.Application:
+def build_app(proxy: Proxy, metrics: GatewayMetrics, tracing: Tracing | None = None) -> web.Application:
     """The aiohttp application serving the OpenAI API in front of the fleet."""
-    app = web.Application(middlewares=[_envelope(metrics)], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[_envelope(metrics), trace_middleware(tracing)], client_max_size=MAX_BODY_BYTES
+    )
     for path in ENDPOINT_CAPABILITY:
         app.router.add_post(path, proxy.handle)
     routes = _Routes(proxy, metrics)

@@ -20,6 +20,7 @@ from soberana.gateway.health import HealthMonitor
 from soberana.gateway.metrics import GatewayMetrics
 from soberana.gateway.proxy import Proxy
 from soberana.gateway.upstream import Upstream
+from soberana.tracing import Tracing
 
 log = logging.getLogger("soberana.gateway")
 
@@ -32,8 +33,12 @@ _DRAIN_S = 30.0  # on SIGTERM, in-flight requests get this long to finish
 class GatewayServer:
     """One running gateway process."""
 
-    def __init__(self, config_path: Path, config: GatewayConfig, host: str, port: int) -> None:
+    def __init__(
+        self, config_path: Path, config: GatewayConfig, host: str, port: int,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.config_path = config_path
+        self.tracing = tracing
         self.host = host
         self.port = port
         self.initial_config = config
@@ -55,7 +60,7 @@ class GatewayServer:
             self.monitor = HealthMonitor(session, on_change=self.proxy.waiters.wake)
             await self.monitor.start(fleet)
             runner = web.AppRunner(
-                build_app(self.proxy, metrics), access_log=None, shutdown_timeout=_DRAIN_S
+                build_app(self.proxy, metrics, self.tracing), access_log=None, shutdown_timeout=_DRAIN_S
             )
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)

@@ -13,6 +13,7 @@ from soberana.gateway.backend import BackendState
 from soberana.gateway.config import TimeoutConfig
 from soberana.gateway.errors import sse_error_event
 from soberana.gateway.usage import SseUsageTap, Usage
+from soberana.tracing import inject
 
 _CONNECTION_ERRORS = (aiohttp.ClientError, OSError)
 
@@ -62,6 +63,7 @@ class Upstream:
     ) -> web.StreamResponse:
         """Relay one backend's answer, or raise UpstreamFailure if none can be relayed."""
         headers = {"Content-Type": "application/json", "X-Request-Id": exchange.request_id}
+        inject(headers)  # W3C traceparent: the gateway's span, or the client's own context
         if backend.api_key:
             headers["Authorization"] = "Bearer " + backend.api_key
         url = backend.config.endpoint + path

@@ -31,6 +31,7 @@ from soberana.server.serving_chat import create_chat_completion
 from soberana.server.serving_completion import create_completion
 from soberana.server.tenancy import TenantMiddleware
 from soberana.telemetry.collector import GPUCollector
+from soberana.tracing import Tracing
 
 # Paths that answer without the API key: probes and scrapers carry no credentials.
 
@@ -44,6 +45,7 @@ class ServerSettings:
     tenant_header: str | None = None  # trusted header naming the tenant (behind a gateway)
     retry_after_s: int = 1  # Retry-After on a 429
     gpu_telemetry: GPUCollector | None = None  # DCGM-named GPU series appended to /metrics
+    tracing: Tracing | None = None  # OpenTelemetry spans per request, when configured
 
 
 def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
@@ -54,7 +56,8 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         app.add_middleware(TenantMiddleware, api_keys=settings.api_keys or [],
                            tenant_header=settings.tenant_header)
     # Outermost, so refusals (401, 404) get their request id and line too.
-    app.add_middleware(RequestLogMiddleware, quiet_paths=("/health", "/metrics"))
+    app.add_middleware(RequestLogMiddleware, quiet_paths=("/health", "/metrics"),
+                       tracing=settings.tracing)
     started = int(time.time())
 
     def model_names() -> list[str]:

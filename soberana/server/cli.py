@@ -26,6 +26,7 @@ from soberana.server.request_log import filter_access_log
 from soberana.server.stats_log import log_engine_stats
 from soberana.telemetry.collector import GPUCollector
 from soberana.telemetry.monitor import TelemetryMonitor, process_tree
+from soberana.tracing import Tracing, from_endpoint
 
 logger = logging.getLogger("soberana.server")
 
@@ -84,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument(
         "--log-format", default="text", choices=list(LOG_FORMATS),
         help="text, or json: one JSON object per line (request lines carry their fields as keys)",
+    )
+    http.add_argument(
+        "--otlp-traces-endpoint", default=None,
+        help="send OpenTelemetry spans (request, queue, prefill, decode) over OTLP/HTTP to this "
+        "collector URL, e.g. http://localhost:4318; default: no tracing",
     )
     http.add_argument(
         "--stats-log-interval", type=float, default=10.0,
@@ -168,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
         if args.shutdown_timeout < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0; got {args.shutdown_timeout}")
         chat_template = _read_chat_template(args.chat_template)
+        tracing = from_endpoint("soberana-server", args.otlp_traces_endpoint)
         sock = _bind(args.host, args.port)
     except (ValueError, OSError) as exc:
         logger.error("%s", exc)
@@ -182,18 +189,24 @@ def run(args: argparse.Namespace) -> int:
             DEMO_NAME,
             LABEL,
         )
-    return _event_loop_runner()(_serve(args, config, chat_template, sock))
+    try:
+        return _event_loop_runner()(_serve(args, config, chat_template, sock, tracing))
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
 
 
 async def _serve(
-    args: argparse.Namespace, config: EngineConfig, chat_template: str | None, sock: socket.socket
+    args: argparse.Namespace, config: EngineConfig, chat_template: str | None, sock: socket.socket,
+    tracing: Tracing | None = None,
 ) -> int:
     engine = EngineClient(config, args.max_waiting_requests, chat_template)
     # GPU telemetry on this server's /metrics; Soberana's processes are this one and its children.
     telemetry = TelemetryMonitor(own_pids=process_tree, threshold=config.gpu_memory_utilization)
     telemetry.start()  # a daemon thread: it ends with the process
     settings = ServerSettings(args.served_model_name, _api_keys(args), args.tenant_header,
-                              gpu_telemetry=GPUCollector(telemetry) if telemetry.available else None)
+                              gpu_telemetry=GPUCollector(telemetry) if telemetry.available else None,
+                              tracing=tracing)
     app = build_app(engine, settings)
     server = _Server(
         uvicorn.Config(

@@ -39,6 +39,7 @@ class RequestRecord:
     cached_tokens: int = 0
     first_token: float | None = None
     finish_reasons: list[str] = field(default_factory=list)
+    engine_requests: list = field(default_factory=list)  # their RequestTimes, for trace spans
 
 
 current_request: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
@@ -74,14 +75,16 @@ def note_finished(record: RequestRecord | None, times, reasons: list[str], cache
         first = times.first_token
         record.first_token = first if record.first_token is None else min(record.first_token, first)
     record.finish_reasons += reasons
+    record.engine_requests.append(times)
 
 
 class RequestLogMiddleware:
     """Assigns/echoes X-Request-Id and logs one line per request (not for `quiet_paths`)."""
 
-    def __init__(self, app: ASGIApp, quiet_paths: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, quiet_paths: Iterable[str] = (), tracing=None) -> None:
         self.app = app
         self.quiet_paths = set(quiet_paths)
+        self.tracing = tracing  # soberana.tracing.Tracing, or None: no spans
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,11 +107,15 @@ class RequestLogMiddleware:
         finally:
             current_request.reset(token)
             if scope["path"] not in self.quiet_paths:
-                _log(record, scope, status)
+                end = time.time()
+                _log(record, scope, status, end)
+                if self.tracing is not None:
+                    from soberana.server.request_trace import emit_request_spans
+
+                    emit_request_spans(self.tracing, scope, record, status, end)
 
 
-def _log(record: RequestRecord, scope: Scope, status: int) -> None:
-    now = time.time()
+def _log(record: RequestRecord, scope: Scope, status: int, now: float) -> None:
     reasons = sorted(set(record.finish_reasons))
     fields = {
         "request_id": record.request_id,

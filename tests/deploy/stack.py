@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from tests.deploy.otlp_receiver import OTLPReceiver
 from tests.gateway.helpers import REPO, read_line, stop_process, tenant
 from tests.server.helpers import ServerProcess
 
@@ -31,11 +32,15 @@ class Stack:
     exporter_url: str
     prometheus_url: str
     tmp: Path
+    traces: OTLPReceiver
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def chat(self, content: str, request_id: str | None = None, stream: bool = False,
-             key: str = GATEWAY_KEY, model: str = MODEL, **fields) -> httpx.Response:
+             key: str = GATEWAY_KEY, model: str = MODEL, traceparent: str | None = None,
+             **fields) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"}
+        if traceparent:
+            headers["traceparent"] = traceparent
         if request_id:
             headers["X-Request-Id"] = request_id
         body = {"model": model, "messages": [{"role": "user", "content": content}],
@@ -69,8 +74,10 @@ def free_port() -> int:
 
 def start_stack(tmp: Path) -> Stack:
     procs: list[subprocess.Popen] = []
+    traces = OTLPReceiver()
     server = ServerProcess(
         tmp / "serve.log", "--log-format", "json", "--stats-log-interval", "1",
+        "--otlp-traces-endpoint", traces.url,
         "--kv-offload-gb", "0.05", "--kv-disk-dir", str(tmp / "kv-disk"), "--kv-disk-gb", "0.1",
         api_key=None,
     )
@@ -102,17 +109,20 @@ def start_stack(tmp: Path) -> Stack:
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(gateway_cfg))
         gateway = _start_line_printer(
             [sys.executable, "-m", "soberana.cli", "gateway", "--config", str(tmp / "gateway.yaml"),
-             "--host", "127.0.0.1", "--port", "0", "--log-level", "INFO", "--log-format", "json"],
+             "--host", "127.0.0.1", "--port", "0", "--log-level", "INFO", "--log-format", "json",
+             "--otlp-traces-endpoint", traces.url],
             tmp / "gateway.log", procs)
         prometheus = _start_prometheus(tmp, server.url, gateway, [exporter, faulty], procs)
-        return Stack(server, gateway, exporter, prometheus, tmp, procs)
+        return Stack(server, gateway, exporter, prometheus, tmp, traces, procs)
     except BaseException:
         stop_stack_procs(server, procs)
+        traces.close()
         raise
 
 
 def stop_stack(stack: Stack) -> None:
     stop_stack_procs(stack.server, stack.procs)
+    stack.traces.close()
 
 
 def stop_stack_procs(server: ServerProcess, procs: list[subprocess.Popen]) -> None:

@@ -49,3 +49,13 @@ def test_client_request_id_is_forwarded_to_the_backend_and_echoed(upstreams, sta
     r = gw.chat(KEY, headers={"X-Request-Id": "trace-42"})
     assert r.status_code == 200 and r.headers["X-Request-Id"] == "trace-42"
     assert up.received[-1].headers["X-Request-Id"] == "trace-42"
+
+
+def test_client_traceparent_reaches_the_backend_with_tracing_off(upstreams, start_gateway):
+    up = upstreams("up")
+    gw = start_gateway(config({"m": [backend("up", up)]}, [tenant("acme", KEY)]))
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert gw.chat(KEY, headers={"traceparent": parent}).status_code == 200
+    assert up.received[-1].headers["traceparent"] == parent
+    assert gw.chat(KEY).status_code == 200
+    assert "traceparent" not in up.received[-1].headers  # no trace, none invented
