@@ -15,7 +15,6 @@ import yaml
 
 from tests.gateway.helpers import REPO
 
-
 _PROBE = """
 import importlib.abc, json, sys
 class NoTorch(importlib.abc.MetaPathFinder):
