@@ -11,6 +11,7 @@ _SUBCOMMANDS = {
     "serve": ("soberana.server.cli", "run the OpenAI-compatible server"),
     "bench": ("soberana.bench.cli", "benchmark any OpenAI-compatible endpoint"),
     "gateway": ("soberana.gateway.cli", "run the gateway over a fleet of backends"),
+    "telemetry": ("soberana.telemetry.cli", "export GPU telemetry (DCGM names) on /metrics"),
     "demo-model": ("soberana.models.demo", "build (or locate) the built-in demo model"),
     "kv": ("soberana.kv.cli", "manage the KV warehouse's shared tiers (purge a tenant)"),
     "audit": ("soberana.gateway.privacy.audit_cli", "verify the gateway's hash-chained audit log"),

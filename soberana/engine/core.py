@@ -302,9 +302,18 @@ class EngineCore:
             return int(config.kv_cache_gb * 1e9) // bytes_per_block
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            # Keep the profiled activations and ~1 GiB for CUDA graphs and the sampler.
+            # `free` is the card's, so memory held by other processes (another engine, a
+            # notebook) already counts against the budget: after the pool, this process plus
+            # everyone else stays under gpu_memory_utilization of the card. Keep the profiled
+            # activations and ~1 GiB for CUDA graphs and the sampler.
             budget = (free - (1 - config.gpu_memory_utilization) * total
                       - activation_bytes - 2**30)
+            others = max(0, total - free - torch.cuda.memory_reserved(self.device))
+            log.info(
+                "KV pool: %.2f GiB, so the card stays under %.0f%% of %.1f GiB; %.2f GiB of it "
+                "is outside this process's allocator (other processes, CUDA contexts)", max(0, budget) / 2**30, 100 * config.gpu_memory_utilization,
+                total / 2**30, others / 2**30,
+            )
             return max(0, int(budget)) // bytes_per_block
         # CPU: by need: max(max_model_len, _CPU_DEFAULT_KV_TOKENS) tokens, no more than every
         # sequence at full length, within 4 GB and 20% of free RAM (kv_cache_gb for more).

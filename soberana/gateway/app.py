@@ -16,6 +16,8 @@ from soberana.gateway.metrics import GatewayMetrics
 from soberana.gateway.proxy import Proxy
 from soberana.gateway.request_info import ENDPOINT_CAPABILITY
 from soberana.gateway.tenants import bearer_key_hash
+from soberana.gateway.tracing import trace_middleware
+from soberana.tracing import Tracing
 
 log = logging.getLogger("soberana.gateway")
 
@@ -24,9 +26,11 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(proxy: Proxy, metrics: GatewayMetrics) -> web.Application:
+def build_app(proxy: Proxy, metrics: GatewayMetrics, tracing: Tracing | None = None) -> web.Application:
     """The aiohttp application serving the OpenAI API in front of the fleet."""
-    app = web.Application(middlewares=[_envelope(metrics)], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[_envelope(metrics), trace_middleware(tracing)], client_max_size=MAX_BODY_BYTES
+    )
     for path in ENDPOINT_CAPABILITY:
         app.router.add_post(path, proxy.handle)
     routes = _Routes(proxy, metrics)
@@ -121,12 +125,15 @@ class _Routes:
         return web.json_response(self._model_object(name))
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 while the gateway runs, with how many backends can take traffic."""
+        """200 while some backend can take traffic; 503 when none can (a load balancer in
+        front then sends clients to another gateway), with the counts either way."""
         backends = self.proxy.fleet.all_backends()
         now = time.monotonic()
         usable = sum(1 for b in backends if b.available(now))
         return web.json_response(
-            {"status": "ok", "backends": len(backends), "backends_available": usable}
+            {"status": "ok" if usable else "no_backend_available", "backends": len(backends),
+             "backends_available": usable},
+            status=200 if usable else 503,
         )
 
     async def prometheus(self, request: web.Request) -> web.Response:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +12,9 @@ from soberana.gateway.config import GatewayConfig
 from soberana.gateway.config_loader import ConfigError, load_config
 from soberana.gateway.exposure import onprem_exposures
 from soberana.gateway.tenants import hash_key
+from soberana.log import LOG_FORMATS
+from soberana.log import configure as configure_logging
+from soberana.tracing import from_endpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="default WARNING: backends going down and up, reloads",
     )
+    parser.add_argument(
+        "--otlp-traces-endpoint", default=None,
+        help="send a span per request over OTLP/HTTP to this collector URL "
+        "(e.g. http://localhost:4318); W3C traceparent is forwarded to backends either way",
+    )
+    parser.add_argument(
+        "--log-format", default="text", choices=list(LOG_FORMATS),
+        help="text, or json: one JSON object per line",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,19 +75,25 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.check:
         return _check(args.config, config)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_format, args.log_level)
     from soberana.gateway.server import GatewayServer
 
     host = args.host or config.host
     port = config.port if args.port is None else args.port
-    server = GatewayServer(args.config, config, host, port)
+    try:
+        tracing = from_endpoint("soberana-gateway", args.otlp_traces_endpoint)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server = GatewayServer(args.config, config, host, port, tracing)
     try:
         _event_loop_runner()(server.run())
     except OSError as e:  # the address is taken, or not ours to bind
         print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 1
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
     return 0
 
 

@@ -72,6 +72,20 @@ class GatewayMetrics:
             buckets=_UPSTREAM_BUCKETS,
             registry=r,
         )
+        self.upstream_first_byte = Histogram(
+            "soberana_gateway_upstream_first_byte_seconds",
+            "Time from sending a request upstream to its first byte (streams: first chunk).",
+            ["model", "backend"],
+            buckets=_UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.upstream_total = Histogram(
+            "soberana_gateway_upstream_total_seconds",
+            "Time from sending a request upstream to the end of its body (streams: last chunk).",
+            ["model", "backend"],
+            buckets=_UPSTREAM_BUCKETS,
+            registry=r,
+        )
         self.added_latency = Histogram(
             "soberana_gateway_added_latency_seconds",
             "Time the gateway itself adds to a request (total minus upstream and queue waits).",

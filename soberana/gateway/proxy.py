@@ -203,6 +203,8 @@ class Proxy:
         self.metrics.upstream_latency.labels(model, backend.name).observe(
             exchange.upstream_s - waited_before
         )
+        self.metrics.upstream_first_byte.labels(model, backend.name).observe(exchange.first_byte_s)
+        self.metrics.upstream_total.labels(model, backend.name).observe(exchange.total_s)
         return response
 
     def _enqueue(self, model: str, tenant: TenantState, routing: RoutingConfig) -> Ticket:

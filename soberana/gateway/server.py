@@ -20,6 +20,7 @@ from soberana.gateway.health import HealthMonitor
 from soberana.gateway.metrics import GatewayMetrics
 from soberana.gateway.proxy import Proxy
 from soberana.gateway.upstream import Upstream
+from soberana.tracing import Tracing
 
 log = logging.getLogger("soberana.gateway")
 
@@ -32,8 +33,12 @@ _DRAIN_S = 30.0  # on SIGTERM, in-flight requests get this long to finish
 class GatewayServer:
     """One running gateway process."""
 
-    def __init__(self, config_path: Path, config: GatewayConfig, host: str, port: int) -> None:
+    def __init__(
+        self, config_path: Path, config: GatewayConfig, host: str, port: int,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.config_path = config_path
+        self.tracing = tracing
         self.host = host
         self.port = port
         self.initial_config = config
@@ -58,7 +63,7 @@ class GatewayServer:
             # handler_cancellation: a client that disconnects cancels its handler, which drops
             # the upstream request and frees its slots (aiohttp's default keeps it running).
             runner = web.AppRunner(
-                build_app(self.proxy, metrics),
+                build_app(self.proxy, metrics, self.tracing),
                 access_log=None,
                 shutdown_timeout=_DRAIN_S,
                 handler_cancellation=True,

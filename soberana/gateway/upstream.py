@@ -15,6 +15,7 @@ from soberana.gateway.config import TimeoutConfig
 from soberana.gateway.errors import sse_error_event
 from soberana.gateway.stream_start import first_token_reached
 from soberana.gateway.usage import SseUsageTap, Usage
+from soberana.tracing import inject
 
 _CONNECTION_ERRORS = (aiohttp.ClientError, OSError)
 
@@ -49,6 +50,10 @@ class Exchange:
     ready_at: float = 0.0  # perf_counter() when the response (or its first chunk) was ready
     stream_failure: str | None = None  # why a stream broke after the client got bytes
     privacy: Any = None  # privacy.layer.RequestPrivacy (issue 22): redaction and rehydration
+    # The last successful attempt, from sending it: its first byte (headers; streams: the first
+    # token) and its whole body (streams: the end of the stream).
+    first_byte_s: float = 0.0
+    total_s: float = 0.0
 
 
 class Upstream:
@@ -68,6 +73,7 @@ class Upstream:
     ) -> web.StreamResponse:
         """Relay one backend's answer, or raise UpstreamFailure if none can be relayed."""
         headers = {"Content-Type": "application/json", "X-Request-Id": exchange.request_id}
+        inject(headers)  # W3C traceparent: the gateway's span, or the client's own context
         if backend.api_key:
             headers["Authorization"] = "Bearer " + backend.api_key
         url = backend.config.endpoint + path
@@ -81,6 +87,7 @@ class Upstream:
                     response = await self.session.post(
                         url, data=payload, headers=headers, timeout=timeout
                     )
+            exchange.first_byte_s = time.perf_counter() - started
             try:
                 if exchange.stream and response.status == 200:
                     return await self._relay_stream(
@@ -133,6 +140,7 @@ class Upstream:
             with backend.watch(deadline):
                 body = await response.read()
         exchange.upstream_s += time.perf_counter() - started
+        exchange.total_s = time.perf_counter() - started
         if response.status >= 500:
             raise UpstreamFailure(
                 "http_5xx",
@@ -176,6 +184,7 @@ class Upstream:
                         )
                     held += chunk
         exchange.upstream_s += time.perf_counter() - started
+        exchange.first_byte_s = time.perf_counter() - started
         out = web.StreamResponse(status=200)
         out.headers["Content-Type"] = response.headers.get("Content-Type", "text/event-stream")
         out.headers["Cache-Control"] = "no-cache"
@@ -224,6 +233,7 @@ class Upstream:
             # The client went away (a reset, or a write to a closed transport): drop the
             # upstream connection so the backend stops generating for nobody.
             response.close()
+        exchange.total_s = time.perf_counter() - started
         exchange.usage = tap.usage
         if not tap.usage.reported:
             exchange.usage.completion_tokens = max(0, tap.data_events - 1)  # minus [DONE]

@@ -26,17 +26,21 @@ from soberana.server.engine_client import (
 )
 from soberana.server.engine_inputs import check_prompt_chars, render_chat_off_loop
 from soberana.server.errors import OpenAIError, bad_request, install_error_handlers
+from soberana.server.ops_metrics import render_engine_up
 from soberana.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
+from soberana.server.request_log import RequestLogMiddleware, note_model
 from soberana.server.serving_chat import create_chat_completion
 from soberana.server.serving_completion import create_completion
-from soberana.server.streaming import cancel_on_disconnect
 from soberana.server.serving_pooling import add_pooling_routes, require_task
+from soberana.server.streaming import cancel_on_disconnect
 from soberana.server.tenancy import TenantMiddleware
+from soberana.telemetry.collector import GPUCollector
+from soberana.tracing import Tracing
 
 
 @dataclass
@@ -51,6 +55,8 @@ class ServerSettings:
     salt_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     allowed_origins: list[str] | None = None  # CORS; None: browsers on other origins refused
     max_request_body_bytes: int = 32 * 2**20
+    gpu_telemetry: GPUCollector | None = None  # DCGM-named GPU series appended to /metrics
+    tracing: Tracing | None = None  # OpenTelemetry spans per request, when configured
 
 
 def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
@@ -72,6 +78,9 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
             expose_headers=["Retry-After"],
             max_age=600,
         )
+    # Outermost, so refusals (401, 404, 413) get their request id and line too.
+    app.add_middleware(RequestLogMiddleware, quiet_paths=("/health", "/metrics"),
+                       tracing=settings.tracing)
     started = int(time.time())
 
     def model_names() -> list[str]:
@@ -146,6 +155,9 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     )
     async def metrics() -> Response:
         body = engine.metrics.render() if engine.metrics is not None else b""
+        body += render_engine_up(engine)
+        if settings.gpu_telemetry is not None:
+            body += settings.gpu_telemetry.render()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", responses={200: {"model": r.ModelList}, 401: r.API_ERRORS[401],
@@ -169,6 +181,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         require_task(ready_engine(body.model), "/v1/chat/completions", "generate")
         check_prompt_chars(engine, [body.messages], "messages")
         model = body.model or model_names()[0]
+        note_model(model)
         return await until_disconnect(
             request, create_chat_completion(body, request, engine, model)
         )
@@ -181,6 +194,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         require_task(ready_engine(body.model), "/v1/completions", "generate")
         check_prompt_chars(engine, body.prompt, "prompt")
         model = body.model or model_names()[0]
+        note_model(model)
         return await until_disconnect(request, create_completion(body, request, engine, model))
 
     add_pooling_routes(app, ready_engine, model_names)

@@ -20,12 +20,21 @@ import uvicorn
 from soberana.engine.config import EngineConfig
 from soberana.kv.config import add_arguments as add_kv_arguments
 from soberana.kv.config import config_from_args as kv_config_from_args
+from soberana.log import LOG_FORMATS
+from soberana.log import configure as configure_logging
 from soberana.server.app import ServerSettings, build_app
 from soberana.server.engine_client import EngineClient, ServerShuttingDownError
+from soberana.server.request_log import filter_access_log
+from soberana.server.stats_log import log_engine_stats
+from soberana.telemetry.collector import GPUCollector
+from soberana.telemetry.monitor import TelemetryMonitor, process_tree
 from soberana.tenant_salt import load_salt_secret
+from soberana.tracing import Tracing, from_endpoint
 
 logger = logging.getLogger("soberana.server")
 
+# Probes and scrapers call these every few seconds: no access line for them.
+_QUIET_PATHS = ("/health", "/metrics")
 DEVICES = "auto, cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Past --shutdown-timeout, requests are ended with an error; uvicorn's own hard stop follows
@@ -130,6 +139,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="least severe log level printed",
     )
     http.add_argument(
+        "--log-format", default="text", choices=list(LOG_FORMATS),
+        help="text, or json: one JSON object per line (request lines carry their fields as keys)",
+    )
+    http.add_argument(
+        "--otlp-traces-endpoint", default=None,
+        help="send OpenTelemetry spans (request, queue, prefill, decode) over OTLP/HTTP to this "
+        "collector URL, e.g. http://localhost:4318; default: no tracing",
+    )
+    http.add_argument(
+        "--stats-log-interval", type=float, default=10.0,
+        help="seconds between engine statistics lines (running, waiting, KV use, tok/s); 0: none",
+    )
+    http.add_argument(
         "--disable-uvicorn-access-log", action="store_true", help="do not log every request"
     )
     eng = parser.add_argument_group("engine")
@@ -203,9 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT (exit 0 after draining) or an engine start failure (exit 1)."""
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_format, args.log_level)
+    filter_access_log(_QUIET_PATHS)
     try:
         kv_warehouse = kv_config_from_args(args)
     except ValueError as exc:
@@ -247,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
                              "within the tenant of the key that sent the request")
         salt_secret = load_salt_secret(args.tenant_salt_secret_file)
         chat_template = _read_chat_template(args.chat_template)
+        tracing = from_endpoint("soberana-server", args.otlp_traces_endpoint)
         sock = _bind(args.host, args.port)
     except (ValueError, OSError) as exc:
         logger.error("%s", exc)
@@ -261,7 +283,13 @@ def run(args: argparse.Namespace) -> int:
 
         logger.warning("Serving the built-in demo model %r (%s); its answers are meaningless.",
                        DEMO_NAME, LABEL)  # fmt: skip
-    return _event_loop_runner()(_serve(args, config, chat_template, sock, salt_secret))
+    try:
+        return _event_loop_runner()(
+            _serve(args, config, chat_template, sock, salt_secret, tracing)
+        )
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
 
 
 async def _serve(
@@ -270,9 +298,13 @@ async def _serve(
     chat_template: str | None,
     sock: socket.socket,
     salt_secret: bytes,
+    tracing: Tracing | None = None,
 ) -> int:
     t0 = time.perf_counter()
     engine = EngineClient(config, args.max_waiting_requests, chat_template)
+    # GPU telemetry on this server's /metrics; Soberana's processes are this one and its children.
+    telemetry = TelemetryMonitor(own_pids=process_tree, threshold=config.gpu_memory_utilization)
+    telemetry.start()  # a daemon thread: it ends with the process
     settings = ServerSettings(
         served_model_names=args.served_model_name,
         api_keys=_api_keys(args),
@@ -280,6 +312,8 @@ async def _serve(
         salt_secret=salt_secret,
         allowed_origins=args.allowed_origins,
         max_request_body_bytes=int(args.max_request_body_mb * 2**20),
+        gpu_telemetry=GPUCollector(telemetry) if telemetry.available else None,
+        tracing=tracing,
     )
     app = build_app(engine, settings)
     server = _Server(
@@ -322,6 +356,9 @@ async def _serve(
         url,
         time.perf_counter() - t0,
     )
+    if args.stats_log_interval > 0:
+        stats_logging = asyncio.create_task(log_engine_stats(engine, args.stats_log_interval))
+        serving.add_done_callback(lambda _: stats_logging.cancel())
     await serving
     if engine.crashed:
         logger.error("exiting with code 1: the engine core died (%s)",

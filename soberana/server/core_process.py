@@ -7,6 +7,7 @@ Core → API: `CoreReady` once, then one `StepResult` per loop turn that did wor
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import traceback
@@ -22,6 +23,7 @@ from soberana.engine.outputs import (
     PoolingRequest,
     SchedulerStats,
 )
+from soberana.log import configure
 
 logger = logging.getLogger("soberana.engine_core")
 
@@ -66,7 +68,8 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
     # (it drains first), and we also stop when its end of the pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The API process's --log-format (it exports SOBERANA_LOG_FORMAT before spawning us).
+    configure(os.environ.get("SOBERANA_LOG_FORMAT", "text"), "INFO")
     try:
         t0 = time.perf_counter()
         from soberana.engine.pooling_core import build_engine_core

@@ -40,6 +40,7 @@ from soberana.server.core_process import (
     run_engine_core,
 )
 from soberana.server.metrics import RequestTimes, ServerMetrics
+from soberana.server.request_log import current_request, note_finished
 
 logger = logging.getLogger("soberana.server")
 
@@ -126,6 +127,8 @@ class _Tracked:
         self.stream = stream
         self.times = times
         self.unfinished = set(range(n))  # sample indices not yet finished
+        # The HTTP request's log record (made in the request's context, which we run in here).
+        self.record = current_request.get()
 
 
 class EngineClient:
@@ -221,7 +224,12 @@ class EngineClient:
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self._processor = OutputProcessor(tokenizer)
         # model_info.name is the first --served-model-name, else the model's own name.
-        self.metrics = ServerMetrics(model_info.name, model_info.max_model_len)
+        self.metrics = ServerMetrics(model_info.name, model_info.max_model_len, {
+            "block_size": str(self.config.block_size),
+            "gpu_memory_utilization": str(self.config.gpu_memory_utilization),
+            "enable_prefix_caching": str(self.config.enable_prefix_caching),
+            "cache_dtype": "auto",
+        })
         # Everything built so far (torch, transformers, the tokenizer, the app: ~400k objects)
         # lives as long as the process. Frozen, it is no longer walked by every full garbage
         # collection, each of which otherwise stops the event loop, and every stream, for
@@ -369,6 +377,7 @@ class EngineClient:
         self._processor.abort_request(request_id)
         assert self.metrics is not None
         self.metrics.record_finished(tracked.times, time.time(), ["abort"] * len(tracked.unfinished))
+        note_finished(tracked.record, tracked.times, ["abort"] * len(tracked.unfinished), 0)
 
     # ---- the two pipe threads ---------------------------------------------------------------
 
@@ -411,7 +420,9 @@ class EngineClient:
     def _on_steps(self, steps: list[StepResult]) -> None:
         assert self.metrics is not None
         last = steps[-1]
-        self.stats = last.stats
+        for step in steps:
+            self.metrics.record_iteration(self.stats, step.stats)
+            self.stats = step.stats
         self._num_received = last.num_received
         self.metrics.record_scheduler_stats(last.stats)
         outputs = []
@@ -428,7 +439,8 @@ class EngineClient:
                 tracked = self._tracked.get(out.request_id)
                 if tracked is not None:
                     self.metrics.record_tokens(
-                        tracked.times, step.timestamp, len(out.new_token_ids), out.scheduled_time
+                        tracked.times, step.timestamp, len(out.new_token_ids), out.scheduled_time,
+                        out.index,
                     )
             outputs += step.outputs
         if not outputs:
@@ -450,6 +462,7 @@ class EngineClient:
                 del self._tracked[output.request_id]
                 reasons += ["abort"] * len(tracked.unfinished)
                 self.metrics.record_finished(tracked.times, last.timestamp, reasons)
+                note_finished(tracked.record, tracked.times, reasons, output.num_cached_tokens)
             elif reasons:
                 self.metrics.record_samples_finished(reasons)
             tracked.stream.put(output)
@@ -479,6 +492,10 @@ class EngineClient:
         logger.error("engine core failed; failing %d in-flight requests and exiting: %s",
                      len(self._tracked), reason)
         for tracked in self._tracked.values():
+            if self.metrics is not None:
+                errors = ["error"] * len(tracked.unfinished)
+                self.metrics.record_finished(tracked.times, time.time(), errors)
+            note_finished(tracked.record, tracked.times, ["error"] * len(tracked.unfinished), 0)
             tracked.stream.fail(EngineDeadError(reason))
         self._tracked.clear()
         self._fail_pooling(EngineDeadError(reason))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
@@ -16,7 +16,8 @@ from prometheus_client import (
 from soberana.engine.outputs import SchedulerStats
 from soberana.kv.metrics import KVWarehouseCollector
 
-FINISH_REASONS = ("stop", "length", "abort")
+# "error": the request ended because the engine failed (vLLM's name for it).
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 # vLLM v1's buckets (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = [
@@ -27,6 +28,8 @@ TOKEN_LATENCY_BUCKETS = [
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0,
 ]  # fmt: skip
+# vLLM's cudagraph-size buckets for vllm:iteration_tokens_total.
+ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 REQUEST_LATENCY_BUCKETS = [
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
     240.0, 480.0, 960.0, 1920.0, 7680.0,
@@ -45,6 +48,7 @@ class RequestTimes:
     first_token: float | None = None
     last_token: float | None = None
     generated: int = 0
+    generated_per_sample: dict[int, int] = field(default_factory=dict)  # sample index -> tokens
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
@@ -62,7 +66,9 @@ def build_1_2_5_buckets(max_value: int) -> list[int]:
 class ServerMetrics:
     """The server's metrics in their own registry; `model_name` and `engine` label every one."""
 
-    def __init__(self, model_name: str, max_model_len: int) -> None:
+    def __init__(
+        self, model_name: str, max_model_len: int, cache_config: dict[str, str] | None = None
+    ) -> None:
         # vLLM exposes no `_created` series; without this every counter would gain one.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -164,6 +170,37 @@ class ServerMetrics:
             "Histogram of time spent in DECODE phase for request.",
             REQUEST_LATENCY_BUCKETS,
         )
+        self.request_time_per_output_token = histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            TOKEN_LATENCY_BUCKETS,
+        )
+        self.request_max_num_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+            token_buckets,
+        )
+        self.iteration_tokens = histogram(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            ITERATION_TOKEN_BUCKETS,
+        )
+        # The warehouse's prefix lookups in vLLM's KV-connector names (tokens, like the GPU's).
+        self.external_prefix_cache_queries = counter(
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, in "
+            "terms of number of queried tokens.",
+        )
+        self.external_prefix_cache_hits = counter(
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, in "
+            "terms of number of cached tokens.",
+        )
+        self.block_size = int((cache_config or {}).get("block_size", 0))
+        if cache_config is not None:
+            info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                         sorted(cache_config), registry=self.registry)
+            info.labels(**cache_config).set(1)
         self._last_stats = SchedulerStats()
         # The KV warehouse's own metrics (soberana:kv_*), when the engine runs tiers.
         self.registry.register(
@@ -179,10 +216,24 @@ class ServerMetrics:
         self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
         self.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
         self.num_preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
+        if stats.kv_warehouse is not None and self.block_size:
+            was = last.kv_warehouse
+            blocks = stats.kv_warehouse.lookup_blocks - (was.lookup_blocks if was else 0)
+            hits = stats.kv_warehouse.lookup_hit_blocks - (was.lookup_hit_blocks if was else 0)
+            self.external_prefix_cache_queries.inc(max(0, blocks) * self.block_size)
+            self.external_prefix_cache_hits.inc(max(0, hits) * self.block_size)
         self._last_stats = stats
 
+    def record_iteration(self, before: SchedulerStats, after: SchedulerStats) -> None:
+        """Tokens one engine step computed (prompt and generated), from cumulative stats."""
+        tokens = (after.prompt_tokens + after.generation_tokens
+                  - before.prompt_tokens - before.generation_tokens)
+        if tokens > 0:
+            self.iteration_tokens.observe(tokens)
+
     def record_tokens(
-        self, times: RequestTimes, now: float, num_new: int, scheduled: float | None
+        self, times: RequestTimes, now: float, num_new: int, scheduled: float | None,
+        index: int = 0,
     ) -> None:
         """New tokens of one request arrived from the engine step that ended at `now`
         (the generation_tokens counter is advanced once per step by the caller)."""
@@ -196,6 +247,7 @@ class ServerMetrics:
             self.inter_token_latency.observe(now - times.last_token)
         times.last_token = now
         times.generated += num_new
+        times.generated_per_sample[index] = times.generated_per_sample.get(index, 0) + num_new
 
     def record_samples_finished(self, reasons: list[str]) -> None:
         """Some samples of a still-running request finished (n > 1)."""
@@ -208,6 +260,9 @@ class ServerMetrics:
         self.e2e_request_latency.observe(now - times.arrival)
         self.request_prompt_tokens.observe(times.prompt_tokens)
         self.request_generation_tokens.observe(times.generated)
+        self.request_max_num_generation_tokens.observe(
+            max(times.generated_per_sample.values(), default=0)
+        )
         self.request_params_n.observe(times.n)
         self.request_params_max_tokens.observe(times.max_tokens)
         if times.scheduled is not None:
@@ -220,6 +275,7 @@ class ServerMetrics:
             self.request_decode_time.observe(decode)
             if times.generated > 1:
                 self.time_per_output_token.observe(decode / (times.generated - 1))
+                self.request_time_per_output_token.observe(decode / (times.generated - 1))
 
     def record_pooling(self, prompt_tokens: int, seconds: float) -> None:
         """An embedding or scoring request (any number of inputs) finished."""

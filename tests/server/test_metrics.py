@@ -53,7 +53,7 @@ def test_metrics_have_vllm_names_types_and_model_label(server):
     for name in GAUGES + COUNTERS + list(HISTOGRAMS):
         assert {s.labels["model_name"] for s in families[name].samples} == {"soberana-demo"}
     reasons = {s.labels["finished_reason"] for s in families["vllm:request_success"].samples}
-    assert reasons == {"stop", "length", "abort"}
+    assert reasons == {"stop", "length", "abort", "error"}
 
 
 def test_histograms_use_vllm_buckets(server):
