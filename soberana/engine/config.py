@@ -41,6 +41,8 @@ class EngineConfig:
     # without a checkpoint, as vLLM's --load-format dummy).
     load_format: str = "safetensors"
     kv_warehouse: KVWarehouseConfig | None = None  # tiers below the KV pool (soberana/kv)
+    # Ranks splitting each layer by heads (soberana/distributed): one process per rank.
+    tensor_parallel_size: int = 1
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -71,6 +73,14 @@ class EngineConfig:
             self.kv_warehouse.validate()
             if not self.enable_prefix_caching:
                 raise ValueError("the KV warehouse needs enable_prefix_caching=True")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be >= 1; got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.kv_warehouse is not None and (
+                self.kv_warehouse.enabled()):
+            # Each rank holds only its heads of a block: a warehouse entry would be partial.
+            raise ValueError("the KV warehouse is not supported with tensor_parallel_size > 1 "
+                             "(docs/distributed.md); disable it or use data parallelism")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16; got {self.dtype!r}"
