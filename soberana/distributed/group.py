@@ -48,7 +48,8 @@ class TPGroup:
         """[N, V/tp] shards -> the full [N, vocab_size] rows on every rank (padding cut)."""
         n, part = logits.shape
         out = torch.empty(self.world_size * n, part, dtype=logits.dtype, device=logits.device)
-        dist.all_gather_into_tensor(out, logits.contiguous(), group=self.device_group)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, logits.contiguous(), group=self.device_group)
         return out.view(self.world_size, n, part).permute(1, 0, 2).reshape(n, self.world_size * part)[:, :vocab_size]
 
     def send_header(self, header: object) -> object:
