@@ -61,7 +61,7 @@ def _run(path: Path, tp: int) -> tuple[list[list[int]], object]:
               kv_cache_gb=_BLOCKS * _BLOCK_BYTES * (1 if tp > 1 else 2) / 1e9,
               tensor_parallel_size=tp)
     try:
-        greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
         first = prompts_of_lengths([60, 50, 45], vocab=935)
         tokens = [o.outputs[0].token_ids for o in llm.generate(first, greedy)]
         again = [first[0][:48] + [7, 8, 9], first[1]]
