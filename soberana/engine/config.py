@@ -47,6 +47,8 @@ class EngineConfig:
     # CPU: the instruction sets the native kernels are built for: "native" (this CPU's),
     # "avx2" (AVX2 + FMA, the path of CPUs without AVX-512) or "portable" (plain C).
     cpu_isa: str = "native"
+    # Ranks splitting each layer by heads (soberana/distributed): one process per rank.
+    tensor_parallel_size: int = 1
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -81,6 +83,14 @@ class EngineConfig:
             raise ValueError(f"task must be auto, generate, embed or rerank; got {self.task!r}")
         if self.cpu_isa not in ("native", "avx2", "portable"):
             raise ValueError(f"cpu_isa must be native, avx2 or portable; got {self.cpu_isa!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be >= 1; got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.kv_warehouse is not None and (
+                self.kv_warehouse.enabled()):
+            # Each rank holds only its heads of a block: a warehouse entry would be partial.
+            raise ValueError("the KV warehouse is not supported with tensor_parallel_size > 1 "
+                             "(docs/distributed.md); disable it or use data parallelism")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16; got {self.dtype!r}"

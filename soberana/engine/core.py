@@ -115,7 +115,14 @@ class EngineCore:
         mcfg, _ = read_model_config(path)
         dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device)
         max_len = self._max_model_len(config, mcfg)
-        loaded = load_model(path, dtype, self.device, max_len, config.load_format)
+        self.tp = None  # tensor parallel: the workers and rank 0's group (soberana/distributed)
+        if config.tensor_parallel_size > 1:
+            from soberana.distributed.executor import TensorParallel
+
+            self.tp = TensorParallel(config, path, dtype, self.device, max_len)
+            loaded = self.tp.loaded
+        else:
+            loaded = load_model(path, dtype, self.device, max_len, config.load_format)
         self.model = loaded.model
         mcfg = loaded.config
         t_model = time.perf_counter()
@@ -135,6 +142,8 @@ class EngineCore:
             self.kv_cache = _zeros_lazily(kv_shape, dtype)
         else:
             self.kv_cache = torch.zeros(kv_shape, dtype=dtype, device=self.device)
+        if self.tp is not None:  # each rank's pool: the same blocks, its own KV heads
+            self.tp.model.share_kv_cache(self.kv_cache)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s)", num_blocks,
                  block_size, num_blocks * block_size, num_blocks * bytes_per_block / 1e9, dtype)
         layout = f"L{mcfg.num_layers}x2xNBx{block_size}x{mcfg.num_kv_heads}x{mcfg.head_dim}"
@@ -148,7 +157,8 @@ class EngineCore:
         graphs = None
         self.startup = {"model_s": t_model - t0, "kv_alloc_s": 0.0, "graphs_s": 0.0}
         self.startup["kv_alloc_s"] = time.perf_counter() - t_model
-        if self.device.type == "cuda" and not config.enforce_eager and uses_triton(self.device):
+        if (self.device.type == "cuda" and not config.enforce_eager and uses_triton(self.device)
+                and self.tp is None):  # graphs with collectives: not built yet (docs/distributed.md)
             graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs,
                                   -(-max_len // block_size), self.device)
             self.startup["graphs_s"] = graphs.capture()
@@ -520,6 +530,8 @@ class EngineCore:
         """Release background resources (the KV warehouse's threads and connections)."""
         if self.offload is not None:
             self.offload.warehouse.close()
+        if self.tp is not None:
+            self.tp.close()
 
 
 def _needs_known_tokens(sched: SchedulerOutput) -> bool:

@@ -134,6 +134,9 @@ class PoolingCore:
         return [PoolingOutput(r.request_id, v, None, len(r.prompt_token_ids))
                 for r, v in zip(batch, vectors)]
 
+    def shutdown(self) -> None:
+        """Nothing to stop: a pooling core owns no worker processes or threads."""
+
     def get_stats(self) -> SchedulerStats:
         return SchedulerStats(num_waiting_reqs=len(self.waiting),
                               prompt_tokens=self.num_prompt_tokens)

@@ -95,6 +95,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.tp = None  # tensor parallel: the TPGroup summing the row-parallel outputs
 
     def forward(
         self,
@@ -115,9 +116,13 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, kv, meta)
+        h = self._reduce(self.self_attn(h, positions, rotary, kv, meta))
         h, residual = self.post_attention_layernorm(h, residual)
-        return self.down_proj(silu_and_mul(self.gate_up_proj(h))), residual
+        return self._reduce(self.down_proj(silu_and_mul(self.gate_up_proj(h)))), residual
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: sum the ranks' partial row-parallel outputs (soberana/distributed)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def _forward_gemv(self, x, residual, positions, rotary, kv, meta):
         """Batch-1 decode on GPUs: each norm and SiLU-and-mul runs inside the projection next
@@ -125,9 +130,10 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn
         qkv, residual = gemv_linear(x, attn.qkv_proj, self.input_layernorm, residual)
         h, _ = gemv_linear(attn.attend(qkv, positions, rotary, kv, meta), attn.o_proj)
+        h = self._reduce(h)
         act, residual = gemv_linear(h, self.gate_up_proj, self.post_attention_layernorm,
                                     residual, gated=True)  # fmt: skip
-        return gemv_linear(act, self.down_proj)[0], residual
+        return self._reduce(gemv_linear(act, self.down_proj)[0]), residual
 
 
 class CausalLM(nn.Module):
@@ -143,6 +149,7 @@ class CausalLM(nn.Module):
             cfg.hidden_size, cfg.vocab_size, bias=False
         )
         self.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), max_positions)
+        self.tp = None  # tensor parallel: the TPGroup gathering vocabulary-sharded logits
 
     def forward(
         self,
@@ -152,7 +159,7 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        if x.device.type == "cpu":  # all layers in one native call where it can
+        if x.device.type == "cpu" and self.tp is None:  # all layers in one native call
             hidden = cpu_forward.forward(self, x, positions, kv_cache, meta)
             if hidden is not None:
                 return hidden
@@ -167,4 +174,6 @@ class CausalLM(nn.Module):
             logits = torch.nn.functional.linear(hidden, self.embed_tokens.weight)
         else:
             logits = self.lm_head(hidden)
+        if self.tp is not None:  # each rank holds a slice of the vocabulary
+            logits = self.tp.gather_vocab(logits, self.config.vocab_size)
         return logits.float() if float32 else logits

@@ -220,11 +220,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "/v1/score, /v1/rerank by cosine) or rerank (a cross-encoder: /v1/rerank, /v1/score); "
         "auto follows the checkpoint's architecture (default auto)",
     )
+    eng.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="split each layer by heads over this many GPUs (worker processes; gloo on CPUs)",
+    )
+    eng.add_argument(
+        "--data-parallel-size", type=int, default=1,
+        help="start this many replicas on ports --port, --port+1, ... and print a gateway "
+             "config routing over them (docs/distributed.md)",
+    )
     add_kv_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT (exit 0 after draining) or an engine start failure (exit 1)."""
+    if args.data_parallel_size != 1:  # a launcher of replicas, not a server itself
+        from soberana.distributed.data_parallel import run_replicas
+
+        return run_replicas(args)
     configure_logging(args.log_format, args.log_level)
     filter_access_log(_QUIET_PATHS)
     try:
@@ -253,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
         async_scheduling=args.async_scheduling,
         load_format=args.load_format,
         task=args.task,
+        tensor_parallel_size=args.tensor_parallel_size,
         kv_warehouse=kv_warehouse if kv_warehouse.enabled() else None,
     )
     try:

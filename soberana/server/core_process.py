@@ -91,6 +91,8 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
         except OSError:
             pass
         raise SystemExit(1) from exc
+    finally:
+        core.shutdown()  # stops tensor-parallel workers and the warehouse's threads
 
 
 def _loop(core: Any, requests: Connection, results: Connection) -> None:

@@ -1,0 +1,121 @@
+"""Build one rank's shard of the model and read only that shard from safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from soberana.distributed.group import TPGroup
+from soberana.distributed.layers import VocabParallelEmbedding
+from soberana.distributed.sharding import TPShard, plan_shard
+from soberana.models import loader as base
+from soberana.models.config import rope_inv_freq
+from soberana.models.transformer import CausalLM, RotaryEmbedding
+
+
+def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
+                       max_positions: int, load_format: str, group: TPGroup) -> base.LoadedModel:
+    """`loader.load_model` for rank `group.rank` of `group.world_size`; the returned config
+    has this rank's head counts and MLP width and the full vocabulary."""
+    full, _ = base.read_model_config(path)
+    shard = plan_shard(full, group.rank, group.world_size)
+    cfg = shard.shard_config(full)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = CausalLM(cfg, max_positions)
+            model.embed_tokens = VocabParallelEmbedding(shard.vocab_per_rank, cfg.hidden_size,
+                                                        shard.vocab_start, group)
+            if model.lm_head is not None:
+                model.lm_head = nn.Linear(cfg.hidden_size, shard.vocab_per_rank, bias=False)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    model.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), max_positions).to(device)
+    model.tp = group
+    for layer in model.layers:
+        layer.tp = group
+    if load_format == "dummy":
+        base._fill_random(model)  # noqa: SLF001 - the same fill, per shard
+        fingerprint = hashlib.sha256(b"dummy" + (path / "config.json").read_bytes()).hexdigest()
+    elif load_format == "safetensors":
+        files = base._safetensors_files(path)  # noqa: SLF001
+        _load_shard(model, full.vocab_size, shard, files)
+        fingerprint = base._fingerprint(path, files)  # noqa: SLF001
+    else:
+        raise ValueError(f"load_format must be 'safetensors' or 'dummy'; got {load_format!r}")
+    if group.rank != 0:
+        _zero_row_parallel_biases(model)
+    model.eval()
+    return base.LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint)
+
+
+def _load_shard(model: CausalLM, vocab_size: int, shard: TPShard, files: list[Path]) -> None:
+    params = dict(model.named_parameters())
+    cfg = model.config
+    part_sizes = {"qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
+                  "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                target = base._target(name)  # noqa: SLF001
+                if target is None:
+                    continue
+                pname, part, _ = target
+                if pname == "lm_head.weight" and model.lm_head is None:
+                    continue
+                if pname not in params:
+                    raise ValueError(f"unexpected tensor {name!r} in {file.name}")
+                param = params[pname].data
+                if part is not None:
+                    sizes = part_sizes[pname.split(".")[-2]]
+                    begin = sum(sizes[:part])
+                    param = param[begin:begin + sizes[part]]
+                _copy_slice(param, f.get_slice(name), shard.rows(pname, part), vocab_size, name)
+                loaded.add(f"{pname}#{part}")
+    missing = []
+    for pname in params:
+        parts = part_sizes.get(pname.split(".")[-2])
+        keys = [f"{pname}#{i}" for i in range(len(parts))] if parts else [f"{pname}#None"]
+        missing += [k for k in keys if k not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}")
+
+
+def _copy_slice(dst: torch.Tensor, src, rows: tuple[int, int, int] | None, vocab_size: int,
+                name: str) -> None:
+    """Read only `rows` (dim, start, length) of the checkpoint tensor into `dst`."""
+    shape = list(src.get_shape())
+    with torch.no_grad():
+        if rows is None:
+            tensor = src[:]
+        else:
+            dim, start, length = rows
+            # The vocabulary is padded to a multiple of the world size: rows past it are zero.
+            stop = min(start + length, shape[dim]) if dim == 0 and shape[0] == vocab_size else (
+                start + length)
+            if stop > shape[dim]:
+                raise ValueError(f"tensor {name!r} has shape {tuple(shape)}: too small for the "
+                                 f"rows {start}:{start + length} of dim {dim}")
+            index = [slice(None)] * len(shape)
+            index[dim] = slice(start, max(start, stop))
+            tensor = src[tuple(index)]
+            if tensor.shape[dim] < length:
+                dst.zero_()
+                dst = dst.narrow(dim, 0, tensor.shape[dim])
+        base._copy_checked(dst, tensor, name)  # noqa: SLF001
+
+
+def _zero_row_parallel_biases(model: CausalLM) -> None:
+    """Row-parallel outputs are summed over ranks: only rank 0 adds the bias."""
+    with torch.no_grad():
+        for layer in model.layers:
+            for linear in (layer.self_attn.o_proj, layer.down_proj):
+                if linear.bias is not None:
+                    linear.bias.zero_()
