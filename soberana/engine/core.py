@@ -25,6 +25,7 @@ from soberana.engine.scheduler import Scheduler, SchedulerOutput
 from soberana.models.loader import load_model, read_model_config, resolve_model_path
 from soberana.ops import cpu_kernels
 from soberana.ops.attention import AttentionMetadata, uses_triton
+from soberana.structured.manager import StructuredOutputManager
 
 log = logging.getLogger("soberana.engine")
 
@@ -114,6 +115,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.offload, config.long_prefill_token_threshold)
         self.sampler = Sampler(mcfg.vocab_size, self.device)
+        self.structured = StructuredOutputManager(path, mcfg.vocab_size, list(mcfg.eos_token_ids))
         graphs = None
         self.startup = {"model_s": t_model - t0, "kv_alloc_s": 0.0, "graphs_s": 0.0}
         self.startup["kv_alloc_s"] = time.perf_counter() - t_model
@@ -122,7 +124,7 @@ class EngineCore:
                                   -(-max_len // block_size), self.device)
             self.startup["graphs_s"] = graphs.capture()
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv, self.sampler, self.device,
-                                  graphs)
+                                  graphs, self.structured)
         if self.device.type == "cpu":
             self.startup["warm_up_s"] = self._warm_up_cpu(mcfg, max_len)
         self.requests: dict[str, list[Request]] = {}  # request_id -> its samples
@@ -312,6 +314,9 @@ class EngineCore:
                         req.cache_salt, max_tokens, leader=leader)
             leader = leader or r
             samples.append(r)
+        for r in samples:  # a malformed grammar refuses the request before it is queued
+            self.structured.add(r)
+        for r in samples:
             self.scheduler.add(r)
         self.requests[req.request_id] = samples
 
@@ -326,6 +331,7 @@ class EngineCore:
                 if (index is None or r.index == index) and not r.status.finished:
                     self.scheduler.finish(r, RequestStatus.FINISHED_ABORTED)
                     self.sampler.forget(r)
+                    self.structured.forget(r)
             self._forget_if_done(rid)
 
     def has_unfinished_requests(self) -> bool:
@@ -385,6 +391,7 @@ class EngineCore:
             token = result.sampled[r.key]
             r.output_token_ids[idx] = token
             r.num_placeholders -= 1
+            self.structured.accept(r, token)
             if r.status == RequestStatus.RUNNING:
                 self.kv.register_computed(r)  # a block this id completed is named now
             live.append((r, idx, token))
@@ -416,6 +423,7 @@ class EngineCore:
                 out.stop_reason = r.stop_reason
                 self.scheduler.finish(r, finish)
                 self.sampler.forget(r)
+                self.structured.forget(r)
                 self._forget_if_done(r.request_id)
             outputs.append(out)
         return outputs
@@ -471,5 +479,7 @@ class EngineCore:
 
 
 def _needs_known_tokens(sched: SchedulerOutput) -> bool:
-    """Penalties read the output so far: the in-flight step's ids must be on the host."""
-    return any(s.request.params.has_penalties for s in sched.scheduled)
+    """Penalties read the output so far, and a grammar's mask follows from every token
+    before it: the in-flight step's ids must be on the host."""
+    return any(s.request.params.has_penalties or s.request.params.structured_outputs is not None
+               for s in sched.scheduled)
