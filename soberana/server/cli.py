@@ -18,6 +18,7 @@ import uvicorn
 from soberana.engine.config import EngineConfig
 from soberana.kv.config import add_arguments as add_kv_arguments
 from soberana.kv.config import config_from_args as kv_config_from_args
+from soberana.server.agent_options import add_agent_arguments, agent_options_from_args
 from soberana.server.app import ServerSettings, build_app
 from soberana.server.engine_client import EngineClient
 
@@ -75,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument(
         "--disable-uvicorn-access-log", action="store_true", help="do not log every request"
     )
+    add_agent_arguments(parser)
     eng = parser.add_argument_group("engine")
     defaults = EngineConfig()
     eng.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-waiting-requests must be >= 1; got {args.max_waiting_requests}")
         if args.shutdown_timeout < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0; got {args.shutdown_timeout}")
+        agent_options_from_args(args).validate()
         chat_template = _read_chat_template(args.chat_template)
         sock = _bind(args.host, args.port)
     except (ValueError, OSError) as exc:
@@ -173,6 +176,7 @@ async def _serve(
     args: argparse.Namespace, config: EngineConfig, chat_template: str | None, sock: socket.socket
 ) -> int:
     engine = EngineClient(config, args.max_waiting_requests, chat_template)
+    engine.agent_options = agent_options_from_args(args)
     app = build_app(engine, ServerSettings(args.served_model_name, _api_keys(args), args.tenant_header))
     server = _Server(
         uvicorn.Config(
