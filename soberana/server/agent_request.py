@@ -106,7 +106,10 @@ async def prepare_constraint(plan: ChatPlan, engine: Any, prompt_text: str | Non
     if constraint is None:
         return None
     await check_constraint(engine, constraint, plan.constraint_param or "structured_outputs")
-    if plan.reasoning_parser and starts_in_reasoning(plan.reasoning_parser, prompt_text) is not False:
+    # Only a thinking block the prompt leaves open delays it: where the answer might or might
+    # not open one (Qwen3 hybrid), the constraint holds from the first token, so an answer is
+    # never left unconstrained by a block that never came.
+    if plan.reasoning_parser and starts_in_reasoning(plan.reasoning_parser, prompt_text):
         end_ids = engine.tokenizer.encode("</think>", add_special_tokens=False)
         constraint.reasoning_end_token_ids = list(end_ids)
     return constraint

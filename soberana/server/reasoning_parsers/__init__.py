@@ -21,12 +21,11 @@ def starts_in_reasoning(parser: str, prompt_text: str | None) -> bool | None:
     prompt = prompt_text or ""
     opened = prompt.rfind(THINK_START)
     open_in_prompt = opened >= 0 and prompt.find(THINK_END, opened) < 0
-    if parser == "deepseek_r1":
-        return True
     if open_in_prompt:
         return True
-    closed_in_prompt = opened >= 0 and prompt.rstrip().endswith(THINK_END)
-    return False if closed_in_prompt else None
+    if opened >= 0 and prompt.rstrip().endswith(THINK_END):
+        return False  # the template closed an empty block: thinking is off
+    return True if parser == "deepseek_r1" else None
 
 
 class ReasoningSplitter:
