@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from soberana import __version__
+from soberana.server.anthropic_protocol import CountTokensRequest, MessagesRequest
 from soberana.server.engine_client import (
     EngineClient,
     EngineDeadError,
@@ -26,6 +27,7 @@ from soberana.server.protocol import (
     TokenizeRequest,
 )
 from soberana.server.serving_chat import create_chat_completion
+from soberana.server.serving_messages import anthropic_error, count_tokens, create_message
 from soberana.server.serving_completion import create_completion
 from soberana.server.tenancy import TenantMiddleware
 
@@ -123,6 +125,23 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         ready_engine(body.model)
         return await create_completion(body, request, engine, body.model or model_names()[0])
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        """Anthropic's Messages API over the same engine (errors in Anthropic's shape)."""
+        try:
+            ready_engine(body.model)
+            return await create_message(body, request, engine, body.model)
+        except OpenAIError as exc:
+            return anthropic_error(exc)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(body: CountTokensRequest) -> Response:
+        try:
+            ready_engine(body.model)
+            return await count_tokens(body, engine)
+        except OpenAIError as exc:
+            return anthropic_error(exc)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> JSONResponse:

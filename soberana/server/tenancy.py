@@ -41,6 +41,8 @@ class TenantMiddleware:
         tenant = None
         if self.keys:
             given = headers.get(b"authorization", b"")
+            if not given and headers.get(b"x-api-key"):  # Anthropic's clients send the key so
+                given = b"Bearer " + headers[b"x-api-key"]
             # Compare with every key, constant time each, so timing reveals nothing.
             matches = [t for expected, t in self.keys if hmac.compare_digest(given, expected)]
             if not matches:

@@ -202,3 +202,74 @@ def test_reasoning_goes_to_reasoning_content_whole_and_streamed(ai):
     assert reasoning == whole.message.reasoning_content
     off = _chat(ai, temperature=1.0, seed=41, max_tokens=12).choices[0]
     assert off.message.content and getattr(off.message, "reasoning_content", None) is None
+
+
+# ---- Anthropic Messages API, through the official anthropic client ---------------------------
+
+ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                    "input_schema": t["function"]["parameters"]} for t in TOOLS]
+
+
+@pytest.fixture(scope="module")
+def claude(agent_server):
+    import anthropic
+
+    # x-api-key, as Anthropic's clients send it by default
+    return anthropic.Anthropic(base_url=agent_server.url, api_key=API_KEY, max_retries=0, timeout=300)
+
+
+def test_anthropic_text_message_and_count_tokens(claude):
+    reply = claude.messages.create(model="soberana-demo", max_tokens=8, system="Be brief.",
+                                   messages=[{"role": "user", "content": "Hello"}])
+    assert reply.type == "message" and reply.role == "assistant"
+    assert reply.content[0].type == "text" and reply.content[0].text
+    assert reply.stop_reason in ("end_turn", "max_tokens") and reply.usage.output_tokens >= 1
+    counted = claude.messages.count_tokens(model="soberana-demo", system="Be brief.",
+                                           messages=[{"role": "user", "content": "Hello"}])
+    assert counted.input_tokens == reply.usage.input_tokens
+
+
+def test_anthropic_forced_tool_use_then_tool_result(claude):
+    reply = claude.messages.create(
+        model="soberana-demo", max_tokens=96, tools=ANTHROPIC_TOOLS,
+        tool_choice={"type": "tool", "name": "get_time"},
+        messages=[{"role": "user", "content": "What time is it?"}])
+    assert reply.stop_reason == "tool_use"
+    [use] = [b for b in reply.content if b.type == "tool_use"]
+    assert use.name == "get_time" and use.input["zone"] in ("CET", "UTC")
+    follow = claude.messages.create(
+        model="soberana-demo", max_tokens=8, tools=ANTHROPIC_TOOLS,
+        messages=[{"role": "user", "content": "What time is it?"},
+                  {"role": "assistant", "content": reply.content},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                "content": "09:30"}]}])
+    assert follow.content and follow.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_anthropic_stream_events_match_the_whole_message(claude):
+    kwargs = dict(model="soberana-demo", max_tokens=96, tools=ANTHROPIC_TOOLS,
+                  tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                  messages=[{"role": "user", "content": "Forecast?"}],
+                  extra_body={"top_k": 1})  # the same answer twice
+    whole = claude.messages.create(**kwargs)
+    with claude.messages.stream(**kwargs) as stream:
+        kinds = [event.type for event in stream]
+        streamed = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "content_block_start" in kinds and "message_delta" in kinds
+    assert streamed.stop_reason == whole.stop_reason == "tool_use"
+    assert [(b.name, b.input) for b in streamed.content if b.type == "tool_use"] == [
+        (b.name, b.input) for b in whole.content if b.type == "tool_use"]
+
+
+def test_anthropic_errors_have_anthropic_shape(claude):
+    import anthropic
+
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(model="claude-nonexistent", max_tokens=8,
+                               messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        claude.messages.create(model="soberana-demo", max_tokens=8, tools=ANTHROPIC_TOOLS,
+                               tool_choice={"type": "tool", "name": "missing"},
+                               messages=[{"role": "user", "content": "Hi"}])
+    assert bad.value.body["type"] == "error" and "missing" in bad.value.body["error"]["message"]
