@@ -34,9 +34,17 @@ def start_server(log: Path) -> tuple[subprocess.Popen, str]:
         [sys.executable, "-m", "soberana.cli", "serve", "--port", "0", "--max-num-seqs", "64",
          "--max-model-len", "256", "--kv-cache-gb", "0.2", "--disable-uvicorn-access-log"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return _wait_ready(proc, log)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def _wait_ready(proc: subprocess.Popen, log: Path) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        m = re.search(r"listening on (http://\S+)", log.read_text(errors="replace"))
+        m = re.search(r"listening on (http://[0-9.]+:[0-9]+)", log.read_text(errors="replace"))
         if m:
             url = m.group(1)
             while time.monotonic() < deadline:
@@ -47,7 +55,6 @@ def start_server(log: Path) -> tuple[subprocess.Popen, str]:
                     pass
                 time.sleep(1)
         time.sleep(1)
-    proc.kill()
     raise RuntimeError("server did not start")
 
 
@@ -80,7 +87,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/structured_throughput_cpu_demo.json")
     args = ap.parse_args()
     log = Path("/tmp/structured_throughput_server.log")
-    proc, url = start_server(log)
+    proc, url = start_server(log)  # kills its server if it does not come up
     try:
         asyncio.run(one_round(url, 8, 8, True))  # warm-up: tokenizer for grammars, first steps
         asyncio.run(one_round(url, 8, 8, False))

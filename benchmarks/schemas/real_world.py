@@ -13,7 +13,7 @@ def _address(v: int) -> dict:
     return {"type": "object", "properties": {
         "street": {"type": "string", "maxLength": 40 + v},
         "city": {"type": "string"},
-        "postal_code": {"type": "string", "pattern": r"^[0-9]{%d}$" % (4 + v % 3)},
+        "postal_code": {"type": "string", "pattern": r"^[0-9]{" + str(4 + v % 3) + "}$"},
         "country": {"enum": _COUNTRIES[: 4 + v]}},
         "required": ["street", "city", "country"], "additionalProperties": False}
 
@@ -31,7 +31,7 @@ def _person(v: int) -> dict:
 
 def _invoice(v: int) -> dict:
     line = {"type": "object", "properties": {
-        "sku": {"type": "string", "pattern": r"^[A-Z]{3}-[0-9]{%d}$" % (3 + v % 4)},
+        "sku": {"type": "string", "pattern": r"^[A-Z]{3}-[0-9]{" + str(3 + v % 4) + "}$"},
         "quantity": {"type": "integer", "minimum": 1},
         "unit_price": {"type": "number", "minimum": 0},
         "tax": {"enum": [0, 4, 10, 21][: 2 + v % 3]}},

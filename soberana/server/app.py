@@ -27,8 +27,8 @@ from soberana.server.protocol import (
     TokenizeRequest,
 )
 from soberana.server.serving_chat import create_chat_completion
-from soberana.server.serving_messages import anthropic_error, count_tokens, create_message
 from soberana.server.serving_completion import create_completion
+from soberana.server.serving_messages import anthropic_error, count_tokens, create_message
 from soberana.server.tenancy import TenantMiddleware
 
 # Paths that answer without the API key: probes and scrapers carry no credentials.

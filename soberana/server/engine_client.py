@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from soberana.engine.config import EngineConfig
 from soberana.engine.outputs import EngineCoreRequest, RequestOutput, SchedulerStats
 from soberana.engine.sampling_params import SamplingParams
+from soberana.server.agent_request import AgentOptions
 from soberana.server.core_process import (
     AbortRequests,
     CoreFatal,
@@ -33,7 +34,6 @@ from soberana.server.core_process import (
     StepResult,
     run_engine_core,
 )
-from soberana.server.agent_request import AgentOptions
 from soberana.server.metrics import RequestTimes, ServerMetrics
 
 logger = logging.getLogger("soberana.server")

@@ -8,13 +8,13 @@ from typing import Any
 from soberana.engine.sampling_params import SamplingParams
 from soberana.server.agent_request import template_message_tool_fields
 from soberana.server.errors import bad_request
-from soberana.structured.params import StructuredOutputsParams
 from soberana.server.protocol import (
     ChatMessage,
     CompletionRequest,
     SamplingFields,
     unsupported_params,
 )
+from soberana.structured.params import StructuredOutputsParams
 
 
 @dataclass

@@ -10,6 +10,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from soberana.engine.outputs import Logprob
+from soberana.server.agent_request import plan_chat, prepare_constraint
+from soberana.server.chat_output import ChatOutputParser
 from soberana.server.engine_client import EngineClient
 from soberana.server.engine_inputs import (
     check_common,
@@ -18,8 +20,6 @@ from soberana.server.engine_inputs import (
     render_chat_off_loop,
     sampling_params,
 )
-from soberana.server.agent_request import plan_chat, prepare_constraint
-from soberana.server.chat_output import ChatOutputParser
 from soberana.server.errors import bad_request
 from soberana.server.protocol import ChatCompletionRequest
 from soberana.server.streaming import (

@@ -22,7 +22,6 @@ from soberana.server.engine_inputs import (
     sampling_params,
 )
 from soberana.server.protocol import CompletionRequest
-from soberana.server.structured_request import check_constraint, requested_constraint
 from soberana.server.streaming import (
     SSE_DONE,
     TEXT_SLOT,
@@ -38,6 +37,7 @@ from soberana.server.streaming import (
     text_events,
     usage,
 )
+from soberana.server.structured_request import check_constraint, requested_constraint
 from soberana.server.tenancy import effective_cache_salt
 
 
