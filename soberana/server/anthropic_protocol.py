@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from soberana.server.errors import bad_request
 from soberana.server.protocol import MAX_STOP, ChatCompletionRequest, StopStr, StrictModel
@@ -139,7 +139,12 @@ def to_chat_request(body: MessagesRequest | CountTokensRequest, stream: bool = F
             chat["stop"] = body.stop_sequences
         if body.metadata and isinstance(body.metadata.get("user_id"), str):
             chat["user"] = body.metadata["user_id"]
-    return ChatCompletionRequest.model_validate(chat)
+    try:
+        return ChatCompletionRequest.model_validate(chat)
+    except ValidationError as exc:  # a value in Anthropic's range but not in ours
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise bad_request(f"{where}: {error['msg']}", where) from exc
 
 
 def _text(content: str | list[TextBlock]) -> str:

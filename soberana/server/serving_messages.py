@@ -100,6 +100,17 @@ async def _events(chunks: AsyncIterator[str], model: str, stops: list[str] | Non
                   ) -> AsyncIterator[str]:
     """Anthropic's stream events from the chat path's SSE chunks."""
     message_id = f"msg_{uuid.uuid4().hex}"
+    try:
+        async for event in _translate(chunks, message_id, model, stops):
+            yield event
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()  # the chat stream's own cleanup aborts the engine request
+
+
+async def _translate(chunks: AsyncIterator[str], message_id: str, model: str,
+                     stops: list[str] | None) -> AsyncIterator[str]:
     block = -1  # index of the open content block
     kind = None  # its type: "thinking", "text" or "tool_use"
     usage = {"input_tokens": 0, "output_tokens": 0}
