@@ -101,7 +101,11 @@ class GrammarCompiler:
         from llguidance import LLMatcher
 
         try:
-            matcher = LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+            try:
+                matcher = LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+            except Exception as exc:  # llguidance documents none; never let one be a 500
+                raise GrammarError(f"{describe(params)} does not compile: {exc}",
+                                   _param(params)) from exc
             if matcher.is_error():
                 raise GrammarError(
                     f"{describe(params)} does not compile: {matcher.get_error()}",
