@@ -30,6 +30,7 @@ from soberana.models.loader import (
 )
 from soberana.ops import cpu_kernels
 from soberana.ops.attention import AttentionMetadata, uses_triton
+from soberana.structured.manager import StructuredOutputManager
 
 log = logging.getLogger("soberana.engine")
 
@@ -154,6 +155,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.offload, config.long_prefill_token_threshold)
         self.sampler = Sampler(mcfg.vocab_size, self.device)
+        self.structured = StructuredOutputManager(path, mcfg.vocab_size, list(mcfg.eos_token_ids))
         graphs = None
         self.startup = {"model_s": t_model - t0, "kv_alloc_s": 0.0, "graphs_s": 0.0}
         self.startup["kv_alloc_s"] = time.perf_counter() - t_model
@@ -163,7 +165,7 @@ class EngineCore:
                                   -(-max_len // block_size), self.device)
             self.startup["graphs_s"] = graphs.capture()
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv, self.sampler, self.device,
-                                  graphs)
+                                  graphs, self.structured)
         if self.device.type == "cpu":
             log.info("CPU kernels: %s (dtype %s)", cpu_kernels.describe_kernels(),
                      str(dtype).removeprefix("torch."))  # fmt: skip
@@ -374,6 +376,9 @@ class EngineCore:
                         req.cache_salt, max_tokens, leader=leader)
             leader = leader or r
             samples.append(r)
+        for r in samples:  # a malformed grammar refuses the request before it is queued
+            self.structured.add(r)
+        for r in samples:
             self.scheduler.add(r)
         self.requests[req.request_id] = samples
 
@@ -388,6 +393,7 @@ class EngineCore:
                 if (index is None or r.index == index) and not r.status.finished:
                     self.scheduler.finish(r, RequestStatus.FINISHED_ABORTED)
                     self.sampler.forget(r)
+                    self.structured.forget(r)
             self._forget_if_done(rid)
 
     def has_unfinished_requests(self) -> bool:
@@ -447,6 +453,7 @@ class EngineCore:
             token = result.sampled[r.key]
             r.output_token_ids[idx] = token
             r.num_placeholders -= 1
+            self.structured.accept(r, token)
             if r.status == RequestStatus.RUNNING:
                 self.kv.register_computed(r)  # a block this id completed is named now
             live.append((r, idx, token))
@@ -478,6 +485,7 @@ class EngineCore:
                 out.stop_reason = r.stop_reason
                 self.scheduler.finish(r, finish)
                 self.sampler.forget(r)
+                self.structured.forget(r)
                 self._forget_if_done(r.request_id)
             outputs.append(out)
         return outputs
@@ -535,5 +543,7 @@ class EngineCore:
 
 
 def _needs_known_tokens(sched: SchedulerOutput) -> bool:
-    """Penalties read the output so far: the in-flight step's ids must be on the host."""
-    return any(s.request.params.has_penalties for s in sched.scheduled)
+    """Penalties read the output so far, and a grammar's mask follows from every token
+    before it: the in-flight step's ids must be on the host."""
+    return any(s.request.params.has_penalties or s.request.params.structured_outputs is not None
+               for s in sched.scheduled)

@@ -168,6 +168,13 @@ class LLM:
         rid = str(next(self._ids))
         now = time.time()
         self.engine.add_request(EngineCoreRequest(rid, ids, params, now))
+        if params.structured_outputs is not None:  # offline: a bad grammar raises here
+            try:
+                for sample in self.engine.requests[rid]:
+                    self.engine.structured.check(sample)
+            except Exception:
+                self.engine.abort_requests([rid])
+                raise
         self.processor.add_request(rid, text, ids, params, arrival_time=now)
         return rid
 

@@ -19,6 +19,7 @@ from soberana.engine.sampler import Sampler, SamplerOutput, gather_logprobs
 from soberana.engine.scheduler import SchedulerOutput
 from soberana.models.transformer import CausalLM
 from soberana.ops.attention import AttentionMetadata, GatherWorkspace
+from soberana.structured.manager import StructuredOutputManager
 
 
 @dataclass
@@ -85,6 +86,7 @@ class ModelRunner:
         sampler: Sampler,
         device: torch.device,
         graphs: DecodeGraphs | None = None,
+        structured: StructuredOutputManager | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -93,6 +95,7 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.block_size
         self.graphs = graphs
+        self.structured = structured
         self.workspace = GatherWorkspace() if device.type == "cpu" else None
 
     @torch.inference_mode()
@@ -104,6 +107,9 @@ class ModelRunner:
         """
         batch = self._prepare(sched, prev)
         meta = batch.meta
+        # Structured outputs: the host computes the token mask while the model runs.
+        masks = (self.structured.start_masks(batch.sample_requests)
+                 if self.structured is not None and batch.sample_requests else None)
         if (self.graphs is not None and meta.num_decodes == len(meta.query_lens_cpu)
                 and meta.num_decodes <= self.graphs.max_batch and not batch.prompt_logprob_rows):
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta.slot_mapping,
@@ -117,7 +123,8 @@ class ModelRunner:
             else:
                 rows = hidden[_on(batch.sample_rows, self.device)]
             logits = self.model.compute_logits(rows, float32=False)
-            sampled = self.sampler(logits, batch.sample_requests)
+            sampled = self.sampler(logits, batch.sample_requests,
+                                   masks.result() if masks is not None else None)
         prompt_logprobs = {}
         for req, rows, targets in batch.prompt_logprob_rows:  # rare: read back at once
             logits = self.model.compute_logits(hidden[_on(rows, self.device)])

@@ -15,6 +15,7 @@ import torch
 from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.request import Request
 from soberana.ops import cpu_kernels
+from soberana.structured.manager import apply_token_bitmask
 
 _NEG_INF = float("-inf")
 
@@ -37,14 +38,20 @@ class Sampler:
     def forget(self, request: Request) -> None:
         self.generators.pop(request.key, None)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        token_bitmask: torch.Tensor | None = None,
+    ) -> SamplerOutput:
         """Sample one token for each row of `logits` [N, V], row i for requests[i].
 
         Logits in the model's dtype are fine: anything but a plain greedy choice (logprobs,
         penalties, min_tokens, sampling) works on their float32 values; a plain argmax needs
         no conversion (a bfloat16/float16 value is exact in float32, so it picks the same
         token). Nothing here waits for the device: per-request values go up with non-blocking
-        copies.
+        copies. `token_bitmask` (structured outputs) forbids tokens after the user's raw
+        logprobs are taken, as vLLM does.
         """
         logits = logits[:, : self.vocab_size]
         want_lp = [r.params.logprobs for r in requests]
@@ -55,6 +62,8 @@ class Sampler:
         )
         logits = self._penalize(logits, requests)
         logits = self._mask_eos_before_min_tokens(logits, requests)
+        if token_bitmask is not None:
+            logits = apply_token_bitmask(logits, token_bitmask)
         tokens = self._choose(logits, requests)
         logprobs = None
         if raw_logprobs is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from soberana.structured.params import StructuredOutputsParams
+
 # Bounds a demanding user expects to be enforced, not silently clamped.
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -46,6 +48,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False: token ids only (no text, no stop strings)
+    # Constrain the output to a JSON schema, regex, choice or grammar (vLLM's name).
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine from the model (generation_config / tokenizer); not user input.
     eos_token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -98,6 +102,11 @@ class SamplingParams:
                      "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a boolean; got {getattr(self, name)!r}")
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams; got "
+                             f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,9 @@ ENDPOINT_CAPABILITY = {
     "/v1/messages": "chat",  # Anthropic Messages API (vLLM serves it); privacy covers its blocks
 }
 _JSON_RESPONSE_FORMATS = ("json_object", "json_schema")
+# vLLM's ways of constraining the output (Soberana's server takes them too)
+_CONSTRAINT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar")
 _BYTES_PER_TOKEN = 4  # rough for byte-level BPE on English text; only used to filter by context
 
 
@@ -41,8 +44,10 @@ def request_needs(
     if body.get("tools") or body.get("functions"):
         caps.append("tool_use")
     fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") in _JSON_RESPONSE_FORMATS:
-        caps.append("json_mode")
+    if (isinstance(fmt, dict) and fmt.get("type") in _JSON_RESPONSE_FORMATS) or any(
+        body.get(name) is not None for name in _CONSTRAINT_FIELDS
+    ):
+        caps.append("json_mode")  # any constrained output: JSON schema, regex, choice, grammar
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     prompt = estimate_prompt_tokens(raw_size)
     context = prompt

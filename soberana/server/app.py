@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from soberana import __version__
 from soberana.server import responses as r
+from soberana.server.anthropic_protocol import CountTokensRequest, MessagesRequest
 from soberana.server.body_limit import RequestBodyLimit
 from soberana.server.docs import install_docs
 from soberana.server.engine_client import (
@@ -36,6 +37,7 @@ from soberana.server.protocol import (
 from soberana.server.request_log import RequestLogMiddleware, note_model
 from soberana.server.serving_chat import create_chat_completion
 from soberana.server.serving_completion import create_completion
+from soberana.server.serving_messages import anthropic_error, count_tokens, create_message
 from soberana.server.serving_pooling import add_pooling_routes, require_task
 from soberana.server.streaming import cancel_on_disconnect
 from soberana.server.tenancy import TenantMiddleware
@@ -198,6 +200,23 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         return await until_disconnect(request, create_completion(body, request, engine, model))
 
     add_pooling_routes(app, ready_engine, model_names)
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        """Anthropic's Messages API over the same engine (errors in Anthropic's shape)."""
+        try:
+            require_task(ready_engine(body.model), "/v1/messages", "generate")
+            return await create_message(body, request, engine, body.model)
+        except OpenAIError as exc:
+            return anthropic_error(exc)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(body: CountTokensRequest) -> Response:
+        try:
+            ready_engine(body.model)
+            return await count_tokens(body, engine)
+        except OpenAIError as exc:
+            return anthropic_error(exc)
 
     @app.post("/tokenize", responses={200: {"model": r.TokenizeResponse}, **r.API_ERRORS})
     async def tokenize(body: TokenizeRequest, request: Request) -> Response:

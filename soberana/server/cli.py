@@ -22,6 +22,7 @@ from soberana.kv.config import add_arguments as add_kv_arguments
 from soberana.kv.config import config_from_args as kv_config_from_args
 from soberana.log import LOG_FORMATS
 from soberana.log import configure as configure_logging
+from soberana.server.agent_options import add_agent_arguments, agent_options_from_args
 from soberana.server.app import ServerSettings, build_app
 from soberana.server.engine_client import EngineClient, ServerShuttingDownError
 from soberana.server.request_log import filter_access_log
@@ -154,6 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument(
         "--disable-uvicorn-access-log", action="store_true", help="do not log every request"
     )
+    add_agent_arguments(parser)
     eng = parser.add_argument_group("engine")
     defaults = EngineConfig()
     eng.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -281,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--tenant-header needs --api-key: the header only names sub-tenants "
                              "within the tenant of the key that sent the request")
         salt_secret = load_salt_secret(args.tenant_salt_secret_file)
+        agent_options_from_args(args).validate()
         chat_template = _read_chat_template(args.chat_template)
         tracing = from_endpoint("soberana-server", args.otlp_traces_endpoint)
         sock = _bind(args.host, args.port)
@@ -329,6 +332,7 @@ async def _serve(
         gpu_telemetry=GPUCollector(telemetry) if telemetry.available else None,
         tracing=tracing,
     )
+    engine.agent_options = agent_options_from_args(args)
     app = build_app(engine, settings)
     server = _Server(
         uvicorn.Config(

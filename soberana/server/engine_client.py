@@ -31,6 +31,7 @@ from soberana.engine.outputs import (
     SchedulerStats,
 )
 from soberana.engine.sampling_params import SamplingParams
+from soberana.server.agent_request import AgentOptions
 from soberana.server.core_process import (
     AbortRequests,
     CoreFatal,
@@ -146,6 +147,9 @@ class EngineClient:
         self.ready = False
         self.dead_reason: str | None = None
         self.stats = SchedulerStats()
+        # Tools, reasoning and structured outputs (--tool-call-parser, ...; set by the CLI).
+        self.agent_options = AgentOptions()
+        self.grammar_compiler: Any = None  # built on the first constrained request
         self._process: multiprocessing.process.BaseProcess | None = None
         self._requests: Any = None  # our end of the pipe to the core
         self._results: Any = None  # our end of the pipe from the core

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from soberana.engine.sampling_params import SamplingParams
+from soberana.server.agent_request import template_message_tool_fields
 from soberana.server.errors import bad_request
 from soberana.server.protocol import (
     ChatMessage,
@@ -13,6 +14,7 @@ from soberana.server.protocol import (
     SamplingFields,
     unsupported_params,
 )
+from soberana.structured.params import StructuredOutputsParams
 
 
 @dataclass
@@ -42,8 +44,10 @@ def render_chat(
     add_generation_prompt: bool,
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
+    tools: list[dict] | None = None,
 ) -> Prompt:
-    """Apply the model's chat template and tokenize the result (the template adds BOS)."""
+    """Apply the model's chat template and tokenize the result (the template adds BOS);
+    `tools` (OpenAI's function definitions) are passed to the template as `tools`."""
     if continue_final_message and add_generation_prompt:
         raise bad_request(
             "continue_final_message and add_generation_prompt cannot both be true",
@@ -53,9 +57,9 @@ def render_chat(
         raise bad_request(
             "continue_final_message needs an assistant message last", param="messages"
         )
-    conversation = [_template_message(m) for m in messages]
+    conversation = [_template_message(m, i) for i, m in enumerate(messages)]
     kwargs = dict(chat_template_kwargs or {})
-    for reserved in ("messages", "conversation", "tokenize", "add_generation_prompt"):
+    for reserved in ("messages", "conversation", "tokenize", "add_generation_prompt", "tools"):
         if reserved in kwargs:
             raise bad_request(
                 f"chat_template_kwargs may not set {reserved!r}", param="chat_template_kwargs"
@@ -72,6 +76,7 @@ def render_chat(
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            **({"tools": tools} if tools else {}),
             **kwargs,
         )
     except Exception as exc:  # jinja raises TemplateError and friends for bad input
@@ -79,7 +84,7 @@ def render_chat(
     return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
 
 
-async def render_chat_off_loop(engine: Any, body: Any) -> Prompt:
+async def render_chat_off_loop(engine: Any, body: Any, tools: list[dict] | None = None) -> Prompt:
     """`render_chat` for a request with chat fields (chat completions, /tokenize), run on the
     engine client's tokenizer pool when the messages are long."""
     return await engine.run_tokenizer(
@@ -90,6 +95,7 @@ async def render_chat_off_loop(engine: Any, body: Any) -> Prompt:
         body.add_generation_prompt,
         body.continue_final_message,
         body.chat_template_kwargs,
+        tools,
     )
 
 
@@ -141,15 +147,16 @@ def prompt_chars(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
     return sum(len(item) for item in prompt if isinstance(item, str))
 
 
-def _template_message(message: ChatMessage) -> dict[str, str]:
+def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
     # "developer" is OpenAI's newer name for the system role; templates know "system".
     role = "system" if message.role == "developer" else message.role
     content = message.content
     if isinstance(content, list):
         content = "".join(part.text or "" for part in content)
-    entry = {"role": role, "content": content or ""}
+    entry: dict[str, Any] = {"role": role, "content": content or ""}
     if message.name is not None:
         entry["name"] = message.name
+    entry.update(template_message_tool_fields(message, index))
     return entry
 
 
@@ -216,6 +223,7 @@ def sampling_params(
     vocab_size: int,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
     """SamplingParams for the engine; any range error becomes a 400 naming the parameter."""
     stop_ids = body.stop_token_ids or []
@@ -245,6 +253,7 @@ def sampling_params(
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=body.skip_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output,
+            structured_outputs=structured_outputs,
         )
     except ValueError as exc:
         message = str(exc)

@@ -72,6 +72,30 @@ def lone_surrogate_path(value: Any, path: str = "") -> str | None:
     return None
 
 
+class ResponseFormat(StrictModel):
+    """OpenAI's response_format: text, json_object, or json_schema {name, schema, strict}."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class StructuredOutputsField(StrictModel):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -108,6 +132,17 @@ class SamplingFields(RequestBody):
     service_tier: str | None = None
     store: bool | None = None
     metadata: dict[str, Any] | None = None
+    # Structured outputs (soberana/server/structured_request.py): OpenAI's response_format,
+    # vLLM's structured_outputs and its older guided_* aliases.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # OpenAI's newer fields that change nothing here; accepted as OpenAI accepts them.
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class TextPart(StrictModel):
@@ -118,17 +153,52 @@ class TextPart(StrictModel):
     text: str | None = None
 
 
+class FunctionCall(StrictModel):
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(StrictModel):
+    """A call in an assistant message of the history (as the API returned it)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
+    # What `message.model_dump()` of an OpenAI answer carries: harmless when null.
+    refusal: str | None = None
+    audio: Any = None
+    function_call: Any = None
+    annotations: list[Any] | None = None
 
 
-class ResponseFormat(StrictModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+class FunctionDefinition(StrictModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -143,13 +213,13 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    # unsupported unless neutral
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    # unsupported unless neutral
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: ResponseFormat | None = None
     modalities: list[str] | None = None
     audio: Any = None
     prediction: Any = None
@@ -206,27 +276,22 @@ def unsupported_params(body: SamplingFields) -> list[str]:
     if body.metadata:
         found.append("metadata")
     if isinstance(body, ChatCompletionRequest):
-        for name in ("tools", "functions"):
-            if getattr(body, name):
-                found.append(name)
-        if body.tool_choice not in (None, "none"):
-            found.append("tool_choice")
+        if body.functions:
+            found.append("functions")
         if body.function_call not in (None, "none"):
             found.append("function_call")
-        if body.parallel_tool_calls:
-            found.append("parallel_tool_calls")
-        if body.response_format is not None and body.response_format.type != "text":
-            found.append("response_format")
         if body.modalities not in (None, ["text"]):
             found.append("modalities")
         for name in ("audio", "prediction", "reasoning_effort", "web_search_options"):
             if getattr(body, name) is not None:
                 found.append(name)
         for i, message in enumerate(body.messages):
-            if message.tool_calls:
-                found.append(f"messages.{i}.tool_calls")
-            if message.role in ("tool", "function"):
+            if message.role == "function":
                 found.append(f"messages.{i}.role")
+            if message.audio is not None:
+                found.append(f"messages.{i}.audio")
+            if message.function_call is not None:
+                found.append(f"messages.{i}.function_call")
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
                     if part.type != "text" or part.text is None:

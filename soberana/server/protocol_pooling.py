@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from soberana.server.protocol import RequestBody
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Request(RequestBody):  # extra fields refused, lone surrogates a 400
 
     model: str | None = None
     # Keep at most this many tokens of each input (right side cut, special tokens kept);

@@ -10,6 +10,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from soberana.engine.outputs import Logprob
+from soberana.server.agent_request import plan_chat, prepare_constraint
+from soberana.server.chat_output import ChatOutputParser
 from soberana.server.engine_client import EngineClient
 from soberana.server.engine_inputs import (
     check_common,
@@ -46,12 +48,15 @@ async def create_chat_completion(
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     info = engine.model_info
-    prompt = await render_chat_off_loop(engine, body)
+    plan = plan_chat(body, engine.agent_options, getattr(engine.tokenizer, "chat_template", None))
+    prompt = await render_chat_off_loop(engine, body, plan.template_tools)
     check_prompt(prompt, info.vocab_size, "messages")
+    constraint = await prepare_constraint(plan, engine, prompt.text)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = fit_context(len(prompt.token_ids), requested, info.max_model_len, "messages")
     top_n = body.top_logprobs or 0
-    params = sampling_params(body, max_tokens, info.vocab_size, top_n if body.logprobs else None)
+    params = sampling_params(body, max_tokens, info.vocab_size, top_n if body.logprobs else None,
+                             structured_outputs=constraint)
     engine.check_capacity(1)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = engine.add_request(
@@ -65,7 +70,11 @@ async def create_chat_completion(
     )
     header = {"id": request_id, "created": int(time.time()), "model": model_name}
     if body.stream:
-        return EventStream(_stream(engine, stream, body, header, len(prompt.token_ids), top_n))
+        parsers = ({i: plan.output_parser(prompt.text) for i in range(body.n)}
+                   if plan.parses_output else None)
+        return EventStream(
+            _stream(engine, stream, body, header, len(prompt.token_ids), top_n, parsers)
+        )
     try:
         result = await cancel_on_disconnect(collect(stream), request.receive)
     finally:
@@ -74,6 +83,12 @@ async def create_chat_completion(
         return Response(status_code=499)  # client gone; nobody reads this
     choices, last = result
     generated = sum(len(c.token_ids) for c in choices.values())
+    messages = {}
+    for c in choices.values():
+        if plan.parses_output:  # reasoning, content and tool calls apart
+            messages[c.index] = plan.output_parser(prompt.text).message(c.text, c.finish_reason)
+        else:
+            messages[c.index] = ({"role": "assistant", "content": c.text}, c.finish_reason)
     return JSONResponse(
         {
             **header,
@@ -81,9 +96,9 @@ async def create_chat_completion(
             "choices": [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": messages[c.index][0],
                     "logprobs": _logprobs(c.token_ids, c.logprobs, top_n) if body.logprobs else None,
-                    "finish_reason": c.finish_reason,
+                    "finish_reason": messages[c.index][1],
                     "stop_reason": c.stop_reason,
                 }
                 for c in sorted(choices.values(), key=lambda c: c.index)
@@ -100,6 +115,7 @@ async def _stream(
     header: dict,
     prompt_tokens: int,
     top_n: int,
+    parsers: dict[int, ChatOutputParser] | None = None,
 ) -> AsyncIterator[str]:
     options = body.stream_options
     include_usage = options is not None and options.include_usage
@@ -107,12 +123,13 @@ async def _stream(
     base = {**header, "object": "chat.completion.chunk"}
     generated = cached = 0
 
-    def chunk(index: int, delta: dict, choice: Choice | None = None, finish: bool = False) -> str:
+    def chunk(index: int, delta: dict, choice: Choice | None = None, finish: bool = False,
+              finish_reason: str | None = None) -> str:
         entry: dict = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
         if choice is not None and body.logprobs and not finish:
             entry["logprobs"] = _logprobs(choice.token_ids, choice.logprobs, top_n)
         if finish and choice is not None:
-            entry["finish_reason"] = choice.finish_reason
+            entry["finish_reason"] = finish_reason or choice.finish_reason
             entry["stop_reason"] = choice.stop_reason
         payload = {**base, "choices": [entry]}
         if include_usage:
@@ -120,7 +137,7 @@ async def _stream(
         return sse(payload)
 
     # A content delta without logprobs or running usage is the same JSON around new text.
-    plain = not body.logprobs and not continuous
+    plain = not body.logprobs and not continuous and parsers is None
     content_events = (
         [text_events(chunk(i, {"content": TEXT_SLOT})) for i in range(body.n)] if plain else []
     )
@@ -138,14 +155,24 @@ async def _stream(
                 if index in done:
                     continue
                 generated += len(choice.token_ids)
+                finish_reason = choice.finish_reason
                 if plain:
                     if choice.text:
                         yield content_events[index](choice.text)
+                elif parsers is not None:  # reasoning / tool-call deltas
+                    deltas = parsers[index].feed(choice.text)
+                    if finish_reason is not None:
+                        rest, finish_reason = parsers[index].finish(finish_reason)
+                        deltas += rest
+                    for j, delta in enumerate(deltas):
+                        yield chunk(index, delta, choice if j == 0 else None)
+                    if not deltas and body.logprobs and choice.token_ids:
+                        yield chunk(index, {"content": ""}, choice)
                 elif choice.text or (body.logprobs and choice.token_ids):
                     yield chunk(index, {"content": choice.text}, choice)
                 if choice.finish_reason is not None:
                     done.add(index)
-                    yield chunk(index, {}, choice, finish=True)
+                    yield chunk(index, {}, choice, finish=True, finish_reason=finish_reason)
             if outputs[-1].finished:
                 break
         if include_usage:

@@ -37,6 +37,7 @@ from soberana.server.streaming import (
     text_events,
     usage,
 )
+from soberana.server.structured_request import check_constraint, requested_constraint
 from soberana.server.tenancy import effective_cache_salt
 
 
@@ -49,6 +50,9 @@ async def create_completion(
     prompts = await engine.run_tokenizer(
         prompt_chars(body.prompt), completion_prompts, engine.tokenizer, body
     )
+    constraint, param = requested_constraint(body)
+    if constraint is not None:
+        await check_constraint(engine, constraint, param or "structured_outputs")
     params = []
     for prompt in prompts:
         check_prompt(prompt, info.vocab_size, "prompt")
@@ -60,6 +64,7 @@ async def create_completion(
                 info.vocab_size,
                 body.logprobs,
                 prompt_logprobs=body.logprobs if body.echo else None,
+                structured_outputs=constraint,
             )
         )
     engine.check_capacity(len(prompts))

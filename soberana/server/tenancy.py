@@ -53,7 +53,10 @@ class TenantMiddleware:
         tenant = None
         if self.keys:
             headers = dict(scope["headers"])
-            tenant = self._tenant_of(headers.get(b"authorization", b""))
+            authorization = headers.get(b"authorization", b"")
+            if not authorization and headers.get(b"x-api-key"):  # Anthropic's clients send it so
+                authorization = b"Bearer " + headers[b"x-api-key"]
+            tenant = self._tenant_of(authorization)
             if tenant is None:
                 error = OpenAIError(
                     401,

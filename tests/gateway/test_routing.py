@@ -112,7 +112,9 @@ def test_tools_and_json_mode_need_backends_that_declare_them(upstreams, start_ga
         assert gw.chat(KEY, content=f"t{i}", tools=[tool]).headers["X-Gateway-Backend"] == "capable"
         r = gw.chat(KEY, content=f"j{i}", response_format={"type": "json_object"})
         assert r.headers["X-Gateway-Backend"] == "capable"
-    assert len(plain.received) == 0 and len(capable.received) == 8
+        r = gw.chat(KEY, content=f"g{i}", guided_choice=["yes", "no"])  # vLLM's extras too
+        assert r.headers["X-Gateway-Backend"] == "capable"
+    assert len(plain.received) == 0 and len(capable.received) == 12
 
 
 def test_long_requests_skip_backends_whose_context_window_is_too_small(upstreams, start_gateway):

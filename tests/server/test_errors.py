@@ -94,9 +94,9 @@ def test_nan_and_infinity_are_rejected(server):
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages.0.content.0.type"),
@@ -105,6 +105,16 @@ def test_nan_and_infinity_are_rejected(server):
 def test_unsupported_parameters_get_a_400_naming_them(server, extra, param):
     error = assert_error(server.post("/v1/chat/completions", json={**CHAT, **extra}), 400, param)
     assert "not supported" in error["message"]
+
+
+def test_tool_choice_auto_needs_a_tool_call_parser(server):
+    # The demo model's template has no call syntax, and this server names no parser.
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    error = assert_error(server.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400,
+                         "tool_choice")
+    assert "--tool-call-parser" in error["message"]
+    error = assert_error(server.post("/v1/chat/completions", json={**CHAT, "tool_choice": "required"}),
+                         400, "tool_choice")
 
 
 def test_neutral_values_of_unsupported_parameters_are_accepted(server):

@@ -14,7 +14,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from tests.server.helpers import ServerProcess
 
-FUZZED_PATHS = "^/(v1/chat/completions|v1/completions|tokenize|detokenize)$"
+FUZZED_PATHS = "^/(v1/chat/completions|v1/completions|v1/messages|v1/messages/count_tokens|tokenize|detokenize)$"
 UNSUPPORTED = {
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio",
     "prediction", "reasoning_effort", "web_search_options", "modalities", "response_format",

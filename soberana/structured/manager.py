@@ -1,0 +1,137 @@
+"""The engine's side of structured outputs: one llguidance matcher per constrained sequence,
+the batch's token mask computed on the host while the model runs, and each sampled token fed
+back to its matcher."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soberana.engine.request import Request
+from soberana.structured.compiler import DEFAULT_COMPILE_TIMEOUT_S, GrammarCompiler
+
+log = logging.getLogger("soberana.structured")
+
+
+class _Sequence:
+    """A constrained sequence: its matcher (once compiled) and whether reasoning has ended."""
+
+    def __init__(self, matcher: Future, reasoning_end: list[int]) -> None:
+        self.matcher = matcher
+        self.reasoning_end = reasoning_end
+        self.active = not reasoning_end  # the constraint applies from this token on
+        self.failed = False
+
+
+class StructuredOutputManager:
+    """Matchers of the constrained requests in the engine, keyed by `Request.key`."""
+
+    def __init__(
+        self,
+        tokenizer_path: Path | str,
+        vocab_size: int,
+        eos_token_ids: list[int],
+        timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
+    ) -> None:
+        self.tokenizer_path = tokenizer_path
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.timeout_s = timeout_s
+        self._compiler: GrammarCompiler | None = None  # built on the first constrained request
+        self._executor: Any = None  # llguidance's thread pool for the batch's masks
+        self.sequences: dict[tuple[str, int], _Sequence] = {}
+        # One thread runs the mask computation beside the model's forward pass.
+        self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-mask")
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            import llguidance
+
+            from soberana.models.tokenizer import load_tokenizer
+            from soberana.structured.compiler import build_ll_tokenizer
+
+            tokenizer = load_tokenizer(self.tokenizer_path)
+            ll_tok = build_ll_tokenizer(tokenizer, self.vocab_size, self.eos_token_ids)
+            self._compiler = GrammarCompiler(ll_tok, self.timeout_s)
+            self._executor = llguidance.LLExecutor()
+        return self._compiler
+
+    def add(self, request: Request) -> None:
+        """Start compiling the request's constraint (GrammarError at once if malformed)."""
+        spec = request.params.structured_outputs
+        if spec is None:
+            return
+        self.sequences[request.key] = _Sequence(
+            self.compiler.submit(spec), list(spec.reasoning_end_token_ids)
+        )
+
+    def check(self, request: Request) -> None:
+        """Wait for the request's grammar within the time limit (offline LLM: errors raise)."""
+        seq = self.sequences.get(request.key)
+        if seq is not None:
+            seq.matcher.result(timeout=self.timeout_s)
+
+    def forget(self, request: Request) -> None:
+        self.sequences.pop(request.key, None)
+
+    def is_constrained(self, request: Request) -> bool:
+        return request.key in self.sequences
+
+    def start_masks(self, requests: list[Request]) -> Future | None:
+        """Begin the batch's token mask on a host thread; its result is an int32 bitmask
+        [len(requests), ceil(V/32)] (all ones for unconstrained rows), or None if no row
+        needs one. Call before launching the forward pass, so the two overlap."""
+        rows = [(i, self.sequences[r.key]) for i, r in enumerate(requests)
+                if r.key in self.sequences and self.sequences[r.key].active]
+        if not rows:
+            return None
+        return self._mask_thread.submit(self._fill, len(requests), rows)
+
+    def _fill(self, batch: int, rows: list[tuple[int, _Sequence]]) -> torch.Tensor | None:
+        from llguidance.torch import fill_next_token_bitmask_par
+
+        bitmask = torch.full((batch, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        matchers = []
+        for i, seq in rows:
+            try:
+                matcher = seq.matcher.result(timeout=self.timeout_s)
+            except Exception as exc:  # cannot happen for what the server validated first
+                if not seq.failed:
+                    log.error("structured output dropped for a sequence: %s", exc)
+                seq.failed = True
+                continue
+            if not matcher.is_error():
+                matchers.append((matcher, i))
+        if not matchers:
+            return None
+        fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        return bitmask
+
+    def accept(self, request: Request, token: int) -> None:
+        """Feed the sampled token to the request's matcher (once its reasoning has ended)."""
+        seq = self.sequences.get(request.key)
+        if seq is None or seq.failed:
+            return
+        if not seq.active:
+            end = seq.reasoning_end
+            out = request.output_token_ids
+            # The token is already in output_token_ids; the constraint starts after it.
+            seq.active = len(out) >= len(end) and out[len(out) - len(end):] == end
+            return
+        matcher = seq.matcher.result()
+        if not matcher.consume_token(token) and not matcher.is_error():
+            log.warning("token %d refused by the grammar of %s", token, request.request_id)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Logits with every token a row's bitmask forbids set to -inf (bit j of word w: token
+    32w + j allowed). Vectorised; runs on the logits' device."""
+    mask = bitmask.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((mask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
+    return logits.masked_fill(~allowed, float("-inf"))
