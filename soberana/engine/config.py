@@ -41,6 +41,8 @@ class EngineConfig:
     # without a checkpoint, as vLLM's --load-format dummy).
     load_format: str = "safetensors"
     kv_warehouse: KVWarehouseConfig | None = None  # tiers below the KV pool (soberana/kv)
+    # Speculative decoding (vLLM's shape): a SpeculativeConfig, a dict or a JSON string.
+    speculative_config: object | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -71,6 +73,10 @@ class EngineConfig:
             self.kv_warehouse.validate()
             if not self.enable_prefix_caching:
                 raise ValueError("the KV warehouse needs enable_prefix_caching=True")
+        if self.speculative_config is not None:
+            from soberana.engine.spec_decode.config import SpeculativeConfig
+
+            self.speculative_config = SpeculativeConfig.from_any(self.speculative_config)
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16; got {self.dtype!r}"

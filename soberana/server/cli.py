@@ -184,6 +184,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="safetensors",
         help="dummy: random weights in the model's shape (performance runs without a checkpoint)",
     )
+    eng.add_argument(
+        "--speculative-config", default=None,
+        help='speculative decoding, vLLM\'s JSON: {"method": "ngram", '
+        '"num_speculative_tokens": 4} or "draft_model" with "model": PATH, or "layer_skip" '
+        '(docs/spec-decode.md)',
+    )
     add_kv_arguments(parser)
 
 
@@ -217,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         async_scheduling=args.async_scheduling,
         load_format=args.load_format,
         kv_warehouse=kv_warehouse if kv_warehouse.enabled() else None,
+        speculative_config=args.speculative_config,
     )
     try:
         config.validate()
