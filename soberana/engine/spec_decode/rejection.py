@@ -14,7 +14,14 @@ import torch
 
 from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.request import Request
-from soberana.engine.sampler import Sampler, _apply_top_k, _apply_top_p, _column, gather_logprobs
+from soberana.engine.sampler import (
+    Sampler,
+    _apply_top_k,
+    _apply_top_p,
+    _argmax,
+    _column,
+    gather_logprobs,
+)
 
 
 def eligible(request: Request) -> bool:
@@ -55,7 +62,7 @@ def verify(
     logits = logits[:, : sampler.vocab_size]
     k = len(drafts)
     if request.params.greedy:
-        target = logits.argmax(dim=-1).tolist()
+        target = _argmax(logits).tolist()  # the sampler's argmax: the same tie-breaking
         n = 0
         while n < k and drafts[n] == target[n]:
             n += 1
