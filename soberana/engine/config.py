@@ -49,6 +49,8 @@ class EngineConfig:
     cpu_isa: str = "native"
     # Ranks splitting each layer by heads (soberana/distributed): one process per rank.
     tensor_parallel_size: int = 1
+    # Speculative decoding (vLLM's shape): a SpeculativeConfig, a dict or a JSON string.
+    speculative_config: object | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -91,6 +93,14 @@ class EngineConfig:
             # Each rank holds only its heads of a block: a warehouse entry would be partial.
             raise ValueError("the KV warehouse is not supported with tensor_parallel_size > 1 "
                              "(docs/distributed.md); disable it or use data parallelism")
+        if self.speculative_config is not None:
+            from soberana.engine.spec_decode.config import SpeculativeConfig
+
+            if self.tensor_parallel_size > 1:
+                raise ValueError("speculative_config is not supported with tensor_parallel_size "
+                                 "> 1 yet (docs/spec-decode.md)")
+
+            self.speculative_config = SpeculativeConfig.from_any(self.speculative_config)
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16; got {self.dtype!r}"

@@ -6,6 +6,7 @@ process (docs/engine-core.md).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterable
@@ -175,6 +176,7 @@ class EngineCore:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self._pending: PendingStep | None = None
+        self.spec = self._build_spec_decode(config, path, dtype, max_len, num_blocks)
         self.generation_tokens = 0
         self.prompt_tokens = 0
         if config.seed is not None:
@@ -203,6 +205,32 @@ class EngineCore:
                  time.perf_counter() - t0, t_found - t0, t_model - t_found,
                  self.startup["kv_alloc_s"], f", warm-up {self.startup['warm_up_s']:.1f}s"
                  if "warm_up_s" in self.startup else "", self.device)  # fmt: skip
+
+    def _build_spec_decode(self, config: EngineConfig, path, dtype: torch.dtype, max_len: int,
+                           num_blocks: int):
+        """Speculative decoding (soberana/engine/spec_decode), or None. Verification is
+        synchronous: async scheduling is turned off while speculating."""
+        spec_cfg = config.speculative_config
+        if spec_cfg is None:
+            return None
+        from soberana.engine.spec_decode.manager import SpecDecode, build_proposer
+        from soberana.engine.spec_decode.rejection import verify
+
+        if self.async_scheduling:
+            log.warning("speculative decoding: async scheduling turned off")
+            self.async_scheduling = False
+
+        def load_draft(draft_path: str):
+            p = resolve_model_path(draft_path, None)
+            return load_model(p, dtype, self.device, max_len, config.load_format).model
+
+        proposer = build_proposer(spec_cfg, self.model, load_draft, num_blocks * config.block_size,
+                                  config.block_size, self.device, dtype,
+                                  self.model.config.vocab_size)
+        self.runner.verify = lambda logits, r, drafts: verify(logits, r, drafts, self.sampler)
+        log.info("speculative decoding: %s, %d tokens", spec_cfg.method,
+                 spec_cfg.num_speculative_tokens)
+        return SpecDecode(spec_cfg, proposer, max_len)
 
     def _build_offload(self, config: EngineConfig, fingerprint: str, mcfg, max_len: int):
         wcfg = config.kv_warehouse
@@ -408,6 +436,8 @@ class EngineCore:
         outputs returned are those of the previous step, read back while this one runs: the
         host's scheduling and input preparation overlap the device's work.
         """
+        if self.spec is not None:  # drafts for this step's decodes
+            self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         prev, self._pending = self._pending, None
         outputs: list[EngineCoreOutput] = []
@@ -464,7 +494,7 @@ class EngineCore:
             r = s.request
             if r.key in result.prompt_logprobs:
                 r.prompt_logprobs.extend(result.prompt_logprobs[r.key])
-        outputs = []
+        outputs = self._apply_verified(pending, result) if result.verified else []
         for r, idx, token in live:
             self.generation_tokens += 1
             finish = self._check_stop(r, token, idx + 1)
@@ -486,6 +516,49 @@ class EngineCore:
                 self.scheduler.finish(r, finish)
                 self.sampler.forget(r)
                 self.structured.forget(r)
+                self._forget_if_done(r.request_id)
+            outputs.append(out)
+        return outputs
+
+    def _apply_verified(self, pending: PendingStep, result) -> list[EngineCoreOutput]:
+        """Speculative decoding: append each verified request's accepted drafts and its one
+        target token (up to a stop), and roll its KV back past the rejected drafts."""
+        outputs = []
+        for s in pending.scheduled:
+            r = s.request
+            if r.key not in result.verified or r.status.finished:
+                continue
+            tokens, logprobs = result.verified[r.key]
+            k = len(s.draft_token_ids)
+            accepted = len(tokens) - 1
+            self.spec.record(r, k, accepted)
+            # Positions of rejected drafts hold garbage: they no longer count as computed.
+            r.num_computed_tokens -= k - accepted
+            self.kv.truncate(r, r.num_computed_tokens)
+            first = len(r.output_token_ids)
+            finish = None
+            emitted = []
+            for token in tokens:
+                r.output_token_ids.append(token)
+                emitted.append(token)
+                finish = self._check_stop(r, token, len(r.output_token_ids))
+                if finish is not None:
+                    break
+            self.generation_tokens += len(emitted)
+            self.kv.register_computed(r)
+            out = EngineCoreOutput(
+                request_id=r.request_id, index=r.index, new_token_ids=emitted,
+                new_logprobs=logprobs[: len(emitted)] if logprobs is not None else None,
+                num_cached_tokens=max(r.num_cached_tokens, 0),
+            )
+            if first == 0:
+                out.scheduled_time = r.scheduled_time
+                out.prompt_logprobs = r.prompt_logprobs
+            if finish is not None:
+                out.finish_reason = finish.value
+                out.stop_reason = r.stop_reason
+                self.scheduler.finish(r, finish)
+                self.sampler.forget(r)
                 self._forget_if_done(r.request_id)
             outputs.append(out)
         return outputs
@@ -522,6 +595,7 @@ class EngineCore:
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
             kv_warehouse=self._latest_warehouse_stats(),
+            spec_decoding=copy.deepcopy(self.spec.stats) if self.spec is not None else None,
         )
 
     def _latest_warehouse_stats(self):

@@ -115,6 +115,17 @@ class KVCacheManager:
             self.pool.register(blocks[i], request.block_hashes[i], request.cache_salt)
         self.num_registered[request.key] = num_full
 
+    def truncate(self, request: Request, num_tokens: int) -> None:
+        """Free the request's blocks past those holding its first `num_tokens` positions
+        (speculative decoding: the slots of rejected drafts). They were never registered:
+        registration stops at the known tokens, and drafts are not among them."""
+        blocks = self.req_blocks.get(request.key)
+        keep = -(-num_tokens // self.block_size)
+        if blocks is not None and len(blocks) > keep:
+            tail = blocks[keep:]
+            del blocks[keep:]
+            self.pool.free(list(reversed(tail)))
+
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first so that shared heads stay cached longest."""
         blocks = self.req_blocks.pop(request.key, [])

@@ -27,6 +27,9 @@ class StepResult:
     sampled: dict[tuple[str, int], int] = field(default_factory=dict)
     logprobs: dict[tuple[str, int], TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[tuple[str, int], list[TokenLogprobs]] = field(default_factory=dict)
+    # Speculative decoding: per verified request, its emitted tokens and their logprobs.
+    verified: dict[tuple[str, int], tuple[list[int], list[TokenLogprobs] | None]] = field(
+        default_factory=dict)
 
 
 class PendingStep:
@@ -46,6 +49,7 @@ class PendingStep:
         self.row_of = {r.key: i for i, r in enumerate(requests)}
         self.output_index: list[int] = []  # where each row's id goes in output_token_ids
         self.prompt_logprobs = prompt_logprobs
+        self.verified: dict = {}  # filled by ModelRunner.launch (synchronously)
         self.tokens = sampled.token_ids if sampled is not None else None
         self._logprobs = sampled.logprobs if sampled is not None else None
         tensors = [] if sampled is None else [self.tokens]
@@ -65,7 +69,7 @@ class PendingStep:
         """The step's sampled ids and logprobs on the host (waits for this step only)."""
         if self._event is not None:
             self._event.synchronize()
-        out = StepResult(prompt_logprobs=self.prompt_logprobs)
+        out = StepResult(prompt_logprobs=self.prompt_logprobs, verified=self.verified)
         if not self.requests:
             return out
         ids = self._host[0].tolist()
@@ -96,6 +100,9 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.graphs = graphs
         self.structured = structured
+        # Speculative decoding: verify(logits [k+1, V], request, drafts) -> (tokens,
+        # logprobs); set by the engine when a speculative_config is given.
+        self.verify = None
         self.workspace = GatherWorkspace() if device.type == "cpu" else None
 
     @torch.inference_mode()
@@ -132,7 +139,17 @@ class ModelRunner:
             tgt = _on(targets, self.device)
             n = [req.params.prompt_logprobs] * len(targets)
             prompt_logprobs[req.key] = gather_logprobs(lps, tgt, n)
-        return PendingStep(sched, batch.sample_requests, sampled, prompt_logprobs, self.device)
+        pending = PendingStep(sched, batch.sample_requests, sampled, prompt_logprobs, self.device)
+        if batch.verify_rows:  # speculative decoding: every row of a drafted entry
+            rows = [i for _, first, last in batch.verify_rows for i in range(first, last)]
+            logits = self.model.compute_logits(hidden[_on(rows, self.device)], float32=False)
+            at = 0
+            for s, first, last in batch.verify_rows:
+                n = last - first
+                pending.verified[s.request.key] = self.verify(
+                    logits[at:at + n], s.request, s.draft_token_ids)
+                at += n
+        return pending
 
     def _prepare(self, sched: SchedulerOutput, prev: PendingStep | None) -> _Batch:
         entries = sched.scheduled
@@ -144,8 +161,10 @@ class ModelRunner:
         total = int(cu[-1])
 
         token_ids: list[int] = []
-        for r, s, q in zip(reqs, starts.tolist(), q_lens.tolist()):
-            token_ids.extend(r.token_slice(s, s + q))
+        for e, s, q in zip(entries, starts.tolist(), q_lens.tolist()):
+            drafts = e.draft_token_ids
+            token_ids.extend(e.request.token_slice(s, s + q - len(drafts)))
+            token_ids.extend(drafts)
         req_of_token = np.repeat(np.arange(len(entries)), q_lens)
         positions = np.repeat(starts, q_lens) + (np.arange(total) - np.repeat(cu[:-1], q_lens))
 
@@ -178,7 +197,9 @@ class ModelRunner:
             self._fill_placeholders(batch.input_ids, entries, cu, prev)
         for i, s in enumerate(entries):
             r = s.request
-            if s.samples:
+            if s.draft_token_ids:
+                batch.verify_rows.append((s, int(cu[i]), int(cu[i + 1])))
+            elif s.samples:
                 batch.sample_rows.append(int(cu[i + 1]) - 1)
                 batch.sample_requests.append(r)
             if r.wants_prompt_logprobs:
@@ -220,3 +241,4 @@ class _Batch:
     sample_rows: list[int] = field(default_factory=list)
     sample_requests: list[Request] = field(default_factory=list)
     prompt_logprob_rows: list[tuple[Request, list[int], list[int]]] = field(default_factory=list)
+    verify_rows: list[tuple] = field(default_factory=list)  # (entry, first row, end row)

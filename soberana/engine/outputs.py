@@ -68,6 +68,7 @@ class SchedulerStats:
     prompt_tokens: int = 0  # prompt tokens computed (cache hits excluded)
     generation_tokens: int = 0
     kv_warehouse: WarehouseStats | None = None  # when tiers are configured
+    spec_decoding: object | None = None  # SpecDecodingStats, when speculating
 
 
 @dataclass

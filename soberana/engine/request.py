@@ -63,6 +63,9 @@ class Request:
         self.warehouse_end: int | None = None
         self.scheduled_time: float | None = None
         self.stop_reason: int | None = None
+        # Speculative decoding: this step's draft tokens (not part of the sequence until the
+        # target accepts them; never hashed, never in the prefix cache).
+        self.spec_token_ids: list[int] = []
         # Prompt logprobs accumulate over prefill chunks; sent with the first output.
         self.prompt_logprobs: list[TokenLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None and index == 0 else None

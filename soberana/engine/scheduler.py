@@ -23,13 +23,15 @@ if TYPE_CHECKING:
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # draft tokens included: the budget counts verified tokens
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative decoding
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the known tokens, so a token is sampled."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return (r.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids)
+                == r.num_tokens)
 
 
 @dataclass
@@ -83,6 +85,9 @@ class Scheduler:
                 i += 1  # async scheduling: its last token is in flight; it ends with it
                 continue
             num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            # Speculative decoding: a decode carries its drafts, as many as the budget allows.
+            drafts = req.spec_token_ids[: budget - 1] if num_new == 1 else []
+            num_new += len(drafts)
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()  # lowest priority, latest arrival
                 self._preempt(victim)
@@ -91,7 +96,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                scheduled.append(ScheduledRequest(req, num_new))
+                scheduled.append(ScheduledRequest(req, num_new, drafts))
                 budget -= num_new
                 i += 1
 
@@ -177,6 +182,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.warehouse_end = None  # evicted blocks may be in the warehouse by now
         req.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1

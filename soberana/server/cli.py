@@ -231,6 +231,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start this many replicas on ports --port, --port+1, ... and print a gateway "
              "config routing over them (docs/distributed.md)",
     )
+    eng.add_argument(
+        "--speculative-config", default=None,
+        help='speculative decoding, vLLM\'s JSON: {"method": "ngram", '
+        '"num_speculative_tokens": 4} or "draft_model" with "model": PATH, or "layer_skip" '
+        '(docs/spec-decode.md)',
+    )
     add_kv_arguments(parser)
 
 
@@ -270,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
         task=args.task,
         tensor_parallel_size=args.tensor_parallel_size,
         kv_warehouse=kv_warehouse if kv_warehouse.enabled() else None,
+        speculative_config=args.speculative_config,
     )
     try:
         config.validate()

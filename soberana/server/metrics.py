@@ -106,6 +106,18 @@ class ServerMetrics:
             "vllm:num_preemptions", "Cumulative number of preemption from the engine."
         )
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        # Speculative decoding (vLLM's names); they stay at 0 without a speculative_config.
+        self.spec_decode_num_drafts = counter(
+            "vllm:spec_decode_num_drafts", "Number of spec decoding drafts.")
+        self.spec_decode_num_draft_tokens = counter(
+            "vllm:spec_decode_num_draft_tokens", "Number of draft tokens.")
+        self.spec_decode_num_accepted_tokens = counter(
+            "vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.")
+        self._spec_per_pos = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Accepted tokens per draft position.", labels + ["position"],
+            registry=self.registry)
+        self._spec_labels = values
         self.generation_tokens = counter(
             "vllm:generation_tokens", "Number of generation tokens processed."
         )
@@ -222,6 +234,18 @@ class ServerMetrics:
             hits = stats.kv_warehouse.lookup_hit_blocks - (was.lookup_hit_blocks if was else 0)
             self.external_prefix_cache_queries.inc(max(0, blocks) * self.block_size)
             self.external_prefix_cache_hits.inc(max(0, hits) * self.block_size)
+        spec, spec_last = stats.spec_decoding, last.spec_decoding
+        if spec is not None:
+            def new(name: str) -> int:
+                return getattr(spec, name) - (getattr(spec_last, name) if spec_last else 0)
+
+            self.spec_decode_num_drafts.inc(max(0, new("num_drafts")))
+            self.spec_decode_num_draft_tokens.inc(max(0, new("num_draft_tokens")))
+            self.spec_decode_num_accepted_tokens.inc(max(0, new("num_accepted_tokens")))
+            before = spec_last.num_accepted_tokens_per_pos if spec_last else []
+            for pos, n in enumerate(spec.num_accepted_tokens_per_pos):
+                prev = before[pos] if pos < len(before) else 0
+                self._spec_per_pos.labels(*self._spec_labels, str(pos)).inc(max(0, n - prev))
         self._last_stats = stats
 
     def record_iteration(self, before: SchedulerStats, after: SchedulerStats) -> None:
