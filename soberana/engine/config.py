@@ -41,6 +41,11 @@ class EngineConfig:
     # without a checkpoint, as vLLM's --load-format dummy).
     load_format: str = "safetensors"
     kv_warehouse: KVWarehouseConfig | None = None  # tiers below the KV pool (soberana/kv)
+    # Weight quantization (vLLM's name): None (the checkpoint's own, if it is pre-quantized),
+    # "int8", "int4" or "fp8"; see docs/quantization.md.
+    quantization: str | None = None
+    # "auto": the model dtype; "fp8": float8_e4m3fn, twice the tokens in the same pool.
+    kv_cache_dtype: str = "auto"
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -71,6 +76,14 @@ class EngineConfig:
             self.kv_warehouse.validate()
             if not self.enable_prefix_caching:
                 raise ValueError("the KV warehouse needs enable_prefix_caching=True")
+        from soberana.quantization import KV_CACHE_DTYPES, QUANTIZATION_METHODS
+
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} "
+                             f"(or None); got {self.quantization!r}")  # fmt: skip
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")  # fmt: skip
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16; got {self.dtype!r}"

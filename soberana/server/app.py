@@ -109,6 +109,10 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
                 "root": info.path,
                 "parent": None,
                 "max_model_len": info.max_model_len,
+                # which scheme and kernels serve the weights, and the KV cache's dtype
+                "quantization": info.quantization,
+                "quantization_kernels": info.quantization_kernels,
+                "kv_cache_dtype": info.kv_cache_dtype,
             }
             for name in model_names()
         ]
