@@ -109,6 +109,10 @@ class EngineCore:
 
         block_size = config.block_size
         kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
+        if kv_dtype != dtype and self.device.type == "cuda":
+            raise ValueError("kv_cache_dtype fp8 is served on CPUs only in this build: the "
+                             "Triton attention kernels read the cache in the model dtype; "
+                             "use --kv-cache-dtype auto on GPUs")  # fmt: skip
         bytes_per_block = 2 * mcfg.num_layers * block_size * mcfg.kv_size * kv_dtype.itemsize
         activation_bytes = self._profile_forward(mcfg, dtype, max_len)
         num_blocks = self._num_blocks(config, bytes_per_block, max_len, activation_bytes)

@@ -214,7 +214,7 @@ def _load_safetensors(model: CausalLM, cfg: ModelConfig, files: list[Path],
                 if pname == "lm_head.weight" and model.lm_head is None:
                     continue  # tied: the embedding serves as the head
                 layer_name = pname.rsplit(".", 1)[0] + ".weight"
-                if stored and layer_name in quant_layers:
+                if stored and layer_name in quant_layers and part != "bias":
                     if part in compressed_tensors.IGNORED_PARTS:
                         continue
                     parts = pending.setdefault((layer_name, shard), {})
