@@ -45,7 +45,7 @@ def score(model: str, options: dict, windows: list[list[int]], chunk: int) -> di
     llm = LLM(model, dtype="float32", kv_cache_gb=0.5, max_model_len=len(windows[0]) + 8,
               max_num_seqs=8, max_num_batched_tokens=chunk, **options)  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
+    outs = llm.generate(windows, params, use_tqdm=False)
     nll, top1 = 0.0, []
     for window, out in zip(windows, outs):
         for token, entry in zip(window[1:], out.prompt_logprobs[1:]):

@@ -16,8 +16,12 @@ from safetensors import safe_open
 from soberana.models.config import ModelConfig
 from soberana.models.transformer import CausalLM, RotaryEmbedding, rope_inv_freq
 from soberana.ops import cpu_linear
-from soberana.quantization import QuantizationConfig, QuantLinear, replace_linears
-from soberana.quantization import compressed_tensors
+from soberana.quantization import (
+    QuantizationConfig,
+    QuantLinear,
+    compressed_tensors,
+    replace_linears,
+)
 
 log = logging.getLogger(__name__)
 

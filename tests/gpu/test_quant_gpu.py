@@ -5,7 +5,7 @@ Triton int8/int4 GEMM and dequantizing GEMV, FP8 W8A8 through torch._scaled_mm, 
 import pytest
 import torch
 
-from soberana.quantization import QuantizationConfig, QuantLinear, schemes
+from soberana.quantization import QuantizationConfig, QuantLinear
 
 pytestmark = pytest.mark.gpu
 
