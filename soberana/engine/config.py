@@ -51,6 +51,11 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Speculative decoding (vLLM's shape): a SpeculativeConfig, a dict or a JSON string.
     speculative_config: object | None = None
+    # Weight quantization (vLLM's name): None (the checkpoint's own, if it is pre-quantized),
+    # "int8", "int4" or "fp8"; see docs/quantization.md.
+    quantization: str | None = None
+    # "auto": the model dtype; "fp8": float8_e4m3fn, twice the tokens in the same pool.
+    kv_cache_dtype: str = "auto"
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
@@ -101,6 +106,14 @@ class EngineConfig:
                                  "> 1 yet (docs/spec-decode.md)")
 
             self.speculative_config = SpeculativeConfig.from_any(self.speculative_config)
+        from soberana.quantization import KV_CACHE_DTYPES, QUANTIZATION_METHODS
+
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} "
+                             f"(or None); got {self.quantization!r}")  # fmt: skip
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                             f"got {self.kv_cache_dtype!r}")  # fmt: skip
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(
                 f"dtype must be auto, float32, float16 or bfloat16; got {self.dtype!r}"

@@ -7,6 +7,7 @@ process (docs/engine-core.md).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -26,11 +27,13 @@ from soberana.engine.scheduler import Scheduler, SchedulerOutput
 from soberana.models.loader import (
     is_demo_path,
     load_model,
+    quantized_kernels,
     read_model_config,
     resolve_model_path,
 )
 from soberana.ops import cpu_kernels
 from soberana.ops.attention import AttentionMetadata, uses_triton
+from soberana.quantization import resolve_quantization
 from soberana.structured.manager import StructuredOutputManager
 
 log = logging.getLogger("soberana.engine")
@@ -57,6 +60,9 @@ class ModelInfo:
     fingerprint: str
     is_demo: bool
     task: str = "generate"  # or "embed" / "rerank" (soberana.engine.pooling_core)
+    quantization: str | None = None  # scheme serving the weights (None: the model dtype)
+    quantization_kernels: list[str] | None = None
+    kv_cache_dtype: str = "auto"
 
 
 def _available_ram() -> int:
@@ -85,6 +91,11 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype: the model's (`auto`) or float8_e4m3fn (`fp8`)."""
+    return torch.float8_e4m3fn if kv_cache_dtype == "fp8" else model_dtype
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
@@ -117,20 +128,32 @@ class EngineCore:
         mcfg, _ = read_model_config(path)
         dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device)
         max_len = self._max_model_len(config, mcfg)
+        # A GGUF file carries no config.json: its weights are dequantized at load.
+        hf_config = {} if path.is_file() else json.loads((path / "config.json").read_text())
+        quantization = resolve_quantization(config.quantization, hf_config)
         self.tp = None  # tensor parallel: the workers and rank 0's group (soberana/distributed)
         if config.tensor_parallel_size > 1:
             from soberana.distributed.executor import TensorParallel
 
+            if quantization is not None:
+                raise ValueError("quantization is not supported with tensor_parallel_size > 1 "
+                                 "yet (docs/distributed.md)")
             self.tp = TensorParallel(config, path, dtype, self.device, max_len)
             loaded = self.tp.loaded
         else:
-            loaded = load_model(path, dtype, self.device, max_len, config.load_format)
+            loaded = load_model(path, dtype, self.device, max_len, config.load_format,
+                                quantization)
         self.model = loaded.model
         mcfg = loaded.config
         t_model = time.perf_counter()
 
         block_size = config.block_size
-        bytes_per_block = 2 * mcfg.num_layers * block_size * mcfg.kv_size * dtype.itemsize
+        kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
+        if kv_dtype != dtype and self.device.type == "cuda":
+            raise ValueError("kv_cache_dtype fp8 is served on CPUs only in this build: the "
+                             "Triton attention kernels read the cache in the model dtype; "
+                             "use --kv-cache-dtype auto on GPUs")  # fmt: skip
+        bytes_per_block = 2 * mcfg.num_layers * block_size * mcfg.kv_size * kv_dtype.itemsize
         activation_bytes = self._profile_forward(mcfg, dtype, max_len)
         num_blocks = self._num_blocks(config, bytes_per_block, max_len, activation_bytes)
         if num_blocks < 1:
@@ -141,15 +164,17 @@ class EngineCore:
             max_len = num_blocks * block_size
         kv_shape = (mcfg.num_layers, 2, num_blocks, block_size, mcfg.num_kv_heads, mcfg.head_dim)
         if self.device.type == "cpu":
-            self.kv_cache = _zeros_lazily(kv_shape, dtype)
+            self.kv_cache = _zeros_lazily(kv_shape, kv_dtype)
         else:
-            self.kv_cache = torch.zeros(kv_shape, dtype=dtype, device=self.device)
+            self.kv_cache = torch.zeros(kv_shape, dtype=kv_dtype, device=self.device)
         if self.tp is not None:  # each rank's pool: the same blocks, its own KV heads
             self.tp.model.share_kv_cache(self.kv_cache)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GB, %s)", num_blocks,
-                 block_size, num_blocks * block_size, num_blocks * bytes_per_block / 1e9, dtype)
+                 block_size, num_blocks * block_size, num_blocks * bytes_per_block / 1e9,
+                 kv_dtype)  # fmt: skip
         layout = f"L{mcfg.num_layers}x2xNBx{block_size}x{mcfg.num_kv_heads}x{mcfg.head_dim}"
-        dtype_name = str(dtype).removeprefix("torch.")
+        # the cache's own dtype names its blocks: fp8 blocks are their own layout
+        dtype_name = str(kv_dtype).removeprefix("torch.")
         seed = hash_seed(loaded.fingerprint, dtype_name, block_size, layout)
         self.kv = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching, seed)
         self.offload = self._build_offload(config, loaded.fingerprint, mcfg, max_len)
@@ -200,6 +225,9 @@ class EngineCore:
             block_size=block_size,
             fingerprint=seed.hex(),
             is_demo=is_demo,
+            quantization=None if quantization is None else quantization.describe(),
+            quantization_kernels=quantized_kernels(self.model) if quantization else None,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         log.info("engine ready in %.1fs (find model %.1fs, load %.1fs, KV pool %.1fs%s) on %s",
                  time.perf_counter() - t0, t_found - t0, t_model - t_found,

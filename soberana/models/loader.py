@@ -20,6 +20,12 @@ from soberana.models.gguf import fingerprint as gguf_fingerprint
 from soberana.models.gguf import gguf_config, gguf_tensors, is_gguf
 from soberana.models.transformer import CausalLM, RotaryEmbedding, rope_inv_freq
 from soberana.ops import cpu_linear
+from soberana.quantization import (
+    QuantizationConfig,
+    QuantLinear,
+    compressed_tensors,
+    replace_linears,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,7 @@ class LoadedModel:
     config: ModelConfig
     path: Path
     fingerprint: str  # identity of the weights; the engine adds dtype, block size and layout
+    quantization: QuantizationConfig | None = None
 
 
 def read_model_config(path: Path) -> tuple[ModelConfig, dict]:
@@ -122,11 +129,14 @@ def load_model(
     device: torch.device,
     max_positions: int,
     load_format: str = "safetensors",
+    quantization: QuantizationConfig | None = None,
 ) -> LoadedModel:
     """Build the model on `device` in `dtype` and fill it from the checkpoint.
 
     `load_format="dummy"` fills random weights (std 0.02, fixed seed) instead: for full-size
     performance runs without a checkpoint, as vLLM's `--load-format dummy`.
+    With `quantization`, the decoder projections are allocated quantized and each checkpoint
+    tensor is quantized as it is read, so memory peaks near the quantized size.
     """
     t0 = time.perf_counter()
     cfg, _ = read_model_config(path)
@@ -135,6 +145,9 @@ def load_model(
     try:
         with torch.device("meta"):
             model = CausalLM(cfg, max_positions)
+            if quantization is not None:
+                quantization.verify_supported(device)
+                replace_linears(model, quantization)
     finally:
         torch.set_default_dtype(previous)
     model.to_empty(device=device)
@@ -145,13 +158,17 @@ def load_model(
         fingerprint = hashlib.sha256(b"dummy" + _config_bytes(path)).hexdigest()
     elif load_format != "safetensors":
         raise ValueError(f"load_format must be 'safetensors' or 'dummy'; got {load_format!r}")
-    elif path.is_file():  # GGUF: dequantized to float32, then cast to `dtype`
-        _load_tensors(model, cfg, gguf_tensors(path, cfg), path.name)
+    elif path.is_file():  # GGUF: dequantized to float32, then cast to `dtype` (or quantized)
+        _load_tensors(model, cfg, gguf_tensors(path, cfg), path.name, quantization)
         fingerprint = gguf_fingerprint(path)
     else:
         files = _safetensors_files(path)
-        _load_tensors(model, cfg, _safetensors_tensors(files), path.name)
+        _load_tensors(model, cfg, _safetensors_tensors(files), path.name, quantization)
         fingerprint = _fingerprint(path, files)
+    if quantization is not None:
+        # quantized weights give other keys and values: their KV blocks are their own
+        fingerprint = hashlib.sha256(f"{fingerprint}|{quantization}".encode()).hexdigest()
+        _finalize_quantized(model, quantization)
     model.eval()
     t_weights = time.perf_counter()
     if device.type == "cpu":
@@ -159,7 +176,22 @@ def load_model(
     log.info("Start-up: weights of %s read in %.1fs (%s), CPU linears packed in %.1fs",
              path.name, t_weights - t0, "GGUF" if path.is_file() else load_format,
              time.perf_counter() - t_weights)  # fmt: skip
-    return LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint)
+    return LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint,
+                       quantization=quantization)
+
+
+def _finalize_quantized(model: CausalLM, quantization: QuantizationConfig) -> None:
+    kernels = set()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.finalize()
+            kernels.add(module.kernel)
+    log.info("Quantization: %s; kernels: %s", quantization.describe(), "; ".join(sorted(kernels)))
+
+
+def quantized_kernels(model: CausalLM) -> list[str]:
+    """The kernels serving the model's quantized linears (for /v1/models)."""
+    return sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)})
 
 
 def _pack_cpu_linears(model: CausalLM) -> None:
@@ -198,7 +230,7 @@ def _target(name: str) -> tuple[str, int | None, str] | None:
     for old, (new, shard) in fused.items():
         if old in name:
             return name.replace(old, new), shard, name.rsplit(".", 1)[-1]
-    return name.replace(".mlp.down_proj.", ".down_proj."), None, ""
+    return name.replace(".mlp.down_proj.", ".down_proj."), None, name.rsplit(".", 1)[-1]
 
 
 def _config_bytes(path: Path) -> bytes:
@@ -216,11 +248,16 @@ def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]
                 yield name, f.get_tensor(name)
 
 
-def _load_tensors(model: CausalLM, cfg: ModelConfig,
-                  tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:  # fmt: skip
+def _load_tensors(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
+                  source: str, quantization: QuantizationConfig | None = None) -> None:  # fmt: skip
     """Fill `model` from (transformers name, tensor) pairs; raises ValueError naming an
     unexpected, misshapen or missing weight."""
     params = dict(model.named_parameters())
+    # a quantized layer's weight is loaded through the layer (quantized rows, not a copy)
+    quant_layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    params.update(dict.fromkeys(quant_layers))
+    stored = quantization is not None and quantization.source == "compressed-tensors"
+    pending: dict[tuple[str, int | None], dict[str, torch.Tensor]] = {}
     shard_sizes = {
         "qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
         "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size],
@@ -230,11 +267,30 @@ def _load_tensors(model: CausalLM, cfg: ModelConfig,
         target = _target(name)
         if target is None:
             continue
-        pname, shard, _ = target
+        pname, shard, part = target
         if pname == "lm_head.weight" and model.lm_head is None:
             continue  # tied: the embedding serves as the head
+        layer_name = pname.rsplit(".", 1)[0] + ".weight"
+        if stored and layer_name in quant_layers and part != "bias":
+            if part in compressed_tensors.IGNORED_PARTS:
+                continue
+            parts = pending.setdefault((layer_name, shard), {})
+            parts[part] = tensor
+            if set(compressed_tensors.required_parts(quantization)) <= set(parts):
+                layer = quant_layers[layer_name]
+                begin = _shard_begin(shard_sizes, layer_name, shard)
+                layer.load_quantized(compressed_tensors.to_layer_layout(
+                    quantization, pending.pop((layer_name, shard)), layer.in_features),
+                    begin)  # fmt: skip
+                loaded.add(f"{layer_name}#{shard}")
+            continue
         if pname not in params:
             raise ValueError(f"unexpected tensor {name!r} in {source}")
+        if pname in quant_layers:
+            quant_layers[pname].weight_loader(
+                tensor, _shard_begin(shard_sizes, pname, shard))
+            loaded.add(f"{pname}#{shard}")
+            continue
         param = params[pname]
         with torch.no_grad():
             if shard is None:
@@ -253,6 +309,14 @@ def _load_tensors(model: CausalLM, cfg: ModelConfig,
         raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}")
 
 
+def _shard_begin(shard_sizes: dict[str, list[int]], pname: str, shard: int | None) -> int:
+    """First row of shard `shard` of a fused projection (0 for an unfused one)."""
+    if shard is None:
+        return 0
+    sizes = shard_sizes[pname.split(".")[-2]]
+    return sum(sizes[:shard])
+
+
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
@@ -262,6 +326,13 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 def _fill_random(model: CausalLM) -> None:
     gen = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):  # random float rows, quantized a slice at a time
+                g = torch.Generator(device=m.weight.device).manual_seed(zlib.crc32(name.encode()))
+                for begin in range(0, m.out_features, 4096):
+                    rows = min(4096, m.out_features - begin)
+                    w = torch.empty(rows, m.in_features, device=m.weight.device)
+                    m.weight_loader(w.normal_(0.0, 0.02, generator=g), begin)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)

@@ -94,8 +94,29 @@ def write_kv(
         _triton_ops().reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
         return
     num_kv_heads, head_dim = k_cache.shape[-2:]
+    if k_cache.dtype != key.dtype:  # an FP8 cache (--kv-cache-dtype fp8)
+        key, value = to_kv_cache_dtype(key, k_cache.dtype), to_kv_cache_dtype(value, k_cache.dtype)
+        # float8 has no index_copy_ on CPUs: copy its bytes
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        key, value = key.view(torch.uint8), value.view(torch.uint8)
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+# FP8 KV cache: one per-tensor scale of 1.0 for keys and values (vLLM's default when the
+# checkpoint brings no calibrated k/v scales); values past e4m3's range saturate at +-448
+# instead of becoming NaN.
+KV_FP8_SCALE = 1.0
+
+
+def to_kv_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """`x` as the cache stores it: float8_e4m3fn scaled by 1 / KV_FP8_SCALE, saturated."""
+    return (x.float() / KV_FP8_SCALE).clamp_(-448.0, 448.0).to(cache_dtype)
+
+
+def from_kv_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached keys or values back in the model dtype."""
+    return x.to(dtype) if KV_FP8_SCALE == 1.0 else (x.float() * KV_FP8_SCALE).to(dtype)
 
 
 def paged_attention(
@@ -134,6 +155,8 @@ def paged_attention(
             ki, vi = k[start:end], v[start:end]
         else:
             ki, vi = _gather_context(k_cache, v_cache, meta.block_table[i], seq_len)
+            if ki.dtype != q.dtype:
+                ki, vi = from_kv_cache_dtype(ki, q.dtype), from_kv_cache_dtype(vi, q.dtype)
         out[start:end] = _prefill_attention(q[start:end], ki, vi, seq_len - q_len, scale)
         start = end
     return out
@@ -265,6 +288,8 @@ def _decode_attention(
     group = q.shape[1] // k_cache.shape[2]
     for g in decode_groups(meta, k_cache):
         k, v = _gather_group(g, k_cache, v_cache, meta.workspace)  # [n, Hkv, L, D] each
+        if k.dtype != q.dtype:
+            k, v = from_kv_cache_dtype(k, q.dtype), from_kv_cache_dtype(v, q.dtype)
         in_range = isinstance(g.requests, slice)
         qg = q[g.requests] if in_range else q.index_select(0, g.requests)
         dst = out[g.requests] if in_range else torch.empty_like(qg)
@@ -317,7 +342,10 @@ def _gather_group(
     if g.padding_rows is not None:
         # What lies past a context may be stale or NaN, and 0 * NaN is NaN: clear it, so
         # the -inf bias alone masks it (cheaper than masked_fill on broadcast shapes).
-        blocks.view(2, -1, num_kv_heads * head_dim).index_fill_(1, g.padding_rows, 0)
+        rows = blocks.view(2, -1, num_kv_heads * head_dim)
+        if rows.dtype.itemsize == 1:  # float8 has no index_fill_ on CPUs: fill its bytes
+            rows = rows.view(torch.uint8)
+        rows.index_fill_(1, g.padding_rows, 0)
     kv = buf[2 * gathered :].view(2, g.num_seqs, num_kv_heads, g.length, head_dim)
     by_token = blocks.view(2, g.num_seqs, -1, num_kv_heads, head_dim)[:, :, : g.length]
     kv.copy_(by_token.transpose(2, 3))

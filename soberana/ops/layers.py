@@ -44,10 +44,13 @@ def gemv_linear(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`linear(x)` for one row in one launch, with `norm`'s (add +) RMSNorm before it and,
     for a fused gate/up projection, SiLU-and-mul after it; returns (out, new residual)."""
+    # a QuantLinear (soberana/quantization) brings its scales, zero points and group size
     return _gemv_ops().gemv(
         x, linear.weight, linear.bias,
         norm_weight=None if norm is None else norm.weight, eps=1e-6 if norm is None else norm.eps,
-        residual=residual, gated=gated,
+        residual=residual, gated=gated, weight_scale=getattr(linear, "weight_scale", None),
+        weight_zero=getattr(linear, "weight_zero", None),
+        group_size=getattr(linear, "group_size", 0),
     )  # fmt: skip
 
 

@@ -59,7 +59,22 @@ def supports_pdl(device: torch.device) -> bool:
 
 
 @triton.jit
-def _load_rows(w_rows, ks, col_ok, K, EVEN: tl.constexpr):
+def _load_rows(w_rows, s_rows, z_rows, k0, col_ok, K, EVEN: tl.constexpr, INT4: tl.constexpr,
+               GROUP: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """This program's rows of W at columns k0:k0+BLOCK_K: as stored, or for int4 (two per
+    byte, a scale and zero point per GROUP columns) dequantized to float32 in registers."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    if INT4:
+        # k0 is even: the run's bytes, element 2i in byte i's low nibble
+        kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_rows + kh[None, :], mask=col_ok[:, None] & (kh < K // 2)[None, :],
+                         other=0)  # fmt: skip
+        q = tl.interleave(packed & 0xF, packed >> 4).to(tl.float32)
+        ok = col_ok[:, None] & (ks < K)[None, :]
+        # one scale per GROUP columns: the repeated addresses are served by L1
+        s = tl.load(s_rows + (ks // GROUP)[None, :], mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_rows + (ks // GROUP)[None, :], mask=ok, other=0).to(tl.float32)
+        return (q - z) * s
     if EVEN:
         return tl.load(w_rows + ks[None, :])
     return tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
@@ -96,24 +111,29 @@ def _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_ptr, res_ptr, norm_w_ptr, re
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, res_ptr, norm_w_ptr, w_ptr, bias_ptr, out_ptr, res_out_ptr,
-    N, K, eps, stride_wn,
+    x_ptr, res_ptr, norm_w_ptr, w_ptr, bias_ptr, out_ptr, res_out_ptr, scale_ptr, zero_ptr,
+    N, K, eps, stride_wn, stride_sn,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
+    ROW_SCALE: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w_rows = w_ptr + cols[:, None] * stride_wn
-    # The up half's rows sit N rows below the gate half's.
+    # The up half's rows sit N rows below the gate half's (their scales too).
     w_up_rows = w_rows + N * stride_wn
-    ks = tl.arange(0, BLOCK_K)
+    s_rows = scale_ptr + cols[:, None] * stride_sn
+    z_rows = zero_ptr + cols[:, None] * stride_sn
+    s_up_rows = s_rows + N * stride_sn
+    z_up_rows = z_rows + N * stride_sn
     # The first tile of W depends on nothing the previous kernel writes: load it, then wait.
-    w = _load_rows(w_rows, ks, col_ok, K, EVEN)
+    w = _load_rows(w_rows, s_rows, z_rows, 0, col_ok, K, EVEN, INT4, GROUP, BLOCK_K)
     w_up = w
     if GATED:
-        w_up = _load_rows(w_up_rows, ks, col_ok, K, EVEN)
+        w_up = _load_rows(w_up_rows, s_up_rows, z_up_rows, 0, col_ok, K, EVEN, INT4, GROUP,
+                          BLOCK_K)  # fmt: skip
     if PDL:
         gdc_wait()  # the previous kernel's writes (x, residual) are visible from here on
         gdc_launch_dependents()
@@ -124,15 +144,20 @@ def _gemv_kernel(
                                       norm_w_ptr, res_out_ptr, K, pid, NORM, HAS_RESIDUAL,
                                       GATED, EVEN, BLOCK_K)  # fmt: skip
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        w = _load_rows(w_rows, k0 + ks, col_ok, K, EVEN)
+        w = _load_rows(w_rows, s_rows, z_rows, k0, col_ok, K, EVEN, INT4, GROUP, BLOCK_K)
         if GATED:
-            w_up = _load_rows(w_up_rows, k0 + ks, col_ok, K, EVEN)
+            w_up = _load_rows(w_up_rows, s_up_rows, z_up_rows, k0, col_ok, K, EVEN, INT4, GROUP,
+                              BLOCK_K)  # fmt: skip
         acc, acc_up, sum_sq = _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_ptr, res_ptr,
                                           norm_w_ptr, res_out_ptr, K, pid, NORM, HAS_RESIDUAL,
                                           GATED, EVEN, BLOCK_K)  # fmt: skip
 
     out = tl.sum(acc, axis=1)
     out_up = tl.sum(acc_up, axis=1)
+    if ROW_SCALE:  # int8 / fp8: one scale per row, out of the sum
+        out *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if GATED:
+            out_up *= tl.load(scale_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)
     if NORM:
         inv_rms = tl.math.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
         out = out * inv_rms
@@ -162,17 +187,25 @@ def gemv(
     residual: torch.Tensor | None = None,
     gated: bool = False,
     config: GemvConfig | None = None,
+    weight_scale: torch.Tensor | None = None,
+    weight_zero: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`x @ weight.T (+ bias)` for one row `x` [1, K]; returns (out, new residual).
+
+    Quantized weights (soberana/quantization): int8 or fp8 `weight` [N, K] with a per-row
+    `weight_scale` [N]; or int4, `weight` uint8 [N, K/2] two per byte with `weight_scale` and
+    `weight_zero` [N, K/group_size].
 
     With `norm_weight`, `x` is first replaced by `RMSNorm(x (+ residual)) * norm_weight`; the
     second result is then `x + residual` (or `x` itself without a residual), else None.
     With `gated`, `weight` is a fused [2I, K] gate/up projection and out is
     `silu(gate) * up` [1, I].
     """
-    _check(x, weight, bias, norm_weight, residual, gated)
+    _check(x, weight, bias, norm_weight, residual, gated, weight_scale, weight_zero, group_size)
     k = x.shape[1]
     n = weight.shape[0] // 2 if gated else weight.shape[0]
+    int4 = weight_zero is not None
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     new_residual = None
     if norm_weight is not None:
@@ -183,25 +216,39 @@ def gemv(
         x, res, norm_weight if norm_weight is not None else weight, weight,
         bias if bias is not None else weight, out,
         new_residual if residual is not None else out,  # unused without a residual
-        n, k, eps, weight.stride(0),
+        weight_scale if weight_scale is not None else weight,
+        weight_zero if int4 else weight,
+        n, k, eps, weight.stride(0), weight_scale.stride(0) if int4 else 0,
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None, GATED=gated,
         EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, PDL=supports_pdl(x.device),
+        ROW_SCALE=weight_scale is not None and not int4, INT4=int4, GROUP=max(group_size, 1),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=supports_pdl(x.device),
     )  # fmt: skip
     return out, new_residual
 
 
-def _check(x, weight, bias, norm_weight, residual, gated) -> None:
+def _check(x, weight, bias, norm_weight, residual, gated, weight_scale, weight_zero,
+           group_size) -> None:  # fmt: skip
     if x.dim() != 2 or x.shape[0] != 1 or x.stride(1) != 1:
         raise ValueError(f"x must be one contiguous row [1, K], got shape {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.stride(1) != 1:
-        raise ValueError(f"weight must be a row-major [N, {x.shape[1]}] tensor, got "
+    cols = x.shape[1] // 2 if weight_zero is not None else x.shape[1]
+    if weight.dim() != 2 or weight.shape[1] != cols or weight.stride(1) != 1:
+        raise ValueError(f"weight must be a row-major [N, {cols}] tensor, got "
                          f"{tuple(weight.shape)} with strides {weight.stride()}")  # fmt: skip
     if gated and weight.shape[0] % 2:
         raise ValueError(f"a gated weight stacks gate and up rows: got {weight.shape[0]} rows")
-    if x.dtype != weight.dtype or x.device != weight.device:
+    if weight_scale is not None:
+        groups = () if weight_zero is None else (x.shape[1] // max(group_size, 1),)
+        want = (weight.shape[0], *groups)
+        if weight_scale.shape != want or not weight_scale.is_contiguous() or (
+                weight_zero is not None and weight_zero.shape != want):  # fmt: skip
+            raise ValueError(f"weight_scale (and weight_zero) must be contiguous {want}; got "
+                             f"{tuple(weight_scale.shape)}")  # fmt: skip
+        if weight_zero is not None and (group_size < 2 or x.shape[1] % group_size):
+            raise ValueError(f"int4 group_size must divide K={x.shape[1]}; got {group_size}")
+    elif x.dtype != weight.dtype or x.device != weight.device:
         raise ValueError(f"x ({x.dtype} on {x.device}) and weight ({weight.dtype} on "
                          f"{weight.device}) must match")  # fmt: skip
     for name, t, size in (("bias", bias, weight.shape[0]), ("norm_weight", norm_weight,

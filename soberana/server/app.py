@@ -130,6 +130,11 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
             "root": info.path,
             "parent": None,
             "max_model_len": info.max_model_len,
+            "task": info.task,  # generate, embed or rerank
+            # which scheme and kernels serve the weights, and the KV cache's dtype
+            "quantization": info.quantization,
+            "quantization_kernels": info.quantization_kernels,
+            "kv_cache_dtype": info.kv_cache_dtype,
         }
 
     async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:

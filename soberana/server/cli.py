@@ -237,6 +237,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '"num_speculative_tokens": 4} or "draft_model" with "model": PATH, or "layer_skip" '
         '(docs/spec-decode.md)',
     )
+    eng.add_argument(
+        "--quantization", "-q", choices=["int8", "int4", "fp8"], default=None,
+        help="quantize the weights at load: int8 / int4 weight-only, fp8 W8A8 (GPUs of compute "
+        "capability >= 8.9; weight-only elsewhere). A pre-quantized compressed-tensors "
+        "checkpoint is detected without this flag",
+    )
+    eng.add_argument(
+        "--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+        help="fp8: store keys and values as float8_e4m3fn (twice the tokens in the pool)",
+    )
     add_kv_arguments(parser)
 
 
@@ -268,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
         served_model_name=args.served_model_name[0] if args.served_model_name else None,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         revision=args.revision,
         max_logprobs=args.max_logprobs,
         enforce_eager=args.enforce_eager,

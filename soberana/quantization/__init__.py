@@ -1,0 +1,34 @@
+"""Quantized weights and KV cache: int8 / int4 weight-only, FP8 W8A8, compressed-tensors
+checkpoints, FP8 KV cache (docs/quantization.md)."""
+
+from soberana.quantization.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_METHODS,
+    QuantizationConfig,
+    resolve_quantization,
+)
+from soberana.quantization.linear import QuantLinear
+
+__all__ = ["KV_CACHE_DTYPES", "QUANTIZATION_METHODS", "QuantLinear", "QuantizationConfig",
+           "resolve_quantization", "replace_linears"]  # fmt: skip
+
+
+def replace_linears(model, cfg: QuantizationConfig) -> int:
+    """Swap each decoder projection `nn.Linear` of `model` (built on the meta device, before
+    its memory is allocated) for a QuantLinear; returns how many. The embedding and the output
+    head stay as they are."""
+    import torch
+    from torch import nn
+
+    count = 0
+    for layer in model.layers:
+        for parent in (layer, layer.self_attn):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    dtype = child.weight.dtype
+                    with torch.device(child.weight.device):
+                        q = QuantLinear(child.in_features, child.out_features,
+                                        child.bias is not None, cfg.linear_method(), dtype)  # fmt: skip
+                    setattr(parent, name, q)
+                    count += 1
+    return count

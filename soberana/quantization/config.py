@@ -1,0 +1,77 @@
+"""Which quantization serves a model: `--quantization`, or the checkpoint's own
+`quantization_config` (vLLM's `QuantizationConfig`), checked against the hardware at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from soberana.quantization import schemes
+from soberana.quantization.linear import (
+    Fp8LinearMethod,
+    Int4LinearMethod,
+    Int8LinearMethod,
+    LinearMethod,
+    fp8_gemm_supported,
+)
+
+QUANTIZATION_METHODS = ("int8", "int4", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """One scheme for every decoder projection (the embedding and output head stay in the
+    model dtype, as vLLM's compressed-tensors checkpoints leave `lm_head` unquantized).
+
+    `method`: int8 | int4 | fp8. `source`: "on-the-fly" (quantized at load from float weights)
+    or "compressed-tensors" (the checkpoint holds quantized tensors). `checkpoint_format`
+    names the compressed-tensors layout of the stored tensors.
+    """
+
+    method: str
+    group_size: int = schemes.INT4_GROUP_SIZE
+    source: str = "on-the-fly"
+    checkpoint_format: str = ""
+    symmetric: bool = False
+
+    def linear_method(self) -> LinearMethod:
+        if self.method == "int8":
+            return Int8LinearMethod()
+        if self.method == "int4":
+            return Int4LinearMethod(self.group_size)
+        return Fp8LinearMethod()
+
+    def verify_supported(self, device: torch.device) -> None:
+        """Raise ValueError at start when `device` cannot run this scheme as specified."""
+        if self.method == "fp8" and device.type == "cuda" and not fp8_gemm_supported(device):
+            cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            raise ValueError(
+                f"quantization fp8 (W8A8) needs FP8 matrix units: NVIDIA compute capability "
+                f">= 8.9 (Ada, Hopper); this GPU is {cc}. Use --quantization int8 instead."
+            )
+
+    def describe(self) -> str:
+        """One line for the log and /v1/models."""
+        return f"{self.linear_method().name}, {self.source}" + (
+            f" ({self.checkpoint_format})" if self.checkpoint_format else "")  # fmt: skip
+
+
+def resolve_quantization(quantization: str | None, hf_config: dict) -> QuantizationConfig | None:
+    """The scheme a model is served with: the checkpoint's `quantization_config` if it has
+    one (an explicit `--quantization` must then agree with it), else `quantization`."""
+    if quantization is not None and quantization not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; "
+                         f"got {quantization!r}")  # fmt: skip
+    stored = hf_config.get("quantization_config")
+    if stored is None:
+        return None if quantization is None else QuantizationConfig(method=quantization)
+    from soberana.quantization.compressed_tensors import config_from_checkpoint
+
+    cfg = config_from_checkpoint(stored)
+    if quantization is not None and quantization != cfg.method:
+        raise ValueError(f"--quantization {quantization} conflicts with the checkpoint, which "
+                         f"is stored as {cfg.method} ({cfg.checkpoint_format}); omit the flag")  # fmt: skip
+    return cfg

@@ -1,0 +1,103 @@
+"""The arithmetic of each weight format: quantize a float matrix, and dequantize it back.
+
+These functions are the reference every kernel is tested against: a quantized linear computes
+`x @ dequantize(...).T` up to the order of its float32 sums. Rows are quantized independently
+(every scale belongs to one output row), so a fused projection's shards (q, k, v; gate, up)
+can be quantized one at a time as they are read from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4_GROUP_SIZE = 128  # group-wise int4: one scale and zero point per 128 inputs of a row
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: (qweight int8 [N, K], scale float32 [N])."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp_(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 [N, K] of an int8 weight."""
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int = INT4_GROUP_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise asymmetric int4 along the input dim, two values per byte.
+
+    Returns (packed uint8 [N, K/2], scale float32 [N, K/g], zero uint8 [N, K/g]) with
+    w ~ (q - zero) * scale and q in 0..15; element 2i of a row in byte i's low nibble,
+    2i + 1 in its high nibble.
+    """
+    n, k = w.shape
+    _check_group(k, group_size)
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=2).clamp(max=0.0), g.amax(dim=2).clamp(min=0.0)  # 0.0 stays exact
+    scale = ((hi - lo) / 15.0).clamp_(min=1e-12)
+    zero = torch.round(-lo / scale).clamp_(0, 15)
+    q = torch.round(g / scale[..., None] + zero[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = q.reshape(n, k)
+    return pack_int4(q), scale, zero.to(torch.uint8)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] of values 0..15 to [N, K/2], even elements in the low nibbles."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] to the values 0..15 [N, K]."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> torch.Tensor:
+    """float32 [N, K] of a group-wise int4 weight."""
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    groups = scale.shape[1]
+    q = q.reshape(n, groups, k // groups) - zero.float()[..., None]
+    return (q * scale.float()[..., None]).reshape(n, k)
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel float8_e4m3fn: (qweight [N, K], scale float32 [N])."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp_(min=1e-12) / FP8_MAX
+    q = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 [N, K] of an fp8 weight."""
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token activation scales (W8A8): (x fp8 [M, K], scale float32 [M, 1])."""
+    x32 = x.float()
+    scale = x32.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / FP8_MAX
+    return (x32 / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def int4_group_for(k: int, group_size: int = INT4_GROUP_SIZE) -> int:
+    """`group_size` where it divides the input size `k`, else the largest of 64 and 32 that
+    does (SmolLM2's 576 = 4.5 x 128 takes groups of 64): the GEMM's K tile needs >= 32."""
+    for g in (group_size, 64, 32):
+        if g <= group_size and k % g == 0:
+            return g
+    raise ValueError(f"int4 needs an input size divisible by 32; got {k}")
+
+
+def _check_group(k: int, group_size: int) -> None:
+    if group_size < 2 or group_size % 2 or k % group_size:
+        raise ValueError(f"int4 group_size must be even and divide the input size {k}; "
+                         f"got {group_size}")  # fmt: skip

@@ -1,0 +1,100 @@
+"""The quantized-weight Triton kernels (dequantizing GEMV for one-token steps, int8/int4
+GEMM for batched steps) run by Triton's CPU interpreter on small shapes, against
+`x @ dequantize(W).T` in PyTorch (soberana/quantization/schemes.py).
+
+Float32 activations (the interpreter mishandles bfloat16 in `tl.dot`); tests/gpu covers
+bfloat16 at model shapes.
+"""
+
+import os
+
+import pytest
+import torch
+
+from tests.ops.interpreted import INTERPRETED
+
+pytest.importorskip("triton")
+pytestmark = INTERPRETED
+
+from soberana.ops.triton_gemv import GemvConfig, gemv  # noqa: E402
+from soberana.ops.triton_quant_gemm import int4_matmul, int8_matmul  # noqa: E402
+from soberana.quantization import schemes  # noqa: E402
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def _relative_error(out, ref):
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def _weights(n, k, gen):
+    return torch.randn(n, k, generator=gen) * k**-0.5
+
+
+# rows and K that split into the tiles evenly, and ones that leave ragged edges
+@pytest.mark.parametrize("m,n,k", [(16, 64, 128), (5, 40, 192), (33, 72, 64)])
+def test_int8_gemm_equals_dequantized_reference(m, n, k, gen):
+    x = torch.randn(m, k, generator=gen)
+    q, scale = schemes.quantize_int8(_weights(n, k, gen))
+    out = int8_matmul(x, q, scale)
+    ref = x @ schemes.dequantize_int8(q, scale).T
+    assert _relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("m,n,k,group", [(16, 64, 128, 64), (7, 40, 256, 128), (20, 24, 96, 32)])
+def test_int4_gemm_equals_dequantized_reference(m, n, k, group, gen):
+    x = torch.randn(m, k, generator=gen)
+    packed, scale, zero = schemes.quantize_int4(_weights(n, k, gen), group)
+    out = int4_matmul(x, packed, scale, zero, group)
+    ref = x @ schemes.dequantize_int4(packed, scale, zero).T
+    assert _relative_error(out, ref) < 1e-5
+
+
+CONFIG = GemvConfig(16, 32, 4, 1)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_row_scaled_gemv_equals_dequantized_reference(fmt, gated, gen):
+    n, k = 40, 96  # ragged in both
+    rows = 2 * n if gated else n
+    quantize, dequantize = {"int8": (schemes.quantize_int8, schemes.dequantize_int8),
+                            "fp8": (schemes.quantize_fp8, schemes.dequantize_fp8)}[fmt]
+    q, scale = quantize(_weights(rows, k, gen))
+    x = torch.randn(1, k, generator=gen)
+    out, _ = gemv(x, q, weight_scale=scale, gated=gated, config=CONFIG)
+    ref = x @ dequantize(q, scale).T
+    if gated:
+        gate, up = ref.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+    assert out.shape == (1, n)
+    assert _relative_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_int4_gemv_with_fused_norm_equals_dequantized_reference(gated, gen):
+    n, k, group = 40, 128, 32
+    rows = 2 * n if gated else n
+    packed, scale, zero = schemes.quantize_int4(_weights(rows, k, gen), group)
+    x, residual = torch.randn(1, k, generator=gen), torch.randn(1, k, generator=gen)
+    norm_w = torch.rand(k, generator=gen) + 0.5
+    out, new_residual = gemv(x, packed, norm_weight=norm_w, eps=1e-6, residual=residual,
+                             gated=gated, config=CONFIG, weight_scale=scale, weight_zero=zero,
+                             group_size=group)  # fmt: skip
+    h = x + residual
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w
+    ref = normed @ schemes.dequantize_int4(packed, scale, zero).T
+    if gated:
+        gate, up = ref.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+    assert torch.equal(new_residual, h)
+    assert _relative_error(out, ref) < 1e-5
+
+
+def test_gemv_refuses_scales_of_the_wrong_shape(gen):
+    q, scale = schemes.quantize_int8(_weights(8, 64, gen))
+    with pytest.raises(ValueError, match="weight_scale"):
+        gemv(torch.randn(1, 64), q, weight_scale=scale[:4], config=CONFIG)
