@@ -41,7 +41,7 @@ COPY soberana /src/soberana
 RUN pip install --no-deps /src \
  && pip install aiohttp pyyaml prometheus_client jsonschema httpx numpy matplotlib tqdm \
       uvloop nvidia-ml-py transformers tokenizers opentelemetry-api opentelemetry-sdk \
-      opentelemetry-exporter-otlp-proto-http \
+      opentelemetry-exporter-otlp-proto-http phonenumbers python-stdnum \
  && useradd --uid 1000 --create-home soberana
 USER soberana
 WORKDIR /home/soberana

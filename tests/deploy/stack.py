@@ -97,11 +97,12 @@ def start_stack(tmp: Path) -> Stack:
             "timeouts": {"connect_s": 2.0, "first_byte_s": 120.0, "idle_s": 120.0},
             "models": {
                 MODEL: {"backends": [{"name": "engine-0", "endpoint": server.url,
-                                      "kind": "soberana", "model": MODEL}]},
+                                      "kind": "soberana", "model": MODEL, "privacy": "onprem"}]},
                 # A real HTTP server that is no model server (the GPU exporter answers POST with
                 # 501): the gateway's error, retry and ejection series get real events.
                 BROKEN_MODEL: {"backends": [{"name": "not-a-model-server", "endpoint": exporter,
-                                             "kind": "soberana", "model": BROKEN_MODEL}]},
+                                             "kind": "soberana", "model": BROKEN_MODEL,
+                                             "privacy": "onprem"}]},
             },
             "tenants": [tenant("acme", GATEWAY_KEY),
                         tenant("limited", LIMITED_KEY, requests_per_minute=1)],

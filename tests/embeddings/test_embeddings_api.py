@@ -25,8 +25,8 @@ def _sentences(n: int, seed: int = 0, max_words: int = 120) -> list[str]:
 
 @pytest.fixture(scope="module")
 def embed_server(tmp_path_factory, minilm):
-    proc = ServerProcess(tmp_path_factory.mktemp("embed") / "server.log", str(minilm),
-                         "--served-model-name", "minilm")
+    proc = ServerProcess(tmp_path_factory.mktemp("embed") / "server.log",
+                         "--served-model-name", "minilm", model=str(minilm))
     try:
         yield proc.start()
     finally:
@@ -148,7 +148,7 @@ def test_embedding_requests_are_counted_in_metrics(embed_server):
 
 def test_cross_encoder_server_reranks_as_sentence_transformers(tmp_path, tiny_encoder):
     path = tiny_encoder("bert-cross")
-    proc = ServerProcess(tmp_path / "server.log", str(path), "--served-model-name", "cross")
+    proc = ServerProcess(tmp_path / "server.log", "--served-model-name", "cross", model=str(path))
     try:
         proc.start()
         query = "What is the capital of France?"

@@ -16,15 +16,17 @@ from prometheus_client.parser import text_string_to_metric_families
 API_KEY = "test-key"
 ALLOWED_ORIGIN = "https://app.example.org"  # the shared server's one CORS origin
 # Small and short so the whole suite stays within a few minutes on 2 shared cores.
-BASE_ARGS = ["demo", "--max-model-len", "256", "--kv-cache-gb", "0.05", "--disable-uvicorn-access-log"]
+BASE_ARGS = ["--max-model-len", "256", "--kv-cache-gb", "0.05", "--disable-uvicorn-access-log"]
 
 
 class ServerProcess:
-    """`python -m soberana.cli serve` with the demo model in its own process group."""
+    """`python -m soberana.cli serve MODEL` (the demo model unless `model` names another) in its
+    own process group."""
 
-    def __init__(self, log_path: Path, *extra_args: str, api_key: str | None = API_KEY) -> None:
+    def __init__(self, log_path: Path, *extra_args: str, api_key: str | None = API_KEY,
+                 model: str = "demo") -> None:
         self.log_path = log_path
-        args = [sys.executable, "-m", "soberana.cli", "serve", "--port", "0", *BASE_ARGS]
+        args = [sys.executable, "-m", "soberana.cli", "serve", model, "--port", "0", *BASE_ARGS]
         if api_key is not None:
             args += ["--api-key", api_key]
         self.args = args + list(extra_args)
