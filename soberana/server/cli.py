@@ -317,7 +317,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.model in ("demo", "soberana-demo"):
         from soberana.models.demo import DEMO_NAME, LABEL
 
-        logger.warning("Serving the built-in demo model %r (%s); its answers are meaningless.",
+        logger.warning("Serving the built-in demo model %r (%s); its answers are meaningless. "
+                       "To serve a real model: `soberana serve` (the default model, "
+                       "SmolLM2-135M-Instruct) or `soberana serve /path/to/model`.",
                        DEMO_NAME, LABEL)  # fmt: skip
     try:
         return _event_loop_runner()(

@@ -508,13 +508,15 @@ class EngineClient:
 
 
 def _load_tokenizer_early(config: EngineConfig) -> tuple[Path, Any]:
-    """The tokenizer of a local (or the demo) model, loaded while the core loads the weights;
-    ValueError for a hub id, whose download the core owns."""
-    from soberana.models.loader import resolve_model_path
+    """The tokenizer of a local model (a directory, a .gguf file, the demo), loaded while the
+    core loads the weights; ValueError for a hub id or the default model, which the core may
+    have to download first."""
+    from soberana.models.loader import DEMO_ALIASES, resolve_model_path
     from soberana.models.tokenizer import load_tokenizer
 
-    if config.model is not None and not Path(config.model).expanduser().is_dir():
-        raise ValueError("not a local model directory")
+    if config.model is None or (config.model not in DEMO_ALIASES
+                                and not Path(config.model).expanduser().exists()):
+        raise ValueError("not a local model")
     t0 = time.perf_counter()
     path = resolve_model_path(config.model, config.revision)
     tokenizer = load_tokenizer(path)

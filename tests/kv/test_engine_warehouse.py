@@ -160,7 +160,7 @@ def test_evicted_blocks_are_filed_under_their_tenant_and_purged_with_it(tmp_path
     shared = tmp_path / "shared"
     warehouse = KVWarehouseConfig(shared_dir=str(shared), shared_gb=1.0, load_policy="always",
                                   shared_key_file=str(key_file))  # evictions only
-    llm = LLM(max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
+    llm = LLM("demo", max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
     core = llm.engine
     w = core.offload.warehouse
     prompt = USERS[0]

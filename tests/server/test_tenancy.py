@@ -92,7 +92,8 @@ def test_a_short_salt_secret_is_refused(tmp_path, monkeypatch):
     assert load_salt_secret() == b"x" * 20
 
 
-def test_tenant_header_without_api_keys_refuses_to_start(monkeypatch, caplog):
+def test_tenant_header_without_api_keys_refuses_to_start(monkeypatch, capsys):
     monkeypatch.delenv("SOBERANA_API_KEY", raising=False)
-    assert main(["serve", "--port", "0", "--tenant-header", "X-Tenant-Id"]) == 2
-    assert "--tenant-header needs --api-key" in caplog.text
+    assert main(["serve", "demo", "--port", "0", "--tenant-header", "X-Tenant-Id"]) == 2
+    # `serve` configures logging itself (--log-format), replacing pytest's capture handler.
+    assert "--tenant-header needs --api-key" in capsys.readouterr().err
