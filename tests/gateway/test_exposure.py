@@ -83,5 +83,5 @@ def test_a_passive_ejection_is_logged_as_a_warning_with_its_reason(upstreams, st
         assert gw.chat(KEY, content=f"q{i}").status_code == 200
     ejections = [line for line in gw.log().splitlines() if "ejected" in line]
     assert len(ejections) == 1
-    assert " WARNING " in ejections[0] and "backend m/first" in ejections[0]
+    assert ejections[0].startswith("WARNING ") and "backend m/first" in ejections[0]
     assert "2 consecutive failed requests" in ejections[0] and "http_5xx" in ejections[0]
