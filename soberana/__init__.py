@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
-# PyTorch's CPU allocator backs large tensors with transparent huge pages when this is set:
-# each fresh multi-MB activation then costs a few page faults instead of thousands
-# (measured 2-4x faster KV gathers on CPU). It must be set before torch allocates.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# Importing soberana changes nothing process-wide: the allocator settings (THP, mallopt) are
+# applied by the engine-core process and by LLM(tune_process_memory=True): engine/process_memory.py.
 
 __version__ = "0.1.0"
 

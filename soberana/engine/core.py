@@ -122,7 +122,7 @@ class EngineCore:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             cpu_kernels.set_isa(config.cpu_isa)
-            cpu_kernels.keep_freed_memory()
+            # Allocator tuning is process-wide: the entry points opt in (engine/process_memory.py).
         path = resolve_model_path(config.model, config.revision)
         t_found = time.perf_counter()
         mcfg, _ = read_model_config(path)

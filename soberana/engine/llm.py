@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from soberana.engine import process_memory
 from soberana.engine.config import EngineConfig
 from soberana.engine.output_processor import OutputProcessor
 from soberana.engine.outputs import EngineCoreRequest, PoolingRequest, RequestOutput
@@ -30,6 +31,11 @@ class LLM:
     `model` is a local Hugging Face directory, a `.gguf` file, a hub id, "demo" (random
     weights — for smoke tests and trying the stack offline), or None for the default model,
     SmolLM2-135M-Instruct (soberana/models/default_model.py).
+
+    `tune_process_memory` (default True) changes this process's allocator settings before the
+    model is built: transparent huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE) and
+    glibc's malloc keeping freed activations (mallopt) — faster CPU steps, an RSS that does not
+    shrink. Pass False when embedding LLM in an application whose allocator must not change.
     """
 
     def __init__(
@@ -46,9 +52,12 @@ class LLM:
         block_size: int = 16,
         seed: int = 0,
         load_format: str = "safetensors",
+        tune_process_memory: bool = True,
         **kwargs,
     ) -> None:
         setup_logging()
+        if tune_process_memory:
+            process_memory.tune_process_memory()
         config = EngineConfig(
             model=model, dtype=dtype, device=device, max_model_len=max_model_len,
             kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs,

@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from soberana.models.demo import cache_root
+from soberana.cache import cache_root
 
 log = logging.getLogger(__name__)
 

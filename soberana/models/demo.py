@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from soberana.cache import cache_root
 
 DEMO_VERSION = 1
 DEMO_NAME = "soberana-demo"
@@ -57,11 +58,6 @@ Accents and scripts: café, naïve, señor, Zürich, Kraków, Ελλάδα, Мо
 Hello! How are you today? I am fine, thank you. What is the capital of France? Paris.
 The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
 """
-
-
-def cache_root() -> Path:
-    """Where built-in artefacts live: $SOBERANA_CACHE or ~/.cache/soberana."""
-    return Path(os.environ.get("SOBERANA_CACHE", Path.home() / ".cache" / "soberana"))
 
 
 def demo_model_path() -> Path:

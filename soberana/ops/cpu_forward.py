@@ -20,17 +20,16 @@ import weakref
 from collections.abc import Callable
 from ctypes import POINTER, byref, c_float, c_int32, c_int64, c_void_p
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from soberana.ops import cpu_kernels
 from soberana.ops.attention import AttentionMetadata
 from soberana.ops.cpu_linear import PackedLinear
 
-if TYPE_CHECKING:
-    from soberana.models.transformer import CausalLM
-
+# The model is typed `nn.Module` (a models.transformer.CausalLM in practice): `ops` never imports
+# `models`, which imports `ops` (the import-linter contracts in .importlinter).
 SOURCE = Path(__file__).parent / "csrc" / "cpu_forward.c"
 
 # forward_layers' return value: which kernel failed (stage << 8) and its code.
@@ -106,7 +105,7 @@ class NativeStack:
     """One model's decoder layers as csrc/cpu_forward.c runs them, over the KV cache it was
     last bound to (held weakly: the engine's warm-up cache is freed when it is done with)."""
 
-    def __init__(self, model: CausalLM, lib: ctypes.CDLL, kernels: _Kernels) -> None:
+    def __init__(self, model: nn.Module, lib: ctypes.CDLL, kernels: _Kernels) -> None:
         cfg = model.config
         self.lib, self.kernels = lib, kernels
         self.config = cfg
@@ -210,7 +209,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _servable(model: CausalLM) -> bool:
+def _servable(model: nn.Module) -> bool:
     """Whether the model is what csrc/cpu_forward.c computes: bfloat16 throughout, every
     linear on soberana's bf16 kernel, no q/k norms."""
     cfg = model.config
@@ -241,7 +240,7 @@ def _servable(model: CausalLM) -> bool:
 _stacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def stack_for(model: CausalLM) -> NativeStack | None:
+def stack_for(model: nn.Module) -> NativeStack | None:
     """The model's native stack (built at first use), or None where it is not served."""
     if model not in _stacks:
         found = _kernels()
@@ -249,7 +248,7 @@ def stack_for(model: CausalLM) -> NativeStack | None:
     return _stacks[model]
 
 
-def forward(model: CausalLM, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+def forward(model: nn.Module, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
             meta: AttentionMetadata) -> torch.Tensor | None:  # fmt: skip
     """`model`'s decoder layers and final norm over the embeddings x in one native call, or
     None where the native stack does not serve this model, cache or step."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from soberana.models.demo import cache_root
+from soberana.cache import cache_root
 
 logger = logging.getLogger("soberana.ops")
 

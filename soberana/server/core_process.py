@@ -71,7 +71,11 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
     # The API process's --log-format (it exports SOBERANA_LOG_FORMAT before spawning us).
     configure(os.environ.get("SOBERANA_LOG_FORMAT", "text"), "INFO")
     try:
+        # This process is ours: tune its allocator before torch is imported (and allocates).
+        from soberana.engine.process_memory import tune_process_memory
+
         t0 = time.perf_counter()
+        tune_process_memory()
         from soberana.engine.pooling_core import build_engine_core
 
         logger.info("engine core: libraries imported in %.1fs; loading the model",
