@@ -43,7 +43,9 @@ def gateway_config(model: str, host: str, port: int, replicas: int) -> str:
     lines = ["models:", f"  {model}:", "    backends:"]
     for i in range(replicas):
         lines += [f"      - endpoint: http://{host}:{port + i}/v1", "        kind: soberana",
-                  f"        model: {model}", f"        name: replica-{i}"]
+                  f"        model: {model}", f"        name: replica-{i}",
+                  # replicas this launcher starts on this host: prompts stay on site
+                  "        privacy: onprem"]
     lines += ["routing:", "  prefix_affinity: true",
               "# tenants: add yours (key digests: soberana gateway --hash-key)"]
     return "\n".join(lines) + "\n"

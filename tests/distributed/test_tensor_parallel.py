@@ -34,7 +34,7 @@ def _build(out: Path, name: str) -> Path:
     import transformers
 
     cls_name, kv_heads, extra = CASES[name]
-    for f in resolve_model_path(None).iterdir():
+    for f in resolve_model_path("demo").iterdir():
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(f, out / f.name)
     config = getattr(transformers, cls_name)(
