@@ -286,8 +286,10 @@ def _payload(
         out["cache_salt"] = salt
     options = body.get("stream_options")
     client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    # Anthropic's streams (/v1/messages) report usage in their own events: no stream_options.
     exchange.strip_usage_event = (
         exchange.stream and backend.traits.stream_usage and not client_wants_usage
+        and path != "/v1/messages"
     )
     if exchange.strip_usage_event:
         out["stream_options"] = {

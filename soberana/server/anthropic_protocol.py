@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError
 
 from soberana.server.errors import bad_request
 from soberana.server.protocol import (
+    MAX_SALT_CHARS,
     MAX_STOP,
     ChatCompletionRequest,
     RequestBody,
@@ -93,6 +94,9 @@ class MessagesRequest(RequestBody):
     metadata: dict[str, Any] | None = None
     thinking: Thinking | None = None
     service_tier: str | None = None
+    # Soberana's (and vLLM's) prefix-cache partition, as on chat completions: a gateway in
+    # front sets its tenant's salt here.
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_SALT_CHARS)
 
 
 class CountTokensRequest(RequestBody):
@@ -145,6 +149,8 @@ def to_chat_request(body: MessagesRequest | CountTokensRequest, stream: bool = F
             chat["stop"] = body.stop_sequences
         if body.metadata and isinstance(body.metadata.get("user_id"), str):
             chat["user"] = body.metadata["user_id"]
+        if body.cache_salt is not None:
+            chat["cache_salt"] = body.cache_salt
     try:
         return ChatCompletionRequest.model_validate(chat)
     except ValidationError as exc:  # a value in Anthropic's range but not in ours

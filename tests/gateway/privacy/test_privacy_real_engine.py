@@ -56,3 +56,26 @@ def test_onprem_engine_gets_the_original_and_the_cloud_only_placeholders(
     answer = burst.json()["choices"][0]["message"]["content"]
     assert IBAN in answer and EMAIL in answer
     assert gw.metric("soberana_gateway_pii_redactions_total") >= 2
+
+
+def test_anthropic_messages_through_the_gateway_to_a_real_engine(engine, start_gateway):
+    import anthropic
+
+    doc = config(
+        {"local": [backend("engine", engine.url, kind="soberana", model="soberana-demo")]},
+        [tenant("a", KEY_A, privacy=["onprem"])],
+        health=LENIENT_HEALTH,
+        timeouts={"first_byte_s": 120.0, "idle_s": 120.0},
+    )
+    gw = start_gateway(doc)
+    client = anthropic.Anthropic(base_url=gw.url, api_key=KEY_A, max_retries=0)
+    message = client.messages.create(
+        model="local", max_tokens=4, messages=[{"role": "user", "content": "Hello"}])
+    assert message.role == "assistant" and message.usage.output_tokens >= 1
+    with client.messages.stream(model="local", max_tokens=4,
+                                messages=[{"role": "user", "content": "Hello"}]) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason in ("end_turn", "max_tokens")
+    # The gateway adds its tenant's cache_salt to every body; the Messages endpoint used to
+    # refuse it (400), so Anthropic clients could not go through the gateway.
+    assert gw.metric("soberana_gateway_errors_total") == 0
