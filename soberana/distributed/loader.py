@@ -79,13 +79,7 @@ def _load_shard(model: CausalLM, vocab_size: int, shard: TPShard, files: list[Pa
                     param = param[begin:begin + sizes[part]]
                 _copy_slice(param, f.get_slice(name), shard.rows(pname, part), vocab_size, name)
                 loaded.add(f"{pname}#{part}")
-    missing = []
-    for pname in params:
-        parts = part_sizes.get(pname.split(".")[-2])
-        keys = [f"{pname}#{i}" for i in range(len(parts))] if parts else [f"{pname}#None"]
-        missing += [k for k in keys if k not in loaded]
-    if missing:
-        raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}")
+    base.check_all_loaded(params, part_sizes, loaded)
 
 
 def _copy_slice(dst: torch.Tensor, src, rows: tuple[int, int, int] | None, vocab_size: int,

@@ -300,6 +300,11 @@ def _load_tensors(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str
                 begin = sum(sizes[:shard])
                 _copy_checked(param.data[begin:begin + sizes[shard]], tensor, name)
         loaded.add(f"{pname}#{shard}")
+    check_all_loaded(params, shard_sizes, loaded)
+
+
+def check_all_loaded(params, shard_sizes: dict[str, list[int]], loaded: set[str]) -> None:
+    """ValueError naming the weights (`name#shard` of a fused projection) never loaded."""
     missing = []
     for pname in params:
         shards = shard_sizes.get(pname.split(".")[-2])
