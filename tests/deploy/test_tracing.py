@@ -20,7 +20,9 @@ def test_one_trace_spans_gateway_server_and_engine_phases(stack):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         spans = stack.traces.trace(TRACE_ID)
-        if {s.name for s in spans} >= {"queue", "prefill", "decode"}:
+        # Each process exports its spans on its own schedule: wait for every span read below.
+        if {s.name for s in spans} >= {"queue", "prefill", "decode", f"chat {MODEL}",
+                                       "gateway POST /v1/chat/completions"}:
             break
         time.sleep(0.3)
     by_name = {s.name: s for s in spans}
