@@ -17,7 +17,7 @@ import torch
 
 from soberana.engine.config import EngineConfig
 from soberana.engine.kv_cache_manager import KVCacheManager
-from soberana.engine.model_runner import ModelRunner, PendingStep
+from soberana.engine.model_runner import ModelRunner, ModelRunnerOutput, PendingStep
 from soberana.engine.outputs import (
     EngineCoreOutput,
     EngineCoreRequest,
@@ -268,7 +268,8 @@ class EngineCore:
             outputs.append(out)
         return outputs
 
-    def _apply_verified(self, pending: PendingStep, result) -> list[EngineCoreOutput]:
+    def _apply_verified(self, pending: PendingStep,
+                        result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Speculative decoding: append each verified request's accepted drafts and its one
         target token (up to a stop), and roll its KV back past the rejected drafts."""
         outputs = []

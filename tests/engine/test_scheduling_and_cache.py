@@ -11,6 +11,7 @@ from soberana import LLM, SamplingParams
 from soberana.engine.block_hash import chain_hashes
 from soberana.engine.block_pool import BlockPool
 from soberana.engine.outputs import EngineCoreRequest
+from soberana.kv.layout import KVLayout
 
 
 @pytest.fixture(scope="module")
