@@ -19,8 +19,9 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_import_linter_contracts_are_kept():
-    # .importlinter: ops never imports models/engine, no models <-> ops cycle, gateway and
-    # bench never import engine/models/ops/torch. no_cache: never a stale graph.
+    # .importlinter: ops never imports models/engine, no models <-> ops cycle, engine never
+    # imports server/gateway/bench or an HTTP framework, gateway and bench never import
+    # engine/models/ops/torch. no_cache: never a stale graph.
     run = _python("import sys; from importlinter.cli import lint_imports; "
                   "sys.exit(lint_imports(config_filename='.importlinter', no_cache=True, "
                   "no_logo=True))")

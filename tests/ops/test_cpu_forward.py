@@ -70,7 +70,7 @@ def test_generation_is_the_same_with_the_stack_on_and_off(tmp_path, monkeypatch)
         monkeypatch.setenv("SOBERANA_CPU_FORWARD", mode)
         llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01)
         outs = llm.generate(prompts, params, use_tqdm=False)
-        served = cpu_forward.stack_for(llm.engine.model) is not None
+        served = cpu_forward.stack_for(llm.engine.worker.model) is not None
         assert served == (mode == "native")
         results[mode] = [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()}
                                                    for d in o.outputs[0].logprobs])
@@ -93,7 +93,7 @@ def test_native_stack_declines_what_it_does_not_compute(case, tmp_path, monkeypa
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
                        use_tqdm=False)[0]  # fmt: skip
     assert len(out.outputs[0].token_ids) == 3
-    assert cpu_forward.stack_for(llm.engine.model) is None
+    assert cpu_forward.stack_for(llm.engine.worker.model) is None
 
 
 def _decode_step(model, kv_cache, seq_lens: list[int]):
@@ -115,7 +115,7 @@ def _decode_step(model, kv_cache, seq_lens: list[int]):
 def test_native_stack_raises_on_bad_input_as_the_kernels_do(tmp_path):
     build_tiny_model(tmp_path, "llama")
     llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=64, kv_cache_gb=0.01)
-    model, kv_cache = llm.engine.model, llm.engine.kv_cache
+    model, kv_cache = llm.engine.worker.model, llm.engine.worker.kv_cache
     x, positions, meta = _decode_step(model, kv_cache, [5, 20, 33])
     with torch.inference_mode():
         good = cpu_forward.forward(model, x, positions, kv_cache, meta)
@@ -137,7 +137,7 @@ def test_native_stack_does_not_keep_a_cache_alive(tmp_path):
     its weights and workspace for the engine's own cache."""
     build_tiny_model(tmp_path, "llama")
     llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=64, kv_cache_gb=0.01)
-    model, kv_cache = llm.engine.model, llm.engine.kv_cache
+    model, kv_cache = llm.engine.worker.model, llm.engine.worker.kv_cache
     x, positions, meta = _decode_step(model, kv_cache, [5, 20, 33])
     with torch.inference_mode():
         want = cpu_forward.forward(model, x, positions, kv_cache.clone(), meta)

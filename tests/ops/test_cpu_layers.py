@@ -326,7 +326,7 @@ def test_bf16_models_run_on_the_native_linear_as_on_onednn(arch, tmp_path, monke
     for backend in ("native", "onednn"):
         monkeypatch.setenv("SOBERANA_CPU_LINEAR", backend)
         llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01)
-        head = llm.engine.model.lm_head
+        head = llm.engine.worker.model.lm_head
         assert (head.native is not None) == (backend == "native")
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         scores[backend] = torch.tensor([d[t].logprob for d, t in
