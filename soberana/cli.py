@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from soberana.config_file import declares_config_flag, expand_config_file
+
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 _SUBCOMMANDS = {
     "serve": ("soberana.server.cli", "run the OpenAI-compatible server"),
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(module_name)
             module.add_arguments(sp)
             sp.set_defaults(_run=module.run, _argv=["soberana", *argv])
+            if declares_config_flag(sp):  # vLLM's --config FILE.yaml of flags
+                argv = [name, *expand_config_file(sp, argv[1:])]
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from soberana.bench.config import (
     ENDPOINTS,
-    WORKLOADS,
     BenchConfig,
     BenchConfigError,
     LoadPoint,
@@ -22,10 +21,15 @@ from soberana.bench.config import (
     parse_count,
     parse_percentiles,
     parse_positive_float,
-    parse_range,
     parse_slo,
     parse_sweep,
 )
+from soberana.config_file import add_config_flag
+from soberana.config_flags import HelpFormatter, add_flags, from_flags
+
+
+class _HelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults appended to the flags' help; the epilog's examples kept on their own lines."""
 
 
 def _typed(parse: Callable, name: str, **kwargs) -> Callable[[str], object]:
@@ -43,7 +47,8 @@ def _typed(parse: Callable, name: str, **kwargs) -> Callable[[str], object]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare `soberana bench` options and the `compare` sub-mode."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.formatter_class = _HelpFormatter
+    add_config_flag(parser)
     parser.epilog = (
         "example: soberana bench --base-url http://127.0.0.1:8000/v1 --num-prompts 100 "
         "--concurrency 10 --output-dir out/\n"
@@ -100,83 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--no-server-metrics", action="store_true", help="do not read /metrics")
 
-    w = parser.add_argument_group("workload")
-    w.add_argument("--workload", choices=WORKLOADS, default="random")
-    w.add_argument(
-        "--input-len",
-        type=_typed(parse_range, "--input-len"),
-        default="256",
-        metavar="N|LO:HI",
-        help="tokens of each request's own text: the prompt "
-        "(random), the suffix (prefix), the question (multiturn) (default 256)",
-    )
-    w.add_argument(
-        "--output-len",
-        type=_typed(parse_range, "--output-len"),
-        metavar="N|LO:HI",
-        help="max_tokens per request (default 128; file: the dataset's answer length)",
-    )
-    w.add_argument(
-        "--num-prefixes",
-        type=_typed(parse_count, "--num-prefixes"),
-        default=4,
-        metavar="N",
-        help="prefix: shared prefixes (default %(default)s)",
-    )
-    w.add_argument(
-        "--prefix-len",
-        type=_typed(parse_count, "--prefix-len"),
-        default=256,
-        metavar="N",
-        help="prefix: tokens of each shared prefix (default %(default)s)",
-    )
-    w.add_argument(
-        "--suffixes-per-prefix",
-        type=_typed(parse_count, "--suffixes-per-prefix"),
-        default=8,
-        metavar="M",
-        help="prefix: distinct suffixes per prefix (default %(default)s)",
-    )
-    w.add_argument(
-        "--num-users",
-        type=_typed(parse_count, "--num-users"),
-        default=8,
-        metavar="U",
-        help="multiturn: conversations in progress at a time (default %(default)s)",
-    )
-    w.add_argument(
-        "--num-rounds",
-        type=_typed(parse_count, "--num-rounds"),
-        default=4,
-        metavar="R",
-        help="multiturn: question/answer rounds per user (default %(default)s)",
-    )
-    w.add_argument(
-        "--system-prompt-len",
-        type=_typed(parse_count, "--system-prompt-len", minimum=0),
-        default=256,
-        metavar="N",
-        help="multiturn: tokens of the system prompt all users share (default %(default)s)",
-    )
-    w.add_argument(
-        "--history-len",
-        type=_typed(parse_count, "--history-len", minimum=0),
-        default=0,
-        metavar="N",
-        help="multiturn: tokens of each user's own context, before their first question",
-    )
-    w.add_argument(
-        "--think-time",
-        type=_typed(parse_range, "--think-time", integer=False, minimum=0),
-        default="0",
-        metavar="S|LO:HI",
-        help="multiturn: seconds between an answer and the user's next question",
-    )
-    w.add_argument(
-        "--dataset-path",
-        metavar="FILE",
-        help="file: JSONL of {prompt}, {messages} or ShareGPT {conversations}",
-    )
+    add_flags(parser.add_argument_group("workload"), WorkloadConfig)
 
     ld = parser.add_argument_group("load")
     ld.add_argument(
@@ -222,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="concurrency=C1,C2|rate=R1,R2",
         help="one run per value; plots latency and throughput against load",
     )
-    ld.add_argument("--seed", type=int, default=0)
+    ld.add_argument("--seed", type=int, default=0, help="seed of the workload's random draws")
 
     r = parser.add_argument_group("report")
     r.add_argument(
@@ -237,7 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_typed(lambda s, _n: parse_slo(s), "--slo"),
         default={},
         metavar="ttft=MS,tpot=MS,e2e=MS",
-        help="goodput: requests within every limit",
+        help="goodput: requests within every limit (default: none)",
     )
     r.add_argument(
         "--output-dir", metavar="DIR", help="write requests.csv, summary.json, PNG plots"
@@ -273,20 +202,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchConfig:
     )
     if args.workload == "file" and not args.dataset_path:
         raise BenchConfigError("--workload file needs --dataset-path FILE.jsonl")
-    workload = WorkloadConfig(
-        name=args.workload,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        num_prefixes=args.num_prefixes,
-        prefix_len=args.prefix_len,
-        suffixes_per_prefix=args.suffixes_per_prefix,
-        num_users=args.num_users,
-        num_rounds=args.num_rounds,
-        system_prompt_len=args.system_prompt_len,
-        history_len=args.history_len,
-        think_time=args.think_time,
-        dataset_path=args.dataset_path,
-    )
+    workload = from_flags(WorkloadConfig, args)
     if args.request_rate is None and args.burstiness != 1.0:
         raise BenchConfigError("--burstiness shapes open-loop arrivals: it needs --request-rate")
     base = LoadPoint(args.concurrency, args.request_rate, args.burstiness)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
+
+from soberana.config_flags import flag
 
 ENDPOINTS = ("chat", "completions")
 WORKLOADS = ("random", "prefix", "multiturn", "file")
@@ -30,6 +33,10 @@ class LengthRange:
     def sample_float(self, rng: random.Random) -> float:
         """One real value (e.g. seconds) from the range."""
         return self.low if self.low == self.high else rng.uniform(self.low, self.high)
+
+    def __str__(self) -> str:
+        """As written on the command line: `N` or `LO:HI`."""
+        return f"{self.low:g}" if self.low == self.high else f"{self.low:g}:{self.high:g}"
 
     def to_json(self) -> int | float | list[float]:
         """`N` when fixed, `[LO, HI]` when ranged (as written in summary.json)."""
@@ -206,20 +213,42 @@ DEFAULT_OUTPUT_LEN = LengthRange(128, 128)  # max_tokens when neither option nor
 
 @dataclass
 class WorkloadConfig:
-    """Which prompts to send and how long their answers are."""
+    """Which prompts to send and how long their answers are (the `workload` flags)."""
 
-    name: str = "random"
-    input_len: LengthRange = LengthRange(256, 256)
-    output_len: LengthRange | None = None  # None: the workload's default (128, or the dataset's)
-    num_prefixes: int = 4
-    prefix_len: int = 256
-    suffixes_per_prefix: int = 8
-    num_users: int = 8
-    num_rounds: int = 4
-    system_prompt_len: int = 256
-    history_len: int = 0
-    think_time: LengthRange = LengthRange(0.0, 0.0)
-    dataset_path: str | None = None
+    name: str = flag("random", "what the requests look like (docs/bench.md)", name="--workload",
+                     choices=WORKLOADS)  # fmt: skip
+    input_len: LengthRange = flag(
+        LengthRange(256, 256), "tokens of each request's own text: the prompt (random), the "
+        "suffix (prefix), the question (multiturn) (default 256)", parse=parse_range,
+        metavar="N|LO:HI")
+    # None: the workload's default (128, or the dataset's)
+    output_len: LengthRange | None = flag(
+        None, "max_tokens per request (default 128; file: the dataset's answer length)",
+        parse=parse_range, metavar="N|LO:HI")
+    num_prefixes: int = flag(4, "prefix: shared prefixes (default %(default)s)", parse=parse_count,
+                             metavar="N")  # fmt: skip
+    prefix_len: int = flag(256, "prefix: tokens of each shared prefix (default %(default)s)",
+                           parse=parse_count, metavar="N")  # fmt: skip
+    suffixes_per_prefix: int = flag(
+        8, "prefix: distinct suffixes per prefix (default %(default)s)", parse=parse_count,
+        metavar="M")
+    num_users: int = flag(
+        8, "multiturn: conversations in progress at a time (default %(default)s)",
+        parse=parse_count, metavar="U")
+    num_rounds: int = flag(
+        4, "multiturn: question/answer rounds per user (default %(default)s)", parse=parse_count,
+        metavar="R")
+    system_prompt_len: int = flag(
+        256, "multiturn: tokens of the system prompt all users share (default %(default)s)",
+        parse=partial(parse_count, minimum=0), metavar="N")
+    history_len: int = flag(
+        0, "multiturn: tokens of each user's own context, before their first question",
+        parse=partial(parse_count, minimum=0), metavar="N")
+    think_time: LengthRange = flag(
+        LengthRange(0.0, 0.0), "multiturn: seconds between an answer and the user's next "
+        "question", parse=partial(parse_range, integer=False, minimum=0), metavar="S|LO:HI")
+    dataset_path: str | None = flag(
+        None, "file: JSONL of {prompt}, {messages} or ShareGPT {conversations}", metavar="FILE")
 
     def to_json(self) -> dict:
         """The settings that shaped this workload, as written in summary.json."""
