@@ -20,7 +20,7 @@ from soberana.config_flags import HelpFormatter, add_flags, from_flags
 from soberana.engine.config import EngineConfig
 from soberana.kv.config import add_arguments as add_kv_arguments
 from soberana.kv.config import config_from_args as kv_config_from_args
-from soberana.log import configure as configure_logging
+from soberana.log import LoggingConfig
 from soberana.server.agent_request import AgentOptions
 from soberana.server.app import ServerSettings, build_app
 from soberana.server.engine_client import EngineClient, ServerShuttingDownError
@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = HelpFormatter
     add_flags(parser, EngineConfig, only=("model",))  # the positional MODEL
     add_config_flag(parser)
-    add_flags(parser.add_argument_group("HTTP server"), ServeConfig)
+    http = parser.add_argument_group("HTTP server")
+    add_flags(http, ServeConfig)
+    add_flags(http, LoggingConfig)
     add_flags(parser.add_argument_group("tools, reasoning and structured outputs"), AgentOptions)
     add_flags(parser.add_argument_group("engine"), EngineConfig, skip=("model",))
     add_kv_arguments(parser)
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         from soberana.distributed.data_parallel import run_replicas
 
         return run_replicas(args)
-    configure_logging(serve.log_format, serve.log_level)
+    from_flags(LoggingConfig, args).configure()
     filter_access_log(_QUIET_PATHS)
     try:
         kv_warehouse = kv_config_from_args(args)

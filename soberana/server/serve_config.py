@@ -7,14 +7,14 @@ import os
 from dataclasses import dataclass
 
 from soberana.config_flags import flag
-from soberana.log import LOG_FORMATS
 
 API_KEY_ENV = "SOBERANA_API_KEY"
 
 
 @dataclass
 class ServeConfig:
-    """Where and how `soberana serve` listens, who may call it, and what it logs."""
+    """Where and how `soberana serve` listens, and who may call it (its logging flags are
+    soberana.log's LoggingConfig)."""
 
     host: str = flag("127.0.0.1", "address to bind")
     port: int = flag(8000, "port to bind; 0 picks a free one")
@@ -45,11 +45,6 @@ class ServeConfig:
     shutdown_timeout: float = flag(
         30.0, "on SIGTERM, seconds to let running requests finish; the rest then end with an "
         "OpenAI error (JSON 503, or an SSE error event then [DONE])")
-    log_level: str = flag(
-        "info", "least severe log level printed", choices=("debug", "info", "warning", "error"))
-    log_format: str = flag(
-        "text", "text, or json: one JSON object per line (request lines carry their fields as "
-        "keys)", choices=LOG_FORMATS)
     otlp_traces_endpoint: str | None = flag(
         None, "send OpenTelemetry spans (request, queue, prefill, decode) over OTLP/HTTP to this "
         "collector URL, e.g. http://localhost:4318; default: no tracing")
