@@ -4,6 +4,7 @@ argument parsing uses this)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -106,6 +107,9 @@ class KVWarehouseConfig:
                 f"--kv-redis-url must start with redis://, rediss:// or unix://; "
                 f"got {self.redis_url!r}"
             )
+        if self.redis_url and importlib.util.find_spec("redis") is None:
+            raise ValueError("--kv-redis-url needs the Redis client, which is not installed: "
+                             "pip install 'soberana[redis]'")
         if self.load_policy not in ("auto", "always"):
             raise ValueError(f"--kv-load-policy must be auto or always; got {self.load_policy!r}")
         if self.write_buffer_mb is not None and self.write_buffer_mb < 1:
