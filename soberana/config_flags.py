@@ -26,7 +26,9 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if (
             "default" in text
-            or action.default in (None, argparse.SUPPRESS, False)
+            or action.default is None
+            or action.default is False  # a switch that is off unless given
+            or action.default == argparse.SUPPRESS
             or not action.option_strings
         ):
             return text

@@ -19,9 +19,7 @@ from soberana.bench.config import (
     default_metrics_url,
     normalize_base_url,
     parse_count,
-    parse_percentiles,
     parse_positive_float,
-    parse_slo,
     parse_sweep,
 )
 from soberana.config_file import add_config_flag
@@ -85,12 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ask the server to generate exactly max_tokens (vLLM/Soberana extra)",
     )
-    t.add_argument(
-        "--tokenizer",
-        metavar="DIR",
-        help="Hugging Face tokenizer directory for exact lengths (default: --model "
-        "if it is a local directory)",
-    )
+    add_flags(t, BenchConfig, only=("tokenizer",))
     t.add_argument(
         "--timeout",
         type=_typed(parse_positive_float, "--timeout"),
@@ -127,51 +120,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="B",
         help="gamma shape of inter-arrival times: 1 Poisson, <1 burstier, >1 steadier",
     )
-    ld.add_argument(
-        "--num-prompts",
-        type=_typed(parse_count, "--num-prompts"),
-        metavar="N",
-        help="requests per run (default: the workload's size, 100 for random)",
-    )
-    ld.add_argument(
-        "--duration",
-        type=_typed(parse_positive_float, "--duration"),
-        metavar="S",
-        help="stop starting requests after S seconds",
-    )
-    ld.add_argument(
-        "--warmup",
-        type=_typed(parse_count, "--warmup", minimum=0),
-        default=0,
-        metavar="N",
-        help="requests sent first and not counted",
-    )
+    add_flags(ld, BenchConfig, only=("num_prompts", "duration_s", "warmup", "seed"))
     ld.add_argument(
         "--sweep",
         metavar="concurrency=C1,C2|rate=R1,R2",
         help="one run per value; plots latency and throughput against load",
     )
-    ld.add_argument("--seed", type=int, default=0, help="seed of the workload's random draws")
 
-    r = parser.add_argument_group("report")
-    r.add_argument(
-        "--percentiles",
-        type=_typed(lambda s, _n: parse_percentiles(s), "--percentiles"),
-        default=[50.0, 90.0, 95.0, 99.0],
-        metavar="P1,P2",
-        help="default 50,90,95,99",
-    )
-    r.add_argument(
-        "--slo",
-        type=_typed(lambda s, _n: parse_slo(s), "--slo"),
-        default={},
-        metavar="ttft=MS,tpot=MS,e2e=MS",
-        help="goodput: requests within every limit (default: none)",
-    )
-    r.add_argument(
-        "--output-dir", metavar="DIR", help="write requests.csv, summary.json, PNG plots"
-    )
-    r.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    add_flags(parser.add_argument_group("report"), BenchConfig,
+              only=("percentiles", "slo", "output_dir", "progress"))  # fmt: skip
 
     modes = parser.add_subparsers(dest="bench_mode", metavar="compare")
     cmp = modes.add_parser(
@@ -222,21 +179,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchConfig:
         raise BenchConfigError(
             "--request-rate inf with --duration starts requests without limit: add --num-prompts"
         )
-    return BenchConfig(
-        target=target,
-        workload=workload,
-        loads=loads,
-        num_prompts=args.num_prompts,
-        duration_s=args.duration,
-        warmup=args.warmup,
-        seed=args.seed,
-        percentiles=args.percentiles,
-        slo=args.slo,
-        tokenizer=args.tokenizer,
-        output_dir=args.output_dir,
-        progress=not args.no_progress,
-        command_line=_redacted(argv),
-    )
+    return from_flags(BenchConfig, args, target=target, workload=workload, loads=loads,
+                      command_line=_redacted(argv))  # fmt: skip
 
 
 def _redacted(argv: list[str]) -> list[str]:

@@ -283,13 +283,25 @@ class BenchConfig:
     target: Target
     workload: WorkloadConfig
     loads: list[LoadPoint]
-    num_prompts: int | None = None  # None: the workload's natural size, or unbounded with duration
-    duration_s: float | None = None
-    warmup: int = 0
-    seed: int = 0
-    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 95.0, 99.0])
-    slo: dict[str, float] = field(default_factory=dict)
-    tokenizer: str | None = None
-    output_dir: str | None = None
-    progress: bool = True
+    # None: the workload's natural size, or unbounded with duration
+    num_prompts: int | None = flag(
+        None, "requests per run (default: the workload's size, 100 for random)", parse=parse_count,
+        metavar="N")
+    duration_s: float | None = flag(None, "stop starting requests after S seconds",
+                                    name="--duration", parse=parse_positive_float, metavar="S")  # fmt: skip
+    warmup: int = flag(0, "requests sent first and not counted",
+                       parse=partial(parse_count, minimum=0), metavar="N")  # fmt: skip
+    seed: int = flag(0, "seed of the workload's random draws")
+    percentiles: list[float] = flag(
+        help="default 50,90,95,99", default_factory=lambda: [50.0, 90.0, 95.0, 99.0],
+        parse=lambda text, _flag: parse_percentiles(text), metavar="P1,P2")
+    slo: dict[str, float] = flag(
+        help="goodput: requests within every limit (default: none)", default_factory=dict,
+        parse=lambda text, _flag: parse_slo(text), metavar="ttft=MS,tpot=MS,e2e=MS")
+    tokenizer: str | None = flag(
+        None, "Hugging Face tokenizer directory for exact lengths (default: --model if it is a "
+        "local directory)", metavar="DIR")
+    output_dir: str | None = flag(None, "write requests.csv, summary.json, PNG plots",
+                                  metavar="DIR")  # fmt: skip
+    progress: bool = flag(True, "a live progress bar (--no-progress: none)")
     command_line: list[str] = field(default_factory=list)
