@@ -57,7 +57,7 @@ def expand_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list
         if action is None or option == CONFIG_FLAG or isinstance(action, argparse._HelpAction):
             parser.error(f"{CONFIG_FLAG} {path}: unknown key {key!r} (no flag {option} in "
                          f"`{parser.prog}`; see --help)")  # fmt: skip
-        if _given(action, argv):
+        if value is None or _given(action, argv):  # null: the flag's default
             continue
         added += _as_arguments(parser, path, key, option, action, value)
     # Appended after the command line: values of a multi-value flag there cannot swallow them.

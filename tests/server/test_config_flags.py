@@ -74,13 +74,13 @@ def test_flag_choices_match_the_quantization_package():
 def test_config_file_sets_flags_with_dashes_or_underscores(tmp_path):
     path = _write(tmp_path, "model: demo\nmax-num-seqs: 8\nmax_num_batched_tokens: 512\n"
                             "enable_prefix_caching: false\nkv-write-through: true\n"
-                            "served-model-name: [a, b]\napi_key: [k1, k2]\n"
+                            "served-model-name: [a, b]\napi_key: [k1, k2]\nrevision: null\n"
                             "speculative_config: {method: ngram, num_speculative_tokens: 3}\n")
     args = _parse(["--config", path])
     config = from_flags(EngineConfig, args)
     assert config.model == "demo"
     assert (config.max_num_seqs, config.max_num_batched_tokens) == (8, 512)
-    assert config.enable_prefix_caching is False
+    assert config.enable_prefix_caching is False and config.revision is None
     assert json.loads(config.speculative_config) == {"method": "ngram",
                                                      "num_speculative_tokens": 3}
     assert kv_config_from_args(args).write_through is True
