@@ -36,8 +36,8 @@ from soberana.gateway.privacy.detector import Detector  # noqa: E402
 from soberana.gateway.privacy.redactor import redact_body  # noqa: E402
 from soberana.gateway.privacy.rehydrator import Rehydrator, SseRehydrator  # noqa: E402
 from soberana.gateway.tenants import hash_key  # noqa: E402
+from tests.fake_openai import FakeOpenAI  # noqa: E402
 from tests.gateway.privacy.corpus import _GEN  # noqa: E402
-from tests.gateway.privacy.echo_cloud import EchoCloud  # noqa: E402
 
 _FILLER = (
     "El cliente solicita revisar el contrato de servicios y confirmar las condiciones de pago "
@@ -148,7 +148,7 @@ async def in_process(runs: int) -> dict:
     }
 
 
-def start_gateway(cloud: EchoCloud, cpu: int, tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_gateway(cloud: FakeOpenAI, cpu: int, tmp: Path) -> tuple[subprocess.Popen, str]:
     doc = {
         "models": {
             "m": {
@@ -222,7 +222,7 @@ def ttft(url: str, key: str, body: dict) -> float:
 def end_to_end(cpu: int, runs: int) -> dict:
     body, _ = prompt_with_entities()
     body = {**body, "stream": True}
-    cloud = EchoCloud(piece_chars=8).start()
+    cloud = FakeOpenAI("cloud", echo=True, piece_chars=8).start()
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_gateway(cloud, cpu, Path(tmp))
         try:

@@ -35,6 +35,18 @@ def test_gateway_and_bench_import_without_torch():
     assert run.returncode == 0, run.stderr
 
 
+def test_gateway_and_bench_run_on_a_host_without_torch():
+    # The bench drives the gateway in front of an OpenAI-compatible endpoint, every process
+    # unable to import torch, transformers, matplotlib or redis (CI also runs this script in
+    # a fresh venv holding only soberana[gateway,bench]: .ci/torch_free_smoke.sh).
+    run = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "torch_free_smoke.py")], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'without_torch'}{os.pathsep}{ROOT}"},
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "8/8 requests through the gateway" in run.stdout
+
+
 def test_import_soberana_leaves_the_environment_unchanged():
     # THP_MEM_ALLOC_ENABLE and mallopt are the engine-core process's and LLM's opt-in now.
     run = _python("import os; before = dict(os.environ); import soberana, soberana.engine.core; "

@@ -50,7 +50,7 @@ def test_onprem_engine_gets_the_original_and_the_cloud_only_placeholders(
     # Leaving the site: the cloud sees placeholders only; the answer comes back with originals.
     burst = gw.chat(KEY_A, model="burst", content=TEXT)
     assert burst.status_code == 200, burst.text
-    sent = b"".join(c.behaviour.raw_bodies)
+    sent = b"".join(c.raw_bodies)
     assert IBAN.encode() not in sent and EMAIL.encode() not in sent
     assert b"<IBAN" in sent and b"<EMAIL" in sent
     answer = burst.json()["choices"][0]["message"]["content"]
