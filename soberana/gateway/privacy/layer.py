@@ -126,7 +126,11 @@ class RequestPrivacy:
         started = time.perf_counter()
         try:
             self.redacted_body, self.redaction = await redact_body(
-                body, self.layer.detector, entities, self.layer.config.detector_timeout_s
+                body,
+                self.layer.detector,
+                entities,
+                self.layer.config.detector_timeout_s,
+                policy.ner,
             )
             self.detector_result = "ok"
         except DetectorError as e:
