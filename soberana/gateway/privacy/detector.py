@@ -13,6 +13,7 @@ from soberana.gateway.privacy.recognizers import Recognizer, Span, builtin_recog
 
 log = logging.getLogger("soberana.gateway.privacy")
 
+
 class DetectorError(Exception):
     """Detection failed or ran out of time: the request must not leave unredacted."""
 

@@ -269,30 +269,68 @@ def generate(n: int = 600, seed: int = 22) -> list[Message]:
 # they were: there the opener's name is not a label, here every name, place and organisation is.
 
 _NER_FIRST = {
-    "es": ["Lucía", "Hugo", "Martina", "Mateo", "Carmen", "Javier", "Pilar", "Alejandro",
-           "Marta", "Sergio", "Elena", "Raúl", "Nuria", "Íñigo", "Rocío", "Andrés"],
-    "en": ["Alice", "James", "Emma", "Oliver", "Sarah", "Michael", "Laura", "David",
-           "Rebecca", "Thomas", "Hannah", "George", "Olivia", "Daniel", "Chloe", "Robert"],
+    "es": (
+        "Lucía Hugo Martina Mateo Carmen Javier Pilar Alejandro "
+        "Marta Sergio Elena Raúl Nuria Íñigo Rocío Andrés"
+    ).split(),
+    "en": (
+        "Alice James Emma Oliver Sarah Michael Laura David "
+        "Rebecca Thomas Hannah George Olivia Daniel Chloe Robert"
+    ).split(),
 }
 _NER_LAST = {
-    "es": ["García", "Martínez", "López", "Sánchez", "Pérez", "Fernández", "Gómez", "Ruiz",
-           "Navarro", "Jiménez", "Moreno", "Álvarez", "Romero", "Torres", "Domínguez", "Castillo"],
-    "en": ["Smith", "Jones", "Taylor", "Brown", "Williams", "Wilson", "Johnson", "Davies",
-           "Miller", "Clarke", "Walker", "Wright", "Thompson", "Robinson", "Hughes", "Edwards"],
+    "es": (
+        "García Martínez López Sánchez Pérez Fernández Gómez Ruiz "
+        "Navarro Jiménez Moreno Álvarez Romero Torres Domínguez Castillo"
+    ).split(),
+    "en": (
+        "Smith Jones Taylor Brown Williams Wilson Johnson Davies "
+        "Miller Clarke Walker Wright Thompson Robinson Hughes Edwards"
+    ).split(),
 }
 _NER_PLACES = {
-    "es": ["Madrid", "Sevilla", "Valencia", "Bilbao", "Zaragoza", "Málaga", "Barcelona",
-           "Salamanca", "Granada", "Valladolid", "Córdoba", "Alicante", "Murcia", "Toledo"],
-    "en": ["London", "Manchester", "Boston", "Chicago", "Dublin", "Edinburgh", "Toronto",
-           "Seattle", "Liverpool", "Denver", "Atlanta", "Glasgow", "Philadelphia", "Bristol"],
+    "es": (
+        "Madrid Sevilla Valencia Bilbao Zaragoza Málaga Barcelona "
+        "Salamanca Granada Valladolid Córdoba Alicante Murcia Toledo"
+    ).split(),
+    "en": (
+        "London Manchester Boston Chicago Dublin Edinburgh Toronto "
+        "Seattle Liverpool Denver Atlanta Glasgow Philadelphia Bristol"
+    ).split(),
 }
 _NER_ORGS = {
-    "es": ["Telefónica", "Banco Santander", "BBVA", "Iberdrola", "Repsol", "Mercadona",
-           "Inditex", "la Universidad de Salamanca", "el Ayuntamiento de Madrid", "Renfe",
-           "la Agencia Tributaria", "CaixaBank", "Correos", "el Hospital Clínic"],
-    "en": ["Microsoft", "Google", "Barclays", "HSBC", "Goldman Sachs", "the World Bank",
-           "Oxford University", "the BBC", "Amazon", "Deloitte", "the European Commission",
-           "General Electric", "Pfizer", "the Red Cross"],
+    "es": [
+        "Telefónica",
+        "Banco Santander",
+        "BBVA",
+        "Iberdrola",
+        "Repsol",
+        "Mercadona",
+        "Inditex",
+        "la Universidad de Salamanca",
+        "el Ayuntamiento de Madrid",
+        "Renfe",
+        "la Agencia Tributaria",
+        "CaixaBank",
+        "Correos",
+        "el Hospital Clínic",
+    ],
+    "en": [
+        "Microsoft",
+        "Google",
+        "Barclays",
+        "HSBC",
+        "Goldman Sachs",
+        "the World Bank",
+        "Oxford University",
+        "the BBC",
+        "Amazon",
+        "Deloitte",
+        "the European Commission",
+        "General Electric",
+        "Pfizer",
+        "the Red Cross",
+    ],
 }
 _NER_TEMPLATES = {
     "es": [

@@ -87,8 +87,9 @@ def test_ner_corpus_precision_recall_and_no_name_leaks():
         # pipelines miss some organisations); the bound guards against a regression.
         assert both[kind]["leaked"] <= 0.03, (kind, both[kind])
         # Running both languages' pipelines leaks less than either one alone.
-        assert both[kind]["leaked"] <= min(report["es only"][kind]["leaked"],
-                                           report["en only"][kind]["leaked"])
+        assert both[kind]["leaked"] <= min(
+            report["es only"][kind]["leaked"], report["en only"][kind]["leaked"]
+        )
     assert both["PERSON"]["recall"] >= 0.8 and both["LOCATION"]["recall"] >= 0.8
     for kind in set(both) & set(CHECKSUM_TYPES) | {"PHONE_NUMBER", "EMAIL_ADDRESS"}:
         assert both[kind] == {**both[kind], "precision": 1.0, "recall": 1.0, "leaked": 0.0}
@@ -160,8 +161,12 @@ def test_a_rule_based_spacy_pipeline_works_as_ner_too(tmp_path):
     # organisation's own client names (a real spaCy component; no statistical model).
     nlp = spacy.blank("es")
     ruler = nlp.add_pipe("entity_ruler", name="ner")
-    ruler.add_patterns([{"label": "ORG", "pattern": "Hostal Las Palmeras"},
-                        {"label": "PER", "pattern": [{"LOWER": "doña"}, {"IS_TITLE": True}]}])
+    ruler.add_patterns(
+        [
+            {"label": "ORG", "pattern": "Hostal Las Palmeras"},
+            {"label": "PER", "pattern": [{"LOWER": "doña"}, {"IS_TITLE": True}]},
+        ]
+    )
     nlp.to_disk(tmp_path / "ruler")
     detector = Detector([], (str(tmp_path / "ruler"),))
     text = "Reserva de doña Remedios en el Hostal Las Palmeras."
@@ -205,4 +210,3 @@ def test_gateway_blocks_when_its_policy_requires_ner_it_does_not_have(cloud, sta
     assert r.status_code == 503 and r.json()["error"]["code"] == "pii_detector_unavailable"
     assert c.behaviour.raw_bodies == []
     assert "no_such_pipeline_xx" in gw.log()  # the start-up log names the missing pipeline
-
