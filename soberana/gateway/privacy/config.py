@@ -76,6 +76,9 @@ class GuardModelConfig:
     endpoint: str
     model: str
     timeout_s: float = 2.0
+    # Streams with output `block`: characters released per passing check; 0 holds the whole
+    # answer until one check of the complete output (see ResponseTransform).
+    stream_window_chars: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,9 @@ def parse_privacy(p: Any, node: Any | None, audit_node: Any | None) -> PrivacyCo
         kwargs["custom_recognizers"] = _parse_custom(p, items["custom_recognizers"])
     if "guard_model" in items:
         g = p.mapping(
-            items["guard_model"], "privacy.guard_model", {"endpoint", "model", "timeout_s"}
+            items["guard_model"],
+            "privacy.guard_model",
+            {"endpoint", "model", "timeout_s", "stream_window_chars"},
         )
         for required in ("endpoint", "model"):
             if required not in g:
@@ -194,6 +199,14 @@ def parse_privacy(p: Any, node: Any | None, audit_node: Any | None) -> PrivacyCo
             timeout_s=p.positive(g["timeout_s"], "privacy.guard_model.timeout_s", float)
             if "timeout_s" in g
             else 2.0,
+            stream_window_chars=p.positive(
+                g["stream_window_chars"],
+                "privacy.guard_model.stream_window_chars",
+                int,
+                allow_zero=True,
+            )
+            if "stream_window_chars" in g
+            else 0,
         )
     if kwargs.get("guard_engine") == "model" and "guard_model" not in kwargs:
         raise p.error(node, "privacy.guard_engine", "`model` needs a `privacy.guard_model` section")

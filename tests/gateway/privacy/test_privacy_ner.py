@@ -180,7 +180,8 @@ def test_a_rule_based_spacy_pipeline_works_as_ner_too(tmp_path):
 @needs_pipelines
 def test_names_never_reach_the_cloud_through_a_real_gateway(cloud, start_gateway):
     c = cloud()
-    gw = start_gateway(cloud_config(c, privacy={"ner_models": [ES, EN]}))
+    # NER on a 2-core machine shared with other test runs can take seconds: a generous limit.
+    gw = start_gateway(cloud_config(c, privacy={"ner_models": [ES, EN], "detector_timeout_s": 60}))
     messages = generate_named(40, seed=99)
     detector = Detector([], (ES, EN))
     body = {"model": "m", "messages": [{"role": "user", "content": m.text} for m in messages]}
