@@ -255,10 +255,11 @@ class EngineCore:
         proposer = build_proposer(spec_cfg, self.model, load_draft, num_blocks * config.block_size,
                                   config.block_size, self.device, dtype,
                                   self.model.config.vocab_size)
-        self.runner.verify = lambda logits, r, drafts: verify(logits, r, drafts, self.sampler)
+        self.runner.verify = lambda logits, r, drafts, bitmask: verify(
+            logits, r, drafts, self.sampler, bitmask)
         log.info("speculative decoding: %s, %d tokens", spec_cfg.method,
                  spec_cfg.num_speculative_tokens)
-        return SpecDecode(spec_cfg, proposer, max_len)
+        return SpecDecode(spec_cfg, proposer, max_len, self.structured.valid_drafts)
 
     def _build_offload(self, config: EngineConfig, fingerprint: str, mcfg, max_len: int):
         wcfg = config.kv_warehouse
@@ -569,6 +570,7 @@ class EngineCore:
             for token in tokens:
                 r.output_token_ids.append(token)
                 emitted.append(token)
+                self.structured.accept(r, token)
                 finish = self._check_stop(r, token, len(r.output_token_ids))
                 if finish is not None:
                     break
@@ -587,6 +589,7 @@ class EngineCore:
                 out.stop_reason = r.stop_reason
                 self.scheduler.finish(r, finish)
                 self.sampler.forget(r)
+                self.structured.forget(r)
                 self._forget_if_done(r.request_id)
             outputs.append(out)
         return outputs
