@@ -236,17 +236,14 @@ class EngineCore:
 
     def _build_spec_decode(self, config: EngineConfig, path, dtype: torch.dtype, max_len: int,
                            num_blocks: int):
-        """Speculative decoding (soberana/engine/spec_decode), or None. Verification is
-        synchronous: async scheduling is turned off while speculating."""
+        """Speculative decoding (soberana/engine/spec_decode), or None. With async
+        scheduling, steps that verify drafts are read back at once (the next drafts continue
+        their accepted tokens); steps without drafts keep overlapping."""
         spec_cfg = config.speculative_config
         if spec_cfg is None:
             return None
         from soberana.engine.spec_decode.manager import SpecDecode, build_proposer
         from soberana.engine.spec_decode.rejection import verify
-
-        if self.async_scheduling:
-            log.warning("speculative decoding: async scheduling turned off")
-            self.async_scheduling = False
 
         def load_draft(draft_path: str):
             p = resolve_model_path(draft_path, None)
@@ -465,13 +462,17 @@ class EngineCore:
         outputs returned are those of the previous step, read back while this one runs: the
         host's scheduling and input preparation overlap the device's work.
         """
+        outputs: list[EngineCoreOutput] = []
         if self.spec is not None:  # drafts for this step's decodes
+            if self._pending is not None and self.spec.would_draft(self.scheduler.running):
+                # Drafts continue the known tokens: read the in-flight step first.
+                outputs = self._resolve(self._pending)
+                self._pending = None
             self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         prev, self._pending = self._pending, None
-        outputs: list[EngineCoreOutput] = []
         if prev is not None and (not sched.scheduled or _needs_known_tokens(sched)):
-            outputs = self._resolve(prev)
+            outputs += self._resolve(prev)
             prev = None
             sched.scheduled = [s for s in sched.scheduled if not s.request.status.finished]
         if not sched.scheduled:
@@ -481,8 +482,8 @@ class EngineCore:
         pending = self.runner.launch(sched, prev)
         self._commit(sched, pending)
         if prev is not None:
-            outputs = self._resolve(prev)
-        if self.async_scheduling:
+            outputs += self._resolve(prev)
+        if self.async_scheduling and not pending.verified:
             self._pending = pending
         else:
             outputs += self._resolve(pending)

@@ -81,9 +81,17 @@ class SpecDecode:
             drafts = list(drafts[:k])
             r.spec_token_ids = self.trim_drafts(r, drafts) if self.trim_drafts else drafts
 
-    def _num_drafts(self, r: Request) -> int:
+    def would_draft(self, running: list[Request]) -> bool:
+        """Whether a request would draft this step once its in-flight token is known (async
+        scheduling reads the step in flight back first only then)."""
+        if len(running) > self.config.disable_by_batch_size:
+            return False
+        return any(self._num_drafts(r, ignore_in_flight=True) > 0 for r in running)
+
+    def _num_drafts(self, r: Request, ignore_in_flight: bool = False) -> int:
         """Drafts `r` may carry this step (0: it decodes one token)."""
-        if r.num_placeholders or r.num_computed_tokens != r.num_tokens - 1:
+        if r.num_computed_tokens != r.num_tokens - 1 or (r.num_placeholders
+                                                         and not ignore_in_flight):
             return 0  # still prefilling, or a token in flight
         st = self.state.get(r.key)
         if st is not None and self.step < st.paused_until:
