@@ -77,25 +77,24 @@ class EngineCore:
                  if "warm_up_s" in phases else "", device)  # fmt: skip
 
     def _build_spec_decode(self, config: EngineConfig):
-        """Speculative decoding (soberana/engine/spec_decode), or None. Verification is
-        synchronous: async scheduling is turned off while speculating."""
+        """Speculative decoding (soberana/engine/spec_decode), or None. With async
+        scheduling, steps that verify drafts are read back at once (the next drafts continue
+        their accepted tokens); steps without drafts keep overlapping."""
         spec_cfg = config.speculative_config
         if spec_cfg is None:
             return None
         from soberana.engine.spec_decode.manager import SpecDecode, build_proposer
         from soberana.engine.spec_decode.rejection import verify
 
-        if self.async_scheduling:
-            log.warning("speculative decoding: async scheduling turned off")
-            self.async_scheduling = False
         worker = self.worker
         proposer = build_proposer(spec_cfg, worker.model, worker.load_draft_model,
                                   worker.num_blocks * config.block_size, config.block_size,
                                   worker.device, worker.dtype, worker.model_config.vocab_size)
-        self.runner.verify = lambda logits, r, drafts: verify(logits, r, drafts, self.sampler)
+        self.runner.verify = lambda logits, r, drafts, bitmask: verify(
+            logits, r, drafts, self.sampler, bitmask)
         log.info("speculative decoding: %s, %d tokens", spec_cfg.method,
                  spec_cfg.num_speculative_tokens)
-        return SpecDecode(spec_cfg, proposer, worker.max_model_len)
+        return SpecDecode(spec_cfg, proposer, worker.max_model_len, self.structured.valid_drafts)
 
     def _build_offload(self, config: EngineConfig):
         wcfg = config.kv_warehouse
@@ -184,13 +183,17 @@ class EngineCore:
         outputs returned are those of the previous step, read back while this one runs: the
         host's scheduling and input preparation overlap the device's work.
         """
+        outputs: list[EngineCoreOutput] = []
         if self.spec is not None:  # drafts for this step's decodes
+            if self._pending is not None and self.spec.would_draft(self.scheduler.running):
+                # Drafts continue the known tokens: read the in-flight step first.
+                outputs = self._resolve(self._pending)
+                self._pending = None
             self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         prev, self._pending = self._pending, None
-        outputs: list[EngineCoreOutput] = []
         if prev is not None and (not sched.scheduled or _needs_known_tokens(sched)):
-            outputs = self._resolve(prev)
+            outputs += self._resolve(prev)
             prev = None
             sched.scheduled = [s for s in sched.scheduled if not s.request.status.finished]
         if not sched.scheduled:
@@ -200,8 +203,8 @@ class EngineCore:
         pending = self.runner.launch(sched, prev)
         self._commit(sched, pending)
         if prev is not None:
-            outputs = self._resolve(prev)
-        if self.async_scheduling:
+            outputs += self._resolve(prev)
+        if self.async_scheduling and not pending.verified:
             self._pending = pending
         else:
             outputs += self._resolve(pending)
@@ -290,6 +293,7 @@ class EngineCore:
             for token in tokens:
                 r.output_token_ids.append(token)
                 emitted.append(token)
+                self.structured.accept(r, token)
                 finish = self._check_stop(r, token, len(r.output_token_ids))
                 if finish is not None:
                     break
@@ -308,6 +312,7 @@ class EngineCore:
                 out.stop_reason = r.stop_reason
                 self.scheduler.finish(r, finish)
                 self.sampler.forget(r)
+                self.structured.forget(r)
                 self._forget_if_done(r.request_id)
             outputs.append(out)
         return outputs

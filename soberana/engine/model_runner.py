@@ -102,8 +102,8 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.graphs = graphs
         self.structured = structured
-        # Speculative decoding: verify(logits [k+1, V], request, drafts) -> (tokens,
-        # logprobs); set by the engine when a speculative_config is given.
+        # Speculative decoding: verify(logits [k+1, V], request, drafts, bitmask [k+1, W] or
+        # None) -> (tokens, logprobs); set by the engine when a speculative_config is given.
         self.verify = None
         self.workspace = GatherWorkspace() if device.type == "cpu" else None
 
@@ -119,6 +119,9 @@ class ModelRunner:
         # Structured outputs: the host computes the token mask while the model runs.
         masks = (self.structured.start_masks(batch.sample_requests)
                  if self.structured is not None and batch.sample_requests else None)
+        draft_masks = (self.structured.start_draft_masks(
+            [(s.request, s.draft_token_ids) for s, _, _ in batch.verify_rows])
+            if self.structured is not None and batch.verify_rows else None)
         if (self.graphs is not None and meta.num_decodes == len(meta.query_lens_cpu)
                 and meta.num_decodes <= self.graphs.max_batch and not batch.prompt_logprob_rows):
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta.slot_mapping,
@@ -145,11 +148,13 @@ class ModelRunner:
         if batch.verify_rows:  # speculative decoding: every row of a drafted entry
             rows = [i for _, first, last in batch.verify_rows for i in range(first, last)]
             logits = self.model.compute_logits(hidden[_on(rows, self.device)], float32=False)
+            bitmask = draft_masks.result() if draft_masks is not None else None
             at = 0
             for s, first, last in batch.verify_rows:
                 n = last - first
                 pending.verified[s.request.key] = self.verify(
-                    logits[at:at + n], s.request, s.draft_token_ids)
+                    logits[at:at + n], s.request, s.draft_token_ids,
+                    bitmask[at:at + n] if bitmask is not None else None)
                 at += n
         return pending
 
