@@ -147,9 +147,9 @@ def _layers_library() -> ctypes.CDLL | None:
 
 @functools.cache
 def _linear_library() -> ctypes.CDLL | None:
-    """The bfloat16 linear library where it has its kernel (AVX512_BF16), or None."""
+    """The bfloat16 linear library where it has a kernel (AVX512_BF16, or AVX2 + FMA), or None."""
     lib = build_library(LINEAR_SOURCE, load_linear_library)
-    return lib if lib is not None and lib.linear_bf16_available() == 1 else None
+    return lib if lib is not None and lib.linear_bf16_available() in (1, 2) else None
 
 
 def build_library(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | None:
@@ -225,7 +225,9 @@ def describe_kernels() -> str:
     if lib is None:
         return "native CPU kernels unavailable: PyTorch path"
     simd = {2: "AVX-512", 1: "AVX2+FMA", 0: "portable C"}.get(lib.simd_level(), "?")
-    linear = "soberana AVX512_BF16" if _linear_library() is not None else "oneDNN"
+    linear_lib = _linear_library()
+    linear = ("oneDNN" if linear_lib is None
+              else {1: "soberana AVX512_BF16", 2: "soberana AVX2+FMA"}[linear_lib.linear_bf16_available()])  # fmt: skip
     return (f"native CPU kernels built for {_isa}: attention/norm/rotary {simd}; "
             f"bf16 linears {linear}; fp32 linears oneDNN")
 

@@ -4,7 +4,8 @@
 for a decode step of 64 tokens through a 125M model that is most of a second's worth of
 copying per hundred steps. `pack_linears` packs once, when the model is loaded, and swaps
 each `nn.Linear` (and the output projection) for a `PackedLinear`:
-  - bfloat16 on a CPU with AVX512_BF16: soberana's kernel (csrc/linear_bf16.c). Measured on a
+  - bfloat16: soberana's kernel (csrc/linear_bf16.c), on AVX512_BF16 or, on CPUs without it,
+    AVX2 + FMA with the weights widened to float32 in registers. Measured on a
     2-core Zen 4 next to oneDNN's packed matmul (benchmarks/cpu_linear_ab.py): one row 0.72x
     the time, a 64-row decode step 0.97x, 2,048 rows 0.98-1.03x; the offline 128/128
     benchmark 0.4-0.6 s of ~12 s faster in alternating runs. Its float32 sums run in another
@@ -80,8 +81,9 @@ def packable(dtype: torch.dtype) -> bool:
         return False
     if dtype == torch.float32:
         return True
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.bfloat16:  # soberana's kernel also serves CPUs with AVX2 only
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported() or (
+            native_bf16() and cpu_kernels._linear_library() is not None)
     if dtype == torch.float16:
         return torch.ops.mkldnn._is_mkldnn_fp16_supported()
     return False

@@ -34,14 +34,21 @@ enum { OK = 0, UNSUPPORTED = 1 };
  * oneDNN; with it, the same or faster). */
 #define MC_BYTES (512 << 10)
 
-/* Whether this build has the kernel (compiled for a CPU with AVX512_BF16). */
+/* Which kernel this build has: 1 AVX512_BF16, 2 AVX2 + FMA (bfloat16 widened to float32 in
+ * registers), 0 none. */
 int linear_bf16_available(void) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     return 1;
+#elif defined(SOBERANA_AVX2)
+    return 2;
 #else
     return 0;
 #endif
 }
+
+#if (defined(__AVX512F__) && defined(__AVX512BF16__)) || defined(SOBERANA_AVX2)
+#define HAVE_KERNEL 1
+#endif
 
 /* Elements of the packed form of an [N, K] weight (K even). */
 int64_t linear_bf16_packed_elems(int64_t N, int64_t K) { return (N + NB - 1) / NB * NB * K; }
@@ -61,7 +68,7 @@ int pack_bf16(const uint16_t *w, int64_t w_stride, int64_t N, int64_t K, uint16_
     return OK;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef HAVE_KERNEL
 
 typedef struct Job {
     const uint16_t *x, *w, *bias;
@@ -71,6 +78,9 @@ typedef struct Job {
     int next_thread; /* each thread takes the next number as its share */
 } Job;
 
+static void sweep_rows(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
 /* Rows [m, m + R) of x times panel j into out, columns [64j, 64j + cols). While it works it
  * prefetches `lines` cache lines of `ahead` (into L2), one per pair. */
 static inline __attribute__((always_inline)) void tile(const Job *job, int64_t m, int64_t j,
@@ -115,14 +125,6 @@ static inline __attribute__((always_inline)) void tile(const Job *job, int64_t m
     }
 }
 
-/* Rows [m0, m1) of x through panels [j0, j1), all in chunks of rows that stay in L2. */
-static void sweep_rows(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
-static void sweep(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
-    int64_t chunk = (MC_BYTES / (2 * job->K)) / MR * MR;
-    if (chunk < MR) chunk = MR;
-    for (int64_t m = m0; m < m1; m += chunk) sweep_rows(job, m, m + chunk < m1 ? m + chunk : m1, j0, j1);
-}
-
 static void sweep_rows(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
     const int64_t P = job->K / 2, panel_lines = P * NB * 2 * 2 / 64;
     for (int64_t j = j0; j < j1; j++) {
@@ -149,6 +151,118 @@ static void sweep_rows(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64
     }
 }
 
+#else /* SOBERANA_AVX2 */
+#define MR2 4 /* rows of x per tile: 4 x 16 sums in 8 of the 16 registers */
+
+/* The pair (x[2p], x[2p + 1]) of a bfloat16 row as two broadcast float32 vectors. */
+static inline __attribute__((always_inline)) void pair8(const uint16_t *x, int64_t p, __m256 *even,
+                                                        __m256 *odd) {
+    int32_t pair;
+    memcpy(&pair, x + 2 * p, 4);
+    const __m256i v = _mm256_set1_epi32(pair);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* y (8 sums of columns [c, c + 8) of panel j, bias added here) into a bfloat16 row; `live` of
+ * them are real columns. */
+static inline void store_cols(const Job *job, uint16_t *row, int64_t j, int c, __m256 y, int live) {
+    if (job->bias != NULL) y = _mm256_add_ps(y, load8(job->bias, j * NB + c, DT_BF16)); /* padded */
+    if (live >= 8) {
+        store8(row, j * NB + c, y, DT_BF16);
+    } else if (live > 0) {
+        uint16_t h[8];
+        _mm_storeu_si128((__m128i *)h, to_bf16x8(y));
+        memcpy(row + j * NB + c, h, (size_t)live * 2);
+    }
+}
+
+/* Rows [m, m + R) of x times columns [16q, 16q + 16) of panel j. A 32-bit lane of the packed
+ * pair holds column c's weights of k = 2p (low half) and 2p + 1 (high half): a shift and a mask
+ * widen them to float32 in place, so the panel layout is the AVX512_BF16 kernel's. */
+static inline __attribute__((always_inline)) void tile_avx2(const Job *job, int64_t m, int64_t j,
+                                                            int q, int cols, const int R) {
+    const int64_t P = job->K / 2;
+    const uint16_t *b = job->w + j * P * NB * 2 + q * 32;
+    const uint16_t *a = job->x + m * job->x_stride;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[MR2][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+        const uint16_t *bp = b + p * NB * 2;
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)bp);
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(bp + 16));
+        const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+        const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, high));
+        const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+        const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
+        for (int r = 0; r < R; r++) {
+            __m256 xe, xo;
+            pair8(a + r * job->x_stride, p, &xe, &xo);
+            acc[r][0] = _mm256_fmadd_ps(xo, o0, _mm256_fmadd_ps(xe, e0, acc[r][0]));
+            acc[r][1] = _mm256_fmadd_ps(xo, o1, _mm256_fmadd_ps(xe, e1, acc[r][1]));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        uint16_t *row = job->out + (m + r) * job->out_stride;
+        store_cols(job, row, j, 16 * q, acc[r][0], cols - 16 * q);
+        store_cols(job, row, j, 16 * q + 8, acc[r][1], cols - 16 * q - 8);
+    }
+}
+
+/* One row of x times all 64 columns of panel j: each pair's line of the panel read once (a
+ * batch-1 decode streams the weights from memory). */
+static void row_avx2(const Job *job, int64_t m, int64_t j, int cols) {
+    const int64_t P = job->K / 2;
+    const uint16_t *b = job->w + j * P * NB * 2;
+    const uint16_t *a = job->x + m * job->x_stride;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[8];
+    for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+        const uint16_t *bp = b + p * NB * 2;
+        __m256 xe, xo;
+        pair8(a, p, &xe, &xo);
+        for (int v = 0; v < 8; v++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(bp + 16 * v));
+            acc[v] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(w, high)),
+                                     _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), acc[v]));
+        }
+    }
+    uint16_t *row = job->out + m * job->out_stride;
+    for (int v = 0; v < 8; v++) store_cols(job, row, j, 8 * v, acc[v], cols - 8 * v);
+}
+
+static void sweep_rows(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        const int cols = job->N - j * NB < NB ? (int)(job->N - j * NB) : NB;
+        if (m1 - m0 == 1) {
+            row_avx2(job, m0, j, cols);
+            continue;
+        }
+        /* a quarter of the panel (a quarter of each of its lines) at a time, through every
+         * row of the chunk: the panel stays in L2 between the quarters */
+        for (int q = 0; q < 4 && 16 * q < cols; q++) {
+            int64_t m = m0;
+            for (; m + MR2 <= m1; m += MR2) tile_avx2(job, m, j, q, cols, MR2);
+            switch (m1 - m) {
+            case 3: tile_avx2(job, m, j, q, cols, 3); break;
+            case 2: tile_avx2(job, m, j, q, cols, 2); break;
+            case 1: tile_avx2(job, m, j, q, cols, 1); break;
+            default: break;
+            }
+        }
+    }
+}
+#endif
+
+/* Rows [m0, m1) of x through panels [j0, j1), all in chunks of rows that stay in L2. */
+static void sweep(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
+    int64_t chunk = (MC_BYTES / (2 * job->K)) / MR * MR;
+    if (chunk < MR) chunk = MR;
+    for (int64_t m = m0; m < m1; m += chunk) sweep_rows(job, m, m + chunk < m1 ? m + chunk : m1, j0, j1);
+}
+
 /* One thread's share: a run of panels, or with fewer panels than threads a run of rows. */
 static void work(void *arg) {
     Job *job = arg;
@@ -170,12 +284,12 @@ typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned num_thread
 
 /* out [M, N] (rows out_stride apart) = x [M, K] (rows x_stride apart) times the packed weight
  * (pack_bf16 of an [N, K] weight), plus bias [padded to a multiple of 64, zeros past N] or
- * NULL, all bfloat16; float32 sums rounded once. Returns OK or UNSUPPORTED (no AVX512_BF16 in
- * this build, K odd). */
+ * NULL, all bfloat16; float32 sums rounded once. Returns OK or UNSUPPORTED (neither AVX512_BF16
+ * nor AVX2 + FMA in this build, K odd). */
 int linear_bf16(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, const uint16_t *w,
                 int64_t N, const uint16_t *bias, uint16_t *out, int64_t out_stride,
                 int32_t threads, void *gomp_parallel) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef HAVE_KERNEL
     if (K <= 0 || K % 2 != 0 || N <= 0 || M < 0) return UNSUPPORTED;
     if (M == 0) return OK;
     Job job = {x, w, bias, out, x_stride, out_stride, M, N, K, threads < 1 ? 1 : threads, 0};
