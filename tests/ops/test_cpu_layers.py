@@ -180,23 +180,23 @@ needs_bf16_linear = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.float32, "onednn"), (torch.bfloat16, "onednn"),
-                                           (torch.bfloat16, "native")])  # fmt: skip
+                                           (torch.bfloat16, "native"), (torch.float32, "native")])  # fmt: skip
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_f_linear(dtype, backend, bias, cpu_isa, monkeypatch):
     monkeypatch.setenv("SOBERANA_CPU_LINEAR", backend)
     if not cpu_linear.packable(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} here")
-    if backend == "native" and cpu_kernels._linear_library() is None:
-        pytest.skip("no AVX512_BF16 or AVX2 (or no C compiler) here")
+    if backend == "native" and cpu_kernels.pack_f32_linear(torch.ones(1, 2)) is None:
+        pytest.skip("no AVX-512 or AVX2 (or no C compiler) here")
     linear = nn.Linear(96, 200, bias=bias).to(dtype)  # 200 outputs: a partial panel of 64
     packed = cpu_linear.pack(linear)
     assert isinstance(packed, cpu_linear.PackedLinear)
-    assert (packed.native is not None) == (backend == "native" and dtype == torch.bfloat16)
-    for rows in (1, 2, 3, 5, 7, 64, 300):  # every remainder of the 6-row tiles
+    assert (packed.native is not None) == (backend == "native")
+    for rows in (1, 2, 3, 5, 7, 13, 64, 300):  # every remainder of the 6-row tiles
         x = _randn(rows, 96, dtype=dtype, seed=rows)
         want = F.linear(x, linear.weight, linear.bias)
         got = packed(x)
-        if dtype == torch.float32:  # oneDNN's float32 kernel, not MKL's: sums in another order
+        if dtype == torch.float32:  # oneDNN's or soberana's kernel, not MKL's: sums in another order
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         elif backend == "onednn":
             assert torch.equal(got, want)
@@ -227,6 +227,37 @@ def test_native_bf16_linear_is_the_same_whatever_the_threads_and_row_layout(cpu_
     assert torch.equal(one, cpu_kernels.linear_bf16(x.contiguous(), packed, 200, None))
     assert torch.equal(rows_shared, one[:, :40])
     _same(one, F.linear(x, weight), exact=False)
+
+
+@needs_bf16_linear
+def test_native_f32_linear_is_the_same_whatever_the_threads_and_row_layout(cpu_isa):
+    """The float32 kernel: each output summed by one thread in k order, whatever the threads
+    and rows; odd K and a partial panel; against F.linear to float32 rounding."""
+    weight = _randn(200, 95, dtype=torch.float32, seed=1)  # K odd, 200 = 3 panels + 8
+    bias = _randn(200, dtype=torch.float32, seed=3)
+    packed = cpu_kernels.pack_f32_linear(weight)
+    padded = torch.nn.functional.pad(bias, (0, -200 % 64))
+    wide = _randn(300, 120, dtype=torch.float32, seed=2)
+    x = wide[:, 10:105]  # rows 120 elements apart
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.linear_f32(x, packed, 200, padded)
+        torch.set_num_threads(max(2, threads))
+        many = cpu_kernels.linear_f32(x, packed, 200, padded)
+        small = cpu_kernels.pack_f32_linear(weight[:40])  # fewer panels than threads: rows shared
+        rows_shared = cpu_kernels.linear_f32(x, small, 40, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    assert torch.equal(one, cpu_kernels.linear_f32(x.contiguous(), packed, 200, padded))
+    assert torch.equal(rows_shared + bias[:40], one[:, :40])  # the bias: one add at the end
+    torch.testing.assert_close(one, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    for rows in (1, 2, 7, 13):  # one row (its own loop) and the balanced tiles
+        assert torch.equal(cpu_kernels.linear_f32(x[:rows], packed, 200, padded), one[:rows])
+    with pytest.raises(ValueError, match="columns"):
+        cpu_kernels.linear_f32(torch.randn(2, 32), packed, 200, None)
+    assert cpu_kernels.linear_f32(x.bfloat16(), packed, 200, None) is None  # not its dtype
 
 
 @needs_bf16_linear
