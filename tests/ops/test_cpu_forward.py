@@ -14,7 +14,7 @@ from soberana.ops.attention import AttentionMetadata
 from tests.engine.tiny_models import build_tiny_model, prompts_of_lengths
 
 pytestmark = pytest.mark.skipif(
-    cpu_forward._kernels() is None, reason="no AVX512_BF16 (or no C compiler) here"
+    cpu_forward._kernels() is None, reason="no AVX512_BF16 or AVX2 (or no C compiler) here"
 )
 
 
@@ -27,10 +27,12 @@ def _modules(model, x, positions, kv_cache, meta):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama32-tied", "llama31"])
-def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_path,
+def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_path, cpu_isa,
                                                                     monkeypatch):  # fmt: skip
     """Chunked prefills next to decodes, a prefix-cache hit, n > 1: each step runs both ways
     on copies of the cache and must agree exactly, hidden states and cache alike."""
+    if cpu_isa == "avx2" and arch not in ("llama", "qwen2"):
+        pytest.skip("the AVX2 build is checked on two architectures (one with biases)")
     build_tiny_model(tmp_path, arch)
     native = cpu_forward.forward
     steps = {"mixed": 0, "decode": 0}
@@ -48,7 +50,7 @@ def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_pa
 
     monkeypatch.setattr(cpu_forward, "forward", both)
     llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=256, kv_cache_gb=0.01,
-              max_num_batched_tokens=48, max_num_seqs=8)  # fmt: skip
+              max_num_batched_tokens=48, max_num_seqs=8, cpu_isa=cpu_isa)  # fmt: skip
     prompts = prompts_of_lengths([5, 16, 40, 90, 33, 7])
     prompts.append(prompts[3][:64] + [7, 8, 9])  # four blocks of prompt 3: a prefix hit
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
