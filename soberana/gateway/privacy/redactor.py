@@ -23,6 +23,7 @@ from typing import Any
 from soberana.gateway.privacy.detector import Detector
 from soberana.gateway.privacy.field_hints import hinted_type
 from soberana.gateway.privacy.recognizers import Span
+from soberana.gateway.request_info import MAX_JSON_DEPTH, json_depth
 
 # Fields that name things rather than carry user text; their values go out as they are.
 _STRUCTURAL = frozenset(
@@ -172,11 +173,16 @@ def _rebuild(node: Any, key: str | None, replaced: Iterator[str], json_text: boo
 
 
 def _json_document(text: str) -> Any:
-    """`text` parsed if it is a JSON object or array, else None (then it is scanned as text)."""
+    """`text` parsed if it is a JSON object or array, else None (then it is scanned as text).
+
+    A document nested past MAX_JSON_DEPTH is scanned as text too: walking it would exhaust the
+    recursion limit (a 500) where scanning the text still finds every value in it.
+    """
     stripped = text.lstrip()
     if not stripped.startswith(("{", "[")):
         return None
     try:
-        return json.loads(text)
-    except ValueError:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
         return None
+    return parsed if json_depth(parsed) <= MAX_JSON_DEPTH else None
