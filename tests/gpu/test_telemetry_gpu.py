@@ -94,19 +94,20 @@ def test_a_card_filled_past_92_percent_shows_in_headroom_and_fires_the_alert(tmp
                                  f"--web.listen-address=127.0.0.1:{port}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline, state = time.monotonic() + 60, None
-            while time.monotonic() < deadline and state is None:
-                time.sleep(1)
+            # `for: 2m`: pending as soon as the expression matches in Prometheus' own
+            # evaluation, firing two minutes later. The card stays full until it fires.
+            deadline, states = time.monotonic() + 200, []
+            while time.monotonic() < deadline and "firing" not in states:
+                time.sleep(2)
                 try:
                     alerts = httpx.get(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=5).json()
                 except httpx.TransportError:
                     continue
                 for a in alerts["data"]["alerts"]:
                     if a["labels"]["alertname"] == "GPUMemoryHigh" and a["labels"]["UUID"] == uuid:
-                        state = a["state"]
-            # `for: 2m` keeps it pending within a test's patience; pending means the expression
-            # matched in Prometheus' own evaluation.
-            assert state in {"pending", "firing"}
+                        if not states or states[-1] != a["state"]:
+                            states.append(a["state"])
+            assert states == ["pending", "firing"], states
         finally:
             proc.terminate()
             proc.wait(10)

@@ -175,6 +175,9 @@ def test_names_in_prose_and_tools_stream_back_whole_and_never_reach_the_cloud(
     for where in (audit.read_text(), gw.log(), metrics_text):
         assert [v for v in every if v in where] == []
     assert all(r["pii"]["entities"]["PERSON"] >= 3 for r in records)
+    # Both scans (NER included) were timed: the detector-latency histogram counts them.
+    assert gw.metric("soberana_gateway_pii_detector_latency_seconds_count") == 2
+    assert gw.metric("soberana_gateway_pii_detector_latency_seconds_sum") > 0
 
 
 @pytest.fixture
