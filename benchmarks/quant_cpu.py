@@ -1,0 +1,104 @@
+"""CPU decode speed of int8 weight-only against float32 and bfloat16, real weights, one run.
+
+Loads the model (default SmolLM2-135M-Instruct) once per configuration, all in this process,
+then alternates the configurations round by round (a shared, loaded host drifts; alternating
+puts every configuration under the same drift) for:
+  - batch 1: one prompt, --output-len greedy tokens (ignore_eos),
+  - batched: --batch prompts at once, --output-len tokens each.
+Reported: output tokens per second (prefill included; prompts are short), the median and
+every round. Written with commit, CPU model + flags, thread count and the load average
+before and after (os.getloadavg), so a number from a busy machine says so.
+
+    python benchmarks/quant_cpu.py --out benchmarks/results/quant_cpu_smollm2_zen4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {
+    "fp32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+    "int8": {"dtype": "bfloat16", "quantization": "int8"},
+}
+
+
+def cpu_info() -> dict:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                 platform.processor())  # fmt: skip
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return {"cpu": model, "cpus": os.cpu_count(),
+            "cpu_flags": [f for f in flags if f.startswith(("avx512", "avx2", "amx", "fma"))]}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="/work/models/hf/SmolLM2-135M-Instruct")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    from soberana import LLM, SamplingParams
+
+    names = args.configs.split(",")
+    load_before = os.getloadavg()
+    llms = {}
+    for name in names:
+        llms[name] = LLM(args.model, kv_cache_gb=0.25, max_model_len=args.input_len + args.output_len + 8,
+                         max_num_seqs=max(args.batch, 1), **CONFIGS[name])  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    vocab = 49152
+    prompts = [torch.randint(100, vocab - 100, (args.input_len,), generator=gen).tolist()
+               for _ in range(args.batch)]  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
+                            detokenize=False)  # fmt: skip
+    for llm in llms.values():  # warm-up: builds, first-touch pages
+        llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                     use_tqdm=False)  # fmt: skip
+    rounds: dict[str, dict[str, list[float]]] = {n: {"batch1": [], "batched": []} for n in names}
+    for r in range(args.rounds):
+        for kind, batch in (("batch1", prompts[:1]), ("batched", prompts)):
+            for name in names if r % 2 == 0 else names[::-1]:
+                t0 = time.perf_counter()
+                outs = llms[name].generate(batch, params, use_tqdm=False)
+                dt = time.perf_counter() - t0
+                tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+                rounds[name][kind].append(tokens / dt)
+                print(f"round {r} {kind:8s} {name:5s} {tokens / dt:8.1f} tok/s", flush=True)
+    load_after = os.getloadavg()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    info = {n: {"quantization": llm.engine.model_info.quantization,
+                "kernels": llm.engine.model_info.quantization_kernels} for n, llm in llms.items()}  # fmt: skip
+    result = {
+        "model": args.model, "commit": commit.strip(), **cpu_info(),
+        "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
+        "load_average_after": load_after, "batch": args.batch, "input_len": args.input_len,
+        "output_len": args.output_len, "rounds": args.rounds, "configs": CONFIGS, "engines": info,
+        "tok_per_s": {n: {k: {"median": statistics.median(v), "all": v} for k, v in d.items()}
+                      for n, d in rounds.items()},
+    }  # fmt: skip
+    med = {n: {k: statistics.median(v) for k, v in d.items()} for n, d in rounds.items()}
+    if "int8" in med and "bf16" in med:
+        result["int8_over_bf16"] = {k: med["int8"][k] / med["bf16"][k] for k in med["int8"]}
+    if "int8" in med and "fp32" in med:
+        result["int8_over_fp32"] = {k: med["int8"][k] / med["fp32"][k] for k in med["int8"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in result if k.startswith("int8_over")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
