@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch and llama.cpp threads (0: torch's default). On a shared, loaded "
+                         "host 1 thread avoids OpenMP barrier stalls that swamp both engines")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--llama-batched-bench", type=Path, default=None,
                     help="llama.cpp's llama-batched-bench binary (the Q8_0 peer)")
@@ -73,6 +76,8 @@ def main() -> None:
     args = ap.parse_args()
     from soberana import LLM, SamplingParams
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = args.configs.split(",")
     load_before = os.getloadavg()
     llms = {}
