@@ -170,10 +170,12 @@ class Worker:
         config, mcfg = self.config, self.model_config
         block_size = config.block_size
         kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
-        if kv_dtype != self.dtype and self.device.type == "cuda":
-            raise ValueError("kv_cache_dtype fp8 is served on CPUs only in this build: the "
-                             "Triton attention kernels read the cache in the model dtype; "
-                             "use --kv-cache-dtype auto on GPUs")  # fmt: skip
+        if kv_dtype != self.dtype and self.device.type == "cuda" and (
+                torch.cuda.get_device_capability(self.device) < (8, 9)):  # fmt: skip
+            cc = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
+            raise ValueError(f"kv_cache_dtype fp8 needs FP8 conversions in hardware: NVIDIA "
+                             f"compute capability >= 8.9 (Ada, Hopper); this GPU is {cc}. "
+                             "Use --kv-cache-dtype auto.")  # fmt: skip
         layout = KVLayout(model_fingerprint=self.weights_fingerprint,
                           dtype=str(kv_dtype).removeprefix("torch."), block_size=block_size,
                           num_layers=mcfg.num_layers, num_kv_heads=mcfg.num_kv_heads,
