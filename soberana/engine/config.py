@@ -44,6 +44,11 @@ class EngineConfig:
     kv_warehouse: KVWarehouseConfig | None = None  # tiers below the KV pool (soberana/kv)
     # "generate", "embed" or "rerank"; "auto" follows the checkpoint's architecture.
     task: str = "auto"
+    # Which implementations serve the ops, chosen once at start (soberana/ops/backend.py):
+    # "auto" (Triton on CUDA, native kernels on CPUs), "triton", "native" or "torch" (the
+    # portable PyTorch path). The choice and every slower path taken are logged and shown in
+    # /v1/models.
+    compute_backend: str = "auto"
     # CPU: the instruction sets the native kernels are built for: "native" (this CPU's),
     # "avx2" (AVX2 + FMA, the path of CPUs without AVX-512) or "portable" (plain C).
     cpu_isa: str = "native"
@@ -88,6 +93,11 @@ class EngineConfig:
                 raise ValueError("the KV warehouse needs enable_prefix_caching=True")
         if self.task not in ("auto", "generate", "embed", "rerank"):
             raise ValueError(f"task must be auto, generate, embed or rerank; got {self.task!r}")
+        from soberana.ops.backend import COMPUTE_BACKENDS
+
+        if self.compute_backend not in COMPUTE_BACKENDS:
+            raise ValueError(f"compute_backend must be one of {', '.join(COMPUTE_BACKENDS)}; "
+                             f"got {self.compute_backend!r}")  # fmt: skip
         if self.cpu_isa not in ("native", "avx2", "portable"):
             raise ValueError(f"cpu_isa must be native, avx2 or portable; got {self.cpu_isa!r}")
         if self.tensor_parallel_size < 1:

@@ -31,8 +31,9 @@ from soberana.models.loader import (
     read_model_config,
     resolve_model_path,
 )
-from soberana.ops import cpu_kernels
-from soberana.ops.attention import AttentionMetadata, uses_triton
+from soberana.ops.attention import AttentionMetadata
+from soberana.ops.backend import select_backend
+from soberana.ops.cpu import kernels as cpu_kernels
 from soberana.quantization import resolve_quantization
 from soberana.structured.manager import StructuredOutputManager
 
@@ -63,6 +64,8 @@ class ModelInfo:
     quantization: str | None = None  # scheme serving the weights (None: the model dtype)
     quantization_kernels: list[str] | None = None
     kv_cache_dtype: str = "auto"
+    # the compute backend's choice (ops/backend.py: Backend.report)
+    compute: dict | None = None
 
 
 def _available_ram() -> int:
@@ -98,7 +101,8 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     return torch.float8_e4m3fn if kv_cache_dtype == "fp8" else model_dtype
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device,
+                  cpu_isa: str = "native") -> torch.dtype:  # fmt: skip
     """`auto`: bfloat16 on GPUs; on CPU bfloat16 for a bfloat16 checkpoint where the CPU has
     native bfloat16 matmuls (AVX512_BF16 or AMX), else float32 (emulated bfloat16 and float16
     matmuls are slower than float32 on CPUs)."""
@@ -107,7 +111,7 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device
     if device.type == "cuda":
         return torch.bfloat16
     if checkpoint_dtype == "bfloat16":
-        if cpu_kernels.native_bf16_matmul():
+        if cpu_kernels.native_bf16_matmul(cpu_isa):
             return torch.bfloat16
         log.info("dtype auto: float32 (the checkpoint is bfloat16, but this CPU or the chosen "
                  "cpu_isa has no native bfloat16 matmul: no avx512_bf16/amx_bf16)")
@@ -120,13 +124,14 @@ class EngineCore:
         self.config = config
         t0 = time.perf_counter()
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
-            cpu_kernels.set_isa(config.cpu_isa)
-            # Allocator tuning is process-wide: the entry points opt in (engine/process_memory.py).
+        # Allocator tuning is process-wide: the entry points opt in (engine/process_memory.py).
         path = resolve_model_path(config.model, config.revision)
         t_found = time.perf_counter()
         mcfg, _ = read_model_config(path)
-        dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device)
+        dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device, config.cpu_isa)
+        kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
+        self.backend = select_backend(config.compute_backend, self.device, dtype, kv_dtype,
+                                      config.cpu_isa)  # fmt: skip
         max_len = self._max_model_len(config, mcfg)
         # A GGUF file carries no config.json: its weights are dequantized at load.
         hf_config = {} if path.is_file() else json.loads((path / "config.json").read_text())
@@ -138,17 +143,16 @@ class EngineCore:
             if quantization is not None:
                 raise ValueError("quantization is not supported with tensor_parallel_size > 1 "
                                  "yet (docs/distributed.md)")
-            self.tp = TensorParallel(config, path, dtype, self.device, max_len)
+            self.tp = TensorParallel(config, path, dtype, self.device, max_len, self.backend)
             loaded = self.tp.loaded
         else:
             loaded = load_model(path, dtype, self.device, max_len, config.load_format,
-                                quantization)
+                                quantization, self.backend)
         self.model = loaded.model
         mcfg = loaded.config
         t_model = time.perf_counter()
 
         block_size = config.block_size
-        kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
         if kv_dtype != dtype and self.device.type == "cuda":
             raise ValueError("kv_cache_dtype fp8 is served on CPUs only in this build: the "
                              "Triton attention kernels read the cache in the model dtype; "
@@ -180,12 +184,12 @@ class EngineCore:
         self.offload = self._build_offload(config, loaded.fingerprint, mcfg, max_len)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.offload, config.long_prefill_token_threshold)
-        self.sampler = Sampler(mcfg.vocab_size, self.device)
+        self.sampler = Sampler(mcfg.vocab_size, self.device, self.backend.kernels.argmax)
         self.structured = StructuredOutputManager(path, mcfg.vocab_size, list(mcfg.eos_token_ids))
         graphs = None
         self.startup = {"model_s": t_model - t0, "kv_alloc_s": 0.0, "graphs_s": 0.0}
         self.startup["kv_alloc_s"] = time.perf_counter() - t_model
-        if (self.device.type == "cuda" and not config.enforce_eager and uses_triton(self.device)
+        if (self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton"
                 and self.tp is None):  # graphs with collectives: not built yet (docs/distributed.md)
             graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs,
                                   -(-max_len // block_size), self.device)
@@ -193,8 +197,6 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv, self.sampler, self.device,
                                   graphs, self.structured)
         if self.device.type == "cpu":
-            log.info("CPU kernels: %s (dtype %s)", cpu_kernels.describe_kernels(),
-                     str(dtype).removeprefix("torch."))  # fmt: skip
             self.startup["warm_up_s"] = self._warm_up_cpu(mcfg, max_len)
         self.requests: dict[str, list[Request]] = {}  # request_id -> its samples
         # Async scheduling (default on GPUs): the step launched last, not yet read back.
@@ -228,6 +230,7 @@ class EngineCore:
             quantization=None if quantization is None else quantization.describe(),
             quantization_kernels=quantized_kernels(self.model) if quantization else None,
             kv_cache_dtype=config.kv_cache_dtype,
+            compute=self.backend.report(getattr(self.model, "model", self.model)),
         )
         log.info("engine ready in %.1fs (find model %.1fs, load %.1fs, KV pool %.1fs%s) on %s",
                  time.perf_counter() - t0, t_found - t0, t_model - t_found,
@@ -250,7 +253,8 @@ class EngineCore:
 
         def load_draft(draft_path: str):
             p = resolve_model_path(draft_path, None)
-            return load_model(p, dtype, self.device, max_len, config.load_format).model
+            return load_model(p, dtype, self.device, max_len, config.load_format,
+                              backend=self.backend).model
 
         proposer = build_proposer(spec_cfg, self.model, load_draft, num_blocks * config.block_size,
                                   config.block_size, self.device, dtype,

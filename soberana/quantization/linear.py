@@ -86,16 +86,10 @@ class QuantLinear(nn.Module):
                 f"{self.method.name}, kernel={self.kernel or '?'}")  # fmt: skip
 
 
-def _one_row_gemv(x: torch.Tensor) -> bool:
-    from soberana.ops.layers import uses_gemv
-
-    return uses_gemv(x)
-
-
 def _triton_quant():
     from soberana.ops import triton_module
 
-    return triton_module("triton_quant_gemm")
+    return triton_module("quant_gemm")
 
 
 # PyTorch's CPU int8 kernel is a GEMV: it streams the weight once per row block, fine for a

@@ -183,6 +183,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument("--dtype", default=defaults.dtype, choices=DTYPES, help="weight and KV dtype")
     eng.add_argument("--device", default=defaults.device, type=device_arg, help=DEVICES)
     eng.add_argument(
+        "--compute-backend", default=defaults.compute_backend,
+        choices=["auto", "torch", "native", "triton"],
+        help="which implementations serve the ops, chosen once at start and shown in "
+        "/v1/models (auto: Triton on GPUs, native kernels on CPUs; torch: portable PyTorch)",
+    )
+    eng.add_argument(
         "--cpu-isa", default=defaults.cpu_isa, choices=["native", "avx2", "portable"],
         help="CPU: instruction sets of the native kernels (native: this CPU's; avx2: the path of "
         "CPUs without AVX-512; portable: plain C)",
@@ -267,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         cpu_isa=args.cpu_isa,
+        compute_backend=args.compute_backend,
         device=args.device,
         max_model_len=args.max_model_len,
         kv_cache_gb=args.kv_cache_gb,

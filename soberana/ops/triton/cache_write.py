@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from soberana.ops.triton_checks import check_cache_pair
+from soberana.ops.triton.checks import check_cache_pair
 
 
 @triton.jit
