@@ -32,10 +32,6 @@ class AttentionMetadata:
     # under the cache geometry they were planned for.
     cpu_decode_groups: tuple[tuple[int, ...], list[DecodeGroup]] | None = None
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
-
 
 # Decode batches up to this size run the fused decode kernel (Triton backend). Its gain is the
 # launches it saves, which matter at small batches; at 256 sequences of 512 tokens an H200 ran

@@ -220,20 +220,34 @@ def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
     impls = {"attention": f"native {simd}" if native_kv else "PyTorch (FP8 cache)",
              "norm/rotary/SiLU/argmax": f"native {simd}"}
     stack = None
+    no_bf16 = (f"cpu_isa {cpu_isa} (no AVX512_BF16 in the build)" if cpu_isa != "native"
+               else "no AVX512_BF16 on this CPU")  # fmt: skip
+    onednn = "oneDNN (packed once)" if cpu_linear.packable(dtype) else "PyTorch F.linear"
     if dtype == torch.bfloat16:
         linear = cpu_kernels.linear_library()
         if linear is not None:
-            impls["bf16 linears"] = "soberana AVX512_BF16 kernel"
+            path = linear.linear_bf16_available()
+            impls["bf16 linears"] = f"soberana {cpu_kernels.BF16_LINEAR_PATHS[path]}"
+            if path != 1:
+                fallbacks.append(f"{no_bf16}: bf16 linears on AVX2+FMA, bfloat16 widened to "
+                                 "float32 in registers (dtype float32 is as fast here)")  # fmt: skip
             if native_kv and decoder_stack.forward_library() is not None:
                 stack = decoder_stack.build_stack
                 impls["decoder stack"] = "one native call per step"
         else:
-            impls["bf16 linears"] = "oneDNN (packed once)"
-            reason = ("cpu_isa " + cpu_isa if cpu_isa != "native"
-                      else "no AVX512_BF16 on this CPU")  # fmt: skip
-            fallbacks.append(f"{reason}: bf16 linears via oneDNN, decoder layers as modules")
+            impls["bf16 linears"] = onednn
+            fallbacks.append(f"no bf16 linear kernel in the cpu_isa {cpu_isa} build (it needs "
+                             f"AVX512_BF16 or AVX2): bf16 linears via {onednn}, decoder layers "
+                             "as modules")  # fmt: skip
+    elif dtype == torch.float32:
+        if cpu_kernels.linear_f32_library() is not None:
+            impls["fp32 linears"] = f"soberana {simd}"
+        else:
+            impls["fp32 linears"] = onednn
+            fallbacks.append(f"no float32 linear kernel in the cpu_isa {cpu_isa} build (it "
+                             f"needs AVX-512 or AVX2): fp32 linears via {onednn}")  # fmt: skip
     else:
-        impls["linears"] = "oneDNN (packed once)" if cpu_linear.packable(dtype) else "F.linear"
+        impls["linears"] = onednn
     kernels = Kernels(
         rms_norm=cpu_kernels.rms_norm,
         add_rms_norm=cpu_kernels.add_rms_norm,

@@ -135,6 +135,12 @@ def load_linear_library(path: Path) -> ctypes.CDLL:
     lib.pack_bf16.argtypes, lib.pack_bf16.restype = [ptr, i64, i64, i64, ptr], ctypes.c_int
     lib.linear_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32, ptr]
     lib.linear_bf16.restype = ctypes.c_int
+    if hasattr(lib, "linear_f32"):  # builds of older sources (benchmarks' A/B) lack it
+        lib.linear_f32_available.argtypes, lib.linear_f32_available.restype = [], ctypes.c_int
+        lib.linear_f32_packed_elems.argtypes, lib.linear_f32_packed_elems.restype = [i64, i64], i64
+        lib.pack_f32.argtypes, lib.pack_f32.restype = [ptr, i64, i64, i64, ptr], ctypes.c_int
+        lib.linear_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32, ptr]
+        lib.linear_f32.restype = ctypes.c_int
     return lib
 
 
@@ -152,9 +158,20 @@ def layers_library() -> ctypes.CDLL | None:
 
 @functools.cache
 def linear_library() -> ctypes.CDLL | None:
-    """The bfloat16 linear library where it has its kernel (AVX512_BF16), or None."""
+    """The bfloat16 linear library where it has a kernel (AVX512_BF16, or AVX2 + FMA), or None."""
     lib = build_library(LINEAR_SOURCE, load_linear_library)
-    return lib if lib is not None and lib.linear_bf16_available() == 1 else None
+    return lib if lib is not None and lib.linear_bf16_available() in (1, 2) else None
+
+
+# linear_bf16_available()'s answers: which instructions serve bfloat16 linears
+BF16_LINEAR_PATHS = {1: "AVX512_BF16", 2: "AVX2+FMA (bfloat16 widened to float32 in registers)"}
+
+
+@functools.cache
+def linear_f32_library() -> ctypes.CDLL | None:
+    """The linear library where it has its float32 kernel (AVX-512F, or AVX2 + FMA), or None."""
+    lib = build_library(LINEAR_SOURCE, load_linear_library)
+    return lib if lib is not None and lib.linear_f32_available() == 1 else None
 
 
 def build_library(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | None:
@@ -200,6 +217,7 @@ def set_isa(isa: str) -> None:
     attention_library.cache_clear()
     layers_library.cache_clear()
     linear_library.cache_clear()
+    linear_f32_library.cache_clear()
     from soberana.ops.cpu import decoder_stack
 
     decoder_stack.forward_library.cache_clear()
@@ -534,6 +552,41 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tenso
     rc = lib.linear_bf16(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
                          out.data_ptr(), n, torch.get_num_threads(), openmp_parallel())  # fmt: skip
     _check(rc, "linear_bf16")
+    return out
+
+
+def pack_f32_linear(weight: torch.Tensor) -> torch.Tensor | None:
+    """A float32 weight [N, K] (unit-stride rows) packed for `linear_f32`, or None where this
+    build has no kernel for it."""
+    if not (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.stride(1) == 1 and weight.numel() > 0):  # fmt: skip
+        return None
+    lib = linear_f32_library()
+    if lib is None:
+        return None
+    n, k = weight.shape
+    packed = torch.empty(lib.linear_f32_packed_elems(n, k), dtype=torch.float32)
+    if lib.pack_f32(weight.data_ptr(), weight.stride(0), n, k, packed.data_ptr()) != _OK:
+        return None
+    return packed
+
+
+def linear_f32(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+               ) -> torch.Tensor:
+    """x [M, K] (float32, unit-stride rows) times a `pack_f32_linear` weight of n outputs, plus
+    `bias` (float32, padded with zeros to a multiple of 64) or None: [M, n] float32, each sum
+    in k order."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
+        raise ValueError(f"linear_f32: float32 input [M, K] with unit-stride rows expected "
+                         f"on the CPU, got {x.dtype} on {x.device}")  # fmt: skip
+    lib = linear_f32_library()
+    m, k = x.shape
+    if packed.numel() != lib.linear_f32_packed_elems(n, k):  # not a weight of [n, k]
+        raise ValueError(f"linear_f32: x has {k} columns; the packed weight does not")
+    out = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.linear_f32(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
+                        out.data_ptr(), n, torch.get_num_threads(), openmp_parallel())  # fmt: skip
+    _check(rc, "linear_f32")
     return out
 
 
