@@ -68,7 +68,7 @@ def main() -> int:
 
     llm = LLM(str(model_dir(args.config)), load_format="dummy", max_model_len=1024,
               max_num_seqs=1, kv_cache_gb=2, enable_prefix_caching=False)  # fmt: skip
-    model = llm.engine.model
+    model = llm.engine.worker.model
     fast = model.kernels  # the Triton backend, chosen at start
     fused = with_kernels(fast, gemv=None, fused_decode_attention=None)
     modes = {  # the torch chains around Triton attention; + fused layers; + the fast path

@@ -207,7 +207,8 @@ class Worker:
         """GPU: capture the decode CUDA graphs (unless eager). CPU: run a few representative
         shapes so the first request pays neither the kernels' build nor the heap's growth."""
         config = self.config
-        if (self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton"
+        if (self.device.type == "cuda" and not config.enforce_eager
+                and self.backend.name == "triton"
                 and self.tp is None):  # graphs with collectives: not built yet (docs/distributed.md)
             self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs,
                                        -(-self.max_model_len // config.block_size), self.device)

@@ -29,8 +29,10 @@ class Attention(nn.Module):
         # q, k and v share one matmul: [q | k | v] along the output dimension.
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, per_head=True) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, per_head=True) if cfg.qk_norm else None
+        # Qwen3's per-head q/k norms, over [T, heads, head_dim] views of the projection
+        qk, d, eps = cfg.qk_norm, cfg.head_dim, cfg.rms_norm_eps
+        self.q_norm = RMSNorm(d, eps, per_head=True) if qk else None
+        self.k_norm = RMSNorm(d, eps, per_head=True) if qk else None
         self.use_kernels(TORCH_KERNELS)
 
     def use_kernels(self, kernels: Kernels) -> None:
@@ -62,8 +64,10 @@ class Attention(nn.Module):
         """Attention output [T, q_size] from the fused projection; writes this step's K/V."""
         k_cache, v_cache = kv[0], kv[1]
         t = qkv.shape[0]
-        if self.fused_decode is not None and 0 < t == meta.num_decodes <= self.fused_decode_max_batch:
-            norms = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+        fused = self.fused_decode is not None and 0 < t == meta.num_decodes
+        if fused and t <= self.fused_decode_max_batch:
+            norms = (None, None) if self.q_norm is None else (self.q_norm.weight,
+                                                              self.k_norm.weight)  # fmt: skip
             return self.fused_decode(
                 qkv, positions, rotary.cos, rotary.sin, meta.slot_mapping, k_cache, v_cache,
                 meta.seq_lens, meta.block_table, self.num_heads, self.scale, q_norm=norms[0],

@@ -97,8 +97,8 @@ class Backend:
         """What `/v1/models` shows of the choice, for `model` (which may not get the native
         decoder stack the backend offers: Qwen3's q/k norms, tensor parallelism)."""
         kernels = dict(self.implementations)
-        if "decoder stack" in kernels and model is not None and getattr(model, "stack",
-                                                                          None) is None:  # fmt: skip
+        stack = getattr(model, "stack", None)
+        if "decoder stack" in kernels and model is not None and stack is None:
             kernels["decoder stack"] = "modules (this model is not served by it)"
         return {"compute_backend": self.name, "requested": self.requested, "kernels": kernels,
                 "fallbacks": list(self.fallbacks)}  # fmt: skip

@@ -182,7 +182,7 @@ def test_engine_tokens_with_the_fast_path_equal_the_unfused_path(llama_dir, dtyp
         llm = LLM(str(llama_dir), dtype=dtype, max_model_len=2048, kv_cache_gb=2,
                   enable_prefix_caching=False, enforce_eager=not fused)  # fmt: skip
         if not fused:  # the Triton backend without its decode fast path
-            model = llm.engine.model
+            model = llm.engine.worker.model
             model.use_kernels(with_kernels(model.kernels, gemv=None, fused_decode_attention=None))
         batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         return batched + [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts[:4]]

@@ -181,7 +181,7 @@ def test_engine_tokens_on_the_fast_path_equal_the_eager_path(arch, tmp_path):
         llm = LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_gb=0.01,
                   compute_backend="torch")
         if fast_path:  # the GPU's decode kernels, on the interpreter, in the torch path
-            model = llm.engine.model
+            model = llm.engine.worker.model
             model.use_kernels(with_kernels(
                 model.kernels, gemv=counted_gemv, fused_decode_attention=fused_decode_attention,
                 fused_decode_max_batch=64))  # fmt: skip
