@@ -209,5 +209,5 @@ def test_gateway_blocks_when_its_policy_requires_ner_it_does_not_have(cloud, sta
     )
     r = gw.chat(KEY_A, content="Soy Carmen Ruiz")
     assert r.status_code == 503 and r.json()["error"]["code"] == "pii_detector_unavailable"
-    assert c.behaviour.raw_bodies == []
+    assert c.raw_bodies == []
     assert "no_such_pipeline_xx" in gw.log()  # the start-up log names the missing pipeline
