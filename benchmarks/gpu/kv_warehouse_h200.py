@@ -18,6 +18,9 @@ vocabulary barely touches. Writes into $OUT:
    (~26 GB live) against a 4 GB pool and a 40 GB host tier; closed loop of 4, then open loop.
 5. `kv_warehouse_multiturn_h200_long_threshold.json` (`--only long_threshold`): the same with
    `--long-prefill-token-threshold 2048` on both sides.
+6. `kv_warehouse_multiturn_h200_long_fp8kv.json` (`--only long_fp8kv`): part 4 with
+   `--kv-cache-dtype fp8` on both sides: the same 4 GB pool holds twice the tokens; run it
+   with `long` in one call for the bf16-KV peer.
 Each multi-round file has warehouse off and on, same workload, and
 `ttft_returning_speedup` per load. `--only` picks parts (transfer, pool2gb, pool4gb, long).
 """
@@ -47,7 +50,8 @@ def shape(history: int) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="transfer,pool2gb,pool4gb",
-                    help="parts to run: transfer, pool2gb, pool4gb, long, long_threshold")
+                    help="parts to run: transfer, pool2gb, pool4gb, long, long_threshold, "
+                         "long_fp8kv")
     ap.add_argument("--rates", default="3,6", help="open-loop request rates for pool4gb")
     ap.add_argument("--long-rates", default="1", help="open-loop request rates for long")
     ap.add_argument("--rates-if-started-by-s", type=float, default=200.0,
@@ -79,14 +83,16 @@ def main() -> int:
                                      "--no-kv-disk", "--users", "32", "--open-loop-users", "16", "--request-rates", rates,
                        "--output", str(out / "kv_warehouse_multiturn_h200_pool4gb.json")]
         failed |= subprocess.run(cmd).returncode
-    for part in ("long", "long_threshold"):
+    long_extra = {"long": [], "long_threshold": ["--extra-serve-args=--long-prefill-token-threshold 2048"],
+                  "long_fp8kv": ["--extra-serve-args=--kv-cache-dtype fp8"]}  # fmt: skip
+    for part, extra in long_extra.items():
         if part not in parts:
             continue
         # Longer histories (12k tokens, ~1.6 GB of KV per user): the shape agent sessions
         # reach, where recomputing costs most. 16 users (~26 GB live) against a 4 GB pool.
         # long_threshold: the same with --long-prefill-token-threshold 2048 on both sides, so
         # a returning user is not held behind another user's 8k-token prefill chunk.
-        extra = ["--extra-serve-args=--long-prefill-token-threshold 2048"] if part != "long" else []
+        # long_fp8kv: FP8 keys and values, twice the blocks in the same 4 GB.
         cmd = bench + shape(12288) + extra + [
             "--kv-cache-gb", "4", "--kv-offload-gb", "40", "--no-kv-disk", "--users", "16",
             "--open-loop-users", "8", "--request-rates", args.long_rates,

@@ -27,7 +27,7 @@ from soberana.models.loader import load_model, read_model_config, resolve_model_
 from soberana.ops.attention import AttentionMetadata
 from soberana.ops.backend import Backend, select_backend
 from soberana.ops.cpu import kernels as cpu_kernels
-from soberana.quantization import resolve_quantization
+from soberana.quantization import gguf_quantization, resolve_quantization
 
 log = logging.getLogger("soberana.engine")
 
@@ -129,9 +129,14 @@ class Worker:
             config.compute_backend, self.device, self.dtype,
             kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype), config.cpu_isa)
         self.max_model_len = max_model_len(config, mcfg)
-        # A GGUF file carries no config.json: its weights are dequantized at load.
-        hf_config = {} if self.path.is_file() else json.loads((self.path / "config.json").read_text())
-        self.quantization = resolve_quantization(config.quantization, hf_config)
+        if self.path.is_file():  # GGUF: no config.json; dequantized, or re-packed at load
+            from soberana.models.gguf import linear_types, open_gguf
+
+            self.quantization = gguf_quantization(config.quantization,
+                                                  linear_types(open_gguf(self.path)))  # fmt: skip
+        else:
+            hf_config = json.loads((self.path / "config.json").read_text())
+            self.quantization = resolve_quantization(config.quantization, hf_config)
         self.tp = None  # tensor parallel: the workers and rank 0's group (soberana/distributed)
         self.model: nn.Module | None = None
         self.weights_fingerprint = ""  # the weights' identity (LoadedModel.fingerprint)
@@ -171,10 +176,12 @@ class Worker:
         config, mcfg = self.config, self.model_config
         block_size = config.block_size
         kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
-        if kv_dtype != self.dtype and self.device.type == "cuda":
-            raise ValueError("kv_cache_dtype fp8 is served on CPUs only in this build: the "
-                             "Triton attention kernels read the cache in the model dtype; "
-                             "use --kv-cache-dtype auto on GPUs")  # fmt: skip
+        if kv_dtype != self.dtype and self.device.type == "cuda" and (
+                torch.cuda.get_device_capability(self.device) < (8, 9)):  # fmt: skip
+            cc = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
+            raise ValueError(f"kv_cache_dtype fp8 needs FP8 conversions in hardware: NVIDIA "
+                             f"compute capability >= 8.9 (Ada, Hopper); this GPU is {cc}. "
+                             "Use --kv-cache-dtype auto.")  # fmt: skip
         layout = KVLayout(model_fingerprint=self.weights_fingerprint,
                           dtype=str(kv_dtype).removeprefix("torch."), block_size=block_size,
                           num_layers=mcfg.num_layers, num_kv_heads=mcfg.num_kv_heads,

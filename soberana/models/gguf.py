@@ -7,6 +7,8 @@ Three entry points, each taking the path of a `.gguf` file:
   gguf-py (`gguf.quants`), with llama.cpp's names and rotary row order mapped back to
   transformers' (the loader then fuses q/k/v and gate/up as for safetensors).
   `GGUFFile.raw(name)` gives a tensor's bytes as stored, for loaders that keep weights quantized.
+  With `repack=(QuantizationConfig of int8 | int4, model dtype)` the decoder projections come as
+  `gguf_repack.Repacked` rows in our quantized layout instead (`--quantization` on a GGUF).
 - `gguf_tokenizer(path)`: a transformers fast tokenizer built from the file's vocabulary,
   merges, special tokens and chat template (transformers' own GGUF converter).
 
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from soberana.models.config import ModelConfig
+from soberana.quantization import gguf_repack
 
 _MAGIC = b"GGUF"
 # GGUF metadata value types (gguf.GGUFValueType): struct formats of the scalars.
@@ -190,13 +193,15 @@ def _q4_1(raw: np.ndarray) -> np.ndarray:  # d, m, 16 bytes: d * q + m
 
 
 # Whole-tensor numpy (one thread: torch's OpenMP team is slow on a busy machine for these
-# small ops). GGMLQuantizationType values: F32, F16, Q4_0, Q4_1, Q8_0, BF16.
+# small ops). GGMLQuantizationType values: F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16.
 _FAST = {
     0: lambda raw: raw.view(np.float32),
     1: lambda raw: raw.view(np.float16).astype(np.float32),
     2: _q4_0,
     3: _q4_1,
     8: _q8_0,
+    12: gguf_repack.dequantize_q4_k,
+    14: gguf_repack.dequantize_q6_k,
     30: lambda raw: (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32),
 }
 
@@ -317,9 +322,12 @@ def hf_name(gguf_name: str) -> str | None:
     return None  # e.g. rope_freqs (recomputed from the config)
 
 
-def gguf_tensors(path: Path | str, cfg: ModelConfig,
-                 file: GGUFFile | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
-    """(transformers name, float32 tensor) for every weight of the file, dequantized.
+def gguf_tensors(path: Path | str, cfg: ModelConfig, file: GGUFFile | None = None,
+                 repack: tuple[Any, torch.dtype] | None = None,
+                 ) -> Iterator[tuple[str, torch.Tensor | gguf_repack.Repacked]]:  # fmt: skip
+    """(transformers name, float32 tensor) for every weight of the file, dequantized; with
+    `repack` (a QuantizationConfig of int8 / int4, and the model dtype) the decoder projections'
+    weights come as `Repacked` rows of that layout instead.
 
     llama.cpp's converter permutes the q and k rows of Llama-family models for ggml's
     interleaved rotary; they are permuted back to the half-split order our rotary uses.
@@ -330,18 +338,46 @@ def gguf_tensors(path: Path | str, cfg: ModelConfig,
         target = hf_name(name)
         if target is None:
             continue
-        tensor = f.dequantize(name)
-        if permuted and ".attn_q." in name:
-            tensor = _unpermute(tensor, cfg.num_heads)
-        elif permuted and ".attn_k." in name:
-            tensor = _unpermute(tensor, cfg.num_kv_heads)
+        info = f.tensors[name]
+        if repack is not None and _is_projection(target) and len(info.shape) == 2:
+            qcfg, dtype = repack
+            tensor = gguf_repack.repack(
+                f.raw(name), info.qtype, _qtype(info.qtype).name, info.shape, qcfg.method,
+                qcfg.group_size, dtype, lambda name=name: f.dequantize(name),
+                float_zero=qcfg.float_zero)  # fmt: skip
+            reorder = tensor.permute_rows
+        else:
+            tensor = f.dequantize(name)
+            reorder = None
+        heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
+        if permuted and (".attn_q." in name or ".attn_k." in name):
+            if reorder is None:
+                tensor = _unpermute(tensor, heads)
+            else:
+                reorder(lambda t, heads=heads: _unpermute(t, heads))
         yield target, tensor
+
+
+def _is_projection(hf: str) -> bool:
+    """A decoder projection's weight (what quantization replaces), by transformers' name."""
+    return hf.endswith("_proj.weight") and ".layers." in hf
+
+
+def linear_types(f: GGUFFile) -> dict[str, int]:
+    """How many decoder projection weights the file stores in each GGML type."""
+    counts: dict[str, int] = {}
+    for name, info in f.tensors.items():
+        target = hf_name(name)
+        if target is not None and _is_projection(target):
+            key = _qtype(info.qtype).name
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo convert_hf_to_gguf.py's `permute`: per head, rows (pair, 2) -> (2, pair)."""
     rows = w.shape[0]
-    a = w.numpy().reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
+    a = w.contiguous().numpy().reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
     return torch.from_numpy(np.ascontiguousarray(a)).reshape(w.shape)
 
 

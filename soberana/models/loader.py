@@ -25,6 +25,7 @@ from soberana.quantization import (
     QuantizationConfig,
     QuantLinear,
     compressed_tensors,
+    gguf_repack,
     replace_linears,
 )
 
@@ -161,8 +162,15 @@ def load_model(
         fingerprint = hashlib.sha256(b"dummy" + _config_bytes(path)).hexdigest()
     elif load_format != "safetensors":
         raise ValueError(f"load_format must be 'safetensors' or 'dummy'; got {load_format!r}")
-    elif path.is_file():  # GGUF: dequantized to float32, then cast to `dtype` (or quantized)
-        _load_tensors(model, cfg, gguf_tensors(path, cfg), path.name, quantization)
+    elif path.is_file():  # GGUF: dequantized to float32 and cast to `dtype`, or re-packed
+        repack = None
+        if quantization is not None and quantization.method in ("int8", "int4"):
+            repack = (quantization, dtype)
+        repack_log = gguf_repack.RepackLog()
+        _load_tensors(model, cfg, gguf_tensors(path, cfg, repack=repack), path.name,
+                      quantization, repack_log)  # fmt: skip
+        if repack_log.by_type:
+            log.info("GGUF re-packed into %s: %s", quantization.method, repack_log.summary())
         fingerprint = gguf_fingerprint(path)
     else:
         files = _safetensors_files(path)
@@ -255,9 +263,11 @@ def _safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]
 
 
 def _load_tensors(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
-                  source: str, quantization: QuantizationConfig | None = None) -> None:  # fmt: skip
+                  source: str, quantization: QuantizationConfig | None = None,
+                  repack_log: gguf_repack.RepackLog | None = None) -> None:  # fmt: skip
     """Fill `model` from (transformers name, tensor) pairs; raises ValueError naming an
-    unexpected, misshapen or missing weight."""
+    unexpected, misshapen or missing weight. A `Repacked` tensor (GGUF rows already in the
+    layer's quantized layout) is copied into its layer as is, its error noted in `repack_log`."""
     params = dict(model.named_parameters())
     # a quantized layer's weight is loaded through the layer (quantized rows, not a copy)
     quant_layers = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -292,6 +302,15 @@ def _load_tensors(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str
             continue
         if pname not in params:
             raise ValueError(f"unexpected tensor {name!r} in {source}")
+        if isinstance(tensor, gguf_repack.Repacked):
+            if pname not in quant_layers:
+                raise ValueError(f"tensor {name!r} of {source} was re-packed for a layer that is "
+                                 "not quantized")  # fmt: skip
+            quant_layers[pname].load_quantized(tensor.parts, _shard_begin(shard_sizes, pname, shard))
+            if repack_log is not None:
+                repack_log.add(tensor)
+            loaded.add(f"{pname}#{shard}")
+            continue
         if pname in quant_layers:
             quant_layers[pname].weight_loader(
                 tensor, _shard_begin(shard_sizes, pname, shard))

@@ -150,12 +150,8 @@ def _triton(requested: str, device: torch.device, dtype: torch.dtype,
     # Triton's own switch: its CPU interpreter runs the kernels on CPU tensors (tests only).
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"compute_backend triton needs a CUDA device; the device is {device}")
-    if kv_cache_dtype != dtype:
-        why = ("kv_cache_dtype fp8: the Triton attention kernels read the cache in the model "
-               "dtype")  # fmt: skip
-        if requested == "triton":
-            raise ValueError(why)
-        return _torch_fallback(requested, f"{why}; all ops via PyTorch")
+    # An FP8 cache (kv_cache_dtype fp8): the cache write rounds to e4m3 and the attention
+    # kernels read it (compute capability >= 8.9, checked by the engine's worker).
     try:
         from soberana.ops.triton import attention as triton_attention
         from soberana.ops.triton import gemv as triton_gemv

@@ -5,12 +5,13 @@ from soberana.quantization.config import (
     KV_CACHE_DTYPES,
     QUANTIZATION_METHODS,
     QuantizationConfig,
+    gguf_quantization,
     resolve_quantization,
 )
 from soberana.quantization.linear import QuantLinear
 
 __all__ = ["KV_CACHE_DTYPES", "QUANTIZATION_METHODS", "QuantLinear", "QuantizationConfig",
-           "resolve_quantization", "replace_linears"]  # fmt: skip
+           "gguf_quantization", "resolve_quantization", "replace_linears"]  # fmt: skip
 
 
 def replace_linears(model, cfg: QuantizationConfig) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from soberana.quantization import schemes
+from soberana.quantization import gguf_repack, schemes
 from soberana.quantization.linear import (
     Fp8LinearMethod,
     Int4LinearMethod,
@@ -36,12 +36,13 @@ class QuantizationConfig:
     source: str = "on-the-fly"
     checkpoint_format: str = ""
     symmetric: bool = False
+    float_zero: bool = False  # int4 zero points in the model dtype (GGUF Q4_K / Q4_1 re-packed)
 
     def linear_method(self) -> LinearMethod:
         if self.method == "int8":
             return Int8LinearMethod()
         if self.method == "int4":
-            return Int4LinearMethod(self.group_size)
+            return Int4LinearMethod(self.group_size, self.float_zero)
         return Fp8LinearMethod()
 
     def verify_supported(self, device: torch.device) -> None:
@@ -57,6 +58,28 @@ class QuantizationConfig:
         """One line for the log and /v1/models."""
         return f"{self.linear_method().name}, {self.source}" + (
             f" ({self.checkpoint_format})" if self.checkpoint_format else "")  # fmt: skip
+
+
+def gguf_quantization(quantization: str | None, linear_types: dict[str, int]
+                      ) -> QuantizationConfig | None:  # fmt: skip
+    """The scheme for a GGUF file whose decoder projections are stored as `linear_types`
+    (GGML type name -> count). Without `quantization` the weights are dequantized to the model
+    dtype (the fastest path on CPUs, where int4 has no kernel). With int8 or int4 they are
+    re-packed (gguf_repack.py); int4 takes the GGUF's groups of 32 where 4-bit blocks are
+    stored, so their codes are kept, and zero points in the model dtype where Q4_K / Q4_1
+    offsets are not whole steps."""
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}; "
+                         f"got {quantization!r}")  # fmt: skip
+    stored = ", ".join(f"{name} x{n}" for name, n in sorted(linear_types.items()))
+    four_bit = quantization == "int4" and bool({"Q4_0", "Q4_1", "Q4_K"} & set(linear_types))
+    group = gguf_repack.GGUF_INT4_GROUP if four_bit else schemes.INT4_GROUP_SIZE
+    how = "re-packed from GGUF" if quantization in ("int8", "int4") else "quantized from GGUF"
+    return QuantizationConfig(method=quantization, group_size=group, source=how,
+                              checkpoint_format=stored,
+                              float_zero=four_bit and bool({"Q4_1", "Q4_K"} & set(linear_types)))  # fmt: skip
 
 
 def resolve_quantization(quantization: str | None, hf_config: dict) -> QuantizationConfig | None:

@@ -184,9 +184,13 @@ class Int4LinearMethod(LinearMethod):
     """Weight-only int4, group-wise asymmetric (scale and zero point per `group_size` inputs),
     two values per byte."""
 
-    def __init__(self, group_size: int = schemes.INT4_GROUP_SIZE) -> None:
+    def __init__(self, group_size: int = schemes.INT4_GROUP_SIZE, float_zero: bool = False) -> None:
         self.group_size = group_size
-        self.name = f"int4 (W4A16, group {group_size}, asymmetric)"
+        # Zero points in the activation dtype instead of uint8 (HQQ-style): GGUF Q4_K / Q4_1
+        # groups keep their codes with a fractional zero point. The kernels widen either.
+        self.float_zero = float_zero
+        zero = ", float zero points" if float_zero else ""
+        self.name = f"int4 (W4A16, group {group_size}, asymmetric{zero})"
 
     def create_weights(self, layer: QuantLinear, dtype: torch.dtype) -> None:
         n, k = layer.out_features, layer.in_features
@@ -194,7 +198,8 @@ class Int4LinearMethod(LinearMethod):
         groups = k // layer.group_size
         layer.register_buffer("weight", torch.empty(n, k // 2, dtype=torch.uint8))
         layer.register_buffer("weight_scale", torch.empty(n, groups, dtype=dtype))
-        layer.register_buffer("weight_zero", torch.empty(n, groups, dtype=torch.uint8))
+        layer.register_buffer("weight_zero", torch.empty(
+            n, groups, dtype=dtype if self.float_zero else torch.uint8))  # fmt: skip
 
     def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, scale, zero = schemes.quantize_int4(w, schemes.int4_group_for(w.shape[1],

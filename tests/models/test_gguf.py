@@ -36,8 +36,10 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(hf_dir: Path, out: Path) -> Path:
-    """`hf_dir` (a Llama) as llama.cpp's converter would write it, float32."""
+def _write_gguf(hf_dir: Path, out: Path, encode=None) -> Path:
+    """`hf_dir` (a Llama) as llama.cpp's converter would write it, float32; with `encode`,
+    a decoder weight for which `encode(transformers name, float32 array)` gives
+    (GGML type, bytes) is stored in that type."""
     from safetensors.numpy import load_file
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -76,7 +78,12 @@ def _write_gguf(hf_dir: Path, out: Path) -> Path:
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
                      "model.norm.weight": "output_norm.weight"}[name]  # fmt: skip
-        w.add_tensor(gname, np.ascontiguousarray(value, dtype=np.float32))
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        stored = encode(name, value) if encode is not None else None
+        if stored is None:
+            w.add_tensor(gname, value)
+        else:
+            w.add_tensor(gname, stored[1], raw_dtype=stored[0])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from soberana.ops.attention import to_kv_cache_dtype
 from soberana.ops.layers import torch_rms_norm, torch_rotary_embedding, torch_silu_and_mul
 from tests.ops.fused_cases import randn, rope_tables
-from tests.ops.paged_attention_cases import make_step, reference_attention
+from tests.ops.paged_attention_cases import make_step, reference_attention, with_fp8_cache
 
 
 def reference_gemv(x, weight, bias=None, *, norm_weight=None, eps=1e-6, residual=None,
@@ -52,8 +53,11 @@ class FusedDecodeCase:
 
 
 def make_fused_decode_case(context_lens, *, num_heads, num_kv_heads, head_dim, block_size,
-                           dtype, device, gen, qk_norm=False, eps=1e-6):  # fmt: skip
-    """Sequence i has `context_lens[i]` keys, its last one new (0: a padding row)."""
+                           dtype, device, gen, qk_norm=False, eps=1e-6,
+                           kv_fp8=False):  # fmt: skip
+    """Sequence i has `context_lens[i]` keys, its last one new (0: a padding row). With
+    `kv_fp8` the cache is float8_e4m3fn and the reference reads every key/value, the new one
+    too, rounded as that cache stores it."""
     step = make_step(context_lens, [1] * len(context_lens), num_heads=num_heads,
                      num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
                      dtype=dtype, device=device, generator=gen)  # fmt: skip
@@ -77,16 +81,20 @@ def make_fused_decode_case(context_lens, *, num_heads, num_kv_heads, head_dim, b
             step.keys[i][-1] = k_rot[i]
             step.values[i][-1] = v_new[i]
     step.q = q_rot
-    ref = reference_attention(step).reshape(b, -1)
     slots = step.slot_mapping
     heads = (-1, num_kv_heads, head_dim)
     for cache in (step.k_cache, step.v_cache):
         cache.view(heads)[slots[slots >= 0]] = float("nan")
+    ref_k, ref_v = k_rot, v_new
+    if kv_fp8:
+        step = with_fp8_cache(step)
+        ref_k, ref_v = (to_kv_cache_dtype(t, torch.float8_e4m3fn) for t in (k_rot, v_new))
+    ref = reference_attention(step).reshape(b, -1)
     qkv = torch.cat([q_raw.reshape(b, -1), k_raw.reshape(b, -1), v_new.reshape(b, -1)], dim=1)
     real = slots >= 0
     return FusedDecodeCase(qkv, positions, cos, sin, slots, step.k_cache, step.v_cache,
                            step.seq_lens, step.block_table, num_heads, step.scale, q_norm,
-                           k_norm, ref, k_rot[real], v_new[real])  # fmt: skip
+                           k_norm, ref, ref_k[real], ref_v[real])  # fmt: skip
 
 
 def written_slots(case: FusedDecodeCase) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,3 +162,16 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere in `out` gives NaN."""
     diff = (out.double() - ref.double()).norm()
     return (diff / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def with_fp8_cache(step: PagedStep) -> PagedStep:
+    """`step` with its caches in float8_e4m3fn (--kv-cache-dtype fp8) and the reference's
+    keys/values rounded as that cache stores them (attention.to_kv_cache_dtype)."""
+    from soberana.ops.attention import from_kv_cache_dtype, to_kv_cache_dtype
+
+    fp8 = torch.float8_e4m3fn
+    step.k_cache = to_kv_cache_dtype(step.k_cache, fp8)
+    step.v_cache = to_kv_cache_dtype(step.v_cache, fp8)
+    step.keys = [from_kv_cache_dtype(to_kv_cache_dtype(k, fp8), k.dtype) for k in step.keys]
+    step.values = [from_kv_cache_dtype(to_kv_cache_dtype(v, fp8), v.dtype) for v in step.values]
+    return step

@@ -128,6 +128,19 @@ def test_fused_decode_equals_rotary_then_cache_write_then_attention(dtype, num_s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_decode_with_an_fp8_cache_stores_and_reads_fp8(dtype, gen):
+    case = make_fused_decode_case([1, 7, 40, 230], num_heads=8, num_kv_heads=2, head_dim=32,
+                                  block_size=4, dtype=dtype, device="cpu", gen=gen,
+                                  kv_fp8=True)  # fmt: skip
+    out = _run_fused(case, num_splits=3)
+    _close(out, case.ref_out, dtype)  # the reference reads keys/values rounded to fp8
+    keys, values = written_slots(case)
+    # stored as attention.to_kv_cache_dtype stores them on CPUs (values: -0.0 == 0.0)
+    assert torch.equal(keys.float(), case.ref_k.float())
+    assert torch.equal(values.float(), case.ref_v.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_decode_applies_per_head_qk_norm_first(dtype, gen):
     case = make_fused_decode_case([5, 100], num_heads=8, num_kv_heads=2, head_dim=16,
                                   block_size=4, dtype=dtype, device="cpu", gen=gen,

@@ -25,6 +25,7 @@ from tests.ops.paged_attention_cases import (  # noqa: E402
     make_step,
     reference_attention,
     relative_error,
+    with_fp8_cache,
 )
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -70,6 +71,42 @@ def test_reshape_and_cache_writes_each_token_to_its_slot_and_skips_minus_one(dty
     untouched = [s for s in range(num_blocks * block_size) if s not in written]
     assert torch.isnan(k_flat[untouched].float()).all()
     assert torch.isnan(v_flat[untouched].float()).all()
+
+
+def test_reshape_and_cache_into_an_fp8_cache_rounds_and_saturates_as_the_cpu_path():
+    from soberana.ops.attention import to_kv_cache_dtype
+
+    fp8 = torch.float8_e4m3fn
+    k_cache = torch.zeros(3, 4, 2, 32, dtype=fp8)
+    v_cache = torch.zeros_like(k_cache)
+    key, value = torch.randn(5, 2, 32) * 100, (torch.randn(5, 2, 32) * 0.01).half()
+    key[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 1e-3])  # saturate, keep, subnormal
+    slots = torch.tensor([3, 0, 11, -1, 7], dtype=torch.int64)
+    reshape_and_cache(key, value, k_cache, v_cache, slots)
+    for token, slot in enumerate(slots.tolist()):  # equal values (the interpreter drops -0's sign)
+        if slot >= 0:
+            k = k_cache.view(-1, 2, 32)[slot].float()
+            assert torch.equal(k, to_kv_cache_dtype(key[token], fp8).float())
+            v = v_cache.view(-1, 2, 32)[slot].float()
+            assert torch.equal(v, to_kv_cache_dtype(value[token], fp8).float())
+    assert k_cache.view(-1, 2, 32)[3, 0, :2].float().tolist() == [448.0, -448.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
+def test_an_fp8_cache_is_read_as_it_stores_keys_and_values(dtype, kind):
+    """--kv-cache-dtype fp8 on GPUs: queries in the model dtype, keys and values widened from
+    float8_e4m3fn in registers; equal to attention over the fp8-rounded keys/values."""
+    contexts, queries = {"decode": ([1, 5, 33, 100], [1, 1, 1, 1]),
+                         "prefill": ([7, 40, 61], [7, 9, 20]),
+                         "mixed": ([12, 1, 45, 30], [1, 1, 30, 17])}[kind]  # fmt: skip
+    step = _step(contexts, queries, group=4, dtype=dtype)
+    exact = reference_attention(step)  # with keys/values in the model dtype
+    step = with_fp8_cache(step)
+    out = triton_paged_attention(step.q, step.k_cache, step.v_cache, step.meta, step.scale,
+                                 out=_poisoned(step.q))  # fmt: skip
+    assert relative_error(out, reference_attention(step)) < TOLERANCE[dtype]
+    assert relative_error(out, exact) > 1e-3  # the cache really is fp8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

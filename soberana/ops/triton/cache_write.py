@@ -8,6 +8,33 @@ import triton.language as tl
 
 from soberana.ops.triton.checks import check_cache_pair
 
+# float8_e4m3fn's largest finite value: FP8 caches saturate there (attention.to_kv_cache_dtype)
+FP8_MAX = 448.0
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """float32 `x` (|x| <= 448) rounded to the nearest float8_e4m3fn value, ties to even, in
+    float32 arithmetic: the cast that follows is then exact. (The GPU's cvt rounds the same
+    way; Triton 3.6's interpreter drops the carry into the next power of two, -31.6 -> -16.)"""
+    bits = x.to(tl.int32, bitcast=True)
+    exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # below 2^-6: subnormals, step 2^-9
+    step = ((exp + 124) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3): 3 mantissa bits
+    y = tl.abs(x) / step  # exact (a power of two); < 16
+    r = tl.floor(y + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    r = tl.where(((r - y) == 0.5) & odd, r - 1.0, r) * step
+    return tl.where(bits < 0, -r, r)  # the sign kept, -0.0 included (as torch's cast)
+
+
+@triton.jit
+def to_cache(x, cache_ptr, FP8: tl.constexpr):
+    """`x` as the cache stores it: for an FP8 cache widened to float32, saturated at +-448
+    and rounded once (as `to_kv_cache_dtype` does on CPUs); otherwise cast to the cache dtype."""
+    if FP8:
+        x = round_to_e4m3(tl.clamp(x.to(tl.float32), -FP8_MAX, FP8_MAX))
+    return x.to(cache_ptr.dtype.element_ty)
+
 
 @triton.jit
 def _reshape_and_cache_kernel(
@@ -28,6 +55,7 @@ def _reshape_and_cache_kernel(
     DIM_PAD: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -43,9 +71,9 @@ def _reshape_and_cache_kernel(
         + dims
     )
     k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + dst, to_cache(k, k_cache_ptr, FP8), mask=mask)
     v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, to_cache(v, v_cache_ptr, FP8), mask=mask)
 
 
 def reshape_and_cache(
@@ -94,5 +122,6 @@ def reshape_and_cache(
         DIM_PAD=triton.next_power_of_2(head_dim),
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         BLOCK_SIZE=block_size,
+        FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# An FP8 cache (--kv-cache-dtype fp8) holds keys and values of queries in any of those.
+CACHE_DTYPES = (*SUPPORTED_DTYPES, torch.float8_e4m3fn)
 
 
 def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -27,8 +29,8 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         )
     if v_cache.device != k_cache.device:
         raise ValueError(f"k_cache is on {k_cache.device} but v_cache is on {v_cache.device}")
-    if k_cache.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"cache dtype must be one of {SUPPORTED_DTYPES}, got {k_cache.dtype}")
+    if k_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype must be one of {CACHE_DTYPES}, got {k_cache.dtype}")
 
 
 def check_query(q: torch.Tensor, k_cache: torch.Tensor) -> None:
@@ -43,8 +45,9 @@ def check_query(q: torch.Tensor, k_cache: torch.Tensor) -> None:
             f"q has {q.shape[1]} heads, which is not a multiple of the cache's "
             f"{num_kv_heads} kv heads"
         )
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} must equal the cache dtype {k_cache.dtype}")
+    if q.dtype != k_cache.dtype and k_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"q dtype {q.dtype} must equal the cache dtype {k_cache.dtype} "
+                         "(or the cache be float8_e4m3fn)")  # fmt: skip
     if q.stride(2) != 1:
         raise ValueError(f"q must be contiguous in head_dim, got strides {q.stride()}")
     if q.device != k_cache.device:

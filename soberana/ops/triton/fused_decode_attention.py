@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from soberana.ops.triton.cache_write import to_cache
 from soberana.ops.triton.checks import check_batch, check_cache_pair
 from soberana.ops.triton.decode_attention import (
     MAX_SPLITS,
@@ -96,7 +97,7 @@ def _fused_decode_kernel(
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, QK_NORM: tl.constexpr,
     MERGE_ROWS: tl.constexpr, SPLITS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     if PDL:  # launched early (programmatic dependent launch): qkv is ready from here on
         gdc_wait()
@@ -151,8 +152,13 @@ def _fused_decode_kernel(
         dst = ((slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_slot
                + kv_head * stride_cache_head + dims[None, :])  # fmt: skip
         write = dim_ok[None, :] & (slot >= 0)  # slot -1: a padding row, nothing is stored
-        tl.store(k_cache_ptr + dst, k_new.to(k_cache_ptr.dtype.element_ty), mask=write)
-        tl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty), mask=write)
+        k_stored = to_cache(k_new, k_cache_ptr, FP8)
+        v_stored = to_cache(v_new, v_cache_ptr, FP8)
+        tl.store(k_cache_ptr + dst, k_stored, mask=write)
+        tl.store(v_cache_ptr + dst, v_stored, mask=write)
+        if FP8:  # attend to the new key/value as stored, as every later step reads them
+            k_new = k_stored.to(q.dtype)
+            v_new = v_stored.to(q.dtype)
         # The new key as the first one seen: its score starts the running max.
         s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale_log2
         row_max = s
@@ -280,7 +286,9 @@ def fused_decode_attention(
     if num_heads % num_kv_heads or head_dim % 2:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of the cache's "
                          f"{num_kv_heads} kv heads, and head_dim ({head_dim}) even")  # fmt: skip
-    if qkv.shape != (num_seqs, width) or qkv.dtype != k_cache.dtype or qkv.stride(1) != 1:
+    fp8 = k_cache.dtype == torch.float8_e4m3fn  # --kv-cache-dtype fp8: any query dtype
+    if qkv.shape != (num_seqs, width) or (qkv.dtype != k_cache.dtype and not fp8) or (
+            qkv.stride(1) != 1):  # fmt: skip
         raise ValueError(f"qkv must be [{num_seqs}, {width}] {k_cache.dtype} with contiguous "
                          f"rows, got {tuple(qkv.shape)} {qkv.dtype}")  # fmt: skip
     for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
@@ -323,7 +331,7 @@ def fused_decode_attention(
         MERGE_ROWS=triton.next_power_of_2(queries_per_kv),
         # One compiled variant whatever the partition count (no compile per graph bucket).
         SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS),
-        DOT_PRECISION=dot_precision(qkv.dtype), PDL=supports_pdl(qkv.device),
+        DOT_PRECISION=dot_precision(qkv.dtype), PDL=supports_pdl(qkv.device), FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=supports_pdl(qkv.device),
         # Rotary must round each product (see triton/layers.py, rotary_embedding).
         enable_fp_fusion=False,

@@ -63,7 +63,9 @@ def attend_paged_tile(
         k_mask = dim_ok[:, None]
         v_mask = dim_ok[None, :]
     # K is read transposed, [DIM_PAD, BLOCK_N], so the score product needs no transpose.
-    k = tl.load(k_cache_ptr + key_off[None, :] + dims[:, None], mask=k_mask, other=0.0)
+    # An FP8 cache (per-tensor scale 1.0, attention.KV_FP8_SCALE) is widened to the query
+    # dtype in registers; for a cache in the model dtype the casts are no-ops.
+    k = tl.load(k_cache_ptr + key_off[None, :] + dims[:, None], mask=k_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         visible = (pos[None, :] <= row_pos[:, None]) & in_seq[None, :]
@@ -73,7 +75,7 @@ def attend_paged_tile(
     alpha = tl.exp2(row_max - max_new)
     p = tl.exp2(s - max_new[:, None])
     row_sum = row_sum * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + key_off[:, None] + dims[None, :], mask=v_mask, other=0.0)
+    v = tl.load(v_cache_ptr + key_off[:, None] + dims[None, :], mask=v_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return max_new, row_sum, acc
 
