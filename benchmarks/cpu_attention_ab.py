@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline_throughput import commit, machine  # noqa: E402
 
-from soberana.ops import cpu_kernels  # noqa: E402
+from soberana.ops.cpu import kernels as cpu_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = "soberana/ops/csrc/paged_attention.c"
@@ -82,16 +82,16 @@ def main() -> int:
     scale = args.head_dim ** -0.5
 
     def step(name: str) -> float:
-        real = cpu_kernels._library
-        cpu_kernels._library = lambda: libs[name]
+        real = cpu_kernels.attention_library
+        cpu_kernels.attention_library = lambda: libs[name]
         try:
             t0 = time.perf_counter()
             for layer in range(args.layers):
-                assert cpu_kernels.paged_attention(q, k_cache[layer], v_cache[layer], table, lens,
-                                                   scale, outs[name])
+                cpu_kernels.paged_attention(q, k_cache[layer], v_cache[layer], table, lens,
+                                            scale, outs[name])
             return time.perf_counter() - t0
         finally:
-            cpu_kernels._library = real
+            cpu_kernels.attention_library = real
 
     times: dict[str, list[float]] = {"A": [], "B": []}
     for _ in range(3):  # warm-up

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline_throughput import commit, machine  # noqa: E402
 
-from soberana.ops import cpu_kernels  # noqa: E402
+from soberana.ops.cpu import kernels as cpu_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 576, 9, 3, 64, 1536, 30
@@ -82,20 +82,20 @@ def main() -> int:
                     linears[f"{name}-{isa}"] = lib
 
     def with_layers(build, fn):
-        real = cpu_kernels._layers_library
-        cpu_kernels._layers_library = lambda: layers[build]
+        real = cpu_kernels.layers_library
+        cpu_kernels.layers_library = lambda: layers[build]
         try:
             return fn()
         finally:
-            cpu_kernels._layers_library = real
+            cpu_kernels.layers_library = real
 
     def with_linear(build, fn):
-        real = cpu_kernels._linear_library
-        cpu_kernels._linear_library = lambda: linears[build]
+        real = cpu_kernels.linear_library
+        cpu_kernels.linear_library = lambda: linears[build]
         try:
             return fn()
         finally:
-            cpu_kernels._linear_library = real
+            cpu_kernels.linear_library = real
 
     cases = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -160,13 +160,13 @@ def main() -> int:
         if kind == "layers":
             with_layers(build, fn)
         elif kind in ("linear", "f32"):
-            real = cpu_kernels._linear_f32_library
+            real = cpu_kernels.linear_f32_library
             if build in linears:
-                cpu_kernels._linear_f32_library = lambda: linears[build]
+                cpu_kernels.linear_f32_library = lambda: linears[build]
             try:
                 with_linear(build, lambda: fn(build)) if build in linears else fn(build)
             finally:
-                cpu_kernels._linear_f32_library = real
+                cpu_kernels.linear_f32_library = real
         else:
             fn()
         return time.perf_counter() - t0

@@ -4,8 +4,8 @@ inputs.
 For each row count, one "step" runs x [rows, K] through the projections of `--layers` layers
 of the 125M Llama shape (qkv 2304x768, o 768x768, gate_up 4096x768, down 768x2048) plus the
 output head (32000x768). Every layer has its own weights, so they come from memory as in a
-real forward pass. The two backends (`PackedLinear` with SOBERANA_CPU_LINEAR=native and
-=onednn) alternate step by step for `--reps` rounds in one process, and the two outputs are
+real forward pass. The two backends (`PackedLinear` with soberana_kernel=True and False,
+oneDNN's) alternate step by step for `--reps` rounds in one process, and the two outputs are
 compared. Writes the medians, GFLOP/s and every run as JSON.
 
     python benchmarks/cpu_linear_ab.py --rows 1 64 2048 --output benchmarks/results/cpu_linear_ab_zen4.json
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -26,15 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline_throughput import commit, machine  # noqa: E402
 
-from soberana.ops import cpu_linear  # noqa: E402
+from soberana.ops.cpu import linear as cpu_linear  # noqa: E402
 
 LAYER = [(2304, 768), (768, 768), (4096, 768), (768, 2048)]
 HEAD = (32000, 768)
 
 
 def packed(weight: torch.Tensor, backend: str) -> cpu_linear.PackedLinear:
-    os.environ["SOBERANA_CPU_LINEAR"] = backend
-    layer = cpu_linear.PackedLinear(weight, None)
+    layer = cpu_linear.PackedLinear(weight, None, soberana_kernel=backend == "native")
     if (layer.native is not None) != (backend == "native"):
         raise SystemExit(f"the {backend} backend is not available here")
     return layer

@@ -78,12 +78,13 @@ def _timed(n_out: int, t0: float) -> dict:
 
 
 def run_soberana(path: Path, prompt_sets, warm_up, output_lens: list[int], max_num_seqs: int,
-                 dtype: str) -> dict:
+                 dtype: str, compute_backend: str = "auto") -> dict:
     from soberana import LLM, SamplingParams
 
     longest = max(len(p) for prompts in prompt_sets for p in prompts)
     llm = LLM(str(path), max_model_len=longest + max(output_lens) + 16,
-              max_num_seqs=max_num_seqs, dtype=dtype)
+              max_num_seqs=max_num_seqs, dtype=dtype, compute_backend=compute_backend)
+    compute = llm.engine.model_info.compute
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
               for n in output_lens]
     llm.generate(warm_up, params[0].clone(max_tokens=4), use_tqdm=False)
@@ -93,7 +94,7 @@ def run_soberana(path: Path, prompt_sets, warm_up, output_lens: list[int], max_n
         outs = llm.generate(prompts, params, use_tqdm=False)
         runs.append(_timed(sum(len(o.outputs[0].token_ids) for o in outs), t0))
     del llm
-    return _summary(runs)
+    return {**_summary(runs), "compute": compute}
 
 
 def run_hf_generate(path: Path, prompt_sets, warm_up, output_lens: list[int], batch_size: int,
@@ -177,7 +178,7 @@ def gemm_gflops(dtype: torch.dtype, seconds: float = 0.3) -> float:
     """This host's rate on one decode-shaped matmul (64 x 768 by 768 x 3072, packed for oneDNN
     as the engine packs its linears, or plain F.linear where packing is unavailable): a
     yardstick for comparing runs on different hosts, which differ by up to 2.5x here."""
-    from soberana.ops.cpu_linear import PackedLinear, packable
+    from soberana.ops.cpu.linear import PackedLinear, packable
 
     x, w = torch.randn(64, 768, dtype=dtype), torch.randn(3072, 768, dtype=dtype)
     linear = PackedLinear(w, None) if packable(dtype) else (lambda a: torch.nn.functional.linear(a, w))
@@ -228,6 +229,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3,
                     help="prompt sets each engine runs (generate_batch: the first only)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--compute-backend", choices=["auto", "native", "torch"], default="auto",
+                    help="soberana's compute backend (torch: the portable PyTorch path)")
     ap.add_argument("--model-dir", type=Path, default=Path.home() / ".cache" / "soberana")
     ap.add_argument("--output", type=Path,
                     default=None, help="default: benchmarks/results/offline_throughput_cpu_DTYPE.json")
@@ -252,7 +255,8 @@ def main() -> int:
                            "dtype": args.dtype, "greedy": True, "ignore_eos": True,
                            "repeats": args.repeats, "each_engine_in_a_fresh_process": True},
               "soberana": _in_fresh_process(run_soberana, path, prompt_sets, warm_up, out_lens,
-                                            args.max_num_seqs, args.dtype)}
+                                            args.max_num_seqs, args.dtype,
+                                            args.compute_backend)}
     print("soberana", json.dumps(result["soberana"]), flush=True)
     if not args.skip_hf:
         result["hf_generate"] = _in_fresh_process(run_hf_generate, path, prompt_sets, warm_up,

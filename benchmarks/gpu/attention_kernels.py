@@ -31,14 +31,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from triton.testing import do_bench
 
-from soberana.ops.triton_cache_write import reshape_and_cache
-from soberana.ops.triton_decode_attention import (
+from soberana.ops.triton.cache_write import reshape_and_cache
+from soberana.ops.triton.decode_attention import (
     DecodeConfig,
     choose_num_splits,
     default_decode_config,
     paged_decode_attention,
 )
-from soberana.ops.triton_prefill_attention import (
+from soberana.ops.triton.prefill_attention import (
     PrefillConfig,
     default_prefill_config,
     paged_prefill_attention,

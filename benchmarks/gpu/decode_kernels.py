@@ -1,9 +1,9 @@
 """The decode fast-path kernels at Llama-3.1-8B shapes on one GPU, against what they replace.
 
-- Batch-1 GEMVs (`soberana/ops/triton_gemv.py`): qkv with add + RMSNorm fused in, o,
+- Batch-1 GEMVs (`soberana/ops/triton/gemv.py`): qkv with add + RMSNorm fused in, o,
   gate/up with add + RMSNorm and SiLU-and-mul fused in, down. Peer, same run: cuBLAS
   through `F.linear` plus the separate Triton norm / SiLU kernels.
-- Fused decode attention (`triton_decode_fused.py`: rotary, KV write, split-K attention and
+- Fused decode attention (`triton/fused_decode_attention.py`: rotary, KV write, split-K attention and
   merge in one launch). Peer: the rotary, KV-write and split-K decode kernels it replaces.
 Every time is per call of a CUDA graph of back-to-back calls (launch gaps as in the engine's
 decode graph), rotating through enough weight copies that each call reads from HBM, not L2.
@@ -27,16 +27,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_kernels import _copies_beyond_l2, _graph_ms, environment, read_bandwidth_gbps  # noqa: E402
 
-from soberana.ops import triton_decode_fused  # noqa: E402
 from soberana.ops.layers import RotaryEmbedding  # noqa: E402
-from soberana.ops.triton_attention import (  # noqa: E402
+from soberana.ops.triton import fused_decode_attention as fused_decode_module  # noqa: E402
+from soberana.ops.triton.attention import (  # noqa: E402
     DecodeConfig,  # noqa: E402
     paged_decode_attention,
     reshape_and_cache,
 )
-from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
-from soberana.ops.triton_fused import fused_add_rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
-from soberana.ops.triton_gemv import DEFAULT_CONFIG, GemvConfig, gemv  # noqa: E402
+from soberana.ops.triton.fused_decode_attention import fused_decode_attention  # noqa: E402
+from soberana.ops.triton.gemv import DEFAULT_CONFIG, GemvConfig, gemv  # noqa: E402
+from soberana.ops.triton.layers import fused_add_rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
 
 DTYPE = torch.bfloat16
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4096, 14336, 32, 8, 128, 16
@@ -169,7 +169,7 @@ def sweep_attention(cases: list[tuple[int, int]], max_model_len: int) -> list[di
     for (batch, context), tile, stages, min_tiles in itertools.product(
         cases, (32, 64, 128), (2, 3), (1, 2, 4, 8)
     ):
-        triton_decode_fused._MIN_TILES = min_tiles
+        fused_decode_module._MIN_TILES = min_tiles
         width = max(math.ceil(context / BLOCK), max_model_len // BLOCK)
         qkv, pos, rope, slots, kc, vc, lens, table = _attention_case(batch, context, width)
         cfg = DecodeConfig(tile, 4, stages)

@@ -3,7 +3,7 @@ chains and with the fused Triton kernels, in one engine and one run.
 
 Modes, measured in this order on the same engine (the decode CUDA graph is re-captured
 after each switch; prefix caching is off so every mode computes its own prompt):
-  torch     `soberana/ops/layers.py` forced onto its PyTorch path, cuBLAS projections and
+  torch     the PyTorch norms, rotary and SiLU of `soberana/ops/layers.py`, cuBLAS projections and
             the separate rotary / KV-write / split-K attention kernels
   fused     the fused elementwise kernels (add + RMSNorm, rotary, SiLU-and-mul) between
             cuBLAS projections: 13 launches per layer
@@ -28,8 +28,8 @@ from triton.testing import do_bench
 
 from soberana import LLM, SamplingParams
 from soberana.engine.outputs import EngineCoreRequest
-from soberana.models import transformer
 from soberana.ops import layers
+from soberana.ops.backend import with_kernels
 
 PROMPT_LEN, NEW_TOKENS = 128, 256
 
@@ -66,22 +66,24 @@ def main() -> int:
                            generator=torch.Generator().manual_seed(0)).tolist()  # fmt: skip
     nbytes = weight_bytes(cfg) + (PROMPT_LEN + NEW_TOKENS / 2) * kv_bytes_per_token(cfg)
 
-    fused_uses_triton = layers.uses_triton
-    fast_path = (transformer.uses_gemv, transformer.fuses_decode)
-    layers.uses_triton = lambda x: False  # the torch chains, in the graph captured at start
-    transformer.uses_gemv = lambda x: False
-    transformer.fuses_decode = lambda qkv, meta: False
     llm = LLM(str(model_dir(args.config)), load_format="dummy", max_model_len=1024,
               max_num_seqs=1, kv_cache_gb=2, enable_prefix_caching=False)  # fmt: skip
+    model = llm.engine.worker.model
+    fast = model.kernels  # the Triton backend, chosen at start
+    fused = with_kernels(fast, gemv=None, fused_decode_attention=None)
+    modes = {  # the torch chains around Triton attention; + fused layers; + the fast path
+        "torch": with_kernels(fused, rms_norm=layers.torch_rms_norm,
+                              add_rms_norm=layers.torch_add_rms_norm,
+                              head_rms_norm=layers.torch_rms_norm,
+                              rotary_embedding=layers.torch_rotary_embedding,
+                              silu_and_mul=layers.torch_silu_and_mul),
+        "fused": fused, "fast": fast,
+    }  # fmt: skip
     results = {"model": args.config.stem, "gpu": torch.cuda.get_device_name(),
                "bytes_per_token": nbytes}  # fmt: skip
-    for mode in ("torch", "fused", "fast"):
-        if mode == "fused":
-            layers.uses_triton = fused_uses_triton
-        if mode == "fast":
-            transformer.uses_gemv, transformer.fuses_decode = fast_path
-        if mode != "torch":
-            llm.engine.runner.graphs.capture()
+    for mode, kernels in modes.items():
+        model.use_kernels(kernels)
+        llm.engine.runner.graphs.capture()  # the graph of this mode's kernels
         r = decode(llm, prompt, mode)
         r["tok_s"] = 1e3 / r["step_ms_p50"]
         r["achieved_GBps"] = nbytes / r["step_ms_p50"] / 1e6

@@ -24,13 +24,13 @@ import torch
 from attention_kernels import copy_bandwidth_gbps, environment  # same folder
 from triton.testing import do_bench
 
-from soberana.ops import triton_fused
 from soberana.ops.layers import (
     RotaryEmbedding,
     torch_rms_norm,
     torch_rotary_embedding,
     torch_silu_and_mul,
 )
+from soberana.ops.triton import layers as triton_layers
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 4096, 32, 8, 128, 14336
 EPS = 1e-5
@@ -71,21 +71,21 @@ def _min_bytes(op: str, n: int) -> int:
 def _calls(op: str, s: dict, rope: RotaryEmbedding):
     """(fused call, torch chain) on input set `s`."""
     if op == "rms_norm":
-        return (lambda: triton_fused.rms_norm(s["x"], s["w"], EPS),
+        return (lambda: triton_layers.rms_norm(s["x"], s["w"], EPS),
                 lambda: torch_rms_norm(s["x"], s["w"], EPS))  # fmt: skip
     if op == "add_rms_norm":
-        return (lambda: triton_fused.fused_add_rms_norm(s["x"], s["res"], s["w"], EPS),
+        return (lambda: triton_layers.fused_add_rms_norm(s["x"], s["res"], s["w"], EPS),
                 lambda: torch_rms_norm(s["x"] + s["res"], s["w"], EPS))  # fmt: skip
     if op == "qk_norm":  # Qwen3's per-head norms: two calls, q then k
-        return (lambda: (triton_fused.rms_norm(s["q"], s["w"], EPS),
-                         triton_fused.rms_norm(s["k"], s["w"], EPS)),
+        return (lambda: (triton_layers.rms_norm(s["q"], s["w"], EPS),
+                         triton_layers.rms_norm(s["k"], s["w"], EPS)),
                 lambda: (torch_rms_norm(s["q"], s["w"], EPS),
                          torch_rms_norm(s["k"], s["w"], EPS)))  # fmt: skip
     if op == "rotary":
         args = (s["pos"], s["q"], s["k"], rope.cos, rope.sin)
-        return (lambda: triton_fused.rotary_embedding(*args),
+        return (lambda: triton_layers.rotary_embedding(*args),
                 lambda: torch_rotary_embedding(*args))  # fmt: skip
-    return (lambda: triton_fused.silu_and_mul(s["gate_up"]),
+    return (lambda: triton_layers.silu_and_mul(s["gate_up"]),
             lambda: torch_silu_and_mul(s["gate_up"]))  # fmt: skip
 
 

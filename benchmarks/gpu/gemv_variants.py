@@ -2,7 +2,7 @@
 them: one CUDA graph over 8 layers' distinct weights (qkv, o, gate_up, down per layer), so
 every weight comes from HBM and launches follow each other as in the model's graph.
 
-Variants: cuBLAS (`F.linear`), the engine's GEMV (`triton_gemv.py`, PDL on),
+Variants: cuBLAS (`F.linear`), the engine's GEMV (`triton/gemv.py`, PDL on),
 and a plain GEMV with programmatic dependent launch (PDL): each kernel waits for the previous
 one (`griddepcontrol.wait`) only before reading its input, after loading its first weight
 tile, so its launch and first loads overlap the previous kernel's tail.
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from soberana.ops.triton_gemv import GemvConfig, gemv
+from soberana.ops.triton.gemv import GemvConfig, gemv
 
 LAYERS = 8
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # qkv, o, gate_up, down

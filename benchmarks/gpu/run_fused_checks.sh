@@ -7,7 +7,7 @@ set -uo pipefail
 : "${OUT:?set OUT to the results directory}"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-sha256sum soberana/ops/triton_fused.py soberana/ops/layers.py benchmarks/gpu/fused_*.py \
+sha256sum soberana/ops/triton/layers.py soberana/ops/layers.py benchmarks/gpu/fused_*.py \
     tests/gpu/test_fused_gpu.py >"$OUT/files.sha256"
 timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -m gpu tests/gpu/test_fused_gpu.py -q -n 8 \
     -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/gpu_tests.log"

@@ -26,6 +26,7 @@ from soberana.distributed.loader import load_sharded_model
 from soberana.distributed.sharding import check_tensor_parallel
 from soberana.models.loader import LoadedModel, read_model_config
 from soberana.ops.attention import AttentionMetadata, GatherWorkspace
+from soberana.ops.backend import Backend, select_backend
 
 log = logging.getLogger("soberana.distributed")
 
@@ -66,7 +67,7 @@ class TensorParallel:
     """Worker processes and rank 0's group; `loaded.model` is the `TPModel`."""
 
     def __init__(self, config, path: Path, dtype: torch.dtype, device: torch.device,
-                 max_len: int) -> None:
+                 max_len: int, backend: Backend | None = None) -> None:
         world = config.tensor_parallel_size
         check_tensor_parallel(read_model_config(path)[0], world)
         if device.type == "cuda" and torch.cuda.device_count() < world:
@@ -82,14 +83,16 @@ class TensorParallel:
             args = {"rank": rank, "world": world, "init_method": init_method, "path": str(path),
                     "dtype": str(dtype).removeprefix("torch."), "max_len": max_len,
                     "device": f"cuda:{rank}" if device.type == "cuda" else "cpu",
-                    "load_format": config.load_format, "threads": threads}
+                    "load_format": config.load_format, "threads": threads,
+                    "compute_backend": config.compute_backend, "cpu_isa": config.cpu_isa,
+                    "kv_cache_dtype": config.kv_cache_dtype}
             self.workers.append(subprocess.Popen(
                 [sys.executable, "-m", "soberana.distributed.executor", json.dumps(args)]))
         self.group = TPGroup(0, world, init_method, device)
         error = None
         try:
             loaded = load_sharded_model(path, dtype, device, max_len, config.load_format,
-                                        self.group)
+                                        self.group, backend)
         except Exception as exc:  # the workers must hear of it, or they wait forever
             error, loaded = exc, None
         if not _all_ok(self.group, error is None):
@@ -138,14 +141,17 @@ def _free_port() -> int:
 
 
 def worker_main(rank: int, world: int, init_method: str, path: str, dtype: str, device: str,
-                max_len: int, load_format: str, threads: int) -> None:
+                max_len: int, load_format: str, threads: int, compute_backend: str = "auto",
+                cpu_isa: str = "native", kv_cache_dtype: str = "auto") -> None:
     """Rank `rank`: load its shard, then mirror rank 0's forwards until told to stop."""
     torch.set_num_threads(threads)
     path, dtype = Path(path), getattr(torch, dtype)
     dev = torch.device(device)
     group = TPGroup(rank, world, init_method, dev)
     try:
-        model = load_sharded_model(path, dtype, dev, max_len, load_format, group).model
+        kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else dtype
+        backend = select_backend(compute_backend, dev, dtype, kv_dtype, cpu_isa)
+        model = load_sharded_model(path, dtype, dev, max_len, load_format, group, backend).model
         ok = True
     except Exception:
         log.exception("tensor-parallel rank %d could not load its shard", rank)

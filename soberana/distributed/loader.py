@@ -15,12 +15,15 @@ from soberana.distributed.sharding import TPShard, plan_shard
 from soberana.models import loader as base
 from soberana.models.config import rope_inv_freq
 from soberana.models.transformer import CausalLM, RotaryEmbedding
+from soberana.ops.backend import Backend, select_backend
 
 
 def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
-                       max_positions: int, load_format: str, group: TPGroup) -> base.LoadedModel:
+                       max_positions: int, load_format: str, group: TPGroup,
+                       backend: Backend | None = None) -> base.LoadedModel:
     """`loader.load_model` for rank `group.rank` of `group.world_size`; the returned config
-    has this rank's head counts and MLP width and the full vocabulary."""
+    has this rank's head counts and MLP width and the full vocabulary. Linears stay unpacked
+    and the layers run as modules (`model.tp` keeps the native stack off)."""
     full, _ = base.read_model_config(path)
     shard = plan_shard(full, group.rank, group.world_size)
     cfg = shard.shard_config(full)
@@ -52,6 +55,7 @@ def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
     if group.rank != 0:
         _zero_row_parallel_biases(model)
     model.eval()
+    model.use_kernels((backend or select_backend("auto", device, dtype)).kernels)
     return base.LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint)
 
 

@@ -14,6 +14,9 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("safetensors", "dummy")
 TASKS = ("auto", "generate", "embed", "rerank")
 CPU_ISAS = ("native", "avx2", "portable")
+# soberana.ops.backend's names, written here too so that parsing flags needs no torch
+# (tests/ops/test_backend.py checks the two agree).
+COMPUTE_BACKENDS = ("auto", "torch", "native", "triton")
 # soberana.quantization's names, written here too so that parsing flags needs no torch
 # (tests/server/test_config_flags.py checks the two agree).
 QUANTIZATION_CHOICES = ("int8", "int4", "fp8")
@@ -76,6 +79,12 @@ class EngineConfig:
         "auto", "what the model serves: generate (chat/completions), embed (/v1/embeddings, "
         "/v1/score, /v1/rerank by cosine) or rerank (a cross-encoder: /v1/rerank, /v1/score); "
         "auto follows the checkpoint's architecture (default auto)", choices=TASKS)
+    # soberana/ops/backend.py chooses the implementations once, at start, from this.
+    compute_backend: str = flag(
+        "auto", "which implementations serve the ops, chosen once at start, logged with the "
+        "reason for any slower path and shown in /v1/models: triton (GPUs), native (soberana's "
+        "C kernels on CPUs), torch (the portable PyTorch path); auto: triton on GPUs, native "
+        "on CPUs", choices=COMPUTE_BACKENDS)
     cpu_isa: str = flag(
         "native", "CPU: instruction sets of the native kernels (native: this CPU's; avx2: the "
         "path of CPUs without AVX-512; portable: plain C)", choices=CPU_ISAS)
@@ -128,6 +137,9 @@ class EngineConfig:
                 raise ValueError("the KV warehouse needs enable_prefix_caching=True")
         if self.task not in TASKS:
             raise ValueError(f"task must be auto, generate, embed or rerank; got {self.task!r}")
+        if self.compute_backend not in COMPUTE_BACKENDS:
+            raise ValueError(f"compute_backend must be one of {', '.join(COMPUTE_BACKENDS)}; "
+                             f"got {self.compute_backend!r}")  # fmt: skip
         if self.cpu_isa not in CPU_ISAS:
             raise ValueError(f"cpu_isa must be native, avx2 or portable; got {self.cpu_isa!r}")
         if self.tensor_parallel_size < 1:

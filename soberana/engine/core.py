@@ -54,7 +54,7 @@ class EngineCore:
         self.offload = self._build_offload(config)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.offload, config.long_prefill_token_threshold)
-        self.sampler = Sampler(mcfg.vocab_size, device)
+        self.sampler = Sampler(mcfg.vocab_size, device, worker.backend.kernels.argmax)
         self.structured = StructuredOutputManager(worker.path, mcfg.vocab_size,
                                                   list(mcfg.eos_token_ids))
         self.runner = ModelRunner(worker.model, worker.kv_cache, self.kv, self.sampler, device,
@@ -394,6 +394,7 @@ def _model_info(config: EngineConfig, worker: Worker) -> ModelInfo:
         quantization=None if worker.quantization is None else worker.quantization.describe(),
         quantization_kernels=quantized_kernels(worker.model) if worker.quantization else None,
         kv_cache_dtype=config.kv_cache_dtype,
+        compute=worker.backend.report(getattr(worker.model, "model", worker.model)),
     )
 
 

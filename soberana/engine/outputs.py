@@ -27,6 +27,9 @@ class ModelInfo:
     quantization: str | None = None  # scheme serving the weights (None: the model dtype)
     quantization_kernels: list[str] | None = None
     kv_cache_dtype: str = "auto"
+    # which implementations serve the ops, and the slower paths taken (ops/backend.py:
+    # Backend.report): {"compute_backend", "requested", "kernels", "fallbacks"}
+    compute: dict | None = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from soberana.engine.worker import resolve_device
 from soberana.models.encoder import EncoderConfig, PackedBatch, is_encoder_dir, load_encoder
 from soberana.models.loader import resolve_model_path
 from soberana.models.pooling import PoolingConfig, pool
-from soberana.ops import cpu_linear
+from soberana.ops.cpu import linear as cpu_linear
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,16 @@ class PoolingCore:
         else:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = load_encoder(path, self.dtype, self.device)
-        if self.device.type == "cpu":
-            # Weights packed once for oneDNN (or soberana's bf16 kernel): F.linear repacks them
-            # every call; measured ~15% of a MiniLM batch of 14k tokens on Zen 4.
+        # Encoders run PyTorch ops; on CPUs their weights are packed once for oneDNN (or
+        # soberana's bf16 kernel), unless compute_backend is "torch": F.linear repacks them
+        # every call; measured ~15% of a MiniLM batch of 14k tokens on Zen 4.
+        packed = self.device.type == "cpu" and config.compute_backend != "torch"
+        if packed:
             cpu_linear.pack_linears(self.model)
+        compute = {"compute_backend": "native" if packed else "torch",
+                   "requested": config.compute_backend,
+                   "kernels": {"linears": "packed once" if packed else "PyTorch",
+                               "attention/norms": "PyTorch"}, "fallbacks": []}  # fmt: skip
         cfg = self.model.cfg
         if self.task == "rerank" and cfg.num_labels != 1:
             raise ValueError(f"{path}: a reranker needs one output label; this one has "
@@ -82,7 +88,7 @@ class PoolingCore:
             name=name, path=str(path), max_model_len=self.max_model_len,
             vocab_size=cfg.vocab_size, eos_token_ids=[], dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device), num_blocks=0, block_size=config.block_size,
-            fingerprint="", is_demo=False, task=self.task,
+            fingerprint="", is_demo=False, task=self.task, compute=compute,
         )
         log.info("%s model %s loaded in %.1fs: %d layers, hidden %d, pooling %s%s, max %d tokens",
                  self.task, path, time.perf_counter() - t0, cfg.num_layers, cfg.hidden_size,

@@ -20,6 +20,6 @@ def tune_process_memory() -> None:
     mallopt: see `cpu_kernels.keep_freed_memory` (glibc only; RSS no longer shrinks).
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    from soberana.ops import cpu_kernels  # imports torch: after the variable is set
+    from soberana.ops.cpu import kernels as cpu_kernels  # imports torch: after the variable is set
 
     cpu_kernels.keep_freed_memory()

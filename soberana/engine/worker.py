@@ -24,8 +24,9 @@ from soberana.engine.cuda_graphs import DecodeGraphs
 from soberana.kv.layout import KVLayout
 from soberana.models.config import ModelConfig
 from soberana.models.loader import load_model, read_model_config, resolve_model_path
-from soberana.ops import cpu_kernels
-from soberana.ops.attention import AttentionMetadata, uses_triton
+from soberana.ops.attention import AttentionMetadata
+from soberana.ops.backend import Backend, select_backend
+from soberana.ops.cpu import kernels as cpu_kernels
 from soberana.quantization import gguf_quantization, resolve_quantization
 
 log = logging.getLogger("soberana.engine")
@@ -50,16 +51,17 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     return torch.float8_e4m3fn if kv_cache_dtype == "fp8" else model_dtype
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device,
+                  cpu_isa: str = "native") -> torch.dtype:  # fmt: skip
     """`auto`: bfloat16 on GPUs; on CPU bfloat16 for a bfloat16 checkpoint where the CPU has
     native bfloat16 matmuls (AVX512_BF16 or AMX), else float32 (emulated bfloat16 and float16
-    matmuls are slower than float32 on CPUs)."""
+    matmuls are slower than float32 on CPUs; `cpu_isa` other than native builds no AVX-512)."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.bfloat16
     if checkpoint_dtype == "bfloat16":
-        if cpu_kernels.native_bf16_matmul():
+        if cpu_kernels.native_bf16_matmul(cpu_isa):
             return torch.bfloat16
         log.info("dtype auto: float32 (the checkpoint is bfloat16, but this CPU or the chosen "
                  "cpu_isa has no native bfloat16 matmul: no avx512_bf16/amx_bf16)")
@@ -115,14 +117,17 @@ class Worker:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
-            cpu_kernels.set_isa(config.cpu_isa)
-            # Allocator tuning is process-wide: the entry points opt in (engine/process_memory.py).
+        # Allocator tuning is process-wide: the entry points opt in (engine/process_memory.py).
         t0 = time.perf_counter()
         self.path = resolve_model_path(config.model, config.revision)
         mcfg, _ = read_model_config(self.path)
         self.model_config: ModelConfig = mcfg  # the loaded model's (one rank's, under TP)
-        self.dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, mcfg.torch_dtype, self.device, config.cpu_isa)
+        # The implementations serving every op, chosen once and logged (ops/backend.py); the
+        # model's layers hold them from load on.
+        self.backend: Backend = select_backend(
+            config.compute_backend, self.device, self.dtype,
+            kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype), config.cpu_isa)
         self.max_model_len = max_model_len(config, mcfg)
         if self.path.is_file():  # GGUF: no config.json; dequantized, or re-packed at load
             from soberana.models.gguf import linear_types, open_gguf
@@ -154,11 +159,12 @@ class Worker:
             if self.quantization is not None:
                 raise ValueError("quantization is not supported with tensor_parallel_size > 1 "
                                  "yet (docs/distributed.md)")
-            self.tp = TensorParallel(config, self.path, self.dtype, self.device, self.max_model_len)
+            self.tp = TensorParallel(config, self.path, self.dtype, self.device, self.max_model_len,
+                                     self.backend)
             loaded = self.tp.loaded
         else:
             loaded = load_model(self.path, self.dtype, self.device, self.max_model_len,
-                                config.load_format, self.quantization)
+                                config.load_format, self.quantization, self.backend)
         self.model = loaded.model
         self.model_config = loaded.config
         self.weights_fingerprint = loaded.fingerprint
@@ -208,14 +214,13 @@ class Worker:
         """GPU: capture the decode CUDA graphs (unless eager). CPU: run a few representative
         shapes so the first request pays neither the kernels' build nor the heap's growth."""
         config = self.config
-        if (self.device.type == "cuda" and not config.enforce_eager and uses_triton(self.device)
+        if (self.device.type == "cuda" and not config.enforce_eager
+                and self.backend.name == "triton"
                 and self.tp is None):  # graphs with collectives: not built yet (docs/distributed.md)
             self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs,
                                        -(-self.max_model_len // config.block_size), self.device)
             self.startup["graphs_s"] = self.graphs.capture()
         if self.device.type == "cpu":
-            log.info("CPU kernels: %s (dtype %s)", cpu_kernels.describe_kernels(),
-                     str(self.dtype).removeprefix("torch."))  # fmt: skip
             self.startup["warm_up_s"] = self._warm_up_cpu()
 
     # ---- forwards outside the step loop -----------------------------------------------------
@@ -265,7 +270,7 @@ class Worker:
         """A speculative-decoding draft model, in this worker's dtype, device and context."""
         path = resolve_model_path(model, None)
         return load_model(path, self.dtype, self.device, self.max_model_len,
-                          self.config.load_format).model
+                          self.config.load_format, backend=self.backend).model
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel ranks, if any."""

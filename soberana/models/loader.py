@@ -19,7 +19,8 @@ from soberana.models.config import ModelConfig
 from soberana.models.gguf import fingerprint as gguf_fingerprint
 from soberana.models.gguf import gguf_config, gguf_tensors, is_gguf
 from soberana.models.transformer import CausalLM, RotaryEmbedding, rope_inv_freq
-from soberana.ops import cpu_linear
+from soberana.ops.backend import Backend, select_backend
+from soberana.ops.cpu import linear as cpu_linear
 from soberana.quantization import (
     QuantizationConfig,
     QuantLinear,
@@ -131,8 +132,10 @@ def load_model(
     max_positions: int,
     load_format: str = "safetensors",
     quantization: QuantizationConfig | None = None,
+    backend: Backend | None = None,
 ) -> LoadedModel:
-    """Build the model on `device` in `dtype` and fill it from the checkpoint.
+    """Build the model on `device` in `dtype`, fill it from the checkpoint, and hand it the
+    compute `backend`'s implementations (None: chosen here, "auto").
 
     `load_format="dummy"` fills random weights (std 0.02, fixed seed) instead: for full-size
     performance runs without a checkpoint, as vLLM's `--load-format dummy`.
@@ -179,8 +182,11 @@ def load_model(
         _finalize_quantized(model, quantization)
     model.eval()
     t_weights = time.perf_counter()
-    if device.type == "cpu":
+    if backend is None:
+        backend = select_backend("auto", device, dtype)
+    if device.type == "cpu" and backend.kernels.pack_cpu_linears:
         _pack_cpu_linears(model)
+    model.use_kernels(backend.kernels)
     log.info("Start-up: weights of %s read in %.1fs (%s), CPU linears packed in %.1fs",
              path.name, t_weights - t0, "GGUF" if path.is_file() else load_format,
              time.perf_counter() - t_weights)  # fmt: skip

@@ -2,6 +2,8 @@
 
 One implementation: architecture differences (q/k/v bias, q/k RMSNorm, rope scaling, tied
 embeddings) come from `ModelConfig`. Inputs are a packed token sequence, not a padded batch.
+The layers start on the portable PyTorch ops and hold the implementations the compute backend
+chose at start (`CausalLM.use_kernels`, soberana/ops/backend.py): nothing is chosen per call.
 """
 
 from __future__ import annotations
@@ -10,21 +12,9 @@ import torch
 from torch import nn
 
 from soberana.models.config import ModelConfig, rope_inv_freq
-from soberana.ops import cpu_forward, cpu_kernels
-from soberana.ops.attention import (
-    AttentionMetadata,
-    fused_decode_attention,
-    fuses_decode,
-    paged_attention,
-    write_kv,
-)
-from soberana.ops.layers import (
-    RMSNorm,
-    RotaryEmbedding,
-    gemv_linear,
-    silu_and_mul,
-    uses_gemv,
-)
+from soberana.ops.attention import AttentionMetadata
+from soberana.ops.backend import TORCH_KERNELS, Kernels
+from soberana.ops.layers import RMSNorm, RotaryEmbedding, gemv_linear
 
 
 class Attention(nn.Module):
@@ -39,8 +29,19 @@ class Attention(nn.Module):
         # q, k and v share one matmul: [q | k | v] along the output dimension.
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # Qwen3's per-head q/k norms, over [T, heads, head_dim] views of the projection
+        qk, d, eps = cfg.qk_norm, cfg.head_dim, cfg.rms_norm_eps
+        self.q_norm = RMSNorm(d, eps, per_head=True) if qk else None
+        self.k_norm = RMSNorm(d, eps, per_head=True) if qk else None
+        self.use_kernels(TORCH_KERNELS)
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Hold the backend's attention functions (the norms get theirs from the model)."""
+        self.write_kv, self.paged_attention = kernels.write_kv, kernels.paged_attention
+        # rotary + cache write in one native call: layers without q/k norms only
+        self.rope_and_cache = kernels.rope_and_cache if self.q_norm is None else None
+        self.fused_decode = kernels.fused_decode_attention
+        self.fused_decode_max_batch = kernels.fused_decode_max_batch
 
     def forward(
         self,
@@ -62,20 +63,23 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attention output [T, q_size] from the fused projection; writes this step's K/V."""
         k_cache, v_cache = kv[0], kv[1]
-        if fuses_decode(qkv, meta):
-            norms = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
-            return fused_decode_attention(qkv, positions, rotary.cos, rotary.sin, k_cache,
-                                          v_cache, meta, self.num_heads, self.scale, *norms,
-                                          self.eps)  # fmt: skip
         t = qkv.shape[0]
-        if qkv.device.type == "cpu" and self.q_norm is None:
+        fused = self.fused_decode is not None and 0 < t == meta.num_decodes
+        if fused and t <= self.fused_decode_max_batch:
+            norms = (None, None) if self.q_norm is None else (self.q_norm.weight,
+                                                              self.k_norm.weight)  # fmt: skip
+            return self.fused_decode(
+                qkv, positions, rotary.cos, rotary.sin, meta.slot_mapping, k_cache, v_cache,
+                meta.seq_lens, meta.block_table, self.num_heads, self.scale, q_norm=norms[0],
+                k_norm=norms[1], eps=self.eps,
+            )  # fmt: skip
+        if self.rope_and_cache is not None:
             # rotary embedding and the cache write in one native call; attention then reads
             # this step's keys back from the cache
-            q = cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k_cache,
-                                           v_cache, meta.slot_mapping, self.num_heads)  # fmt: skip
-            if q is not None:
-                out = paged_attention(q, None, None, k_cache, v_cache, meta, self.scale)
-                return out.reshape(t, -1)
+            q = self.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache,
+                                    meta.slot_mapping, self.num_heads)  # fmt: skip
+            return self.paged_attention(q, None, None, k_cache, v_cache, meta,
+                                        self.scale).reshape(t, -1)  # fmt: skip
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
@@ -83,8 +87,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention(q, k, v, k_cache, v_cache, meta, self.scale).reshape(t, -1)
+        self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale).reshape(t, -1)
 
 
 class DecoderLayer(nn.Module):
@@ -96,6 +100,11 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.tp = None  # tensor parallel: the TPGroup summing the row-parallel outputs
+        self.use_kernels(TORCH_KERNELS)
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        self.silu_and_mul = kernels.silu_and_mul
+        self.gemv = kernels.gemv  # one-row steps: norms and linears fused (Triton)
 
     def forward(
         self,
@@ -110,7 +119,7 @@ class DecoderLayer(nn.Module):
 
         The residual add is deferred into the next norm, which fuses add + RMSNorm on GPUs.
         """
-        if uses_gemv(x):
+        if self.gemv is not None and x.shape[0] == 1:
             return self._forward_gemv(x, residual, positions, rotary, kv, meta)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
@@ -118,7 +127,7 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x, residual)
         h = self._reduce(self.self_attn(h, positions, rotary, kv, meta))
         h, residual = self.post_attention_layernorm(h, residual)
-        return self._reduce(self.down_proj(silu_and_mul(self.gate_up_proj(h)))), residual
+        return self._reduce(self.down_proj(self.silu_and_mul(self.gate_up_proj(h)))), residual
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Tensor parallel: sum the ranks' partial row-parallel outputs (soberana/distributed)."""
@@ -126,14 +135,14 @@ class DecoderLayer(nn.Module):
 
     def _forward_gemv(self, x, residual, positions, rotary, kv, meta):
         """Batch-1 decode on GPUs: each norm and SiLU-and-mul runs inside the projection next
-        to it (triton_gemv.py), five launches per layer with the fused decode attention."""
-        attn = self.self_attn
-        qkv, residual = gemv_linear(x, attn.qkv_proj, self.input_layernorm, residual)
-        h, _ = gemv_linear(attn.attend(qkv, positions, rotary, kv, meta), attn.o_proj)
+        to it (triton/gemv.py), five launches per layer with the fused decode attention."""
+        attn, gemv = self.self_attn, self.gemv
+        qkv, residual = gemv_linear(gemv, x, attn.qkv_proj, self.input_layernorm, residual)
+        h, _ = gemv_linear(gemv, attn.attend(qkv, positions, rotary, kv, meta), attn.o_proj)
         h = self._reduce(h)
-        act, residual = gemv_linear(h, self.gate_up_proj, self.post_attention_layernorm,
+        act, residual = gemv_linear(gemv, h, self.gate_up_proj, self.post_attention_layernorm,
                                     residual, gated=True)  # fmt: skip
-        return self._reduce(gemv_linear(act, self.down_proj)[0]), residual
+        return self._reduce(gemv_linear(gemv, act, self.down_proj)[0]), residual
 
 
 class CausalLM(nn.Module):
@@ -150,6 +159,19 @@ class CausalLM(nn.Module):
         )
         self.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), max_positions)
         self.tp = None  # tensor parallel: the TPGroup gathering vocabulary-sharded logits
+        self.kernels = TORCH_KERNELS
+        self.stack = None  # the decoder layers in one native call (CPU), or None: modules
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Run the compute backend's implementations from now on (ops/backend.py); called once
+        the weights are loaded (and, on CPUs, packed), since the native stack reads them."""
+        self.kernels = kernels
+        for module in self.modules():
+            if module is not self and hasattr(module, "use_kernels"):
+                module.use_kernels(kernels)
+        # tensor parallel: every layer's output is all-reduced, which the stack cannot do
+        build = kernels.decoder_stack
+        self.stack = build(self) if build is not None and self.tp is None else None
 
     def forward(
         self,
@@ -159,10 +181,8 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        if x.device.type == "cpu" and self.tp is None:  # all layers in one native call
-            hidden = cpu_forward.forward(self, x, positions, kv_cache, meta)
-            if hidden is not None:
-                return hidden
+        if self.stack is not None:  # all layers in one native call
+            return self.stack(x, positions, kv_cache, meta)
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.rotary, kv_cache[i], meta)
         return self.norm(x, residual)[0]

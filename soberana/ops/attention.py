@@ -1,8 +1,8 @@
 """Attention over the paged KV cache: metadata and the portable PyTorch path.
 
 Layout and field meanings are fixed in docs/engine-core.md. The PyTorch path serves CPUs
-(and any device without Triton); the Triton path lives in `triton_attention.py`. On CPUs,
-attention goes to the native kernel of `cpu_kernels.py` where it is available.
+(and any device without Triton); the Triton path lives in `triton/attention.py`, the native
+CPU kernel in `cpu/kernels.py`; `backend.py` chooses one at start.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from soberana.ops import cpu_kernels, triton_module
 
 
 @dataclass
@@ -35,47 +33,10 @@ class AttentionMetadata:
     cpu_decode_groups: tuple[tuple[int, ...], list[DecodeGroup]] | None = None
 
 
-def _triton_ops():
-    return triton_module("triton_attention")
-
-
-def uses_triton(device: torch.device) -> bool:
-    return device.type == "cuda" and _triton_ops() is not None
-
-
-# Decode batches up to this size run the fused decode kernel. Its gain is the launches it
-# saves, which matter at small batches; at 256 sequences of 512 tokens an H200 ran it ~4%
-# slower than the separate kernels (benchmarks/gpu/decode_kernels.py).
+# Decode batches up to this size run the fused decode kernel (Triton backend). Its gain is the
+# launches it saves, which matter at small batches; at 256 sequences of 512 tokens an H200 ran
+# it ~4% slower than the separate kernels (benchmarks/gpu/decode_kernels.py).
 FUSED_DECODE_MAX_BATCH = 64
-
-
-def fuses_decode(qkv: torch.Tensor, meta: AttentionMetadata) -> bool:
-    """Whether a step's attention runs as one fused decode kernel (small decode-only batches
-    on a device with Triton)."""
-    return (uses_triton(qkv.device) and 0 < qkv.shape[0] == meta.num_decodes
-            and qkv.shape[0] <= FUSED_DECODE_MAX_BATCH)  # fmt: skip
-
-
-def fused_decode_attention(
-    qkv: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    num_heads: int,
-    scale: float,
-    q_norm: torch.Tensor | None,
-    k_norm: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    """Per-head q/k norm, rotary, KV write and attention of a decode-only step in one kernel
-    (`triton_decode_fused.py`); returns [T, Hq * D]."""
-    return _triton_ops().fused_decode_attention(
-        qkv, positions, cos, sin, meta.slot_mapping, k_cache, v_cache, meta.seq_lens,
-        meta.block_table, num_heads, scale, q_norm=q_norm, k_norm=k_norm, eps=eps,
-    )  # fmt: skip
 
 
 def write_kv(
@@ -85,10 +46,7 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Store this step's keys/values [T, Hkv, D] into their cache slots (-1: skip, GPU only)."""
-    if uses_triton(key.device):
-        _triton_ops().reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
-        return
+    """Store this step's keys/values [T, Hkv, D] into their cache slots."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
     if k_cache.dtype != key.dtype:  # an FP8 cache (--kv-cache-dtype fp8)
         key, value = to_kv_cache_dtype(key, k_cache.dtype), to_kv_cache_dtype(value, k_cache.dtype)
@@ -129,17 +87,8 @@ def paged_attention(
     `k`, `v` are this step's keys/values, already written to the cache (None: the PyTorch
     path reads them back from it).
     """
-    if uses_triton(q.device):
-        return _triton_ops().triton_paged_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     nd = meta.num_decodes
-    # The native kernel reads each sequence's K/V from the pool once per tile of its queries;
-    # the PyTorch path below copies it several times (gather, transpose) before its matmuls,
-    # and its prefill calls one SDPA per sequence.
-    prefills = nd < len(meta.query_lens_cpu)
-    if cpu_kernels.paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, scale,
-                                   out, meta.query_start_loc if prefills else None):  # fmt: skip
-        return out
     if nd:
         _decode_attention(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
     start = nd

@@ -1,51 +1,36 @@
 """RMSNorm, rotary embedding and SiLU-gated MLP activation.
 
 The `torch_*` functions are the portable PyTorch path (the reference the kernels are tested
-against). On CUDA, where Triton imports, the layers run the fused Triton kernels of
-`triton_fused.py` instead, and on CPUs the native ones of `csrc/cpu_layers.c`; both round at
-the same points.
+against). The modules start on it and hold whatever `ops/backend.py` chose at start
+(`use_kernels`): the Triton kernels of `triton/layers.py` on GPUs, the native ones of
+`csrc/cpu_layers.c` on CPUs; both round at the same points.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soberana.ops import cpu_kernels, triton_module
-
-
-def _triton_ops():
-    return triton_module("triton_fused")
-
-
-def uses_triton(x: torch.Tensor) -> bool:
-    """Whether ops on `x` run the Triton kernels (CUDA tensors, Triton installed)."""
-    return x.device.type == "cuda" and _triton_ops() is not None
-
-
-def _gemv_ops():
-    return triton_module("triton_gemv")
-
-
-def uses_gemv(x: torch.Tensor) -> bool:
-    """Whether a layer's projections of `x` [T, H] run as fused GEMV kernels (batch-1 decode
-    and other one-token steps on GPUs, `triton_gemv.py`)."""
-    return x.device.type == "cuda" and x.dim() == 2 and x.shape[0] == 1 and (
-        _gemv_ops() is not None)  # fmt: skip
+if TYPE_CHECKING:
+    from soberana.ops.backend import Kernels
 
 
 def gemv_linear(
+    gemv,
     x: torch.Tensor,
     linear: nn.Linear,
     norm: RMSNorm | None = None,
     residual: torch.Tensor | None = None,
     gated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`linear(x)` for one row in one launch, with `norm`'s (add +) RMSNorm before it and,
-    for a fused gate/up projection, SiLU-and-mul after it; returns (out, new residual)."""
+    """`linear(x)` for one row in one launch of `gemv` (`triton/gemv.py`), with `norm`'s
+    (add +) RMSNorm before it and, for a fused gate/up projection, SiLU-and-mul after it;
+    returns (out, new residual)."""
     # a QuantLinear (soberana/quantization) brings its scales, zero points and group size
-    return _gemv_ops().gemv(
+    return gemv(
         x, linear.weight, linear.bias,
         norm_weight=None if norm is None else norm.weight, eps=1e-6 if norm is None else norm.eps,
         residual=residual, gated=gated, weight_scale=getattr(linear, "weight_scale", None),
@@ -67,30 +52,38 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return out.mul_(weight)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, as transformers does, then cast back."""
+def torch_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(torch_rms_norm(x + residual), x + residual)."""
+    residual = x + residual
+    return torch_rms_norm(residual, weight, eps), residual
 
-    def __init__(self, dim: int, eps: float) -> None:
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, as transformers does, then cast back.
+
+    `per_head`: the q/k norms of Qwen3, over [T, heads, head_dim] views of the projection.
+    """
+
+    def __init__(self, dim: int, eps: float, per_head: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.per_head = per_head
+        self.norm, self.add_norm = torch_rms_norm, torch_add_rms_norm
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Run the backend's norm from now on (ops/backend.py)."""
+        self.norm = kernels.head_rms_norm if self.per_head else kernels.rms_norm
+        self.add_norm = kernels.add_rms_norm
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x); with `residual`, (norm(x + residual), x + residual) in one pass on GPUs."""
-        if uses_triton(x) and x.dim() in (2, 3):
-            if residual is None:
-                return _triton_ops().rms_norm(x, self.weight, self.eps)
-            return _triton_ops().fused_add_rms_norm(x, residual, self.weight, self.eps)
-        if x.device.type == "cpu":  # add + norm in one native call where it can
-            fused = cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
-            if fused is not None:
-                return fused[0] if residual is None else fused
+        """norm(x); with `residual`, (norm(x + residual), x + residual) in one pass."""
         if residual is None:
-            return torch_rms_norm(x, self.weight, self.eps)
-        residual = x + residual
-        return torch_rms_norm(residual, self.weight, self.eps), residual
+            return self.norm(x, self.weight, self.eps)
+        return self.add_norm(x, residual, self.weight, self.eps)
 
 
 def torch_rotary_embedding(
@@ -122,26 +115,20 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self.rotate = torch_rotary_embedding
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Run the backend's rotary embedding from now on (ops/backend.py)."""
+        self.rotate = kernels.rotary_embedding
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, k) rotated; new tensors, the inputs are left as they are."""
-        if uses_triton(q):
-            return _triton_ops().rotary_embedding(positions, q, k, self.cos, self.sin)
-        return torch_rotary_embedding(positions, q, k, self.cos, self.sin)
+        return self.rotate(positions, q, k, self.cos, self.sin)
 
 
 def torch_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for a fused [.., 2 * I] projection, in PyTorch ops."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up for a fused [.., 2 * I] projection (gate first)."""
-    if uses_triton(gate_up) and gate_up.dim() == 2:
-        return _triton_ops().silu_and_mul(gate_up)
-    if gate_up.device.type == "cpu" and (out := cpu_kernels.silu_and_mul(gate_up)) is not None:
-        return out
-    return torch_silu_and_mul(gate_up)

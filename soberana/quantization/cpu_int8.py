@@ -5,7 +5,8 @@
 by it. bfloat16 activations run the AVX512_BF16 path where the build has it; float32 ones (and
 bfloat16 ones on CPUs without AVX512_BF16) the AVX2 + FMA path, in float32. Built per ISA as
 the other native kernels are (`cpu_kernels.set_isa`), so the AVX2 path is testable on a CPU
-with AVX-512. Where no path serves, these return None and the caller keeps PyTorch's.
+with AVX-512. Where no path serves a layer, `pack` returns None at load and the layer keeps
+PyTorch's path; a packed layer always runs `linear`, which raises for input it cannot take.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from soberana.ops import cpu_kernels
+from soberana.ops.cpu import kernels as cpu_kernels
 
 SOURCE = Path(cpu_kernels.SOURCE).parent / "linear_int8.c"
 PANEL = 64  # output columns per panel (NB in the C source)
@@ -60,6 +61,16 @@ def kernel_name() -> str | None:
         p for p in (bf16, f32) if p)  # fmt: skip
 
 
+def serves(dtype: torch.dtype) -> bool:
+    """Whether this build has a path for activations of `dtype` (decided at load)."""
+    lib = library()
+    if lib is None:
+        return False
+    paths = lib.linear_int8_paths()
+    return bool(dtype == torch.bfloat16 and paths & _BF16_PATH) or bool(
+        dtype in (torch.float32, torch.bfloat16) and paths & _F32_PATH)  # fmt: skip
+
+
 def pack(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """The blob of int8 weight q [N, K] (K even) and its scales [N], or None where this
     build has no kernel or the weight does not fit it."""
@@ -96,13 +107,14 @@ def pad_bias(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
 
 
 def linear(x: torch.Tensor, blob: torch.Tensor, n: int, bias_bf16: torch.Tensor | None,
-           bias_f32: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
+           bias_f32: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """x [M, K] (bfloat16 or float32, on the CPU) times a `pack`ed weight of n outputs, plus
-    the bias (`pad_bias` for each dtype, or None): [M, n] in x's dtype. None where no path of
-    this build serves x (the caller's path)."""
+    the bias (`pad_bias` for each dtype, or None): [M, n] in x's dtype. Raises ValueError for
+    input no path of this build serves (`serves` decides that at load)."""
     lib = library()
-    if lib is None or x.dim() != 2 or x.device.type != "cpu":
-        return None
+    if lib is None or x.dim() != 2 or x.device.type != "cpu" or not serves(x.dtype):
+        raise ValueError(f"int8 CPU linear: 2-D CPU input in a dtype this build serves "
+                         f"expected, got {x.dtype} {tuple(x.shape)} on {x.device}")  # fmt: skip
     paths = lib.linear_int8_paths()
     m, k = x.shape
     threads, gomp = torch.get_num_threads(), cpu_kernels.openmp_parallel()
@@ -111,17 +123,21 @@ def linear(x: torch.Tensor, blob: torch.Tensor, n: int, bias_bf16: torch.Tensor 
         out = torch.empty(m, n, dtype=torch.bfloat16)
         rc = lib.linear_int8_bf16(x.data_ptr(), x.stride(0), m, k, blob.data_ptr(), n,
                                   _ptr(bias_bf16), out.data_ptr(), n, threads, gomp)  # fmt: skip
-        return out if rc == _OK else None
-    if x.dtype not in (torch.float32, torch.bfloat16) or not paths & _F32_PATH:
-        return None
+        _check(rc)
+        return out
     x32 = x.float()
     x32 = x32 if x32.stride(1) == 1 else x32.contiguous()
     out = torch.empty(m, n, dtype=torch.float32)
     rc = lib.linear_int8_f32(x32.data_ptr(), x32.stride(0), m, k, blob.data_ptr(), n,
                              _ptr(bias_f32), out.data_ptr(), n, threads, gomp)  # fmt: skip
-    if rc != _OK:
-        return None
+    _check(rc)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _check(rc: int) -> None:
+    if rc != _OK:
+        raise ValueError(f"int8 CPU linear: the kernel refused the input (code {rc}): a size "
+                         "past its limits, or K not the packed weight's")  # fmt: skip
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -92,16 +92,10 @@ class QuantLinear(nn.Module):
                 f"{self.method.name}, kernel={self.kernel or '?'}")  # fmt: skip
 
 
-def _one_row_gemv(x: torch.Tensor) -> bool:
-    from soberana.ops.layers import uses_gemv
-
-    return uses_gemv(x)
-
-
 def _triton_quant():
     from soberana.ops import triton_module
 
-    return triton_module("triton_quant_gemm")
+    return triton_module("quant_gemm")
 
 
 # PyTorch's CPU int8 kernel is a GEMV: it streams the weight once per row block, fine for a
@@ -139,10 +133,13 @@ class Int8LinearMethod(LinearMethod):
         return schemes.dequantize_int8(layer.weight, layer.weight_scale)
 
     def process_weights_after_loading(self, layer: QuantLinear) -> None:
-        if layer.weight is None or layer.weight.device.type != "cpu":
-            return
         from soberana.quantization import cpu_int8
 
+        # decided once, here: a CPU layer whose activations (the scales' dtype) a path of
+        # this build serves gets the kernel; every other keeps PyTorch's path below
+        if (layer.weight is None or layer.weight.device.type != "cpu"
+                or not cpu_int8.serves(layer.weight_scale.dtype)):  # fmt: skip
+            return
         blob = cpu_int8.pack(layer.weight, layer.weight_scale)
         if blob is None:
             return
@@ -163,17 +160,14 @@ class Int8LinearMethod(LinearMethod):
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, layer.in_features)
-        if layer.native is not None and x.device.type == "cpu":
+        if layer.native is not None:  # packed at load: a CPU layer this build serves
             from soberana.quantization import cpu_int8
 
             biases = layer.native_bias
             out = cpu_int8.linear(rows, layer.native, layer.out_features,
                                   biases[torch.bfloat16], biases[torch.float32])  # fmt: skip
-            if out is not None:
-                return out.view(*x.shape[:-1], layer.out_features)
-            # a dtype the kernel does not take (float16): the weight from the blob
-            out = F.linear(rows, self.dequantize(layer).to(x.dtype))
-        elif x.device.type == "cpu" and rows.shape[0] <= CPU_INT8_GEMV_ROWS:
+            return out.view(*x.shape[:-1], layer.out_features)
+        if x.device.type == "cpu" and rows.shape[0] <= CPU_INT8_GEMV_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(rows, layer.weight, layer.weight_scale)
         elif x.device.type == "cpu":
             out = F.linear(rows, layer.weight.to(x.dtype)).mul_(layer.weight_scale)

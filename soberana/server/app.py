@@ -135,6 +135,8 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
             "quantization": info.quantization,
             "quantization_kernels": info.quantization_kernels,
             "kv_cache_dtype": info.kv_cache_dtype,
+            # which implementations serve the ops (compute backend, kernels, slower paths)
+            "compute": info.compute,
         }
 
     async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:

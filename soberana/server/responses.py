@@ -37,6 +37,15 @@ class Usage(_Open):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class ComputeCard(_Open):
+    """Which implementations serve the model's ops, chosen once at start (ops/backend.py)."""
+
+    compute_backend: str  # "native", "triton" or "torch": what serves
+    requested: str  # --compute-backend as given ("auto" by default)
+    kernels: dict[str, str]  # op -> implementation, e.g. "attention": "native AVX-512"
+    fallbacks: list[str]  # slower paths taken, each with its reason
+
+
 class ModelCard(_Open):
     id: str
     object: Literal["model"] = "model"
@@ -45,6 +54,7 @@ class ModelCard(_Open):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    compute: ComputeCard | None = None
 
 
 class ModelList(_Open):

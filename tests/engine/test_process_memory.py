@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _CODE = """
 import os
 from soberana import LLM
-from soberana.ops import cpu_kernels
+from soberana.ops.cpu import kernels as cpu_kernels
 kw = dict(device="cpu", max_model_len=256, max_num_batched_tokens=256, kv_cache_gb=0.01)
 LLM("demo", tune_process_memory=False, **kw)
 # (torch.compile itself exports TORCHINDUCTOR_CACHE_DIR: not ours to check)

@@ -17,10 +17,10 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 from soberana import LLM, SamplingParams  # noqa: E402
-from soberana.models import transformer  # noqa: E402
-from soberana.ops.triton_decode_attention import DecodeConfig  # noqa: E402
-from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
-from soberana.ops.triton_gemv import gemv  # noqa: E402
+from soberana.ops.backend import with_kernels  # noqa: E402
+from soberana.ops.triton.decode_attention import DecodeConfig  # noqa: E402
+from soberana.ops.triton.fused_decode_attention import fused_decode_attention  # noqa: E402
+from soberana.ops.triton.gemv import gemv  # noqa: E402
 from tests.engine.tiny_models import prompts_of_lengths  # noqa: E402
 from tests.ops.decode_fast_path_cases import (  # noqa: E402
     make_fused_decode_case,
@@ -172,22 +172,23 @@ def llama_dir(tmp_path_factory):
 @pytest.mark.parametrize(("dtype", "n_tokens", "min_same"),
                          [("float32", 20, 16), ("bfloat16", 4, 10)])  # fmt: skip
 def test_engine_tokens_with_the_fast_path_equal_the_unfused_path(llama_dir, dtype, n_tokens,
-                                                                 min_same, monkeypatch):  # fmt: skip
+                                                                 min_same):  # fmt: skip
     # The fused attention runs for every decode batch, the fused GEMVs for batch 1: the
     # prompts are generated together, then one at a time.
     prompts = prompts_of_lengths([3, 30, 200, 900] * 3, seed=4, vocab=4096)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, detokenize=False)
 
-    def tokens():
+    def tokens(fused: bool):
         llm = LLM(str(llama_dir), dtype=dtype, max_model_len=2048, kv_cache_gb=2,
-                  enable_prefix_caching=False)  # fmt: skip
+                  enable_prefix_caching=False, enforce_eager=not fused)  # fmt: skip
+        if not fused:  # the Triton backend without its decode fast path
+            model = llm.engine.worker.model
+            model.use_kernels(with_kernels(model.kernels, gemv=None, fused_decode_attention=None))
         batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         return batched + [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts[:4]]
 
-    fast = tokens()
-    monkeypatch.setattr(transformer, "uses_gemv", lambda x: False)
-    monkeypatch.setattr(transformer, "fuses_decode", lambda qkv, meta: False)
-    unfused = tokens()
+    fast = tokens(fused=True)
+    unfused = tokens(fused=False)
     same = sum(a[:n_tokens] == b[:n_tokens] for a, b in zip(fast, unfused))
     # float32 differs only in summation order; in bf16 the GEMMs' summation order and the
     # norm's rounding point differ, and this flat random model's near-ties flip: as against

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 from soberana.ops.attention import to_kv_cache_dtype  # noqa: E402
-from soberana.ops.triton_attention import reshape_and_cache, triton_paged_attention  # noqa: E402
+from soberana.ops.triton.attention import reshape_and_cache, triton_paged_attention  # noqa: E402
 from tests.ops.paged_attention_cases import (  # noqa: E402
     make_step,
     reference_attention,

@@ -21,7 +21,7 @@ from soberana.ops.layers import (  # noqa: E402
     torch_rotary_embedding,
     torch_silu_and_mul,
 )
-from soberana.ops.triton_fused import (  # noqa: E402
+from soberana.ops.triton.layers import (  # noqa: E402
     fused_add_rms_norm,
     rms_norm,
     rotary_embedding,
@@ -164,20 +164,25 @@ def _cuda_kernels(fn) -> list[str]:
 
 
 def test_layers_on_cuda_run_one_fused_kernel_each_and_match_the_torch_path(gen):
+    from soberana.ops.backend import select_backend
+
     s = _static_step(4, gen)
+    kernels = select_backend("triton", torch.device("cuda"), torch.bfloat16).kernels
     norm = layers.RMSNorm(4096, EPS).to(device="cuda", dtype=torch.bfloat16)
     norm.weight.data.copy_(s["w"])
     rope = layers.RotaryEmbedding(1.0 / 500000.0 ** (torch.arange(0, 128, 2) / 128), 8192).cuda()
+    norm.use_kernels(kernels)
+    rope.use_kernels(kernels)
     q = s["qkv"][:, :4096].unflatten(1, (32, 128))
     k = s["qkv"][:, 4096:5120].unflatten(1, (8, 128))
     with torch.inference_mode():
         assert _cuda_kernels(lambda: norm(s["x"])) == ["_rms_norm_kernel"]
         assert _cuda_kernels(lambda: norm(s["x"], s["res"])) == ["_rms_norm_kernel"]
         assert _cuda_kernels(lambda: rope(s["pos"], q, k)) == ["_rotary_kernel"]
-        assert _cuda_kernels(lambda: layers.silu_and_mul(s["gate_up"])) == ["_silu_and_mul_kernel"]
+        assert _cuda_kernels(lambda: kernels.silu_and_mul(s["gate_up"])) == ["_silu_and_mul_kernel"]
         normed, summed = norm(s["x"], s["res"])
         q_rot, k_rot = rope(s["pos"], q, k)
-        act = layers.silu_and_mul(s["gate_up"])
+        act = kernels.silu_and_mul(s["gate_up"])
     assert torch.equal(summed, s["x"] + s["res"])
     _check(normed, torch_rms_norm(s["x"] + s["res"], norm.weight, EPS), gen)
     q_ref, k_ref = torch_rotary_embedding(s["pos"], q, k, rope.cos, rope.sin)

@@ -12,7 +12,7 @@ import torch
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
-from soberana.ops.triton_attention import (  # noqa: E402
+from soberana.ops.triton.attention import (  # noqa: E402
     DecodeConfig,
     paged_decode_attention,
     paged_prefill_attention,

@@ -194,10 +194,9 @@ def test_the_default_model_answers_sensibly():
 ])  # fmt: skip
 def test_dtype_auto_is_float32_without_native_bf16_matmuls(monkeypatch, flags, isa, want):
     from soberana.engine.worker import resolve_dtype
-    from soberana.ops import cpu_kernels
+    from soberana.ops.cpu import kernels as cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
-    monkeypatch.setattr(cpu_kernels, "_isa", isa)
-    assert resolve_dtype("auto", "bfloat16", torch.device("cpu")) == want
+    assert resolve_dtype("auto", "bfloat16", torch.device("cpu"), isa) == want
     assert resolve_dtype("auto", "float32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", "float32", torch.device("cpu")) == torch.bfloat16

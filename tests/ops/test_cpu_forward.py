@@ -1,6 +1,6 @@
-"""The native decoder stack (soberana/ops/cpu_forward.py, csrc/cpu_forward.c) against the
+"""The native decoder stack (soberana/ops/cpu/decoder_stack.py, csrc/cpu_forward.c) against the
 modules it replaces: the same kernels in the same order, so every step's hidden states and
-KV cache are bit-identical."""
+KV cache are bit-identical. The compute backend gives a model its stack once, at start."""
 
 import gc
 import weakref
@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from soberana import LLM, SamplingParams
-from soberana.ops import cpu_forward
+from soberana.ops import backend
 from soberana.ops.attention import AttentionMetadata
+from soberana.ops.cpu import decoder_stack
 from tests.engine.tiny_models import build_tiny_model, prompts_of_lengths
 
 pytestmark = pytest.mark.skipif(
-    cpu_forward._kernels() is None, reason="no AVX512_BF16 or AVX2 (or no C compiler) here"
+    decoder_stack.forward_library() is None,
+    reason="no AVX512_BF16 or AVX2 (or no C compiler) here",
 )
 
 
@@ -27,20 +29,22 @@ def _modules(model, x, positions, kv_cache, meta):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama32-tied", "llama31"])
-def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_path, cpu_isa,
-                                                                    monkeypatch):  # fmt: skip
+def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_path, cpu_isa):
     """Chunked prefills next to decodes, a prefix-cache hit, n > 1: each step runs both ways
     on copies of the cache and must agree exactly, hidden states and cache alike."""
     if cpu_isa == "avx2" and arch not in ("llama", "qwen2"):
         pytest.skip("the AVX2 build is checked on two architectures (one with biases)")
     build_tiny_model(tmp_path, arch)
-    native = cpu_forward.forward
     steps = {"mixed": 0, "decode": 0}
+    llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=256, kv_cache_gb=0.01,
+              max_num_batched_tokens=48, max_num_seqs=8, cpu_isa=cpu_isa)  # fmt: skip
+    model = llm.engine.worker.model
+    native = model.stack
+    assert native is not None
 
-    def both(model, x, positions, kv_cache, meta):
+    def both(x, positions, kv_cache, meta):
         before, x_before = kv_cache.clone(), x.clone()
-        got = native(model, x, positions, kv_cache, meta)
-        assert got is not None, "the native stack declined a step it serves"
+        got = native(x, positions, kv_cache, meta)
         assert torch.equal(x, x_before)  # the embeddings are left as they are
         want = _modules(model, x, positions, before, meta)
         assert torch.equal(got, want)
@@ -48,9 +52,7 @@ def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_pa
         steps["decode" if meta.num_decodes == len(meta.query_lens_cpu) else "mixed"] += 1
         return got
 
-    monkeypatch.setattr(cpu_forward, "forward", both)
-    llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=256, kv_cache_gb=0.01,
-              max_num_batched_tokens=48, max_num_seqs=8, cpu_isa=cpu_isa)  # fmt: skip
+    model.stack = both
     prompts = prompts_of_lengths([5, 16, 40, 90, 33, 7])
     prompts.append(prompts[3][:64] + [7, 8, 9])  # four blocks of prompt 3: a prefix hit
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -63,17 +65,18 @@ def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_pa
     assert llm.engine.kv.prefix_hits >= 64
 
 
-def test_generation_is_the_same_with_the_stack_on_and_off(tmp_path, monkeypatch):
+def test_generation_is_the_same_with_the_stack_on_and_off(tmp_path):
     build_tiny_model(tmp_path, "qwen2")
     prompts = prompts_of_lengths([3, 17, 60, 31])
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
     results = {}
     for mode in ("native", "modules"):
-        monkeypatch.setenv("SOBERANA_CPU_FORWARD", mode)
         llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01)
+        model = llm.engine.worker.model
+        if mode == "modules":  # the same kernels, one Python call each
+            model.use_kernels(backend.with_kernels(model.kernels, decoder_stack=None))
         outs = llm.generate(prompts, params, use_tqdm=False)
-        served = cpu_forward.stack_for(llm.engine.worker.model) is not None
-        assert served == (mode == "native")
+        assert (model.stack is not None) == (mode == "native")
         results[mode] = [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()}
                                                    for d in o.outputs[0].logprobs])
                          for o in outs]  # fmt: skip
@@ -81,21 +84,26 @@ def test_generation_is_the_same_with_the_stack_on_and_off(tmp_path, monkeypatch)
     assert results["native"] == results["modules"]
 
 
-@pytest.mark.parametrize("case", ["qwen3", "float32", "onednn", "switched off"])
-def test_native_stack_declines_what_it_does_not_compute(case, tmp_path, monkeypatch):
-    """q/k norms (Qwen3), float32, oneDNN's linears or SOBERANA_CPU_FORWARD=modules: the
-    modules run, as before."""
+@pytest.mark.parametrize("case", ["qwen3", "float32", "portable build", "torch backend"])
+def test_native_stack_is_not_given_to_what_it_does_not_compute(case, tmp_path):
+    """q/k norms (Qwen3), float32, oneDNN's linears (a portable C build has no bf16 linear
+    kernel) or the torch backend: the modules run, decided at start."""
     build_tiny_model(tmp_path, "qwen3" if case == "qwen3" else "llama")
-    if case == "onednn":
-        monkeypatch.setenv("SOBERANA_CPU_LINEAR", "onednn")
-    if case == "switched off":
-        monkeypatch.setenv("SOBERANA_CPU_FORWARD", "modules")
     dtype = "float32" if case == "float32" else "bfloat16"
-    llm = LLM(str(tmp_path), dtype=dtype, max_model_len=64, kv_cache_gb=0.01)
-    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
-                       use_tqdm=False)[0]  # fmt: skip
-    assert len(out.outputs[0].token_ids) == 3
-    assert cpu_forward.stack_for(llm.engine.worker.model) is None
+    try:
+        llm = LLM(str(tmp_path), dtype=dtype, max_model_len=64, kv_cache_gb=0.01,
+                  cpu_isa="portable" if case == "portable build" else "native",
+                  compute_backend="torch" if case == "torch backend" else "auto")  # fmt: skip
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3,
+                                                       ignore_eos=True), use_tqdm=False)[0]  # fmt: skip
+        assert len(out.outputs[0].token_ids) == 3
+        assert llm.engine.worker.model.stack is None
+        kernels = llm.engine.model_info.compute["kernels"]
+        assert kernels.get("decoder stack", "modules").startswith("modules")
+    finally:
+        from soberana.ops.cpu import kernels as cpu_kernels
+
+        cpu_kernels.set_isa("native")
 
 
 def _decode_step(model, kv_cache, seq_lens: list[int]):
@@ -120,18 +128,19 @@ def test_native_stack_raises_on_bad_input_as_the_kernels_do(tmp_path):
     model, kv_cache = llm.engine.worker.model, llm.engine.worker.kv_cache
     x, positions, meta = _decode_step(model, kv_cache, [5, 20, 33])
     with torch.inference_mode():
-        good = cpu_forward.forward(model, x, positions, kv_cache, meta)
-        assert good is not None and good.shape == x.shape
+        good = model.stack(x, positions, kv_cache, meta)
+        assert good.shape == x.shape
         meta.block_table[1, 0] = kv_cache.shape[2]  # a block past the pool
         with pytest.raises(IndexError, match="block_table"):
-            cpu_forward.forward(model, x, positions, kv_cache, meta)
+            model.stack(x, positions, kv_cache, meta)
         meta.block_table[1, 0] = 4
         far = positions.clone()
         far[0] = model.rotary.cos.shape[0]  # past the rotary table
         with pytest.raises(IndexError, match="rotary table"):
-            cpu_forward.forward(model, x, far, kv_cache, meta)
-        # laid out otherwise than the kernels read (int32 positions): the modules' turn
-        assert cpu_forward.forward(model, x, positions.int(), kv_cache, meta) is None
+            model.stack(x, far, kv_cache, meta)
+        # laid out otherwise than the kernels read (int32 positions): an error, not a detour
+        with pytest.raises(ValueError, match="int64 positions"):
+            model.stack(x, positions.int(), kv_cache, meta)
 
 
 def test_native_stack_does_not_keep_a_cache_alive(tmp_path):
@@ -142,17 +151,30 @@ def test_native_stack_does_not_keep_a_cache_alive(tmp_path):
     model, kv_cache = llm.engine.worker.model, llm.engine.worker.kv_cache
     x, positions, meta = _decode_step(model, kv_cache, [5, 20, 33])
     with torch.inference_mode():
-        want = cpu_forward.forward(model, x, positions, kv_cache.clone(), meta)
+        stack = model.stack
+        want = stack(x, positions, kv_cache.clone(), meta)
         temporary = kv_cache.clone()
-        assert torch.equal(cpu_forward.forward(model, x, positions, temporary, meta), want)
-        stack = cpu_forward.stack_for(model)
+        assert torch.equal(stack(x, positions, temporary, meta), want)
         assert stack.cache() is temporary
         gone = weakref.ref(temporary)
         del temporary
         gc.collect()
         assert gone() is None and stack.cache() is None
-        assert torch.equal(cpu_forward.forward(model, x, positions, kv_cache, meta), want)
-        assert stack.cache() is kv_cache and cpu_forward.stack_for(model) is stack
-        # a cache laid out otherwise (float32): declined, the modules run
-        assert cpu_forward.forward(model, x, positions, kv_cache.float(), meta) is None
+        assert torch.equal(stack(x, positions, kv_cache, meta), want)
+        assert stack.cache() is kv_cache and model.stack is stack
+        # a cache laid out otherwise (float32): an error naming the layout it needs
+        with pytest.raises(ValueError, match="contiguous bfloat16 CPU cache"):
+            stack(x, positions, kv_cache.float(), meta)
 
+
+
+def test_the_c_interface_is_read_from_its_header():
+    """csrc/cpu_forward.h defines the structures once; the Python side fills every field of
+    each by name and refuses one the header does not have."""
+    header = decoder_stack._header()
+    assert set(header.structs) == {"Kernels", "Layer", "Model", "Step", "Workspace"}
+    assert header.stages["ROPE"] == 3 and header.stages["ATTENTION"] == 4
+    layer_fields = [name for name, _ in header.structs["Layer"]._fields_]
+    assert layer_fields[:2] == ["input_norm", "post_norm"] and layer_fields[-1] == "v_cache"
+    with pytest.raises(TypeError, match="fields"):
+        decoder_stack._fill("Step", tokens=1)

@@ -7,19 +7,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soberana.ops import cpu_kernels, cpu_linear
 from soberana.ops.attention import write_kv
+from soberana.ops.backend import select_backend
+from soberana.ops.cpu import kernels as cpu_kernels
+from soberana.ops.cpu import linear as cpu_linear
 from soberana.ops.layers import (
     RMSNorm,
     RotaryEmbedding,
-    silu_and_mul,
     torch_rms_norm,
     torch_rotary_embedding,
     torch_silu_and_mul,
 )
 
 needs_kernels = pytest.mark.skipif(
-    cpu_kernels._layers_library() is None, reason="no C compiler, or SOBERANA_CPU_KERNELS=0"
+    cpu_kernels.layers_library() is None, reason="no C compiler here"
 )
 DTYPES = [torch.float32, torch.bfloat16]
 # Rows: one, a decode batch, enough to be shared among threads; hidden not a multiple of 16.
@@ -74,21 +75,27 @@ def test_add_rms_norm_float32_weight_promotes_like_torch(cpu_isa):
 
 
 @needs_kernels
-def test_rms_norm_module_takes_the_kernel_and_declines_what_it_cannot_serve(monkeypatch):
-    norm = RMSNorm(64, 1e-6)
+def test_rms_norm_module_holds_the_native_kernel_and_it_refuses_what_it_cannot_serve():
+    native = select_backend("native", torch.device("cpu"), torch.float32).kernels
+    norm, head_norm = RMSNorm(64, 1e-6), RMSNorm(32, 1e-6, per_head=True)
+    norm.use_kernels(native)
+    head_norm.use_kernels(native)
     with torch.no_grad():
         norm.weight.copy_(_randn(64, dtype=torch.float32, seed=4))
-    calls = []
-    kernel = cpu_kernels.add_rms_norm
-    monkeypatch.setattr(cpu_kernels, "add_rms_norm", lambda *a: calls.append(1) or kernel(*a))
+    assert norm.add_norm is cpu_kernels.add_rms_norm and norm.norm is cpu_kernels.rms_norm
+    # q/k norms are 3-D [T, heads, D] views of the projection: the PyTorch path, chosen once
+    assert head_norm.norm is torch_rms_norm
     x, r = _randn(5, 64, dtype=torch.float32), _randn(5, 64, dtype=torch.float32, seed=9)
     out, res = norm(x, r)
     _same(out, torch_rms_norm(x + r, norm.weight, 1e-6))
-    assert calls and torch.equal(res, x + r)
-    # q/k norms are 3-D [T, heads, D]: the PyTorch path
-    assert kernel(x.view(5, 2, 32), None, norm.weight[:32], 1e-6) is None
-    # a column slice (rows not unit-stride inside) is declined too
-    assert kernel(_randn(5, 128, dtype=torch.float32)[:, ::2], None, norm.weight, 1e-6) is None
+    assert torch.equal(res, x + r)
+    _same(norm(x), torch_rms_norm(x, norm.weight, 1e-6), exact=False)
+    with pytest.raises(ValueError, match="add_rms_norm"):
+        cpu_kernels.add_rms_norm(x.view(5, 2, 32), None, norm.weight[:32], 1e-6)
+    # a column slice (rows not unit-stride inside) is refused too, not misread
+    with pytest.raises(ValueError, match="unit-stride"):
+        cpu_kernels.add_rms_norm(_randn(5, 128, dtype=torch.float32)[:, ::2], None,
+                                 norm.weight, 1e-6)  # fmt: skip
 
 
 @needs_kernels
@@ -103,7 +110,8 @@ def test_silu_and_mul_equals_torch(dtype, rows, cpu_isa):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(got, want)
-    assert torch.equal(silu_and_mul(gate_up), got)  # the layer's CPU path is the kernel
+    native = select_backend("native", torch.device("cpu"), dtype).kernels
+    assert native.silu_and_mul is cpu_kernels.silu_and_mul  # the layers' CPU path
 
 
 @needs_kernels
@@ -169,27 +177,27 @@ def test_rope_and_cache_rejects_out_of_range_positions_and_slots():
     with pytest.raises(IndexError):
         cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.sin, caches[0], caches[1],
                                    slots, hq)  # fmt: skip
-    # int32 positions: declined, the caller's PyTorch path serves it
-    assert cpu_kernels.rope_and_cache(qkv, positions.int(), rotary.cos, rotary.sin, caches[0],
-                                      caches[1], slots, hq) is None  # fmt: skip
+    # int32 positions: refused (the model runner hands int64)
+    with pytest.raises(ValueError, match="int64 positions"):
+        cpu_kernels.rope_and_cache(qkv, positions.int(), rotary.cos, rotary.sin, caches[0],
+                                   caches[1], slots, hq)  # fmt: skip
 
 
 needs_bf16_linear = pytest.mark.skipif(
-    cpu_kernels._linear_library() is None, reason="no AVX512_BF16 or AVX2 (or no C compiler) here"
+    cpu_kernels.linear_library() is None, reason="no AVX512_BF16 or AVX2 (or no C compiler) here"
 )
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.float32, "onednn"), (torch.bfloat16, "onednn"),
                                            (torch.bfloat16, "native"), (torch.float32, "native")])  # fmt: skip
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_f_linear(dtype, backend, bias, cpu_isa, monkeypatch):
-    monkeypatch.setenv("SOBERANA_CPU_LINEAR", backend)
+def test_packed_linear_equals_f_linear(dtype, backend, bias, cpu_isa):
     if not cpu_linear.packable(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} here")
     if backend == "native" and cpu_kernels.pack_f32_linear(torch.ones(1, 2)) is None:
         pytest.skip("no AVX-512 or AVX2 (or no C compiler) here")
     linear = nn.Linear(96, 200, bias=bias).to(dtype)  # 200 outputs: a partial panel of 64
-    packed = cpu_linear.pack(linear)
+    packed = cpu_linear.pack(linear, soberana_kernel=backend == "native")
     assert isinstance(packed, cpu_linear.PackedLinear)
     assert (packed.native is not None) == (backend == "native")
     for rows in (1, 2, 3, 5, 7, 13, 64, 300):  # every remainder of the 6-row tiles
@@ -207,7 +215,7 @@ def test_packed_linear_equals_f_linear(dtype, backend, bias, cpu_isa, monkeypatc
 @needs_bf16_linear
 def test_native_bf16_linear_is_the_same_whatever_the_threads_and_row_layout(cpu_isa):
     if cpu_isa == "avx2":  # the AVX2 + FMA kernel, bfloat16 widened in registers
-        assert cpu_kernels._linear_library().linear_bf16_available() == 2
+        assert cpu_kernels.linear_library().linear_bf16_available() == 2
     weight = _randn(200, 64, dtype=torch.bfloat16, seed=1)
     packed = cpu_kernels.pack_bf16_linear(weight)
     wide = _randn(300, 100, dtype=torch.bfloat16, seed=2)
@@ -257,28 +265,28 @@ def test_native_f32_linear_is_the_same_whatever_the_threads_and_row_layout(cpu_i
         assert torch.equal(cpu_kernels.linear_f32(x[:rows], packed, 200, padded), one[:rows])
     with pytest.raises(ValueError, match="columns"):
         cpu_kernels.linear_f32(torch.randn(2, 32), packed, 200, None)
-    assert cpu_kernels.linear_f32(x.bfloat16(), packed, 200, None) is None  # not its dtype
+    with pytest.raises(ValueError, match="float32 input"):  # not its dtype: an error
+        cpu_kernels.linear_f32(x.bfloat16(), packed, 200, None)
 
 
 @needs_bf16_linear
 def test_native_bf16_linear_declines_what_it_cannot_serve(cpu_isa, monkeypatch):
-    monkeypatch.setenv("SOBERANA_CPU_LINEAR", "native")
     odd = nn.Linear(95, 64, bias=False).to(torch.bfloat16)  # K odd: no pairs; oneDNN's instead
     assert cpu_kernels.pack_bf16_linear(odd.weight) is None
     packed = cpu_linear.pack(odd)
     assert packed.native is None and packed.packed is not None
     linear = cpu_linear.pack(nn.Linear(64, 64).to(torch.bfloat16))
-    with pytest.raises(ValueError, match="bfloat16 input"):
+    with pytest.raises(ValueError, match="bfloat16 input"):  # float32 rows
         linear(torch.randn(2, 64))
     with pytest.raises(ValueError, match="columns"):
         cpu_kernels.linear_bf16(torch.randn(2, 32).bfloat16(), linear.native, 64, None)
     # a build with neither AVX512_BF16 nor AVX2 (or no compiler): oneDNN's packed matmul
-    monkeypatch.setattr(cpu_kernels, "_linear_library", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "linear_library", lambda: None)
     fallback = cpu_linear.pack(nn.Linear(64, 64).to(torch.bfloat16))
     assert fallback.native is None and fallback.packed is not None
 
 
-def test_pack_linears_swaps_every_linear_and_respects_the_switch(monkeypatch):
+def test_pack_linears_swaps_every_linear():
     if not cpu_linear.packable(torch.float32):
         pytest.skip("oneDNN cannot pack here")
     model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(nn.ReLU(), nn.Linear(16, 4)))
@@ -287,8 +295,6 @@ def test_pack_linears_swaps_every_linear_and_respects_the_switch(monkeypatch):
     assert cpu_linear.pack_linears(model) == 2
     assert not any(type(m) is nn.Linear for m in model.modules())
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("SOBERANA_CPU_KERNELS", "0")
-    assert cpu_linear.pack_linears(nn.Sequential(nn.Linear(8, 8))) == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama32-tied"])
@@ -312,12 +318,11 @@ def test_cpu_models_load_with_packed_projections_and_output_head(arch, tmp_path)
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-def test_keep_freed_memory_is_on_with_glibc(monkeypatch):
+def test_keep_freed_memory_is_on_with_glibc():
     import platform
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    monkeypatch.delenv("SOBERANA_CPU_KERNELS", raising=False)
     cpu_kernels.keep_freed_memory.cache_clear()
     assert cpu_kernels.keep_freed_memory() is True
 
@@ -342,7 +347,8 @@ def test_argmax_answers_as_torch_does(dtype, cpu_isa):
         assert torch.equal(cpu_kernels.argmax(y), y.argmax(dim=-1))
     rows = torch.randn(6, 4000)[:, :3001].to(dtype)[::2]  # rows apart, unit stride
     assert torch.equal(cpu_kernels.argmax(rows), rows.argmax(dim=-1))
-    assert cpu_kernels.argmax(x.t()) is None  # columns apart: declined
+    # columns apart: copied together first, the same answer
+    assert torch.equal(cpu_kernels.argmax(x.t()), x.t().argmax(dim=-1))
 
 
 @needs_bf16_linear
@@ -358,7 +364,8 @@ def test_bf16_models_run_on_the_native_linear_as_on_onednn(arch, tmp_path, monke
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
     scores = {}
     for backend in ("native", "onednn"):
-        monkeypatch.setenv("SOBERANA_CPU_LINEAR", backend)
+        if backend == "onednn":  # as on a CPU without AVX512_BF16: oneDNN's packed matmul
+            monkeypatch.setattr(cpu_kernels, "linear_library", lambda: None)
         llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01)
         head = llm.engine.worker.model.lm_head
         assert (head.native is not None) == (backend == "native")

@@ -1,5 +1,5 @@
 """The native CPU paged attention (soberana/ops/csrc/paged_attention.c), decodes and prefills,
-against a float32 reference, and how `paged_attention` chooses between it and the PyTorch path.
+against a float32 reference, and the step attention the native backend hands the layers.
 
 The pool is poisoned with NaN everywhere a request does not own (paged_attention_cases), and
 its blocks are a random permutation, so reading a slot past a context, a block of another
@@ -11,12 +11,13 @@ import platform
 import pytest
 import torch
 
-from soberana.ops import attention, cpu_kernels
+from soberana.ops import attention
+from soberana.ops.cpu import kernels as cpu_kernels
 from tests.ops.paged_attention_cases import make_step, reference_attention, relative_error
 
 pytestmark = [
     pytest.mark.skipif(
-        cpu_kernels._library() is None, reason="no C compiler, or SOBERANA_CPU_KERNELS=0"
+        cpu_kernels.attention_library() is None, reason="no C compiler here"
     ),
     pytest.mark.usefixtures("cpu_isa"),  # each build: this CPU's, and AVX2 on an AVX-512 CPU
 ]
@@ -48,7 +49,7 @@ def _step(contexts, *, group=1, num_kv_heads=2, head_dim=64, block_size=16,
 def _kernel(step, q=None):
     q = step.q if q is None else q
     out = torch.empty(q.shape, dtype=q.dtype)
-    assert cpu_kernels.paged_attention(
+    cpu_kernels.paged_attention(
         q, step.k_cache, step.v_cache, step.block_table, step.seq_lens, step.scale, out
     )
     return out
@@ -145,7 +146,7 @@ def test_portable_build_gives_the_same_numbers(kind, dtype, monkeypatch):
     portable = cpu_kernels.load_library(
         cpu_kernels.compile_library(cpu_kernels.SOURCE, PORTABLE_FLAGS)
     )
-    monkeypatch.setattr(cpu_kernels, "_library", lambda: portable)
+    monkeypatch.setattr(cpu_kernels, "attention_library", lambda: portable)
     out = run(step)
     assert relative_error(out, reference_attention(step)) < TOLERANCE[dtype]
     assert relative_error(out, native) < TOLERANCE[dtype]
@@ -165,7 +166,7 @@ def test_a_context_longer_than_its_block_table_raises_index_error():
         _kernel(step)
 
 
-def test_layouts_it_cannot_read_are_declined_not_misread():
+def test_layouts_it_cannot_read_are_refused_not_misread():
     step = _step([40, 20])
     out = torch.empty_like(step.q)
     args = [step.q, step.k_cache, step.v_cache, step.block_table, step.seq_lens, step.scale, out]
@@ -178,12 +179,13 @@ def test_layouts_it_cannot_read_are_declined_not_misread():
     for i, value in wrong.items():
         changed = list(args)
         changed[i] = value
-        assert not cpu_kernels.paged_attention(*changed)
+        with pytest.raises(ValueError, match="paged_attention"):
+            cpu_kernels.paged_attention(*changed)
 
 
 def _attend(step):
-    return attention.paged_attention(step.q, step.new_keys, step.new_values, step.k_cache,
-                                     step.v_cache, step.meta, step.scale)  # fmt: skip
+    return cpu_kernels.paged_attention_step(step.q, step.new_keys, step.new_values,
+                                            step.k_cache, step.v_cache, step.meta, step.scale)  # fmt: skip
 
 
 def _count_torch_decodes(monkeypatch) -> list:
@@ -199,7 +201,7 @@ def _count_torch_decodes(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_sends_cpu_decodes_to_the_kernel_in_mixed_steps(dtype, monkeypatch):
+def test_native_step_attention_sends_decodes_to_the_kernel_in_mixed_steps(dtype, monkeypatch):
     calls = _count_torch_decodes(monkeypatch)
     step = make_step([12, 1, 45, 30, 64, 61], [1, 1, 1, 30, 17, 20], num_heads=8,
                      num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype, device="cpu",
@@ -209,30 +211,26 @@ def test_paged_attention_sends_cpu_decodes_to_the_kernel_in_mixed_steps(dtype, m
     assert relative_error(out, reference_attention(step)) < TOLERANCE[dtype]
 
 
-def test_kernels_off_by_environment_use_the_torch_path(monkeypatch, caplog):
+def test_the_torch_backend_attends_on_the_pytorch_path(monkeypatch):
+    from soberana.ops.backend import select_backend
+
     calls = _count_torch_decodes(monkeypatch)
     step = _step(CONTEXTS, group=2)
-    monkeypatch.setenv("SOBERANA_CPU_KERNELS", "0")
-    cpu_kernels._library.cache_clear()
-    try:
-        with caplog.at_level("INFO", logger="soberana.ops"):
-            out = _attend(step)
-            _attend(step)
-    finally:
-        cpu_kernels._library.cache_clear()  # later tests load the built library again
-    assert calls == [len(CONTEXTS)] * 2
-    assert sum("SOBERANA_CPU_KERNELS=0" in r.getMessage() for r in caplog.records) == 1
+    torch_attention = select_backend("torch", torch.device("cpu"), torch.float32).kernels
+    out = torch_attention.paged_attention(step.q, step.new_keys, step.new_values, step.k_cache,
+                                          step.v_cache, step.meta, step.scale)  # fmt: skip
+    assert calls == [len(CONTEXTS)]
     assert relative_error(out, reference_attention(step)) < 1e-5
 
 
-def test_float16_falls_back_when_the_kernel_lacks_it(monkeypatch):
-    # A compiler without _Float16 builds the kernel without float16: the call is declined.
+def test_a_dtype_the_build_lacks_is_an_error_not_a_detour(monkeypatch):
+    # A compiler without _Float16 builds the kernel without float16: the call says so.
     calls = _count_torch_decodes(monkeypatch)
     monkeypatch.setitem(cpu_kernels.DTYPES, torch.float16, 7)  # a dtype code it rejects
     step = _step(CONTEXTS, dtype=torch.float16)
-    out = _attend(step)
-    assert calls == [len(CONTEXTS)]
-    assert relative_error(out, reference_attention(step)) < 1e-3
+    with pytest.raises(ValueError, match="unsupported by this build"):
+        _attend(step)
+    assert calls == []
 
 
 # ---- prefills: several queries per sequence (query_start), causal over any cached prefix ----
@@ -257,8 +255,8 @@ def _prefill(prefills=PREFILLS, *, group=1, num_kv_heads=2, head_dim=64, block_s
 def _prefill_kernel(step, q=None):
     q = step.q if q is None else q
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)  # every row must be written
-    assert cpu_kernels.paged_attention(q, step.k_cache, step.v_cache, step.block_table,
-                                       step.seq_lens, step.scale, out, step.query_start_loc)
+    cpu_kernels.paged_attention(q, step.k_cache, step.v_cache, step.block_table,
+                                step.seq_lens, step.scale, out, step.query_start_loc)
     return out
 
 
@@ -289,8 +287,8 @@ def test_each_query_sees_only_the_keys_before_it():
     block = int(step.block_table[0, 2])
     k_new[block, 7] = 1e4  # key 39, every head
     out = torch.empty_like(step.q)
-    assert cpu_kernels.paged_attention(step.q, k_new, step.v_cache, step.block_table,
-                                       step.seq_lens, step.scale, out, step.query_start_loc)
+    cpu_kernels.paged_attention(step.q, k_new, step.v_cache, step.block_table,
+                                step.seq_lens, step.scale, out, step.query_start_loc)
     ref = _prefill_kernel(step)
     assert torch.equal(out[:39], ref[:39])  # queries 0-38 never see key 39
     assert not torch.equal(out[39], ref[39])
@@ -302,9 +300,9 @@ def test_prefill_decodes_in_the_same_call_match_a_decode_call():
     decodes = [i for i, (_, n) in enumerate(PREFILLS) if n == 1]
     rows = step.query_start_loc[decodes].long()
     alone = torch.empty(len(decodes), *step.q.shape[1:])
-    assert cpu_kernels.paged_attention(step.q[rows], step.k_cache, step.v_cache,
-                                       step.block_table[decodes].contiguous(),
-                                       step.seq_lens[decodes].contiguous(), step.scale, alone)
+    cpu_kernels.paged_attention(step.q[rows], step.k_cache, step.v_cache,
+                                step.block_table[decodes].contiguous(),
+                                step.seq_lens[decodes].contiguous(), step.scale, alone)
     assert torch.equal(out[rows], alone)
 
 
@@ -331,20 +329,21 @@ def test_a_prefill_block_outside_the_pool_raises_index_error():
         _prefill_kernel(step)
 
 
-def test_query_start_it_cannot_read_is_declined():
+def test_query_start_it_cannot_read_is_refused():
     step = _prefill([(40, 40), (20, 10)])
     out = torch.empty_like(step.q)
     args = [step.q, step.k_cache, step.v_cache, step.block_table, step.seq_lens, step.scale, out]
     for wrong in (step.query_start_loc.long(), step.query_start_loc + 1000):
-        assert not cpu_kernels.paged_attention(*args, wrong)
+        with pytest.raises(ValueError, match="paged_attention"):
+            cpu_kernels.paged_attention(*args, wrong)
 
 
-def test_paged_attention_sends_cpu_prefills_to_the_kernel(monkeypatch):
+def test_native_step_attention_sends_prefills_to_the_kernel(monkeypatch):
     sdpa = []
     monkeypatch.setattr(attention, "_prefill_attention", lambda *a: sdpa.append(a))
     step = _prefill(group=2, dtype=torch.bfloat16)
-    out = attention.paged_attention(step.q, None, None, step.k_cache, step.v_cache, step.meta,
-                                    step.scale)  # fmt: skip
+    out = cpu_kernels.paged_attention_step(step.q, None, None, step.k_cache, step.v_cache,
+                                           step.meta, step.scale)  # fmt: skip
     assert sdpa == []
     assert relative_error(out, reference_attention(step)) < TOLERANCE[torch.bfloat16]
 
@@ -352,7 +351,7 @@ def test_paged_attention_sends_cpu_prefills_to_the_kernel(monkeypatch):
 def test_each_build_takes_its_vector_path(cpu_isa):
     """The build for "avx2" runs the AVX2 + FMA path (not plain C), and "native" the widest this
     CPU has, so the numbers the other tests check are those of that path."""
-    level = cpu_kernels._library().simd_level()
+    level = cpu_kernels.attention_library().simd_level()
     flags = cpu_kernels.cpu_flags()
     if cpu_isa == "avx2" or (platform.machine() == "x86_64" and "avx512f" not in flags
                              and {"avx2", "fma", "f16c"} <= flags):  # fmt: skip

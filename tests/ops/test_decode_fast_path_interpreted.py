@@ -15,9 +15,9 @@ from tests.ops.interpreted import INTERPRETED
 pytest.importorskip("triton")
 pytestmark = INTERPRETED
 
-from soberana.ops.triton_decode_attention import DecodeConfig  # noqa: E402
-from soberana.ops.triton_decode_fused import fused_decode_attention  # noqa: E402
-from soberana.ops.triton_gemv import GemvConfig, gemv  # noqa: E402
+from soberana.ops.triton.decode_attention import DecodeConfig  # noqa: E402
+from soberana.ops.triton.fused_decode_attention import fused_decode_attention  # noqa: E402
+from soberana.ops.triton.gemv import GemvConfig, gemv  # noqa: E402
 from tests.ops.decode_fast_path_cases import (  # noqa: E402
     make_fused_decode_case,
     reference_gemv,
@@ -173,30 +173,33 @@ def test_fused_decode_counters_reset_so_repeated_launches_agree(gen):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_engine_tokens_on_the_fast_path_equal_the_eager_path(arch, tmp_path, monkeypatch):
+def test_engine_tokens_on_the_fast_path_equal_the_eager_path(arch, tmp_path):
     # The GPU dispatch, forced onto the interpreter: one-token steps through the fused GEMVs,
     # decode-only steps through the fused attention (q/k norm for qwen3, biases for qwen2).
     from soberana import LLM, SamplingParams
-    from soberana.models import transformer
+    from soberana.ops.backend import with_kernels
     from tests.engine.tiny_models import build_tiny_model, prompts_of_lengths
 
     build_tiny_model(tmp_path, arch)
-    # nn.Linear weights as they are: the GEMVs read them (CPU packing is for CPU matmuls)
-    monkeypatch.setenv("SOBERANA_CPU_KERNELS", "0")
     prompts = prompts_of_lengths([3, 40])
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)
+    calls = []
 
-    def tokens():
-        llm = LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_gb=0.01)
+    def counted_gemv(*a, **k):
+        calls.append(1)
+        return gemv(*a, **k)
+
+    def tokens(fast_path: bool):
+        # the torch backend: nn.Linear weights as they are, which the GEMVs read
+        llm = LLM(str(tmp_path), device="cpu", dtype="float32", kv_cache_gb=0.01,
+                  compute_backend="torch")
+        if fast_path:  # the GPU's decode kernels, on the interpreter, in the torch path
+            model = llm.engine.worker.model
+            model.use_kernels(with_kernels(
+                model.kernels, gemv=counted_gemv, fused_decode_attention=fused_decode_attention,
+                fused_decode_max_batch=64))  # fmt: skip
         alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
         return alone, [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
 
-    eager = tokens()
-    calls = []
-    gemv_linear = transformer.gemv_linear
-    monkeypatch.setattr(transformer, "uses_gemv", lambda x: x.shape[0] == 1)
-    monkeypatch.setattr(transformer, "fuses_decode", lambda qkv, m: qkv.shape[0] == m.num_decodes)
-    monkeypatch.setattr(transformer, "gemv_linear", lambda *a, **k: calls.append(1) or
-                        gemv_linear(*a, **k))  # fmt: skip
-    assert tokens() == eager
+    assert tokens(fast_path=True) == tokens(fast_path=False)
     assert calls  # the fused path ran

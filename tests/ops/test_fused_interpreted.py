@@ -20,7 +20,7 @@ from soberana.ops.layers import (  # noqa: E402
     torch_rotary_embedding,
     torch_silu_and_mul,
 )
-from soberana.ops.triton_fused import (  # noqa: E402
+from soberana.ops.triton.layers import (  # noqa: E402
     fused_add_rms_norm,
     rms_norm,
     rotary_embedding,

@@ -16,8 +16,8 @@ from tests.ops.interpreted import INTERPRETED
 pytest.importorskip("triton")
 pytestmark = INTERPRETED
 
-from soberana.ops.triton_gemv import GemvConfig, gemv  # noqa: E402
-from soberana.ops.triton_quant_gemm import int4_matmul, int8_matmul  # noqa: E402
+from soberana.ops.triton.gemv import GemvConfig, gemv  # noqa: E402
+from soberana.ops.triton.quant_gemm import int4_matmul, int8_matmul  # noqa: E402
 from soberana.quantization import schemes  # noqa: E402
 
 

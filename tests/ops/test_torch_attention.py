@@ -7,18 +7,11 @@ reading a slot past a context, or a block of another request, shows up as NaN in
 import pytest
 import torch
 
-from soberana.ops import attention, cpu_kernels
+from soberana.ops import attention
 from soberana.ops.attention import GatherWorkspace, paged_attention, write_kv
 from tests.ops.paged_attention_cases import make_step, reference_attention, relative_error
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def torch_path_only(monkeypatch):
-    # CPU attention would go to the native kernel (tests/ops/test_cpu_paged_attention.py);
-    # this file is about the PyTorch path, which stays the fallback.
-    monkeypatch.setattr(cpu_kernels, "paged_attention", lambda *args: False)
 
 
 def _step(context_lens, query_lens, *, group=1, num_kv_heads=2, head_dim=32, block_size=16,

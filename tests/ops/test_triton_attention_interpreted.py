@@ -13,7 +13,7 @@ from tests.ops.interpreted import INTERPRETED
 pytest.importorskip("triton")
 pytestmark = INTERPRETED
 
-from soberana.ops.triton_attention import (  # noqa: E402
+from soberana.ops.triton.attention import (  # noqa: E402
     DecodeConfig,
     PrefillConfig,
     paged_decode_attention,

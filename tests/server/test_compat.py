@@ -150,3 +150,14 @@ def test_start_up_logs_each_phase_and_loads_the_tokenizer_with_the_engine(server
     # The tokenizer loads beside the engine, not after it: both are done before "ready".
     assert positions[0].start() < positions[2].start() < positions[4].start()
     assert positions[3].start() < positions[4].start()
+
+
+def test_models_show_the_compute_backend_chosen_at_start(server):
+    """/v1/models names what serves the ops (chosen once, ops/backend.py), and the start-up log
+    has the same choice on one line."""
+    card = server.get("/v1/models").json()["data"][0]
+    compute = card["compute"]
+    assert compute["requested"] == "auto"
+    assert compute["compute_backend"] in ("native", "torch")  # torch: no C compiler here
+    assert compute["kernels"] and isinstance(compute["fallbacks"], list)
+    assert f"Compute backend: {compute['compute_backend']} (" in server.log()

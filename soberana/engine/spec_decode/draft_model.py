@@ -35,6 +35,7 @@ def first_layers(model: CausalLM, num_layers: int) -> CausalLM:
     view._buffers = dict(model._buffers)
     view.layers = nn.ModuleList(list(model.layers)[:num_layers])
     view.config = dataclasses.replace(model.config, num_layers=num_layers)
+    view.use_kernels(model.kernels)  # a native stack of its own layers (CPU)
     return view
 
 

@@ -18,7 +18,6 @@ from soberana.engine.sampler import (
     Sampler,
     _apply_top_k,
     _apply_top_p,
-    _argmax,
     _column,
     apply_penalties,
     gather_logprobs,
@@ -58,7 +57,7 @@ def verify(
     logits = processed_logits(raw, request, drafts, token_bitmask)
     k = len(drafts)
     if request.params.greedy:
-        target = _argmax(logits).tolist()  # the sampler's argmax: the same tie-breaking
+        target = sampler.argmax(logits).tolist()  # the sampler's: the same tie-breaking
         n = 0
         while n < k and drafts[n] == target[n]:
             n += 1

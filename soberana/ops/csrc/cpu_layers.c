@@ -7,7 +7,7 @@
  * every op of theirs that stores a bfloat16/float16 tensor is a rounding here; sums are float32
  * in a different order, so float32 results can differ in the last bits.
  *
- * Built and called by soberana/ops/cpu_kernels.py (plain C, compiled at first use). Rows are
+ * Built and called by soberana/ops/cpu/kernels.py (plain C, compiled at first use). Rows are
  * shared among torch's OpenMP threads (through GOMP_parallel) when there are enough of them.
  */
 #include <math.h>

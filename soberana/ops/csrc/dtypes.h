@@ -1,5 +1,5 @@
 /* Storage dtypes shared by the native CPU kernels (included by the kernels in this directory; the build
- * cache key in cpu_kernels.py covers this header). Codes match cpu_kernels.DTYPES. */
+ * cache key in ops/cpu/kernels.py covers this header). Codes match ops/cpu/kernels.py DTYPES. */
 #ifndef SOBERANA_DTYPES_H
 #define SOBERANA_DTYPES_H
 

@@ -1,6 +1,6 @@
 /* Linear layers in bfloat16 on CPUs with AVX512_BF16: out = x W^T (+ bias), float32 sums.
  *
- * Built and called by soberana/ops/cpu_kernels.py (plain C, compiled at first use). The
+ * Built and called by soberana/ops/cpu/kernels.py (plain C, compiled at first use). The
  * weight is packed once (pack_bf16) into panels of 64 output columns, each the K / 2 pairs
  * of its columns, [K / 2][64][2]: the order vdpbf16ps multiplies them in. A tile of MR = 6
  * rows of x times one panel keeps its 6 x 64 sums in 24 registers; each pair of x's columns

@@ -1,7 +1,7 @@
 /* Weight-only int8 linear layers on CPUs: out = (x q^T) * scale (+ bias), float32 sums.
  *
  * Built and called by soberana/quantization/cpu_int8.py (plain C, compiled at first use by
- * soberana/ops/cpu_kernels.py). The int8 weight q [N, K] (per-output-channel scales) is
+ * soberana/ops/cpu/kernels.py). The int8 weight q [N, K] (per-output-channel scales) is
  * packed once at load into one blob: panels of 64 output columns, each the K / 2 pairs of
  * its columns, [K / 2][64][2] int8 (linear_bf16.c's order), followed by the N scales as
  * float32, padded to the 64 columns of the last panel. The packed weight replaces the

@@ -1,7 +1,7 @@
 /* Attention over the paged KV cache on CPU: decodes (one query per sequence) and prefills
  * (a run of new queries per sequence, causal, after any cached prefix).
  *
- * Built and called by soberana/ops/cpu_kernels.py (plain C, no torch headers, so it compiles
+ * Built and called by soberana/ops/cpu/kernels.py (plain C, no torch headers, so it compiles
  * in about a second). A work item is a sequence, a tile of its queries (one query for a
  * decode) and a run of its KV heads (all of them for a decode unless there are too few
  * sequences to go round the threads; one for a prefill tile). The rows of an item (each of

@@ -2,7 +2,7 @@
  * dtype as float32 and back, rounding as the dtype stores, and exp. AVX2 + FMA + F16C (CPUs
  * without AVX-512, e.g. Zen 3; SOBERANA_AVX2 is defined): loads and stores of 8 elements
  * rounding as the AVX-512 ones do, exp and a sum of 8 vectors. Included by the kernels in this
- * directory (the build cache key in cpu_kernels.py covers this header); empty with neither. */
+ * directory (the build cache key in ops/cpu/kernels.py covers this header); empty with neither. */
 #ifndef SOBERANA_SIMD_H
 #define SOBERANA_SIMD_H
 

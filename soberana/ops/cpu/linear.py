@@ -10,7 +10,6 @@ each `nn.Linear` (and the output projection) for a `PackedLinear`:
     the time, a 64-row decode step 0.97x, 2,048 rows 0.98-1.03x; the offline 128/128
     benchmark 0.4-0.6 s of ~12 s faster in alternating runs. Its float32 sums run in another
     order than oneDNN's, so about 1 output in 10,000 differs from `F.linear` by one ulp.
-    SOBERANA_CPU_LINEAR=onednn keeps oneDNN's.
   - float32: soberana's kernel too (same file, AVX-512 or AVX2 + FMA; each sum in k order).
     Against oneDNN's packed float32 matmul on a 2-core Zen 4, one thread, SmolLM2-135M's
     linears (benchmarks/cpu_layers_isa.py): 1 row (batch-1 decode) about a third of the time,
@@ -19,19 +18,19 @@ each `nn.Linear` (and the output projection) for a `PackedLinear`:
     `mkldnn._linear_pointwise`, what Inductor emits for frozen CPU linears): bfloat16 outputs
     bit-identical to `F.linear`; float32 runs oneDNN's kernel instead of MKL's sgemm, so sums
     round differently (about 1e-7 relative).
-A layer that fails the check at load time, or SOBERANA_CPU_KERNELS=0, keeps `F.linear`.
+A layer that fails the check at load time keeps `F.linear`; so does every layer on the
+"torch" compute backend (ops/backend.py), which packs nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from soberana.ops import cpu_kernels
+from soberana.ops.cpu import kernels as cpu_kernels
 
 logger = logging.getLogger("soberana.ops")
 
@@ -42,14 +41,15 @@ BATCH_HINT = 64
 class PackedLinear(nn.Module):
     """`x @ weight.T + bias` with `weight` packed once (read-only after): for soberana's own
     kernel (csrc/linear_bf16.c: bfloat16 on AVX512_BF16 or AVX2, float32 on AVX-512 or AVX2),
-    else for oneDNN."""
+    else for oneDNN. `soberana_kernel=False` packs for oneDNN always (benchmarks' A/B)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 soberana_kernel: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
         self.native = None
-        if native_bf16():
+        if soberana_kernel:
             pack_native = (cpu_kernels.pack_f32_linear if weight.dtype == torch.float32
                            else cpu_kernels.pack_bf16_linear)  # fmt: skip
             self.native = pack_native(weight)
@@ -67,10 +67,7 @@ class PackedLinear(nn.Module):
             f32 = self.native.dtype == torch.float32
             kernel = cpu_kernels.linear_f32 if f32 else cpu_kernels.linear_bf16
             out = kernel(rows, self.native, self.out_features, self.bias)
-            if out is not None:
-                return out.view(*x.shape[:-1], self.out_features)
-            raise ValueError(f"PackedLinear: {self.native.dtype} input expected on the CPU, got "
-                             f"{x.dtype} on {x.device}")  # fmt: skip
+            return out.view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -78,30 +75,23 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed ({kind})"
 
 
-def native_bf16() -> bool:
-    """Whether bfloat16 and float32 linears use soberana's kernels where this build has them
-    (SOBERANA_CPU_LINEAR=onednn: oneDNN's)."""
-    return os.environ.get("SOBERANA_CPU_LINEAR", "native") != "onednn"
-
-
 def packable(dtype: torch.dtype) -> bool:
     """Whether CPU linears of `dtype` can be packed here (oneDNN built in; bf16 and fp16 also
     need the CPU to support them natively)."""
-    if os.environ.get("SOBERANA_CPU_KERNELS", "1") == "0":
-        return False
     if not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.float32:
         return True
     if dtype == torch.bfloat16:  # soberana's kernel also serves CPUs with AVX2 only
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported() or (
-            native_bf16() and cpu_kernels._linear_library() is not None)
+        return (torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                or cpu_kernels.linear_library() is not None)  # fmt: skip
     if dtype == torch.float16:
         return torch.ops.mkldnn._is_mkldnn_fp16_supported()
     return False
 
 
-def pack(linear: nn.Linear | None, weight: torch.Tensor | None = None) -> nn.Module | None:
+def pack(linear: nn.Linear | None, weight: torch.Tensor | None = None,
+         soberana_kernel: bool = True) -> nn.Module | None:  # fmt: skip
     """A PackedLinear computing what `linear` (or `F.linear` with `weight`) does, or None where
     this build cannot pack it or the packed result disagrees with `F.linear` on a probe."""
     weight = linear.weight if weight is None else weight
@@ -109,7 +99,7 @@ def pack(linear: nn.Linear | None, weight: torch.Tensor | None = None) -> nn.Mod
     if weight.device.type != "cpu" or weight.dim() != 2 or not packable(weight.dtype):
         return None
     try:
-        packed = PackedLinear(weight, bias)
+        packed = PackedLinear(weight, bias, soberana_kernel)
         probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
         probe = probe.to(weight.dtype)
         want, got = F.linear(probe, weight, bias).float(), packed(probe).float()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from soberana.ops.attention import AttentionMetadata
-from soberana.ops.triton_cache_write import reshape_and_cache
-from soberana.ops.triton_decode_attention import DecodeConfig, paged_decode_attention
-from soberana.ops.triton_decode_fused import fused_decode_attention
-from soberana.ops.triton_prefill_attention import PrefillConfig, paged_prefill_attention
+from soberana.ops.triton.cache_write import reshape_and_cache
+from soberana.ops.triton.decode_attention import DecodeConfig, paged_decode_attention
+from soberana.ops.triton.fused_decode_attention import fused_decode_attention
+from soberana.ops.triton.prefill_attention import PrefillConfig, paged_prefill_attention
 
 __all__ = [
     "DecodeConfig",

@@ -29,17 +29,17 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from soberana.ops.triton_cache_write import to_cache
-from soberana.ops.triton_checks import check_batch, check_cache_pair
-from soberana.ops.triton_decode_attention import (
+from soberana.ops.triton.cache_write import to_cache
+from soberana.ops.triton.checks import check_batch, check_cache_pair
+from soberana.ops.triton.decode_attention import (
     MAX_SPLITS,
     DecodeConfig,
     choose_num_splits,
     default_decode_config,
     num_sms,
 )
-from soberana.ops.triton_gemv import supports_pdl
-from soberana.ops.triton_paged_tile import attend_paged_tile, dot_precision, tile_block_ids
+from soberana.ops.triton.gemv import supports_pdl
+from soberana.ops.triton.paged_tile import attend_paged_tile, dot_precision, tile_block_ids
 
 # Key tiles per partition before a context is split further: on an H200 one tile per
 # partition was fastest from 256 to 8k keys at batch 1 and 8 (decode_kernels.py --sweep).
@@ -333,7 +333,7 @@ def fused_decode_attention(
         SPLITS_PAD=triton.next_power_of_2(MAX_SPLITS),
         DOT_PRECISION=dot_precision(qkv.dtype), PDL=supports_pdl(qkv.device), FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=supports_pdl(qkv.device),
-        # Rotary must round each product (see triton_fused.rotary_embedding).
+        # Rotary must round each product (see triton/layers.py, rotary_embedding).
         enable_fp_fusion=False,
     )  # fmt: skip
     return out

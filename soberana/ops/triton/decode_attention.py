@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from soberana.ops.triton_checks import check_batch, check_cache_pair, check_output, check_query
-from soberana.ops.triton_paged_tile import attend_paged_tile, dot_precision, tile_block_ids
+from soberana.ops.triton.checks import check_batch, check_cache_pair, check_output, check_query
+from soberana.ops.triton.paged_tile import attend_paged_tile, dot_precision, tile_block_ids
 
 # Decode programs resident per SM with the default tile (4 warps, ~120 registers a thread).
 _PROGRAMS_PER_SM = 4

@@ -6,8 +6,10 @@ CPU; a build is logged with its time and the compiler's messages (`<hash>.log` b
 `set_isa` picks the instruction sets they are built for (EngineConfig.cpu_isa): this CPU's
 ("native": AVX-512 where it has it), AVX2 + FMA ("avx2", x86-64-v3: the path of CPUs without
 AVX-512, testable on one with it), or plain C ("portable").
-Without a compiler, when the build fails, or with SOBERANA_CPU_KERNELS=0, the entry points
-return False and callers use the PyTorch path. ctypes releases the GIL during a call.
+Without a compiler, or when the build fails, the libraries are None and `ops/backend.py`
+chooses the PyTorch path at start, saying why (`unavailable_reason`). The wrappers below
+serve the layouts the model runner hands them and raise ValueError for any other: they are
+chosen once, never tried per call. ctypes releases the GIL during a call.
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ from soberana.cache import cache_root
 
 logger = logging.getLogger("soberana.ops")
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
-LAYERS_SOURCE = Path(__file__).parent / "csrc" / "cpu_layers.c"
-LINEAR_SOURCE = Path(__file__).parent / "csrc" / "linear_bf16.c"
+# The C sources stay in ops/csrc/ (packaged as soberana.ops data, pyproject.toml).
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+SOURCE = CSRC / "paged_attention.c"
+LAYERS_SOURCE = CSRC / "cpu_layers.c"
+LINEAR_SOURCE = CSRC / "linear_bf16.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
 # For compilers that reject -march=native (or do not know this CPU).
 PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
@@ -140,37 +145,38 @@ def load_linear_library(path: Path) -> ctypes.CDLL:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def attention_library() -> ctypes.CDLL | None:
     """The paged-attention library, or None (the PyTorch path)."""
     return build_library(SOURCE, load_library)
 
 
 @functools.cache
-def _layers_library() -> ctypes.CDLL | None:
+def layers_library() -> ctypes.CDLL | None:
     """The small layers' library (norm, rotary + cache write, SiLU-and-mul, argmax), or None."""
     return build_library(LAYERS_SOURCE, load_layers_library)
 
 
 @functools.cache
-def _linear_library() -> ctypes.CDLL | None:
+def linear_library() -> ctypes.CDLL | None:
     """The bfloat16 linear library where it has a kernel (AVX512_BF16, or AVX2 + FMA), or None."""
     lib = build_library(LINEAR_SOURCE, load_linear_library)
     return lib if lib is not None and lib.linear_bf16_available() in (1, 2) else None
 
 
+# linear_bf16_available()'s answers: which instructions serve bfloat16 linears
+BF16_LINEAR_PATHS = {1: "AVX512_BF16", 2: "AVX2+FMA (bfloat16 widened to float32 in registers)"}
+
+
 @functools.cache
-def _linear_f32_library() -> ctypes.CDLL | None:
+def linear_f32_library() -> ctypes.CDLL | None:
     """The linear library where it has its float32 kernel (AVX-512F, or AVX2 + FMA), or None."""
     lib = build_library(LINEAR_SOURCE, load_linear_library)
     return lib if lib is not None and lib.linear_f32_available() == 1 else None
 
 
 def build_library(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | None:
-    """`source` built (or taken from the cache) and loaded with `load`, or None, logged why:
-    kernels switched off (SOBERANA_CPU_KERNELS=0), no compiler, or a failed build."""
-    if os.environ.get("SOBERANA_CPU_KERNELS", "1") == "0":
-        logger.info("Native CPU kernels off (SOBERANA_CPU_KERNELS=0); using the PyTorch path")
-        return None
+    """`source` built (or taken from the cache) and loaded with `load`, or None, logged why
+    (no compiler, or a failed build; `unavailable_reason` keeps it)."""
     try:
         try:
             path = compile_library(source, ISA_FLAGS[_isa])
@@ -183,9 +189,18 @@ def build_library(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.C
         why = f"{shlex.join(e.cmd)} failed: {(e.stderr or '').strip()[-500:]}"
     except (OSError, subprocess.SubprocessError) as e:
         why = str(e)
-    logger.info("Native CPU kernels (%s) unavailable (%s); using the PyTorch path",
-                source.name, why)  # fmt: skip
+    logger.info("Native CPU kernels (%s) unavailable: %s", source.name, why)
+    _failures[source.name] = why
     return None
+
+
+# source name -> why its build failed (for the backend's log line)
+_failures: dict[str, str] = {}
+
+
+def unavailable_reason() -> str:
+    """Why a native library could not be built, or "" where every one was."""
+    return "; ".join(f"{name}: {why}" for name, why in _failures.items())
 
 
 def set_isa(isa: str) -> None:
@@ -198,13 +213,14 @@ def set_isa(isa: str) -> None:
     if isa == _isa:
         return
     _isa = isa
-    _library.cache_clear()
-    _layers_library.cache_clear()
-    _linear_library.cache_clear()
-    _linear_f32_library.cache_clear()
-    from soberana.ops import cpu_forward
+    _failures.clear()
+    attention_library.cache_clear()
+    layers_library.cache_clear()
+    linear_library.cache_clear()
+    linear_f32_library.cache_clear()
+    from soberana.ops.cpu import decoder_stack
 
-    cpu_forward._kernels.cache_clear()
+    decoder_stack.forward_library.cache_clear()
 
 
 def current_isa() -> str:
@@ -225,25 +241,10 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def native_bf16_matmul() -> bool:
-    """Whether bfloat16 matmuls run natively here (AVX512_BF16 or AMX-BF16) with the kernels as
-    built: False where set_isa chose a build without AVX-512."""
-    return _isa == "native" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def describe_kernels() -> str:
-    """Which native kernels this process uses, for the start-up log."""
-    if os.environ.get("SOBERANA_CPU_KERNELS", "1") == "0":
-        return "native CPU kernels off (SOBERANA_CPU_KERNELS=0): PyTorch path"
-    lib = _library()
-    if lib is None:
-        return "native CPU kernels unavailable: PyTorch path"
-    simd = {2: "AVX-512", 1: "AVX2+FMA", 0: "portable C"}.get(lib.simd_level(), "?")
-    linear_lib = _linear_library()
-    linear = ("oneDNN" if linear_lib is None
-              else {1: "soberana AVX512_BF16", 2: "soberana AVX2+FMA"}[linear_lib.linear_bf16_available()])  # fmt: skip
-    return (f"native CPU kernels built for {_isa}: attention/norm/rotary {simd}; "
-            f"bf16 linears {linear}; fp32 linears {'soberana' if _linear_f32_library() else 'oneDNN'}")
+def native_bf16_matmul(isa: str) -> bool:
+    """Whether bfloat16 matmuls run natively here (AVX512_BF16 or AMX-BF16) with kernels built
+    for `isa`: False for a build without AVX-512."""
+    return isa == "native" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 @functools.cache
@@ -272,25 +273,23 @@ def paged_attention(
     scale: float,
     out: torch.Tensor,
     query_start: torch.Tensor | None = None,
-) -> bool:
+) -> None:
     """Causal attention of q [T, Hq, D] over the paged cache, into out [T, Hq, D].
 
     Without `query_start`, row b is one decode query of sequence b over its first seq_lens[b]
     cached keys. With it ([B + 1] int32 offsets), sequence b's n_b = query_start[b + 1] -
     query_start[b] queries are rows query_start[b]... and its i-th sees keys [0, seq_lens[b]
-    - n_b + i] (its own and earlier ones, already written to the cache). False (out
-    untouched) where the kernel cannot serve the call: no library, another device, dtype or
-    layout; the caller then uses the PyTorch path.
+    - n_b + i] (its own and earlier ones, already written to the cache). Raises ValueError
+    for tensors on another device, in another dtype or layout.
     """
     if not _servable(q, k_cache, v_cache, block_table, seq_lens, out, query_start):
-        return False
-    lib = _library()
-    if lib is None:
-        return False
+        raise ValueError("paged_attention: tensors must be CPU, one kernel dtype "
+                         f"({', '.join(map(str, DTYPES))}), q rows of unit-stride heads, "
+                         "contiguous caches and out, int32 block_table/seq_lens/query_start")  # fmt: skip
     num_heads, head_dim = q.shape[1:]
     num_seqs = q.shape[0] if query_start is None else query_start.shape[0] - 1
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
-    rc = lib.paged_attention(
+    rc = attention_library().paged_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
         block_table.data_ptr(), block_table.stride(0), block_table.shape[1],
         seq_lens.data_ptr(), _ptr(query_start), out.data_ptr(), num_seqs, num_heads,
@@ -298,7 +297,19 @@ def paged_attention(
         openmp_parallel(),
     )  # fmt: skip
     raise_attention_error(rc, num_blocks, block_table.shape[1], block_size)
-    return rc == _OK
+
+
+def paged_attention_step(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
+                         scale: float) -> torch.Tensor:  # fmt: skip
+    """A step's attention (ops.attention.paged_attention's signature) on the native kernel,
+    which reads each sequence's K/V from the pool once per tile of its queries (the PyTorch
+    path copies it several times, and calls one SDPA per prefill)."""
+    out = torch.empty(q.shape, dtype=q.dtype)
+    prefills = meta.num_decodes < len(meta.query_lens_cpu)
+    paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, scale, out,
+                    meta.query_start_loc if prefills else None)  # fmt: skip
+    return out
 
 
 def raise_attention_error(rc: int, num_blocks: int, max_blocks: int, block_size: int) -> None:
@@ -312,6 +323,9 @@ def raise_attention_error(rc: int, num_blocks: int, max_blocks: int, block_size:
         raise ValueError("query_start: offsets must ascend, with no more queries than seq_lens")
     if rc == _NO_MEMORY:
         raise MemoryError("paged_attention: no memory for its per-thread workspace")
+    if rc == _UNSUPPORTED:
+        raise ValueError("paged_attention: head counts, head size or dtype unsupported by this "
+                         "build")  # fmt: skip
 
 
 def _servable(
@@ -372,10 +386,8 @@ def keep_freed_memory() -> bool:
     a 125M model spent ~0.8 s of 3.7 s that way. This raises the mmap threshold to glibc's
     maximum (32 MB) and stops trimming the heap, so the process keeps its peak activation
     memory (the cost: RSS does not shrink after a large batch). Process-wide, once; False
-    where the C library has no `mallopt` (not glibc) or SOBERANA_CPU_KERNELS=0.
+    where the C library has no `mallopt` (not glibc).
     """
-    if os.environ.get("SOBERANA_CPU_KERNELS", "1") == "0":
-        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except AttributeError:
@@ -387,52 +399,60 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def _layers(*tensors: torch.Tensor) -> ctypes.CDLL | None:
-    """The layers library, where every tensor is on the CPU and each floating one in a kernel
-    dtype; else None."""
-    if any(t.device.type != "cpu" or (t.is_floating_point() and t.dtype not in DTYPES)
-           for t in tensors):  # fmt: skip
-        return None
-    return _layers_library()
+def _check(rc: int, op: str) -> None:
+    if rc != _OK:
+        raise ValueError(f"{op}: unsupported by this build (dtype, or a size past its limits)")
+
+
+def _layout_error(op: str, wants: str) -> ValueError:
+    return ValueError(f"{op}: needs {wants}")
+
+
+def _cpu_kernel_dtypes(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and (not t.is_floating_point() or t.dtype in DTYPES)
+               for t in tensors)  # fmt: skip
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(torch_rms_norm(x + residual), x + residual), or (torch_rms_norm(x), None) without a
-    residual, for x [T, H] with unit-stride rows, in one pass. None: the caller's PyTorch path."""
-    if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],) or weight.stride(0) != 1:
-        return None
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
-                                 or residual.stride(1) != 1):  # fmt: skip
-        return None
-    lib = _layers(x, weight)
-    if lib is None:
-        return None
+    residual, for x [T, H] with unit-stride rows, in one pass."""
+    if not (x.dim() == 2 and x.stride(1) == 1 and weight.shape == (x.shape[1],)
+            and weight.stride(0) == 1 and _cpu_kernel_dtypes(x, weight)
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                      and residual.stride(1) == 1))):  # fmt: skip
+        raise _layout_error("add_rms_norm", "CPU x [T, H] with unit-stride rows, weight [H], "
+                            "residual like x")  # fmt: skip
     rows, hidden = x.shape
     out = torch.empty(rows, hidden, dtype=torch.promote_types(x.dtype, weight.dtype))
     new_residual = None if residual is None else torch.empty_like(x)
-    rc = lib.add_rms_norm(
+    rc = layers_library().add_rms_norm(
         x.data_ptr(), x.stride(0), _ptr(residual), 0 if residual is None else residual.stride(0),
         _ptr(new_residual), hidden, weight.data_ptr(), out.data_ptr(), hidden, rows, hidden,
         DTYPES[x.dtype], DTYPES[weight.dtype], eps, torch.get_num_threads(), openmp_parallel(),
     )  # fmt: skip
-    return (out, new_residual) if rc == _OK else None
+    _check(rc, "add_rms_norm")
+    return out, new_residual
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
-    """SiLU(gate) * up of a fused [T, 2I] projection (unit-stride rows), or None."""
-    if gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] % 2:
-        return None
-    lib = _layers(gate_up)
-    if lib is None:
-        return None
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch_rms_norm(x) for x [T, H] with unit-stride rows."""
+    return add_rms_norm(x, None, weight, eps)[0]
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of a fused [T, 2I] projection (unit-stride rows)."""
+    if not (gate_up.dim() == 2 and gate_up.stride(1) == 1 and gate_up.shape[1] % 2 == 0
+            and _cpu_kernel_dtypes(gate_up)):  # fmt: skip
+        raise _layout_error("silu_and_mul", "CPU gate_up [T, 2I] with unit-stride rows")
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, inter, dtype=gate_up.dtype)
-    rc = lib.silu_and_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, rows,
-                          inter, DTYPES[gate_up.dtype], torch.get_num_threads(),
-                          openmp_parallel())  # fmt: skip
-    return out if rc == _OK else None
+    rc = layers_library().silu_and_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(),
+                                       inter, rows, inter, DTYPES[gate_up.dtype],
+                                       torch.get_num_threads(), openmp_parallel())  # fmt: skip
+    _check(rc, "silu_and_mul")
+    return out
 
 
 def rope_and_cache(
@@ -444,10 +464,10 @@ def rope_and_cache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     num_heads: int,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """From a fused projection qkv [T, (Hq + 2 Hkv) D]: q [T, Hq, D] with rotary embedding;
     k (rotated) and v are written to their cache slots (-1: none), as torch_rotary_embedding
-    then write_kv do. None where the kernel cannot serve the call."""
+    then write_kv do."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
     if not (qkv.dim() == 2 and qkv.stride(1) == 1
             and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
@@ -457,22 +477,24 @@ def rope_and_cache(
             and sin.is_contiguous() and cos.shape == sin.shape and cos.shape[-1] == head_dim
             and positions.dtype == slot_mapping.dtype == torch.int64
             and positions.is_contiguous() and slot_mapping.is_contiguous()
-            and positions.shape == slot_mapping.shape == (qkv.shape[0],)):  # fmt: skip
-        return None
-    lib = _layers(qkv, k_cache, v_cache, cos, sin, positions, slot_mapping)
-    if lib is None:
-        return None
+            and positions.shape == slot_mapping.shape == (qkv.shape[0],)
+            and _cpu_kernel_dtypes(qkv, k_cache, v_cache, cos, sin, positions,
+                                   slot_mapping)):  # fmt: skip
+        raise _layout_error("rope_and_cache", "CPU qkv [T, (Hq + 2 Hkv) D] with unit-stride "
+                            "rows, caches of its dtype, float32 cos/sin, int64 positions and "
+                            "slot_mapping [T]")  # fmt: skip
     tokens = qkv.shape[0]
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype)
     num_slots = k_cache.numel() // (num_kv_heads * head_dim)
-    rc = lib.rope_and_cache(
+    rc = layers_library().rope_and_cache(
         qkv.data_ptr(), qkv.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
         cos.shape[0], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         slot_mapping.data_ptr(), num_slots, tokens, num_heads, num_kv_heads, head_dim,
         DTYPES[qkv.dtype], torch.get_num_threads(), openmp_parallel(),
     )  # fmt: skip
     raise_rope_error(rc, cos.shape[0], num_slots)
-    return q if rc == _OK else None
+    _check(rc, "rope_and_cache")
+    return q
 
 
 def raise_rope_error(rc: int, max_positions: int, num_slots: int) -> None:
@@ -482,28 +504,29 @@ def raise_rope_error(rc: int, max_positions: int, num_slots: int) -> None:
                          f"KV cache ({num_slots})")  # fmt: skip
 
 
-def argmax(x: torch.Tensor) -> torch.Tensor | None:
-    """x.argmax(dim=-1) of a 2-D tensor with unit-stride rows (int64; a NaN wins, the first
-    of equal maxima wins, as torch's), or None (the caller's PyTorch path). Reads bfloat16 and
-    float16 as they are: their float32 values are exact, so the answer is the same."""
-    if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0:
-        return None
-    lib = _layers(x)
-    if lib is None or not x.is_floating_point():
-        return None
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of a 2-D tensor (int64; a NaN wins, the first of equal maxima wins, as
+    torch's). Reads bfloat16 and float16 as they are: their float32 values are exact, so the
+    answer is the same. Rows apart in memory are copied together first."""
+    if x.dim() != 2 or x.shape[1] == 0 or not x.is_floating_point() or not _cpu_kernel_dtypes(x):
+        raise _layout_error("argmax", "CPU floating logits [N, V] with V > 0")
+    if x.stride(1) != 1:
+        x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    rc = lib.argmax_rows(x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0], x.shape[1],
-                         DTYPES[x.dtype], torch.get_num_threads(), openmp_parallel())  # fmt: skip
-    return out if rc == _OK else None
+    rc = layers_library().argmax_rows(x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0],
+                                      x.shape[1], DTYPES[x.dtype], torch.get_num_threads(),
+                                      openmp_parallel())  # fmt: skip
+    _check(rc, "argmax")
+    return out
 
 
 def pack_bf16_linear(weight: torch.Tensor) -> torch.Tensor | None:
     """A bfloat16 weight [N, K] (K even, unit-stride rows) packed for `linear_bf16`, or None
-    where this machine or build has no kernel for it."""
+    where this machine or build has no kernel for it (the caller packs for oneDNN, at load)."""
     if not (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
             and weight.stride(1) == 1 and weight.shape[1] % 2 == 0 and weight.numel() > 0):  # fmt: skip
         return None
-    lib = _linear_library()
+    lib = linear_library()
     if lib is None:
         return None
     n, k = weight.shape
@@ -514,26 +537,22 @@ def pack_bf16_linear(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
-                ) -> torch.Tensor | None:
+                ) -> torch.Tensor:
     """x [M, K] (bfloat16, unit-stride rows) times a `pack_bf16_linear` weight of n outputs,
     plus `bias` (bfloat16, padded with zeros to a multiple of 64) or None: [M, n] bfloat16,
-    float32 sums rounded once. None: the caller's path."""
+    float32 sums rounded once."""
     if x.dtype != torch.bfloat16 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
-        return None
-    lib = _linear_library()
-    if lib is None:
-        return None
+        raise ValueError(f"linear_bf16: bfloat16 input [M, K] with unit-stride rows expected "
+                         f"on the CPU, got {x.dtype} on {x.device}")  # fmt: skip
+    lib = linear_library()
     m, k = x.shape
     if packed.numel() != lib.linear_bf16_packed_elems(n, k):  # not a weight of [n, k]
         raise ValueError(f"linear_bf16: x has {k} columns; the packed weight does not")
     out = torch.empty(m, n, dtype=torch.bfloat16)
     rc = lib.linear_bf16(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
                          out.data_ptr(), n, torch.get_num_threads(), openmp_parallel())  # fmt: skip
-    return out if rc == _OK else None
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+    _check(rc, "linear_bf16")
+    return out
 
 
 def pack_f32_linear(weight: torch.Tensor) -> torch.Tensor | None:
@@ -542,7 +561,7 @@ def pack_f32_linear(weight: torch.Tensor) -> torch.Tensor | None:
     if not (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
             and weight.stride(1) == 1 and weight.numel() > 0):  # fmt: skip
         return None
-    lib = _linear_f32_library()
+    lib = linear_f32_library()
     if lib is None:
         return None
     n, k = weight.shape
@@ -553,19 +572,23 @@ def pack_f32_linear(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def linear_f32(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
-               ) -> torch.Tensor | None:
+               ) -> torch.Tensor:
     """x [M, K] (float32, unit-stride rows) times a `pack_f32_linear` weight of n outputs, plus
-    `bias` (float32, padded with zeros to a multiple of 64) or None: [M, n] float32. None: the
-    caller's path."""
+    `bias` (float32, padded with zeros to a multiple of 64) or None: [M, n] float32, each sum
+    in k order."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
-        return None
-    lib = _linear_f32_library()
-    if lib is None:
-        return None
+        raise ValueError(f"linear_f32: float32 input [M, K] with unit-stride rows expected "
+                         f"on the CPU, got {x.dtype} on {x.device}")  # fmt: skip
+    lib = linear_f32_library()
     m, k = x.shape
     if packed.numel() != lib.linear_f32_packed_elems(n, k):  # not a weight of [n, k]
         raise ValueError(f"linear_f32: x has {k} columns; the packed weight does not")
     out = torch.empty(m, n, dtype=torch.float32)
     rc = lib.linear_f32(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
                         out.data_ptr(), n, torch.get_num_threads(), openmp_parallel())  # fmt: skip
-    return out if rc == _OK else None
+    _check(rc, "linear_f32")
+    return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

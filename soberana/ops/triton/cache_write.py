@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from soberana.ops.triton_checks import check_cache_pair
+from soberana.ops.triton.checks import check_cache_pair
 
 # float8_e4m3fn's largest finite value: FP8 caches saturate there (attention.to_kv_cache_dtype)
 FP8_MAX = 448.0
