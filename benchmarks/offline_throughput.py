@@ -53,7 +53,8 @@ def build_model(shape: str, root: Path, dtype: str) -> Path:
     model.save_pretrained(tmp)
     from soberana.models.loader import resolve_model_path
 
-    for f in resolve_model_path(None).glob("tokenizer*"):
+    # the demo's tokenizer (its vocabulary fits the shape); None is now the real default model
+    for f in resolve_model_path("demo").glob("tokenizer*"):
         (tmp / f.name).write_bytes(f.read_bytes())
     tmp.rename(out)
     return out

@@ -136,7 +136,7 @@ async def run_scenario(
     from soberana.server.engine_client import EngineClient
     from soberana.server.metrics import ServerMetrics
 
-    path = resolve_model_path(None)
+    path = resolve_model_path("demo")
     tokenizer = load_tokenizer(path)
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     engine = EngineClient(SimpleNamespace(max_num_seqs=num_requests), max_waiting_requests=10**6)

@@ -45,7 +45,7 @@ def build_model_for_demo_tokenizer(shape: str, root: Path) -> Path:
 
     from soberana.models.loader import resolve_model_path
 
-    tokenizer_dir = resolve_model_path(None)
+    tokenizer_dir = resolve_model_path("demo")
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     out = root / f"random-{shape}-vocab{vocab}"
     if (out / "config.json").is_file():
@@ -66,7 +66,7 @@ def config_model_dir(config_path: Path) -> Path:
     Hugging Face config.json with the demo tokenizer's vocabulary, and that tokenizer."""
     from soberana.models.loader import resolve_model_path
 
-    demo = resolve_model_path(None)
+    demo = resolve_model_path("demo")
     cfg = json.loads(config_path.read_text())
     demo_cfg = json.loads((demo / "config.json").read_text())
     for key in ("vocab_size", "bos_token_id", "eos_token_id"):
@@ -214,7 +214,7 @@ def main() -> int:
         path = build_model_for_demo_tokenizer(args.shape, args.model_dir)
         model_arg = str(path)
     else:
-        path, model_arg = resolve_model_path(None), None
+        path, model_arg = resolve_model_path("demo"), "demo"
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     draws = iter(range(1_000_000))
 

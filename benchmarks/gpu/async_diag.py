@@ -28,7 +28,7 @@ def build(out: Path) -> Path:
     cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
-    for f in resolve_model_path(None).glob("tokenizer*"):
+    for f in resolve_model_path("demo").glob("tokenizer*"):
         (out / f.name).write_bytes(f.read_bytes())
     return out
 
