@@ -23,7 +23,9 @@ from soberana.structured.manager import StructuredOutputManager
 
 
 @dataclass
-class StepResult:
+class ModelRunnerOutput:
+    """One launched step's results on the host (vLLM's name), keyed by (request_id, index)."""
+
     sampled: dict[tuple[str, int], int] = field(default_factory=dict)
     logprobs: dict[tuple[str, int], TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[tuple[str, int], list[TokenLogprobs]] = field(default_factory=dict)
@@ -65,11 +67,11 @@ class PendingStep:
         else:
             self._host = tensors
 
-    def result(self) -> StepResult:
+    def result(self) -> ModelRunnerOutput:
         """The step's sampled ids and logprobs on the host (waits for this step only)."""
         if self._event is not None:
             self._event.synchronize()
-        out = StepResult(prompt_logprobs=self.prompt_logprobs, verified=self.verified)
+        out = ModelRunnerOutput(prompt_logprobs=self.prompt_logprobs, verified=self.verified)
         if not self.requests:
             return out
         ids = self._host[0].tolist()
@@ -100,8 +102,8 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.graphs = graphs
         self.structured = structured
-        # Speculative decoding: verify(logits [k+1, V], request, drafts) -> (tokens,
-        # logprobs); set by the engine when a speculative_config is given.
+        # Speculative decoding: verify(logits [k+1, V], request, drafts, bitmask [k+1, W] or
+        # None) -> (tokens, logprobs); set by the engine when a speculative_config is given.
         self.verify = None
         self.workspace = GatherWorkspace() if device.type == "cpu" else None
 
@@ -117,6 +119,9 @@ class ModelRunner:
         # Structured outputs: the host computes the token mask while the model runs.
         masks = (self.structured.start_masks(batch.sample_requests)
                  if self.structured is not None and batch.sample_requests else None)
+        draft_masks = (self.structured.start_draft_masks(
+            [(s.request, s.draft_token_ids) for s, _, _ in batch.verify_rows])
+            if self.structured is not None and batch.verify_rows else None)
         if (self.graphs is not None and meta.num_decodes == len(meta.query_lens_cpu)
                 and meta.num_decodes <= self.graphs.max_batch and not batch.prompt_logprob_rows):
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta.slot_mapping,
@@ -143,11 +148,13 @@ class ModelRunner:
         if batch.verify_rows:  # speculative decoding: every row of a drafted entry
             rows = [i for _, first, last in batch.verify_rows for i in range(first, last)]
             logits = self.model.compute_logits(hidden[_on(rows, self.device)], float32=False)
+            bitmask = draft_masks.result() if draft_masks is not None else None
             at = 0
             for s, first, last in batch.verify_rows:
                 n = last - first
                 pending.verified[s.request.key] = self.verify(
-                    logits[at:at + n], s.request, s.draft_token_ids)
+                    logits[at:at + n], s.request, s.draft_token_ids,
+                    bitmask[at:at + n] if bitmask is not None else None)
                 at += n
         return pending
 

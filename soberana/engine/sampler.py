@@ -14,6 +14,7 @@ import torch
 
 from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.request import Request
+from soberana.engine.sampling_params import SamplingParams
 from soberana.ops import cpu_kernels
 from soberana.structured.manager import apply_token_bitmask
 
@@ -75,47 +76,17 @@ class Sampler:
         if not rows:
             return logits
         logits = logits.clone()
-        sub = logits[rows]
-        n, v = len(rows), sub.shape[1]
-        counts = torch.zeros(n, v, device=logits.device)
-        in_prompt = torch.zeros(n, v, dtype=torch.bool, device=logits.device)
-        for j, i in enumerate(rows):  # one row per penalised request, vectorised inside
-            out = requests[i].output_token_ids
-            if out:
-                ids = _to(out, torch.long, logits.device)
-                counts[j].index_add_(0, ids, torch.ones(len(out), device=logits.device))
-            in_prompt[j, _to(requests[i].prompt_token_ids, torch.long, logits.device)] = True
-        rep = _column([requests[i].params.repetition_penalty for i in rows], logits.device)
-        seen = in_prompt | (counts > 0)
-        # Repetition penalty (CTRL / transformers): divide positive logits, multiply negative.
-        penalized = torch.where(sub > 0, sub / rep, sub * rep)
-        sub = torch.where(seen, penalized, sub)
-        freq = _column([requests[i].params.frequency_penalty for i in rows], logits.device)
-        pres = _column([requests[i].params.presence_penalty for i in rows], logits.device)
-        # OpenAI: frequency scales with each output occurrence, presence applies once.
-        sub = sub - freq * counts - pres * (counts > 0).float()
+        sub = apply_penalties(logits[rows], [requests[i].output_token_ids for i in rows],
+                              [requests[i].prompt_token_ids for i in rows],
+                              [requests[i].params for i in rows])
         logits[_to(rows, torch.long, logits.device)] = sub
         return logits
 
     def _mask_eos_before_min_tokens(
         self, logits: torch.Tensor, requests: list[Request]
     ) -> torch.Tensor:
-        rows: list[int] = []
-        cols: list[int] = []
-        for i, r in enumerate(requests):
-            if len(r.output_token_ids) < r.params.min_tokens:
-                stops = list(r.params.stop_token_ids)
-                if not r.params.ignore_eos:
-                    stops += r.params.eos_token_ids
-                stops = [t for t in stops if t < logits.shape[1]]
-                rows += [i] * len(stops)
-                cols += stops
-        if not rows:
-            return logits
-        logits = logits.clone()
-        dev = logits.device
-        logits[_to(rows, torch.long, dev), _to(cols, torch.long, dev)] = _NEG_INF
-        return logits
+        return mask_eos_before_min_tokens(logits, [len(r.output_token_ids) for r in requests],
+                                          [r.params for r in requests])
 
     def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         greedy = [r.params.greedy for r in requests]
@@ -154,6 +125,52 @@ class Sampler:
             gen = torch.Generator(device=self.device).manual_seed(seed)
             self.generators[request.key] = gen
         return gen
+
+
+def apply_penalties(logits: torch.Tensor, outputs: list[list[int]], prompts: list[list[int]],
+                    params: list[SamplingParams]) -> torch.Tensor:
+    """Repetition, frequency and presence penalties on every row of float `logits` [N, V]:
+    row i has produced `outputs[i]` after `prompts[i]` (speculative verification passes one
+    row per drafted position, its output including the drafts before it)."""
+    n, v = logits.shape
+    dev = logits.device
+    counts = torch.zeros(n, v, device=dev)
+    in_prompt = torch.zeros(n, v, dtype=torch.bool, device=dev)
+    for j, (out, prompt) in enumerate(zip(outputs, prompts)):  # vectorised inside a row
+        if out:
+            counts[j].index_add_(0, _to(out, torch.long, dev), torch.ones(len(out), device=dev))
+        in_prompt[j, _to(prompt, torch.long, dev)] = True
+    rep = _column([p.repetition_penalty for p in params], dev)
+    seen = in_prompt | (counts > 0)
+    # Repetition penalty (CTRL / transformers): divide positive logits, multiply negative.
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    freq = _column([p.frequency_penalty for p in params], dev)
+    pres = _column([p.presence_penalty for p in params], dev)
+    # OpenAI: frequency scales with each output occurrence, presence applies once.
+    return logits - freq * counts - pres * (counts > 0).float()
+
+
+def mask_eos_before_min_tokens(logits: torch.Tensor, num_outputs: list[int],
+                               params: list[SamplingParams]) -> torch.Tensor:
+    """`logits` with the stop and EOS ids of rows that have produced fewer than min_tokens
+    (`num_outputs[i]` so far) set to -inf."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, (num, p) in enumerate(zip(num_outputs, params)):
+        if num < p.min_tokens:
+            stops = list(p.stop_token_ids)
+            if not p.ignore_eos:
+                stops += p.eos_token_ids
+            stops = [t for t in stops if t < logits.shape[1]]
+            rows += [i] * len(stops)
+            cols += stops
+    if not rows:
+        return logits
+    logits = logits.clone()
+    dev = logits.device
+    logits[_to(rows, torch.long, dev), _to(cols, torch.long, dev)] = _NEG_INF
+    return logits
 
 
 def _plain_greedy(request: Request) -> bool:

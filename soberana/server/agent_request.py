@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from soberana.config_flags import flag
 from soberana.server.chat_output import ChatOutputParser, ToolMode
 from soberana.server.errors import bad_request
 from soberana.server.protocol import ChatCompletionRequest
@@ -27,12 +28,21 @@ from soberana.structured.params import StructuredOutputsParams
 
 @dataclass
 class AgentOptions:
-    """Server flags: --tool-call-parser (a name, "auto": from the chat template, or None),
-    --reasoning-parser, --structured-outputs-timeout (seconds per grammar compilation)."""
+    """The server's flags of tools, reasoning and structured outputs (vLLM's names)."""
 
-    tool_call_parser: str | None = "auto"
-    reasoning_parser: str | None = None
-    structured_outputs_timeout: float = DEFAULT_COMPILE_TIMEOUT_S
+    # A parser's name, "auto" (from the chat template), or None ("none" on the command line).
+    tool_call_parser: str | None = flag(
+        "auto", "how the model writes tool calls: auto (from the chat template), none, or one "
+        f"of {', '.join(sorted(TOOL_PARSERS))}")
+    reasoning_parser: str | None = flag(
+        None, "put the model's thinking into reasoning_content", choices=REASONING_PARSERS)
+    structured_outputs_timeout: float = flag(
+        DEFAULT_COMPILE_TIMEOUT_S,
+        "seconds a grammar may take to compile before the request gets a 400")
+
+    def __post_init__(self) -> None:
+        if self.tool_call_parser == "none":
+            self.tool_call_parser = None
 
     def validate(self) -> None:
         if self.tool_call_parser not in (None, "auto", *TOOL_PARSERS):

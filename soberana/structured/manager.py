@@ -98,19 +98,77 @@ class StructuredOutputManager:
         bitmask = torch.full((batch, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         matchers = []
         for i, seq in rows:
-            try:
-                matcher = seq.matcher.result(timeout=self.timeout_s)
-            except Exception as exc:  # cannot happen for what the server validated first
-                if not seq.failed:
-                    log.error("structured output dropped for a sequence: %s", exc)
-                seq.failed = True
-                continue
-            if not matcher.is_error():
+            matcher = self._matcher(seq)
+            if matcher is not None:
                 matchers.append((matcher, i))
         if not matchers:
             return None
         fill_next_token_bitmask_par(self._executor, matchers, bitmask)
         return bitmask
+
+    def valid_drafts(self, request: Request, drafts: list[int]) -> list[int]:
+        """The leading drafts worth verifying for `request` (speculative decoding): those its
+        grammar accepts, checked without moving the matcher. While the constraint has not
+        started (reasoning), drafts stop before the token that starts it, so that no
+        verified position needs a mask the step did not compute."""
+        seq = self.sequences.get(request.key)
+        if seq is None or seq.failed or not drafts:
+            return drafts
+        if not seq.active:
+            end, tokens = seq.reasoning_end, list(request.output_token_ids)
+            for j, d in enumerate(drafts):
+                tokens.append(d)
+                if tokens[len(tokens) - len(end):] == end:
+                    return drafts[:j]
+            return drafts
+        if not seq.matcher.done():
+            return []  # still compiling: decode one token (the mask waits for it)
+        matcher = seq.matcher.result()
+        if matcher.is_error():
+            return drafts
+        return drafts[:matcher.validate_tokens(drafts)]
+
+    def start_draft_masks(self, entries: list[tuple[Request, list[int]]]) -> Future | None:
+        """Begin the masks of verification rows on the host thread: entry i owns
+        len(drafts) + 1 consecutive rows, row j being the mask after its drafts[:j] (the
+        matcher advances through the drafts and rolls back, llguidance's draft-token
+        masks). Result: an int32 bitmask [rows, ceil(V/32)], all ones where unconstrained,
+        or None when no entry is constrained."""
+        rows, first = [], 0
+        for r, drafts in entries:
+            seq = self.sequences.get(r.key)
+            if seq is not None and seq.active:
+                rows.append((first, seq, drafts))
+            first += len(drafts) + 1
+        if not rows:
+            return None
+        return self._mask_thread.submit(self._fill_drafts, first, rows)
+
+    def _fill_drafts(self, batch: int, rows: list[tuple[int, _Sequence, list[int]]]
+                     ) -> torch.Tensor | None:
+        from llguidance.torch import fill_next_token_bitmask_par_with_draft_tokens
+
+        bitmask = torch.full((batch, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        matchers = []
+        for first, seq, drafts in rows:
+            matcher = self._matcher(seq)
+            if matcher is not None:
+                matchers.append((matcher, first, list(drafts)))
+        if not matchers:
+            return None
+        fill_next_token_bitmask_par_with_draft_tokens(self._executor, matchers, bitmask)
+        return bitmask
+
+    def _matcher(self, seq: _Sequence):
+        """The sequence's usable matcher, or None (compile failed, or in an error state)."""
+        try:
+            matcher = seq.matcher.result(timeout=self.timeout_s)
+        except Exception as exc:  # cannot happen for what the server validated first
+            if not seq.failed:
+                log.error("structured output dropped for a sequence: %s", exc)
+            seq.failed = True
+            return None
+        return None if matcher.is_error() else matcher
 
     def accept(self, request: Request, token: int) -> None:
         """Feed the sampled token to the request's matcher (once its reasoning has ended)."""

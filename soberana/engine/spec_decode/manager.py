@@ -7,18 +7,18 @@ Turn-down rule (per step, then per request):
 - a request whose acceptance (an exponential moving average of accepted / drafted, weight
   0.3 on the newest step) falls below `min_acceptance_rate` pauses drafting for 8 steps,
   doubling on each pause up to 256, then tries again from the threshold;
-- a request drafts at most what its max_tokens and the context length leave room for, and
-  only when `rejection.eligible` (no penalties, min_tokens met, no grammar mask).
+- a request drafts at most what its max_tokens and the context length leave room for; a
+  structured-output request keeps only the drafts its grammar accepts (`trim_drafts`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from soberana.engine.request import Request
 from soberana.engine.spec_decode.config import SpeculativeConfig
 from soberana.engine.spec_decode.proposer import Proposer
-from soberana.engine.spec_decode.rejection import eligible
 
 _EMA_WEIGHT = 0.3
 _FIRST_PAUSE, _MAX_PAUSE = 8, 256
@@ -46,9 +46,12 @@ class _RequestState:
 
 
 class SpecDecode:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int,
+                 trim_drafts: Callable[[Request, list[int]], list[int]] | None = None) -> None:
         self.config = config
         self.proposer = proposer
+        # (request, drafts) -> the leading drafts worth verifying (a grammar's valid prefix)
+        self.trim_drafts = trim_drafts
         self.max_model_len = max_model_len
         self.stats = SpecDecodingStats(
             num_accepted_tokens_per_pos=[0] * config.num_speculative_tokens)
@@ -75,12 +78,20 @@ class SpecDecode:
         if not chosen:
             return
         for r, drafts, k in zip(chosen, self.proposer.propose(chosen, counts), counts):
-            r.spec_token_ids = list(drafts[:k])
+            drafts = list(drafts[:k])
+            r.spec_token_ids = self.trim_drafts(r, drafts) if self.trim_drafts else drafts
 
-    def _num_drafts(self, r: Request) -> int:
+    def would_draft(self, running: list[Request]) -> bool:
+        """Whether a request would draft this step once its in-flight token is known (async
+        scheduling reads the step in flight back first only then)."""
+        if len(running) > self.config.disable_by_batch_size:
+            return False
+        return any(self._num_drafts(r, ignore_in_flight=True) > 0 for r in running)
+
+    def _num_drafts(self, r: Request, ignore_in_flight: bool = False) -> int:
         """Drafts `r` may carry this step (0: it decodes one token)."""
-        if (r.num_placeholders or r.num_computed_tokens != r.num_tokens - 1
-                or not eligible(r)):
+        if r.num_computed_tokens != r.num_tokens - 1 or (r.num_placeholders
+                                                         and not ignore_in_flight):
             return 0  # still prefilling, or a token in flight
         st = self.state.get(r.key)
         if st is not None and self.step < st.paused_until:

@@ -20,18 +20,11 @@ from soberana.engine.sampler import (
     _apply_top_p,
     _argmax,
     _column,
+    apply_penalties,
     gather_logprobs,
+    mask_eos_before_min_tokens,
 )
-
-
-def eligible(request: Request) -> bool:
-    """Whether verifying drafts for `request` reproduces the sampler exactly: nothing that
-    depends on the output so far changes its logits (penalties, a min_tokens EOS mask, a
-    structured-output grammar mask). Other requests decode one token at a time."""
-    p = request.params
-    return (not p.has_penalties and len(request.output_token_ids) >= p.min_tokens
-            and getattr(p, "structured_outputs", None) is None
-            and getattr(p, "guided_decoding", None) is None)
+from soberana.structured.manager import apply_token_bitmask
 
 
 def target_probs(logits: torch.Tensor, request: Request) -> torch.Tensor:
@@ -55,11 +48,14 @@ def verify(
     request: Request,
     drafts: list[int],
     sampler: Sampler,
+    token_bitmask: torch.Tensor | None = None,
     draft_probs: torch.Tensor | None = None,
 ) -> tuple[list[int], list[TokenLogprobs] | None]:
     """The tokens `request` emits from its k + 1 verification rows `logits` [k + 1, V]:
-    the accepted drafts and one target token. `draft_probs` [k, V] is q (None: one-hot)."""
-    logits = logits[:, : sampler.vocab_size]
+    the accepted drafts and one target token. `token_bitmask` [k + 1, W] holds each row's
+    grammar mask (None: unconstrained); `draft_probs` [k, V] is q (None: one-hot)."""
+    raw = logits[:, : sampler.vocab_size]
+    logits = processed_logits(raw, request, drafts, token_bitmask)
     k = len(drafts)
     if request.params.greedy:
         target = _argmax(logits).tolist()  # the sampler's argmax: the same tie-breaking
@@ -73,10 +69,28 @@ def verify(
                                    if request.params.seed is not None else None)
     logprobs = None
     if request.params.logprobs is not None:  # raw logprobs, as the sampler reports them
-        rows = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
-        chosen = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+        rows = torch.log_softmax(raw[: len(tokens)].float(), dim=-1)
+        chosen = torch.tensor(tokens, dtype=torch.long, device=raw.device)
         logprobs = gather_logprobs(rows, chosen, [request.params.logprobs] * len(tokens))
     return tokens, logprobs
+
+
+def processed_logits(logits: torch.Tensor, request: Request, drafts: list[int],
+                     token_bitmask: torch.Tensor | None) -> torch.Tensor:
+    """What the sampler would choose from at each verification row, in its order:
+    penalties, the min_tokens EOS mask, the grammar mask. Row j sees the output so far plus
+    drafts[:j], exactly what the plain engine would have produced by then."""
+    p = request.params
+    out = request.output_token_ids
+    rows = len(drafts) + 1
+    if p.has_penalties:  # in float32, as the sampler does: the same values bit for bit
+        logits = apply_penalties(logits.float(), [out + drafts[:j] for j in range(rows)],
+                                 [request.prompt_token_ids] * rows, [p] * rows)
+    logits = mask_eos_before_min_tokens(logits, [len(out) + j for j in range(rows)],
+                                        [p] * rows)
+    if token_bitmask is not None:
+        logits = apply_token_bitmask(logits, token_bitmask)
+    return logits
 
 
 def _rejection_sample(probs: torch.Tensor, drafts: list[int], q: torch.Tensor | None,
