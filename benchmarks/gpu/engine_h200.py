@@ -59,7 +59,7 @@ def model_dir(config_path: Path) -> Path:
 
     out = Path(tempfile.mkdtemp(prefix="soberana-bench-"))
     (out / "config.json").write_text(config_path.read_text())
-    for f in resolve_model_path(None).glob("tokenizer*"):
+    for f in resolve_model_path("demo").glob("tokenizer*"):
         (out / f.name).write_bytes(f.read_bytes())
     return out
 
@@ -70,7 +70,7 @@ def demo_vocab_model_dir(config_path: Path) -> Path:
     from soberana.models.loader import resolve_model_path
 
     cfg = json.loads(config_path.read_text())
-    demo = json.loads((resolve_model_path(None) / "config.json").read_text())
+    demo = json.loads((resolve_model_path("demo") / "config.json").read_text())
     cfg.update(vocab_size=demo["vocab_size"], bos_token_id=demo["bos_token_id"],
                eos_token_id=demo["eos_token_id"])
     tmp = Path(tempfile.mkdtemp(prefix="soberana-cfg-")) / f"{config_path.stem}-demo-vocab.json"

@@ -94,7 +94,7 @@ def main() -> int:
 
     cfg = json.loads(args.config.read_text())
     path = model_dir(args.config)
-    demo_vocab = json.loads((resolve_model_path(None) / "config.json").read_text())["vocab_size"]
+    demo_vocab = json.loads((resolve_model_path("demo") / "config.json").read_text())["vocab_size"]
     gpu = torch.cuda.get_device_properties(0).name if torch.cuda.is_available() else "cpu"
     summary = {"commit": commit(), "gpu": gpu, "torch": torch.__version__,
                "config": args.config.name, "concurrency": args.concurrency,

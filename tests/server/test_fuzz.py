@@ -9,6 +9,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
@@ -44,12 +45,10 @@ def api_schema(fuzz_server):
 
     @schema.hook("map_body")
     def reach_the_engine(context, body):
-        # A random model name ends at the 404 and an unsupported parameter at its 400 (both
-        # tested elsewhere); without them more generated bodies reach tokenizer and engine.
-        if isinstance(body, dict):
-            body = {k: v for k, v in body.items() if k not in UNSUPPORTED}
-            if isinstance(body.get("model"), str):
-                body["model"] = "soberana-demo"
+        # A random model name ends at the 404 (tested elsewhere); without it more generated
+        # bodies reach tokenizer and engine.
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            body = {**body, "model": "soberana-demo"}
         return body
 
     return schema.include(path_regex=FUZZED_PATHS)
@@ -61,6 +60,11 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 @schema.parametrize()
 def test_openapi_generated_bodies_get_no_server_error(case, fuzz_server):
     # Bodies that break the published schema must be refused with a 4xx; none may get a 5xx.
+    if case.meta.generation.mode == GenerationMode.POSITIVE and isinstance(case.body, dict):
+        # Valid bodies without the fields that end at their own 400 or in a grammar (tested
+        # elsewhere) reach tokenizer and engine more often. Invalid bodies keep every field:
+        # dropping one could make them valid, and then a 200 would look like a missed 4xx.
+        case.body = {k: v for k, v in case.body.items() if k not in UNSUPPORTED}
     case.call_and_validate(
         headers=fuzz_server.headers,
         timeout=120,
