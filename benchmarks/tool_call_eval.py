@@ -82,6 +82,7 @@ def run_part(args: argparse.Namespace) -> None:
     cases = CASES[lo:hi]
     log = Path(args.server_log)
     load_start = Path("/proc/loadavg").read_text().split()[:3]
+    commit = _commit()  # the code the server runs
     t_start = time.monotonic()
     proc, url = start_server(args.model, log, args.server_arg)
     startup_s = time.monotonic() - t_start
@@ -104,7 +105,7 @@ def run_part(args: argparse.Namespace) -> None:
                for c, a in zip(cases, answers)]
     out = {
         "model": args.model, "cases": args.cases, "tool_choice": "auto", "temperature": 0,
-        "max_tokens": args.max_tokens, "cpu": cpu_model(), "commit": _commit(),
+        "max_tokens": args.max_tokens, "cpu": cpu_model(), "commit": commit,
         "server_args": args.server_arg, "startup_s": startup_s, "wall_s": wall,
         "loadavg_start": load_start, "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
         "results": results,
@@ -126,7 +127,7 @@ def table(parts: list[dict]) -> str:
             rows.setdefault(r["expected_function"] or "(no call)", []).append(r)
     everything = [r for rs in rows.values() for r in rs]
     lines = ["| expected | prompts | answers with calls | valid calls | function ok | "
-             "arguments ok |", "|---|---|---|---|---|---|"]
+             "arguments ok | cut by max_tokens |", "|---|---|---|---|---|---|---|"]
     for name, rs in [*sorted(rows.items()), ("**all**", everything)]:
         calls = sum(len(r["calls"]) for r in rs)
         valid = calls - sum(len(r["invalid_calls"]) for r in rs)
@@ -138,7 +139,21 @@ def table(parts: list[dict]) -> str:
             f"{sum(r['function_ok'] for r in rs)}/{len(rs)} "
             f"({_pct(sum(r['function_ok'] for r in rs), len(rs))}) | "
             + (f"{args_ok}/{len(with_args)} ({_pct(args_ok, len(with_args))}) |"
-               if with_args else "- |"))
+               if with_args else "- |")
+            + f" {sum(r['finish_reason'] == 'length' for r in rs)} |")
+    return "\n".join(lines)
+
+
+def misses(parts: list[dict]) -> str:
+    lines = []
+    for part in parts:
+        for r in part["results"]:
+            if r["function_ok"] and r["arguments_ok"] is not False:
+                continue
+            got = ([f"{c['name']}({' '.join(c['arguments'].split())})" for c in r["calls"]]
+                   or [f"text ({r['finish_reason']}): {' '.join((r['content'] or '').split())[:160]}"])
+            lines.append(f"- {r['prompt']!r}: {r['expected_function']} "
+                         f"{r['expected_arguments']} -> {'; '.join(got)}")
     return "\n".join(lines)
 
 
@@ -168,6 +183,8 @@ def main() -> None:
             f"`soberana serve` and the openai client (benchmarks/tool_call_eval.py).\n\n"
             f"{text}\n\nParts: {json.dumps(meta)}\n")
         print(text)
+        with Path(args.out).open("a") as f:
+            f.write("\nMisses (expected -> answer):\n\n" + misses(parts) + "\n")
         return
     run_part(args)
 
