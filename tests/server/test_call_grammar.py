@@ -94,3 +94,19 @@ def test_the_parser_reads_fenced_calls_and_leaves_other_blocks_as_text():
         assert call["function"]["name"] == "search_flights"
         assert call["function"]["arguments"] == (
             '{\n    "origin": "MAD",\n    "date": "2026-12-20"\n  }')
+
+
+def test_a_fenced_call_streams_per_token_and_a_cut_one_keeps_its_arguments():
+    mode = ToolMode("auto", "hermes", list(TOOLS))
+    parser = ChatOutputParser(mode, None, None, stream_arguments=True)
+    deltas = []
+    for c in FENCED:
+        deltas += parser.feed(c)
+    fragments = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert fragments[0]["function"]["name"] == "search_flights" and len(fragments) > 20
+    cut = FENCED[: FENCED.index("2026-12")]  # max_tokens ends it inside the date
+    message, finish = ChatOutputParser(mode, None, None, stream_arguments=True).message(
+        cut, "length")
+    assert finish == "length" and message["content"] == "Sure.\n"
+    assert message["tool_calls"][0]["function"]["arguments"] == (
+        '{\n    "origin": "MAD",\n    "date": "')

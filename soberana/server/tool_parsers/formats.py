@@ -24,8 +24,7 @@ class HermesToolParser(ToolParser):
     Also a fenced json block (FENCE ... FENCE_CLOSE) holding exactly one object
     `{"name": <a tool>, "arguments": {...}}`, name first: Qwen2.5-Coder writes its calls so,
     not in `<tool_call>` tags, whatever its template asks. Any other fenced block stays text.
-    A fenced call goes out whole when its fence closes (its arguments do not stream token by
-    token)."""
+    Held by the call grammar, a fenced call streams and is cut by max_tokens as a tagged one."""
 
     name = "hermes"
     markers = ("<tool_call>", FENCE)
@@ -33,8 +32,12 @@ class HermesToolParser(ToolParser):
     _close = "</tool_call>"
 
     def open_block(self, pending: str, at_start: bool) -> int | None:
-        # `split` stops at an unclosed block's marker, so pending then starts with it.
-        return len(self.markers[0]) if pending.startswith(self.markers[0]) else None
+        # `split` stops at an unclosed block's marker, so pending then starts with it. A
+        # fenced block that is not a call never reads as one (its name is no tool's).
+        for marker in self.markers:
+            if pending.startswith(marker):
+                return len(marker)
+        return None
 
     def split(self, text: str, final: bool, at_start: bool) -> tuple[list[Segment], int]:
         segments: list[Segment] = []
