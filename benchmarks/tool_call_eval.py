@@ -53,8 +53,11 @@ def grade(case: dict, choice) -> dict:
     calls = choice.message.tool_calls or []
     invalid = []
     parsed = []
-    for call in calls:
+    for k, call in enumerate(calls):
         name = call.function.name
+        if (choice.finish_reason == "length" and k == len(calls) - 1
+                and not _is_json(call.function.arguments)):
+            continue  # cut by max_tokens (the arguments written so far): not a malformed call
         try:
             arguments = json.loads(call.function.arguments)
             jsonschema.validate(arguments, SCHEMAS[name], format_checker=FORMATS)
@@ -75,6 +78,14 @@ def grade(case: dict, choice) -> dict:
         "content": choice.message.content, "finish_reason": choice.finish_reason,
         "invalid_calls": invalid, "function_ok": function_ok, "arguments_ok": arguments_ok,
     }
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def run_part(args: argparse.Namespace) -> None:
