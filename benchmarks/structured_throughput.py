@@ -31,7 +31,7 @@ LONG_STRING = {"type": "object", "properties": {"text": {"type": "string", "minL
 
 def start_server(log: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "soberana.cli", "serve", "--port", "0", "--max-num-seqs", "64",
+        [sys.executable, "-m", "soberana.cli", "serve", "demo", "--port", "0", "--max-num-seqs", "64",
          "--max-model-len", "256", "--kv-cache-gb", "0.2", "--disable-uvicorn-access-log"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
