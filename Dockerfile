@@ -14,6 +14,9 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 # gcc and Python headers stay in the image: Triton compiles its kernel launchers at run time.
+# Not version-pinned: the CUDA base image fixes the Ubuntu release, and its security updates
+# should reach a rebuild (hadolint DL3008 accepted for this line).
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* \
@@ -23,11 +26,12 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md /src/
 COPY soberana /src/soberana
 RUN pip install "/src[serve,redis,telemetry,tracing]" && useradd --uid 1000 --create-home soberana
-USER soberana
+# By number: Kubernetes' runAsNonRoot can only verify a numeric user (user soberana is 1000).
+USER 1000
 WORKDIR /home/soberana
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20m \
-  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 ENTRYPOINT ["soberana"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--log-format", "json"]
 
@@ -38,12 +42,12 @@ COPY pyproject.toml README.md /src/
 COPY soberana /src/soberana
 # The extras of these commands carry no torch; transformers (without torch) gives the bench
 # exact token counts. tests/deploy/test_images.py checks this covers what they import.
-RUN pip install "/src[gateway,bench,plots,telemetry,tracing]" transformers tokenizers \
+RUN pip install "/src[gateway,bench,plots,telemetry,tracing]" "transformers>=4.45,<6" "tokenizers>=0.20,<1" \
  && useradd --uid 1000 --create-home soberana
-USER soberana
+USER 1000
 WORKDIR /home/soberana
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=5s \
-  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/metrics', timeout=4)"
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/metrics', timeout=4)"]
 ENTRYPOINT ["soberana"]
 CMD ["gateway", "--config", "/etc/soberana/gateway.yaml", "--log-format", "json"]

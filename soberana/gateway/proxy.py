@@ -17,7 +17,12 @@ from soberana.gateway.fleet import Fleet
 from soberana.gateway.metrics import GatewayMetrics
 from soberana.gateway.privacy.layer import PrivacyLayer, RequestPrivacy
 from soberana.gateway.privacy.metrics import PrivacyMetrics
-from soberana.gateway.request_info import RequestNeeds, request_needs
+from soberana.gateway.request_info import (
+    MAX_JSON_DEPTH,
+    RequestNeeds,
+    json_depth,
+    request_needs,
+)
 from soberana.gateway.tenants import TenantState
 from soberana.gateway.upstream import Exchange, Upstream, UpstreamFailure
 from soberana.gateway.waiters import SlotWaiters, Ticket
@@ -277,6 +282,14 @@ async def _read_json(request: web.Request) -> tuple[dict[str, Any], int]:
         raise GatewayError(
             400, f"the request body is not valid JSON: {e}", "invalid_json"
         ) from None
+    except RecursionError:
+        body = None  # nested past the parser's recursion limit: refused below as too deep
+    if body is None or json_depth(body) > MAX_JSON_DEPTH:
+        raise GatewayError(
+            400,
+            f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+            "invalid_json",
+        )
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object", "invalid_json")
     return body, len(raw)

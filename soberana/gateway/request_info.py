@@ -19,6 +19,9 @@ _JSON_RESPONSE_FORMATS = ("json_object", "json_schema")
 _CONSTRAINT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
                       "guided_grammar")
 _BYTES_PER_TOKEN = 4  # rough for byte-level BPE on English text; only used to filter by context
+# Chat and Messages bodies nest about 8 levels (tool schemas a few more); a deeper body can only
+# exhaust the recursion of whoever walks it (Python's limit is 1,000 frames).
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -82,3 +85,21 @@ def _affinity_key(body: dict[str, Any], session_id: str | None, namespace: bytes
             break
     encoded = json.dumps(leading, sort_keys=True, separators=(",", ":")).encode()
     return namespace + b"|conversation:" + hashlib.blake2b(encoded, digest_size=16).digest()
+
+
+def json_depth(node: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep `node` (parsed JSON) nests, counted without recursion; stops past `limit`."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest

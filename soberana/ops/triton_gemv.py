@@ -74,10 +74,13 @@ def _load_rows(w_rows, s_rows, z_rows, k0, col_ok, K, EVEN: tl.constexpr, INT4: 
         # one scale per GROUP columns: the repeated addresses are served by L1
         s = tl.load(s_rows + (ks // GROUP)[None, :], mask=ok, other=0.0).to(tl.float32)
         z = tl.load(z_rows + (ks // GROUP)[None, :], mask=ok, other=0).to(tl.float32)
-        return (q - z) * s
-    if EVEN:
-        return tl.load(w_rows + ks[None, :])
-    return tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        w = (q - z) * s
+    elif EVEN:
+        w = tl.load(w_rows + ks[None, :])
+    else:
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+    # One return: Triton (3.6) compiles every return of a function, constexpr branch or not.
+    return w
 
 
 @triton.jit

@@ -85,8 +85,8 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     _check(x, packed, scale, torch.uint8, x.shape[1] // 2)
     m, k = x.shape
     n = packed.shape[0]
-    if group_size % 32 or k % group_size or scale.shape != (n, k // group_size):
-        raise ValueError(f"int4_matmul: group_size must be a multiple of 32 dividing K={k}, "
+    if group_size % 16 or k % group_size or scale.shape != (n, k // group_size):
+        raise ValueError(f"int4_matmul: group_size must be a multiple of 16 dividing K={k}, "
                          f"with scale/zero [N, K/g]; got group {group_size}, scale "
                          f"{tuple(scale.shape)}")  # fmt: skip
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)

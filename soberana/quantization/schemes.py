@@ -89,12 +89,13 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def int4_group_for(k: int, group_size: int = INT4_GROUP_SIZE) -> int:
-    """`group_size` where it divides the input size `k`, else the largest of 64 and 32 that
-    does (SmolLM2's 576 = 4.5 x 128 takes groups of 64): the GEMM's K tile needs >= 32."""
-    for g in (group_size, 64, 32):
+    """`group_size` where it divides the input size `k`, else the largest of 64, 32 and 16
+    that does (SmolLM2's 576 = 4.5 x 128 takes groups of 64, the demo's 688 = 43 x 16 groups
+    of 16): the GEMM's K tile is one group and `tl.dot` needs K >= 16."""
+    for g in (group_size, 64, 32, 16):
         if g <= group_size and k % g == 0:
             return g
-    raise ValueError(f"int4 needs an input size divisible by 32; got {k}")
+    raise ValueError(f"int4 needs an input size divisible by 16; got {k}")
 
 
 def _check_group(k: int, group_size: int) -> None:

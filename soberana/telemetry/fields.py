@@ -25,6 +25,8 @@ FIELDS: tuple[Field, ...] = (
           "nvmlDeviceGetMemoryInfo().free", "vram_total - vram_used"),
     Field("DCGM_FI_DEV_FB_TOTAL", "gauge", "Framebuffer memory total (in MiB).",
           "nvmlDeviceGetMemoryInfo().total", "amdsmi_get_gpu_vram_usage()['vram_total']"),
+    Field("DCGM_FI_DEV_FB_RESERVED", "gauge", "Framebuffer memory reserved (in MiB).",
+          "nvmlDeviceGetMemoryInfo(version=nvmlMemory_v2).reserved", None),
     Field("DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C).",
           "nvmlDeviceGetTemperature(NVML_TEMPERATURE_GPU)",
           "amdsmi_get_temp_metric(HOTSPOT, CURRENT)"),

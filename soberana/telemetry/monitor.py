@@ -99,8 +99,16 @@ class TelemetryMonitor:
     def _headroom(self, reading: GPUReading, own: set[int]) -> Headroom | None:
         if self.own_pids is None or "DCGM_FI_DEV_FB_USED" not in reading.values:
             return None
-        used = int(reading.values["DCGM_FI_DEV_FB_USED"] * _MIB)
-        total = int(reading.values["DCGM_FI_DEV_FB_TOTAL"] * _MIB)
+        values = reading.values
+        total = int(values["DCGM_FI_DEV_FB_TOTAL"] * _MIB)
+        # Occupied = total - free where the card reports free memory: current NVIDIA drivers
+        # leave the memory they reserve out of "used" (nvidia-smi shows 0 MiB on an idle
+        # card) while no process can allocate it; measured on an H100, a card that CUDA
+        # reported 96% full read 89% by "used" alone.
+        if "DCGM_FI_DEV_FB_FREE" in values:
+            used = total - int(values["DCGM_FI_DEV_FB_FREE"] * _MIB)
+        else:
+            used = int(values["DCGM_FI_DEV_FB_USED"] * _MIB)
         mine = sum(b for pid, b in reading.processes.items() if pid in own)
         # Everything not attributed to us (other processes, and driver/context memory the
         # driver reports without a process) counts against the headroom.

@@ -108,11 +108,18 @@ class NVMLReader:
             except Exception:  # NVML_ERROR_NOT_SUPPORTED and friends: no series
                 pass
 
-        mem = _try(lambda: n.nvmlDeviceGetMemoryInfo(handle))
+        # Version 2 (drivers R510+) reports the driver's reserved memory apart, and its `used`
+        # leaves it out, as DCGM's FB_USED and nvidia-smi's memory.used do; version 1's `used`
+        # includes it (hundreds of MiB on an H100), so it is only the fallback.
+        mem = _try(lambda: n.nvmlDeviceGetMemoryInfo(handle, version=n.nvmlMemory_v2))
+        if mem is None:
+            mem = _try(lambda: n.nvmlDeviceGetMemoryInfo(handle))
         if mem is not None:
             v["DCGM_FI_DEV_FB_USED"] = mem.used / _MIB
             v["DCGM_FI_DEV_FB_FREE"] = mem.free / _MIB
             v["DCGM_FI_DEV_FB_TOTAL"] = mem.total / _MIB
+            if getattr(mem, "reserved", None) is not None:
+                v["DCGM_FI_DEV_FB_RESERVED"] = mem.reserved / _MIB
         put("DCGM_FI_DEV_GPU_TEMP", lambda: n.nvmlDeviceGetTemperature(handle, n.NVML_TEMPERATURE_GPU))
         put("DCGM_FI_DEV_POWER_USAGE", lambda: n.nvmlDeviceGetPowerUsage(handle) / 1000.0)
         put("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,18 +34,28 @@ print(json.dumps(sorted(m for m in new if m not in sys.stdlib_module_names and n
 """
 
 
+def slim_stage() -> str:
+    """The Dockerfile's slim (gateway) stage, from its FROM to the end of the file."""
+    return (REPO / "Dockerfile").read_text().split("AS gateway", 1)[1]
+
+
+def slim_pip_install_args() -> list[str]:
+    """The arguments of the slim stage's `RUN pip install ...` up to its `&&`, shell-split."""
+    run = re.search(r"RUN pip install (.+?)&&", slim_stage(), re.S).group(1)
+    return shlex.split(run.replace("\\\n", " "))
+
+
 def slim_pip_list() -> set[str]:
     """The distributions the slim image's `pip install "/src[EXTRAS]" PKG...` names: the
     package's base dependencies, those of the extras, and the packages listed beside them."""
-    text = (REPO / "Dockerfile").read_text()
-    stage = text.split("AS gateway", 1)[1]
-    match = re.search(r'pip install "/src\[([^\]]+)\]" ([^&]+)&&', stage)
+    args = slim_pip_install_args()
+    (src,) = [a for a in args if a.startswith("/src[")]
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = list(project["dependencies"])
-    for extra in match.group(1).split(","):
+    for extra in src[len("/src[") : -1].split(","):
         requirements += project["optional-dependencies"][extra]
-    names = {re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in requirements}
-    return names | set(match.group(2).replace("\\", " ").split())
+    requirements += [a for a in args if a != src]
+    return {re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in requirements}
 
 
 def _closure(names: set[str]) -> set[str]:
@@ -87,7 +98,7 @@ def test_slim_image_covers_what_gateway_bench_and_telemetry_import_without_torch
 def test_engine_image_serves_on_8000_with_a_health_check():
     text = (REPO / "Dockerfile").read_text()
     engine = text.split("AS engine", 1)[1].split("AS gateway", 1)[0]
-    assert "/health" in engine and "EXPOSE 8000" in engine and "USER soberana" in engine
+    assert "/health" in engine and "EXPOSE 8000" in engine and "USER 1000" in engine
 
 
 def test_compose_wires_engine_gateway_redis_prometheus():

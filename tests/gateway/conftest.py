@@ -46,7 +46,8 @@ def start_gateway(tmp_path: Path) -> Iterator:
                 cwd=REPO,
             )
         started.append(proc)
-        line = read_line(proc, 30)
+        # Loading NER pipelines takes seconds; on a loaded 2-core machine, tens of seconds.
+        line = read_line(proc, 90)
         if "listening on" not in line:
             raise AssertionError(f"gateway did not start: {line!r}\n{log_path.read_text()}")
         return Gateway(line.split()[-1], proc, config_path, log_path)

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
 import time
+import warnings
 
 import httpx
 import pytest
@@ -24,12 +26,14 @@ pytestmark = pytest.mark.gpu
 
 def smi() -> dict[str, dict]:
     out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=uuid,name,memory.total,memory.used,temperature.gpu",
+        ["nvidia-smi",
+         "--query-gpu=uuid,name,memory.total,memory.used,memory.reserved,temperature.gpu",
          "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True)
     rows = {}
     for line in out.stdout.strip().splitlines():
-        uuid, name, total, used, temp = (x.strip() for x in line.split(","))
-        rows[uuid] = {"name": name, "total": float(total), "used": float(used), "temp": float(temp)}
+        uuid, name, total, used, reserved, temp = (x.strip() for x in line.split(","))
+        rows[uuid] = {"name": name, "total": float(total), "used": float(used),
+                      "reserved": float(reserved), "temp": float(temp)}
     return rows
 
 
@@ -45,7 +49,9 @@ def test_nvml_readings_match_nvidia_smi():
         r = readings[uuid]
         assert r.model_name == row["name"]
         assert abs(r.values["DCGM_FI_DEV_FB_TOTAL"] - row["total"]) <= 1  # MiB, both
-        assert abs(r.values["DCGM_FI_DEV_FB_USED"] - row["used"]) <= 512  # read moments apart
+        # Both leave the driver's reserved memory out of `used` (NVML memory info version 2).
+        assert abs(r.values["DCGM_FI_DEV_FB_USED"] - row["used"]) <= 256  # read moments apart
+        assert abs(r.values["DCGM_FI_DEV_FB_RESERVED"] - row["reserved"]) <= 1
         assert abs(r.values["DCGM_FI_DEV_GPU_TEMP"] - row["temp"]) <= 5
         assert "DCGM_FI_DEV_POWER_USAGE" in r.values and "DCGM_FI_DEV_SM_CLOCK" in r.values
     reader.close()
@@ -61,8 +67,16 @@ def test_a_card_filled_past_92_percent_shows_in_headroom_and_fires_the_alert(tmp
         (reading,) = [r for r in monitor.latest if r.uuid == uuid]
         headroom = monitor.headroom[reading.gpu]
         assert headroom.over_threshold
-        assert headroom.soberana_bytes >= fill.numel()  # this process is Soberana here
-        prometheus = shutil.which("prometheus")
+        if set(reading.processes) & process_tree():
+            assert headroom.soberana_bytes >= fill.numel()  # this process is Soberana here
+        else:
+            # In a container without the host's PID namespace NVML names processes by host
+            # PIDs, so nothing can be attributed to this process (docs/operations.md).
+            warnings.warn("NVML's process ids are not this PID namespace's: owner split unchecked",
+                          stacklevel=1)
+        # The GPU machine has no apt: a prometheus binary can be carried in and named by
+        # PROMETHEUS=/path/to/prometheus (the run line in docs/operations.md).
+        prometheus = os.environ.get("PROMETHEUS") or shutil.which("prometheus")
         if prometheus is None:
             pytest.skip("prometheus not installed: headroom checked, alert evaluation not")
         httpd = serve(monitor, "127.0.0.1", 0, hostname="gpu-test")
@@ -80,19 +94,20 @@ def test_a_card_filled_past_92_percent_shows_in_headroom_and_fires_the_alert(tmp
                                  f"--web.listen-address=127.0.0.1:{port}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline, state = time.monotonic() + 60, None
-            while time.monotonic() < deadline and state is None:
-                time.sleep(1)
+            # `for: 2m`: pending as soon as the expression matches in Prometheus' own
+            # evaluation, firing two minutes later. The card stays full until it fires.
+            deadline, states = time.monotonic() + 200, []
+            while time.monotonic() < deadline and "firing" not in states:
+                time.sleep(2)
                 try:
                     alerts = httpx.get(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=5).json()
                 except httpx.TransportError:
                     continue
                 for a in alerts["data"]["alerts"]:
                     if a["labels"]["alertname"] == "GPUMemoryHigh" and a["labels"]["UUID"] == uuid:
-                        state = a["state"]
-            # `for: 2m` keeps it pending within a test's patience; pending means the expression
-            # matched in Prometheus' own evaluation.
-            assert state in {"pending", "firing"}
+                        if not states or states[-1] != a["state"]:
+                            states.append(a["state"])
+            assert states == ["pending", "firing"], states
         finally:
             proc.terminate()
             proc.wait(10)

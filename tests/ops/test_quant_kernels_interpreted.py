@@ -44,7 +44,8 @@ def test_int8_gemm_equals_dequantized_reference(m, n, k, gen):
     assert _relative_error(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("m,n,k,group", [(16, 64, 128, 64), (7, 40, 256, 128), (20, 24, 96, 32)])
+@pytest.mark.parametrize("m,n,k,group", [(16, 64, 128, 64), (7, 40, 256, 128), (20, 24, 96, 32),
+                                         (9, 24, 688, 16)])  # the demo's MLP width
 def test_int4_gemm_equals_dequantized_reference(m, n, k, group, gen):
     x = torch.randn(m, k, generator=gen)
     packed, scale, zero = schemes.quantize_int4(_weights(n, k, gen), group)

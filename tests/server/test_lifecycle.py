@@ -160,10 +160,15 @@ def test_sigterm_past_the_shutdown_timeout_ends_requests_with_openai_errors(star
 
 def test_the_server_exits_non_zero_once_the_engine_core_dies(start_server):
     srv = start_server(wait_ready=False)
+    # Scraped before /health is asked: while /health is still 503 the scrape saw a starting
+    # engine too. The engine-down alert reads this gauge: 0 while starting, 1 once ready.
+    early_metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
     early = httpx.get(f"{srv.url}/health", timeout=10)
     assert early.status_code == 503
     assert early.json()["error"]["message"]
+    assert "soberana:engine_up 0.0" in early_metrics
     srv.wait_healthy(time.monotonic() + 180)
+    assert "soberana:engine_up 1.0" in httpx.get(f"{srv.url}/metrics", timeout=10).text
 
     with ThreadPoolExecutor(2) as pool:
         streaming = pool.submit(_stream, srv, LONG)

@@ -44,9 +44,12 @@ class FakeNVML:
     def inject_xid(self, index: int, xid: int) -> None:
         self.pending_xids.append((index, xid))
 
-    def set_memory_used(self, index: int, used: int, processes: list[dict] | None = None) -> None:
+    def set_memory_used(self, index: int, used: int, processes: list[dict] | None = None,
+                        reserved: int = 0) -> None:
+        """`reserved`: memory the driver holds back, in neither "used" nor "free" (as current
+        NVIDIA drivers report it)."""
         mem = self.devices[index]["memory"]
-        mem["used"], mem["free"] = used, mem["total"] - used
+        mem["used"], mem["free"] = used, mem["total"] - used - reserved
         if processes is not None:
             self.devices[index]["processes"] = processes
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+from types import SimpleNamespace
 from typing import NamedTuple
 
 from soberana.telemetry.collector import GPUCollector
 from soberana.telemetry.fields import FIELDS
 from soberana.telemetry.monitor import TelemetryMonitor
 from soberana.telemetry.nvml import NVMLReader
+from tests.telemetry.fake_nvml import FakeNVML
 
 GiB = 2**30
 
@@ -37,8 +39,24 @@ def samples(scraped: dict, name: str, gpu: str | None = None) -> list:
     return [s for s in scraped["_samples"] if s.name == name and (gpu is None or s.labels["gpu"] == gpu)]
 
 
-def test_every_dcgm_field_is_exported_with_dcgm_labels(fake_nvml):
-    monitor = TelemetryMonitor([NVMLReader(fake_nvml)])
+class FakeNVMLv2(FakeNVML):
+    """A current driver: memory info version 2 reports the driver's reserved memory apart."""
+
+    nvmlMemory_v2 = 0x02000028  # pynvml's value; only passed through
+
+    def nvmlDeviceGetMemoryInfo(self, h, version=None):
+        mem = dict(self.devices[h]["memory"])
+        if version is None:
+            return SimpleNamespace(**mem)
+        assert version == self.nvmlMemory_v2
+        reserved = 512 * 2**20
+        return SimpleNamespace(total=mem["total"], reserved=reserved, used=mem["used"] - reserved,
+                               free=mem["free"])
+
+
+def test_every_dcgm_field_is_exported_with_dcgm_labels():
+    # A current driver (memory info version 2) fills every field, reserved memory included.
+    monitor = TelemetryMonitor([NVMLReader(FakeNVMLv2("h100_sxm_x2"))])
     monitor.poll()
     scraped = scrape(monitor)
     for field in FIELDS:
@@ -134,3 +152,16 @@ def test_this_cpu_host_has_no_gpu_series():
     if not torch.cuda.is_available():
         assert scrape(monitor)["_samples"] == []
     monitor.stop()
+
+
+def test_memory_info_version_2_leaves_reserved_memory_out_of_used():
+    monitor = TelemetryMonitor([NVMLReader(FakeNVMLv2("h100_sxm_x2"))])
+    monitor.poll()
+    s = scrape(monitor)
+
+    def value(name):
+        return samples(s, name, "0")[0].value
+
+    assert value("DCGM_FI_DEV_FB_USED") == 70 * 1024 - 512  # as nvidia-smi's memory.used
+    assert value("DCGM_FI_DEV_FB_RESERVED") == 512
+    assert value("DCGM_FI_DEV_FB_TOTAL") == 85520809984 / 2**20

@@ -45,6 +45,19 @@ def test_another_process_pushing_past_the_threshold_warns_once_and_counts(fake_n
     assert samples(scrape(monitor), "soberana:gpu_memory_over_threshold", "0")[0].value == 0
 
 
+def test_memory_the_driver_reserves_counts_against_the_headroom(fake_nvml):
+    # As an H100 with a current driver reported it: "used" 71 GiB of 79.6, but 5 GiB more held
+    # back by the driver (in neither used nor free), so CUDA could allocate only 3.6 GiB more.
+    monitor = TelemetryMonitor([NVMLReader(fake_nvml)], own_pids=lambda: {4242}, threshold=0.92)
+    fake_nvml.set_memory_used(0, 71 * GiB, [{"pid": 4242, "usedGpuMemory": 70 * GiB}],
+                              reserved=5 * GiB)  # fmt: skip
+    monitor.poll()
+    s = scrape(monitor)
+    assert samples(s, "soberana:gpu_memory_over_threshold", "0")[0].value == 1
+    by_owner = {x.labels["owner"]: x.value for x in samples(s, "soberana:gpu_memory_used_bytes", "0")}
+    assert by_owner == {"soberana": 70 * GiB, "other": 6 * GiB}  # 1 GiB unattributed + 5 reserved
+
+
 def test_standalone_exporter_has_no_owner_split(fake_nvml):
     monitor = TelemetryMonitor([NVMLReader(fake_nvml)])
     monitor.poll()

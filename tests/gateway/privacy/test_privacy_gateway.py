@@ -315,3 +315,35 @@ def test_audit_log_rotates_and_the_chain_spans_files(tmp_path):
     log.write({"tenant": "a", "status": 200, "n": 12})
     log.close()
     assert verify(*files).returncode == 0
+
+
+def test_bodies_it_cannot_parse_or_walk_are_refused_and_nothing_is_sent(cloud, start_gateway):
+    c = cloud()
+    gw = start_gateway(cloud_config(c))
+    headers = {"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"}
+
+    def post(raw: bytes) -> httpx.Response:
+        return httpx.post(gw.url + "/v1/chat/completions", content=raw, headers=headers, timeout=30)
+
+    def chat(content: str) -> bytes:
+        return ('{"model":"m","messages":[{"role":"user","content":' + content + "}]}").encode()
+
+    refused = {
+        "not JSON": f"IBAN {IBAN}".encode(),
+        "not an object": json.dumps([IBAN]).encode(),
+        "not UTF-8": b'{"model":"m","messages":[{"role":"user","content":"\xff' + IBAN.encode() + b'"}]}',
+        "past the parser's recursion": chat("[" * 5000 + json.dumps(IBAN) + "]" * 5000),
+        "past 64 levels": chat("[" * 200 + json.dumps(IBAN) + "]" * 200),
+    }
+    for what, raw in refused.items():
+        r = post(raw)
+        assert r.status_code == 400, (what, r.status_code, r.text[:200])
+        assert r.json()["error"]["code"] == "invalid_json", what
+    assert c.raw_bodies == []
+    # Tool-call arguments nested past 64 levels are scanned as text: still redacted.
+    deep_args = "[" * 500 + json.dumps(IBAN) + "]" * 500
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep_args}}
+    body = {"model": "m", "messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
+    r = gw.post("/v1/chat/completions", KEY_A, body)
+    assert r.status_code == 200, r.text
+    assert len(c.raw_bodies) == 1 and IBAN not in c.received_text()

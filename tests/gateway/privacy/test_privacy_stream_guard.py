@@ -113,7 +113,10 @@ def test_windows_release_only_checked_text_and_block_the_rest(cloud, start_gatew
     guard = PhraseGuard().start()
     try:
         answer = SAFE_PART * 2 + UNSAFE_PART + " More text after it."
-        c = cloud(answer_override=answer, piece_chars=5)
+        # Paced so that a window's check can finish before the unsafe part arrives even on a
+        # loaded 2-core machine (unpaced, the whole answer could arrive during the first check,
+        # and then rightly nothing is released).
+        c = cloud(answer_override=answer, piece_chars=5, piece_delay_s=0.1)
         gw = guarded_gateway(start_gateway, c, guard, window=40)
         text, raw = streamed(gw)
         assert b'"output_guardrail_blocked"' in raw and raw.endswith(b"data: [DONE]\n\n")
