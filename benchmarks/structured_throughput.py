@@ -112,6 +112,8 @@ def main() -> None:
               "slowdown_best_pct": 100 * (1 - max(json_) / max(free)),
               # Rounds alternate, so each pair ran at nearly the same host load.
               "slowdown_per_round_pct": [100 * (1 - j / f) for f, j in zip(free, json_)]}
+    rounds = sorted(result["slowdown_per_round_pct"])
+    result["slowdown_median_round_pct"] = rounds[len(rounds) // 2]
     print(json.dumps(result, indent=2))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
