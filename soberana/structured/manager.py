@@ -186,9 +186,11 @@ class StructuredOutputManager:
             log.warning("token %d refused by the grammar of %s", token, request.request_id)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                        inplace: bool = False) -> torch.Tensor:
     """Logits with every token a row's bitmask forbids set to -inf (bit j of word w: token
-    32w + j allowed); `logits` itself is left as it was.
+    32w + j allowed); `logits` itself is left as it was unless `inplace` (a caller that owns
+    them: on the CPU the copy is half the cost).
 
     On an accelerator every bit is unpacked at once (no host sync). On the CPU that unpacking
     cost ~28 ms a step for 64 rows of a 49k vocabulary, so words are taken whole where they
@@ -198,7 +200,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
         mask = bitmask.to(logits.device, non_blocking=True)
         allowed = ((mask.unsqueeze(-1) >> _SHIFTS.to(logits.device)) & 1).bool()
         return logits.masked_fill(~allowed.flatten(1)[:, : logits.shape[1]], float("-inf"))
-    out = logits.clone()
+    out = logits if inplace else logits.clone()
     whole = min(bitmask.shape[1], logits.shape[1] // 32)  # words wholly inside the vocabulary
     words = bitmask[:, :whole]
     runs = out[:, : 32 * whole].view(out.shape[0], whole, 32)

@@ -32,5 +32,8 @@ def test_cpu_bitmask_forbids_exactly_the_unset_bits(vocab, words, mostly):
     bitmask = mixed if common is None else torch.where(
         pick < 0.8, torch.full_like(mixed, common), mixed)
     before = logits.clone()
-    assert torch.equal(apply_token_bitmask(logits, bitmask), _bit_by_bit(logits, bitmask))
+    expected = _bit_by_bit(logits, bitmask)
+    assert torch.equal(apply_token_bitmask(logits, bitmask), expected)
     assert torch.equal(logits, before)  # the caller's logits are left alone
+    assert torch.equal(apply_token_bitmask(logits, bitmask, inplace=True), expected)
+    assert torch.equal(logits, expected)
