@@ -67,8 +67,8 @@ class Sampler:
         )
         logits = self._penalize(logits, requests)
         logits = self._mask_eos_before_min_tokens(logits, requests)
-        if token_bitmask is not None:
-            logits = apply_token_bitmask(logits, token_bitmask)
+        if token_bitmask is not None:  # the step's own logits, read by nothing after this
+            logits = apply_token_bitmask(logits, token_bitmask, inplace=True)
         tokens = self._choose(logits, requests)
         logprobs = None
         if raw_logprobs is not None:

@@ -62,6 +62,7 @@ class ChatOutputParser:
         self.reasoning_text = ""  # for a call left inside an unclosed thinking block
         self.calls: list[ParsedCall] = []
         self.open: list[_OpenCall] = []  # announced calls not yet whole, in order
+        self.held_space = ""  # whitespace after a call, not yet known to be content
 
     def feed(self, text: str) -> list[dict]:
         """Delta dicts for this piece of generated text."""
@@ -123,7 +124,17 @@ class ChatOutputParser:
                 deltas += self._emit_calls([segment])
             elif self.open:
                 continue  # the text of a block cut short: its calls have streamed
-            elif segment and not self.calls or segment.strip():
+            elif self.calls:
+                # After a call, a run of whitespace that ends at the next call or at the end
+                # is dropped (the newlines between blocks); held until that is known, so
+                # the content is the same wherever the stream was split.
+                body = segment.rstrip()
+                if body:
+                    deltas.append({"content": self.held_space + body})
+                    self.held_space = segment[len(body):]
+                else:
+                    self.held_space += segment
+            elif segment:
                 deltas.append({"content": segment})
         if block is not None and self.open:  # cut short (max_tokens or a stop string)
             deltas += self._close_open(scan_calls(block, self.tool_parser.arguments_key,
@@ -202,6 +213,7 @@ class ChatOutputParser:
                 deltas.append(_announce(index, call.id, call.name))
                 deltas.append(_arguments(index, call.arguments))
             self.calls.append(call)
+            self.held_space = ""
         return deltas
 
 

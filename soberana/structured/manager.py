@@ -186,10 +186,40 @@ class StructuredOutputManager:
             log.warning("token %d refused by the grammar of %s", token, request.request_id)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                        inplace: bool = False) -> torch.Tensor:
     """Logits with every token a row's bitmask forbids set to -inf (bit j of word w: token
-    32w + j allowed). Vectorised; runs on the logits' device."""
-    mask = bitmask.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((mask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]
-    return logits.masked_fill(~allowed, float("-inf"))
+    32w + j allowed); `logits` itself is left as it was unless `inplace` (a caller that owns
+    them: on the CPU the copy is half the cost).
+
+    On an accelerator every bit is unpacked at once (no host sync). On the CPU that unpacking
+    cost ~28 ms a step for 64 rows of a 49k vocabulary, so words are taken whole where they
+    can be: a 0 word forbids its 32 tokens, a -1 word allows them, and only the mixed words
+    (few: a grammar's allowed set is mostly whole runs of the vocabulary) are unpacked."""
+    if logits.device.type != "cpu":
+        mask = bitmask.to(logits.device, non_blocking=True)
+        allowed = ((mask.unsqueeze(-1) >> _SHIFTS.to(logits.device)) & 1).bool()
+        return logits.masked_fill(~allowed.flatten(1)[:, : logits.shape[1]], float("-inf"))
+    out = logits if inplace else logits.clone()
+    whole = min(bitmask.shape[1], logits.shape[1] // 32)  # words wholly inside the vocabulary
+    words = bitmask[:, :whole]
+    runs = out[:, : 32 * whole].view(out.shape[0], whole, 32)
+    mixed = (words != 0) & (words != -1)
+    rows, cols = mixed.nonzero(as_tuple=True)
+    if rows.numel() > words.numel() // 8:  # mostly mixed words: unpack every bit at once
+        runs.masked_fill_(((words.unsqueeze(-1) >> _SHIFTS) & 1) == 0, float("-inf"))
+    else:
+        runs.masked_fill_((words == 0).unsqueeze(-1), float("-inf"))
+        if rows.numel():
+            forbidden = ((words[rows, cols].unsqueeze(-1) >> _SHIFTS) & 1) == 0
+            runs[rows, cols] = runs[rows, cols].masked_fill(forbidden, float("-inf"))
+    if 32 * whole < logits.shape[1]:  # a last word that the vocabulary cuts (or no bits)
+        tail = bitmask[:, whole:]
+        allowed = ((tail.unsqueeze(-1) >> _SHIFTS) & 1).bool().flatten(1)
+        width = logits.shape[1] - 32 * whole
+        allowed = torch.cat([allowed, allowed.new_zeros(allowed.shape[0], width)], dim=1)
+        out[:, 32 * whole:].masked_fill_(~allowed[:, :width], float("-inf"))
+    return out
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)

@@ -144,3 +144,11 @@ def test_streamed_deltas_merge_to_the_same_message():
     assert reason == whole_reason == "tool_calls"
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in merged["tool_calls"]] == [
         (c["function"]["name"], c["function"]["arguments"]) for c in whole["tool_calls"]]
+
+
+def test_text_and_whitespace_between_calls_is_the_same_at_every_split():
+    text = ('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n tail\x0b \n'
+            '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>\n \n')
+    for stream in (False, True):
+        message, finish = _parse_every_split(text, ToolMode("auto", "hermes", NAMES), stream=stream)
+        assert message["content"] == "\n tail" and len(message["tool_calls"]) == 2

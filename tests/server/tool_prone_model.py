@@ -21,7 +21,7 @@ from soberana.models.loader import resolve_model_path
 HIDDEN = 64
 
 
-def build_tool_prone_model(out: Path, call_rate: float = 0.08, seed: int = 0) -> Path:
+def build_tool_prone_model(out: Path, call_rate: float = 0.25, seed: int = 0) -> Path:
     import transformers
 
     demo = resolve_model_path("demo")

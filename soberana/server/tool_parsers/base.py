@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from soberana.server.tool_parsers.call_scan import raw_arguments
 
 _ALNUM = string.ascii_letters + string.digits
+# A fenced JSON block, as Qwen2.5-Coder writes its hermes calls (see HermesToolParser).
+FENCE = "```json\n"
+FENCE_CLOSE = "```"
 
 
 @dataclass

@@ -6,6 +6,8 @@ import ast
 import secrets
 
 from soberana.server.tool_parsers.base import (
+    FENCE,
+    FENCE_CLOSE,
     _ALNUM,
     ParsedCall,
     Segment,
@@ -17,40 +19,52 @@ from soberana.server.tool_parsers.base import (
 
 class HermesToolParser(ToolParser):
     """Qwen2.5, Qwen3, Hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
-    anywhere in the answer, one block per call."""
+    anywhere in the answer, one block per call.
+
+    Also a fenced json block (FENCE ... FENCE_CLOSE) holding exactly one object
+    `{"name": <a tool>, "arguments": {...}}`, name first: Qwen2.5-Coder writes its calls so,
+    not in `<tool_call>` tags, whatever its template asks. Any other fenced block stays text.
+    Held by the call grammar, a fenced call streams and is cut by max_tokens as a tagged one."""
 
     name = "hermes"
-    markers = ("<tool_call>",)
+    markers = ("<tool_call>", FENCE)
     layout = "one"
     _close = "</tool_call>"
 
     def open_block(self, pending: str, at_start: bool) -> int | None:
-        # `split` stops at an unclosed block's marker, so pending then starts with it.
-        return len(self.markers[0]) if pending.startswith(self.markers[0]) else None
+        # `split` stops at an unclosed block's marker, so pending then starts with it. A
+        # fenced block that is not a call never reads as one (its name is no tool's).
+        for marker in self.markers:
+            if pending.startswith(marker):
+                return len(marker)
+        return None
 
     def split(self, text: str, final: bool, at_start: bool) -> tuple[list[Segment], int]:
         segments: list[Segment] = []
         i = 0
-        open_ = self.markers[0]
         while True:
-            j = text.find(open_, i)
-            if j < 0:
+            found = [(j, m) for m in self.markers if (j := text.find(m, i)) >= 0]
+            if not found:
                 keep = 0 if final else held_prefix(text[i:], self.markers)
                 if len(text) - keep > i:
                     segments.append(text[i : len(text) - keep])
                 return segments, len(text) - keep
+            j, open_ = min(found)
+            fenced = open_ == FENCE
+            close = FENCE_CLOSE if fenced else self._close
+            parse = self._fenced_call if fenced else self._call
             if j > i:
                 segments.append(text[i:j])
-            k = text.find(self._close, j)
+            k = text.find(close, j + len(open_))
             if k < 0:
                 if not final:
                     return segments, j
                 # Ended without its closing tag (EOS right after the JSON, or cut short):
                 # a call only if the JSON is whole.
-                segments.append(self._call(text[j + len(open_) :]) or text[j:])
+                segments.append(parse(text[j + len(open_) :]) or text[j:])
                 return segments, len(text)
-            end = k + len(self._close)
-            segments.append(self._call(text[j + len(open_) : k]) or text[j:end])
+            end = k + len(close)
+            segments.append(parse(text[j + len(open_) : k]) or text[j:end])
             i = end
 
     def _call(self, body: str) -> ParsedCall | None:
@@ -61,6 +75,13 @@ class HermesToolParser(ToolParser):
         key = "arguments" if "arguments" in obj else "parameters"
         call = self.make_call(obj.get("name"), obj.get(key))
         return self.with_raw_arguments([call], body, key)[0] if call else None
+
+    def _fenced_call(self, body: str) -> ParsedCall | None:
+        values = json_values(body)
+        if (not values or len(values) != 1 or not isinstance(values[0], dict)
+                or list(values[0])[:1] != ["name"] or set(values[0]) != {"name", "arguments"}):
+            return None  # a JSON example, not a call: the grammar left it free
+        return self._call(body)
 
 
 class _WholeAnswerParser(ToolParser):

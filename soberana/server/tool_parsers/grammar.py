@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from soberana.server.tool_parsers.base import FENCE, FENCE_CLOSE
+
 # The JSON the models write and the parsers read: ", " and ": ", nothing else between tokens.
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
                 "lenient": True}
@@ -41,8 +43,8 @@ def calls_schema(tool_schemas: dict[str, dict], arguments_key: str) -> dict:
         for name, schema in tool_schemas.items()]}
 
 
-def _json(schema: dict) -> str:
-    return "%json " + json.dumps({**schema, "x-guidance": _JSON_LAYOUT})
+def _json(schema: dict, layout: dict = _JSON_LAYOUT) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": layout})
 
 
 def _marker(text: str, special_token_id: SpecialTokenId) -> tuple[str, bool]:
@@ -51,22 +53,50 @@ def _marker(text: str, special_token_id: SpecialTokenId) -> tuple[str, bool]:
     return (f"<[{token}]>", True) if token is not None else (json.dumps(text), False)
 
 
-def _triggered(marker: str, special: bool, body: str, parallel: bool) -> str:
-    """Text, then calls that each start with `marker` (at most one unless `parallel`)."""
+def _triggered(marker: str, special: bool, body: str, parallel: bool,
+               more_calls: str = "") -> str:
+    """Text, then calls that each start with `marker` (at most one unless `parallel`);
+    `more_calls`: further Lark alternatives of `call` and the rules they use."""
     repeat = "*" if parallel else "?"
     if special:  # text cannot hold a special token: the marker is unambiguous
         opening = f"call_start: TEXT {marker}"
     else:
         opening = f"call_start[lazy]: TEXT {marker}"
     return (f"%llguidance {{}}\nstart: call{repeat} TEXT\n{opening}\n"
-            f"call: call_start {body}\nTEXT: /{_ANY_TEXT}/\n")
+            f"call: call_start {body}{more_calls}\nTEXT: /{_ANY_TEXT}/\n")
+
+
+def _regex(literal: str) -> str:
+    """`literal` as a regex in a Lark /.../ terminal (metacharacters and `/` escaped)."""
+    return "".join("\\n" if c == "\n" else f"\\{c}" if c in _REGEX_META else c
+                   for c in literal)
+
+
+_REGEX_META = set("\\.+*?()|[]{}^$#&-~/")
+_WS = "[ \\t\\n]*"
+
+
+def _fenced_calls(tools: dict[str, dict]) -> str:
+    """Qwen2.5-Coder's fenced calls (HermesToolParser): a fenced json block becomes a call
+    once it has opened as `{"name": "<a tool>"` (one lazy lexeme per tool, so any other
+    fenced block stays free text); then the rest of the object is held to that tool's schema,
+    laid out as the model likes (it indents), and the fence closes."""
+    alternatives, rules = [], []
+    flexible = {"whitespace_flexible": True, "lenient": True}
+    for i, (name, schema) in enumerate(tools.items()):
+        opening = f'{_regex(FENCE)}{_WS}\\{{{_WS}"name"{_WS}:{_WS}"{_regex(name)}"'
+        rules.append(f"fence_open_{i}[lazy]: TEXT /{opening}/")
+        alternatives.append(
+            f'fence_open_{i} /{_WS},{_WS}"arguments"{_WS}:{_WS}/ {_json(schema, flexible)} '
+            f"/{_WS}\\}}{_WS}{_regex(FENCE_CLOSE)}/")
+    return "".join(f"\n    | {a}" for a in alternatives) + "".join(f"\n{r}" for r in rules)
 
 
 def _hermes(tools: dict[str, dict], parallel: bool, special: SpecialTokenId) -> str:
     marker, is_special = _marker("<tool_call>", special)
     close, _ = _marker("</tool_call>", special)
     body = f'"\\n" {_json(calls_schema(tools, "arguments"))} "\\n" {close}'
-    return _triggered(marker, is_special, body, parallel)
+    return _triggered(marker, is_special, body, parallel, _fenced_calls(tools))
 
 
 def _mistral(tools: dict[str, dict], parallel: bool, special: SpecialTokenId) -> str:
