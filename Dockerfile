@@ -22,7 +22,7 @@ RUN apt-get update \
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md /src/
 COPY soberana /src/soberana
-RUN pip install /src && useradd --uid 1000 --create-home soberana
+RUN pip install "/src[serve,redis,telemetry,tracing]" && useradd --uid 1000 --create-home soberana
 USER soberana
 WORKDIR /home/soberana
 EXPOSE 8000
@@ -36,12 +36,9 @@ FROM ${PYTHON_IMAGE} AS gateway
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md /src/
 COPY soberana /src/soberana
-# --no-deps: the package's dependency list carries torch, which none of these commands needs.
-# tests/deploy/test_images.py checks this list covers what they import.
-RUN pip install --no-deps /src \
- && pip install aiohttp pyyaml prometheus_client jsonschema httpx numpy matplotlib tqdm \
-      uvloop nvidia-ml-py transformers tokenizers opentelemetry-api opentelemetry-sdk \
-      opentelemetry-exporter-otlp-proto-http phonenumbers python-stdnum \
+# The extras of these commands carry no torch; transformers (without torch) gives the bench
+# exact token counts. tests/deploy/test_images.py checks this covers what they import.
+RUN pip install "/src[gateway,bench,plots,telemetry,tracing]" transformers tokenizers \
  && useradd --uid 1000 --create-home soberana
 USER soberana
 WORKDIR /home/soberana

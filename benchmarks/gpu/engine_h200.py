@@ -85,7 +85,7 @@ def startup(path: Path, max_model_len: int, max_num_seqs: int) -> dict:
         "from soberana import LLM\n"
         f"llm = LLM({str(path)!r}, load_format='dummy', max_model_len={max_model_len}, "
         f"max_num_seqs={max_num_seqs})\n"
-        "print('READY', json.dumps(dict(llm.engine.startup, in_process_s=time.time() - t0)))\n"
+        "print('READY', json.dumps(dict(llm.engine.worker.startup, in_process_s=time.time() - t0)))\n"
     )
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

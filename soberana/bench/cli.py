@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from soberana.bench.config import (
     ENDPOINTS,
-    WORKLOADS,
     BenchConfig,
     BenchConfigError,
     LoadPoint,
@@ -20,12 +19,15 @@ from soberana.bench.config import (
     default_metrics_url,
     normalize_base_url,
     parse_count,
-    parse_percentiles,
     parse_positive_float,
-    parse_range,
-    parse_slo,
     parse_sweep,
 )
+from soberana.config_file import add_config_flag
+from soberana.config_flags import HelpFormatter, add_flags, from_flags
+
+
+class _HelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults appended to the flags' help; the epilog's examples kept on their own lines."""
 
 
 def _typed(parse: Callable, name: str, **kwargs) -> Callable[[str], object]:
@@ -43,7 +45,8 @@ def _typed(parse: Callable, name: str, **kwargs) -> Callable[[str], object]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare `soberana bench` options and the `compare` sub-mode."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.formatter_class = _HelpFormatter
+    add_config_flag(parser)
     parser.epilog = (
         "example: soberana bench --base-url http://127.0.0.1:8000/v1 --num-prompts 100 "
         "--concurrency 10 --output-dir out/\n"
@@ -80,12 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ask the server to generate exactly max_tokens (vLLM/Soberana extra)",
     )
-    t.add_argument(
-        "--tokenizer",
-        metavar="DIR",
-        help="Hugging Face tokenizer directory for exact lengths (default: --model "
-        "if it is a local directory)",
-    )
+    add_flags(t, BenchConfig, only=("tokenizer",))
     t.add_argument(
         "--timeout",
         type=_typed(parse_positive_float, "--timeout"),
@@ -100,83 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--no-server-metrics", action="store_true", help="do not read /metrics")
 
-    w = parser.add_argument_group("workload")
-    w.add_argument("--workload", choices=WORKLOADS, default="random")
-    w.add_argument(
-        "--input-len",
-        type=_typed(parse_range, "--input-len"),
-        default="256",
-        metavar="N|LO:HI",
-        help="tokens of each request's own text: the prompt "
-        "(random), the suffix (prefix), the question (multiturn) (default 256)",
-    )
-    w.add_argument(
-        "--output-len",
-        type=_typed(parse_range, "--output-len"),
-        metavar="N|LO:HI",
-        help="max_tokens per request (default 128; file: the dataset's answer length)",
-    )
-    w.add_argument(
-        "--num-prefixes",
-        type=_typed(parse_count, "--num-prefixes"),
-        default=4,
-        metavar="N",
-        help="prefix: shared prefixes (default %(default)s)",
-    )
-    w.add_argument(
-        "--prefix-len",
-        type=_typed(parse_count, "--prefix-len"),
-        default=256,
-        metavar="N",
-        help="prefix: tokens of each shared prefix (default %(default)s)",
-    )
-    w.add_argument(
-        "--suffixes-per-prefix",
-        type=_typed(parse_count, "--suffixes-per-prefix"),
-        default=8,
-        metavar="M",
-        help="prefix: distinct suffixes per prefix (default %(default)s)",
-    )
-    w.add_argument(
-        "--num-users",
-        type=_typed(parse_count, "--num-users"),
-        default=8,
-        metavar="U",
-        help="multiturn: conversations in progress at a time (default %(default)s)",
-    )
-    w.add_argument(
-        "--num-rounds",
-        type=_typed(parse_count, "--num-rounds"),
-        default=4,
-        metavar="R",
-        help="multiturn: question/answer rounds per user (default %(default)s)",
-    )
-    w.add_argument(
-        "--system-prompt-len",
-        type=_typed(parse_count, "--system-prompt-len", minimum=0),
-        default=256,
-        metavar="N",
-        help="multiturn: tokens of the system prompt all users share (default %(default)s)",
-    )
-    w.add_argument(
-        "--history-len",
-        type=_typed(parse_count, "--history-len", minimum=0),
-        default=0,
-        metavar="N",
-        help="multiturn: tokens of each user's own context, before their first question",
-    )
-    w.add_argument(
-        "--think-time",
-        type=_typed(parse_range, "--think-time", integer=False, minimum=0),
-        default="0",
-        metavar="S|LO:HI",
-        help="multiturn: seconds between an answer and the user's next question",
-    )
-    w.add_argument(
-        "--dataset-path",
-        metavar="FILE",
-        help="file: JSONL of {prompt}, {messages} or ShareGPT {conversations}",
-    )
+    add_flags(parser.add_argument_group("workload"), WorkloadConfig)
 
     ld = parser.add_argument_group("load")
     ld.add_argument(
@@ -198,51 +120,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="B",
         help="gamma shape of inter-arrival times: 1 Poisson, <1 burstier, >1 steadier",
     )
-    ld.add_argument(
-        "--num-prompts",
-        type=_typed(parse_count, "--num-prompts"),
-        metavar="N",
-        help="requests per run (default: the workload's size, 100 for random)",
-    )
-    ld.add_argument(
-        "--duration",
-        type=_typed(parse_positive_float, "--duration"),
-        metavar="S",
-        help="stop starting requests after S seconds",
-    )
-    ld.add_argument(
-        "--warmup",
-        type=_typed(parse_count, "--warmup", minimum=0),
-        default=0,
-        metavar="N",
-        help="requests sent first and not counted",
-    )
+    add_flags(ld, BenchConfig, only=("num_prompts", "duration_s", "warmup", "seed"))
     ld.add_argument(
         "--sweep",
         metavar="concurrency=C1,C2|rate=R1,R2",
         help="one run per value; plots latency and throughput against load",
     )
-    ld.add_argument("--seed", type=int, default=0)
 
-    r = parser.add_argument_group("report")
-    r.add_argument(
-        "--percentiles",
-        type=_typed(lambda s, _n: parse_percentiles(s), "--percentiles"),
-        default=[50.0, 90.0, 95.0, 99.0],
-        metavar="P1,P2",
-        help="default 50,90,95,99",
-    )
-    r.add_argument(
-        "--slo",
-        type=_typed(lambda s, _n: parse_slo(s), "--slo"),
-        default={},
-        metavar="ttft=MS,tpot=MS,e2e=MS",
-        help="goodput: requests within every limit",
-    )
-    r.add_argument(
-        "--output-dir", metavar="DIR", help="write requests.csv, summary.json, PNG plots"
-    )
-    r.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    add_flags(parser.add_argument_group("report"), BenchConfig,
+              only=("percentiles", "slo", "output_dir", "progress"))  # fmt: skip
 
     modes = parser.add_subparsers(dest="bench_mode", metavar="compare")
     cmp = modes.add_parser(
@@ -273,20 +159,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchConfig:
     )
     if args.workload == "file" and not args.dataset_path:
         raise BenchConfigError("--workload file needs --dataset-path FILE.jsonl")
-    workload = WorkloadConfig(
-        name=args.workload,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        num_prefixes=args.num_prefixes,
-        prefix_len=args.prefix_len,
-        suffixes_per_prefix=args.suffixes_per_prefix,
-        num_users=args.num_users,
-        num_rounds=args.num_rounds,
-        system_prompt_len=args.system_prompt_len,
-        history_len=args.history_len,
-        think_time=args.think_time,
-        dataset_path=args.dataset_path,
-    )
+    workload = from_flags(WorkloadConfig, args)
     if args.request_rate is None and args.burstiness != 1.0:
         raise BenchConfigError("--burstiness shapes open-loop arrivals: it needs --request-rate")
     base = LoadPoint(args.concurrency, args.request_rate, args.burstiness)
@@ -306,21 +179,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> BenchConfig:
         raise BenchConfigError(
             "--request-rate inf with --duration starts requests without limit: add --num-prompts"
         )
-    return BenchConfig(
-        target=target,
-        workload=workload,
-        loads=loads,
-        num_prompts=args.num_prompts,
-        duration_s=args.duration,
-        warmup=args.warmup,
-        seed=args.seed,
-        percentiles=args.percentiles,
-        slo=args.slo,
-        tokenizer=args.tokenizer,
-        output_dir=args.output_dir,
-        progress=not args.no_progress,
-        command_line=_redacted(argv),
-    )
+    return from_flags(BenchConfig, args, target=target, workload=workload, loads=loads,
+                      command_line=_redacted(argv))  # fmt: skip
 
 
 def _redacted(argv: list[str]) -> list[str]:

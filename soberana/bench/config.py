@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
+
+from soberana.config_flags import flag
 
 ENDPOINTS = ("chat", "completions")
 WORKLOADS = ("random", "prefix", "multiturn", "file")
@@ -30,6 +33,10 @@ class LengthRange:
     def sample_float(self, rng: random.Random) -> float:
         """One real value (e.g. seconds) from the range."""
         return self.low if self.low == self.high else rng.uniform(self.low, self.high)
+
+    def __str__(self) -> str:
+        """As written on the command line: `N` or `LO:HI`."""
+        return f"{self.low:g}" if self.low == self.high else f"{self.low:g}:{self.high:g}"
 
     def to_json(self) -> int | float | list[float]:
         """`N` when fixed, `[LO, HI]` when ranged (as written in summary.json)."""
@@ -206,20 +213,42 @@ DEFAULT_OUTPUT_LEN = LengthRange(128, 128)  # max_tokens when neither option nor
 
 @dataclass
 class WorkloadConfig:
-    """Which prompts to send and how long their answers are."""
+    """Which prompts to send and how long their answers are (the `workload` flags)."""
 
-    name: str = "random"
-    input_len: LengthRange = LengthRange(256, 256)
-    output_len: LengthRange | None = None  # None: the workload's default (128, or the dataset's)
-    num_prefixes: int = 4
-    prefix_len: int = 256
-    suffixes_per_prefix: int = 8
-    num_users: int = 8
-    num_rounds: int = 4
-    system_prompt_len: int = 256
-    history_len: int = 0
-    think_time: LengthRange = LengthRange(0.0, 0.0)
-    dataset_path: str | None = None
+    name: str = flag("random", "what the requests look like (docs/bench.md)", name="--workload",
+                     choices=WORKLOADS)  # fmt: skip
+    input_len: LengthRange = flag(
+        LengthRange(256, 256), "tokens of each request's own text: the prompt (random), the "
+        "suffix (prefix), the question (multiturn) (default 256)", parse=parse_range,
+        metavar="N|LO:HI")
+    # None: the workload's default (128, or the dataset's)
+    output_len: LengthRange | None = flag(
+        None, "max_tokens per request (default 128; file: the dataset's answer length)",
+        parse=parse_range, metavar="N|LO:HI")
+    num_prefixes: int = flag(4, "prefix: shared prefixes (default %(default)s)", parse=parse_count,
+                             metavar="N")  # fmt: skip
+    prefix_len: int = flag(256, "prefix: tokens of each shared prefix (default %(default)s)",
+                           parse=parse_count, metavar="N")  # fmt: skip
+    suffixes_per_prefix: int = flag(
+        8, "prefix: distinct suffixes per prefix (default %(default)s)", parse=parse_count,
+        metavar="M")
+    num_users: int = flag(
+        8, "multiturn: conversations in progress at a time (default %(default)s)",
+        parse=parse_count, metavar="U")
+    num_rounds: int = flag(
+        4, "multiturn: question/answer rounds per user (default %(default)s)", parse=parse_count,
+        metavar="R")
+    system_prompt_len: int = flag(
+        256, "multiturn: tokens of the system prompt all users share (default %(default)s)",
+        parse=partial(parse_count, minimum=0), metavar="N")
+    history_len: int = flag(
+        0, "multiturn: tokens of each user's own context, before their first question",
+        parse=partial(parse_count, minimum=0), metavar="N")
+    think_time: LengthRange = flag(
+        LengthRange(0.0, 0.0), "multiturn: seconds between an answer and the user's next "
+        "question", parse=partial(parse_range, integer=False, minimum=0), metavar="S|LO:HI")
+    dataset_path: str | None = flag(
+        None, "file: JSONL of {prompt}, {messages} or ShareGPT {conversations}", metavar="FILE")
 
     def to_json(self) -> dict:
         """The settings that shaped this workload, as written in summary.json."""
@@ -254,13 +283,25 @@ class BenchConfig:
     target: Target
     workload: WorkloadConfig
     loads: list[LoadPoint]
-    num_prompts: int | None = None  # None: the workload's natural size, or unbounded with duration
-    duration_s: float | None = None
-    warmup: int = 0
-    seed: int = 0
-    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 95.0, 99.0])
-    slo: dict[str, float] = field(default_factory=dict)
-    tokenizer: str | None = None
-    output_dir: str | None = None
-    progress: bool = True
+    # None: the workload's natural size, or unbounded with duration
+    num_prompts: int | None = flag(
+        None, "requests per run (default: the workload's size, 100 for random)", parse=parse_count,
+        metavar="N")
+    duration_s: float | None = flag(None, "stop starting requests after S seconds",
+                                    name="--duration", parse=parse_positive_float, metavar="S")  # fmt: skip
+    warmup: int = flag(0, "requests sent first and not counted",
+                       parse=partial(parse_count, minimum=0), metavar="N")  # fmt: skip
+    seed: int = flag(0, "seed of the workload's random draws")
+    percentiles: list[float] = flag(
+        help="default 50,90,95,99", default_factory=lambda: [50.0, 90.0, 95.0, 99.0],
+        parse=lambda text, _flag: parse_percentiles(text), metavar="P1,P2")
+    slo: dict[str, float] = flag(
+        help="goodput: requests within every limit (default: none)", default_factory=dict,
+        parse=lambda text, _flag: parse_slo(text), metavar="ttft=MS,tpot=MS,e2e=MS")
+    tokenizer: str | None = flag(
+        None, "Hugging Face tokenizer directory for exact lengths (default: --model if it is a "
+        "local directory)", metavar="DIR")
+    output_dir: str | None = flag(None, "write requests.csv, summary.json, PNG plots",
+                                  metavar="DIR")  # fmt: skip
+    progress: bool = flag(True, "a live progress bar (--no-progress: none)")
     command_line: list[str] = field(default_factory=list)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from soberana.openai_error import error_body
+
 FAULTS = ("ok", "no_usage", "disconnect", "drop", "malformed", "error_event", "truncated", "stall")
 _REASONS = {
     200: "OK",
@@ -109,7 +111,7 @@ def _response(status: int, body: bytes, content_type: str = "application/json") 
 
 def _error(status: int, message: str) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    body = error_body(message, kind, code=status)
     return _response(status, json.dumps(body).encode())
 
 
@@ -288,15 +290,7 @@ def _stream_events(
             events.append(_chunk("{this is not json"))
         if fault == "error_event" and i == 1:
             events.append(
-                _chunk(
-                    {
-                        "error": {
-                            "message": "injected error event",
-                            "type": "server_error",
-                            "code": 500,
-                        }
-                    }
-                )
+                _chunk(error_body("injected error event", "server_error", code=500))
             )
             return events + [_chunk("[DONE]")]
     if fault == "truncated":

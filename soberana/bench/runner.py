@@ -195,8 +195,6 @@ def _count_missing_tokens(results: list[RequestResult], counter: TokenCounter, c
 
 def write_outputs(cfg: BenchConfig, outcome: BenchOutcome) -> list[Path]:
     """requests.csv, summary.json and PNG plots in --output-dir; returns the files written."""
-    # matplotlib is slow to import: only runs that write files pay for it.
-    from soberana.bench.plots import plot_latency_histograms, plot_sweep
     from soberana.bench.report import write_requests_csv, write_summary
 
     out = Path(cfg.output_dir)
@@ -204,6 +202,15 @@ def write_outputs(cfg: BenchConfig, outcome: BenchOutcome) -> list[Path]:
     written = [out / "summary.json", out / "requests.csv"]
     write_summary(written[0], outcome.summary)
     write_requests_csv(written[1], outcome.results)
+    try:  # matplotlib is slow to import: only runs that write files pay for it
+        from soberana.bench.plots import plot_latency_histograms, plot_sweep
+    except ModuleNotFoundError as exc:  # the `plots` extra is not installed
+        if exc.name != "matplotlib":
+            raise
+        print("soberana bench: no PNG plots: matplotlib is not installed "
+              "(pip install 'soberana[plots]')", file=sys.stderr)
+        return written
+
     sweep = len(outcome.results) > 1
     for label, results in outcome.results:
         path = out / (f"latency_hist_{label}.png" if sweep else "latency_hist.png")

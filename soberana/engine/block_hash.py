@@ -1,4 +1,9 @@
-"""Content addressing of full KV blocks: a SHA-256 chain, the same on every machine."""
+"""Content addressing of full KV blocks: a SHA-256 chain, the same on every machine.
+
+The chain's root (the seed) is the KV layout's fingerprint (`soberana.kv.layout.KVLayout`):
+model, cache dtype, block size, shape and axis order, named once for the GPU pool and every
+warehouse tier alike.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,9 @@ from array import array
 HASH_BYTES = 32
 
 
-def hash_seed(model_fingerprint: str, dtype: str, block_size: int, kv_layout: str) -> bytes:
-    """The root of every chain: what makes a block's contents valid (model, dtype, layout)."""
-    text = f"soberana-kv-v1|{model_fingerprint}|{dtype}|{block_size}|{kv_layout}"
-    return hashlib.sha256(text.encode()).digest()
-
-
 def block_hash(parent: bytes, token_ids: list[int], cache_salt: str | None = None) -> bytes:
-    """Hash of one full block: its parent's hash (or the seed), the salt, and its token ids."""
+    """Hash of one full block: its parent's hash (or the seed, `KVLayout.fingerprint`), the
+    salt, and its token ids."""
     h = hashlib.sha256(parent)
     if cache_salt:
         # The salt is length-prefixed so that no salt can collide with a token prefix.

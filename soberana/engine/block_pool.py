@@ -93,8 +93,3 @@ class BlockPool:
         block.block_hash = block_hash
         block.cache_salt = cache_salt
         self.cached[block_hash] = block
-
-    def reset_prefix_cache(self) -> None:
-        for block in self.cached.values():
-            block.block_hash = None
-        self.cached.clear()

@@ -6,6 +6,7 @@ import itertools
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from soberana.engine import process_memory
 from soberana.engine.config import EngineConfig
@@ -22,6 +23,8 @@ Prompt = str | list[int]
 
 def _import_transformers() -> None:
     import transformers.tokenization_utils_fast  # noqa: F401
+
+
 Message = dict[str, str]
 
 
@@ -32,6 +35,9 @@ class LLM:
     weights — for smoke tests and trying the stack offline), or None for the default model,
     SmolLM2-135M-Instruct (soberana/models/default_model.py).
 
+    Every other keyword is a field of `EngineConfig` (`dtype`, `max_num_seqs`, ...: the flags of
+    `soberana serve` with `_`), passed to it unchanged; an unknown one is a TypeError naming it.
+
     `tune_process_memory` (default True) changes this process's allocator settings before the
     model is built: transparent huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE) and
     glibc's malloc keeping freed activations (mallopt) — faster CPU steps, an RSS that does not
@@ -39,32 +45,13 @@ class LLM:
     """
 
     def __init__(
-        self,
-        model: str | None = None,
-        *,
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int | None = None,
-        kv_cache_gb: float | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        enable_prefix_caching: bool = True,
-        block_size: int = 16,
-        seed: int = 0,
-        load_format: str = "safetensors",
-        tune_process_memory: bool = True,
-        **kwargs,
+        self, model: str | None = None, *, tune_process_memory: bool = True, **engine_args: Any
     ) -> None:
         setup_logging()
         if tune_process_memory:
             process_memory.tune_process_memory()
-        config = EngineConfig(
-            model=model, dtype=dtype, device=device, max_model_len=max_model_len,
-            kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching, block_size=block_size, seed=seed,
-            load_format=load_format, **kwargs,
-        )
+        # The keywords are EngineConfig's fields (the flags of `soberana serve`, with _).
+        config = EngineConfig(model=model, **engine_args)
         # transformers takes seconds to import on a small CPU: import it beside the engine's
         # start-up, which does not need it.
         importer = threading.Thread(target=_import_transformers, daemon=True)

@@ -23,7 +23,9 @@ from soberana.structured.manager import StructuredOutputManager
 
 
 @dataclass
-class StepResult:
+class ModelRunnerOutput:
+    """One launched step's results on the host (vLLM's name), keyed by (request_id, index)."""
+
     sampled: dict[tuple[str, int], int] = field(default_factory=dict)
     logprobs: dict[tuple[str, int], TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[tuple[str, int], list[TokenLogprobs]] = field(default_factory=dict)
@@ -65,11 +67,11 @@ class PendingStep:
         else:
             self._host = tensors
 
-    def result(self) -> StepResult:
+    def result(self) -> ModelRunnerOutput:
         """The step's sampled ids and logprobs on the host (waits for this step only)."""
         if self._event is not None:
             self._event.synchronize()
-        out = StepResult(prompt_logprobs=self.prompt_logprobs, verified=self.verified)
+        out = ModelRunnerOutput(prompt_logprobs=self.prompt_logprobs, verified=self.verified)
         if not self.requests:
             return out
         ids = self._host[0].tolist()

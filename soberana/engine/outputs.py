@@ -9,6 +9,27 @@ from soberana.kv.stats import WarehouseStats
 
 
 @dataclass
+class ModelInfo:
+    """What the engine core tells its front end about the model it serves, once at start."""
+
+    name: str
+    path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    dtype: str
+    device: str
+    num_blocks: int
+    block_size: int
+    fingerprint: str  # hex of the KV layout's fingerprint (the block hashes' seed); "" if none
+    is_demo: bool
+    task: str = "generate"  # or "embed" / "rerank" (soberana.engine.pooling_core)
+    quantization: str | None = None  # scheme serving the weights (None: the model dtype)
+    quantization_kernels: list[str] | None = None
+    kv_cache_dtype: str = "auto"
+
+
+@dataclass
 class EngineCoreRequest:
     """What the front end (LLM or the API process) hands the engine core: token ids only."""
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from soberana.engine.config import EngineConfig
-from soberana.engine.core import ModelInfo, resolve_device
-from soberana.engine.outputs import PoolingOutput, PoolingRequest, SchedulerStats
+from soberana.engine.outputs import ModelInfo, PoolingOutput, PoolingRequest, SchedulerStats
+from soberana.engine.worker import resolve_device
 from soberana.models.decoder_embedder import is_decoder_embedder_dir, load_decoder_embedder
 from soberana.models.encoder import EncoderConfig, PackedBatch, is_encoder_dir, load_encoder
 from soberana.models.loader import resolve_model_path

@@ -1,7 +1,7 @@
 """Allocator settings for a process that serves a model: opt-in, never done on import.
 
 They change the whole process (every allocation, not only the engine's), so only an entry point
-that owns its process applies them: the engine-core process (soberana/server/core_process.py)
+that owns its process applies them: the engine-core process (soberana/engine/core_process.py)
 always, and `LLM(..., tune_process_memory=True)` (the default) in the caller's process.
 """
 

@@ -38,7 +38,6 @@ class ScheduledRequest:
 class SchedulerOutput:
     # Decodes (one new token) first, then prefill chunks: the attention kernels rely on it.
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    num_preempted: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -91,7 +90,6 @@ class Scheduler:
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()  # lowest priority, latest arrival
                 self._preempt(victim)
-                out.num_preempted += 1
                 preempted = True
                 if victim is req:
                     break

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from soberana.gateway.errors import GatewayError
 from soberana.gateway.metrics import GatewayMetrics
+from soberana.gateway.privacy.layer import PrivacyLayer
 from soberana.gateway.proxy import Proxy
 from soberana.gateway.request_info import ENDPOINT_CAPABILITY
 from soberana.gateway.tenants import bearer_key_hash
@@ -29,7 +30,8 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def build_app(proxy: Proxy, metrics: GatewayMetrics, tracing: Tracing | None = None) -> web.Application:
     """The aiohttp application serving the OpenAI API in front of the fleet."""
     app = web.Application(
-        middlewares=[_envelope(metrics), trace_middleware(tracing)], client_max_size=MAX_BODY_BYTES
+        middlewares=[_envelope(metrics, proxy.privacy), trace_middleware(tracing)],
+        client_max_size=MAX_BODY_BYTES,
     )
     for path in ENDPOINT_CAPABILITY:
         app.router.add_post(path, proxy.handle)
@@ -41,8 +43,9 @@ def build_app(proxy: Proxy, metrics: GatewayMetrics, tracing: Tracing | None = N
     return app
 
 
-def _envelope(metrics: GatewayMetrics):
-    """Middleware: a request id on every response, and every error in the OpenAI shape."""
+def _envelope(metrics: GatewayMetrics, privacy: PrivacyLayer):
+    """Middleware: a request id on every response, every error in the OpenAI shape, and an
+    audit record for every refused request the inference path did not record itself."""
 
     @web.middleware
     async def envelope(request: web.Request, handler: _Handler) -> web.StreamResponse:
@@ -51,19 +54,27 @@ def _envelope(metrics: GatewayMetrics):
             client_id if client_id and _CLIENT_REQUEST_ID.match(client_id) else uuid.uuid4().hex
         )
         request["request_id"] = request_id
+        code = None
         try:
             response = await handler(request)
         except GatewayError as e:
-            response = e.response()
+            response, code = e.response(), e.code
         except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method, body too large
-            response = _aiohttp_error(request, e).response()
+            error = _aiohttp_error(request, e)
+            response, code = error.response(), error.code
             if "Allow" in e.headers:
                 response.headers["Allow"] = e.headers["Allow"]
         except Exception:
             log.exception("request %s failed inside the gateway", request_id)
+            code = "internal_error"
             response = GatewayError(
-                500, "internal gateway error", "internal_error", type_="server_error"
+                500, "internal gateway error", code, type_="server_error"
             ).response()
+        if response.status >= 400 and not request.get("audited") and request.path != "/health":
+            # Refused outside the inference path (a bad key on /v1/models or /metrics, an
+            # unknown path): audited too, so failed authentication leaves a trace. /health's
+            # 503 is a state, not a refusal.
+            privacy.audit_rejected(request_id, request.method, request.path, response.status, code)
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
         metrics.responses.labels(request.get("model", ""), str(response.status)).inc()

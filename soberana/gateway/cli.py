@@ -8,17 +8,18 @@ import getpass
 import sys
 from pathlib import Path
 
+from soberana.config_flags import HelpFormatter, add_flags, from_flags
 from soberana.gateway.config import GatewayConfig
 from soberana.gateway.config_loader import ConfigError, load_config
 from soberana.gateway.exposure import onprem_exposures
 from soberana.gateway.tenants import hash_key
-from soberana.log import LOG_FORMATS
-from soberana.log import configure as configure_logging
+from soberana.log import LoggingConfig
 from soberana.tracing import from_endpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register `soberana gateway`'s options."""
+    parser.formatter_class = HelpFormatter
     parser.add_argument("--config", type=Path, help="gateway.yaml: models, backends and tenants")
     parser.add_argument("--host", help="address to listen on (default: server.host or 127.0.0.1)")
     parser.add_argument(
@@ -38,21 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read an API key from stdin and print the sha256 digest to put under key_sha256",
     )
     parser.add_argument(
-        "--log-level",
-        default="WARNING",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default WARNING: backends going down and up, reloads",
-    )
-    parser.add_argument(
         "--otlp-traces-endpoint", default=None,
         help="send a span per request over OTLP/HTTP to this collector URL "
         "(e.g. http://localhost:4318); W3C traceparent is forwarded to backends either way",
     )
-    parser.add_argument(
-        "--log-format", default="text", choices=list(LOG_FORMATS),
-        help="text, or json: one JSON object per line",
-    )
+    add_flags(parser, LoggingConfig)
+    # The gateway logs what an operator acts on: backends going down and up, reloads.
+    parser.set_defaults(log_level="warning")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.check:
         return _check(args.config, config)
-    configure_logging(args.log_format, args.log_level)
+    from_flags(LoggingConfig, args).configure()
     from soberana.gateway.server import GatewayServer
 
     host = args.host or config.host

@@ -41,8 +41,9 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """A public model name and the backends that can serve it."""
+class ModelRoute:
+    """A public model name and the backends that can serve it (a route of the catalog; the
+    engine's own `ModelConfig` is a model architecture, soberana/models/config.py)."""
 
     name: str
     backends: tuple[BackendConfig, ...]
@@ -115,7 +116,7 @@ class MetricsConfig:
 class GatewayConfig:
     """The whole gateway.yaml."""
 
-    models: dict[str, ModelConfig]
+    models: dict[str, ModelRoute]
     tenants: tuple[TenantConfig, ...]
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)

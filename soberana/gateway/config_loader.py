@@ -20,7 +20,7 @@ from soberana.gateway.config import (
     GatewayConfig,
     HealthConfig,
     MetricsConfig,
-    ModelConfig,
+    ModelRoute,
     RoutingConfig,
     TenantConfig,
     TimeoutConfig,
@@ -229,7 +229,7 @@ class _Parser:
                 )
         return digests
 
-    def models(self, node: yaml.Node) -> dict[str, ModelConfig]:
+    def models(self, node: yaml.Node) -> dict[str, ModelRoute]:
         if not isinstance(node, yaml.MappingNode) or not node.value:
             raise self.error(node, "models", "expected a non-empty mapping of public model names")
         models = {}
@@ -256,7 +256,7 @@ class _Parser:
                     )
                 seen[backend.name] = i
             pii = parse_pii(self, items["pii"], f"{path}.pii") if "pii" in items else None
-            models[name] = ModelConfig(name=name, backends=tuple(backends), pii=pii)
+            models[name] = ModelRoute(name=name, backends=tuple(backends), pii=pii)
         return models
 
     def backend(self, node: yaml.Node, path: str, default_name: str) -> BackendConfig:
@@ -316,7 +316,7 @@ class _Parser:
         # Backends are written with or without the /v1 suffix; requests add it back.
         return url[: -len("/v1")] if url.endswith("/v1") else url
 
-    def tenants(self, node: yaml.Node, models: dict[str, ModelConfig]) -> tuple[TenantConfig, ...]:
+    def tenants(self, node: yaml.Node, models: dict[str, ModelRoute]) -> tuple[TenantConfig, ...]:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
             raise self.error(node, "tenants", "expected a non-empty list of tenants")
         tenants: list[TenantConfig] = []
@@ -339,7 +339,7 @@ class _Parser:
             tenants.append(tenant)
         return tuple(tenants)
 
-    def tenant(self, node: yaml.Node, path: str, models: dict[str, ModelConfig]) -> TenantConfig:
+    def tenant(self, node: yaml.Node, path: str, models: dict[str, ModelRoute]) -> TenantConfig:
         items = self.mapping(node, path, _TENANT_KEYS)
         for required in ("name", "key_sha256"):
             if required not in items:

@@ -6,6 +6,8 @@ import json
 
 from aiohttp import web
 
+from soberana.openai_error import error_body
+
 
 class GatewayError(Exception):
     """An error the client gets as `{"error": {message, type, param, code}}` with an HTTP status."""
@@ -29,14 +31,7 @@ class GatewayError(Exception):
 
     def body(self) -> dict:
         """The OpenAI error object."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> web.Response:
         """The HTTP response carrying this error."""
@@ -55,5 +50,5 @@ class GatewayError(Exception):
 
 def sse_error_event(message: str, code: str) -> bytes:
     """A stream's final error event, so a failure after the first byte is never a silent cut."""
-    error = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    error = error_body(message, "server_error", code=code)
     return b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n"

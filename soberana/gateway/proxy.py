@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -40,14 +41,25 @@ class Proxy:
         """Serve one inference request end to end, with its audit record (privacy, issue 22)."""
         fleet = self.fleet
         guard = self.privacy.begin(fleet.config, request["request_id"], request.path)
+        request["audited"] = True  # this request's record is written here, whatever happens
         exchange = Exchange(request_id=request["request_id"], stream=False, strip_usage_event=False)
         try:
             response = await self._handle(request, fleet, guard, exchange)
         except GatewayError as e:
             guard.finish(e.status, e.code, exchange.usage)
             raise
-        await guard.finish_streams()
-        guard.finish(response.status, None, exchange.usage, exchange.stream_failure is not None)
+        except web.HTTPException as e:  # aiohttp's own, e.g. a body over the size limit
+            guard.finish(e.status, "invalid_request", exchange.usage)
+            raise
+        except asyncio.CancelledError:  # the client left before its answer was complete
+            guard.finish(499, "client_closed_request", exchange.usage)
+            raise
+        except Exception:
+            guard.finish(500, "internal_error", exchange.usage)
+            raise
+        # The client may close as soon as the stream ends, which cancels this handler: the
+        # output verdict and the audit record are finished in a task of their own.
+        await self.privacy.complete(guard, response.status, exchange)
         return response
 
     async def _handle(
@@ -288,7 +300,9 @@ def _payload(
     client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     # Anthropic's streams (/v1/messages) report usage in their own events: no stream_options.
     exchange.strip_usage_event = (
-        exchange.stream and backend.traits.stream_usage and not client_wants_usage
+        exchange.stream
+        and backend.traits.stream_usage
+        and not client_wants_usage
         and path != "/v1/messages"
     )
     if exchange.strip_usage_event:

@@ -191,10 +191,11 @@ class Upstream:
         out.headers["X-Request-Id"] = exchange.request_id
         out.headers["X-Gateway-Backend"] = backend.name
         tap = SseUsageTap(exchange.strip_usage_event)
-        rehydrate = transform.feed if transform is not None else _same  # privacy hook
+        # privacy hook: rehydration and the output check (which may hold text until it passes)
+        rehydrate = transform.feed if transform is not None else _same
         try:
             await out.prepare(request)
-            await out.write(tap.feed(rehydrate(held)))
+            await out.write(tap.feed(await rehydrate(held)))
             exchange.ready_at = time.perf_counter()
             while True:
                 try:
@@ -204,7 +205,7 @@ class Upstream:
                     reason = "no data in time" if isinstance(e, TimeoutError) else type(e).__name__
                     exchange.stream_failure = "stream_interrupted"
                     await out.write(
-                        (tap.feed(transform.flush()) if transform is not None else b"")
+                        (tap.feed(await transform.flush()) if transform is not None else b"")
                         + tap.flush()
                         + sse_error_event(
                             f"backend {backend.name} failed mid-stream ({reason}); the response is incomplete",
@@ -213,7 +214,7 @@ class Upstream:
                     )
                     break
                 if not chunk:
-                    rest = tap.feed(transform.flush()) if transform is not None else b""
+                    rest = tap.feed(await transform.flush()) if transform is not None else b""
                     rest += tap.flush()
                     if not tap.finished:
                         # A clean close without a finish_reason or [DONE] is a cut, not an end.
@@ -225,7 +226,7 @@ class Upstream:
                         )
                     await out.write(rest)
                     break
-                data = tap.feed(rehydrate(chunk))
+                data = tap.feed(await rehydrate(chunk))
                 if data:
                     await out.write(data)
             await out.write_eof()
@@ -240,5 +241,5 @@ class Upstream:
         return out
 
 
-def _same(chunk: bytes) -> bytes:
+async def _same(chunk: bytes) -> bytes:
     return chunk

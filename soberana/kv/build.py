@@ -12,7 +12,6 @@ from soberana.kv.config import GB, KVWarehouseConfig
 from soberana.kv.disk_tier import DiskTier
 from soberana.kv.host_tier import HostTier
 from soberana.kv.layout import KVLayout
-from soberana.kv.redis_tier import RedisTier
 from soberana.kv.shared_dir_tier import SharedDirTier
 from soberana.kv.tier import EntryStore
 from soberana.kv.warehouse import KVWarehouse
@@ -41,6 +40,8 @@ def build_warehouse(config: KVWarehouseConfig, layout: KVLayout) -> KVWarehouse 
         disk = _start_tier("disk", DiskTier, config.disk_dir, int(config.disk_gb * GB), layout)
     shared: list[EntryStore] = []
     if config.redis_url:
+        from soberana.kv.redis_tier import RedisTier  # the `redis` extra, checked in validate()
+
         shared.append(RedisTier(config.redis_url, layout, ttl_s=config.redis_ttl_s,
                                 stored_entry_size=stored))  # fmt: skip
     if config.shared_dir:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from soberana.kv.config import SHARED_KEY_ENV, KVWarehouseConfig
+from soberana.config_flags import add_flags, from_flags
+from soberana.kv.config import FLAG_PREFIX, KVWarehouseConfig
 from soberana.kv.namespace import tenant_namespace, tenant_salt_of
 
 
@@ -35,27 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the server's salt secret, where the server derives tenant salts with one",
     )
-    purge.add_argument("--kv-redis-url", default=None, help="the replicas' --kv-redis-url")
-    purge.add_argument("--kv-shared-dir", default=None, help="the replicas' --kv-shared-dir")
-    purge.add_argument(
-        "--kv-shared-key-file",
-        default=None,
-        help=f"the replicas' key file (or ${SHARED_KEY_ENV}): tenant namespaces are keyed",
-    )
-    purge.add_argument(
-        "--kv-shared-trusted",
-        action="store_true",
-        help="the replicas run their shared tiers without a key",
-    )
+    # The replicas' own flags (their --kv-redis-url, ...): tenant namespaces are keyed.
+    add_flags(purge, KVWarehouseConfig, prefix=FLAG_PREFIX,
+              only=("redis_url", "shared_dir", "shared_key_file", "shared_trusted"))
 
 
 def run(args: argparse.Namespace) -> int:
-    config = KVWarehouseConfig(
-        redis_url=args.kv_redis_url,
-        shared_dir=args.kv_shared_dir,
-        shared_key_file=args.kv_shared_key_file,
-        shared_trusted=args.kv_shared_trusted,
-    )
+    config = from_flags(KVWarehouseConfig, args, prefix=FLAG_PREFIX)
     if not config.has_shared_tier():
         print("soberana kv purge: give --kv-redis-url and/or --kv-shared-dir", file=sys.stderr)
         return 2

@@ -4,10 +4,14 @@ argument parsing uses this)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from dataclasses import dataclass
 
+from soberana.config_flags import add_flags, flag, from_flags
+
 GB = 1 << 30
+FLAG_PREFIX = "kv-"  # offload_gb is --kv-offload-gb
 # The shared tiers' key, for deployments that pass secrets as environment variables.
 SHARED_KEY_ENV = "SOBERANA_KV_SHARED_KEY"
 MIN_SHARED_KEY_BYTES = 16
@@ -23,24 +27,41 @@ DEFAULT_WRITE_BUFFER_BLOCKS = 2048
 class KVWarehouseConfig:
     """Which tiers to run and how big each is; every tier is optional."""
 
-    offload_gb: float = 0.0  # host RAM tier; 0 turns it off
-    disk_dir: str | None = None
-    disk_gb: float = 64.0
-    redis_url: str | None = None
-    redis_ttl_s: float | None = None  # None: rely on Redis maxmemory + allkeys-lru
-    shared_dir: str | None = None
-    shared_gb: float = 256.0
-    write_buffer_mb: int | None = None  # None: the default, write_buffer_bytes()
-    # Hand every block over as soon as it is full, not only when evicted: replicas sharing
-    # Redis or a directory can then reuse a conversation this engine still holds.
-    write_through: bool = False
-    # auto: load from a tier only if it beats recomputing (measured at start); always: load.
-    load_policy: str = "auto"
-    # The shared tiers' (Redis, shared directory) secret: a file, else $SOBERANA_KV_SHARED_KEY.
-    # Without one, shared tiers refuse to start unless marked trusted.
-    shared_key_file: str | None = None
-    shared_trusted: bool = False
-    shared_encrypt: bool = False
+    offload_gb: float = flag(
+        0.0, "host RAM for evicted KV blocks, in GB (pinned on CUDA hosts); 0: off")
+    disk_dir: str | None = flag(None, "local directory for KV blocks (one engine per directory)")
+    disk_gb: float = flag(64.0, "capacity of --kv-disk-dir in GB")
+    redis_url: str | None = flag(
+        None, "Redis shared by engine replicas, e.g. redis://host:6379/0; run it with maxmemory "
+        "and maxmemory-policy allkeys-lru")
+    # None: rely on Redis maxmemory + allkeys-lru
+    redis_ttl_s: float | None = flag(
+        None, "expire Redis KV entries this long after their last use")
+    shared_dir: str | None = flag(
+        None, "directory shared by engine replicas (NFS, parallel filesystem)")
+    shared_gb: float = flag(256.0, "capacity of --kv-shared-dir in GB, enforced by every replica")
+    # None: the default, write_buffer_bytes()
+    write_buffer_mb: int | None = flag(
+        None, "staging memory for blocks on their way to the tiers (pinned on CUDA hosts); when "
+        f"full, evicted blocks are dropped rather than stalling the engine (default: "
+        f"{DEFAULT_WRITE_BUFFER_MB} MB or {DEFAULT_WRITE_BUFFER_BLOCKS} blocks, whichever is "
+        "larger)")
+    # Replicas sharing Redis or a directory can then reuse a conversation this engine still holds.
+    write_through: bool = flag(
+        False, "store every full KV block as soon as it is computed (for replicas sharing a "
+        "tier), not only blocks evicted from the GPU pool")
+    load_policy: str = flag(
+        "auto", "auto: load a tier's blocks only where that beats recomputing them (measured at "
+        "start); always: load whatever is found", choices=("auto", "always"))
+    # Without a key, shared tiers refuse to start unless marked trusted.
+    shared_key_file: str | None = flag(
+        None, "file holding the secret (>= 16 bytes) that authenticates the entries of "
+        f"--kv-redis-url and --kv-shared-dir; the same on every replica (or ${SHARED_KEY_ENV})")
+    shared_trusted: bool = flag(
+        False, "run shared tiers without a key: only where no one outside this trust domain can "
+        "write the Redis or directory")
+    shared_encrypt: bool = flag(
+        False, "also encrypt shared-tier entries (AES-256-GCM), so the store holds no readable KV")
 
     def has_shared_tier(self) -> bool:
         """Whether a tier that other machines can write is configured."""
@@ -66,13 +87,13 @@ class KVWarehouseConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed range."""
-        for flag, value in (
+        for option, value in (
             ("--kv-offload-gb", self.offload_gb),
             ("--kv-disk-gb", self.disk_gb),
             ("--kv-shared-gb", self.shared_gb),
         ):
             if value < 0:
-                raise ValueError(f"{flag} must be >= 0; got {value}")
+                raise ValueError(f"{option} must be >= 0; got {value}")
         if self.disk_dir and self.disk_gb <= 0:
             raise ValueError(f"--kv-disk-gb must be > 0 with --kv-disk-dir; got {self.disk_gb}")
         if self.shared_dir and self.shared_gb <= 0:
@@ -86,6 +107,9 @@ class KVWarehouseConfig:
                 f"--kv-redis-url must start with redis://, rediss:// or unix://; "
                 f"got {self.redis_url!r}"
             )
+        if self.redis_url and importlib.util.find_spec("redis") is None:
+            raise ValueError("--kv-redis-url needs the Redis client, which is not installed: "
+                             "pip install 'soberana[redis]'")
         if self.load_policy not in ("auto", "always"):
             raise ValueError(f"--kv-load-policy must be auto or always; got {self.load_policy!r}")
         if self.write_buffer_mb is not None and self.write_buffer_mb < 1:
@@ -122,99 +146,12 @@ class KVWarehouseConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `--kv-*` flags, for `soberana serve` and the offline tools."""
-    g = parser.add_argument_group("KV warehouse (tiers below the GPU KV pool)")
-    g.add_argument(
-        "--kv-offload-gb",
-        type=float,
-        default=0.0,
-        help="host RAM for evicted KV blocks, in GB (pinned on CUDA hosts); 0: off",
-    )
-    g.add_argument(
-        "--kv-disk-dir",
-        default=None,
-        help="local directory for KV blocks (one engine per directory)",
-    )
-    g.add_argument("--kv-disk-gb", type=float, default=64.0, help="capacity of --kv-disk-dir in GB")
-    g.add_argument(
-        "--kv-redis-url",
-        default=None,
-        help="Redis shared by engine replicas, e.g. redis://host:6379/0; run it "
-        "with maxmemory and maxmemory-policy allkeys-lru",
-    )
-    g.add_argument(
-        "--kv-redis-ttl-s",
-        type=float,
-        default=None,
-        help="expire Redis KV entries this long after their last use",
-    )
-    g.add_argument(
-        "--kv-shared-dir",
-        default=None,
-        help="directory shared by engine replicas (NFS, parallel filesystem)",
-    )
-    g.add_argument(
-        "--kv-shared-gb",
-        type=float,
-        default=256.0,
-        help="capacity of --kv-shared-dir in GB, enforced by every replica",
-    )
-    g.add_argument(
-        "--kv-write-buffer-mb",
-        type=int,
-        default=None,
-        help="staging memory for blocks on their way to the tiers (pinned on CUDA hosts); "
-        f"when full, evicted blocks are dropped rather than stalling the engine (default: "
-        f"{DEFAULT_WRITE_BUFFER_MB} MB or {DEFAULT_WRITE_BUFFER_BLOCKS} blocks, whichever is "
-        "larger)",
-    )
-    g.add_argument(
-        "--kv-write-through",
-        action="store_true",
-        help="store every full KV block as soon as it is computed (for replicas sharing a "
-        "tier), not only blocks evicted from the GPU pool",
-    )
-    g.add_argument(
-        "--kv-load-policy",
-        choices=("auto", "always"),
-        default="auto",
-        help="auto: load a tier's blocks only where that beats recomputing them (measured "
-        "at start); always: load whatever is found",
-    )
-    g.add_argument(
-        "--kv-shared-key-file",
-        default=None,
-        help="file holding the secret (>= 16 bytes) that authenticates the entries of "
-        f"--kv-redis-url and --kv-shared-dir; the same on every replica (or ${SHARED_KEY_ENV})",
-    )
-    g.add_argument(
-        "--kv-shared-encrypt",
-        action="store_true",
-        help="also encrypt shared-tier entries (AES-256-GCM), so the store holds no readable KV",
-    )
-    g.add_argument(
-        "--kv-shared-trusted",
-        action="store_true",
-        help="run shared tiers without a key: only where no one outside this trust domain "
-        "can write the Redis or directory",
-    )
+    group = parser.add_argument_group("KV warehouse (tiers below the GPU KV pool)")
+    add_flags(group, KVWarehouseConfig, prefix=FLAG_PREFIX)
 
 
 def config_from_args(args: argparse.Namespace) -> KVWarehouseConfig:
     """The validated config from parsed `--kv-*` flags."""
-    config = KVWarehouseConfig(
-        offload_gb=args.kv_offload_gb,
-        disk_dir=args.kv_disk_dir,
-        disk_gb=args.kv_disk_gb,
-        redis_url=args.kv_redis_url,
-        redis_ttl_s=args.kv_redis_ttl_s,
-        shared_dir=args.kv_shared_dir,
-        shared_gb=args.kv_shared_gb,
-        write_buffer_mb=args.kv_write_buffer_mb,
-        write_through=args.kv_write_through,
-        load_policy=args.kv_load_policy,
-        shared_key_file=args.kv_shared_key_file,
-        shared_trusted=args.kv_shared_trusted,
-        shared_encrypt=args.kv_shared_encrypt,
-    )
+    config = from_flags(KVWarehouseConfig, args, prefix=FLAG_PREFIX)
     config.validate()
     return config

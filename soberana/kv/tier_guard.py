@@ -10,15 +10,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
-import redis
-
 logger = logging.getLogger("soberana.kv.warehouse")
 
 T = TypeVar("T")
 
 # Errors that mean "the store is not there": skip it for a while instead of waiting on every
 # lookup for a timeout.
-UNREACHABLE = (ConnectionError, TimeoutError, redis.ConnectionError, redis.TimeoutError)
+try:  # the `redis` extra; without it no Redis tier exists to raise these
+    from redis import ConnectionError as RedisConnectionError
+    from redis import TimeoutError as RedisTimeoutError
+
+    _REDIS_UNREACHABLE: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
+except ImportError:
+    _REDIS_UNREACHABLE = ()
+UNREACHABLE = (ConnectionError, TimeoutError, *_REDIS_UNREACHABLE)
 ERROR_LOG_INTERVAL_S = 10.0
 
 

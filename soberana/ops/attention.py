@@ -34,10 +34,6 @@ class AttentionMetadata:
     # under the cache geometry they were planned for.
     cpu_decode_groups: tuple[tuple[int, ...], list[DecodeGroup]] | None = None
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
-
 
 def _triton_ops():
     return triton_module("triton_attention")

@@ -130,6 +130,12 @@ def load_linear_library(path: Path) -> ctypes.CDLL:
     lib.pack_bf16.argtypes, lib.pack_bf16.restype = [ptr, i64, i64, i64, ptr], ctypes.c_int
     lib.linear_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32, ptr]
     lib.linear_bf16.restype = ctypes.c_int
+    if hasattr(lib, "linear_f32"):  # builds of older sources (benchmarks' A/B) lack it
+        lib.linear_f32_available.argtypes, lib.linear_f32_available.restype = [], ctypes.c_int
+        lib.linear_f32_packed_elems.argtypes, lib.linear_f32_packed_elems.restype = [i64, i64], i64
+        lib.pack_f32.argtypes, lib.pack_f32.restype = [ptr, i64, i64, i64, ptr], ctypes.c_int
+        lib.linear_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32, ptr]
+        lib.linear_f32.restype = ctypes.c_int
     return lib
 
 
@@ -147,9 +153,16 @@ def _layers_library() -> ctypes.CDLL | None:
 
 @functools.cache
 def _linear_library() -> ctypes.CDLL | None:
-    """The bfloat16 linear library where it has its kernel (AVX512_BF16), or None."""
+    """The bfloat16 linear library where it has a kernel (AVX512_BF16, or AVX2 + FMA), or None."""
     lib = build_library(LINEAR_SOURCE, load_linear_library)
-    return lib if lib is not None and lib.linear_bf16_available() == 1 else None
+    return lib if lib is not None and lib.linear_bf16_available() in (1, 2) else None
+
+
+@functools.cache
+def _linear_f32_library() -> ctypes.CDLL | None:
+    """The linear library where it has its float32 kernel (AVX-512F, or AVX2 + FMA), or None."""
+    lib = build_library(LINEAR_SOURCE, load_linear_library)
+    return lib if lib is not None and lib.linear_f32_available() == 1 else None
 
 
 def build_library(source: Path, load: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | None:
@@ -188,6 +201,7 @@ def set_isa(isa: str) -> None:
     _library.cache_clear()
     _layers_library.cache_clear()
     _linear_library.cache_clear()
+    _linear_f32_library.cache_clear()
     from soberana.ops import cpu_forward
 
     cpu_forward._kernels.cache_clear()
@@ -225,9 +239,11 @@ def describe_kernels() -> str:
     if lib is None:
         return "native CPU kernels unavailable: PyTorch path"
     simd = {2: "AVX-512", 1: "AVX2+FMA", 0: "portable C"}.get(lib.simd_level(), "?")
-    linear = "soberana AVX512_BF16" if _linear_library() is not None else "oneDNN"
+    linear_lib = _linear_library()
+    linear = ("oneDNN" if linear_lib is None
+              else {1: "soberana AVX512_BF16", 2: "soberana AVX2+FMA"}[linear_lib.linear_bf16_available()])  # fmt: skip
     return (f"native CPU kernels built for {_isa}: attention/norm/rotary {simd}; "
-            f"bf16 linears {linear}; fp32 linears oneDNN")
+            f"bf16 linears {linear}; fp32 linears {'soberana' if _linear_f32_library() else 'oneDNN'}")
 
 
 @functools.cache
@@ -518,3 +534,38 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tenso
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def pack_f32_linear(weight: torch.Tensor) -> torch.Tensor | None:
+    """A float32 weight [N, K] (unit-stride rows) packed for `linear_f32`, or None where this
+    build has no kernel for it."""
+    if not (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.stride(1) == 1 and weight.numel() > 0):  # fmt: skip
+        return None
+    lib = _linear_f32_library()
+    if lib is None:
+        return None
+    n, k = weight.shape
+    packed = torch.empty(lib.linear_f32_packed_elems(n, k), dtype=torch.float32)
+    if lib.pack_f32(weight.data_ptr(), weight.stride(0), n, k, packed.data_ptr()) != _OK:
+        return None
+    return packed
+
+
+def linear_f32(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+               ) -> torch.Tensor | None:
+    """x [M, K] (float32, unit-stride rows) times a `pack_f32_linear` weight of n outputs, plus
+    `bias` (float32, padded with zeros to a multiple of 64) or None: [M, n] float32. None: the
+    caller's path."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
+        return None
+    lib = _linear_f32_library()
+    if lib is None:
+        return None
+    m, k = x.shape
+    if packed.numel() != lib.linear_f32_packed_elems(n, k):  # not a weight of [n, k]
+        raise ValueError(f"linear_f32: x has {k} columns; the packed weight does not")
+    out = torch.empty(m, n, dtype=torch.float32)
+    rc = lib.linear_f32(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
+                        out.data_ptr(), n, torch.get_num_threads(), openmp_parallel())  # fmt: skip
+    return out if rc == _OK else None

@@ -4,12 +4,17 @@
 for a decode step of 64 tokens through a 125M model that is most of a second's worth of
 copying per hundred steps. `pack_linears` packs once, when the model is loaded, and swaps
 each `nn.Linear` (and the output projection) for a `PackedLinear`:
-  - bfloat16 on a CPU with AVX512_BF16: soberana's kernel (csrc/linear_bf16.c). Measured on a
+  - bfloat16: soberana's kernel (csrc/linear_bf16.c), on AVX512_BF16 or, on CPUs without it,
+    AVX2 + FMA with the weights widened to float32 in registers. Measured on a
     2-core Zen 4 next to oneDNN's packed matmul (benchmarks/cpu_linear_ab.py): one row 0.72x
     the time, a 64-row decode step 0.97x, 2,048 rows 0.98-1.03x; the offline 128/128
     benchmark 0.4-0.6 s of ~12 s faster in alternating runs. Its float32 sums run in another
     order than oneDNN's, so about 1 output in 10,000 differs from `F.linear` by one ulp.
     SOBERANA_CPU_LINEAR=onednn keeps oneDNN's.
+  - float32: soberana's kernel too (same file, AVX-512 or AVX2 + FMA; each sum in k order).
+    Against oneDNN's packed float32 matmul on a 2-core Zen 4, one thread, SmolLM2-135M's
+    linears (benchmarks/cpu_layers_isa.py): 1 row (batch-1 decode) about a third of the time,
+    64 rows about the same.
   - otherwise oneDNN's matmul on the packed weight (PyTorch's own
     `mkldnn._linear_pointwise`, what Inductor emits for frozen CPU linears): bfloat16 outputs
     bit-identical to `F.linear`; float32 runs oneDNN's kernel instead of MKL's sgemm, so sums
@@ -35,39 +40,47 @@ BATCH_HINT = 64
 
 
 class PackedLinear(nn.Module):
-    """`x @ weight.T + bias` with `weight` packed once (read-only after): for bfloat16 on a
-    CPU with AVX512_BF16, for soberana's own kernel (csrc/linear_bf16.c), else for oneDNN."""
+    """`x @ weight.T + bias` with `weight` packed once (read-only after): for soberana's own
+    kernel (csrc/linear_bf16.c: bfloat16 on AVX512_BF16 or AVX2, float32 on AVX-512 or AVX2),
+    else for oneDNN."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
-        self.native = cpu_kernels.pack_bf16_linear(weight) if native_bf16() else None
+        self.native = None
+        if native_bf16():
+            pack_native = (cpu_kernels.pack_f32_linear if weight.dtype == torch.float32
+                           else cpu_kernels.pack_bf16_linear)  # fmt: skip
+            self.native = pack_native(weight)
         self.bias = None if bias is None else bias.detach()
         if self.native is not None:
             self.packed = None
             if self.bias is not None:  # the kernel reads it a panel of 64 columns at a time
-                self.bias = F.pad(self.bias.to(torch.bfloat16), (0, -self.out_features % 64))
+                self.bias = F.pad(self.bias.to(weight.dtype), (0, -self.out_features % 64))
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
             rows = x.reshape(-1, self.in_features)
-            out = cpu_kernels.linear_bf16(rows, self.native, self.out_features, self.bias)
+            f32 = self.native.dtype == torch.float32
+            kernel = cpu_kernels.linear_f32 if f32 else cpu_kernels.linear_bf16
+            out = kernel(rows, self.native, self.out_features, self.bias)
             if out is not None:
                 return out.view(*x.shape[:-1], self.out_features)
-            raise ValueError(f"PackedLinear: bfloat16 input expected on the CPU, got {x.dtype} "
-                             f"on {x.device}")  # fmt: skip
+            raise ValueError(f"PackedLinear: {self.native.dtype} input expected on the CPU, got "
+                             f"{x.dtype} on {x.device}")  # fmt: skip
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        kind = "soberana bf16 kernel" if self.native is not None else "oneDNN"
+        kind = f"soberana {self.native.dtype} kernel" if self.native is not None else "oneDNN"
         return f"in_features={self.in_features}, out_features={self.out_features}, packed ({kind})"
 
 
 def native_bf16() -> bool:
-    """Whether bfloat16 linears use soberana's kernel (SOBERANA_CPU_LINEAR=onednn: oneDNN's)."""
+    """Whether bfloat16 and float32 linears use soberana's kernels where this build has them
+    (SOBERANA_CPU_LINEAR=onednn: oneDNN's)."""
     return os.environ.get("SOBERANA_CPU_LINEAR", "native") != "onednn"
 
 
@@ -80,8 +93,9 @@ def packable(dtype: torch.dtype) -> bool:
         return False
     if dtype == torch.float32:
         return True
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.bfloat16:  # soberana's kernel also serves CPUs with AVX2 only
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported() or (
+            native_bf16() and cpu_kernels._linear_library() is not None)
     if dtype == torch.float16:
         return torch.ops.mkldnn._is_mkldnn_fp16_supported()
     return False

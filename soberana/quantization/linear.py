@@ -35,6 +35,10 @@ class LinearMethod:
         """Which kernel serves this format on `device` (logged, and shown in /v1/models)."""
         raise NotImplementedError
 
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        """Re-lay the loaded weights for the kernel that serves them (vLLM's hook of this
+        name); by default they stay as loaded."""
+
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -73,6 +77,8 @@ class QuantLinear(nn.Module):
                 dst.copy_(t.to(buf.dtype))
 
     def finalize(self) -> None:
+        """Called once every row is loaded: the weights are re-laid for their kernel."""
+        self.method.process_weights_after_loading(self)
         self.kernel = self.method.choose_kernel(self._buffer_device())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,12 +105,17 @@ def _triton_quant():
 
 
 # PyTorch's CPU int8 kernel is a GEMV: it streams the weight once per row block, fine for a
-# few rows, minutes for a prefill of thousands (measured on the 2-core Zen 4 host).
+# few rows, minutes for a prefill of thousands (measured on the 2-core Zen 4 host). It serves
+# only where soberana's own kernel (cpu_int8.py) is unavailable.
 CPU_INT8_GEMV_ROWS = 16
 
 
 class Int8LinearMethod(LinearMethod):
-    """Weight-only int8, per-output-channel symmetric scales."""
+    """Weight-only int8, per-output-channel symmetric scales.
+
+    On CPUs with soberana's int8 kernel (csrc/linear_int8.c: AVX512_BF16, or AVX2 + FMA) the
+    weight and its scales are re-laid at load into the kernel's blob (`layer.native`), which
+    replaces the row-major `weight` (set to None): the layer holds its int8 bytes once."""
 
     name = "int8 (W8A16, per-channel)"
 
@@ -113,24 +124,56 @@ class Int8LinearMethod(LinearMethod):
         layer.register_buffer("weight", torch.empty(n, k, dtype=torch.int8))
         # scales in the activation dtype: the CPU op and the Triton kernels read them so
         layer.register_buffer("weight_scale", torch.empty(n, dtype=dtype))
+        layer.native = None
 
     def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale = schemes.quantize_int8(w)
         return {"weight": q, "weight_scale": scale}
 
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:
+        if layer.native is not None:
+            from soberana.quantization import cpu_int8
+
+            q, _ = cpu_int8.unpack(layer.native, layer.out_features, layer.in_features)
+            return schemes.dequantize_int8(q, layer.weight_scale)
         return schemes.dequantize_int8(layer.weight, layer.weight_scale)
+
+    def process_weights_after_loading(self, layer: QuantLinear) -> None:
+        if layer.weight is None or layer.weight.device.type != "cpu":
+            return
+        from soberana.quantization import cpu_int8
+
+        blob = cpu_int8.pack(layer.weight, layer.weight_scale)
+        if blob is None:
+            return
+        layer.native = blob
+        layer.native_bias = {torch.bfloat16: cpu_int8.pad_bias(layer.bias, torch.bfloat16),
+                             torch.float32: cpu_int8.pad_bias(layer.bias, torch.float32)}  # fmt: skip
+        layer.weight = None  # the blob holds the same bytes
 
     def choose_kernel(self, device: torch.device) -> str:
         if device.type == "cuda":
             return "triton int8 GEMV (1 token) / Triton int8 GEMM" if _triton_quant() else (
                 "torch dequantize + matmul")  # fmt: skip
-        return (f"aten._weight_int8pack_mm (CPU, <= {CPU_INT8_GEMV_ROWS} rows); "
-                "dequantize + matmul (more rows)")  # fmt: skip
+        from soberana.quantization import cpu_int8
+
+        return cpu_int8.kernel_name() or (
+            f"aten._weight_int8pack_mm (CPU, <= {CPU_INT8_GEMV_ROWS} rows); "
+            "dequantize + matmul (more rows)")  # fmt: skip
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, layer.in_features)
-        if x.device.type == "cpu" and rows.shape[0] <= CPU_INT8_GEMV_ROWS:
+        if layer.native is not None and x.device.type == "cpu":
+            from soberana.quantization import cpu_int8
+
+            biases = layer.native_bias
+            out = cpu_int8.linear(rows, layer.native, layer.out_features,
+                                  biases[torch.bfloat16], biases[torch.float32])  # fmt: skip
+            if out is not None:
+                return out.view(*x.shape[:-1], layer.out_features)
+            # a dtype the kernel does not take (float16): the weight from the blob
+            out = F.linear(rows, self.dequantize(layer).to(x.dtype))
+        elif x.device.type == "cpu" and rows.shape[0] <= CPU_INT8_GEMV_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(rows, layer.weight, layer.weight_scale)
         elif x.device.type == "cpu":
             out = F.linear(rows, layer.weight.to(x.dtype)).mul_(layer.weight_scale)

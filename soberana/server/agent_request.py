@@ -4,28 +4,45 @@ output constraint (checked by compiling it here; a 400 names what does not compi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from soberana.config_flags import flag
 from soberana.server.chat_output import ChatOutputParser, ToolMode
 from soberana.server.errors import bad_request
 from soberana.server.protocol import ChatCompletionRequest
 from soberana.server.reasoning_parsers import REASONING_PARSERS, starts_in_reasoning
-from soberana.server.structured_request import check_constraint, requested_constraint
+from soberana.server.structured_request import (
+    check_constraint,
+    grammar_compiler,
+    requested_constraint,
+    special_token_lookup,
+)
 from soberana.server.tool_parsers import TOOL_PARSERS, detect_tool_parser
+from soberana.server.tool_parsers.grammar import auto_call_grammar
 from soberana.structured.compiler import DEFAULT_COMPILE_TIMEOUT_S
 from soberana.structured.params import StructuredOutputsParams
 
 
 @dataclass
 class AgentOptions:
-    """Server flags: --tool-call-parser (a name, "auto": from the chat template, or None),
-    --reasoning-parser, --structured-outputs-timeout (seconds per grammar compilation)."""
+    """The server's flags of tools, reasoning and structured outputs (vLLM's names)."""
 
-    tool_call_parser: str | None = "auto"
-    reasoning_parser: str | None = None
-    structured_outputs_timeout: float = DEFAULT_COMPILE_TIMEOUT_S
+    # A parser's name, "auto" (from the chat template), or None ("none" on the command line).
+    tool_call_parser: str | None = flag(
+        "auto", "how the model writes tool calls: auto (from the chat template), none, or one "
+        f"of {', '.join(sorted(TOOL_PARSERS))}")
+    reasoning_parser: str | None = flag(
+        None, "put the model's thinking into reasoning_content", choices=REASONING_PARSERS)
+    structured_outputs_timeout: float = flag(
+        DEFAULT_COMPILE_TIMEOUT_S,
+        "seconds a grammar may take to compile before the request gets a 400")
+
+    def __post_init__(self) -> None:
+        if self.tool_call_parser == "none":
+            self.tool_call_parser = None
 
     def validate(self) -> None:
         if self.tool_call_parser not in (None, "auto", *TOOL_PARSERS):
@@ -46,13 +63,18 @@ class ChatPlan:
     reasoning_parser: str | None
     constraint: StructuredOutputsParams | None
     constraint_param: str | None
+    # tool_choice auto without another constraint: the tools' parameter schemas, which the
+    # call grammar holds each call to once the model starts one
+    auto_tool_schemas: dict[str, dict] | None = None
 
     @property
     def parses_output(self) -> bool:
         return self.tools is not None or self.reasoning_parser is not None
 
     def output_parser(self, prompt_text: str | None) -> ChatOutputParser:
-        return ChatOutputParser(self.tools, self.reasoning_parser, prompt_text)
+        # Auto calls stream their arguments only while the call grammar holds them.
+        return ChatOutputParser(self.tools, self.reasoning_parser, prompt_text,
+                                stream_arguments=self.auto_tool_schemas is not None)
 
 
 def plan_chat(body: ChatCompletionRequest, options: AgentOptions, chat_template: str | None
@@ -67,6 +89,7 @@ def plan_chat(body: ChatCompletionRequest, options: AgentOptions, chat_template:
     if choice != "none" and not tools:
         raise bad_request("tool_choice needs tools", "tool_choice")
     mode = None
+    auto_schemas = None
     parallel = body.parallel_tool_calls is not False
     if choice == "auto":
         parser = options.tool_call_parser
@@ -78,6 +101,8 @@ def plan_chat(body: ChatCompletionRequest, options: AgentOptions, chat_template:
                 "known call syntax; serve with --tool-call-parser, or use tool_choice "
                 "required or a named function", "tool_choice")
         mode = ToolMode("auto", parser, names, parallel=parallel)
+        if constraint is None:  # a user's response_format holds the whole answer instead
+            auto_schemas = {t.function.name: _parameters(t.function.parameters) for t in tools}
     elif choice == "required" or not isinstance(choice, str):
         if constraint is not None:
             raise bad_request(f"{param} cannot be combined with tool_choice {choice!r}: the "
@@ -95,7 +120,8 @@ def plan_chat(body: ChatCompletionRequest, options: AgentOptions, chat_template:
             constraint = StructuredOutputsParams(json=tool_schemas[name])
         param = "tools"
     template_tools = [t.model_dump(exclude_none=True) for t in tools] or None
-    return ChatPlan(mode, template_tools, options.reasoning_parser, constraint, param)
+    return ChatPlan(mode, template_tools, options.reasoning_parser, constraint, param,
+                    auto_schemas)
 
 
 async def prepare_constraint(plan: ChatPlan, engine: Any, prompt_text: str | None
@@ -103,6 +129,10 @@ async def prepare_constraint(plan: ChatPlan, engine: Any, prompt_text: str | Non
     """The constraint for the engine: starting after the thinking when the answer begins in
     it, and compiled here first (a 400 if it is malformed or too slow to compile)."""
     constraint = plan.constraint
+    if constraint is None and plan.auto_tool_schemas is not None:
+        # Free text, and the tools' schemas once a call starts; from the first token, so a
+        # call written inside a thinking block is held to its schema too.
+        return await _auto_call_constraint(plan, engine)
     if constraint is None:
         return None
     await check_constraint(engine, constraint, plan.constraint_param or "structured_outputs")
@@ -112,6 +142,20 @@ async def prepare_constraint(plan: ChatPlan, engine: Any, prompt_text: str | Non
     if plan.reasoning_parser and starts_in_reasoning(plan.reasoning_parser, prompt_text):
         end_ids = engine.tokenizer.encode("</think>", add_special_tokens=False)
         constraint.reasoning_end_token_ids = list(end_ids)
+    return constraint
+
+
+async def _auto_call_constraint(plan: ChatPlan, engine: Any) -> StructuredOutputsParams | None:
+    assert plan.tools is not None and plan.tools.parser and plan.auto_tool_schemas is not None
+    loop = asyncio.get_running_loop()
+    compiler = await loop.run_in_executor(None, grammar_compiler, engine)
+    lookup = special_token_lookup(engine.tokenizer, compiler.ll_tokenizer)
+    grammar = auto_call_grammar(plan.tools.parser, plan.auto_tool_schemas, plan.tools.parallel,
+                                lookup)
+    if grammar is None:
+        return None  # a syntax that is not JSON (pythonic): parsed, not constrained
+    constraint = StructuredOutputsParams(grammar=grammar)
+    await check_constraint(engine, constraint, "tools")
     return constraint
 
 

@@ -8,11 +8,11 @@ is left at the end is content.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from soberana.server.reasoning_parsers import ReasoningSplitter
 from soberana.server.tool_parsers import TOOL_PARSERS, ParsedCall, ToolParser
+from soberana.server.tool_parsers.call_scan import CallScan, scan_calls
 
 
 @dataclass
@@ -28,22 +28,40 @@ class ToolMode:
     parallel: bool = True
 
 
+@dataclass
+class _OpenCall:
+    """A call announced (id and name sent) whose arguments are still streaming."""
+
+    id: str
+    name: str
+    sent: str = ""  # the arguments text sent so far
+
+
 class ChatOutputParser:
-    """Incremental split of one choice's text into OpenAI delta dicts."""
+    """Incremental split of one choice's text into OpenAI delta dicts.
+
+    `stream_arguments`: the call grammar holds `auto` calls to their schemas, so a call is
+    announced (id and name) as soon as its name is written and its arguments stream as they
+    are generated; otherwise an `auto` call goes out once it is whole and parsed. Calls of
+    `required` and named choices (always grammar-held) always stream.
+    """
 
     def __init__(self, tools: ToolMode | None, reasoning_parser: str | None,
-                 prompt_text: str | None) -> None:
+                 prompt_text: str | None, stream_arguments: bool = False) -> None:
         self.tools = tools
         self.reasoning = (ReasoningSplitter(reasoning_parser, prompt_text)
                           if reasoning_parser else None)
         self.tool_parser: ToolParser | None = None
         if tools is not None and tools.kind == "auto" and tools.parser:
             self.tool_parser = TOOL_PARSERS[tools.parser](tools.tool_names)
+        self.stream_arguments = stream_arguments and (
+            self.tool_parser is None or self.tool_parser.layout is not None)
         self.pending = ""  # content not yet decided by the tool parser
         self.consumed_any = False  # the tool parser has consumed content before
         self.forced_text = ""  # required/named: the whole JSON answer
         self.reasoning_text = ""  # for a call left inside an unclosed thinking block
         self.calls: list[ParsedCall] = []
+        self.open: list[_OpenCall] = []  # announced calls not yet whole, in order
 
     def feed(self, text: str) -> list[dict]:
         """Delta dicts for this piece of generated text."""
@@ -51,12 +69,12 @@ class ChatOutputParser:
 
     def finish(self, finish_reason: str | None) -> tuple[list[dict], str | None]:
         """The remaining deltas and the finish reason to report ("tool_calls" when calls
-        were made and the model stopped by itself)."""
+        were made and the model stopped by itself; a call cut by max_tokens keeps "length",
+        and its arguments are the text written so far, as OpenAI's are)."""
         deltas = self._step("", final=True)
         if self.tools is not None and self.tools.kind in ("required", "named"):
-            calls = self._forced_calls()
-            deltas += self._emit_calls(calls)
-            if not calls and self.forced_text:  # cut short: the partial JSON, as content
+            deltas += self._forced_step(final=True)
+            if not self.calls and self.forced_text:  # cut before a call began: as content
                 deltas.append({"content": self.forced_text})
         elif (self.reasoning is not None and not self.reasoning.ended and not self.calls
               and self.tool_parser is not None):
@@ -87,55 +105,114 @@ class ChatOutputParser:
                 deltas.append({"reasoning_content": reasoning})
         if self.tools is not None and self.tools.kind in ("required", "named"):
             self.forced_text += content
+            if not final:
+                deltas += self._forced_step(final=False)
             return deltas
         if self.tool_parser is None:
             if content:
                 deltas.append({"content": content})
             return deltas
         self.pending += content
+        block = self._open_block_text() if final and self.open else None
         segments, used = self.tool_parser.split(self.pending, final, not self.consumed_any)
         if used:
             self.consumed_any = True
         self.pending = self.pending[used:]
-        calls = []
         for segment in segments:
             if isinstance(segment, ParsedCall):
-                calls.append(segment)
-            elif segment and not (self.calls or calls) or segment.strip():
+                deltas += self._emit_calls([segment])
+            elif self.open:
+                continue  # the text of a block cut short: its calls have streamed
+            elif segment and not self.calls or segment.strip():
                 deltas.append({"content": segment})
-        deltas += self._emit_calls(calls)
+        if block is not None and self.open:  # cut short (max_tokens or a stop string)
+            deltas += self._close_open(scan_calls(block, self.tool_parser.arguments_key,
+                                                  self.tool_parser.layout or "one"))
+        elif not final and self.stream_arguments:
+            block = self._open_block_text()
+            if block is not None:
+                deltas += self._stream(scan_calls(block, self.tool_parser.arguments_key,
+                                                  self.tool_parser.layout or "one"))
         return deltas
 
+    def _open_block_text(self) -> str | None:
+        assert self.tool_parser is not None
+        start = self.tool_parser.open_block(self.pending, not self.consumed_any)
+        return None if start is None else self.pending[start:]
+
+    def _forced_step(self, final: bool) -> list[dict]:
+        """required: the answer is a JSON array of {"name", "parameters"}; named: the answer
+        is the function's arguments. Both stream as they are written."""
+        assert self.tools is not None
+        if self.tools.kind == "named":
+            assert self.tools.function is not None
+            scans = [CallScan(self.tools.function, self.forced_text, False, 0)]
+        else:
+            scans = scan_calls(self.forced_text, "parameters", "array")
+        if not final:
+            return self._stream(scans)
+        return self._close_open(scans)
+
+    def _stream(self, scans: list[CallScan]) -> list[dict]:
+        """Announce the calls of `scans` not yet announced and send their new arguments."""
+        deltas: list[dict] = []
+        for k, scan in enumerate(scans):
+            index = len(self.calls) + k
+            if k == len(self.open):
+                known = self.tools is None or scan.name in self.tools.tool_names
+                if not known or not self._may_add(index):
+                    break
+                self.open.append(_OpenCall(self._new_id(), scan.name))
+                deltas.append(_announce(index, self.open[k].id, scan.name))
+            call = self.open[k]
+            if len(scan.arguments) > len(call.sent) and scan.arguments.startswith(call.sent):
+                deltas.append(_arguments(index, scan.arguments[len(call.sent):]))
+                call.sent = scan.arguments
+        return deltas
+
+    def _close_open(self, scans: list[CallScan]) -> list[dict]:
+        """The answer ended: the announced calls get their last arguments and are made."""
+        deltas = self._stream(scans)
+        for call in self.open:
+            self.calls.append(ParsedCall(call.name, call.sent, call.id))
+        self.open = []
+        return deltas
+
+    def _may_add(self, index: int) -> bool:
+        return self.tools is None or self.tools.parallel or index == 0
+
+    def _new_id(self) -> str:
+        return (self.tool_parser or ToolParser()).new_id()
+
     def _emit_calls(self, calls: list[ParsedCall]) -> list[dict]:
-        if self.tools is not None and not self.tools.parallel:
-            calls = calls[: max(0, 1 - len(self.calls))]
         deltas = []
         for call in calls:
             index = len(self.calls)
+            if not self._may_add(index):
+                break
+            announced = self.open.pop(0) if self.open else None
+            if announced is not None:  # announced while streaming: send what is left
+                call.id = announced.id
+                rest = (call.arguments[len(announced.sent):]
+                        if call.arguments.startswith(announced.sent) else "")
+                if rest:
+                    deltas.append(_arguments(index, rest))
+                call.arguments = announced.sent + rest
+            else:
+                deltas.append(_announce(index, call.id, call.name))
+                deltas.append(_arguments(index, call.arguments))
             self.calls.append(call)
-            # OpenAI's shape: id, type and name first, then the arguments.
-            deltas.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                           "function": {"name": call.name, "arguments": ""}}]})
-            deltas.append({"tool_calls": [{"index": index,
-                                           "function": {"arguments": call.arguments}}]})
         return deltas
 
-    def _forced_calls(self) -> list[ParsedCall]:
-        """Calls from a grammar-forced answer; none if it was cut short (max_tokens)."""
-        assert self.tools is not None
-        try:
-            value = json.loads(self.forced_text)
-        except json.JSONDecodeError:
-            return []
-        helper = ToolParser(self.tools.tool_names)
-        if self.tools.kind == "named":
-            call = helper.make_call(self.tools.function, value)
-            return [call] if call else []
-        if not isinstance(value, list):
-            return []
-        calls = [helper.make_call(v.get("name"), v.get("parameters")) for v in value
-                 if isinstance(v, dict)]
-        return [c for c in calls if c is not None]
+
+def _announce(index: int, call_id: str, name: str) -> dict:
+    """OpenAI's first chunk of a call: id, type and name, arguments empty."""
+    return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def _arguments(index: int, fragment: str) -> dict:
+    return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
 
 
 def merge_deltas(deltas: list[dict]) -> dict:

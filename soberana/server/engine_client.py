@@ -1,30 +1,29 @@
-"""The API process's handle on the engine-core process: requests out, per-request streams in.
+"""The API process's engine: requests out, per-request streams in.
 
-One reader thread receives the core's messages (one per engine step) and hands whatever has
-arrived to the event loop as one batch; the loop detokenizes (OutputProcessor), finds stop
-strings, records metrics and wakes each request's stream. One sender thread writes to the
-core, so the event loop never blocks on the pipe.
+The engine-core process and its pipe threads are `soberana.engine.core_client`'s; its reader
+thread hands whatever the core sent to the event loop as one batch, and the loop here
+detokenizes (OutputProcessor), finds stop strings, records metrics and wakes each request's
+stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import functools
 import gc
 import logging
-import multiprocessing
-import queue
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from soberana.engine.config import EngineConfig
+from soberana.engine.core_client import EngineCoreClient, EngineDeadError
+from soberana.engine.core_process import AbortRequests, CoreFatal, EngineCoreOutputs, FromCore
 from soberana.engine.outputs import (
     EngineCoreRequest,
+    ModelInfo,
     PoolingOutput,
     PoolingRequest,
     RequestOutput,
@@ -32,20 +31,14 @@ from soberana.engine.outputs import (
 )
 from soberana.engine.sampling_params import SamplingParams
 from soberana.server.agent_request import AgentOptions
-from soberana.server.core_process import (
-    AbortRequests,
-    CoreFatal,
-    CoreReady,
-    Shutdown,
-    StepResult,
-    run_engine_core,
-)
 from soberana.server.metrics import RequestTimes, ServerMetrics
 from soberana.server.request_log import current_request, note_finished
 
+if TYPE_CHECKING:
+    from soberana.engine.output_processor import OutputProcessor
+
 logger = logging.getLogger("soberana.server")
 
-_MAX_STEPS_PER_BATCH = 64
 # Characters of prompt text above which tokenization leaves the event loop: ~1-2 ms of work on
 # a slow core, against ~0.1 ms for the hop to the tokenizer thread and back.
 OFFLOAD_TOKENIZATION_CHARS = 4096
@@ -57,10 +50,6 @@ TOKENIZER_WORKERS = 2
 MAX_TOKENIZER_JOBS = 64
 
 T = TypeVar("T")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine-core process stopped; no request can be served any more."""
 
 
 class EngineRejectedError(ValueError):
@@ -133,7 +122,8 @@ class _Tracked:
 
 
 class EngineClient:
-    """Starts the engine-core process and routes requests to it and outputs back."""
+    """Routes requests to the engine-core process (`EngineCoreClient`) and its outputs back to
+    each request's stream, with the tokenizer, detokenization and metrics on the way."""
 
     def __init__(
         self, config: EngineConfig, max_waiting_requests: int, chat_template: str | None = None
@@ -141,7 +131,7 @@ class EngineClient:
         self.config = config
         self.max_waiting_requests = max_waiting_requests
         self.chat_template = chat_template  # replaces the model's when given
-        self.model_info: Any = None
+        self.model_info: ModelInfo | None = None
         self.tokenizer: Any = None
         self.metrics: ServerMetrics | None = None
         self.ready = False
@@ -150,16 +140,13 @@ class EngineClient:
         # Tools, reasoning and structured outputs (--tool-call-parser, ...; set by the CLI).
         self.agent_options = AgentOptions()
         self.grammar_compiler: Any = None  # built on the first constrained request
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._requests: Any = None  # our end of the pipe to the core
-        self._results: Any = None  # our end of the pipe from the core
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.core = EngineCoreClient(config)
         self._tracked: dict[str, _Tracked] = {}
         self._pooling: dict[str, asyncio.Future[PoolingOutput]] = {}  # embed/score inputs
-        self._processor: Any = None
+        self._processor: OutputProcessor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._num_sent = 0  # requests handed to the sender
-        self._num_received = 0  # requests the core has taken in (from its last StepResult)
+        self._num_received = 0  # requests the core has taken in (its last EngineCoreOutputs)
         self._closing = False
         self.crashed = False  # the core died while serving (not a shutdown we asked for)
         self.on_fatal: Callable[[], None] | None = None  # called once the core has died
@@ -177,49 +164,33 @@ class EngineClient:
 
         t0 = time.perf_counter()
         self._loop = asyncio.get_running_loop()
-        ctx = multiprocessing.get_context("spawn")
-        core_requests, self._requests = ctx.Pipe(duplex=False)
-        self._results, core_results = ctx.Pipe(duplex=False)
-        _grow_pipe(self._results)
-        self._process = ctx.Process(
-            target=run_engine_core,
-            args=(self.config, core_requests, core_results),
-            name="soberana-engine-core",
-        )
-        self._process.start()
-        # Close our copies of the core's ends, so either side sees EOF when the other exits.
-        core_requests.close()
-        core_results.close()
-        logger.info("engine core process started (pid %d); loading the model", self._process.pid)
+        pid = self.core.start()
+        logger.info("engine core process started (pid %d); loading the model", pid)
         early = self._loop.run_in_executor(None, _load_tokenizer_early, self.config)
         try:
-            first = await self._loop.run_in_executor(None, self._results.recv)
-        except (EOFError, OSError):
-            first = CoreFatal(f"engine core process exited with code {self._wait_exit()}")
-        if isinstance(first, CoreFatal):
-            self.dead_reason = first.message
+            model_info = await self._loop.run_in_executor(None, self.core.wait_ready)
+        except EngineDeadError as exc:
+            self.dead_reason = str(exc)
             early.cancel()
-            raise EngineDeadError(first.message)
-        assert isinstance(first, CoreReady)
+            raise
         logger.info("engine core ready in %.1fs", time.perf_counter() - t0)
         try:
             path, tokenizer = await early
         except ValueError:
             path, tokenizer = None, None  # the core resolved the model another way: retry below
-        if path != Path(first.model_info.path):
+        if path != Path(model_info.path):
             t_tok = time.perf_counter()
-            tokenizer = await self._loop.run_in_executor(
-                None, load_tokenizer, Path(first.model_info.path)
-            )
+            tokenizer = await self._loop.run_in_executor(None, load_tokenizer,
+                                                         Path(model_info.path))
             logger.info("tokenizer loaded in %.1fs", time.perf_counter() - t_tok)
         if self.chat_template is not None:
             tokenizer.chat_template = self.chat_template
-        self._attach(first.model_info, tokenizer)
-        threading.Thread(target=self._send_loop, name="engine-sender", daemon=True).start()
-        threading.Thread(target=self._read_loop, name="engine-reader", daemon=True).start()
+        self._attach(model_info, tokenizer)
+        loop = self._loop
+        self.core.run_io(lambda batch: loop.call_soon_threadsafe(self._on_messages, batch))
         self.ready = True
 
-    def _attach(self, model_info: Any, tokenizer: Any) -> None:
+    def _attach(self, model_info: ModelInfo, tokenizer: Any) -> None:
         """Take the core's model description and the tokenizer; set up the per-token state."""
         from soberana.engine.output_processor import OutputProcessor
 
@@ -245,16 +216,9 @@ class EngineClient:
         """Stop the core: ask politely, then kill it if it does not exit within `timeout`."""
         self.ready = False
         self._closing = True
-        if self._process is None:
+        if not self.core.started:
             return
-        self._outbox.put(Shutdown())
-        self._outbox.put(None)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._process.join, timeout)
-        if self._process.is_alive():
-            logger.warning("engine core did not stop within %.0fs; killing it", timeout)
-            self._process.kill()
-            await loop.run_in_executor(None, self._process.join, 5)
+        await asyncio.get_running_loop().run_in_executor(None, self.core.stop, timeout)
         for tracked in self._tracked.values():
             tracked.stream.fail(EngineDeadError("the server is shutting down"))
         self._tracked.clear()
@@ -274,15 +238,10 @@ class EngineClient:
             self._processor.abort_request(request_id)
             tracked.stream.fail(error)
         if ids:
-            self._outbox.put(AbortRequests(ids))
+            self.core.send(AbortRequests(ids))
         ended = len(ids) + len(self._pooling)
         self._fail_pooling(error)
         return ended
-
-    def _wait_exit(self) -> int | None:
-        assert self._process is not None
-        self._process.join(5)
-        return self._process.exitcode
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -348,7 +307,7 @@ class EngineClient:
         times = RequestTimes(arrival, len(prompt_token_ids), params.n, params.max_tokens or 0)
         self._tracked[request_id] = _Tracked(stream, times, params.n)
         self._num_sent += 1
-        self._outbox.put(
+        self.core.send(
             EngineCoreRequest(request_id, prompt_token_ids, params, arrival, priority, cache_salt)
         )
         return stream
@@ -363,65 +322,36 @@ class EngineClient:
         future: asyncio.Future[PoolingOutput] = self._loop.create_future()
         self._pooling[request_id] = future
         self._num_sent += 1
-        self._outbox.put(PoolingRequest(request_id, token_ids, time.time(), token_type_ids))
+        self.core.send(PoolingRequest(request_id, token_ids, time.time(), token_type_ids))
         return future
 
     def abort_pooling(self, request_ids: list[str]) -> None:
         """Drop inputs whose client has gone (those still queued in the core are skipped)."""
         gone = [r for r in request_ids if self._pooling.pop(r, None) is not None]
         if gone:
-            self._outbox.put(AbortRequests(list(gone)))
+            self.core.send(AbortRequests(list(gone)))
 
     def abort(self, request_id: str) -> None:
         """Stop a request (client gone, shutdown): the core frees its KV blocks at once."""
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
             return  # already finished
-        self._outbox.put(AbortRequests([request_id]))
+        self.core.send(AbortRequests([request_id]))
         self._processor.abort_request(request_id)
         assert self.metrics is not None
         self.metrics.record_finished(tracked.times, time.time(), ["abort"] * len(tracked.unfinished))
         note_finished(tracked.record, tracked.times, ["abort"] * len(tracked.unfinished), 0)
 
-    # ---- the two pipe threads ---------------------------------------------------------------
-
-    def _send_loop(self) -> None:
-        while True:
-            message = self._outbox.get()
-            if message is None:
-                return
-            try:
-                self._requests.send(message)
-            except OSError:
-                return  # the core is gone; the reader reports it
-
-    def _read_loop(self) -> None:
-        assert self._loop is not None
-        while True:
-            batch = []
-            try:
-                batch.append(self._results.recv())
-                # Hand over every step already waiting as one batch: when the event loop
-                # lags the engine, a request's handler then wakes once for several tokens
-                # (one SSE event) instead of once per token.
-                while len(batch) < _MAX_STEPS_PER_BATCH and self._results.poll(0):
-                    batch.append(self._results.recv())
-            except (EOFError, OSError):
-                batch.append(CoreFatal(f"engine core process exited with code {self._wait_exit()}"))
-            self._loop.call_soon_threadsafe(self._on_messages, batch)
-            if isinstance(batch[-1], CoreFatal):
-                return
-
     # ---- dispatch (event loop) --------------------------------------------------------------
 
-    def _on_messages(self, batch: list[StepResult | CoreFatal]) -> None:
-        steps = [m for m in batch if isinstance(m, StepResult)]
+    def _on_messages(self, batch: list[FromCore]) -> None:
+        steps = [m for m in batch if isinstance(m, EngineCoreOutputs)]
         if steps:
             self._on_steps(steps)
         if isinstance(batch[-1], CoreFatal):
             self._on_fatal(batch[-1].message)
 
-    def _on_steps(self, steps: list[StepResult]) -> None:
+    def _on_steps(self, steps: list[EngineCoreOutputs]) -> None:
         assert self.metrics is not None
         last = steps[-1]
         for step in steps:
@@ -452,7 +382,7 @@ class EngineClient:
         self.metrics.generation_tokens.inc(generated)
         request_outputs, ids_to_abort = self._processor.process_outputs(outputs)
         if ids_to_abort:
-            self._outbox.put(AbortRequests(list(ids_to_abort)))
+            self.core.send(AbortRequests(list(ids_to_abort)))
         for output in request_outputs:
             tracked = self._tracked.get(output.request_id)
             if tracked is None:
@@ -471,7 +401,7 @@ class EngineClient:
                 self.metrics.record_samples_finished(reasons)
             tracked.stream.put(output)
 
-    def _on_pooled(self, step: StepResult) -> None:
+    def _on_pooled(self, step: EngineCoreOutputs) -> None:
         for out in step.pooled:
             future = self._pooling.pop(out.request_id, None)
             if future is not None and not future.done():
@@ -522,11 +452,3 @@ def _load_tokenizer_early(config: EngineConfig) -> tuple[Path, Any]:
     tokenizer = load_tokenizer(path)
     logger.info("tokenizer loaded in %.1fs (while the engine loads)", time.perf_counter() - t0)
     return path, tokenizer
-
-
-def _grow_pipe(conn: Any) -> None:
-    """Give the core's output pipe 1 MiB, so the core never waits on a briefly busy reader."""
-    try:
-        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
-    except OSError:
-        pass  # above /proc/sys/fs/pipe-max-size: keep the default 64 KiB

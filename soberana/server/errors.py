@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from soberana.openai_error import error_body, error_type
+
 logger = logging.getLogger("soberana.server")
 
 # Union members appear in pydantic's error locations as type names; they are not parameters.
@@ -40,21 +42,14 @@ class OpenAIError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type or _default_type(status)
+        self.type = type or error_type(status)
         self.param = param
         self.code = code
         self.headers = headers
 
     def body(self) -> dict:
         """The JSON body OpenAI clients parse."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -63,20 +58,6 @@ class OpenAIError(Exception):
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     """A 400 invalid_request_error."""
     return OpenAIError(400, message, param=param, code=code)
-
-
-def _default_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 404:
-        return "not_found_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status == 503:
-        return "service_unavailable"
-    if status >= 500:
-        return "internal_server_error"
-    return "invalid_request_error"
 
 
 def validation_error(errors: list[dict]) -> OpenAIError:

@@ -23,17 +23,15 @@ from soberana.server.engine_inputs import (
 from soberana.server.errors import bad_request
 from soberana.server.protocol import ChatCompletionRequest
 from soberana.server.streaming import (
-    SSE_DONE,
     TEXT_SLOT,
     Choice,
+    ChunkStream,
     EventStream,
     cancel_on_disconnect,
     collect,
     merge_outputs,
     ranked,
     safe_logprob,
-    sse,
-    stream_error,
     text_events,
     usage,
 )
@@ -108,7 +106,7 @@ async def create_chat_completion(
     )
 
 
-async def _stream(
+def _stream(
     engine: EngineClient,
     stream,
     body: ChatCompletionRequest,
@@ -117,44 +115,34 @@ async def _stream(
     top_n: int,
     parsers: dict[int, ChatOutputParser] | None = None,
 ) -> AsyncIterator[str]:
-    options = body.stream_options
-    include_usage = options is not None and options.include_usage
-    continuous = include_usage and options.continuous_usage_stats
-    base = {**header, "object": "chat.completion.chunk"}
-    generated = cached = 0
+    out = ChunkStream(header, "chat.completion.chunk", body.stream_options, prompt_tokens)
 
-    def chunk(index: int, delta: dict, choice: Choice | None = None, finish: bool = False,
-              finish_reason: str | None = None) -> str:
+    def chunk(index: int, delta: dict, choice: Choice | None = None) -> str:
         entry: dict = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-        if choice is not None and body.logprobs and not finish:
+        if choice is not None and body.logprobs:
             entry["logprobs"] = _logprobs(choice.token_ids, choice.logprobs, top_n)
-        if finish and choice is not None:
-            entry["finish_reason"] = finish_reason or choice.finish_reason
-            entry["stop_reason"] = choice.stop_reason
-        payload = {**base, "choices": [entry]}
-        if include_usage:
-            payload["usage"] = usage(prompt_tokens, generated, cached) if continuous else None
-        return sse(payload)
+        return out.event(entry)
 
     # A content delta without logprobs or running usage is the same JSON around new text.
-    plain = not body.logprobs and not continuous and parsers is None
+    plain = not body.logprobs and not out.continuous and parsers is None
     content_events = (
         [text_events(chunk(i, {"content": TEXT_SLOT})) for i in range(body.n)] if plain else []
     )
-    try:
+
+    async def events() -> AsyncIterator[str]:
         for index in range(body.n):
             yield chunk(index, {"role": "assistant", "content": ""})
         done: set[int] = set()
         while len(done) < body.n:
             outputs = await stream.get()
-            cached = outputs[-1].num_cached_tokens
+            out.cached = outputs[-1].num_cached_tokens
             batch: dict[int, Choice] = {}
             merge_outputs(outputs, batch)
             for index in sorted(batch):
                 choice = batch[index]
                 if index in done:
                     continue
-                generated += len(choice.token_ids)
+                out.generated += len(choice.token_ids)
                 finish_reason = choice.finish_reason
                 if plain:
                     if choice.text:
@@ -172,16 +160,11 @@ async def _stream(
                     yield chunk(index, {"content": choice.text}, choice)
                 if choice.finish_reason is not None:
                     done.add(index)
-                    yield chunk(index, {}, choice, finish=True, finish_reason=finish_reason)
+                    yield out.finish({"index": index, "delta": {}}, choice, finish_reason)
             if outputs[-1].finished:
                 break
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, generated, cached)})
-    except Exception as exc:  # headers are sent: the error travels as an event
-        yield stream_error(exc)
-    finally:
-        engine.abort(stream.request_id)
-    yield SSE_DONE
+
+    return out.run(events(), lambda: engine.abort(stream.request_id))
 
 
 def _logprobs(

@@ -23,17 +23,15 @@ from soberana.server.engine_inputs import (
 )
 from soberana.server.protocol import CompletionRequest
 from soberana.server.streaming import (
-    SSE_DONE,
     TEXT_SLOT,
     Choice,
+    ChunkStream,
     EventStream,
     cancel_on_disconnect,
     collect,
     merge_outputs,
     ranked,
     safe_logprob,
-    sse,
-    stream_error,
     text_events,
     usage,
 )
@@ -183,35 +181,27 @@ class _Renderer:
         }
 
 
-async def _stream(
+def _stream(
     engine: EngineClient,
     streams: list[RequestStream],
     body: CompletionRequest,
     header: dict,
     render: _Renderer,
 ) -> AsyncIterator[str]:
-    options = body.stream_options
-    include_usage = options is not None and options.include_usage
-    continuous = include_usage and options.continuous_usage_stats
-    base = {**header, "object": "text_completion"}
     prompt_tokens = sum(len(p.token_ids) for p in render.prompts)
-    generated = 0
-    cached = [0] * len(streams)
+    out = ChunkStream(header, "text_completion", body.stream_options, prompt_tokens)
+    cached = [0] * len(streams)  # per prompt; out.cached is their sum
     started: set[int] = set()  # choice indices that sent their first chunk (echo goes there)
     done: set[int] = set()
 
-    def event(entry: dict) -> str:
-        payload = {**base, "choices": [entry]}
-        if include_usage:
-            payload["usage"] = usage(prompt_tokens, generated, sum(cached)) if continuous else None
-        return sse(payload)
-
     # A text delta without logprobs, echo or running usage is the same JSON around new text.
-    plain = body.logprobs is None and not body.echo and not continuous
+    plain = body.logprobs is None and not body.echo and not out.continuous
     text_event: dict[int, Callable[[str], str]] = {}  # choice index -> its events (plain)
-    try:
+
+    async def events() -> AsyncIterator[str]:
         async for prompt_index, outputs in _merge(streams):
             cached[prompt_index] = outputs[-1].num_cached_tokens
+            out.cached = sum(cached)
             batch: dict[int, Choice] = {}
             merge_outputs(outputs, batch)
             for j in sorted(batch):
@@ -220,13 +210,13 @@ async def _stream(
                 if index in done:
                     continue
                 first = index not in started
-                generated += len(choice.token_ids)
+                out.generated += len(choice.token_ids)
                 if plain:
                     if choice.text:
                         if first:
                             started.add(index)
                             slot = Choice(j, TEXT_SLOT)
-                            template = event(render.choice(prompt_index, slot, None, False, False))
+                            template = out.event(render.choice(prompt_index, slot, None, False, False))
                             text_event[index] = text_events(template)
                         yield text_event[index](choice.text)
                 elif (
@@ -236,26 +226,16 @@ async def _stream(
                 ):
                     started.add(index)
                     entry = render.choice(prompt_index, choice, outputs[0].prompt_logprobs, first, False)
-                    yield event(entry)
+                    yield out.event(entry)
                 if choice.finish_reason is not None:
                     done.add(index)
-                    yield event(
-                        {
-                            "index": index,
-                            "text": "",
-                            "logprobs": None,
-                            "finish_reason": choice.finish_reason,
-                            "stop_reason": choice.stop_reason,
-                        }
-                    )
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, generated, sum(cached))})
-    except Exception as exc:  # headers are sent: the error travels as an event
-        yield stream_error(exc)
-    finally:
+                    yield out.finish({"index": index, "text": ""}, choice)
+
+    def abort() -> None:
         for s in streams:
             engine.abort(s.request_id)
-    yield SSE_DONE
+
+    return out.run(events(), abort)
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, list]]:

@@ -70,7 +70,7 @@ def _message(answer: dict, model: str, stops: list[str] | None) -> dict:
         content.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or []:
         content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
-                        "input": json.loads(call["function"]["arguments"])})
+                        "input": _tool_input(call["function"]["arguments"])})
     stop_reason, stop_sequence = _stop(choice, stops)
     return {
         "id": "msg_" + answer["id"].removeprefix("chatcmpl-"),
@@ -83,6 +83,16 @@ def _message(answer: dict, model: str, stops: list[str] | None) -> dict:
         "usage": {"input_tokens": answer["usage"]["prompt_tokens"],
                   "output_tokens": answer["usage"]["completion_tokens"]},
     }
+
+
+def _tool_input(arguments: str) -> dict:
+    """A call's input; a call cut short by max_tokens (stop_reason max_tokens) has arguments
+    that are not yet JSON: its input is then empty, as far as it can be told apart."""
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _stop(choice: dict, stops: list[str] | None) -> tuple[str, str | None]:

@@ -94,6 +94,58 @@ def text_events(template: str) -> Callable[[str], str]:
     return event
 
 
+class ChunkStream:
+    """The skeleton every OpenAI stream shares (chat and completions): the chunk envelope,
+    usage (only at the end, or on every chunk with `continuous_usage_stats`), the finish
+    event, and the ending — the final usage chunk, an error event if the stream failed after
+    its headers were sent, the request's abort, then [DONE].
+
+    The endpoint keeps `generated` and `cached` current; `event` and `finish` read them.
+    """
+
+    def __init__(self, header: dict, object_name: str, stream_options: Any, prompt_tokens: int
+                 ) -> None:  # fmt: skip
+        self.base = {**header, "object": object_name}
+        self.include_usage = bool(stream_options is not None and stream_options.include_usage)
+        self.continuous = self.include_usage and bool(stream_options.continuous_usage_stats)
+        self.prompt_tokens = prompt_tokens
+        self.generated = 0  # completion tokens so far
+        self.cached = 0  # prompt tokens served from the prefix cache
+
+    def usage(self) -> dict:
+        """The usage object as of now."""
+        return usage(self.prompt_tokens, self.generated, self.cached)
+
+    def event(self, entry: dict) -> str:
+        """The chunk carrying one choice's `entry` (usage null, or running with continuous)."""
+        payload = {**self.base, "choices": [entry]}
+        if self.include_usage:
+            payload["usage"] = self.usage() if self.continuous else None
+        return sse(payload)
+
+    def finish(self, entry: dict, choice: Choice, finish_reason: str | None = None) -> str:
+        """The chunk that ends a choice: `entry` (its index and an empty delta or text) with
+        the finish and stop reasons."""
+        return self.event({**entry, "logprobs": None,
+                           "finish_reason": finish_reason or choice.finish_reason,
+                           "stop_reason": choice.stop_reason})  # fmt: skip
+
+    async def run(self, events: AsyncIterator[str], abort: Callable[[], None]
+                  ) -> AsyncIterator[str]:  # fmt: skip
+        """`events`, then the usage chunk; an error event on failure; `abort` (a no-op for a
+        finished request, freeing the KV blocks of one the client left); then [DONE]."""
+        try:
+            async for event in events:
+                yield event
+            if self.include_usage:
+                yield sse({**self.base, "choices": [], "usage": self.usage()})
+        except Exception as exc:  # headers are sent: the error travels as an event
+            yield stream_error(exc)
+        finally:
+            abort()
+        yield SSE_DONE
+
+
 def stream_error(exc: Exception) -> str:
     """The SSE event that ends a stream which failed after its headers were sent."""
     if isinstance(exc, ServerShuttingDownError):

@@ -5,6 +5,7 @@ constraint when it is malformed or does not compile in time; the engine never se
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from soberana.server.errors import bad_request
@@ -52,7 +53,7 @@ def requested_constraint(body: SamplingFields) -> tuple[StructuredOutputsParams 
         raise bad_request(str(exc), param=param) from exc
 
 
-def _compiler(engine: Any) -> GrammarCompiler:
+def grammar_compiler(engine: Any) -> GrammarCompiler:
     """The API process's compiler (built on first use, kept on the engine client)."""
     compiler = getattr(engine, "grammar_compiler", None)
     if compiler is None:
@@ -66,10 +67,21 @@ def _compiler(engine: Any) -> GrammarCompiler:
 async def check_constraint(engine: Any, params: StructuredOutputsParams, param: str) -> None:
     """Compile `params` off the event loop within the time limit; a 400 naming it if not."""
     loop = asyncio.get_running_loop()
-    compiler = await loop.run_in_executor(None, _compiler, engine)
+    compiler = await loop.run_in_executor(None, grammar_compiler, engine)
     try:
         await loop.run_in_executor(None, compiler.compile, params)
     except GrammarError as exc:
         raise bad_request(str(exc), param=param, code="invalid_structured_output") from exc
 
 
+def special_token_lookup(tokenizer: Any, ll_tokenizer: Any) -> Callable[[str], int | None]:
+    """`text` -> its token id when the tokenizer holds it as one token that llguidance treats
+    as special (kept apart from text, so a grammar must name it by id); None otherwise."""
+
+    def lookup(text: str) -> int | None:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1 and ll_tokenizer.is_special_token(ids[0]):
+            return ids[0]
+        return None
+
+    return lookup

@@ -1,7 +1,8 @@
 """The Helm chart: Helm's own lint and rendering (Helm's Go SDK through helm-python-sdk; no
 helm binary installs from the registries CI reaches), Kubernetes schema validation of every
-core resource (kubernetes-validate), the PrometheusRule through promtool, and the gateway
-config through the real gateway's --check."""
+core resource (kubernetes-validate) and of the ServiceMonitor and PrometheusRule against the
+prometheus-operator CRD schemas (tests/deploy/crd_schema.py), the PrometheusRule through
+promtool, and the gateway config through the real gateway's --check."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import shutil
 import subprocess
 import sys
 
+import copy
+import importlib.util
+
 import pytest
 import yaml
 
+from tests.deploy.crd_schema import crd_problems
 from tests.deploy.gateway_check import assert_valid_but_for_unresolvable_hosts
 from tests.gateway.helpers import REPO
 
@@ -49,6 +54,26 @@ def test_every_core_resource_passes_kubernetes_schema_validation(rendered):
         "Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler"}
     for doc in core:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cloudcoil") is None,
+    reason="cloudcoil-models-prometheus-operator not installed (in the dev extra)",
+)
+def test_service_monitor_and_prometheus_rule_pass_the_crd_schemas(rendered):
+    monitoring = [d for d in rendered.values() if d["apiVersion"] == "monitoring.coreos.com/v1"]
+    assert sorted(d["kind"] for d in monitoring) == ["PrometheusRule", "ServiceMonitor"]
+    for doc in monitoring:
+        assert crd_problems(doc) == [], doc["kind"]
+    # The check is real: a misspelt field, a value outside an enum and a wrong type are refused.
+    monitor = copy.deepcopy(rendered[("ServiceMonitor", "prod-soberana")])
+    monitor["spec"]["endpoints"][0]["intervl"] = "15s"
+    assert crd_problems(monitor) == ["spec.endpoints[0].intervl: unknown field"]
+    monitor["spec"]["endpoints"][0]["scheme"] = "gopher"
+    assert any("scheme" in p and "'http'" in p for p in crd_problems(monitor))
+    rule = copy.deepcopy(rendered[("PrometheusRule", "prod-soberana")])
+    rule["spec"]["groups"][0]["rules"][0]["for"] = 300
+    assert any(p.startswith("spec.groups.0.rules.0.for") for p in crd_problems(rule))
 
 
 def test_engine_gets_a_gpu_and_probes_health(rendered):

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import yaml
@@ -33,10 +34,17 @@ print(json.dumps(sorted(m for m in new if m not in sys.stdlib_module_names and n
 
 
 def slim_pip_list() -> set[str]:
+    """The distributions the slim image's `pip install "/src[EXTRAS]" PKG...` names: the
+    package's base dependencies, those of the extras, and the packages listed beside them."""
     text = (REPO / "Dockerfile").read_text()
     stage = text.split("AS gateway", 1)[1]
-    install = re.search(r"pip install --no-deps /src \\\n && pip install ([^&]+)&&", stage).group(1)
-    return set(install.replace("\\", " ").split())
+    match = re.search(r'pip install "/src\[([^\]]+)\]" ([^&]+)&&', stage)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in match.group(1).split(","):
+        requirements += project["optional-dependencies"][extra]
+    names = {re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in requirements}
+    return names | set(match.group(2).replace("\\", " ").split())
 
 
 def _closure(names: set[str]) -> set[str]:

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from soberana import LLM, SamplingParams
 from soberana.distributed.sharding import check_tensor_parallel, plan_shard
 from soberana.models.config import ModelConfig
-from soberana.models.loader import read_model_config, resolve_model_path
+from soberana.models.loader import read_model_config
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
-from tiny_models import prompts_of_lengths  # noqa: E402
+from tiny_models import build_tiny_model, prompts_of_lengths  # noqa: E402
 
-# name: (transformers config class, num_key_value_heads, extra)
+# name: (tiny_models architecture, config fields replaced). 935 tokens: the vocabulary is
+# padded to 936 for two ranks.
 CASES = {
-    "llama": ("LlamaConfig", 2, {}),  # 2 KV heads over 2 ranks: one each
-    "qwen2-kv1": ("Qwen2Config", 1, {}),  # 1 KV head over 2 ranks: replicated
-    "qwen3": ("Qwen3Config", 2, {"head_dim": 16}),  # q/k norms
-    "mistral-kv1-tied": ("MistralConfig", 1, {"sliding_window": None,
-                                               "tie_word_embeddings": True}),
+    "llama": ("llama", {}),  # 2 KV heads over 2 ranks: one each
+    "qwen2-kv1": ("qwen2", {"num_key_value_heads": 1}),  # 1 KV head over 2 ranks: replicated
+    "qwen3": ("qwen3", {}),  # q/k norms
+    "mistral-kv1-tied": ("mistral", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
 }
 # Local KV heads are 1 in every case: 2 layers x 2 (K, V) x 16 slots x 16 dims x 4 bytes.
 _BLOCK_BYTES = 2 * 2 * 16 * 16 * 4
@@ -31,27 +29,8 @@ _BLOCKS = 12  # too few for the three sequences to finish: preemption
 
 
 def _build(out: Path, name: str) -> Path:
-    import transformers
-
-    cls_name, kv_heads, extra = CASES[name]
-    for f in resolve_model_path("demo").iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, out / f.name)
-    config = getattr(transformers, cls_name)(
-        vocab_size=935, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-        initializer_range=0.1, bos_token_id=0, eos_token_id=1, pad_token_id=0, **extra)
-    config.architectures = [cls_name.replace("Config", "ForCausalLM")]
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if "qwen2" in name:  # make the (sharded) q/k/v biases matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                             layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    model.save_pretrained(out)
-    return out
+    arch, fields = CASES[name]
+    return build_tiny_model(out, arch, vocab_size=935, **fields)
 
 
 def _run(path: Path, tp: int) -> tuple[list[list[int]], object]:

@@ -8,9 +8,10 @@ import sys
 import pytest
 
 from soberana import LLM, SamplingParams
-from soberana.engine.block_hash import chain_hashes, hash_seed
+from soberana.engine.block_hash import chain_hashes
 from soberana.engine.block_pool import BlockPool
 from soberana.engine.outputs import EngineCoreRequest
+from soberana.kv.layout import KVLayout
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +85,9 @@ def test_freed_cached_blocks_are_reused_least_recently_used_first():
 
 def test_block_hashes_are_deterministic_across_processes():
     code = (
-        "from soberana.engine.block_hash import chain_hashes, hash_seed;"
-        "s = hash_seed('fp', 'float32', 16, 'L');"
+        "from soberana.engine.block_hash import chain_hashes;"
+        "from soberana.kv.layout import KVLayout;"
+        "s = KVLayout('fp', 'float32', 16, 2, 2, 8).fingerprint;"
         "print(b''.join(chain_hashes(s, list(range(50)), 16, 'salt')).hex())"
     )
     outs = {
@@ -93,21 +95,27 @@ def test_block_hashes_are_deterministic_across_processes():
                        env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin:/bin"}).stdout
         for seed in (1, 2)
     }
-    here = b"".join(chain_hashes(hash_seed("fp", "float32", 16, "L"), list(range(50)), 16,
-                                 "salt")).hex()
+    here = b"".join(chain_hashes(_seed("fp", "float32"), list(range(50)), 16, "salt")).hex()
     assert outs == {here + "\n"}
 
 
+def _seed(model: str, dtype: str, **layout) -> bytes:
+    """The engine's hash seed: the KV layout's fingerprint."""
+    return KVLayout(model, dtype, **{"block_size": 16, "num_layers": 2, "num_kv_heads": 2,
+                                     "head_dim": 8, **layout}).fingerprint
+
+
 def test_hash_chain_depends_on_parent_salt_and_model():
-    seed = hash_seed("model-a", "float32", 16, "L")
+    seed = _seed("model-a", "float32")
     tokens = list(range(32))
     base = chain_hashes(seed, tokens, 16, None)
     assert len(base) == 2
     other_first_block = chain_hashes(seed, [99] + tokens[1:], 16, None)
     assert other_first_block[1] != base[1]  # same second block, different parent
     assert chain_hashes(seed, tokens, 16, "t1") != base
-    assert chain_hashes(hash_seed("model-b", "float32", 16, "L"), tokens, 16, None) != base
-    assert chain_hashes(hash_seed("model-a", "bfloat16", 16, "L"), tokens, 16, None) != base
+    assert chain_hashes(_seed("model-b", "float32"), tokens, 16, None) != base
+    assert chain_hashes(_seed("model-a", "bfloat16"), tokens, 16, None) != base
+    assert chain_hashes(_seed("model-a", "float32", num_kv_heads=4), tokens, 16, None) != base
 
 
 def test_max_num_batched_tokens_bounds_every_step():

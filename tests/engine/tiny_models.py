@@ -22,8 +22,9 @@ ARCHS = {
 }
 
 
-def build_tiny_model(out: Path, arch: str, seed: int = 0) -> Path:
-    """Save a tiny random `arch` model (float32) plus the demo tokenizer into `out`."""
+def build_tiny_model(out: Path, arch: str, seed: int = 0, **config: object) -> Path:
+    """Save a tiny random `arch` model (float32) plus the demo tokenizer into `out`; `config`
+    replaces fields of the transformers config (e.g. `num_key_value_heads=1`)."""
     import transformers
 
     demo = resolve_model_path("demo")
@@ -31,14 +32,15 @@ def build_tiny_model(out: Path, arch: str, seed: int = 0) -> Path:
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(f, out / f.name)
     cls_name, extra = ARCHS[arch]
-    config = getattr(transformers, cls_name)(
+    fields = dict(
         vocab_size=934, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         initializer_range=0.1, bos_token_id=0, eos_token_id=1, pad_token_id=0, **extra,
     )
-    config.architectures = [cls_name.replace("Config", "ForCausalLM")]
+    hf_config = getattr(transformers, cls_name)(**(fields | config))
+    hf_config.architectures = [cls_name.replace("Config", "ForCausalLM")]
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     if arch == "qwen2":  # make the q/k/v biases matter
         with torch.no_grad():
             for layer in model.model.layers:

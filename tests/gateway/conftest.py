@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.gateway.fake_upstream import FakeUpstream
+from tests.fake_openai import FakeOpenAI
 from tests.gateway.helpers import FAKE_UPSTREAM_SCRIPT, REPO, Gateway, read_line, stop_process
 
 
@@ -61,10 +61,10 @@ def start_gateway(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def upstreams() -> Iterator:
     """Start in-thread fake upstreams by name; all stopped at teardown."""
-    running: list[FakeUpstream] = []
+    running: list[FakeOpenAI] = []
 
-    def start(name: str, **behaviour) -> FakeUpstream:
-        upstream = FakeUpstream(name, **behaviour).start()
+    def start(name: str, **behaviour) -> FakeOpenAI:
+        upstream = FakeOpenAI(name, **behaviour).start()
         running.append(upstream)
         return upstream
 

@@ -17,10 +17,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from soberana.gateway.tenants import hash_key
-from tests.gateway.fake_upstream import FakeUpstream
+from tests.fake_openai import FakeOpenAI
 
 REPO = Path(__file__).resolve().parents[2]
-FAKE_UPSTREAM_SCRIPT = Path(__file__).parent / "fake_upstream.py"
+FAKE_UPSTREAM_SCRIPT = Path(__file__).parents[1] / "fake_openai.py"
 
 # Fast health settings so tests observe ejection and recovery within a second or two.
 TEST_HEALTH = {
@@ -33,7 +33,7 @@ TEST_HEALTH = {
 }
 
 
-def backend(name: str, upstream: FakeUpstream | str, **fields) -> dict:
+def backend(name: str, upstream: FakeOpenAI | str, **fields) -> dict:
     """A backend entry for gateway.yaml pointing at a test upstream."""
     endpoint = upstream if isinstance(upstream, str) else upstream.url
     entry = {

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import redis
 
-from soberana.engine.block_hash import chain_hashes, hash_seed
-from soberana.kv.layout import KV_CACHE_AXES, KVLayout
+from soberana.engine.block_hash import chain_hashes
+from soberana.kv.layout import KVLayout
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -42,8 +42,7 @@ def make_hashes(
     """The engine's hash chain over random token ids: what the warehouse is keyed by."""
     rng = random.Random(seed)
     tokens = [rng.randrange(32000) for _ in range(num_blocks * layout.block_size)]
-    root = hash_seed(layout.model_fingerprint, layout.dtype, layout.block_size, KV_CACHE_AXES)
-    return chain_hashes(root, tokens, layout.block_size, salt)
+    return chain_hashes(layout.fingerprint, tokens, layout.block_size, salt)
 
 
 def make_cache(layout: KVLayout, num_blocks: int, seed: int = 0):

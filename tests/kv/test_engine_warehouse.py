@@ -11,6 +11,7 @@ import pytest
 
 from soberana import LLM, SamplingParams
 from soberana.kv.config import KVWarehouseConfig
+from soberana.kv.layout import KVLayout
 from tests.engine.tiny_models import prompts_of_lengths
 from tests.kv.helpers import child_env
 
@@ -163,6 +164,11 @@ def test_evicted_blocks_are_filed_under_their_tenant_and_purged_with_it(tmp_path
     llm = LLM("demo", max_model_len=512, kv_cache_gb=POOL_GB, kv_warehouse=warehouse)
     core = llm.engine
     w = core.offload.warehouse
+    # One name for the layout: the pool's hash seed is the warehouse's layout fingerprint,
+    # which is the layout of the cache the worker allocated.
+    layout = KVLayout.from_kv_cache(core.worker.kv_cache, core.worker.weights_fingerprint)
+    assert core.kv.hash_seed == w.layout.fingerprint == layout.fingerprint
+    assert core.model_info.fingerprint == layout.fingerprint.hex()
     prompt = USERS[0]
     full = ((len(prompt) - 1) // 16) * 16
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from soberana.engine.block_hash import chain_hashes, hash_seed
+from soberana.engine.block_hash import chain_hashes
 from soberana.kv.host_tier import HostTier
-from soberana.kv.layout import KV_CACHE_AXES
 from soberana.kv.shared_dir_tier import SharedDirTier
 from soberana.kv.warehouse import KVWarehouse
 from tests.kv.helpers import make_cache, make_hashes, small_layout
 
 LAYOUT = small_layout()
-ROOT = hash_seed(LAYOUT.model_fingerprint, LAYOUT.dtype, LAYOUT.block_size, KV_CACHE_AXES)
+ROOT = LAYOUT.fingerprint  # the engine's hash seed
 
 
 @settings(max_examples=200, deadline=None)

@@ -186,7 +186,7 @@ def test_the_default_model_answers_sensibly():
     (frozenset({"avx512f", "avx512_bf16"}), "avx2", torch.float32),  # the AVX2 build forced
 ])  # fmt: skip
 def test_dtype_auto_is_float32_without_native_bf16_matmuls(monkeypatch, flags, isa, want):
-    from soberana.engine.core import resolve_dtype
+    from soberana.engine.worker import resolve_dtype
     from soberana.ops import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)

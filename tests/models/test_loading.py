@@ -83,7 +83,7 @@ def test_demo_model_is_deterministic_and_labelled(tmp_path):
 def test_auto_dtype_on_cpu_is_float32_for_a_float32_checkpoint():
     llm = LLM("demo", max_model_len=64)
     assert llm.engine.model_info.dtype == "float32"
-    assert llm.engine.kv_cache.dtype == torch.float32
+    assert llm.engine.worker.kv_cache.dtype == torch.float32
 
 
 def test_bf16_checkpoint_runs_in_bf16_on_cpu_and_matches_transformers(tmp_path):

@@ -14,7 +14,7 @@ from soberana.ops.attention import AttentionMetadata
 from tests.engine.tiny_models import build_tiny_model, prompts_of_lengths
 
 pytestmark = pytest.mark.skipif(
-    cpu_forward._kernels() is None, reason="no AVX512_BF16 (or no C compiler) here"
+    cpu_forward._kernels() is None, reason="no AVX512_BF16 or AVX2 (or no C compiler) here"
 )
 
 
@@ -27,10 +27,12 @@ def _modules(model, x, positions, kv_cache, meta):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama32-tied", "llama31"])
-def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_path,
+def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_path, cpu_isa,
                                                                     monkeypatch):  # fmt: skip
     """Chunked prefills next to decodes, a prefix-cache hit, n > 1: each step runs both ways
     on copies of the cache and must agree exactly, hidden states and cache alike."""
+    if cpu_isa == "avx2" and arch not in ("llama", "qwen2"):
+        pytest.skip("the AVX2 build is checked on two architectures (one with biases)")
     build_tiny_model(tmp_path, arch)
     native = cpu_forward.forward
     steps = {"mixed": 0, "decode": 0}
@@ -48,7 +50,7 @@ def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_pa
 
     monkeypatch.setattr(cpu_forward, "forward", both)
     llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=256, kv_cache_gb=0.01,
-              max_num_batched_tokens=48, max_num_seqs=8)  # fmt: skip
+              max_num_batched_tokens=48, max_num_seqs=8, cpu_isa=cpu_isa)  # fmt: skip
     prompts = prompts_of_lengths([5, 16, 40, 90, 33, 7])
     prompts.append(prompts[3][:64] + [7, 8, 9])  # four blocks of prompt 3: a prefix hit
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -70,7 +72,7 @@ def test_generation_is_the_same_with_the_stack_on_and_off(tmp_path, monkeypatch)
         monkeypatch.setenv("SOBERANA_CPU_FORWARD", mode)
         llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01)
         outs = llm.generate(prompts, params, use_tqdm=False)
-        served = cpu_forward.stack_for(llm.engine.model) is not None
+        served = cpu_forward.stack_for(llm.engine.worker.model) is not None
         assert served == (mode == "native")
         results[mode] = [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()}
                                                    for d in o.outputs[0].logprobs])
@@ -93,7 +95,7 @@ def test_native_stack_declines_what_it_does_not_compute(case, tmp_path, monkeypa
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
                        use_tqdm=False)[0]  # fmt: skip
     assert len(out.outputs[0].token_ids) == 3
-    assert cpu_forward.stack_for(llm.engine.model) is None
+    assert cpu_forward.stack_for(llm.engine.worker.model) is None
 
 
 def _decode_step(model, kv_cache, seq_lens: list[int]):
@@ -115,7 +117,7 @@ def _decode_step(model, kv_cache, seq_lens: list[int]):
 def test_native_stack_raises_on_bad_input_as_the_kernels_do(tmp_path):
     build_tiny_model(tmp_path, "llama")
     llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=64, kv_cache_gb=0.01)
-    model, kv_cache = llm.engine.model, llm.engine.kv_cache
+    model, kv_cache = llm.engine.worker.model, llm.engine.worker.kv_cache
     x, positions, meta = _decode_step(model, kv_cache, [5, 20, 33])
     with torch.inference_mode():
         good = cpu_forward.forward(model, x, positions, kv_cache, meta)
@@ -137,7 +139,7 @@ def test_native_stack_does_not_keep_a_cache_alive(tmp_path):
     its weights and workspace for the engine's own cache."""
     build_tiny_model(tmp_path, "llama")
     llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=64, kv_cache_gb=0.01)
-    model, kv_cache = llm.engine.model, llm.engine.kv_cache
+    model, kv_cache = llm.engine.worker.model, llm.engine.worker.kv_cache
     x, positions, meta = _decode_step(model, kv_cache, [5, 20, 33])
     with torch.inference_mode():
         want = cpu_forward.forward(model, x, positions, kv_cache.clone(), meta)

@@ -50,7 +50,7 @@ def _same(got, want, exact=True):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_add_rms_norm_equals_torch(dtype, shape, with_residual):
+def test_add_rms_norm_equals_torch(dtype, shape, with_residual, cpu_isa):
     x = _randn(*shape, dtype=dtype, seed=1, scale=3.0)
     residual = _randn(*shape, dtype=dtype, seed=2) if with_residual else None
     weight = _randn(shape[1], dtype=dtype, seed=3)
@@ -65,7 +65,7 @@ def test_add_rms_norm_equals_torch(dtype, shape, with_residual):
 
 
 @needs_kernels
-def test_add_rms_norm_float32_weight_promotes_like_torch():
+def test_add_rms_norm_float32_weight_promotes_like_torch(cpu_isa):
     x, weight = _randn(8, 96, dtype=torch.bfloat16), _randn(96, dtype=torch.float32, seed=5)
     out, _ = cpu_kernels.add_rms_norm(x, None, weight, 1e-5)
     want = torch_rms_norm(x, weight, 1e-5)
@@ -94,7 +94,7 @@ def test_rms_norm_module_takes_the_kernel_and_declines_what_it_cannot_serve(monk
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 64, 700])
-def test_silu_and_mul_equals_torch(dtype, rows):
+def test_silu_and_mul_equals_torch(dtype, rows, cpu_isa):
     gate_up = _randn(rows, 2 * 176, dtype=dtype, scale=4.0)
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # saturated and zero gates
     got = cpu_kernels.silu_and_mul(gate_up)
@@ -107,7 +107,7 @@ def test_silu_and_mul_equals_torch(dtype, rows):
 
 
 @needs_kernels
-def test_bfloat16_rounding_keeps_denormals_as_torch_does():
+def test_bfloat16_rounding_keeps_denormals_as_torch_does(cpu_isa):
     """Values below 2^-126 round as torch rounds them, not flushed to zero (the one-instruction
     conversion flushes them; vectors holding one take the exact path)."""
     tiny = torch.tensor([1e-39, -3e-39, 5e-40, 1.1e-38] * 8).to(torch.bfloat16)  # denormal
@@ -138,8 +138,9 @@ def _rope_case(dtype, tokens, num_heads=4, num_kv_heads=2, head_dim=32):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 64, 300])
-@pytest.mark.parametrize("head_dim", [32, 48])  # the AVX-512 path (D % 32 == 0) and the other
-def test_rope_and_cache_equals_rotary_then_write_kv(dtype, tokens, head_dim):
+# the AVX-512 path (D % 32 == 0), the AVX2 one (D % 16 == 0) and the scalar one
+@pytest.mark.parametrize("head_dim", [32, 48, 40])
+def test_rope_and_cache_equals_rotary_then_write_kv(dtype, tokens, head_dim, cpu_isa):
     qkv, rotary, positions, slots, caches, (hq, hkv, d) = _rope_case(dtype, tokens,
                                                                      head_dim=head_dim)
     k_cache, v_cache, k_ref, v_ref = caches
@@ -174,28 +175,28 @@ def test_rope_and_cache_rejects_out_of_range_positions_and_slots():
 
 
 needs_bf16_linear = pytest.mark.skipif(
-    cpu_kernels._linear_library() is None, reason="no AVX512_BF16 (or no C compiler) here"
+    cpu_kernels._linear_library() is None, reason="no AVX512_BF16 or AVX2 (or no C compiler) here"
 )
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.float32, "onednn"), (torch.bfloat16, "onednn"),
-                                           (torch.bfloat16, "native")])  # fmt: skip
+                                           (torch.bfloat16, "native"), (torch.float32, "native")])  # fmt: skip
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_f_linear(dtype, backend, bias, monkeypatch):
+def test_packed_linear_equals_f_linear(dtype, backend, bias, cpu_isa, monkeypatch):
     monkeypatch.setenv("SOBERANA_CPU_LINEAR", backend)
     if not cpu_linear.packable(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} here")
-    if backend == "native" and cpu_kernels._linear_library() is None:
-        pytest.skip("no AVX512_BF16 (or no C compiler) here")
+    if backend == "native" and cpu_kernels.pack_f32_linear(torch.ones(1, 2)) is None:
+        pytest.skip("no AVX-512 or AVX2 (or no C compiler) here")
     linear = nn.Linear(96, 200, bias=bias).to(dtype)  # 200 outputs: a partial panel of 64
     packed = cpu_linear.pack(linear)
     assert isinstance(packed, cpu_linear.PackedLinear)
-    assert (packed.native is not None) == (backend == "native" and dtype == torch.bfloat16)
-    for rows in (1, 2, 3, 5, 7, 64, 300):  # every remainder of the 6-row tiles
+    assert (packed.native is not None) == (backend == "native")
+    for rows in (1, 2, 3, 5, 7, 13, 64, 300):  # every remainder of the 6-row tiles
         x = _randn(rows, 96, dtype=dtype, seed=rows)
         want = F.linear(x, linear.weight, linear.bias)
         got = packed(x)
-        if dtype == torch.float32:  # oneDNN's float32 kernel, not MKL's: sums in another order
+        if dtype == torch.float32:  # oneDNN's or soberana's kernel, not MKL's: sums in another order
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         elif backend == "onednn":
             assert torch.equal(got, want)
@@ -204,7 +205,9 @@ def test_packed_linear_equals_f_linear(dtype, backend, bias, monkeypatch):
 
 
 @needs_bf16_linear
-def test_native_bf16_linear_is_the_same_whatever_the_threads_and_row_layout():
+def test_native_bf16_linear_is_the_same_whatever_the_threads_and_row_layout(cpu_isa):
+    if cpu_isa == "avx2":  # the AVX2 + FMA kernel, bfloat16 widened in registers
+        assert cpu_kernels._linear_library().linear_bf16_available() == 2
     weight = _randn(200, 64, dtype=torch.bfloat16, seed=1)
     packed = cpu_kernels.pack_bf16_linear(weight)
     wide = _randn(300, 100, dtype=torch.bfloat16, seed=2)
@@ -227,7 +230,38 @@ def test_native_bf16_linear_is_the_same_whatever_the_threads_and_row_layout():
 
 
 @needs_bf16_linear
-def test_native_bf16_linear_declines_what_it_cannot_serve(monkeypatch):
+def test_native_f32_linear_is_the_same_whatever_the_threads_and_row_layout(cpu_isa):
+    """The float32 kernel: each output summed by one thread in k order, whatever the threads
+    and rows; odd K and a partial panel; against F.linear to float32 rounding."""
+    weight = _randn(200, 95, dtype=torch.float32, seed=1)  # K odd, 200 = 3 panels + 8
+    bias = _randn(200, dtype=torch.float32, seed=3)
+    packed = cpu_kernels.pack_f32_linear(weight)
+    padded = torch.nn.functional.pad(bias, (0, -200 % 64))
+    wide = _randn(300, 120, dtype=torch.float32, seed=2)
+    x = wide[:, 10:105]  # rows 120 elements apart
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.linear_f32(x, packed, 200, padded)
+        torch.set_num_threads(max(2, threads))
+        many = cpu_kernels.linear_f32(x, packed, 200, padded)
+        small = cpu_kernels.pack_f32_linear(weight[:40])  # fewer panels than threads: rows shared
+        rows_shared = cpu_kernels.linear_f32(x, small, 40, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    assert torch.equal(one, cpu_kernels.linear_f32(x.contiguous(), packed, 200, padded))
+    assert torch.equal(rows_shared + bias[:40], one[:, :40])  # the bias: one add at the end
+    torch.testing.assert_close(one, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    for rows in (1, 2, 7, 13):  # one row (its own loop) and the balanced tiles
+        assert torch.equal(cpu_kernels.linear_f32(x[:rows], packed, 200, padded), one[:rows])
+    with pytest.raises(ValueError, match="columns"):
+        cpu_kernels.linear_f32(torch.randn(2, 32), packed, 200, None)
+    assert cpu_kernels.linear_f32(x.bfloat16(), packed, 200, None) is None  # not its dtype
+
+
+@needs_bf16_linear
+def test_native_bf16_linear_declines_what_it_cannot_serve(cpu_isa, monkeypatch):
     monkeypatch.setenv("SOBERANA_CPU_LINEAR", "native")
     odd = nn.Linear(95, 64, bias=False).to(torch.bfloat16)  # K odd: no pairs; oneDNN's instead
     assert cpu_kernels.pack_bf16_linear(odd.weight) is None
@@ -238,7 +272,7 @@ def test_native_bf16_linear_declines_what_it_cannot_serve(monkeypatch):
         linear(torch.randn(2, 64))
     with pytest.raises(ValueError, match="columns"):
         cpu_kernels.linear_bf16(torch.randn(2, 32).bfloat16(), linear.native, 64, None)
-    # a build without AVX512_BF16 (or no compiler): oneDNN's packed matmul, as before
+    # a build with neither AVX512_BF16 nor AVX2 (or no compiler): oneDNN's packed matmul
     monkeypatch.setattr(cpu_kernels, "_linear_library", lambda: None)
     fallback = cpu_linear.pack(nn.Linear(64, 64).to(torch.bfloat16))
     assert fallback.native is None and fallback.packed is not None
@@ -290,7 +324,7 @@ def test_keep_freed_memory_is_on_with_glibc(monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_argmax_answers_as_torch_does(dtype):
+def test_argmax_answers_as_torch_does(dtype, cpu_isa):
     torch.manual_seed(0)
     x = torch.randn(12, 3001).to(dtype)
     x[1, 100] = float("nan")  # the first NaN wins, wherever the maximum is
@@ -326,7 +360,7 @@ def test_bf16_models_run_on_the_native_linear_as_on_onednn(arch, tmp_path, monke
     for backend in ("native", "onednn"):
         monkeypatch.setenv("SOBERANA_CPU_LINEAR", backend)
         llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01)
-        head = llm.engine.model.lm_head
+        head = llm.engine.worker.model.lm_head
         assert (head.native is not None) == (backend == "native")
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         scores[backend] = torch.tensor([d[t].logprob for d, t in

@@ -130,7 +130,7 @@ def test_fp8_kv_cache_holds_twice_the_tokens_and_names_its_own_layout(tiny):
                 max_num_seqs=4, max_num_batched_tokens=256)
     auto, fp8 = EngineCore(EngineConfig(**base)), EngineCore(EngineConfig(kv_cache_dtype="fp8",
                                                                           **base))
-    assert fp8.kv_cache.dtype == torch.float8_e4m3fn
+    assert fp8.worker.kv_cache.dtype == torch.float8_e4m3fn
     assert fp8.model_info.num_blocks == 2 * auto.model_info.num_blocks
     assert fp8.model_info.fingerprint != auto.model_info.fingerprint
     assert fp8.model_info.kv_cache_dtype == "fp8"

@@ -74,17 +74,19 @@ def _assistant_call_text(case: str) -> str:
 
 
 def _parse_every_split(text: str, mode: ToolMode, reasoning: str | None = None,
-                       prompt: str | None = None, finish: str = "stop") -> tuple[dict, str]:
+                       prompt: str | None = None, finish: str = "stop",
+                       stream: bool = False) -> tuple[dict, str]:
     """The message of `text` whole, asserting the same message for every 2-way split and a
-    sliding 3-way split (ids aside: each call gets a fresh one)."""
-    whole, reason = ChatOutputParser(mode, reasoning, prompt).message(text, finish)
+    sliding 3-way split (ids aside: each call gets a fresh one). `stream`: arguments stream
+    as they are written (the call grammar's mode)."""
+    whole, reason = ChatOutputParser(mode, reasoning, prompt, stream).message(text, finish)
 
     def no_ids(message: dict) -> dict:
         return {**message, "tool_calls": [{**c, "id": None} for c in message.get("tool_calls", [])]}
 
     for cut in range(len(text) + 1):
         for end in (cut, min(len(text), cut + 2)):
-            parser = ChatOutputParser(mode, reasoning, prompt)
+            parser = ChatOutputParser(mode, reasoning, prompt, stream)
             deltas = parser.feed(text[:cut]) + parser.feed(text[cut:end]) + parser.feed(text[end:])
             rest, split_reason = parser.finish(finish)
             assert (no_ids(merge_deltas(deltas + rest)), split_reason) == (no_ids(whole), reason), cut

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from soberana.engine.config import EngineConfig
-from soberana.engine.core import EngineCore
+from soberana.engine.worker import num_kv_blocks
 
 GiB = 2**30
 
 
 def blocks_with(monkeypatch, free: int, total: int, utilization: float) -> int:
-    """EngineCore._num_blocks on a CUDA device whose driver reports `free` of `total`
+    """The worker's pool size on a CUDA device whose driver reports `free` of `total`
     (the CUDA runtime's memory query is the hardware boundary replaced here)."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    core = SimpleNamespace(device=torch.device("cuda", 0))
     config = EngineConfig(gpu_memory_utilization=utilization)
-    return EngineCore._num_blocks(core, config, bytes_per_block=GiB // 16, max_len=4096,
-                                  activation_bytes=GiB)
+    return num_kv_blocks(config, torch.device("cuda", 0), bytes_per_block=GiB // 16,
+                         max_len=4096, activation_bytes=GiB)
 
 
 def test_memory_of_other_processes_shrinks_the_pool(monkeypatch):

@@ -15,6 +15,7 @@ from soberana.gateway.privacy.recognizers import ENTITY_TYPES, VALIDATORS
 PII_ACTIONS = ("off", "redact", "block")  # in order of strictness
 PII_WHEN = ("external", "always")
 DETECTOR_ERROR_ACTIONS = ("block", "onprem")
+NER_MODES = ("off", "auto", "required")  # in order of strictness
 GUARD_ACTIONS = ("off", "log", "flag", "block")  # in order of strictness
 GUARD_ENGINES = ("rules", "model")
 FSYNC_POLICIES = ("always", "interval", "never")
@@ -28,6 +29,10 @@ class PiiPolicy:
     entities: tuple[str, ...] | None = None  # None: every type the detector knows
     when: str = "external"  # external: only for requests sent to a non-onprem backend
     on_detector_error: str = "block"  # block, or route to onprem backends only
+    # Names, places, organisations: `auto` with the NER pipelines the gateway loaded (the
+    # checksum set alone if none), `off` never (saves their latency), `required` refuses to
+    # screen without one (a detector error: blocked, or onprem only).
+    ner: str = "auto"
 
     def stricter(self, other: PiiPolicy | None) -> PiiPolicy:
         """The combination of two policies that gives away nothing either one protects."""
@@ -45,6 +50,7 @@ class PiiPolicy:
             on_detector_error="block"
             if "block" in (self.on_detector_error, other.on_detector_error)
             else "onprem",
+            ner=max(self.ner, other.ner, key=NER_MODES.index),
         )
 
 
@@ -70,6 +76,9 @@ class GuardModelConfig:
     endpoint: str
     model: str
     timeout_s: float = 2.0
+    # Streams with output `block`: characters released per passing check; 0 holds the whole
+    # answer until one check of the complete output (see ResponseTransform).
+    stream_window_chars: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,8 +109,8 @@ _ENTITY_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 def parse_pii(p: Any, node: Any, path: str, custom: tuple[str, ...] = ()) -> PiiPolicy:
-    """`pii: {action, entities, when, on_detector_error}` (p is config_loader's _Parser)."""
-    items = p.mapping(node, path, {"action", "entities", "when", "on_detector_error"})
+    """`pii: {action, entities, when, on_detector_error, ner}` (p is config_loader's _Parser)."""
+    items = p.mapping(node, path, {"action", "entities", "when", "on_detector_error", "ner"})
     kwargs: dict[str, Any] = {}
     if "action" in items:
         kwargs["action"] = p.choice(items["action"], f"{path}.action", PII_ACTIONS)
@@ -111,6 +120,8 @@ def parse_pii(p: Any, node: Any, path: str, custom: tuple[str, ...] = ()) -> Pii
         kwargs["on_detector_error"] = p.choice(
             items["on_detector_error"], f"{path}.on_detector_error", DETECTOR_ERROR_ACTIONS
         )
+    if "ner" in items:
+        kwargs["ner"] = p.choice(items["ner"], f"{path}.ner", NER_MODES)
     if "entities" in items:
         names = p.str_list(items["entities"], f"{path}.entities")
         for j, name in enumerate(names):
@@ -171,7 +182,9 @@ def parse_privacy(p: Any, node: Any | None, audit_node: Any | None) -> PrivacyCo
         kwargs["custom_recognizers"] = _parse_custom(p, items["custom_recognizers"])
     if "guard_model" in items:
         g = p.mapping(
-            items["guard_model"], "privacy.guard_model", {"endpoint", "model", "timeout_s"}
+            items["guard_model"],
+            "privacy.guard_model",
+            {"endpoint", "model", "timeout_s", "stream_window_chars"},
         )
         for required in ("endpoint", "model"):
             if required not in g:
@@ -186,6 +199,14 @@ def parse_privacy(p: Any, node: Any | None, audit_node: Any | None) -> PrivacyCo
             timeout_s=p.positive(g["timeout_s"], "privacy.guard_model.timeout_s", float)
             if "timeout_s" in g
             else 2.0,
+            stream_window_chars=p.positive(
+                g["stream_window_chars"],
+                "privacy.guard_model.stream_window_chars",
+                int,
+                allow_zero=True,
+            )
+            if "stream_window_chars" in g
+            else 0,
         )
     if kwargs.get("guard_engine") == "model" and "guard_model" not in kwargs:
         raise p.error(node, "privacy.guard_engine", "`model` needs a `privacy.guard_model` section")

@@ -7,6 +7,7 @@ only in its redacted form; if detection fails or times out it is blocked (or, wi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -44,6 +45,7 @@ class PrivacyLayer:
         self.detector: Detector | None = None
         self.guardrails: Guardrails | None = None
         self.audit: AuditLog | None = None
+        self._completing: set[asyncio.Task] = set()
 
     def configure(self, config: PrivacyConfig) -> None:
         """(Re)build from a config; a reload that keeps the audit settings keeps the open log."""
@@ -60,6 +62,38 @@ class PrivacyLayer:
                 self.audit.close()
             self.audit = _open_audit(config) if config.audit is not None else None
         self.config = config
+
+    async def complete(self, request: RequestPrivacy, status: int, exchange: Any) -> None:
+        """After an answer was sent: the stream output verdicts, then the audit record. Runs to
+        the end even if the caller is cancelled (a client that closes right after `[DONE]`)."""
+
+        async def run() -> None:
+            await request.finish_streams()
+            request.finish(status, None, exchange.usage, exchange.stream_failure is not None)
+
+        task = asyncio.ensure_future(run())
+        self._completing.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._completing.discard)
+        await asyncio.shield(task)
+
+    def audit_rejected(
+        self, request_id: str, method: str, path: str, status: int, code: str | None
+    ) -> None:
+        """One record for a request refused before any tenant was known or any model chosen
+        (a bad key on /v1/models or /metrics, an unknown path, a wrong method)."""
+        if self.audit is None:
+            return
+        record = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "request_id": request_id,
+            "tenant": None,
+            "method": method,
+            "path": path,
+            "status": status,
+            "error": code,
+        }
+        self.audit.write(record)
+        self.metrics.audit_last_seq.inc()
 
     def begin(self, config: GatewayConfig, request_id: str, path: str) -> RequestPrivacy:
         """The privacy state of one request (call `identify` once the tenant and model are known)."""
@@ -126,7 +160,11 @@ class RequestPrivacy:
         started = time.perf_counter()
         try:
             self.redacted_body, self.redaction = await redact_body(
-                body, self.layer.detector, entities, self.layer.config.detector_timeout_s
+                body,
+                self.layer.detector,
+                entities,
+                self.layer.config.detector_timeout_s,
+                policy.ner,
             )
             self.detector_result = "ok"
         except DetectorError as e:
@@ -190,6 +228,7 @@ class RequestPrivacy:
             guardrails.rules if guardrails.model is None else None,
             guardrails.model.check if guardrails.model is not None else None,
             self._output_verdict,
+            guardrails.model.config.stream_window_chars if guardrails.model is not None else 0,
         )
         self.transforms.append(transform)
         return transform

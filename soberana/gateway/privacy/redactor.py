@@ -89,10 +89,11 @@ async def redact_body(
     detector: Detector,
     entities: frozenset[str] | None,
     timeout_s: float,
+    ner: str = "auto",
 ) -> tuple[dict[str, Any], Redaction]:
     """The body with its PII replaced, and the mapping to put it back. DetectorError fails closed."""
     texts = collect_texts(body)
-    spans = await detector.detect_async(texts, entities, timeout_s)
+    spans = await detector.detect_async(texts, entities, timeout_s, ner)
     redaction = Redaction()
     replaced = iter([redaction.replace(t, s) for t, s in zip(texts, spans)])
     return rebuild(body, replaced), redaction

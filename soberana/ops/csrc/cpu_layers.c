@@ -103,6 +103,28 @@ static inline __attribute__((always_inline)) void norm_impl(const NormArgs *a, i
         }
         return;
     }
+#elif defined(SOBERANA_AVX2)
+    if (H % 8 == 0) { /* the AVX-512 loop's steps, 8 lanes at a time */
+        const void *res = (const char *)a->residual + row * a->res_stride * (dt == DT_F32 ? 4 : 2);
+        void *res_out = (char *)a->residual_out + row * a->res_out_stride * (dt == DT_F32 ? 4 : 2);
+        __m256 squares = _mm256_setzero_ps();
+        for (int64_t i = 0; i < H; i += 8) {
+            __m256 v = load8(x, i, dt);
+            if (a->residual != NULL) {
+                v = round8(_mm256_add_ps(v, load8(res, i, dt)), dt);
+                store8(res_out, i, v, dt);
+            }
+            _mm256_storeu_ps(buf + i, v);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(squares) / (float)H + a->eps));
+        for (int64_t i = 0; i < H; i += 8) {
+            const __m256 y = _mm256_mul_ps(round8(_mm256_mul_ps(_mm256_loadu_ps(buf + i), inv), dt),
+                                           load8(a->weight, i, wdt));
+            store8(out, i, y, promoted ? DT_F32 : dt);
+        }
+        return;
+    }
 #endif
     if (a->residual != NULL) {
         const void *res = (const char *)a->residual + row * a->res_stride * (dt == DT_F32 ? 4 : 2);
@@ -268,6 +290,23 @@ static inline __attribute__((always_inline)) void rotate16(const void *x, int64_
         store16(out, oi + d + half, second, dt);
     }
 }
+#elif defined(SOBERANA_AVX2)
+/* rotate16's steps, 8 columns of each half at a time (D % 16 == 0). */
+static inline __attribute__((always_inline)) void rotate8(const void *x, int64_t xi, void *out,
+                                                          int64_t oi, const float *cs,
+                                                          const float *sn, int D, const int dt) {
+    const int half = D / 2;
+    for (int d = 0; d < half; d += 8) {
+        const __m256 lo = load8(x, xi + d, dt), hi = load8(x, xi + d + half, dt);
+        const __m256 neg_hi = _mm256_sub_ps(_mm256_setzero_ps(), hi);
+        const __m256 first = _mm256_add_ps(round8(_mm256_mul_ps(lo, _mm256_loadu_ps(cs + d)), dt),
+                                           round8(_mm256_mul_ps(neg_hi, _mm256_loadu_ps(sn + d)), dt));
+        const __m256 second = _mm256_add_ps(round8(_mm256_mul_ps(hi, _mm256_loadu_ps(cs + d + half)), dt),
+                                            round8(_mm256_mul_ps(lo, _mm256_loadu_ps(sn + d + half)), dt));
+        store8(out, oi + d, first, dt);
+        store8(out, oi + d + half, second, dt);
+    }
+}
 #endif
 
 static inline __attribute__((always_inline)) void rope_impl(RopeArgs *a, int64_t t,
@@ -290,6 +329,15 @@ static inline __attribute__((always_inline)) void rope_impl(RopeArgs *a, int64_t
     }
 #define ROTATE(x, xi, out, oi) \
     (simd ? rotate16(x, xi, out, oi, cs, sn, D, dt) : rotate(x, xi, out, oi, c, s, D, dt))
+#elif defined(SOBERANA_AVX2)
+    const int simd = D % 16 == 0 && D <= 1024;
+    float cs[simd ? D : 1], sn[simd ? D : 1]; /* rounded to the dtype once for all the heads */
+    for (int d = 0; simd && d < D; d += 8) {
+        _mm256_storeu_ps(cs + d, round8(_mm256_loadu_ps(c + d), dt));
+        _mm256_storeu_ps(sn + d, round8(_mm256_loadu_ps(s + d), dt));
+    }
+#define ROTATE(x, xi, out, oi) \
+    (simd ? rotate8(x, xi, out, oi, cs, sn, D, dt) : rotate(x, xi, out, oi, c, s, D, dt))
 #else
 #define ROTATE(x, xi, out, oi) rotate(x, xi, out, oi, c, s, D, dt)
 #endif

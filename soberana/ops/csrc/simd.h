@@ -1,8 +1,8 @@
 /* SIMD helpers shared by the native CPU kernels. AVX-512: 16 elements of a row in any storage
  * dtype as float32 and back, rounding as the dtype stores, and exp. AVX2 + FMA + F16C (CPUs
- * without AVX-512, e.g. Zen 3; SOBERANA_AVX2 is defined): loads of 8 elements, exp and a sum of
- * 8 vectors. Included by the kernels in this directory (the build cache key in cpu_kernels.py
- * covers this header); empty with neither. */
+ * without AVX-512, e.g. Zen 3; SOBERANA_AVX2 is defined): loads and stores of 8 elements
+ * rounding as the AVX-512 ones do, exp and a sum of 8 vectors. Included by the kernels in this
+ * directory (the build cache key in cpu_kernels.py covers this header); empty with neither. */
 #ifndef SOBERANA_SIMD_H
 #define SOBERANA_SIMD_H
 
@@ -139,6 +139,48 @@ static inline __m256 exp256(__m256 x) {
     p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+/* 8 bfloat16 (in the low halves of 32-bit lanes' worth: a __m128i) as float32 (exact). */
+static inline __m256 bf16x8_to_f32(__m128i h) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* x rounded to bfloat16 in the high half of each lane, as f32_to_bf16 does (to nearest even;
+ * a NaN stays a quiet NaN); bf16_round's 8 lanes. */
+static inline __m256i bf16_round8(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    /* |u| and 0x7f800000 are below 2^31: the signed compare orders them */
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+}
+
+/* 8 floats as 8 bfloat16 (f32_to_bf16 of each; denormals kept). */
+static inline __m128i to_bf16x8(__m256 x) {
+    const __m256i r = _mm256_srli_epi32(bf16_round8(x), 16); /* each lane below 2^16 */
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* x as stored in `dtype` and read back (round_to of 8 lanes). */
+static inline __m256 round8(__m256 x, int dtype) {
+    if (dtype == DT_F32) return x;
+    if (dtype == DT_BF16)
+        return _mm256_castsi256_ps(_mm256_and_si256(bf16_round8(x), _mm256_set1_epi32((int)0xffff0000u)));
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* Elements [i, i + 8) of a row stored in `dtype`: x rounded as store1 rounds. */
+static inline void store8(void *row, int64_t i, __m256 x, int dtype) {
+    if (dtype == DT_F32) {
+        _mm256_storeu_ps((float *)row + i, x);
+        return;
+    }
+    const __m128i h = dtype == DT_BF16
+        ? to_bf16x8(x)
+        : _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128((__m128i *)((uint16_t *)row + i), h);
 }
 #endif /* SOBERANA_AVX2 */
 #endif

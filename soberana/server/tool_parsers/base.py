@@ -7,6 +7,8 @@ import secrets
 import string
 from dataclasses import dataclass, field
 
+from soberana.server.tool_parsers.call_scan import raw_arguments
+
 _ALNUM = string.ascii_letters + string.digits
 
 
@@ -30,6 +32,10 @@ class ToolParser:
     markers: tuple[str, ...] = ()
     # Calls written in special tokens need them kept in the decoded text.
     needs_special_tokens = False
+    # How a block of calls is laid out (call_scan's layouts), for streaming arguments; None:
+    # the syntax is not JSON objects, and calls go out whole.
+    layout: str | None = None
+    arguments_key = "arguments"  # the key that holds a call's arguments in this syntax
 
     def __init__(self, tool_names: list[str] | None = None) -> None:
         self.tool_names = set(tool_names) if tool_names else None
@@ -37,6 +43,22 @@ class ToolParser:
     def split(self, text: str, final: bool, at_start: bool) -> tuple[list[Segment], int]:
         """Decided segments of `text` and the number of characters they cover."""
         raise NotImplementedError
+
+    def open_block(self, pending: str, at_start: bool) -> int | None:
+        """Where the calls of a block that `split` has not yet consumed begin in `pending`
+        (the text after its marker), or None if no call block is open there."""
+        return None
+
+    def with_raw_arguments(self, calls: list[ParsedCall], block: str, key: str
+                           ) -> list[ParsedCall]:
+        """`calls` parsed from `block`, with their arguments as the model wrote them (when
+        the block has the usual shape), so streamed fragments add up to the same text."""
+        assert self.layout is not None
+        raws = raw_arguments(block, key, self.layout, [c.name for c in calls])
+        if raws is not None:
+            for call, raw in zip(calls, raws, strict=True):
+                call.arguments = raw
+        return calls
 
     def new_id(self) -> str:
         return f"call_{secrets.token_hex(12)}"

@@ -21,7 +21,12 @@ class HermesToolParser(ToolParser):
 
     name = "hermes"
     markers = ("<tool_call>",)
+    layout = "one"
     _close = "</tool_call>"
+
+    def open_block(self, pending: str, at_start: bool) -> int | None:
+        # `split` stops at an unclosed block's marker, so pending then starts with it.
+        return len(self.markers[0]) if pending.startswith(self.markers[0]) else None
 
     def split(self, text: str, final: bool, at_start: bool) -> tuple[list[Segment], int]:
         segments: list[Segment] = []
@@ -53,7 +58,9 @@ class HermesToolParser(ToolParser):
         if not values or len(values) != 1 or not isinstance(values[0], dict):
             return None
         obj = values[0]
-        return self.make_call(obj.get("name"), obj.get("arguments", obj.get("parameters")))
+        key = "arguments" if "arguments" in obj else "parameters"
+        call = self.make_call(obj.get("name"), obj.get(key))
+        return self.with_raw_arguments([call], body, key)[0] if call else None
 
 
 class _WholeAnswerParser(ToolParser):
@@ -80,6 +87,17 @@ class _WholeAnswerParser(ToolParser):
         calls = self._calls(body)
         return (calls if calls else [text]), len(text)
 
+    def open_block(self, pending: str, at_start: bool) -> int | None:
+        if not at_start or self.layout is None:
+            return None
+        body = pending.lstrip()
+        for prefix in self.prefixes:
+            if body.startswith(prefix):
+                body = body[len(prefix):].lstrip()
+        if not body.startswith(self.markers[0]):
+            return None
+        return len(pending) - len(body)
+
     def _calls(self, body: str) -> list[ParsedCall] | None:
         raise NotImplementedError
 
@@ -92,6 +110,8 @@ class Llama3JsonToolParser(_WholeAnswerParser):
     markers = ("{",)
     prefixes = ("<|python_tag|>",)
     needs_special_tokens = True
+    layout = "semicolons"
+    arguments_key = "parameters"
 
     def _calls(self, body: str) -> list[ParsedCall] | None:
         body = body.replace("<|python_tag|>", ";")
@@ -106,7 +126,8 @@ class Llama3JsonToolParser(_WholeAnswerParser):
             if call is None:
                 return None
             calls.append(call)
-        return calls
+        key = "parameters" if "parameters" in values[0] else "arguments"
+        return self.with_raw_arguments(calls, body, key)
 
 
 class PythonicToolParser(_WholeAnswerParser):
@@ -150,6 +171,11 @@ class MistralToolParser(ToolParser):
     name = "mistral"
     markers = ("[TOOL_CALLS]",)
     needs_special_tokens = True
+    layout = "array"
+
+    def open_block(self, pending: str, at_start: bool) -> int | None:
+        # `split` stops at the marker until the answer ends, so pending then starts with it.
+        return len(self.markers[0]) if pending.startswith(self.markers[0]) else None
 
     def split(self, text: str, final: bool, at_start: bool) -> tuple[list[Segment], int]:
         j = text.find(self.markers[0])
@@ -174,12 +200,14 @@ class MistralToolParser(ToolParser):
                 values = json_values(part)
                 if not values or len(values) != 1 or not isinstance(values[0], list):
                     return None
+                found = []
                 for obj in values[0]:
                     call = (self.make_call(obj.get("name"), obj.get("arguments"))
                             if isinstance(obj, dict) else None)
                     if call is None:
                         return None
-                    calls.append(call)
+                    found.append(call)
+                calls += self.with_raw_arguments(found, part, "arguments")
             elif "[ARGS]" in part:
                 name, _, args = part.partition("[ARGS]")
                 call = self.make_call(name.strip(), args.strip())

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fake_openai import FakeOpenAI
 from tests.gateway.conftest import start_gateway, upstreams  # noqa: F401  (fixtures reused)
 from tests.gateway.helpers import backend, config, tenant
-from tests.gateway.privacy.echo_cloud import EchoCloud
 
 # Probes that a loaded 2-core CI machine cannot fail by accident: these tests are not about health.
 LENIENT_HEALTH = {"interval_s": 1.0, "timeout_s": 10.0, "unhealthy_after": 10, "eject_after": 100}
@@ -19,11 +19,12 @@ KEY_B = "sk-tenant-b"
 
 @pytest.fixture
 def cloud() -> Iterator:
-    """Start recording echo clouds; all stopped at teardown."""
-    running: list[EchoCloud] = []
+    """Start recording stand-in clouds (the fake OpenAI server answering with the placeholders
+    it received); all stopped at teardown."""
+    running: list[FakeOpenAI] = []
 
-    def start(**behaviour) -> EchoCloud:
-        c = EchoCloud(**behaviour).start()
+    def start(**behaviour) -> FakeOpenAI:
+        c = FakeOpenAI("cloud", echo=True, **behaviour).start()
         running.append(c)
         return c
 
@@ -34,7 +35,7 @@ def cloud() -> Iterator:
             c.stop()
 
 
-def cloud_config(cloud_server: EchoCloud, tenants: list[dict] | None = None, **sections) -> dict:
+def cloud_config(cloud_server: FakeOpenAI, tenants: list[dict] | None = None, **sections) -> dict:
     """One model `m` served only by the external (cloud) backend; tenants may use it."""
     tenants = tenants or [tenant("a", KEY_A, privacy=["onprem", "external"])]
     cloud_backend = backend(

@@ -262,3 +262,131 @@ def generate(n: int = 600, seed: int = 22) -> list[Message]:
         msg.text = " ".join(parts)
         out.append(msg)
     return out
+
+
+# ---- names, places and organisations (NER) ------------------------------------------------
+# Kept apart from `generate` so that its messages (and the checksum test's numbers) stay as
+# they were: there the opener's name is not a label, here every name, place and organisation is.
+
+_NER_FIRST = {
+    "es": (
+        "Lucía Hugo Martina Mateo Carmen Javier Pilar Alejandro "
+        "Marta Sergio Elena Raúl Nuria Íñigo Rocío Andrés"
+    ).split(),
+    "en": (
+        "Alice James Emma Oliver Sarah Michael Laura David "
+        "Rebecca Thomas Hannah George Olivia Daniel Chloe Robert"
+    ).split(),
+}
+_NER_LAST = {
+    "es": (
+        "García Martínez López Sánchez Pérez Fernández Gómez Ruiz "
+        "Navarro Jiménez Moreno Álvarez Romero Torres Domínguez Castillo"
+    ).split(),
+    "en": (
+        "Smith Jones Taylor Brown Williams Wilson Johnson Davies "
+        "Miller Clarke Walker Wright Thompson Robinson Hughes Edwards"
+    ).split(),
+}
+_NER_PLACES = {
+    "es": (
+        "Madrid Sevilla Valencia Bilbao Zaragoza Málaga Barcelona "
+        "Salamanca Granada Valladolid Córdoba Alicante Murcia Toledo"
+    ).split(),
+    "en": (
+        "London Manchester Boston Chicago Dublin Edinburgh Toronto "
+        "Seattle Liverpool Denver Atlanta Glasgow Philadelphia Bristol"
+    ).split(),
+}
+_NER_ORGS = {
+    "es": [
+        "Telefónica",
+        "Banco Santander",
+        "BBVA",
+        "Iberdrola",
+        "Repsol",
+        "Mercadona",
+        "Inditex",
+        "la Universidad de Salamanca",
+        "el Ayuntamiento de Madrid",
+        "Renfe",
+        "la Agencia Tributaria",
+        "CaixaBank",
+        "Correos",
+        "el Hospital Clínic",
+    ],
+    "en": [
+        "Microsoft",
+        "Google",
+        "Barclays",
+        "HSBC",
+        "Goldman Sachs",
+        "the World Bank",
+        "Oxford University",
+        "the BBC",
+        "Amazon",
+        "Deloitte",
+        "the European Commission",
+        "General Electric",
+        "Pfizer",
+        "the Red Cross",
+    ],
+}
+_NER_TEMPLATES = {
+    "es": [
+        "{person} vive en {place} y trabaja para {org}.",
+        "Ayer me reuní con {person} en la oficina de {org} en {place}.",
+        "La solicitud de {person} llegó desde {place}; la tramita {org}.",
+        "Según {person}, el contrato con {org} se firmará en {place} la semana que viene.",
+        "{person} se mudó a {place} cuando entró en {org}.",
+        "Por favor, envía la factura a {person}, de {org}, con sede en {place}.",
+    ],
+    "en": [
+        "{person} lives in {place} and works for {org}.",
+        "Yesterday I met {person} at the {org} office in {place}.",
+        "The request from {person} came in from {place}; {org} is handling it.",
+        "According to {person}, the contract with {org} will be signed in {place} next week.",
+        "{person} moved to {place} after joining {org}.",
+        "Please send the invoice to {person} at {org}, based in {place}.",
+    ],
+}
+
+
+def _strip_article(org: str) -> str:
+    """The organisation as the label: `la Universidad de Salamanca` -> `Universidad de Salamanca`.
+
+    NER pipelines differ on whether a leading article belongs to the name; the leak that matters
+    is the name itself."""
+    for article in ("the ", "la ", "el "):
+        if org.startswith(article):
+            return org[len(article) :]
+    return org
+
+
+def generate_named(n: int = 300, seed: int = 23) -> list[Message]:
+    """`n` messages (half Spanish, half English) each naming a person, a place and an
+    organisation, labelled, plus one checksum-validated value (an IBAN, a DNI, ...)."""
+    rng = random.Random(seed)
+    checksum = ["IBAN_CODE", "ES_NIF", "ES_NIE", "PHONE_NUMBER", "EMAIL_ADDRESS"]
+    out = []
+    for i in range(n):
+        lang = "es" if i % 2 == 0 else "en"
+        person = f"{rng.choice(_NER_FIRST[lang])} {rng.choice(_NER_LAST[lang])}"
+        place = rng.choice(_NER_PLACES[lang])
+        org = rng.choice(_NER_ORGS[lang])
+        sentence = rng.choice(_NER_TEMPLATES[lang]).format(person=person, place=place, org=org)
+        if lang == "en" and sentence[0].islower():
+            sentence = sentence[0].upper() + sentence[1:]
+        kind = checksum[i % len(checksum)]
+        value = _GEN[kind](rng)
+        msg = Message("", lang)
+        msg.labels = [
+            ("PERSON", person),
+            ("LOCATION", place),
+            ("ORGANIZATION", _strip_article(org)),
+            (kind, value),
+        ]
+        lead = _LEAD[lang][kind].format(v=value)
+        msg.text = f"{sentence} {lead[0].upper()}{lead[1:]}."
+        out.append(msg)
+    return out

@@ -11,8 +11,13 @@ from tests.gateway.helpers import config, tenant
 
 
 def doc(**tenant_fields) -> dict:
-    b = {"name": "c", "endpoint": "http://127.0.0.1:1", "kind": "openai", "model": "x",
-         "privacy": "external"}
+    b = {
+        "name": "c",
+        "endpoint": "http://127.0.0.1:1",
+        "kind": "openai",
+        "model": "x",
+        "privacy": "external",
+    }
     return config({"m": [b]}, [tenant("a", "k", **tenant_fields)])
 
 

@@ -43,14 +43,15 @@ def test_onprem_engine_gets_the_original_and_the_cloud_only_placeholders(
     # so it counts exactly the original's tokens.
     local = gw.chat(KEY_A, model="local", content=TEXT, max_tokens=4, temperature=0)
     assert local.status_code == 200, local.text
-    rendered = httpx.post(f"{engine.url}/tokenize", json={
-        "messages": [{"role": "user", "content": TEXT}]}, timeout=30).json()
+    rendered = httpx.post(
+        f"{engine.url}/tokenize", json={"messages": [{"role": "user", "content": TEXT}]}, timeout=30
+    ).json()
     assert local.json()["usage"]["prompt_tokens"] == rendered["count"]
     assert gw.metric("soberana_gateway_pii_redactions_total") == 0
     # Leaving the site: the cloud sees placeholders only; the answer comes back with originals.
     burst = gw.chat(KEY_A, model="burst", content=TEXT)
     assert burst.status_code == 200, burst.text
-    sent = b"".join(c.behaviour.raw_bodies)
+    sent = b"".join(c.raw_bodies)
     assert IBAN.encode() not in sent and EMAIL.encode() not in sent
     assert b"<IBAN" in sent and b"<EMAIL" in sent
     answer = burst.json()["choices"][0]["message"]["content"]
@@ -70,10 +71,12 @@ def test_anthropic_messages_through_the_gateway_to_a_real_engine(engine, start_g
     gw = start_gateway(doc)
     client = anthropic.Anthropic(base_url=gw.url, api_key=KEY_A, max_retries=0)
     message = client.messages.create(
-        model="local", max_tokens=4, messages=[{"role": "user", "content": "Hello"}])
+        model="local", max_tokens=4, messages=[{"role": "user", "content": "Hello"}]
+    )
     assert message.role == "assistant" and message.usage.output_tokens >= 1
-    with client.messages.stream(model="local", max_tokens=4,
-                                messages=[{"role": "user", "content": "Hello"}]) as stream:
+    with client.messages.stream(
+        model="local", max_tokens=4, messages=[{"role": "user", "content": "Hello"}]
+    ) as stream:
         final = stream.get_final_message()
     assert final.stop_reason in ("end_turn", "max_tokens")
     # The gateway adds its tenant's cache_salt to every body; the Messages endpoint used to

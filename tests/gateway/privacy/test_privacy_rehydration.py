@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from soberana.gateway.privacy.rehydrator import Rehydrator, SseRehydrator
-from tests.gateway.privacy.echo_cloud import EchoBehaviour, EchoCloud
+from tests.fake_openai import Behaviour, Echo
 
 VALUES = {"<IBAN_CODE_1>": "ES91 2100 0418 4502 0005 1332", "<PERSON_1>": 'Ana "la jefa" Ruiz'}
 
@@ -44,12 +44,9 @@ def cuts(stream: bytes) -> list[int]:
 
 
 def upstream_stream(anthropic: bool, piece_chars: int) -> tuple[bytes, str, str]:
-    cloud = EchoCloud.__new__(EchoCloud)
-    cloud.behaviour = EchoBehaviour(piece_chars=piece_chars, extra_text=" <PERSON_9> <IBAN_CODE_")
-    text, args = cloud._answer(json.dumps(list(VALUES)).encode())
-    events = (
-        cloud._anthropic_events(text, args) if anthropic else cloud._openai_events(text, args, {})
-    )
+    echo = Echo(Behaviour(piece_chars=piece_chars, extra_text=" <PERSON_9> <IBAN_CODE_"))
+    text, args = echo.answer(json.dumps(list(VALUES)).encode())
+    events = echo.anthropic_events(text, args) if anthropic else echo.openai_events(text, args, {})
     return b"".join(events), text, args
 
 

@@ -1,7 +1,9 @@
-"""The engine-core process: its loop and the compact messages it exchanges with the API process.
+"""The engine-core process: its loop and the typed messages it exchanges with the API process.
 
-API → core: `EngineCoreRequest`, `AbortRequests`, `Shutdown`.
-Core → API: `CoreReady` once, then one `StepResult` per loop turn that did work, or `CoreFatal`.
+API → core (`ToCore`): `EngineCoreRequest`, `PoolingRequest`, `AbortRequests`, `Shutdown`.
+Core → API (`FromCore`): `CoreReady` once, then one `EngineCoreOutputs` per loop turn that did
+work, or `CoreFatal`. Every message is a dataclass of plain data (pickled over a pipe); the
+client's side is `engine/core_client.py`.
 """
 
 from __future__ import annotations
@@ -13,17 +15,22 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING
 
 from soberana.engine.config import EngineConfig
 from soberana.engine.outputs import (
     EngineCoreOutput,
     EngineCoreRequest,
+    ModelInfo,
     PoolingOutput,
     PoolingRequest,
     SchedulerStats,
 )
 from soberana.log import configure
+
+if TYPE_CHECKING:  # the API process imports this module and must not load torch for it
+    from soberana.engine.core import EngineCore
+    from soberana.engine.pooling_core import PoolingCore
 
 logger = logging.getLogger("soberana.engine_core")
 
@@ -42,12 +49,15 @@ class Shutdown:
 
 @dataclass
 class CoreReady:
-    model_info: Any  # soberana.engine ModelInfo (plain dataclass)
+    """The core has loaded its model and serves from now on."""
+
+    model_info: ModelInfo
 
 
 @dataclass
-class StepResult:
-    """Everything one loop turn produced; `num_received` counts requests taken in so far."""
+class EngineCoreOutputs:
+    """Everything one loop turn produced (vLLM's name); `num_received` counts requests taken
+    in so far."""
 
     outputs: list[EngineCoreOutput]
     stats: SchedulerStats
@@ -59,7 +69,13 @@ class StepResult:
 
 @dataclass
 class CoreFatal:
+    """The core failed (to start, or while serving); it exits after sending this."""
+
     message: str
+
+
+ToCore = EngineCoreRequest | PoolingRequest | AbortRequests | Shutdown
+FromCore = CoreReady | EngineCoreOutputs | CoreFatal
 
 
 def run_engine_core(config: EngineConfig, requests: Connection, results: Connection) -> None:
@@ -99,7 +115,7 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
         core.shutdown()  # stops tensor-parallel workers and the warehouse's threads
 
 
-def _loop(core: Any, requests: Connection, results: Connection) -> None:
+def _loop(core: EngineCore | PoolingCore, requests: Connection, results: Connection) -> None:
     num_received = 0
     pooling = core.model_info.task != "generate"
     pooled: list[PoolingOutput] = []
@@ -109,7 +125,7 @@ def _loop(core: Any, requests: Connection, results: Connection) -> None:
         rejected: list[tuple[str, str]] = []
         # Take in everything that arrived, without waiting, before scheduling the next step.
         while requests.poll(0):
-            message = requests.recv()
+            message: ToCore = requests.recv()
             if isinstance(message, EngineCoreRequest | PoolingRequest):
                 num_received += 1
                 try:
@@ -123,5 +139,5 @@ def _loop(core: Any, requests: Connection, results: Connection) -> None:
         outputs = core.step() if core.has_unfinished_requests() else []
         if pooling:  # an embedding/rerank core: every output is a finished PoolingOutput
             outputs, pooled = [], outputs
-        results.send(StepResult(outputs, core.get_stats(), num_received, time.time(), rejected,
-                                pooled))
+        results.send(EngineCoreOutputs(outputs, core.get_stats(), num_received, time.time(),
+                                       rejected, pooled))

@@ -1,9 +1,16 @@
-"""A small real OpenAI-compatible HTTP server for gateway tests.
+"""The one fake OpenAI-compatible HTTP server of the tests (gateway, privacy): a real aiohttp
+server that records every inference request it receives (path, headers, parsed and raw body).
 
 It can be healthy, slow, failing (HTTP 500), connection-dropping (before a response or in the
-middle of a stream), report a queue on a vLLM-style /metrics, and it records every inference
-request it receives. Run it in a thread (`FakeUpstream(...).start()`) or as its own process
-(`python fake_upstream.py --port P --name N`) when a test must kill it.
+middle of a stream), report a queue on a vLLM-style /metrics — or, with `echo=True`, stand in
+for a cloud LLM API: it answers with the `<TYPE_N>` placeholders it received, in the text and
+in a tool call's arguments, streamed in pieces of `piece_chars` characters (1 splits every
+placeholder at every position), `/v1/messages` in Anthropic's shape. Run it in a thread
+(`FakeOpenAI(...).start()`) or as its own process (`python tests/fake_openai.py --port P
+--name N`) when a test must kill it.
+
+(`soberana bench`'s tests use the product's own endpoint, soberana/bench/fake_endpoint.py: a raw
+asyncio server fast enough to measure the load generator's overhead, with its fault cycle.)
 """
 
 from __future__ import annotations
@@ -11,12 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
 from multidict import CIMultiDict
+
+PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*_\d+>")
 
 
 @dataclass
@@ -26,6 +36,7 @@ class Received:
     path: str
     headers: CIMultiDict  # case-insensitive, as HTTP headers are
     body: dict
+    raw: bytes = b""  # the body's bytes as sent
 
 
 @dataclass
@@ -44,9 +55,16 @@ class Behaviour:
     waiting: float = 0.0  # reported as vllm:num_requests_waiting
     model_name: str = "upstream-model"
     received: list[Received] = field(default_factory=list)
+    # echo: answer with the placeholders received (see the module docstring)
+    echo: bool = False
+    piece_chars: int = 3
+    piece_delay_s: float = 0.0
+    extra_text: str = ""  # appended to the echo (e.g. an invented placeholder)
+    answer_override: str | None = None  # echo mode: answer with this text instead
+    finished_at: list[float] = field(default_factory=list)  # when each echo stream ended
 
 
-class FakeUpstream:
+class FakeOpenAI:
     """The server; `behaviour` is shared with the test."""
 
     def __init__(self, name: str = "fake", **behaviour) -> None:
@@ -68,9 +86,18 @@ class FakeUpstream:
     def received(self) -> list[Received]:
         return self.behaviour.received
 
+    @property
+    def raw_bodies(self) -> list[bytes]:
+        """Every inference request body, as bytes, in arrival order."""
+        return [r.raw for r in self.behaviour.received]
+
+    def received_text(self) -> str:
+        """Everything the server ever received, decoded (JSON escapes resolved)."""
+        return "\n".join(json.dumps(json.loads(b), ensure_ascii=False) for b in self.raw_bodies)
+
     def app(self) -> web.Application:
         app = web.Application()
-        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"):
             app.router.add_post(path, self._inference)
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
@@ -79,7 +106,7 @@ class FakeUpstream:
 
     # ---- running in a thread -----------------------------------------------------------------
 
-    def start(self, port: int = 0) -> FakeUpstream:
+    def start(self, port: int = 0) -> FakeOpenAI:
         ready = threading.Event()
 
         def serve() -> None:
@@ -138,8 +165,9 @@ class FakeUpstream:
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         b = self.behaviour
-        body = await request.json()
-        b.received.append(Received(request.path, request.headers.copy(), body))
+        raw = await request.read()
+        body = json.loads(raw)
+        b.received.append(Received(request.path, request.headers.copy(), body, raw))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -170,6 +198,8 @@ class FakeUpstream:
             if b.mode == "drop":
                 request.transport.abort()
                 return web.Response()
+            if b.echo:
+                return await Echo(b).respond(request, body, raw)
             if request.path == "/v1/embeddings":
                 return web.json_response(self._embeddings(body))
             if body.get("stream"):
@@ -274,6 +304,125 @@ class FakeUpstream:
         return response
 
 
+class Echo:
+    """The answers of `echo` mode: the request's placeholders, whole or streamed in pieces."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.b = behaviour
+
+    def answer(self, raw: bytes) -> tuple[str, str]:
+        """The answer's text and its tool call's JSON arguments."""
+        if self.b.answer_override is not None:
+            return self.b.answer_override, "{}"
+        seen = list(dict.fromkeys(PLACEHOLDER.findall(raw.decode())))
+        text = "Echo: " + " | ".join(seen) + self.b.extra_text
+        args = json.dumps({"values": seen, "note": "for " + " and ".join(seen)})
+        return text, args
+
+    async def respond(self, request: web.Request, body: dict, raw: bytes) -> web.StreamResponse:
+        text, args = self.answer(raw)
+        messages_api = request.path == "/v1/messages"
+        if not body.get("stream"):
+            if messages_api:
+                return web.json_response(self.anthropic_message(body, text, args))
+            return web.json_response(self.openai_message(body, text, args))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        events = (self.anthropic_events(text, args) if messages_api
+                  else self.openai_events(text, args, body))  # fmt: skip
+        for event in events:
+            await response.write(event)
+            if self.b.piece_delay_s:
+                await asyncio.sleep(self.b.piece_delay_s)
+        self.b.finished_at.append(time.monotonic())
+        await response.write_eof()
+        return response
+
+    def pieces(self, text: str) -> list[str]:
+        n = self.b.piece_chars
+        return [text[i : i + n] for i in range(0, len(text), n)]
+
+    @staticmethod
+    def openai_message(body: dict, text: str, args: str) -> dict:
+        call = {"id": "call_1", "type": "function",
+                "function": {"name": "lookup", "arguments": args}}  # fmt: skip
+        message = {"role": "assistant", "content": text, "tool_calls": [call]}
+        return {
+            "id": "c1",
+            "object": "chat.completion",
+            "model": body.get("model"),
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        }
+
+    @staticmethod
+    def anthropic_message(body: dict, text: str, args: str) -> dict:
+        return {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model"),
+            "content": [
+                {"type": "text", "text": text},
+                {"type": "tool_use", "id": "tu_1", "name": "lookup", "input": json.loads(args)},
+            ],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 10, "output_tokens": 5},
+        }
+
+    def openai_events(self, text: str, args: str, body: dict) -> list[bytes]:
+        def chunk(delta: dict, finish: str | None = None) -> bytes:
+            obj = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "model": body.get("model"),
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+        call = {"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "lookup", "arguments": ""}}  # fmt: skip
+        events = [chunk({"role": "assistant", "content": ""})]
+        events += [chunk({"content": p}) for p in self.pieces(text)]
+        events.append(chunk({"tool_calls": [call]}))
+        events += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]})
+                   for p in self.pieces(args)]  # fmt: skip
+        events.append(chunk({}, "tool_calls"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            }
+            events.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return events
+
+    def anthropic_events(self, text: str, args: str) -> list[bytes]:
+        def event(kind: str, obj: dict) -> bytes:
+            data = json.dumps({"type": kind, **obj}).encode()
+            return f"event: {kind}\ndata: ".encode() + data + b"\n\n"
+
+        tool_use = {"type": "tool_use", "id": "tu_1", "name": "lookup", "input": {}}
+        events = [
+            event("message_start", {"message": {"id": "msg_1", "role": "assistant", "content": []}}),
+            event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ]  # fmt: skip
+        events += [event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}})
+                   for p in self.pieces(text)]  # fmt: skip
+        events.append(event("content_block_stop", {"index": 0}))
+        events.append(event("content_block_start", {"index": 1, "content_block": tool_use}))
+        events += [event("content_block_delta",
+                         {"index": 1, "delta": {"type": "input_json_delta", "partial_json": p}})
+                   for p in self.pieces(args)]  # fmt: skip
+        events.append(event("content_block_stop", {"index": 1}))
+        events.append(event("message_delta", {"delta": {"stop_reason": "tool_use"},
+                                              "usage": {"output_tokens": 5}}))  # fmt: skip
+        events.append(event("message_stop", {}))
+        return events
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
@@ -282,7 +431,7 @@ def main() -> None:
     parser.add_argument("--chunk-delay", type=float, default=0.0)
     parser.add_argument("--chunks", type=int, default=4)
     args = parser.parse_args()
-    upstream = FakeUpstream(
+    upstream = FakeOpenAI(
         args.name, delay_s=args.delay, chunk_delay_s=args.chunk_delay, stream_chunks=args.chunks
     )
 

@@ -1,0 +1,368 @@
+/* Weight-only int8 linear layers on CPUs: out = (x q^T) * scale (+ bias), float32 sums.
+ *
+ * Built and called by soberana/quantization/cpu_int8.py (plain C, compiled at first use by
+ * soberana/ops/cpu_kernels.py). The int8 weight q [N, K] (per-output-channel scales) is
+ * packed once at load into one blob: panels of 64 output columns, each the K / 2 pairs of
+ * its columns, [K / 2][64][2] int8 (linear_bf16.c's order), followed by the N scales as
+ * float32, padded to the 64 columns of the last panel. The packed weight replaces the
+ * row-major one: the layer holds the int8 bytes once.
+ *
+ * The weight is dequantized in registers, never in memory: int8 -> int32 -> float32 is exact,
+ * and so is the step to bfloat16 (|q| <= 127 needs 7 significant bits, bfloat16 has 8), so
+ * each product x * q is exact and only the float32 sums differ from `x @ dequantized.T`
+ * (by their order, and by the scale being applied once per sum instead of per weight).
+ * Chosen over quantizing activations to int8 for VPDPBUSD (W8A8), which would add an
+ * activation rounding error that the dequantized reference does not have.
+ *
+ * Two paths:
+ *  - bfloat16 activations on a CPU with AVX512_BF16 (linear_int8_bf16): a tile of up to
+ *    MR = 6 rows of x times one panel keeps its 6 x 64 sums in 24 registers; each pair of x's
+ *    columns is broadcast once per row and meets four 32-lane bfloat16 vectors of the panel
+ *    (vdpbf16ps). With one tile of rows per panel (a one-token decode, memory-bound: half the
+ *    bytes of bfloat16) the panel is converted in registers as it is read; with more, a
+ *    thread converts the panel once into a bfloat16 buffer that stays in L2 and sweeps its
+ *    rows through it, as linear_bf16.c sweeps a packed bfloat16 panel.
+ *  - float32 activations, or a CPU without AVX-512 (AVX2 + FMA; linear_int8_f32): 16-column
+ *    quarter panels, 2 rows at a time, 8 int8 -> 8 float32 per vector, FMA with the pair
+ *    (x[2p], x[2p + 1]) broadcast; the two sums of a column (even and odd k) are added at the
+ *    end with hadd.
+ *
+ * Rows are shared among torch's OpenMP threads (through GOMP_parallel): panels split among
+ * them, or, with fewer panels than threads, rows. Each output is summed by one thread in one
+ * order whatever the thread count.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dtypes.h"
+#include "simd.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+enum { OK = 0, UNSUPPORTED = 1 };
+#define NB 64 /* output columns per panel */
+#define MR 6  /* rows of x per bfloat16 tile */
+/* Bytes of x's rows a thread takes through its panels at a time (linear_bf16.c's MC_BYTES). */
+#define MC_BYTES (512 << 10)
+
+/* Which paths this build has: bit 0 bfloat16 activations (AVX512_BF16), bit 1 float32
+ * activations (AVX2 + FMA). */
+int linear_int8_paths(void) {
+    int paths = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    paths |= 1;
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+    paths |= 2;
+#endif
+    return paths;
+}
+
+/* Bytes of the packed form of an [N, K] int8 weight (K even): the panels, then the scales. */
+int64_t linear_int8_packed_bytes(int64_t N, int64_t K) {
+    const int64_t n_pad = (N + NB - 1) / NB * NB;
+    return n_pad * K + n_pad * (int64_t)sizeof(float);
+}
+
+/* Packs q [N, K] (rows q_stride bytes apart, K even) and its float32 scales [N] into out
+ * (linear_int8_packed_bytes): panel j, pair p, column c at ((j * K / 2 + p) * 64 + c) * 2;
+ * columns past N are zero, with scale 0. */
+int pack_int8(const int8_t *q, int64_t q_stride, const float *scale, int64_t N, int64_t K,
+              int8_t *out) {
+    if (K <= 0 || K % 2 != 0 || N <= 0) return UNSUPPORTED;
+    const int64_t P = K / 2, panels = (N + NB - 1) / NB;
+    for (int64_t j = 0; j < panels; j++)
+        for (int64_t p = 0; p < P; p++)
+            for (int c = 0; c < NB; c++) {
+                const int64_t n = j * NB + c, at = ((j * P + p) * NB + c) * 2;
+                out[at] = n < N ? q[n * q_stride + 2 * p] : 0;
+                out[at + 1] = n < N ? q[n * q_stride + 2 * p + 1] : 0;
+            }
+    float *scales = (float *)(out + panels * NB * K);
+    for (int64_t n = 0; n < panels * NB; n++) scales[n] = n < N ? scale[n] : 0.0f;
+    return OK;
+}
+
+typedef struct Job {
+    const void *x, *bias;
+    const int8_t *w;
+    const float *scale;
+    void *out;
+    int64_t x_stride, out_stride, M, N, K;
+    int threads;
+    int next_thread; /* each thread takes the next number as its share */
+} Job;
+
+typedef void (*Sweep)(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
+typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+
+/* Rows [m0, m1) of x through panels [j0, j1) in chunks of `row_bytes`-wide rows that stay in
+ * L2 (MC_BYTES), each chunk through all the panels before the next. */
+static void sweep_chunks(const Job *job, Sweep sweep, int64_t row_bytes, int64_t m0, int64_t m1,
+                         int64_t j0, int64_t j1) {
+    int64_t chunk = MC_BYTES / row_bytes / MR * MR;
+    if (chunk < MR) chunk = MR;
+    for (int64_t m = m0; m < m1; m += chunk) sweep(job, m, m + chunk < m1 ? m + chunk : m1, j0, j1);
+}
+
+typedef struct Share {
+    Job *job;
+    Sweep sweep;
+    int64_t row_bytes;
+} Share;
+
+/* One thread's share: a run of panels, or with fewer panels than threads a run of rows. */
+static void work(void *arg) {
+    const Share *s = arg;
+    Job *job = s->job;
+    const int t = __atomic_fetch_add(&job->next_thread, 1, __ATOMIC_RELAXED), T = job->threads;
+    const int64_t panels = (job->N + NB - 1) / NB;
+    if (panels >= T) {
+        const int64_t per = (panels + T - 1) / T, j0 = t * per, j1 = j0 + per < panels ? j0 + per : panels;
+        if (j0 < j1) sweep_chunks(job, s->sweep, s->row_bytes, 0, job->M, j0, j1);
+    } else {
+        const int64_t per = ((job->M + T - 1) / T + MR - 1) / MR * MR;
+        const int64_t m0 = t * per, m1 = m0 + per < job->M ? m0 + per : job->M;
+        if (m0 < m1) sweep_chunks(job, s->sweep, s->row_bytes, m0, m1, 0, panels);
+    }
+}
+
+static void run(Job *job, Sweep sweep, int64_t row_bytes, void *gomp_parallel) {
+    const int64_t panels = (job->N + NB - 1) / NB;
+    if (job->threads > 1 && panels < job->threads && job->M < 2 * MR * job->threads) job->threads = 1;
+    Share share = {job, sweep, row_bytes};
+    if (job->threads > 1 && gomp_parallel != NULL)
+        ((GompParallel)gomp_parallel)(work, &share, (unsigned)job->threads, 0);
+    else
+        sweep_chunks(job, sweep, row_bytes, 0, job->M, 0, panels);
+}
+
+static int check(int64_t M, int64_t K, int64_t N) {
+    if (K <= 0 || K % 2 != 0 || N <= 0 || M < 0) return UNSUPPORTED;
+    return OK;
+}
+
+/* ---------------------------------------------------------------- bfloat16 activations */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+
+/* 32 int8 as 32 bfloat16, in order (exact). */
+static inline __m512bh i8x32_to_bf16(const int8_t *p) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* A thread's bfloat16 copy of one panel (K * 128 bytes), grown as needed and kept. */
+static __thread uint16_t *panel_buffer;
+static __thread int64_t panel_capacity;
+
+static uint16_t *panel_space(int64_t elems) {
+    if (elems > panel_capacity) {
+        free(panel_buffer);
+        panel_buffer = aligned_alloc(64, (size_t)(elems * 2 + 63) / 64 * 64);
+        panel_capacity = panel_buffer != NULL ? elems : 0;
+    }
+    return panel_buffer;
+}
+
+/* Rows [m, m + R) of x times panel j into out, columns [64j, 64j + cols): the panel read as
+ * int8 and converted in registers (wb NULL, or `fill`: the conversion also written to wb), or
+ * read from its bfloat16 copy wb. While it works it prefetches `lines` cache lines of `ahead`
+ * (into L2), one per pair. */
+static inline __attribute__((always_inline)) void tile_bf16(const Job *job, int64_t m, int64_t j,
+                                                             int cols, uint16_t *wb, int fill,
+                                                             const char *ahead, int64_t lines,
+                                                             const int R) {
+    const int64_t P = job->K / 2;
+    const int8_t *w = job->w + j * P * NB * 2;
+    const uint16_t *a = (const uint16_t *)job->x + m * job->x_stride;
+    __m512 acc[MR][4];
+    for (int r = 0; r < R; r++)
+        for (int q = 0; q < 4; q++) acc[r][q] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+        if (p < lines) __builtin_prefetch(ahead + p * 64, 0, 2);
+        __m512bh b0, b1, b2, b3;
+        if (wb != NULL && !fill) {
+            const uint16_t *bp = wb + p * NB * 2;
+            b0 = (__m512bh)_mm512_loadu_si512(bp);
+            b1 = (__m512bh)_mm512_loadu_si512(bp + 32);
+            b2 = (__m512bh)_mm512_loadu_si512(bp + 64);
+            b3 = (__m512bh)_mm512_loadu_si512(bp + 96);
+        } else {
+            const int8_t *bp = w + p * NB * 2;
+            b0 = i8x32_to_bf16(bp);
+            b1 = i8x32_to_bf16(bp + 32);
+            b2 = i8x32_to_bf16(bp + 64);
+            b3 = i8x32_to_bf16(bp + 96);
+            if (fill && wb != NULL) {
+                uint16_t *out = wb + p * NB * 2;
+                _mm512_storeu_si512(out, (__m512i)b0);
+                _mm512_storeu_si512(out + 32, (__m512i)b1);
+                _mm512_storeu_si512(out + 64, (__m512i)b2);
+                _mm512_storeu_si512(out + 96, (__m512i)b3);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            int32_t pair;
+            memcpy(&pair, a + r * job->x_stride + 2 * p, 4);
+            const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, b2);
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, b3);
+        }
+    }
+    for (int q = 0; q < 4; q++) {
+        const int live = cols - 16 * q;
+        if (live <= 0) break;
+        const __m512 scale = _mm512_loadu_ps(job->scale + j * NB + 16 * q); /* padded */
+        __m512 bias = _mm512_setzero_ps();
+        if (job->bias != NULL) bias = load16(job->bias, j * NB + 16 * q, DT_BF16); /* padded */
+        for (int r = 0; r < R; r++) {
+            uint16_t *c = (uint16_t *)job->out + (m + r) * job->out_stride + j * NB + 16 * q;
+            const __m512 y = _mm512_fmadd_ps(acc[r][q], scale, bias);
+            if (live >= 16)
+                store16(c, 0, y, DT_BF16);
+            else
+                _mm256_mask_storeu_epi16(c, (__mmask16)((1u << live) - 1), to_bf16x16(y));
+        }
+    }
+}
+
+static void sweep_bf16(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
+    const int64_t panel_elems = job->K * NB, panel_lines = panel_elems / 64, P = job->K / 2;
+    /* More than one tile of rows: the first tile converts the panel (5 instructions per 32
+     * weights) and writes it to the thread's copy, which the others read. One tile: convert in
+     * registers, nothing written. */
+    uint16_t *wb = m1 - m0 > MR ? panel_space(panel_elems) : NULL;
+    for (int64_t j = j0; j < j1; j++) {
+        const int cols = job->N - j * NB < NB ? (int)(job->N - j * NB) : NB;
+        const char *next = (const char *)(job->w + (j + 1) * panel_elems);
+        int64_t left = j + 1 < j1 ? panel_lines : 0; /* the next panel's lines to ask for */
+        int64_t m = m0;
+        for (int fill = 1; m + MR <= m1; m += MR, fill = 0) {
+            const int64_t lines = left < P ? left : P;
+            tile_bf16(job, m, j, cols, wb, fill, next, lines, MR);
+            next += lines * 64, left -= lines;
+        }
+        /* the last, partial tile asks for nothing (as in linear_bf16.c: where it is the only
+         * one, a batch-1 decode, the hardware prefetchers stream the panels faster) */
+        const int fill = m == m0;
+        switch (m1 - m) {
+        case 5: tile_bf16(job, m, j, cols, wb, fill, next, 0, 5); break;
+        case 4: tile_bf16(job, m, j, cols, wb, fill, next, 0, 4); break;
+        case 3: tile_bf16(job, m, j, cols, wb, fill, next, 0, 3); break;
+        case 2: tile_bf16(job, m, j, cols, wb, fill, next, 0, 2); break;
+        case 1: tile_bf16(job, m, j, cols, wb, fill, next, 0, 1); break;
+        default: break;
+        }
+    }
+}
+
+#endif
+
+/* out [M, N] (rows out_stride apart) = x [M, K] (rows x_stride apart) times the packed weight
+ * (pack_int8 of an [N, K] weight and its scales), plus bias [padded to a multiple of 64,
+ * zeros past N] or NULL; x, bias and out bfloat16, float32 sums rounded once. The signature
+ * of linear_bf16 (linear_bf16.c). Returns OK or UNSUPPORTED (no AVX512_BF16 in this build, K
+ * odd). A thread that cannot allocate its panel copy converts in registers instead. */
+int linear_int8_bf16(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, const int8_t *w,
+                     int64_t N, const uint16_t *bias, uint16_t *out, int64_t out_stride,
+                     int32_t threads, void *gomp_parallel) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (check(M, K, N) != OK) return UNSUPPORTED;
+    if (M == 0) return OK;
+    const int64_t n_pad = (N + NB - 1) / NB * NB;
+    Job job = {x, bias, w, (const float *)(w + n_pad * K), out, x_stride, out_stride, M, N, K,
+               threads < 1 ? 1 : threads, 0};
+    run(&job, sweep_bf16, 2 * K, gomp_parallel);
+    return OK;
+#else
+    (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out;
+    (void)out_stride, (void)threads, (void)gomp_parallel;
+    return UNSUPPORTED;
+#endif
+}
+
+/* ----------------------------------------------------------------- float32 activations */
+#if defined(__AVX2__) && defined(__FMA__)
+
+/* Lanes [c, c + 1] of 8 columns' even and odd sums (lo: columns 0-3, hi: 4-7, each lane pair
+ * one column's (even k, odd k)) as the 8 columns' sums, in order. */
+static inline __m256 column_sums(__m256 lo, __m256 hi) {
+    /* hadd: [c0 c1 c4 c5 | c2 c3 c6 c7]; the 64-bit lanes reordered 0, 2, 1, 3 */
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(lo, hi)), 0xD8));
+}
+
+/* Rows [m, m + R) of x times columns [64j + 16h, + live) (a quarter of panel j). */
+static inline __attribute__((always_inline)) void tile_f32(const Job *job, int64_t m, int64_t j,
+                                                            int h, int live, const int R) {
+    const int64_t P = job->K / 2;
+    const int8_t *w = job->w + j * P * NB * 2 + 32 * h;
+    const float *a = (const float *)job->x + m * job->x_stride;
+    __m256 acc[2][4];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 4; v++) acc[r][v] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < P; p++) {
+        const int8_t *bp = w + p * NB * 2;
+        __m256 b[4];
+        for (int v = 0; v < 4; v++)
+            b[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(bp + 8 * v))));
+        for (int r = 0; r < R; r++) {
+            const __m256 av = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(a + r * job->x_stride + 2 * p)));
+            for (int v = 0; v < 4; v++) acc[r][v] = _mm256_fmadd_ps(av, b[v], acc[r][v]);
+        }
+    }
+    const int64_t col = j * NB + 16 * h;
+    const float *bias = job->bias;
+    for (int half = 0; half < 2; half++) {
+        const int n = live - 8 * half;
+        if (n <= 0) break;
+        const __m256 scale = _mm256_loadu_ps(job->scale + col + 8 * half); /* padded */
+        for (int r = 0; r < R; r++) {
+            float *c = (float *)job->out + (m + r) * job->out_stride + col + 8 * half;
+            __m256 y = _mm256_mul_ps(column_sums(acc[r][2 * half], acc[r][2 * half + 1]), scale);
+            float lanes[8];
+            _mm256_storeu_ps(lanes, y);
+            for (int i = 0; i < (n < 8 ? n : 8); i++)
+                c[i] = bias != NULL ? lanes[i] + bias[col + 8 * half + i] : lanes[i];
+        }
+    }
+}
+
+static void sweep_f32(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        const int cols = job->N - j * NB < NB ? (int)(job->N - j * NB) : NB;
+        for (int h = 0; h < 4 && 16 * h < cols; h++) {
+            const int live = cols - 16 * h;
+            int64_t m = m0;
+            for (; m + 2 <= m1; m += 2) tile_f32(job, m, j, h, live, 2);
+            if (m < m1) tile_f32(job, m, j, h, live, 1);
+        }
+    }
+}
+
+#endif
+
+/* As linear_int8_bf16 with x, out and bias float32 (bias [N] unpadded, or NULL). Returns OK
+ * or UNSUPPORTED (no AVX2 + FMA in this build, K odd). */
+int linear_int8_f32(const float *x, int64_t x_stride, int64_t M, int64_t K, const int8_t *w,
+                    int64_t N, const float *bias, float *out, int64_t out_stride, int32_t threads,
+                    void *gomp_parallel) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (check(M, K, N) != OK) return UNSUPPORTED;
+    if (M == 0) return OK;
+    const int64_t n_pad = (N + NB - 1) / NB * NB;
+    Job job = {x, bias, w, (const float *)(w + n_pad * K), out, x_stride, out_stride, M, N, K,
+               threads < 1 ? 1 : threads, 0};
+    run(&job, sweep_f32, 4 * K, gomp_parallel);
+    return OK;
+#else
+    (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out;
+    (void)out_stride, (void)threads, (void)gomp_parallel;
+    return UNSUPPORTED;
+#endif
+}
