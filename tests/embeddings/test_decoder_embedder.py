@@ -59,14 +59,20 @@ def qwen3_embedders(tmp_path_factory):
     return dirs
 
 
+def _pad_with_eos(tok, vocab_size: int) -> None:
+    """Pad with EOS where the tokenizer has no pad token inside the tiny vocabulary
+    (transformers 5 gives a Qwen2 config's tokenizer an extra <|endoftext|> past it)."""
+    if tok.pad_token_id is None or tok.pad_token_id >= vocab_size:
+        tok.pad_token = tok.eos_token
+
+
 def _reference(path, texts: list[str], side: str) -> torch.Tensor:
     """transformers: padded batch, the last non-pad token's state, L2-normalised."""
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(path, padding_side=side)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    _pad_with_eos(tok, model.config.vocab_size)
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**enc).last_hidden_state
@@ -113,6 +119,30 @@ def test_a_causal_lm_embeds_with_task_embed(qwen3_embedders):
     ours = torch.tensor(llm.embed(TEXTS[:2]))
     ref = _reference(qwen3_embedders["headless"], TEXTS[:2], "right")  # the same decoder
     assert F.cosine_similarity(ours, ref, dim=-1).min() > 0.99999
+
+
+def test_qwen2_embedder_equals_sentence_transformers(tmp_path):
+    """gte-Qwen2 style: a headless Qwen2 (q/k/v biases) with sentence-transformers last-token
+    pooling and Normalize; equal to transformers' reference and to SentenceTransformer.encode."""
+    import transformers
+    from sentence_transformers import SentenceTransformer
+
+    (tmp_path / "lm").mkdir()
+    lm_dir = build_tiny_model(tmp_path / "lm", "qwen2", seed=5)
+    lm = transformers.AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    out = tmp_path / "qwen2-emb"
+    lm.model.save_pretrained(out)
+    for f in lm_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    _sentence_transformers_files(out, normalize=True)
+    ours = torch.tensor(LLM(str(out), device="cpu").embed(TEXTS))
+    ref = _reference(out, TEXTS, "right")
+    assert F.cosine_similarity(ours, ref, dim=-1).min() > 0.99999
+    st = SentenceTransformer(str(out), device="cpu")
+    _pad_with_eos(st.tokenizer, lm.config.vocab_size)
+    st_vecs = torch.from_numpy(st.encode(TEXTS, batch_size=2))
+    assert F.cosine_similarity(ours, st_vecs, dim=-1).min() > 0.99999
 
 
 def test_embeddings_endpoint_serves_a_decoder_embedder(tmp_path, qwen3_embedders):
