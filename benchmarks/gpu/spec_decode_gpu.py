@@ -105,14 +105,21 @@ def timed_generate(llm: LLM, prompts: list[list[int]], params: SamplingParams,
     return [o.outputs[0].token_ids for o in outs], time.perf_counter() - t
 
 
-def spec_run(llm: LLM, spec: SpecDecode, prompts, params, ref, t_plain, device) -> dict:
-    """One speculative run against the plain one's tokens and time."""
+def spec_run(llm: LLM, spec: SpecDecode, prompts, params, ref, t_plain, device,
+             eager_verify: bool = False) -> dict:
+    """One speculative run against the plain one's tokens and time; `eager_verify` runs the
+    verification steps without their CUDA graphs."""
     engine = llm.engine
+    graphs = engine.runner.verify_graphs
+    replays = graphs.num_replays if graphs is not None else 0
     engine.spec = spec
+    if eager_verify:
+        engine.runner.verify_graphs = None
     try:
         tokens, seconds = timed_generate(llm, prompts, params, device)
     finally:
         engine.spec = None
+        engine.runner.verify_graphs = graphs
     s = spec.stats
     n_out = sum(len(t) for t in tokens)
     return {"identical_to_plain": tokens == ref, "seconds": seconds,
@@ -121,7 +128,9 @@ def spec_run(llm: LLM, spec: SpecDecode, prompts, params, ref, t_plain, device) 
             "num_draft_tokens": s.num_draft_tokens,
             "mean_accepted_per_draft_step": (s.num_accepted_tokens / s.num_drafts
                                              if s.num_drafts else 0.0),
-            "accepted_per_pos": s.num_accepted_tokens_per_pos}
+            "accepted_per_pos": s.num_accepted_tokens_per_pos,
+            "verify_graph_steps": (graphs.num_replays - replays
+                                   if graphs is not None and not eager_verify else 0)}
 
 
 def main() -> None:
@@ -143,22 +152,31 @@ def main() -> None:
     cfg = json.loads(args.config.read_text())
     vocab = cfg["vocab_size"]
     max_len = args.prompt_len + args.new_tokens + args.k + 16
-    # The engine is built with the draft model (the target's own weights: the dummy loader's
-    # seed is fixed); every other proposer is swapped in around it.
-    base_spec = {"method": "draft_model", "model": str(path), "num_speculative_tokens": args.k}
+    # The engine is built with speculation on (the verification CUDA graphs are captured up
+    # to the largest batch, so forced runs at batch 64 replay them too) and, when asked, the
+    # draft model (the target's own weights: the dummy loader's seed is fixed); every
+    # proposer is swapped in around it.
+    base_spec = {"method": "ngram", "num_speculative_tokens": args.k,
+                 "disable_by_batch_size": max(batches)}
+    if "draft_model" in methods:
+        base_spec.update(method="draft_model", model=str(path))
     t0 = time.perf_counter()
     llm = LLM(str(path), load_format="dummy", device=args.device, max_model_len=max_len,
               max_num_seqs=max(batches), kv_cache_gb=args.kv_cache_gb,
               enable_prefix_caching=False,  # every run computes its prompts again
-              speculative_config=base_spec if "draft_model" in methods else None)
+              speculative_config=base_spec)
     engine = llm.engine
-    draft_model_spec, engine.spec = engine.spec, None
+    draft_model_spec = engine.spec if "draft_model" in methods else None
+    engine.spec = None
     summary = {"commit": commit(), "config": str(args.config), "device": args.device,
                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                "torch": torch.__version__, "k": args.k, "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "engine_start_s": time.perf_counter() - t0,
                "async_scheduling": engine.async_scheduling,
-               "cuda_graphs": engine.runner.graphs is not None, "runs": []}
+               "cuda_graphs": engine.runner.graphs is not None,
+               "verify_graph_buckets": (engine.runner.verify_graphs.buckets
+                                        if engine.runner.verify_graphs is not None else None),
+               "runs": []}
     args.out.mkdir(parents=True, exist_ok=True)
 
     def record(row: dict) -> None:
@@ -190,6 +208,11 @@ def main() -> None:
                 spec = spec_decode("ngram", OracleProposer(answers, vocab, eps), **forced)
                 record({"batch": batch, "method": "oracle", "disagreement": eps,
                         **spec_run(llm, spec, prompts, params, ref, t_plain, args.device)})
+                if eps == 0.0 and engine.runner.verify_graphs is not None:
+                    spec = spec_decode("ngram", OracleProposer(answers, vocab, eps), **forced)
+                    record({"batch": batch, "method": "oracle (verification eager)",
+                            "disagreement": eps, **spec_run(llm, spec, prompts, params, ref,
+                                                            t_plain, args.device, True)})
         if "auto" in methods:  # the engine's default turn-down rule
             for eps in (0.0, 1.0):
                 spec = spec_decode("ngram", OracleProposer(answers, vocab, eps))
@@ -200,13 +223,14 @@ def main() -> None:
             record({"batch": batch, "method": "draft_model (= target)",
                     **spec_run(llm, spec, prompts, params, ref, t_plain, args.device)})
         if "layer_skip" in methods:
-            n = max(1, engine.model.config.num_layers // 4)
+            worker = engine.worker
+            n = max(1, worker.model.config.num_layers // 4)
             conf = SpeculativeConfig(method="layer_skip", num_speculative_tokens=args.k,
                                      num_draft_layers=n)
-            proposer = build_proposer(conf, engine.model, None,
+            proposer = build_proposer(conf, worker.model, None,
                                       engine.model_info.num_blocks * engine.model_info.block_size,
-                                      engine.model_info.block_size, engine.device,
-                                      engine.kv_cache.dtype, vocab)
+                                      engine.model_info.block_size, worker.device,
+                                      worker.kv_cache.dtype, vocab)
             spec = spec_decode("layer_skip", proposer, num_draft_layers=n, **forced)
             record({"batch": batch, "method": f"layer_skip ({n} layers)",
                     **spec_run(llm, spec, prompts, params, ref, t_plain, args.device)})
