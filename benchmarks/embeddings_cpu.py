@@ -108,9 +108,10 @@ async def run_server(url: str, texts: list[str], concurrency: int, per_request: 
             "sample": [vectors[i] for i in range(min(64, len(texts)))]}
 
 
-def start_server(model: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, log: Path, dtype: str = "auto") -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "soberana.cli", "serve", model, "--port", "0",
-                             "--disable-uvicorn-access-log"], stdout=open(log, "wb"),
+                             "--disable-uvicorn-access-log", "--dtype", dtype],
+                            stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -138,6 +139,8 @@ def main() -> int:
     ap.add_argument("--lengths", default="8:256")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--per-request", default="1,32")
+    ap.add_argument("--dtypes", default="float32",
+                    help="server dtypes, one server each (bfloat16: AVX512_BF16 linears)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -158,21 +161,33 @@ def main() -> int:
     st = run_sentence_transformers(args.model, texts_file, 32)
     result["sentence_transformers"] = {"batch_size": 32, "seconds": st["seconds"],
                                        "sentences_per_s": len(texts) / st["seconds"]}
+    result["text_embeddings_inference"] = (
+        "not run: not on PyPI (`pip download text-embeddings-inference`: no matching "
+        "distribution) and no network beyond the package index")
     log = out_dir / ".embeddings_server.log"
-    proc, url = start_server(args.model, log)
-    try:
-        for per_request in (int(x) for x in args.per_request.split(",")):
-            run = asyncio.run(run_server(url, texts, args.concurrency, per_request))
-            result["runs"].append({
-                "sentences_per_request": per_request, "seconds": run["seconds"],
-                "sentences_per_s": len(texts) / run["seconds"],
-                "vs_sentence_transformers": st["seconds"] / run["seconds"],
-                "request_latency_s": run["latency_s"],
-                "min_cosine_vs_sentence_transformers": cosine_min(run["sample"], st["sample"]),
-            })
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    for dtype in args.dtypes.split(","):
+        proc, url = start_server(args.model, log, dtype)
+        try:
+            for per_request in (int(x) for x in args.per_request.split(",")):
+                run = asyncio.run(run_server(url, texts, args.concurrency, per_request))
+                result["runs"].append({
+                    "dtype": dtype, "sentences_per_request": per_request,
+                    "seconds": run["seconds"],
+                    "sentences_per_s": len(texts) / run["seconds"],
+                    "vs_sentence_transformers": st["seconds"] / run["seconds"],
+                    "request_latency_s": run["latency_s"],
+                    "min_cosine_vs_sentence_transformers": cosine_min(run["sample"],
+                                                                      st["sample"]),
+                })
+                print(json.dumps(result["runs"][-1]), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    # sentence-transformers again: a host whose load changed during the run shows it here.
+    again = run_sentence_transformers(args.model, texts_file, 32)
+    result["sentence_transformers_again"] = {"seconds": again["seconds"],
+                                             "sentences_per_s": len(texts) / again["seconds"]}
+    result["load_avg_at_end"] = os.getloadavg()
     for f in (texts_file, texts_file + ".st.json"):
         os.unlink(f)
     name = f"embeddings_cpu{('_' + args.tag) if args.tag else ''}.json"

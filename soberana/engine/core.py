@@ -92,6 +92,7 @@ class EngineCore:
                                   worker.device, worker.dtype, worker.model_config.vocab_size)
         self.runner.verify = lambda logits, r, drafts, bitmask: verify(
             logits, r, drafts, self.sampler, bitmask)
+        self.runner.verify_graphs = worker.verify_graphs  # captured by the worker on GPUs
         log.info("speculative decoding: %s, %d tokens", spec_cfg.method,
                  spec_cfg.num_speculative_tokens)
         return SpecDecode(spec_cfg, proposer, worker.max_model_len, self.structured.valid_drafts)

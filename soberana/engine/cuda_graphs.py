@@ -51,6 +51,7 @@ class DecodeGraphs:
         self.hidden = torch.zeros(n, model.config.hidden_size, dtype=kv_cache.dtype,
                                   device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None  # the graphs' memory pool, shared with the verification graphs
 
     @property
     def max_batch(self) -> int:
@@ -79,6 +80,7 @@ class DecodeGraphs:
                 self.hidden[:bs] = self.model(*args)
             pool = graph.pool()
             self.graphs[bs] = graph
+        self.pool = pool
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         log.info("captured %d CUDA graphs (decode batch %d..%d) in %.1fs", len(self.graphs),

@@ -17,6 +17,7 @@ from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.request import Request
 from soberana.engine.sampler import Sampler, SamplerOutput, gather_logprobs
 from soberana.engine.scheduler import SchedulerOutput
+from soberana.engine.verify_graphs import VerifyGraphs
 from soberana.models.transformer import CausalLM
 from soberana.ops.attention import AttentionMetadata, GatherWorkspace
 from soberana.structured.manager import StructuredOutputManager
@@ -105,6 +106,8 @@ class ModelRunner:
         # Speculative decoding: verify(logits [k+1, V], request, drafts, bitmask [k+1, W] or
         # None) -> (tokens, logprobs); set by the engine when a speculative_config is given.
         self.verify = None
+        # CUDA graphs of verification steps (engine/verify_graphs.py), set with `verify`.
+        self.verify_graphs: VerifyGraphs | None = None
         self.workspace = GatherWorkspace() if device.type == "cpu" else None
 
     @torch.inference_mode()
@@ -122,7 +125,14 @@ class ModelRunner:
         draft_masks = (self.structured.start_draft_masks(
             [(s.request, s.draft_token_ids) for s, _, _ in batch.verify_rows])
             if self.structured is not None and batch.verify_rows else None)
-        if (self.graphs is not None and meta.num_decodes == len(meta.query_lens_cpu)
+        layout = None
+        if (self.verify_graphs is not None and batch.verify_rows
+                and not batch.prompt_logprob_rows):
+            layout = self.verify_graphs.plan(meta)
+        if layout is not None:  # decodes and verifications only: the bucket's graph
+            hidden = self.verify_graphs.run(layout, batch.input_ids, meta.slot_mapping,
+                                            meta.block_table)
+        elif (self.graphs is not None and meta.num_decodes == len(meta.query_lens_cpu)
                 and meta.num_decodes <= self.graphs.max_batch and not batch.prompt_logprob_rows):
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta.slot_mapping,
                                      meta.seq_lens, meta.block_table)

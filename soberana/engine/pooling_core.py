@@ -9,6 +9,7 @@ no pad token passes through a linear layer.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -20,6 +21,7 @@ import torch
 from soberana.engine.config import EngineConfig
 from soberana.engine.outputs import ModelInfo, PoolingOutput, PoolingRequest, SchedulerStats
 from soberana.engine.worker import resolve_device
+from soberana.models.decoder_embedder import is_decoder_embedder_dir, load_decoder_embedder
 from soberana.models.encoder import EncoderConfig, PackedBatch, is_encoder_dir, load_encoder
 from soberana.models.loader import resolve_model_path
 from soberana.models.pooling import PoolingConfig, pool
@@ -32,20 +34,32 @@ TASKS = ("auto", "generate", "embed", "rerank")
 
 def resolve_task(task: str, path: Path) -> str:
     """`generate`, `embed` or `rerank` for the model at `path`; `auto` follows its architecture
-    (an encoder with a classification head reranks, one without embeds)."""
+    (an encoder with a classification head reranks, one without embeds; a decoder embeds when
+    it is headless or ships sentence-transformers modules, as Qwen3-Embedding, else
+    generates). `embed` on any decoder pools its last token."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
     encoder = is_encoder_dir(path)
     if task == "auto":
         if not encoder:
-            return "generate"
+            return "embed" if path.is_dir() and is_decoder_embedder_dir(path) else "generate"
         return "rerank" if EncoderConfig.from_dir(path).num_labels is not None else "embed"
     if task == "generate" and encoder:
         raise ValueError(f"{path} is an encoder model: it serves task embed or rerank, not generate")
-    if task in ("embed", "rerank") and not encoder:
-        raise ValueError(f"task {task} needs an encoder model (BERT, XLM-RoBERTa); {path} is a "
-                         "decoder (decoder embedders with last-token pooling are not supported yet)")
+    if task == "generate" and path.is_dir() and _headless(path):
+        raise ValueError(f"{path} is a decoder without its LM head: it serves task embed, "
+                         "not generate")
+    if task == "rerank" and not encoder:
+        raise ValueError(f"task rerank needs a cross-encoder (BERT, XLM-RoBERTa with a "
+                         f"classification head); {path} is a decoder")
+    if task == "embed" and not encoder and not path.is_dir():
+        raise ValueError(f"task embed needs a model directory; {path} is a file")
     return task
+
+
+def _headless(path: Path) -> bool:
+    raw = json.loads((path / "config.json").read_text())
+    return (raw.get("architectures") or [""])[0].endswith("Model")
 
 
 class PoolingCore:
@@ -63,13 +77,19 @@ class PoolingCore:
             self.dtype = getattr(torch, config.dtype)
         else:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = load_encoder(path, self.dtype, self.device)
-        # Encoders run PyTorch ops; on CPUs their weights are packed once for oneDNN (or
-        # soberana's bf16 kernel), unless compute_backend is "torch": F.linear repacks them
-        # every call; measured ~15% of a MiniLM batch of 14k tokens on Zen 4.
         packed = self.device.type == "cpu" and config.compute_backend != "torch"
-        if packed:
-            cpu_linear.pack_linears(self.model)
+        if is_encoder_dir(path):
+            self.model = load_encoder(path, self.dtype, self.device)
+            # Encoders run PyTorch ops; on CPUs their weights are packed once for oneDNN (or
+            # soberana's bf16 kernel), unless compute_backend is "torch": F.linear repacks them
+            # every call; measured ~15% of a MiniLM batch of 14k tokens on Zen 4.
+            if packed:
+                cpu_linear.pack_linears(self.model)
+            default_mode = "cls"
+        else:  # a decoder embedder (its loader packs CPU linears itself)
+            self.model = load_decoder_embedder(path, self.dtype, self.device,
+                                               config.max_model_len)
+            default_mode = "last"
         compute = {"compute_backend": "native" if packed else "torch",
                    "requested": config.compute_backend,
                    "kernels": {"linears": "packed once" if packed else "PyTorch",
@@ -78,7 +98,7 @@ class PoolingCore:
         if self.task == "rerank" and cfg.num_labels != 1:
             raise ValueError(f"{path}: a reranker needs one output label; this one has "
                              f"{cfg.num_labels}")
-        self.pooling = PoolingConfig.from_dir(path, default_mode="cls")
+        self.pooling = PoolingConfig.from_dir(path, default_mode=default_mode)
         limits = [cfg.max_tokens, self.pooling.max_seq_length, config.max_model_len]
         self.max_model_len = min(n for n in limits if n)
         self.waiting: deque[PoolingRequest] = deque()

@@ -21,6 +21,7 @@ from torch import nn
 
 from soberana.engine.config import EngineConfig
 from soberana.engine.cuda_graphs import DecodeGraphs
+from soberana.engine.verify_graphs import VerifyGraphs
 from soberana.kv.layout import KVLayout
 from soberana.models.config import ModelConfig
 from soberana.models.loader import load_model, read_model_config, resolve_model_path
@@ -144,6 +145,7 @@ class Worker:
         self.kv_cache: torch.Tensor | None = None
         self.layout: KVLayout | None = None  # names every block: its fingerprint seeds the hashes
         self.graphs: DecodeGraphs | None = None
+        self.verify_graphs: VerifyGraphs | None = None
         # Seconds per start-up phase, for the "engine ready" line and benchmarks.
         self.startup: dict[str, float] = {"find_model_s": time.perf_counter() - t0}
 
@@ -220,6 +222,12 @@ class Worker:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs,
                                        -(-self.max_model_len // config.block_size), self.device)
             self.startup["graphs_s"] = self.graphs.capture()
+            spec = config.speculative_config
+            if spec is not None:  # the verification steps of speculative decoding
+                self.verify_graphs = VerifyGraphs(
+                    self.model, self.kv_cache, spec.num_speculative_tokens, config.max_num_seqs,
+                    spec.disable_by_batch_size, self.graphs.block_table.shape[1], self.device)
+                self.startup["graphs_s"] += self.verify_graphs.capture(self.graphs.pool)
         if self.device.type == "cpu":
             self.startup["warm_up_s"] = self._warm_up_cpu()
 

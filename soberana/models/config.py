@@ -15,6 +15,10 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
 }
+# Headless checkpoints (the decoder without its LM head: decoder embedders) read as their
+# causal LM with tied embeddings, so no head weight is expected; they serve `embed` only.
+_HEADLESS = {"LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
+             "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM"}
 
 
 @dataclass
@@ -54,6 +58,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face config.json dict (transformers 4.x or 5.x layout)."""
         archs = hf.get("architectures") or []
+        headless = bool(archs) and archs[0] in _HEADLESS
+        archs = [_HEADLESS.get(a, a) for a in archs]
         arch = next((a for a in archs if a in _ARCHITECTURES), None)
         if arch is None:
             raise ValueError(
@@ -83,7 +89,7 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rope=_rope_from_hf(hf),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=headless or bool(hf.get("tie_word_embeddings", False)),
             # Llama's attention_bias covers q/k/v and o; Qwen2 has q/k/v bias only.
             qkv_bias=switches.get("qkv_bias", False) or attention_bias,
             o_bias=attention_bias and arch != "Qwen2ForCausalLM",

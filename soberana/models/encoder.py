@@ -137,22 +137,39 @@ def length_groups(seq_lens: list[int]) -> list[list[int]]:
 
 
 class _GroupIndex:
-    """Where each group's padded [b, L] positions read from and write to the packed rows."""
+    """Where each group's padded [b, L] positions read from and write to the packed rows.
+
+    Per group: `src` [b * L], the packed row of each padded position (a padding position reads
+    the group's first row: any real row keeps the values finite, and the mask hides it);
+    `valid` [n], the padded positions holding tokens, None when nothing is padded; `dst` [n],
+    their packed rows; `mask` [b, 1, 1, L], keys that exist, None without padding.
+    `index_select` / `index_copy_` on flat indices: advanced indexing with [b, L] index
+    tensors and boolean masks took ~40% of a MiniLM forward on a 2-core Zen 4.
+    """
 
     def __init__(self, seq_lens: list[int], device: torch.device) -> None:
         starts = [0]
         for n in seq_lens[:-1]:
             starts.append(starts[-1] + n)
-        total = sum(seq_lens)
         self.groups = []
         for group in length_groups(seq_lens):
             longest = seq_lens[group[0]]
             offsets = torch.arange(longest)
             lens = torch.tensor([seq_lens[i] for i in group])
-            valid = offsets[None, :] < lens[:, None]  # [b, L]
-            rows = torch.tensor([starts[i] for i in group])[:, None] + offsets[None, :]
-            rows = torch.where(valid, rows, torch.full_like(rows, total))  # pad: a zero row
-            self.groups.append((rows.to(device), valid.to(device)))
+            first = torch.tensor([starts[i] for i in group])
+            rows = first[:, None] + offsets[None, :]  # [b, L]
+            padded = bool((lens != longest).any())
+            valid = offsets[None, :] < lens[:, None]
+            src = torch.where(valid, rows, first[:1, None]).flatten()
+            if padded:
+                flat_valid = valid.flatten().nonzero().flatten()
+                dst = src[flat_valid]
+                mask = valid[:, None, None, :].to(device)
+                flat_valid = flat_valid.to(device)
+            else:
+                flat_valid, dst, mask = None, src, None
+            self.groups.append((len(group), longest, src.to(device), flat_valid,
+                                dst.to(device), mask))
 
 
 class _Layer(nn.Module):
@@ -172,16 +189,14 @@ class _Layer(nn.Module):
         t, h = x.shape
         qkv = self.qkv(x)
         attn = torch.empty(t, h, dtype=x.dtype, device=x.device)
-        # One zero row past the end: pad positions of a group read it.
-        qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * h)])
-        for rows, valid in index.groups:
-            b, length = rows.shape
-            q, k, v = qkv[rows].view(b, length, 3, self.num_heads, self.head_dim).unbind(2)
-            mask = valid[:, None, None, :]  # keys that exist; padded queries are dropped below
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-            )
-            attn[rows[valid]] = out.transpose(1, 2).reshape(b, length, h)[valid]
+        for b, length, src, valid, dst, mask in index.groups:
+            g = qkv.index_select(0, src).view(b, length, 3, self.num_heads, self.head_dim)
+            q, k, v = g.permute(2, 0, 3, 1, 4).unbind(0)  # [b, heads, L, head_dim] each
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = out.transpose(1, 2).reshape(b * length, h)
+            if valid is not None:  # padded queries are dropped
+                out = out.index_select(0, valid)
+            attn.index_copy_(0, dst, out)
         x = self.attn_norm(x + self.attn_out(attn))
         return self.out_norm(x + self.down(self.act(self.up(x))))
 
