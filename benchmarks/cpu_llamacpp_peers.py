@@ -14,6 +14,10 @@ ISA: native (this CPU's: AVX-512 here) or avx2 — llama.cpp's AVX2-only build
 (benchmarks/llamacpp_build.sh avx2), our `cpu_isa="avx2"` kernels, and for every peer's
 PyTorch parts ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (how an AVX-512 host runs
 the path of a CPU without AVX-512; it is not a Zen 3).
+Threads: `--threads` for every peer (llama.cpp -t, OMP_NUM_THREADS for the PyTorch peers and
+our kernels, which follow torch's thread count). On a shared, oversubscribed host llama.cpp at
+-t 2 collapses (its threads sync at every op and spin while a partner is descheduled: 1.6 vs 32
+tok/s at -t 1, load 13 on 2 cores), so such hosts compare at --threads 1.
 Each peer runs in its own process, one after the other, `--rounds` times in alternation; the
 report keeps every sample and the median per peer. Take the bench lock:
 
@@ -55,7 +59,9 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 # Our engine and transformers run this in a child process: argv = peer, model, precision
 # kwargs (JSON), workloads (comma list), isa. Prints one RESULT line of JSON.
 CHILD = r"""
-import json, sys, time, random
+import json, os, sys, time, random
+import torch
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 peer, model, kw, workloads, isa = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4].split(","), sys.argv[5]
 rng = random.Random(0)
 def prompt(n):  # random ids below the specials' range: no prefix shared across prompts
@@ -92,7 +98,7 @@ if peer == "soberana":
             rates.append(4096 / (time.perf_counter() - t))
         out["pp4096"] = {"tok_s": max(rates), "samples": rates}
 else:
-    import torch, transformers
+    import transformers
     t0 = time.perf_counter()
     m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, kw["dtype"])).eval()
     out["load_s"] = time.perf_counter() - t0
@@ -144,11 +150,12 @@ def python_peer(peer: str, kwargs: dict, workloads: list[str], isa: str, env: di
             "loadavg_end": os.getloadavg()[0]}  # fmt: skip
 
 
-def llamacpp_peer(precision: str, workloads: list[str], isa: str, env: dict) -> dict:
+def llamacpp_peer(precision: str, workloads: list[str], isa: str, env: dict,
+                  threads: int) -> dict:
     bin_dir = LLAMACPP / f"build-{isa}" / "bin"
     gguf = LLAMACPP / "gguf" / f"{MODEL.name}-{precision}.gguf"
     out: dict = {"gguf": str(gguf)}
-    bench = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", "2", "-o", "json"]
+    bench = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-o", "json"]
     if "decode" in workloads:
         proc = _run(bench + ["-p", "0", "-n", "64", "-d", "128", "-r", "3"], env, 600)
         row = json.loads(proc.stdout)[0]
@@ -156,7 +163,7 @@ def llamacpp_peer(precision: str, workloads: list[str], isa: str, env: dict) -> 
                          "samples": row["samples_ts"], "flash_attn": row["flash_attn"],
                          "build_commit": row["build_commit"]}  # fmt: skip
     if "batched" in workloads:
-        proc = _run([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", "2",
+        proc = _run([str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads),
                      "-c", str(64 * 192), "-npp", "128", "-ntg", "64", "-npl", "64",
                      "--output-format", "jsonl"], env, 900)  # fmt: skip
         row = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
@@ -177,12 +184,14 @@ def main() -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--peers", default="llamacpp,soberana,transformers")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
     workloads = args.workloads.split(",")
-    env = AVX2_ENV if args.isa == "avx2" else {}
+    env = {**(AVX2_ENV if args.isa == "avx2" else {}), "OMP_NUM_THREADS": str(args.threads)}
     report = {"benchmark": "cpu_llamacpp_peers", "commit": commit(), "model": MODEL.name,
-              "precision": args.precision, "isa": args.isa, "env": env, "cpu": {**_cpuinfo(), "flags": cpu_flags()},
+              "precision": args.precision, "isa": args.isa, "threads": args.threads, "env": env,
+              "cpu": {**_cpuinfo(), "flags": cpu_flags()},
               "cores": os.cpu_count(), "loadavg_start": os.getloadavg(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "rounds": []}  # fmt: skip
@@ -190,7 +199,8 @@ def main() -> int:
         row = {}
         for peer in args.peers.split(","):
             if peer == "llamacpp":
-                row[peer] = llamacpp_peer(args.precision, workloads, args.isa, env)
+                row[peer] = llamacpp_peer(args.precision, workloads, args.isa, env,
+                                          args.threads)
             elif peer == "soberana" and args.precision in OURS:
                 kwargs = dict(OURS[args.precision])
                 if args.isa == "avx2" and args.precision == "q8_0":
