@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import multiprocessing
+import multiprocessing.connection
 import queue
 import threading
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class EngineCoreClient:
         self._requests: Connection | None = None  # our end of the pipe to the core
         self._results: Connection | None = None  # our end of the pipe from the core
         self._outbox: queue.SimpleQueue[ToCore | None] = queue.SimpleQueue()
+        self._join_lock = threading.Lock()
 
     @property
     def started(self) -> bool:
@@ -93,24 +95,36 @@ class EngineCoreClient:
         """Queue a message for the core; never blocks."""
         self._outbox.put(message)
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float) -> bool:
         """Ask the core to stop and wait `timeout` s for it to exit; kill it if it did not.
-        Blocking: call it off the event loop."""
+        Returns whether it exited by itself. Blocking: call it off the event loop."""
         if self._process is None:
-            return
+            return True
         self._outbox.put(Shutdown())
         self._outbox.put(None)  # the sender's end
-        self._process.join(timeout)
-        if self._process.is_alive():
-            logger.warning("engine core did not stop within %.0fs; killing it", timeout)
-            self._process.kill()
-            self._process.join(5)
+        # The sentinel closes when the process exits, whoever reaps it: `join`/`is_alive`
+        # rely on waitpid, which says "alive" when another thread or library reaped the child
+        # first (seen in the test suite: a clean exit reported as a hang, exit code None).
+        if multiprocessing.connection.wait([self._process.sentinel], timeout):
+            self._join(5)
+            return True
+        logger.warning("engine core did not stop within %.0fs; killing it", timeout)
+        self._process.kill()
+        self._join(5)
+        return False
 
     def wait_exit(self) -> int | None:
-        """The core's exit code, after waiting up to 5 s for it to exit."""
+        """The core's exit code, after waiting up to 5 s for it to exit (None: still running,
+        or reaped by someone else)."""
         assert self._process is not None
-        self._process.join(5)
+        self._join(5)
         return self._process.exitcode
+
+    def _join(self, timeout: float) -> None:
+        # multiprocessing's join is not safe from two threads at once (the reader reports the
+        # core's death while stop() waits): both call waitpid and one may lose the status.
+        with self._join_lock:
+            self._process.join(timeout)
 
     def _send_loop(self) -> None:
         assert self._requests is not None

@@ -41,8 +41,10 @@ def test_a_core_process_answers_requests_and_refusals_then_stops_on_shutdown():
                 finish = out.finish_reason or finish
     assert len(tokens) == 4 and finish == "length"
     assert rejected == [("bad", f"prompt token ids must be in [0, {info.vocab_size - 1}]")]
-    client.stop(timeout=60)
-    assert client.wait_exit() == 0
+    assert client.stop(timeout=60), "the core had to be killed"
+    # 0 when this process reaped it (None only if something else in the test process reaped
+    # the child first; the sentinel above already proved it exited by itself).
+    assert client.wait_exit() in (0, None)
 
 
 def test_a_core_that_cannot_load_its_model_reports_why(tmp_path):
