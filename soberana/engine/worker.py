@@ -178,12 +178,14 @@ class Worker:
         config, mcfg = self.config, self.model_config
         block_size = config.block_size
         kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
-        if kv_dtype != self.dtype and self.device.type == "cuda" and (
-                torch.cuda.get_device_capability(self.device) < (8, 9)):  # fmt: skip
-            cc = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
-            raise ValueError(f"kv_cache_dtype fp8 needs FP8 conversions in hardware: NVIDIA "
-                             f"compute capability >= 8.9 (Ada, Hopper); this GPU is {cc}. "
-                             "Use --kv-cache-dtype auto.")  # fmt: skip
+        if kv_dtype != self.dtype and self.device.type == "cuda":
+            # The Triton FP8 cache path passes in Triton's interpreter but failed its first
+            # real-GPU run (H100, 2026-12-07: cache bytes off by one rounding step for some
+            # values, and the engine's logits received an FP8 tensor): refused until it passes
+            # tests/gpu/test_fp8_kv_gpu.py, rather than served wrong.
+            raise ValueError("kv_cache_dtype fp8 is supported on CPUs only in this version (the "
+                             "GPU path has not passed its GPU tests yet). Use --kv-cache-dtype "
+                             "auto on GPUs.")  # fmt: skip
         layout = KVLayout(model_fingerprint=self.weights_fingerprint,
                           dtype=str(kv_dtype).removeprefix("torch."), block_size=block_size,
                           num_layers=mcfg.num_layers, num_kv_heads=mcfg.num_kv_heads,

@@ -8,6 +8,11 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.gpu
+
+# The first real-GPU run (one H100, 2026-12-07) failed these; the engine refuses FP8 KV on GPUs
+# until they pass. strict: a pass is reported, so the refusal can then be lifted.
+FAILED_ON_H100 = pytest.mark.xfail(strict=True, reason="FP8 KV on GPUs: failed on an H100 "
+                                   "2026-12-07; the engine refuses it at start")  # fmt: skip
 pytest.importorskip("triton")
 
 from soberana.ops.attention import to_kv_cache_dtype  # noqa: E402
@@ -26,6 +31,7 @@ def _needs_fp8():
         pytest.skip("FP8 KV needs compute capability >= 8.9")
 
 
+@FAILED_ON_H100
 def test_reshape_and_cache_stores_what_the_cpu_path_stores():
     fp8 = torch.float8_e4m3fn
     k_cache = torch.zeros(64, 16, 8, 128, dtype=fp8, device="cuda")
@@ -39,7 +45,8 @@ def test_reshape_and_cache_stores_what_the_cpu_path_stores():
     assert torch.equal(flat_v.view(torch.uint8), to_kv_cache_dtype(value, fp8).view(torch.uint8))
 
 
-@pytest.mark.parametrize("queries", [[1, 1, 1, 1], [700, 33, 1, 250]])
+@pytest.mark.parametrize("queries", [[1, 1, 1, 1],
+                                     pytest.param([700, 33, 1, 250], marks=FAILED_ON_H100)])
 def test_attention_over_an_fp8_cache_equals_the_rounded_reference(queries):
     seed = int.from_bytes(os.urandom(4), "little")
     step = make_step([1, 900, 4000, 250], queries, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -50,6 +57,7 @@ def test_attention_over_an_fp8_cache_equals_the_rounded_reference(queries):
     assert relative_error(out, reference_attention(step)) < 1e-2, f"seed {seed}"
 
 
+@FAILED_ON_H100
 def test_engine_serves_fp8_kv_with_twice_the_blocks():
     from soberana import LLM, SamplingParams
 

@@ -8,8 +8,9 @@ import triton.language as tl
 
 from soberana.ops.triton.checks import check_cache_pair
 
-# float8_e4m3fn's largest finite value: FP8 caches saturate there (attention.to_kv_cache_dtype)
-FP8_MAX = 448.0
+# float8_e4m3fn's largest finite value: FP8 caches saturate there (attention.to_kv_cache_dtype).
+# A constexpr: compiled Triton (unlike its interpreter) refuses other globals in a kernel.
+FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
