@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels, run every GPU test, then the quantization
-# benchmark (batch-1 for each scheme; offline 128/128 for the schemes in OFFLINE). Raw output
-# goes to $OUT; each phase has its own time limit so one call fits the device's 10 minutes.
+# One device call: install the carried wheels, then the phases named in PHASES, each with its
+# own time limit so one call fits the device's 10 minutes. Raw output goes to $OUT.
+#   tests       every GPU test (tests/gpu, tests/quantization, tests/telemetry)
+#   quant       quantization benchmark, all SCHEMES in one process (batch-1; 128/128 for OFFLINE)
+#   quant_each  the same, one process per scheme (each gets the whole card for its KV pool)
+#   spec        speculative decoding, 8B shape (benchmarks/gpu/spec_decode_gpu.py)
+#   structured  64 json_schema requests vs unconstrained, 8B shape
+#   fp8kv       the 12k-token multi-turn warehouse workload with an FP8 KV cache vs bf16
 #   PHASES="tests quant" OFFLINE=none bash benchmarks/gpu/session_check.sh
 set -uo pipefail
 : "${OUT:?set OUT to the results directory}"
@@ -26,6 +31,24 @@ for phase in ${PHASES:-tests quant}; do
         timeout "${QUANT_TIMEOUT:-300}" python3 benchmarks/gpu/quant_engine.py \
             --schemes "${SCHEMES:-none,int8,int4,fp8}" --offline "${OFFLINE:-none}" --out "$OUT" 2>&1 \
             | grep -v "^INFO" | tee "$OUT/quant.log" ;;
+    quant_each)
+        for scheme in $(echo "${SCHEMES:-none,int8,int4,fp8}" | tr , ' '); do
+            mkdir -p "$OUT/quant_$scheme"
+            timeout "${QUANT_TIMEOUT:-150}" python3 benchmarks/gpu/quant_engine.py \
+                --schemes "$scheme" --offline "$scheme" --out "$OUT/quant_$scheme" 2>&1 \
+                | grep -v "^INFO" | tee "$OUT/quant_$scheme.log"
+        done ;;
+    spec)
+        timeout "${SPEC_TIMEOUT:-240}" python3 benchmarks/gpu/spec_decode_gpu.py \
+            --batches "${SPEC_BATCHES:-1,8,64}" --disagreement "${SPEC_DISAGREE:-0,0.25,0.5,1}" \
+            --methods "${SPEC_METHODS:-oracle,auto,draft_model,layer_skip}" --out "$OUT/spec" 2>&1 \
+            | grep -v "^INFO" | tee "$OUT/spec.log" ;;
+    structured)
+        timeout "${STRUCT_TIMEOUT:-180}" python3 benchmarks/gpu/structured_gpu.py --out "$OUT" 2>&1 \
+            | grep -v "^INFO" | tee "$OUT/structured.log" ;;
+    fp8kv)
+        timeout "${FP8KV_TIMEOUT:-240}" python3 benchmarks/gpu/kv_warehouse_h200.py --only long,long_fp8kv \
+            2>&1 | grep -v "^INFO" | tee "$OUT/fp8kv.log" ;;
     *)
         echo "unknown phase $phase" ;;
     esac

@@ -48,8 +48,9 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_table = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(n, model.config.hidden_size, dtype=kv_cache.dtype,
-                                  device=device)
+        # The model's dtype, not the cache's: an FP8 cache holds bf16 models' keys and values.
+        self.hidden = torch.zeros(n, model.config.hidden_size,
+                                  dtype=model.embed_tokens.weight.dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None  # the graphs' memory pool, shared with the verification graphs
 

@@ -21,7 +21,9 @@ def round_to_e4m3(x):
     bits = x.to(tl.int32, bitcast=True)
     exp = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # below 2^-6: subnormals, step 2^-9
     step = ((exp + 124) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3): 3 mantissa bits
-    y = tl.abs(x) / step  # exact (a power of two); < 16
+    # Times 2^(3 - exp), not divided by `step`: compiled Triton divides float32 approximately
+    # (div.full.f32), a product by a power of two is exact.
+    y = tl.abs(x) * ((130 - exp) << 23).to(tl.float32, bitcast=True)  # < 16
     r = tl.floor(y + 0.5)
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     r = tl.where(((r - y) == 0.5) & odd, r - 1.0, r) * step
