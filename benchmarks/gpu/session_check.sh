@@ -2,10 +2,12 @@
 # One device call: install the carried wheels, then the phases named in PHASES, each with its
 # own time limit so one call fits the device's 10 minutes. Raw output goes to $OUT.
 #   tests       every GPU test (tests/gpu, tests/quantization, tests/telemetry)
+#   pytest      pytest -m gpu $PYTEST_ARGS (a few test files)
 #   quant       quantization benchmark, all SCHEMES in one process (batch-1; 128/128 for OFFLINE)
 #   quant_each  the same, one process per scheme (each gets the whole card for its KV pool)
 #   spec        speculative decoding, 8B shape (benchmarks/gpu/spec_decode_gpu.py)
 #   structured  64 json_schema requests vs unconstrained, 8B shape
+#   sweep       batch-1 GEMV tile shapes per weight format (benchmarks/gpu/quant_gemv_sweep.py)
 #   fp8kv       the 12k-token multi-turn warehouse workload with an FP8 KV cache vs bf16
 #   PHASES="tests quant" OFFLINE=none bash benchmarks/gpu/session_check.sh
 set -uo pipefail
@@ -31,6 +33,9 @@ for phase in ${PHASES:-tests quant}; do
         timeout "${QUANT_TIMEOUT:-300}" python3 benchmarks/gpu/quant_engine.py \
             --schemes "${SCHEMES:-none,int8,int4,fp8}" --offline "${OFFLINE:-none}" --out "$OUT" 2>&1 \
             | grep -v "^INFO" | tee "$OUT/quant.log" ;;
+    pytest)
+        timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu $PYTEST_ARGS -q -p no:cacheprovider \
+            -rs 2>&1 | tee "$OUT/pytest.log" ;;
     quant_each)
         for scheme in $(echo "${SCHEMES:-none,int8,int4,fp8}" | tr , ' '); do
             mkdir -p "$OUT/quant_$scheme"
@@ -46,6 +51,9 @@ for phase in ${PHASES:-tests quant}; do
     structured)
         timeout "${STRUCT_TIMEOUT:-180}" python3 benchmarks/gpu/structured_gpu.py --out "$OUT" 2>&1 \
             | grep -v "^INFO" | tee "$OUT/structured.log" ;;
+    sweep)
+        timeout "${SWEEP_TIMEOUT:-150}" python3 benchmarks/gpu/quant_gemv_sweep.py --out "$OUT" --formats "${SWEEP_FORMATS:-bf16,int8,fp8,int4}" 2>&1 \
+            | grep -v "^INFO" | tee "$OUT/sweep.log" ;;
     fp8kv)
         timeout "${FP8KV_TIMEOUT:-240}" python3 benchmarks/gpu/kv_warehouse_h200.py --only long,long_fp8kv \
             2>&1 | grep -v "^INFO" | tee "$OUT/fp8kv.log" ;;

@@ -80,15 +80,16 @@ def test_reshape_and_cache_into_an_fp8_cache_rounds_and_saturates_as_the_cpu_pat
     k_cache = torch.zeros(3, 4, 2, 32, dtype=fp8)
     v_cache = torch.zeros_like(k_cache)
     key, value = torch.randn(5, 2, 32) * 100, (torch.randn(5, 2, 32) * 0.01).half()
-    key[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 1e-3])  # saturate, keep, subnormal
+    key[0, 0, :5] = torch.tensor([1000.0, -1000.0, 448.0, 1e-3, -1e-4])  # saturate, keep,
+    # subnormal, and a negative value that rounds to -0.0 (compiled Triton once stored +0.0)
     slots = torch.tensor([3, 0, 11, -1, 7], dtype=torch.int64)
     reshape_and_cache(key, value, k_cache, v_cache, slots)
-    for token, slot in enumerate(slots.tolist()):  # equal values (the interpreter drops -0's sign)
+    for token, slot in enumerate(slots.tolist()):  # the same bytes, -0.0 included
         if slot >= 0:
-            k = k_cache.view(-1, 2, 32)[slot].float()
-            assert torch.equal(k, to_kv_cache_dtype(key[token], fp8).float())
-            v = v_cache.view(-1, 2, 32)[slot].float()
-            assert torch.equal(v, to_kv_cache_dtype(value[token], fp8).float())
+            k = k_cache.view(-1, 2, 32)[slot].view(torch.uint8)
+            assert torch.equal(k, to_kv_cache_dtype(key[token], fp8).view(torch.uint8))
+            v = v_cache.view(-1, 2, 32)[slot].view(torch.uint8)
+            assert torch.equal(v, to_kv_cache_dtype(value[token], fp8).view(torch.uint8))
     assert k_cache.view(-1, 2, 32)[3, 0, :2].float().tolist() == [448.0, -448.0]
 
 

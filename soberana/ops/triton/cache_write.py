@@ -27,7 +27,10 @@ def round_to_e4m3(x):
     r = tl.floor(y + 0.5)
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     r = tl.where(((r - y) == 0.5) & odd, r - 1.0, r) * step
-    return tl.where(bits < 0, -r, r)  # the sign kept, -0.0 included (as torch's cast)
+    # The sign bit put back as a bit: Triton negates as 0 - r, which turns -0.0 into +0.0
+    # (torch's cast keeps it: a small negative value is stored as -0.0).
+    sign = (bits >> 31) << 31
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

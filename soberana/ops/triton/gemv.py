@@ -48,6 +48,16 @@ class GemvConfig:
 # --sweep): many narrow programs, 4 rows of W each, streamed in 1024-wide slices, reach
 # 3.2-4.1 TB/s; pipeline depth made no difference.
 DEFAULT_CONFIG = GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=1)
+# One-byte weights (int8, fp8) and int4 (half a byte) in the same 1024 columns move half or a
+# quarter of bf16's bytes: 8- or 4-byte loads per thread instead of 16. Twice the columns give
+# one-byte weights 16-byte loads again (int4 8-byte ones; 4096 columns would not divide
+# Llama's 14,336-wide down projection). benchmarks/gpu/quant_gemv_sweep.py measures them.
+QUANT_CONFIG = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=1)
+
+
+def default_config(weight_dtype: torch.dtype, int4: bool = False) -> GemvConfig:
+    """The tile shape for weights stored as `weight_dtype` (uint8 with `int4`: packed int4)."""
+    return QUANT_CONFIG if int4 or weight_dtype.itemsize == 1 else DEFAULT_CONFIG
 
 
 @functools.lru_cache(maxsize=8)
@@ -213,7 +223,7 @@ def gemv(
     new_residual = None
     if norm_weight is not None:
         new_residual = x if residual is None else torch.empty_like(x)
-    cfg = config or DEFAULT_CONFIG
+    cfg = config or default_config(weight.dtype, int4)
     res = residual if residual is not None else x
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, res, norm_weight if norm_weight is not None else weight, weight,
