@@ -4,7 +4,9 @@ The scheduler, the KV block manager and the sampler stay in the engine core. Ran
 is a `TPModel`: each forward first broadcasts the step's inputs (a pickled header over gloo,
 the tensors over the device group), then every rank runs its shard of the same forward and
 the collectives inside it; `compute_logits` broadcasts the rows to score and gathers the
-vocabulary shards. Workers only ever mirror those calls (`worker_main`).
+vocabulary shards; `gather_blocks` / `scatter_blocks` move whole KV blocks between the
+sharded pools and the KV warehouse (`kv_blocks.py`). Workers only ever mirror those calls
+(`worker_main`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 from soberana.distributed.group import TPGroup, set_launcher_env
+from soberana.distributed.kv_blocks import gather_blocks, scatter_blocks
 from soberana.distributed.loader import load_sharded_model
-from soberana.distributed.sharding import check_tensor_parallel
+from soberana.distributed.sharding import TPShard, check_tensor_parallel, plan_shard
 from soberana.models.loader import LoadedModel, read_model_config
 from soberana.ops.attention import AttentionMetadata, GatherWorkspace
 from soberana.ops.backend import Backend, select_backend
@@ -36,9 +39,11 @@ _META = ("slot_mapping", "query_start_loc", "seq_lens", "block_table")
 class TPModel:
     """Rank 0's model under tensor parallelism: the local shard, driving the workers."""
 
-    def __init__(self, model, group: TPGroup) -> None:
+    def __init__(self, model, group: TPGroup, shard: TPShard, num_kv_heads: int) -> None:
         self.model, self.group = model, group
         self.config = model.config
+        self.shard = shard  # rank 0's part of every weight and of every KV block
+        self.num_kv_heads = num_kv_heads  # the model's, over all ranks
         self.kv_cache: torch.Tensor | None = None
 
     def share_kv_cache(self, kv_cache: torch.Tensor) -> None:
@@ -62,6 +67,17 @@ class TPModel:
         self.group.broadcast(hidden)
         return self.model.compute_logits(hidden, float32)
 
+    def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Pool blocks `block_ids` with every KV head, from all ranks (for the warehouse)."""
+        self.group.send_header(("kv_gather", block_ids))
+        return gather_blocks(self.group, self.kv_cache, block_ids, self.num_kv_heads)
+
+    def scatter_blocks(self, whole: torch.Tensor, block_ids: list[int]) -> None:
+        """Write whole blocks (from the warehouse) into every rank's pool at `block_ids`."""
+        whole = whole.contiguous()
+        self.group.send_header(("kv_scatter", block_ids, tuple(whole.shape), whole.dtype))
+        scatter_blocks(self.group, self.kv_cache, block_ids, whole, self.shard)
+
 
 class TensorParallel:
     """Worker processes and rank 0's group; `loaded.model` is the `TPModel`."""
@@ -69,7 +85,8 @@ class TensorParallel:
     def __init__(self, config, path: Path, dtype: torch.dtype, device: torch.device,
                  max_len: int, backend: Backend | None = None) -> None:
         world = config.tensor_parallel_size
-        check_tensor_parallel(read_model_config(path)[0], world)
+        full = read_model_config(path)[0]
+        check_tensor_parallel(full, world)
         if device.type == "cuda" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs; "
                              f"{torch.cuda.device_count()} are visible")
@@ -99,7 +116,8 @@ class TensorParallel:
             self.close()
             raise error or RuntimeError("a tensor-parallel worker failed to load its shard "
                                         "(see its log above)")
-        self.model = TPModel(loaded.model, self.group)
+        self.model = TPModel(loaded.model, self.group, plan_shard(full, 0, world),
+                             full.num_kv_heads)
         self.loaded = LoadedModel(model=self.model, config=loaded.config, path=loaded.path,
                                   fingerprint=loaded.fingerprint)
         self._finalizer = weakref.finalize(self, _stop, self.group, self.workers)
@@ -160,6 +178,7 @@ def worker_main(rank: int, world: int, init_method: str, path: str, dtype: str, 
         group.close()
         return
     kv_cache = None
+    shard = plan_shard(read_model_config(path)[0], rank, world)
     workspace = GatherWorkspace() if dev.type == "cpu" else None
     with torch.inference_mode():
         while True:
@@ -181,6 +200,11 @@ def worker_main(rank: int, world: int, init_method: str, path: str, dtype: str, 
             elif op == "logits":
                 hidden = group.broadcast(torch.empty(header[1], dtype=header[2], device=dev))
                 model.compute_logits(hidden)
+            elif op == "kv_gather":
+                gather_blocks(group, kv_cache, header[1], shard.num_kv_heads)
+            elif op == "kv_scatter":
+                whole = torch.empty(header[2], dtype=header[3], device=dev)
+                scatter_blocks(group, kv_cache, header[1], whole, shard)
     group.close()
 
 

@@ -145,11 +145,6 @@ class EngineConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(
                 f"tensor_parallel_size must be >= 1; got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.kv_warehouse is not None and (
-                self.kv_warehouse.enabled()):
-            # Each rank holds only its heads of a block: a warehouse entry would be partial.
-            raise ValueError("the KV warehouse is not supported with tensor_parallel_size > 1 "
-                             "(docs/distributed.md); disable it or use data parallelism")
         if self.speculative_config is not None:
             from soberana.engine.spec_decode.config import SpeculativeConfig
 

@@ -108,7 +108,8 @@ class EngineCore:
         warehouse = build_warehouse(wcfg, worker.layout)
         if wcfg.load_policy == "auto":
             warehouse.calibrate(worker.prefill_tokens_per_s(), worker.device)
-        return KVOffload(warehouse, self.kv, worker.kv_cache, wcfg.write_through)
+        return KVOffload(warehouse, self.kv, worker.kv_cache, wcfg.write_through,
+                         worker.model if worker.tp is not None else None)
 
     # ---- requests -------------------------------------------------------------------------
 
