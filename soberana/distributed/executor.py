@@ -27,6 +27,7 @@ from soberana.distributed.group import TPGroup, set_launcher_env
 from soberana.distributed.kv_blocks import gather_blocks, scatter_blocks
 from soberana.distributed.loader import load_sharded_model
 from soberana.distributed.sharding import TPShard, check_tensor_parallel, plan_shard
+from soberana.engine.spec_decode.draft_model import first_layers
 from soberana.models.loader import LoadedModel, read_model_config
 from soberana.ops.attention import AttentionMetadata, GatherWorkspace
 from soberana.ops.backend import Backend, select_backend
@@ -39,8 +40,10 @@ _META = ("slot_mapping", "query_start_loc", "seq_lens", "block_table")
 class TPModel:
     """Rank 0's model under tensor parallelism: the local shard, driving the workers."""
 
-    def __init__(self, model, group: TPGroup, shard: TPShard, num_kv_heads: int) -> None:
+    def __init__(self, model, group: TPGroup, shard: TPShard, num_kv_heads: int,
+                 name: str = "target") -> None:
         self.model, self.group = model, group
+        self.name = name  # which of the workers' models mirrors this one: target or draft
         self.config = model.config
         self.shard = shard  # rank 0's part of every weight and of every KV block
         self.num_kv_heads = num_kv_heads  # the model's, over all ranks
@@ -49,14 +52,22 @@ class TPModel:
     def share_kv_cache(self, kv_cache: torch.Tensor) -> None:
         """Workers allocate a pool of the same shape (their own heads) and dtype."""
         self.kv_cache = kv_cache
-        self.group.send_header(("kv", tuple(kv_cache.shape), kv_cache.dtype))
+        self.group.send_header(("kv", self.name, tuple(kv_cache.shape), kv_cache.dtype))
+
+    def first_layers(self, num_layers: int) -> TPModel:
+        """The layer-skip drafter (`spec_decode.draft_model.first_layers`) on every rank: the
+        first `num_layers` layers of each rank's shard, then the final norm and the head."""
+        view = first_layers(self.model, num_layers)  # checks num_layers before the workers
+        self.group.send_header(("first_layers", num_layers))
+        return TPModel(view, self.group, self.shard, self.num_kv_heads, name="draft")
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         tensors = [input_ids, positions] + [getattr(meta, name) for name in _META]
         temp_kv = None if kv_cache is self.kv_cache else (tuple(kv_cache.shape), kv_cache.dtype)
-        self.group.send_header(("forward", [(tuple(t.shape), t.dtype) for t in tensors], temp_kv,
-                                meta.num_decodes, meta.query_lens_cpu, meta.seq_lens_cpu))
+        self.group.send_header(("forward", self.name, [(tuple(t.shape), t.dtype) for t in tensors],
+                                temp_kv, meta.num_decodes, meta.query_lens_cpu,
+                                meta.seq_lens_cpu))
         for t in tensors:
             self.group.broadcast(t.contiguous())
         return self.model(input_ids, positions, kv_cache, meta)
@@ -177,7 +188,8 @@ def worker_main(rank: int, world: int, init_method: str, path: str, dtype: str, 
     if not _all_ok(group, ok):
         group.close()
         return
-    kv_cache = None
+    models = {"target": model}  # and "draft": the layer-skip drafter, when rank 0 builds one
+    caches: dict[str, torch.Tensor] = {}  # each model's KV pool
     shard = plan_shard(read_model_config(path)[0], rank, world)
     workspace = GatherWorkspace() if dev.type == "cpu" else None
     with torch.inference_mode():
@@ -187,24 +199,26 @@ def worker_main(rank: int, world: int, init_method: str, path: str, dtype: str, 
             if op == "stop":
                 break
             if op == "kv":
-                kv_cache = torch.zeros(header[1], dtype=header[2], device=dev)
+                caches[header[1]] = torch.zeros(header[2], dtype=header[3], device=dev)
+            elif op == "first_layers":
+                models["draft"] = first_layers(model, header[1])
             elif op == "forward":
-                specs, temp_kv, num_decodes, q_lens, seq_lens = header[1:]
+                name, specs, temp_kv, num_decodes, q_lens, seq_lens = header[1:]
                 tensors = [group.broadcast(torch.empty(s, dtype=d, device=dev)) for s, d in specs]
                 meta = AttentionMetadata(*tensors[2:], num_decodes=num_decodes,
                                          query_lens_cpu=q_lens, seq_lens_cpu=seq_lens,
                                          workspace=workspace)
-                cache = kv_cache if temp_kv is None else torch.zeros(
+                cache = caches[name] if temp_kv is None else torch.zeros(
                     temp_kv[0], dtype=temp_kv[1], device=dev)
-                model(tensors[0], tensors[1], cache, meta)
+                models[name](tensors[0], tensors[1], cache, meta)
             elif op == "logits":
                 hidden = group.broadcast(torch.empty(header[1], dtype=header[2], device=dev))
                 model.compute_logits(hidden)
             elif op == "kv_gather":
-                gather_blocks(group, kv_cache, header[1], shard.num_kv_heads)
+                gather_blocks(group, caches["target"], header[1], shard.num_kv_heads)
             elif op == "kv_scatter":
                 whole = torch.empty(header[2], dtype=header[3], device=dev)
-                scatter_blocks(group, kv_cache, header[1], whole, shard)
+                scatter_blocks(group, caches["target"], header[1], whole, shard)
     group.close()
 
 

@@ -148,10 +148,6 @@ class EngineConfig:
         if self.speculative_config is not None:
             from soberana.engine.spec_decode.config import SpeculativeConfig
 
-            if self.tensor_parallel_size > 1:
-                raise ValueError("speculative_config is not supported with tensor_parallel_size "
-                                 "> 1 yet (docs/spec-decode.md)")
-
             self.speculative_config = SpeculativeConfig.from_any(self.speculative_config)
         from soberana.quantization import KV_CACHE_DTYPES, QUANTIZATION_METHODS
 
