@@ -25,12 +25,13 @@ import torch.distributed as dist
 
 from soberana.distributed.group import TPGroup, set_launcher_env
 from soberana.distributed.kv_blocks import gather_blocks, scatter_blocks
-from soberana.distributed.loader import load_sharded_model
+from soberana.distributed.loader import check_tp_quantization, load_sharded_model
 from soberana.distributed.sharding import TPShard, check_tensor_parallel, plan_shard
 from soberana.engine.spec_decode.draft_model import first_layers
 from soberana.models.loader import LoadedModel, read_model_config
 from soberana.ops.attention import AttentionMetadata, GatherWorkspace
 from soberana.ops.backend import Backend, select_backend
+from soberana.quantization import QuantizationConfig
 
 log = logging.getLogger("soberana.distributed")
 
@@ -94,10 +95,13 @@ class TensorParallel:
     """Worker processes and rank 0's group; `loaded.model` is the `TPModel`."""
 
     def __init__(self, config, path: Path, dtype: torch.dtype, device: torch.device,
-                 max_len: int, backend: Backend | None = None) -> None:
+                 max_len: int, backend: Backend | None = None,
+                 quantization: QuantizationConfig | None = None) -> None:
         world = config.tensor_parallel_size
         full = read_model_config(path)[0]
         check_tensor_parallel(full, world)
+        if quantization is not None:
+            check_tp_quantization(quantization)
         if device.type == "cuda" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs; "
                              f"{torch.cuda.device_count()} are visible")
@@ -113,14 +117,15 @@ class TensorParallel:
                     "device": f"cuda:{rank}" if device.type == "cuda" else "cpu",
                     "load_format": config.load_format, "threads": threads,
                     "compute_backend": config.compute_backend, "cpu_isa": config.cpu_isa,
-                    "kv_cache_dtype": config.kv_cache_dtype}
+                    "kv_cache_dtype": config.kv_cache_dtype,
+                    "quantization": quantization.method if quantization else None}
             self.workers.append(subprocess.Popen(
                 [sys.executable, "-m", "soberana.distributed.executor", json.dumps(args)]))
         self.group = TPGroup(0, world, init_method, device)
         error = None
         try:
             loaded = load_sharded_model(path, dtype, device, max_len, config.load_format,
-                                        self.group, backend)
+                                        self.group, backend, quantization)
         except Exception as exc:  # the workers must hear of it, or they wait forever
             error, loaded = exc, None
         if not _all_ok(self.group, error is None):
@@ -130,7 +135,8 @@ class TensorParallel:
         self.model = TPModel(loaded.model, self.group, plan_shard(full, 0, world),
                              full.num_kv_heads)
         self.loaded = LoadedModel(model=self.model, config=loaded.config, path=loaded.path,
-                                  fingerprint=loaded.fingerprint)
+                                  fingerprint=loaded.fingerprint,
+                                  quantization=loaded.quantization)
         self._finalizer = weakref.finalize(self, _stop, self.group, self.workers)
         log.info("tensor parallel: %d ranks (%s), %d heads and %d KV heads per rank", world,
                  dist.get_backend(), loaded.config.num_heads, loaded.config.num_kv_heads)
@@ -171,7 +177,8 @@ def _free_port() -> int:
 
 def worker_main(rank: int, world: int, init_method: str, path: str, dtype: str, device: str,
                 max_len: int, load_format: str, threads: int, compute_backend: str = "auto",
-                cpu_isa: str = "native", kv_cache_dtype: str = "auto") -> None:
+                cpu_isa: str = "native", kv_cache_dtype: str = "auto",
+                quantization: str | None = None) -> None:
     """Rank `rank`: load its shard, then mirror rank 0's forwards until told to stop."""
     torch.set_num_threads(threads)
     path, dtype = Path(path), getattr(torch, dtype)
@@ -180,7 +187,9 @@ def worker_main(rank: int, world: int, init_method: str, path: str, dtype: str, 
     try:
         kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else dtype
         backend = select_backend(compute_backend, dev, dtype, kv_dtype, cpu_isa)
-        model = load_sharded_model(path, dtype, dev, max_len, load_format, group, backend).model
+        quant = QuantizationConfig(method=quantization) if quantization else None
+        model = load_sharded_model(path, dtype, dev, max_len, load_format, group, backend,
+                                   quant).model
         ok = True
     except Exception:
         log.exception("tensor-parallel rank %d could not load its shard", rank)

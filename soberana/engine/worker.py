@@ -158,11 +158,8 @@ class Worker:
         if config.tensor_parallel_size > 1:
             from soberana.distributed.executor import TensorParallel
 
-            if self.quantization is not None:
-                raise ValueError("quantization is not supported with tensor_parallel_size > 1 "
-                                 "yet (docs/distributed.md)")
             self.tp = TensorParallel(config, self.path, self.dtype, self.device, self.max_model_len,
-                                     self.backend)
+                                     self.backend, self.quantization)
             loaded = self.tp.loaded
         else:
             loaded = load_model(self.path, self.dtype, self.device, self.max_model_len,
