@@ -32,17 +32,21 @@ def gather_blocks(group: TPGroup, kv_cache: torch.Tensor, block_ids: list[int],
                   num_kv_heads: int) -> torch.Tensor | None:
     """Collective: rank 0 gets blocks `block_ids` with all `num_kv_heads` heads; others None."""
     ids = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
-    local = kv_cache.index_select(2, ids)
+    # Bytes are moved, not values: gloo and the CPU's index/cat kernels have no float8 (an
+    # fp8 KV pool), and a copy of bytes is exact for every dtype.
+    local = kv_cache.view(torch.uint8).index_select(2, ids)
     parts = ([torch.empty_like(local) for _ in range(group.world_size)]
              if group.rank == 0 else None)
     dist.gather(local, parts, dst=0, group=group.device_group)
-    return whole_blocks(parts, num_kv_heads) if parts is not None else None
+    if parts is None:
+        return None
+    return whole_blocks(parts, num_kv_heads).view(kv_cache.dtype)
 
 
 def scatter_blocks(group: TPGroup, kv_cache: torch.Tensor, block_ids: list[int],
                    whole: torch.Tensor, shard: TPShard) -> None:
     """Collective: rank 0's `whole` blocks (others pass a buffer of their shape) written into
     every rank's pool at `block_ids`, each rank keeping its own heads."""
-    group.broadcast(whole)
+    raw = group.broadcast(whole.view(torch.uint8))  # bytes: see gather_blocks
     ids = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
-    kv_cache.index_copy_(2, ids, rank_heads(whole, shard))
+    kv_cache.view(torch.uint8).index_copy_(2, ids, rank_heads(raw, shard))

@@ -40,11 +40,13 @@ def _build(tmp_path: Path, name: str) -> Path:
     return build_tiny_model(out, arch, vocab_size=935, **fields)
 
 
-def _llm(path: Path, tp: int, warehouse: KVWarehouseConfig | None = None) -> LLM:
+def _llm(path: Path, tp: int, warehouse: KVWarehouseConfig | None = None,
+         kv_cache_dtype: str = "auto") -> LLM:
     heads = 2 if tp == 1 and path.name == "llama" else 1  # KV heads in one rank's pool
+    itemsize = 1 if kv_cache_dtype == "fp8" else 4
     return LLM(str(path), dtype="float32", max_model_len=128,
-               kv_cache_gb=_BLOCKS * _RANK_BLOCK_BYTES * heads / 1e9,
-               tensor_parallel_size=tp, kv_warehouse=warehouse)
+               kv_cache_gb=_BLOCKS * _RANK_BLOCK_BYTES // 4 * itemsize * heads / 1e9,
+               tensor_parallel_size=tp, kv_warehouse=warehouse, kv_cache_dtype=kv_cache_dtype)
 
 
 def _rounds(llm: LLM, rounds: int = 3) -> list[list[int]]:
@@ -83,6 +85,27 @@ def test_evicted_prefix_comes_back_from_host_and_disk_with_tokens_of_one_rank(tm
     assert stats.tiers["disk"].hits > 0
     assert stats.prefill_tokens_saved > 0
     assert stats.blocks_loaded * 16 == stats.prefill_tokens_saved
+
+
+def test_fp8_kv_blocks_cross_ranks_as_bytes(tmp_path):
+    """An fp8 pool (gloo has no float8 type): blocks restored from the warehouse give the
+    tokens of the same two-rank engine without a warehouse."""
+    path = _build(tmp_path, "llama")
+    llm = _llm(path, 2, kv_cache_dtype="fp8")
+    try:
+        expected = _rounds(llm, rounds=2)
+    finally:
+        llm.engine.shutdown()
+    warehouse = KVWarehouseConfig(offload_gb=0.001, load_policy="always")
+    llm = _llm(path, 2, warehouse, kv_cache_dtype="fp8")
+    try:
+        assert llm.engine.offload.warehouse.layout.dtype == "float8_e4m3fn"
+        tokens = _rounds(llm, rounds=2)
+        stats = llm.engine.get_stats().kv_warehouse
+    finally:
+        llm.engine.shutdown()
+    assert tokens == expected
+    assert stats.tiers["host"].hits > 0
 
 
 def _generate(llm: LLM, rid: str, prompt: list[int], salt: str | None) -> tuple[list[int], int]:
