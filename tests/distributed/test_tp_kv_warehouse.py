@@ -87,6 +87,30 @@ def test_evicted_prefix_comes_back_from_host_and_disk_with_tokens_of_one_rank(tm
     assert stats.blocks_loaded * 16 == stats.prefill_tokens_saved
 
 
+def test_async_scheduling_write_through_and_speculation_together(tmp_path):
+    """Gathers and scatters are ordered with the forwards in flight: async scheduling,
+    write-through after each step and n-gram verification steps give one rank's tokens."""
+    path = _build(tmp_path, "llama")
+    llm = _llm(path, 1)
+    try:
+        expected = _rounds(llm, rounds=2)
+    finally:
+        llm.engine.shutdown()
+    warehouse = KVWarehouseConfig(offload_gb=0.001, load_policy="always", write_through=True)
+    llm = LLM(str(path), dtype="float32", max_model_len=128,
+              kv_cache_gb=_BLOCKS * _RANK_BLOCK_BYTES / 1e9, tensor_parallel_size=2,
+              kv_warehouse=warehouse, async_scheduling=True,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    try:
+        tokens = _rounds(llm, rounds=2)
+        stats = llm.engine.get_stats()
+    finally:
+        llm.engine.shutdown()
+    assert tokens == expected
+    assert stats.kv_warehouse.tiers["host"].hits > 0
+    assert stats.spec_decoding.num_draft_tokens > 0
+
+
 def test_fp8_kv_blocks_cross_ranks_as_bytes(tmp_path):
     """An fp8 pool (gloo has no float8 type): blocks restored from the warehouse give the
     tokens of the same two-rank engine without a warehouse."""
