@@ -145,17 +145,8 @@ class EngineConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(
                 f"tensor_parallel_size must be >= 1; got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.kv_warehouse is not None and (
-                self.kv_warehouse.enabled()):
-            # Each rank holds only its heads of a block: a warehouse entry would be partial.
-            raise ValueError("the KV warehouse is not supported with tensor_parallel_size > 1 "
-                             "(docs/distributed.md); disable it or use data parallelism")
         if self.speculative_config is not None:
             from soberana.engine.spec_decode.config import SpeculativeConfig
-
-            if self.tensor_parallel_size > 1:
-                raise ValueError("speculative_config is not supported with tensor_parallel_size "
-                                 "> 1 yet (docs/spec-decode.md)")
 
             self.speculative_config = SpeculativeConfig.from_any(self.speculative_config)
         from soberana.quantization import KV_CACHE_DTYPES, QUANTIZATION_METHODS

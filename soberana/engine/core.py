@@ -108,7 +108,8 @@ class EngineCore:
         warehouse = build_warehouse(wcfg, worker.layout)
         if wcfg.load_policy == "auto":
             warehouse.calibrate(worker.prefill_tokens_per_s(), worker.device)
-        return KVOffload(warehouse, self.kv, worker.kv_cache, wcfg.write_through)
+        return KVOffload(warehouse, self.kv, worker.kv_cache, wcfg.write_through,
+                         worker.model if worker.tp is not None else None)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -393,7 +394,8 @@ def _model_info(config: EngineConfig, worker: Worker) -> ModelInfo:
         fingerprint=worker.layout.fingerprint.hex(),
         is_demo=is_demo,
         quantization=None if worker.quantization is None else worker.quantization.describe(),
-        quantization_kernels=quantized_kernels(worker.model) if worker.quantization else None,
+        quantization_kernels=(quantized_kernels(getattr(worker.model, "model", worker.model))
+                              if worker.quantization else None),  # rank 0's shard under TP
         kv_cache_dtype=config.kv_cache_dtype,
         compute=worker.backend.report(getattr(worker.model, "model", worker.model)),
     )

@@ -7,6 +7,11 @@ it before anything is evicted here.
 Read path: at admission the scheduler asks for the request's blocks past its GPU prefix hit;
 found blocks are loaded into freshly allocated pool blocks in the background while other
 requests run, and are registered in the prefix cache only once they are in place.
+
+Under tensor parallelism each rank's pool holds only its KV heads, and the warehouse (in
+this process, rank 0's) stores whole blocks: blocks going out are gathered from every rank
+first (`sharded.gather_blocks`); blocks coming in are loaded into a whole-block buffer here
+and scattered to the ranks' pools once the load has ended (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 from soberana.engine.kv_cache_manager import KVCacheManager
 from soberana.engine.request import Request
+from soberana.kv.loader import STAGING_BYTES
 
 if TYPE_CHECKING:
     from soberana.kv.loader import LoadHandle
@@ -32,6 +38,9 @@ class _Load:
     request: Request
     handle: LoadHandle
     first_block: int  # index in the request's block table of the first loaded block
+    # Tensor parallel: whole blocks land here, then go to every rank's pool at `block_ids`.
+    whole: torch.Tensor | None = None
+    block_ids: list[int] | None = None
 
 
 class KVOffload:
@@ -41,11 +50,14 @@ class KVOffload:
         kv: KVCacheManager,
         kv_cache: torch.Tensor,
         write_through: bool,
+        sharded=None,
     ) -> None:
         self.warehouse = warehouse
         self.kv = kv
         self.kv_cache = kv_cache
         self.write_through = write_through
+        # Tensor parallel: rank 0's TPModel, which gathers and scatters whole blocks.
+        self.sharded = sharded
         self.loads: dict[tuple[str, int], _Load] = {}
         self.cancelled: list[_Load] = []  # aborted while loading: freed once the copy ends
         self.num_written: dict[tuple[str, int], int] = {}  # leading blocks already handed over
@@ -78,7 +90,23 @@ class KVOffload:
         # The pool evicts each sequence tail first; hand the blocks over head first, so that
         # if the staging buffer cannot take them all, what is dropped is tails (a block is
         # only reusable after its whole prefix, so a dropped head would waste its tail).
-        self.warehouse.put_blocks_async(hashes[::-1], self.kv_cache, ids[::-1], namespaces[::-1])
+        self._put(hashes[::-1], ids[::-1], namespaces[::-1])
+
+    def _put(self, hashes: list[bytes], block_ids: list[int], namespaces: list[str]) -> None:
+        if self.sharded is None:
+            self.warehouse.put_blocks_async(hashes, self.kv_cache, block_ids, namespaces)
+            return
+        host = self.warehouse.host
+        if host is not None:  # blocks RAM holds need no gather (the warehouse skips them)
+            fresh = [i for i, held in enumerate(host.contains_many(hashes)) if not held]
+            hashes = [hashes[i] for i in fresh]
+            block_ids = [block_ids[i] for i in fresh]
+            namespaces = [namespaces[i] for i in fresh]
+        step = max(1, STAGING_BYTES // self.warehouse.layout.block_nbytes)  # bounds the gather
+        for i in range(0, len(hashes), step):
+            whole = self.sharded.gather_blocks(block_ids[i:i + step])
+            self.warehouse.put_blocks_async(hashes[i:i + step], whole,
+                                            list(range(whole.shape[2])), namespaces[i:i + step])
 
     # ---- read path -------------------------------------------------------------------------
 
@@ -97,8 +125,15 @@ class KVOffload:
         hashes = request.block_hashes[first_block:first_block + num_blocks]
         self.flush_evictions()  # the blocks just allocated may be evicted ones: copy them first
         namespace = self.warehouse.namespace_of(request.cache_salt)
-        handle = self.warehouse.load_async(hashes, self.kv_cache, table, namespace)
-        self.loads[request.key] = _Load(request, handle, first_block)
+        if self.sharded is None:
+            handle = self.warehouse.load_async(hashes, self.kv_cache, table, namespace)
+            self.loads[request.key] = _Load(request, handle, first_block)
+            return
+        shape = self.warehouse.layout.block_shape
+        whole = torch.empty(shape[:2] + (num_blocks,) + shape[2:], dtype=self.kv_cache.dtype,
+                            device=self.kv_cache.device)
+        handle = self.warehouse.load_async(hashes, whole, list(range(num_blocks)), namespace)
+        self.loads[request.key] = _Load(request, handle, first_block, whole, list(table))
 
     def finished_loads(self) -> list[tuple[Request, int]]:
         """Requests whose load ended, with the number of valid blocks now in the pool
@@ -111,7 +146,10 @@ class KVOffload:
             if not load.handle.done():
                 continue
             del self.loads[key]
-            valid = load.first_block + load.handle.num_loaded
+            n = load.handle.num_loaded
+            if load.whole is not None and n > 0:
+                self.sharded.scatter_blocks(load.whole[:, :, :n], load.block_ids[:n])
+            valid = load.first_block + n
             self.kv.register_prefix(load.request, valid)
             self.num_written[key] = valid  # loaded blocks are in the warehouse already
             done.append((load.request, valid))
@@ -151,8 +189,7 @@ class KVOffload:
                 continue
             table = self.kv.block_table(r)
             namespace = self.warehouse.namespace_of(r.cache_salt)
-            self.warehouse.put_blocks_async(r.block_hashes[start:full], self.kv_cache,
-                                            table[start:full], [namespace] * (full - start))
+            self._put(r.block_hashes[start:full], table[start:full], [namespace] * (full - start))
             self.num_written[r.key] = full
 
     def forget(self, request: Request) -> None:

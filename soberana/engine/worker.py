@@ -158,11 +158,8 @@ class Worker:
         if config.tensor_parallel_size > 1:
             from soberana.distributed.executor import TensorParallel
 
-            if self.quantization is not None:
-                raise ValueError("quantization is not supported with tensor_parallel_size > 1 "
-                                 "yet (docs/distributed.md)")
             self.tp = TensorParallel(config, self.path, self.dtype, self.device, self.max_model_len,
-                                     self.backend)
+                                     self.backend, self.quantization)
             loaded = self.tp.loaded
         else:
             loaded = load_model(self.path, self.dtype, self.device, self.max_model_len,
@@ -186,11 +183,16 @@ class Worker:
             raise ValueError("kv_cache_dtype fp8 is supported on CPUs only in this version (the "
                              "GPU path has not passed its GPU tests yet). Use --kv-cache-dtype "
                              "auto on GPUs.")  # fmt: skip
+        # Under tensor parallelism a block is named (and stored in the warehouse) whole: every
+        # KV head of the model, with the rank count in its fingerprint; each rank's pool holds
+        # its own heads of it (docs/distributed.md).
+        tp = config.tensor_parallel_size
         layout = KVLayout(model_fingerprint=self.weights_fingerprint,
                           dtype=str(kv_dtype).removeprefix("torch."), block_size=block_size,
-                          num_layers=mcfg.num_layers, num_kv_heads=mcfg.num_kv_heads,
-                          head_dim=mcfg.head_dim)
-        bytes_per_block = layout.block_nbytes
+                          num_layers=mcfg.num_layers, head_dim=mcfg.head_dim,
+                          num_kv_heads=self.tp.model.num_kv_heads if tp > 1 else mcfg.num_kv_heads,
+                          tensor_parallel_size=tp)
+        bytes_per_block = layout.block_nbytes // layout.num_kv_heads * mcfg.num_kv_heads
         activation_bytes = self._profile_forward()
         num_blocks = num_kv_blocks(config, self.device, bytes_per_block, self.max_model_len,
                                    activation_bytes)

@@ -22,7 +22,10 @@ class KVLayout:
     """Everything that decides whether a block's bytes mean the same thing in two engines.
 
     `model_fingerprint` is the weights' identity (`LoadedModel.fingerprint`); `dtype` the
-    cache's torch dtype name without the `torch.` prefix.
+    cache's torch dtype name without the `torch.` prefix. Under tensor parallelism
+    (`tensor_parallel_size` > 1) a block is the *gathered* block: every KV head of the model
+    once, assembled from the ranks' shards (docs/distributed.md); the size is in the
+    fingerprint, so such entries are never served to an engine of another size.
     """
 
     model_fingerprint: str
@@ -32,11 +35,13 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     kv_layout: str = KV_CACHE_AXES
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in _ITEMSIZE:
             raise ValueError(f"dtype must be one of {sorted(_ITEMSIZE)}; got {self.dtype!r}")
-        for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
+        for name in ("block_size", "num_layers", "num_kv_heads", "head_dim",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
 
@@ -84,6 +89,8 @@ class KVLayout:
             f"soberana-kv-layout-v1|{self.model_fingerprint}|{self.dtype}|{self.block_size}|"
             f"{self.num_layers}|{self.num_kv_heads}|{self.head_dim}|{self.kv_layout}"
         )
+        if self.tensor_parallel_size > 1:  # one rank's names are unchanged (stored entries)
+            text += f"|tp{self.tensor_parallel_size}"
         return hashlib.sha256(text.encode()).digest()
 
     @property

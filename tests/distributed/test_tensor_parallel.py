@@ -93,12 +93,3 @@ def test_engine_refuses_indivisible_heads_before_starting_workers(tmp_path):
     with pytest.raises(ValueError, match="tensor_parallel_size 3 must divide"):
         LLM(str(path), dtype="float32", max_model_len=64, tensor_parallel_size=3)
 
-
-def test_warehouse_with_tensor_parallel_is_refused():
-    from soberana.engine.config import EngineConfig
-    from soberana.kv.config import KVWarehouseConfig
-
-    warehouse = KVWarehouseConfig(offload_gb=0.1)
-    assert warehouse.enabled()
-    with pytest.raises(ValueError, match="not supported with tensor_parallel_size"):
-        EngineConfig(tensor_parallel_size=2, kv_warehouse=warehouse).validate()

@@ -48,6 +48,8 @@ class DraftModelProposer(Proposer):
         num_blocks = -(-num_tokens // block_size)
         self.kv_cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
                                     cfg.head_dim, dtype=dtype, device=device)
+        if hasattr(model, "share_kv_cache"):  # tensor parallel: each rank's pool, its heads
+            model.share_kv_cache(self.kv_cache)
         self.pool = BlockPool(num_blocks, enable_caching=False)
         self.blocks: dict[tuple[str, int], list] = {}
         self.computed: dict[tuple[str, int], int] = {}

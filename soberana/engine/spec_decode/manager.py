@@ -131,7 +131,9 @@ def build_proposer(config: SpeculativeConfig, target, load_draft, num_tokens: in
 
     if config.method == "layer_skip":
         n = config.num_draft_layers or max(1, target.config.num_layers // 4)
-        model = first_layers(target, n)
+        # Under tensor parallelism every rank builds the view of its shard (TPModel).
+        model = target.first_layers(n) if hasattr(target, "first_layers") else (
+            first_layers(target, n))
     else:
         model = load_draft(config.model)
         if model.config.vocab_size < vocab_size:
