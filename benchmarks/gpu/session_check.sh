@@ -46,7 +46,8 @@ for phase in ${PHASES:-tests quant}; do
     spec)
         timeout "${SPEC_TIMEOUT:-240}" python3 benchmarks/gpu/spec_decode_gpu.py \
             --batches "${SPEC_BATCHES:-1,8,64}" --disagreement "${SPEC_DISAGREE:-0,0.25,0.5,1}" \
-            --methods "${SPEC_METHODS:-oracle,auto,draft_model,layer_skip}" --out "$OUT/spec" 2>&1 \
+            --methods "${SPEC_METHODS:-oracle,auto,draft_model,layer_skip}" --dtype "${SPEC_DTYPE:-auto}" \
+            --out "$OUT/spec" 2>&1 \
             | grep -v "^INFO" | tee "$OUT/spec.log" ;;
     structured)
         timeout "${STRUCT_TIMEOUT:-180}" python3 benchmarks/gpu/structured_gpu.py --out "$OUT" 2>&1 \

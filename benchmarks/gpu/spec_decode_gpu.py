@@ -144,6 +144,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kv-cache-gb", type=float, default=6.0)
+    ap.add_argument("--dtype", default="auto",
+                    help="float32 for the identity check: bf16 verification (k+1 rows through "
+                         "the prefill kernels) rounds differently from one-row decode, and "
+                         "random weights give near-uniform logits whose argmax flips on that")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/spec_decode_gpu"))
     args = ap.parse_args()
     methods = args.methods.split(",")
@@ -161,7 +165,8 @@ def main() -> None:
     if "draft_model" in methods:
         base_spec.update(method="draft_model", model=str(path))
     t0 = time.perf_counter()
-    llm = LLM(str(path), load_format="dummy", device=args.device, max_model_len=max_len,
+    llm = LLM(str(path), load_format="dummy", device=args.device, dtype=args.dtype,
+              max_model_len=max_len,
               max_num_seqs=max(batches), kv_cache_gb=args.kv_cache_gb,
               enable_prefix_caching=False,  # every run computes its prompts again
               speculative_config=base_spec)
@@ -169,6 +174,7 @@ def main() -> None:
     draft_model_spec = engine.spec if "draft_model" in methods else None
     engine.spec = None
     summary = {"commit": commit(), "config": str(args.config), "device": args.device,
+               "dtype": engine.model_info.dtype,
                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                "torch": torch.__version__, "k": args.k, "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "engine_start_s": time.perf_counter() - t0,

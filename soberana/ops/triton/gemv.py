@@ -48,16 +48,18 @@ class GemvConfig:
 # --sweep): many narrow programs, 4 rows of W each, streamed in 1024-wide slices, reach
 # 3.2-4.1 TB/s; pipeline depth made no difference.
 DEFAULT_CONFIG = GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=1)
-# One-byte weights (int8, fp8) and int4 (half a byte) in the same 1024 columns move half or a
-# quarter of bf16's bytes: 8- or 4-byte loads per thread instead of 16. Twice the columns give
-# one-byte weights 16-byte loads again (int4 8-byte ones; 4096 columns would not divide
-# Llama's 14,336-wide down projection). benchmarks/gpu/quant_gemv_sweep.py measures them.
-QUANT_CONFIG = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=1)
 
 
 def default_config(weight_dtype: torch.dtype, int4: bool = False) -> GemvConfig:
-    """The tile shape for weights stored as `weight_dtype` (uint8 with `int4`: packed int4)."""
-    return QUANT_CONFIG if int4 or weight_dtype.itemsize == 1 else DEFAULT_CONFIG
+    """The tile shape for weights stored as `weight_dtype` (uint8 with `int4`: packed int4).
+
+    One shape for every format. 2048-column tiles for one-byte and int4 weights (16-byte loads
+    per thread for int8) were tried on an H100 (benchmarks/results/gpu_h100/session12): fp8
+    259.6 tok/s batch-1 (249.5 with 1024 in session 11), int8 236.4 (262.0), and int4 8.0 tok/s
+    (cause not established; likely register spills of its dequantized [4, 2048] tiles). Sweep them per format with
+    benchmarks/gpu/quant_gemv_sweep.py before changing this.
+    """
+    return DEFAULT_CONFIG
 
 
 @functools.lru_cache(maxsize=8)
