@@ -2,11 +2,12 @@
 
 Two kernels, each packing a layer's int8 weight [N, K] and per-channel scales once, at load,
 into its own blob (uint8), which replaces the row-major weight:
-- W8A8 (`W8A8`): each row of activations quantized to int8 on the fly (per token, symmetric,
-  `schemes.quantize_int8_per_token`), int32 dot products (vpdpbusd on AVX512_VNNI, vpmaddwd
-  on AVX2), scaled once. Bit-identical to `schemes.int8_w8a8_reference`. What `--quantization
-  int8` runs on CPUs (docs/quantization.md: +x% perplexity, y times W8A16's speed).
-- W8A16 (`W8A16`): the weight dequantized in registers and multiplied by the bfloat16
+- W8A8: the activations quantized to int8 on the fly, symmetric, one scale per block of 32
+  inputs of a row (`schemes.quantize_int8_blocks`, as llama.cpp's Q8_0 activations), exact
+  int32 dot products per block (vpdpbusd on AVX512_VNNI, vpmaddwd on AVX2), the blocks'
+  scaled sums added in float32. `schemes.int8_w8a8_reference` up to the order of that sum.
+  What `--quantization int8` runs on CPUs (docs/quantization.md says why).
+- W8A16: the weight dequantized in registers and multiplied by the bfloat16
   (AVX512_BF16) or float32 (AVX2 + FMA) activations: `x @ dequantize(W).T` up to the order of
   the float32 sums. What `int8_w8a16` runs.
 Built per ISA as the other native kernels are (`cpu_kernels.set_isa`), so the AVX2 paths are
@@ -29,6 +30,7 @@ from soberana.ops.cpu import kernels as cpu_kernels
 
 SOURCE = Path(cpu_kernels.SOURCE).parent / "linear_int8.c"
 PANEL = 64  # output columns per panel (NB in the C source)
+W8A8_BLOCK = 32  # inputs per activation scale of the W8A8 kernel (QB in the C source)
 # linear_int8_paths() bits
 _BF16_PATH, _F32_PATH, _VNNI_PATH, _AVX2_W8A8_PATH = 1, 2, 4, 8
 _OK = 0
@@ -65,7 +67,7 @@ class Int8Kernel:
     """One int8 CPU kernel as a layer holds it: pack at load, multiply per call."""
 
     name: str  # for the log and /v1/models
-    activations: str  # "int8 per token (W8A8)" or "bfloat16/float32 (W8A16)"
+    activations: str  # "int8 per block of 32 (W8A8)" or "bfloat16/float32 (W8A16)"
     pack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]  # (q, scale) -> blob
     unpack: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
     # (bias, dtype) -> the bias as `linear` reads it for activations of dtype
@@ -87,8 +89,9 @@ def int8_kernels() -> dict[str, Int8Kernel]:
     if paths & (_VNNI_PATH | _AVX2_W8A8_PATH):
         isa = "AVX512_VNNI vpdpbusd" if paths & _VNNI_PATH else "AVX2 vpmaddwd"
         found["w8a8"] = Int8Kernel(
-            name=f"soberana int8 CPU kernel W8A8 ({isa}; activations int8 per token)",
-            activations="int8 per token (W8A8)", pack=functools.partial(_pack, lib, "w8a8"),
+            name=f"soberana int8 CPU kernel W8A8 ({isa}; activations int8 per block of "
+                 f"{W8A8_BLOCK})",
+            activations=f"int8 per block of {W8A8_BLOCK} (W8A8)", pack=functools.partial(_pack, lib, "w8a8"),
             unpack=_unpack_w8a8, prepare_bias=_bias_w8a8,
             linear=functools.partial(_linear_w8a8, lib), serves=_serves_w8a8,
             stack_function=_address(lib.linear_w8a8_bf16))  # fmt: skip
@@ -112,8 +115,8 @@ def _address(fn) -> int:
 
 def _pack(lib: ctypes.CDLL, kind: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """The blob of int8 weight q [N, K] and its scales [N], or None where the weight does not
-    fit the kernel (K odd for W8A16, not a multiple of 4 for W8A8)."""
-    multiple = 4 if kind == "w8a8" else 2
+    fit the kernel (K odd for W8A16, not a multiple of 32 for W8A8)."""
+    multiple = W8A8_BLOCK if kind == "w8a8" else 2
     if not (q.dtype == torch.int8 and q.device.type == "cpu" and q.dim() == 2
             and q.shape[1] % multiple == 0 and q.numel() > 0):  # fmt: skip
         return None
@@ -138,11 +141,11 @@ def _unpack_w8a16(blob: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, tor
 
 
 def _unpack_w8a8(blob: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [n, k], scale float32 [n]) of a W8A8 blob."""
+    """(q int8 [n, k], scale float32 [n]) of a W8A8 blob (which holds q + 128)."""
     n_pad = -(-n // PANEL) * PANEL
-    panels = blob[: n_pad * k].view(torch.int8).view(n_pad // PANEL, k // 4, PANEL, 4)
-    q = panels.permute(0, 2, 1, 3).reshape(n_pad, k)[:n]
-    scale = blob[n_pad * k: n_pad * k + 4 * n_pad].view(torch.float32)[:n]
+    panels = blob[: n_pad * k].view(n_pad // PANEL, k // 4, PANEL, 4)
+    q = (panels.permute(0, 2, 1, 3).reshape(n_pad, k)[:n].to(torch.int16) - 128).to(torch.int8)
+    scale = blob[n_pad * k:].view(torch.float32)[:n]
     return q.contiguous(), scale.clone()
 
 
@@ -182,8 +185,8 @@ def _rows(x: torch.Tensor, serves: bool) -> torch.Tensor:
 
 def _linear_w8a8(lib: ctypes.CDLL, x: torch.Tensor, blob: torch.Tensor, n: int,
                  bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """x [M, K] (bfloat16 or float32) quantized per row, times a W8A8 blob of n outputs, plus
-    the bias (`_bias_w8a8`): [M, n] in x's dtype."""
+    """x [M, K] (bfloat16 or float32) quantized per block of 32, times a W8A8 blob of n
+    outputs, plus the bias (`_bias_w8a8`): [M, n] in x's dtype."""
     x = _rows(x, _serves_w8a8(x.dtype))
     m, k = x.shape
     out = torch.empty(m, n, dtype=x.dtype)
