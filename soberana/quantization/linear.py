@@ -135,7 +135,7 @@ class Int8LinearMethod(LinearMethod):
             raise ValueError(f"int8 activations must be one of {INT8_ACTIVATIONS}; "
                              f"got {activations!r}")  # fmt: skip
         self.activations = activations
-        self.name = ("int8 (per-channel weights; W8A8 with per-token int8 activations on CPUs "
+        self.name = ("int8 (per-channel weights; W8A8 with int8 activations per block of 32 on CPUs "
                      "with the int8 dot-product kernel, W8A16 elsewhere)"
                      if activations == "dynamic" else "int8 (W8A16, per-channel)")  # fmt: skip
 
@@ -153,11 +153,15 @@ class Int8LinearMethod(LinearMethod):
         q, scale = schemes.quantize_int8(w)
         return {"weight": q, "weight_scale": scale}
 
-    def dequantize(self, layer: QuantLinear) -> torch.Tensor:
+    def quantized(self, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [N, K], scale [N]) as loaded, wherever the kernel keeps them."""
         if layer.native is not None:
             q, _ = layer.cpu_kernel.unpack(layer.native, layer.out_features, layer.in_features)
-            return schemes.dequantize_int8(q, layer.weight_scale)
-        return schemes.dequantize_int8(layer.weight, layer.weight_scale)
+            return q, layer.weight_scale
+        return layer.weight, layer.weight_scale
+
+    def dequantize(self, layer: QuantLinear) -> torch.Tensor:
+        return schemes.dequantize_int8(*self.quantized(layer))
 
     def w8a8(self, layer: QuantLinear) -> bool:
         """Whether `layer` quantizes its activations (the W8A8 CPU kernel serves it)."""
