@@ -34,6 +34,7 @@ CONFIGS = {
     "fp32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "bfloat16", "quantization": "int8"},
+    "int8_w8a16": {"dtype": "bfloat16", "quantization": "int8_w8a16"},
 }
 
 

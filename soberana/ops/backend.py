@@ -199,10 +199,9 @@ def _triton_paged_attention(fn: Callable) -> Callable:
 
 def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
             cpu_isa: str) -> Backend:  # fmt: skip
-    from soberana.ops.cpu import decoder_stack
+    from soberana.ops.cpu import decoder_stack, linear_int8
     from soberana.ops.cpu import kernels as cpu_kernels
     from soberana.ops.cpu import linear as cpu_linear
-    from soberana.ops.cpu import linear_int8
 
     attention_lib, layers_lib = cpu_kernels.attention_library(), cpu_kernels.layers_library()
     if attention_lib is None or layers_lib is None:

@@ -25,7 +25,6 @@ A layer that fails the check at load time keeps `F.linear`; so does every layer 
 from __future__ import annotations
 
 import ctypes
-
 import logging
 
 import torch
