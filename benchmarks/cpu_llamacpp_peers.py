@@ -8,8 +8,9 @@ The three workloads of issue 19, at one precision and one instruction-set level 
     `LLM.generate` of the 64 prompts, ignore_eos; transformers: one padded `generate`);
   - pp4096: prefill of a 4,096-token prompt, tok/s (llama-bench `-p 4096 -n 0`; ours:
     `LLM.generate` with max_tokens=1; transformers: one forward).
-Precisions: f32 (ours float32), bf16 (ours bfloat16), q8_0 (ours int8 weight-only, W8A16 — not
-the same scheme as Q8_0, which also quantizes activations to 8 bits), f16 (llama.cpp only).
+Precisions: f32 (ours float32), bf16 (ours bfloat16), q8_0 (ours `--quantization int8`: W8A8
+with int8 activations per block of 32 as Q8_0's, but one weight scale per output channel
+where Q8_0 has one per block of 32 weights), f16 (llama.cpp only).
 ISA: native (this CPU's: AVX-512 here) or avx2 — llama.cpp's AVX2-only build
 (benchmarks/llamacpp_build.sh avx2), our `cpu_isa="avx2"` kernels, and for every peer's
 PyTorch parts ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (how an AVX-512 host runs

@@ -1,4 +1,5 @@
-"""CPU decode speed of int8 weight-only against float32 and bfloat16, real weights, one run.
+"""CPU decode speed of int8 (W8A8 and weight-only W8A16) against float32 and bfloat16, real
+weights, one run.
 
 Loads the model (default SmolLM2-135M-Instruct) once per configuration, all in this process,
 then alternates the configurations round by round (a shared, loaded host drifts; alternating
@@ -34,6 +35,7 @@ CONFIGS = {
     "fp32": {"dtype": "float32"},
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "bfloat16", "quantization": "int8"},
+    "int8_w8a16": {"dtype": "bfloat16", "quantization": "int8_w8a16"},
 }
 
 

@@ -27,6 +27,7 @@ LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "LGPL-2.1", "Artistic"
 CONFIGS = {
     "fp32": {},
     "int8": {"quantization": "int8"},
+    "int8_w8a16": {"quantization": "int8_w8a16"},
     "int4": {"quantization": "int4"},
     "fp8": {"quantization": "fp8"},
     "fp32+fp8-kv": {"kv_cache_dtype": "fp8"},

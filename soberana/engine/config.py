@@ -19,7 +19,7 @@ CPU_ISAS = ("native", "avx2", "portable")
 COMPUTE_BACKENDS = ("auto", "torch", "native", "triton")
 # soberana.quantization's names, written here too so that parsing flags needs no torch
 # (tests/server/test_config_flags.py checks the two agree).
-QUANTIZATION_CHOICES = ("int8", "int4", "fp8")
+QUANTIZATION_CHOICES = ("int8", "int8_w8a16", "int4", "fp8")
 KV_CACHE_DTYPE_CHOICES = ("auto", "fp8")
 
 
@@ -98,7 +98,9 @@ class EngineConfig:
         '(docs/spec-decode.md)', type=str)
     # vLLM's name; see docs/quantization.md.
     quantization: str | None = flag(
-        None, "quantize the weights at load: int8 / int4 weight-only, fp8 W8A8 (GPUs of compute "
+        None, "quantize the weights at load: int8 (on CPUs with AVX512_VNNI or AVX2 the "
+        "activations too, per token: W8A8; weight-only elsewhere), int8_w8a16 (weight-only "
+        "everywhere), int4 weight-only, fp8 W8A8 (GPUs of compute "
         "capability >= 8.9; weight-only elsewhere). A pre-quantized compressed-tensors "
         "checkpoint is detected without this flag", choices=QUANTIZATION_CHOICES,
         aliases=("-q",))

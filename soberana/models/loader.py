@@ -19,7 +19,7 @@ from soberana.models.config import ModelConfig
 from soberana.models.gguf import fingerprint as gguf_fingerprint
 from soberana.models.gguf import gguf_config, gguf_tensors, is_gguf
 from soberana.models.transformer import CausalLM, RotaryEmbedding, rope_inv_freq
-from soberana.ops.backend import Backend, select_backend
+from soberana.ops.backend import Backend, Kernels, select_backend
 from soberana.ops.cpu import linear as cpu_linear
 from soberana.quantization import (
     QuantizationConfig,
@@ -176,14 +176,14 @@ def load_model(
         files = _safetensors_files(path)
         _load_tensors(model, cfg, _safetensors_tensors(files), path.name, quantization)
         fingerprint = _fingerprint(path, files)
+    if backend is None:
+        backend = select_backend("auto", device, dtype)
     if quantization is not None:
         # quantized weights give other keys and values: their KV blocks are their own
         fingerprint = hashlib.sha256(f"{fingerprint}|{quantization}".encode()).hexdigest()
-        _finalize_quantized(model, quantization)
+        _finalize_quantized(model, quantization, backend.kernels)
     model.eval()
     t_weights = time.perf_counter()
-    if backend is None:
-        backend = select_backend("auto", device, dtype)
     if device.type == "cpu" and backend.kernels.pack_cpu_linears:
         _pack_cpu_linears(model)
     model.use_kernels(backend.kernels)
@@ -194,13 +194,15 @@ def load_model(
                        quantization=quantization)
 
 
-def _finalize_quantized(model: CausalLM, quantization: QuantizationConfig) -> None:
-    kernels = set()
+def _finalize_quantized(model: CausalLM, quantization: QuantizationConfig,
+                        kernels: Kernels) -> None:  # fmt: skip
+    """Each quantized layer chooses its kernel among the backend's, once (logged)."""
+    chosen = set()
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            module.finalize()
-            kernels.add(module.kernel)
-    log.info("Quantization: %s; kernels: %s", quantization.describe(), "; ".join(sorted(kernels)))
+            module.finalize(kernels)
+            chosen.add(module.kernel)
+    log.info("Quantization: %s; kernels: %s", quantization.describe(), "; ".join(sorted(chosen)))
 
 
 def quantized_kernels(model: CausalLM) -> list[str]:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +67,11 @@ class Kernels:
     # CPU linears packed once at load (soberana's bf16 kernel where the CPU has AVX512_BF16,
     # else oneDNN's), instead of F.linear.
     pack_cpu_linears: bool = False
+    # Native CPU: the int8 linear kernels of this CPU and build, "w8a8" and/or "w8a16"
+    # (ops/cpu/linear_int8.Int8Kernel); quantized layers choose among them at load.
+    int8_linears: Mapping[str, Any] = field(default_factory=dict)
+    # Triton: the quantized GEMM module (ops/triton/quant_gemm.py) for int8/int4 layers.
+    quant_gemm: ModuleType | None = None
 
 
 TORCH_KERNELS = Kernels(
@@ -161,7 +168,10 @@ def _triton(requested: str, device: torch.device, dtype: torch.dtype,
         if requested == "triton":
             raise RuntimeError(f"compute_backend triton: {why}") from e
         return _torch_fallback(requested, f"{why}; attention, norms and rotary via PyTorch")
+    from soberana.ops import triton_module
+
     kernels = Kernels(
+        quant_gemm=triton_module("quant_gemm"),  # logs why where it cannot be imported
         rms_norm=triton_layers.rms_norm,
         add_rms_norm=triton_layers.fused_add_rms_norm,
         head_rms_norm=triton_layers.rms_norm,
@@ -189,7 +199,7 @@ def _triton_paged_attention(fn: Callable) -> Callable:
 
 def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
             cpu_isa: str) -> Backend:  # fmt: skip
-    from soberana.ops.cpu import decoder_stack
+    from soberana.ops.cpu import decoder_stack, linear_int8
     from soberana.ops.cpu import kernels as cpu_kernels
     from soberana.ops.cpu import linear as cpu_linear
 
@@ -227,14 +237,15 @@ def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
             if path != 1:
                 fallbacks.append(f"{no_bf16}: bf16 linears on AVX2+FMA, bfloat16 widened to "
                                  "float32 in registers (dtype float32 is as fast here)")  # fmt: skip
-            if native_kv and decoder_stack.forward_library() is not None:
-                stack = decoder_stack.build_stack
-                impls["decoder stack"] = "one native call per step"
         else:
             impls["bf16 linears"] = onednn
             fallbacks.append(f"no bf16 linear kernel in the cpu_isa {cpu_isa} build (it needs "
                              f"AVX512_BF16 or AVX2): bf16 linears via {onednn}, decoder layers "
-                             "as modules")  # fmt: skip
+                             "as modules unless quantized")  # fmt: skip
+        # a model whose every projection has a native kernel (build_stack checks each)
+        if native_kv and decoder_stack.forward_library() is not None:
+            stack = decoder_stack.build_stack
+            impls["decoder stack"] = "one native call per step"
     elif dtype == torch.float32:
         if cpu_kernels.linear_f32_library() is not None:
             impls["fp32 linears"] = f"soberana {simd}"
@@ -244,7 +255,13 @@ def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
                              f"needs AVX-512 or AVX2): fp32 linears via {onednn}")  # fmt: skip
     else:
         impls["linears"] = onednn
+    int8_linears = linear_int8.int8_kernels()
+    # (the kernel each quantized layer takes is logged at load and listed in /v1/models)
+    if "w8a8" not in int8_linears:
+        impls["int8 linears"] = (f"no W8A8 kernel in the cpu_isa {cpu_isa} build (it needs "
+                                 "AVX512_VNNI or AVX2): int8 weight-only")  # fmt: skip
     kernels = Kernels(
+        int8_linears=int8_linears,
         rms_norm=cpu_kernels.rms_norm,
         add_rms_norm=cpu_kernels.add_rms_norm,
         # per-head q/k norms read [T, heads, D] views of the fused projection, which the
@@ -261,6 +278,15 @@ def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
         pack_cpu_linears=True,
     )
     return Backend(requested, "native", kernels, impls, fallbacks)
+
+
+def default_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
+    """The kernels "auto" chooses for `device` and `dtype`, the native ones built for the
+    current ISA (a quantized layer finalized outside an engine: tests, benchmarks)."""
+    from soberana.ops.cpu import kernels as cpu_kernels
+
+    isa = cpu_kernels.current_isa() if device.type == "cpu" else "native"
+    return select_backend("auto", device, dtype, cpu_isa=isa).kernels
 
 
 def with_kernels(kernels: Kernels, **changes) -> Kernels:

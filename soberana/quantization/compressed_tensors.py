@@ -48,8 +48,10 @@ def config_from_checkpoint(stored: dict) -> QuantizationConfig:
                                   checkpoint_format=fmt, symmetric=True)  # fmt: skip
     if kind == "int" and fmt in _INT_FORMATS and weights.get("symmetric", True):
         if bits == 8 and strategy == "channel":
+            # W8A16 as stored: the checkpoint's activations are not quantized
             return QuantizationConfig(method="int8", source="compressed-tensors",
-                                      checkpoint_format=fmt, symmetric=True)  # fmt: skip
+                                      checkpoint_format=fmt, symmetric=True,
+                                      activations="none")  # fmt: skip
         if bits == 4 and strategy == "group" and fmt == "pack-quantized":
             return QuantizationConfig(method="int4", group_size=int(weights["group_size"]),
                                       source="compressed-tensors", checkpoint_format=fmt,

@@ -17,7 +17,9 @@ from soberana.quantization.linear import (
     fp8_gemm_supported,
 )
 
-QUANTIZATION_METHODS = ("int8", "int4", "fp8")
+# int8_w8a16: int8 weight-only everywhere (the exact path); int8 quantizes activations too on
+# CPUs with the W8A8 kernel (docs/quantization.md says why that is the default there).
+QUANTIZATION_METHODS = ("int8", "int8_w8a16", "int4", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
@@ -37,10 +39,19 @@ class QuantizationConfig:
     checkpoint_format: str = ""
     symmetric: bool = False
     float_zero: bool = False  # int4 zero points in the model dtype (GGUF Q4_K / Q4_1 re-packed)
+    # int8: "dynamic" (activations int8 per token where the CPU kernel serves it) or "none"
+    activations: str = "dynamic"
+
+    @classmethod
+    def named(cls, quantization: str, **fields) -> QuantizationConfig:
+        """The config of a `--quantization` name (int8_w8a16 is int8 with activations none)."""
+        if quantization == "int8_w8a16":
+            return cls(method="int8", activations="none", **fields)
+        return cls(method=quantization, **fields)
 
     def linear_method(self) -> LinearMethod:
         if self.method == "int8":
-            return Int8LinearMethod()
+            return Int8LinearMethod(self.activations)
         if self.method == "int4":
             return Int4LinearMethod(self.group_size, self.float_zero)
         return Fp8LinearMethod()
@@ -76,8 +87,8 @@ def gguf_quantization(quantization: str | None, linear_types: dict[str, int]
     stored = ", ".join(f"{name} x{n}" for name, n in sorted(linear_types.items()))
     four_bit = quantization == "int4" and bool({"Q4_0", "Q4_1", "Q4_K"} & set(linear_types))
     group = gguf_repack.GGUF_INT4_GROUP if four_bit else schemes.INT4_GROUP_SIZE
-    how = "re-packed from GGUF" if quantization in ("int8", "int4") else "quantized from GGUF"
-    return QuantizationConfig(method=quantization, group_size=group, source=how,
+    how = "quantized from GGUF" if quantization == "fp8" else "re-packed from GGUF"
+    return QuantizationConfig.named(quantization, group_size=group, source=how,
                               checkpoint_format=stored,
                               float_zero=four_bit and bool({"Q4_1", "Q4_K"} & set(linear_types)))  # fmt: skip
 
@@ -90,11 +101,11 @@ def resolve_quantization(quantization: str | None, hf_config: dict) -> Quantizat
                          f"got {quantization!r}")  # fmt: skip
     stored = hf_config.get("quantization_config")
     if stored is None:
-        return None if quantization is None else QuantizationConfig(method=quantization)
+        return None if quantization is None else QuantizationConfig.named(quantization)
     from soberana.quantization.compressed_tensors import config_from_checkpoint
 
     cfg = config_from_checkpoint(stored)
-    if quantization is not None and quantization != cfg.method:
+    if quantization is not None and QuantizationConfig.named(quantization).method != cfg.method:
         raise ValueError(f"--quantization {quantization} conflicts with the checkpoint, which "
                          f"is stored as {cfg.method} ({cfg.checkpoint_format}); omit the flag")  # fmt: skip
     return cfg

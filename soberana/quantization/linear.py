@@ -1,18 +1,23 @@
 """`QuantLinear`: an `nn.Linear` whose weight is stored quantized, and the linear methods that
 fill and apply it (vLLM's `LinearMethod`: create the weights, load them, apply them).
 
-Each method owns one weight format (`schemes.py`) and picks its kernels once, at load, from
-the device (`LinearMethod.kernel`): the model code calls `layer(x)` and never branches on
-the format.
+Each method owns one weight format (`schemes.py`) and picks its kernel once, at load, among
+those the compute backend chose (`ops/backend.py`'s `Kernels`, `LinearMethod.choose_kernel`):
+the model code calls `layer(x)` and never branches on the format.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from soberana.quantization import schemes
+
+if TYPE_CHECKING:
+    from soberana.ops.backend import Kernels
 
 
 class LinearMethod:
@@ -31,16 +36,19 @@ class LinearMethod:
         """float32 [N, K]: the weight the layer multiplies by (the tests' reference)."""
         raise NotImplementedError
 
-    def choose_kernel(self, device: torch.device) -> str:
-        """Which kernel serves this format on `device` (logged, and shown in /v1/models)."""
+    def choose_kernel(self, layer: QuantLinear, kernels: Kernels) -> str:
+        """Choose, once, the kernel that serves `layer` among the compute backend's `kernels`
+        (re-laying its weights for it where it needs: vLLM's process_weights_after_loading),
+        and name it (logged, and shown in /v1/models)."""
         raise NotImplementedError
-
-    def process_weights_after_loading(self, layer: QuantLinear) -> None:
-        """Re-lay the loaded weights for the kernel that serves them (vLLM's hook of this
-        name); by default they stay as loaded."""
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def stack_linear(self, layer: QuantLinear) -> tuple[int, int, int | None] | None:
+        """(C function, weight, bias) addresses through which the native decoder stack runs
+        this layer on bfloat16 rows (ops/csrc/cpu_forward.h's LinearFn), or None: it cannot."""
+        return None
 
 
 class QuantLinear(nn.Module):
@@ -76,108 +84,134 @@ class QuantLinear(nn.Module):
                                      f"{tuple(buf.shape)} at row {begin}")  # fmt: skip
                 dst.copy_(t.to(buf.dtype))
 
-    def finalize(self) -> None:
-        """Called once every row is loaded: the weights are re-laid for their kernel."""
-        self.method.process_weights_after_loading(self)
-        self.kernel = self.method.choose_kernel(self._buffer_device())
+    def finalize(self, kernels: Kernels | None = None) -> None:
+        """Called once every row is loaded: the kernel is chosen among the compute backend's
+        `kernels` (None: those `select_backend("auto")` gives this device) and the weights
+        re-laid for it."""
+        if kernels is None:
+            from soberana.ops.backend import default_kernels
+
+            kernels = default_kernels(self._buffer_device(), self._activation_dtype())
+        self.kernel = self.method.choose_kernel(self, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
 
+    def stack_linear(self) -> tuple[int, int, int | None] | None:
+        """See LinearMethod.stack_linear (the native decoder stack asks each linear)."""
+        return self.method.stack_linear(self)
+
     def _buffer_device(self) -> torch.device:
         return next(iter(self.buffers())).device
+
+    def _activation_dtype(self) -> torch.dtype:
+        return self.bias.dtype if self.bias is not None else self.weight_scale.dtype
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.method.name}, kernel={self.kernel or '?'}")  # fmt: skip
 
 
-def _triton_quant():
-    from soberana.ops import triton_module
-
-    return triton_module("quant_gemm")
-
-
 # PyTorch's CPU int8 kernel is a GEMV: it streams the weight once per row block, fine for a
 # few rows, minutes for a prefill of thousands (measured on the 2-core Zen 4 host). It serves
-# only where soberana's own kernel (cpu_int8.py) is unavailable.
+# only where soberana's own kernels (ops/cpu/linear_int8.py) are unavailable.
 CPU_INT8_GEMV_ROWS = 16
+INT8_ACTIVATIONS = ("dynamic", "none")
 
 
 class Int8LinearMethod(LinearMethod):
-    """Weight-only int8, per-output-channel symmetric scales.
+    """int8 weights, per-output-channel symmetric scales.
 
-    On CPUs with soberana's int8 kernel (csrc/linear_int8.c: AVX512_BF16, or AVX2 + FMA) the
-    weight and its scales are re-laid at load into the kernel's blob (`layer.native`), which
-    replaces the row-major `weight` (set to None): the layer holds its int8 bytes once."""
+    `activations="dynamic"` (`--quantization int8`): on CPUs with soberana's W8A8 kernel
+    (AVX512_VNNI or AVX2) the activations are quantized to int8 per token as well and the
+    products summed in int32 (W8A8, as llama.cpp's Q8_0 x Q8_0); elsewhere, GPUs included,
+    weight-only. `activations="none"` (`--quantization int8_w8a16`, compressed-tensors W8A16
+    checkpoints): weight-only everywhere, `x @ dequantize(W).T` up to the order of the float
+    sums. On a CPU the weight is re-laid at load into the chosen kernel's blob
+    (`layer.native`), which replaces the row-major `weight` (set to None)."""
 
-    name = "int8 (W8A16, per-channel)"
+    def __init__(self, activations: str = "dynamic") -> None:
+        if activations not in INT8_ACTIVATIONS:
+            raise ValueError(f"int8 activations must be one of {INT8_ACTIVATIONS}; "
+                             f"got {activations!r}")  # fmt: skip
+        self.activations = activations
+        self.name = ("int8 (per-channel weights; W8A8 with int8 activations per block of 32 on CPUs "
+                     "with the int8 dot-product kernel, W8A16 elsewhere)"
+                     if activations == "dynamic" else "int8 (W8A16, per-channel)")  # fmt: skip
 
     def create_weights(self, layer: QuantLinear, dtype: torch.dtype) -> None:
         n, k = layer.out_features, layer.in_features
         layer.register_buffer("weight", torch.empty(n, k, dtype=torch.int8))
         # scales in the activation dtype: the CPU op and the Triton kernels read them so
         layer.register_buffer("weight_scale", torch.empty(n, dtype=dtype))
-        layer.native = None
+        layer.native = None  # the CPU kernel's blob
+        layer.cpu_kernel = None  # the Int8Kernel (ops/cpu/linear_int8.py) that reads it
+        layer.native_bias = None  # the bias as that kernel reads it
+        layer.triton = None  # the Triton quant_gemm module (CUDA)
 
     def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale = schemes.quantize_int8(w)
         return {"weight": q, "weight_scale": scale}
 
-    def dequantize(self, layer: QuantLinear) -> torch.Tensor:
+    def quantized(self, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q int8 [N, K], scale [N]) as loaded, wherever the kernel keeps them."""
         if layer.native is not None:
-            from soberana.quantization import cpu_int8
+            q, _ = layer.cpu_kernel.unpack(layer.native, layer.out_features, layer.in_features)
+            return q, layer.weight_scale
+        return layer.weight, layer.weight_scale
 
-            q, _ = cpu_int8.unpack(layer.native, layer.out_features, layer.in_features)
-            return schemes.dequantize_int8(q, layer.weight_scale)
-        return schemes.dequantize_int8(layer.weight, layer.weight_scale)
+    def dequantize(self, layer: QuantLinear) -> torch.Tensor:
+        return schemes.dequantize_int8(*self.quantized(layer))
 
-    def process_weights_after_loading(self, layer: QuantLinear) -> None:
-        from soberana.quantization import cpu_int8
+    def w8a8(self, layer: QuantLinear) -> bool:
+        """Whether `layer` quantizes its activations (the W8A8 CPU kernel serves it)."""
+        return layer.cpu_kernel is not None and layer.cpu_kernel.activations.endswith("(W8A8)")
 
-        # decided once, here: a CPU layer whose activations (the scales' dtype) a path of
-        # this build serves gets the kernel; every other keeps PyTorch's path below
-        if (layer.weight is None or layer.weight.device.type != "cpu"
-                or not cpu_int8.serves(layer.weight_scale.dtype)):  # fmt: skip
-            return
-        blob = cpu_int8.pack(layer.weight, layer.weight_scale)
-        if blob is None:
-            return
-        layer.native = blob
-        layer.native_bias = {torch.bfloat16: cpu_int8.pad_bias(layer.bias, torch.bfloat16),
-                             torch.float32: cpu_int8.pad_bias(layer.bias, torch.float32)}  # fmt: skip
-        layer.weight = None  # the blob holds the same bytes
-
-    def choose_kernel(self, device: torch.device) -> str:
+    def choose_kernel(self, layer: QuantLinear, kernels: Kernels) -> str:
+        device = layer.weight.device
         if device.type == "cuda":
-            return "triton int8 GEMV (1 token) / Triton int8 GEMM" if _triton_quant() else (
-                "torch dequantize + matmul")  # fmt: skip
-        from soberana.quantization import cpu_int8
-
-        return cpu_int8.kernel_name() or (
-            f"aten._weight_int8pack_mm (CPU, <= {CPU_INT8_GEMV_ROWS} rows); "
-            "dequantize + matmul (more rows)")  # fmt: skip
+            layer.triton = kernels.quant_gemm
+            return ("triton int8 GEMV (1 token) / Triton int8 GEMM" if layer.triton is not None
+                    else "torch dequantize + matmul")  # fmt: skip
+        dtype = layer.weight_scale.dtype
+        order = ("w8a8", "w8a16") if self.activations == "dynamic" else ("w8a16",)
+        for name in order:
+            kernel = kernels.int8_linears.get(name)
+            blob = kernel.pack(layer.weight, layer.weight_scale) if (
+                kernel is not None and kernel.serves(dtype)) else None  # fmt: skip
+            if blob is not None:
+                layer.native, layer.cpu_kernel = blob, kernel
+                layer.native_bias = kernel.prepare_bias(layer.bias, dtype)
+                layer.weight = None  # the blob holds the same bytes
+                return kernel.name
+        return (f"aten._weight_int8pack_mm (CPU, <= {CPU_INT8_GEMV_ROWS} rows); "
+                "dequantize + matmul (more rows)")  # fmt: skip
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, layer.in_features)
-        if layer.native is not None:  # packed at load: a CPU layer this build serves
-            from soberana.quantization import cpu_int8
-
-            biases = layer.native_bias
-            out = cpu_int8.linear(rows, layer.native, layer.out_features,
-                                  biases[torch.bfloat16], biases[torch.float32])  # fmt: skip
+        if layer.cpu_kernel is not None:  # packed at load: a CPU layer this build serves
+            out = layer.cpu_kernel.linear(rows, layer.native, layer.out_features,
+                                          layer.native_bias)  # fmt: skip
             return out.view(*x.shape[:-1], layer.out_features)
         if x.device.type == "cpu" and rows.shape[0] <= CPU_INT8_GEMV_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(rows, layer.weight, layer.weight_scale)
         elif x.device.type == "cpu":
             out = F.linear(rows, layer.weight.to(x.dtype)).mul_(layer.weight_scale)
-        elif _triton_quant() is not None:
-            out = _triton_quant().int8_matmul(rows, layer.weight, layer.weight_scale)
+        elif layer.triton is not None:
+            out = layer.triton.int8_matmul(rows, layer.weight, layer.weight_scale)
         else:
             out = F.linear(rows, layer.weight.to(x.dtype)) * layer.weight_scale
         if layer.bias is not None:
             out = out + layer.bias
         return out.view(*x.shape[:-1], layer.out_features)
+
+    def stack_linear(self, layer: QuantLinear) -> tuple[int, int, int | None] | None:
+        kernel = layer.cpu_kernel
+        if kernel is None or not kernel.stack_function or layer.weight_scale.dtype != torch.bfloat16:
+            return None
+        bias = layer.native_bias
+        return kernel.stack_function, layer.native.data_ptr(), (
+            None if bias is None else bias.data_ptr())  # fmt: skip
 
 
 class Int4LinearMethod(LinearMethod):
@@ -200,6 +234,7 @@ class Int4LinearMethod(LinearMethod):
         layer.register_buffer("weight_scale", torch.empty(n, groups, dtype=dtype))
         layer.register_buffer("weight_zero", torch.empty(
             n, groups, dtype=dtype if self.float_zero else torch.uint8))  # fmt: skip
+        layer.triton = None  # the Triton quant_gemm module (CUDA)
 
     def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         packed, scale, zero = schemes.quantize_int4(w, schemes.int4_group_for(w.shape[1],
@@ -209,16 +244,17 @@ class Int4LinearMethod(LinearMethod):
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:
         return schemes.dequantize_int4(layer.weight, layer.weight_scale, layer.weight_zero)
 
-    def choose_kernel(self, device: torch.device) -> str:
-        if device.type == "cuda" and _triton_quant():
+    def choose_kernel(self, layer: QuantLinear, kernels: Kernels) -> str:
+        layer.triton = kernels.quant_gemm if layer.weight.device.type == "cuda" else None
+        if layer.triton is not None:
             return "triton int4 GEMV (1 token) / Triton int4 GEMM"
         return "torch dequantize + matmul (CPU: correctness path, no int4 kernel)"
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, layer.in_features)
-        if x.device.type == "cuda" and _triton_quant() is not None:
-            out = _triton_quant().int4_matmul(rows, layer.weight, layer.weight_scale,
-                                              layer.weight_zero, layer.group_size)  # fmt: skip
+        if layer.triton is not None:
+            out = layer.triton.int4_matmul(rows, layer.weight, layer.weight_scale,
+                                           layer.weight_zero, layer.group_size)  # fmt: skip
         else:
             out = F.linear(rows, self.dequantize(layer).to(x.dtype))
         if layer.bias is not None:
@@ -242,6 +278,7 @@ class Fp8LinearMethod(LinearMethod):
         n, k = layer.out_features, layer.in_features
         layer.register_buffer("weight", torch.empty(n, k, dtype=torch.float8_e4m3fn))
         layer.register_buffer("weight_scale", torch.empty(n, dtype=torch.float32))
+        layer.w8a8 = False  # FP8 matrix units: activations quantized per token
 
     def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale = schemes.quantize_fp8(w)
@@ -250,14 +287,15 @@ class Fp8LinearMethod(LinearMethod):
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:
         return schemes.dequantize_fp8(layer.weight, layer.weight_scale)
 
-    def choose_kernel(self, device: torch.device) -> str:
-        if fp8_gemm_supported(device):
+    def choose_kernel(self, layer: QuantLinear, kernels: Kernels) -> str:
+        layer.w8a8 = fp8_gemm_supported(layer.weight.device)
+        if layer.w8a8:
             return "torch._scaled_mm W8A8 (rowwise scales); Triton fp8 GEMV (1 token)"
         return "weight-only fp8: dequantize to the activation dtype + matmul"
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, layer.in_features)
-        if fp8_gemm_supported(x.device):
+        if layer.w8a8:
             xq, x_scale = schemes.quantize_fp8_per_token(rows)
             out = torch._scaled_mm(xq, layer.weight.t(), scale_a=x_scale,
                                    scale_b=layer.weight_scale.view(1, -1),

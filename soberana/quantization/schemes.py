@@ -27,6 +27,41 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
+INT8_ACTIVATION_BLOCK = 32  # inputs per activation scale of W8A8 int8 on CPUs
+
+
+def quantize_int8_blocks(x: torch.Tensor, block: int = INT8_ACTIVATION_BLOCK
+                         ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Dynamic symmetric int8 of activations x [M, K] with one scale per `block` inputs of a
+    row, as the W8A8 CPU kernel quantizes them (and llama.cpp's Q8_0): (xq int8 [M, K],
+    scale float32 [M, K / block]), x ~ xq * scale; a block of zeros has scale 0. float32
+    throughout, rounding half to even."""
+    m, k = x.shape
+    g = x.float().reshape(m, k // block, block)
+    amax = g.abs().amax(dim=2)
+    # a true float32 division, as the kernel's (`127.0 / amax` is reciprocal(amax) * 127)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(g * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(m, k), amax / 127.0
+
+
+def int8_w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None = None,
+                        block: int = INT8_ACTIVATION_BLOCK) -> torch.Tensor:  # fmt: skip
+    """x [M, K] times int8 weight q [N, K] (scales [N]) with x quantized per block
+    (`quantize_int8_blocks`): each block's integer dot product (exact), times the block's
+    scale, summed over blocks (float64 here: the kernel's float32 sum differs only by its
+    order), times the weight scale, plus bias; float32 [M, N]."""
+    m, k = x.shape
+    xq, x_scale = quantize_int8_blocks(x, block)
+    dots = torch.einsum("mbi,nbi->mnb", xq.reshape(m, k // block, block).to(torch.int64),
+                        q.reshape(-1, k // block, block).to(torch.int64))  # fmt: skip
+    y = (dots.double() * x_scale.double()[:, None, :]).sum(dim=2) * scale.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
 def quantize_int4(
     w: torch.Tensor, group_size: int = INT4_GROUP_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

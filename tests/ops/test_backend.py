@@ -133,7 +133,9 @@ def test_a_portable_build_falls_back_to_onednn_linears_and_modules(isa):
     isa("portable")
     chosen = select_backend("auto", CPU, torch.bfloat16, cpu_isa="portable")
     assert chosen.implementations["attention"] == "native portable C"
-    assert chosen.kernels.decoder_stack is None  # no bf16 linear kernel: layers as modules
+    # no bf16 linear kernel: a bfloat16 model's layers run as modules (the stack, offered for
+    # models whose projections all have native kernels, is refused by such a model at load:
+    # tests/ops/test_cpu_forward.py)
     assert any(why.startswith("no bf16 linear kernel in the cpu_isa portable build")
                and "decoder layers as modules" in why for why in chosen.fallbacks)  # fmt: skip
     assert any("portable C" in why for why in chosen.fallbacks)
@@ -145,7 +147,6 @@ def test_a_cpu_without_a_bf16_linear_kernel_says_so(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "linear_library", lambda: None)
     chosen = select_backend("native", CPU, torch.bfloat16)
     assert chosen.implementations["bf16 linears"] in ("oneDNN (packed once)", "PyTorch F.linear")
-    assert chosen.kernels.decoder_stack is None
     assert "bf16 linears via" in chosen.fallbacks[-1]
 
 
@@ -194,3 +195,17 @@ def test_the_engine_reports_its_choice_and_the_layers_hold_it(tmp_path, compute_
         again = native.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=6,
                                                                ignore_eos=True), use_tqdm=False)  # fmt: skip
         assert again[0].outputs[0].token_ids == tokens
+
+
+@needs_native
+def test_int8_kernels_are_chosen_once_by_the_backend():
+    """The native backend carries this build's int8 kernels (W8A8 on AVX512_VNNI or AVX2);
+    a quantized layer takes its kernel from them at load."""
+    from soberana.ops.cpu import linear_int8
+
+    chosen = select_backend("auto", CPU, torch.bfloat16)
+    assert set(chosen.kernels.int8_linears) == set(linear_int8.int8_kernels())
+    flags = cpu_kernels.cpu_flags()
+    if "avx512_vnni" in flags or "avx2" in flags:
+        assert "W8A8" in chosen.kernels.int8_linears["w8a8"].name
+    assert TORCH_KERNELS.int8_linears == {}  # the torch backend: PyTorch's int8 path

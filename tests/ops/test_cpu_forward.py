@@ -28,18 +28,27 @@ def _modules(model, x, positions, kv_cache, meta):
     return model.norm(h, residual)[0]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama32-tied", "llama31"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "llama32-tied", "llama31",
+                                  "llama+int8", "qwen2+int8", "llama+int8_w8a16"])
 def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_path, cpu_isa):
     """Chunked prefills next to decodes, a prefix-cache hit, n > 1: each step runs both ways
-    on copies of the cache and must agree exactly, hidden states and cache alike."""
-    if cpu_isa == "avx2" and arch not in ("llama", "qwen2"):
+    on copies of the cache and must agree exactly, hidden states and cache alike. Quantized
+    models too: the stack calls each layer's int8 kernel as its module does."""
+    arch, _, quantization = arch.partition("+")
+    if cpu_isa == "avx2" and (arch not in ("llama", "qwen2") or quantization == "int8_w8a16"):
         pytest.skip("the AVX2 build is checked on two architectures (one with biases)")
     build_tiny_model(tmp_path, arch)
     steps = {"mixed": 0, "decode": 0}
     llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=256, kv_cache_gb=0.01,
-              max_num_batched_tokens=48, max_num_seqs=8, cpu_isa=cpu_isa)  # fmt: skip
+              max_num_batched_tokens=48, max_num_seqs=8, cpu_isa=cpu_isa,
+              quantization=quantization or None)  # fmt: skip
     model = llm.engine.worker.model
     native = model.stack
+    if quantization:
+        kernels = " ".join(llm.engine.model_info.quantization_kernels)
+        if "soberana int8" not in kernels:
+            pytest.skip(f"no int8 kernel for bfloat16 in the {cpu_isa} build on this CPU")
+        assert ("W8A8" in kernels) == (quantization == "int8")
     assert native is not None
 
     def both(x, positions, kv_cache, meta):
@@ -65,13 +74,17 @@ def test_native_stack_matches_the_modules_bit_for_bit_on_every_step(arch, tmp_pa
     assert llm.engine.kv.prefix_hits >= 64
 
 
-def test_generation_is_the_same_with_the_stack_on_and_off(tmp_path):
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_generation_is_the_same_with_the_stack_on_and_off(tmp_path, quantization):
+    """Greedy tokens and their log-probabilities, bfloat16 and int8 (W8A8 where the CPU has
+    the kernel): one native call per step gives what the modules give."""
     build_tiny_model(tmp_path, "qwen2")
     prompts = prompts_of_lengths([3, 17, 60, 31])
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
     results = {}
     for mode in ("native", "modules"):
-        llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01)
+        llm = LLM(str(tmp_path), dtype="bfloat16", max_model_len=128, kv_cache_gb=0.01,
+                  quantization=quantization)  # fmt: skip
         model = llm.engine.worker.model
         if mode == "modules":  # the same kernels, one Python call each
             model.use_kernels(backend.with_kernels(model.kernels, decoder_stack=None))

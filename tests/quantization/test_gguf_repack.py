@@ -198,11 +198,13 @@ def test_a_k_quant_gguf_serves_as_int4_and_int8(tiny_k_quant_llama):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompt = [[5, 17, 99, 3, 250]]
     runs = {}
-    for q in (None, "int8", "int4"):
+    for q in (None, "int8", "int8_w8a16", "int4"):
         llm = LLM(str(tiny_k_quant_llama), max_model_len=64, quantization=q)
         runs[q] = llm.generate(prompt, params)[0].outputs[0].token_ids
         if q is not None:
             assert "re-packed from GGUF (Q4_K x12, Q6_K x2)" in llm.engine.model_info.quantization
     assert len(runs["int4"]) == len(runs["int8"]) == 8
     # int8 re-quantizes the dequantized GGUF per row: close enough to keep greedy text here
-    assert runs["int8"][:4] == runs[None][:4]
+    # (weight-only: this tiny random model's logits are too close for the activation
+    # rounding of W8A8, which --quantization int8 adds on CPUs with its kernel)
+    assert runs["int8_w8a16"][:4] == runs[None][:4]

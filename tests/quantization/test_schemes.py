@@ -59,18 +59,24 @@ def test_per_token_activation_scales_bound_each_row():
     assert _relative_error(q.float() * scale, x) < 2**-4
 
 
-@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("method", ["int8", "int8_w8a16", "int4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_quant_linear_equals_dequantized_reference(method, dtype, rows, w):
-    layer = QuantLinear(256, 96, True, QuantizationConfig(method).linear_method(), dtype)
+    """Weight-only schemes against `x @ dequantize(W).T`; int8 where the CPU's W8A8 kernel
+    serves it against the reference that quantizes the activations the same way."""
+    layer = QuantLinear(256, 96, True, QuantizationConfig.named(method).linear_method(), dtype)
     layer.weight_loader(w[:40], 0)  # two shards, as a fused projection is loaded
     layer.weight_loader(w[40:], 40)
     with torch.no_grad():
         layer.bias.copy_(torch.linspace(-1, 1, 96))
     layer.finalize()
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
-    ref = x.float() @ layer.method.dequantize(layer).T + layer.bias.float()
+    if method == "int8" and layer.method.w8a8(layer):
+        ref = schemes.int8_w8a8_reference(x, *layer.method.quantized(layer), layer.bias)
+    else:
+        assert method != "int8_w8a16" or not layer.method.w8a8(layer)
+        ref = x.float() @ layer.method.dequantize(layer).T + layer.bias.float()
     out = layer(x)
     assert out.dtype == dtype and out.shape == (rows, 96)
     # exact up to accumulation order (and, in bfloat16, the rounding of inputs and output)

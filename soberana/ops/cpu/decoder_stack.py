@@ -8,9 +8,10 @@ out bit-identical.
 
 The C interface is defined once, in csrc/cpu_forward.h: the ctypes structures here are read
 from it (`_Header`), and each is filled through `_fill`, which refuses a field the header does
-not have or leaves one unset. It serves models in bfloat16 whose linears all run soberana's
-bf16 kernel (PackedLinear on a CPU with AVX512_BF16), without q/k norms (Qwen3 runs as
-modules); `ops/backend.py` decides once, at start, whether a model gets a stack.
+not have or leaves one unset. It serves models in bfloat16 whose projections all have a native
+kernel the C code can call (`stack_linear()`: PackedLinear on soberana's bf16 kernel, int8
+QuantLinear on the W8A8 or W8A16 kernel), without q/k norms (Qwen3 runs as modules);
+`ops/backend.py` decides once, at start, whether a model gets a stack.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from torch import nn
 
 from soberana.ops.attention import AttentionMetadata
 from soberana.ops.cpu import kernels as cpu_kernels
-from soberana.ops.cpu.linear import PackedLinear
 
 # The model is typed `nn.Module` (a models.transformer.CausalLM in practice): `ops` never imports
 # `models`, which imports `ops` (the import-linter contracts in .importlinter).
@@ -86,11 +86,10 @@ def load_forward_library(path: Path) -> ctypes.CDLL:
 
 @functools.cache
 def forward_library() -> tuple[ctypes.CDLL, ctypes.Structure] | None:
-    """The forward library and the table of the kernels it chains, or None where any of them
-    is unavailable (no AVX512_BF16 linear kernel, or a failed build)."""
+    """The forward library and the table of the kernels it chains (the linears' come from each
+    layer), or None where any of them is unavailable (a failed build)."""
     layers, attention = cpu_kernels.layers_library(), cpu_kernels.attention_library()
-    linear = cpu_kernels.linear_library()
-    if layers is None or attention is None or linear is None:
+    if layers is None or attention is None:
         return None
     lib = cpu_kernels.build_library(SOURCE, load_forward_library)
     if lib is None:
@@ -99,8 +98,7 @@ def forward_library() -> tuple[ctypes.CDLL, ctypes.Structure] | None:
     def address(fn) -> int:
         return ctypes.cast(fn, c_void_p).value
 
-    table = _fill("Kernels", norm=address(layers.add_rms_norm), linear=address(linear.linear_bf16),
-                  rope=address(layers.rope_and_cache), attention=address(attention.paged_attention),
+    table = _fill("Kernels", norm=address(layers.add_rms_norm), rope=address(layers.rope_and_cache), attention=address(attention.paged_attention),
                   silu=address(layers.silu_and_mul),
                   gomp_parallel=cpu_kernels.openmp_parallel())  # fmt: skip
     return lib, table
@@ -125,6 +123,7 @@ class NativeStack:
         self.buffer = torch.empty(0, dtype=torch.bfloat16)
         # The tensors whose addresses the structures hold; kept alive with them.
         self.keep: list[torch.Tensor] = [model.norm.weight, model.rotary.cos, model.rotary.sin]
+        self.keep_linears: list[nn.Module] = []
         layers = []
         for layer in model.layers:
             attn = layer.self_attn
@@ -132,8 +131,8 @@ class NativeStack:
                        "down": layer.down_proj}  # fmt: skip
             weights = {}
             for name, lin in linears.items():
-                weights[name], weights[f"{name}_bias"] = lin.native.data_ptr(), _ptr(lin.bias)
-                self.keep += [t for t in (lin.native, lin.bias) if t is not None]
+                weights[f"{name}_fn"], weights[name], weights[f"{name}_bias"] = lin.stack_linear()
+                self.keep_linears.append(lin)  # which hold the weights and biases
             self.keep += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             layers.append(_fill("Layer", input_norm=layer.input_layernorm.weight.data_ptr(),
                                 post_norm=layer.post_attention_layernorm.weight.data_ptr(),
@@ -233,7 +232,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def unservable_reason(model: nn.Module) -> str | None:
     """Why csrc/cpu_forward.c cannot compute `model` (None: it can): it needs bfloat16
-    throughout, every linear on soberana's bf16 kernel, and no q/k norms."""
+    throughout, every projection on a native kernel (`stack_linear`), and no q/k norms."""
     cfg = model.config
     if cfg.num_layers < 1:
         return "no decoder layers"
@@ -252,8 +251,10 @@ def unservable_reason(model: nn.Module) -> str | None:
         if attn.q_norm is not None:
             return "q/k norms (Qwen3)"
         for lin in (attn.qkv_proj, attn.o_proj, layer.gate_up_proj, layer.down_proj):
-            if not (type(lin) is PackedLinear and lin.native is not None):
-                return "a linear not on soberana's bf16 kernel (quantized, or not packed)"
+            stack_linear = getattr(lin, "stack_linear", None)
+            if stack_linear is None or stack_linear() is None:
+                return ("a linear without a native bfloat16 kernel (not packed for soberana's "
+                        "bf16 kernel, or quantized with no native kernel for its format)")
     return None
 
 

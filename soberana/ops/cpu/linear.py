@@ -24,6 +24,7 @@ A layer that fails the check at load time keeps `F.linear`; so does every layer 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -69,6 +70,15 @@ class PackedLinear(nn.Module):
             out = kernel(rows, self.native, self.out_features, self.bias)
             return out.view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def stack_linear(self) -> tuple[int, int, int | None] | None:
+        """(C function, weight, bias) addresses through which the native decoder stack runs
+        this layer on bfloat16 rows (csrc/cpu_forward.h's LinearFn), or None: float32 and
+        oneDNN-packed weights it cannot run."""
+        if self.native is None or self.native.dtype == torch.float32:
+            return None
+        function = ctypes.cast(cpu_kernels.linear_library().linear_bf16, ctypes.c_void_p).value
+        return function, self.native.data_ptr(), None if self.bias is None else self.bias.data_ptr()
 
     def extra_repr(self) -> str:
         kind = f"soberana {self.native.dtype} kernel" if self.native is not None else "oneDNN"

@@ -9,7 +9,9 @@
  * own. What one call saves is the Python between the kernels: measured, ~6 ms of a ~53 ms
  * decode step of 64 tokens of a 125M model (the kernels themselves took ~47 ms).
  *
- * bfloat16 only: float32 linears run oneDNN's packed matmul, which C cannot reach.
+ * bfloat16 only: float32 linears run oneDNN's packed matmul, which C cannot reach. The
+ * projections may be int8 (each layer names the kernel of each projection): an int8 model runs
+ * as one call per step too, bit-identical to its modules.
  */
 #include "cpu_forward.h"
 
@@ -42,7 +44,7 @@ int forward_layers(const Model *m, const Step *s, const Workspace *w, void *out,
         else /* the previous layer's output joins the residual stream */
             CHECK(NORM, k->norm(w->y, H, w->residual, H, w->residual, H, L->input_norm, w->h, H,
                                 T, H, dt, dt, m->eps, threads, gp));
-        CHECK(LINEAR, k->linear(w->h, H, T, H, L->qkv, qkv_n, L->qkv_bias, w->qkv, qkv_n,
+        CHECK(LINEAR, L->qkv_fn(w->h, H, T, H, L->qkv, qkv_n, L->qkv_bias, w->qkv, qkv_n,
                                 threads, gp));
         CHECK(ROPE, k->rope(w->qkv, qkv_n, s->positions, m->cos, m->sin, m->max_positions,
                             w->q, L->k_cache, L->v_cache, s->slots, slots, T, m->num_heads,
@@ -52,13 +54,13 @@ int forward_layers(const Model *m, const Step *s, const Workspace *w, void *out,
                                       s->seq_lens, s->query_start, w->attn, s->num_seqs,
                                       m->num_heads, m->num_kv_heads, m->head_dim, m->block_size,
                                       dt, m->scale, threads, gp));
-        CHECK(LINEAR, k->linear(w->attn, q_n, T, q_n, L->o, H, L->o_bias, w->y, H, threads, gp));
+        CHECK(LINEAR, L->o_fn(w->attn, q_n, T, q_n, L->o, H, L->o_bias, w->y, H, threads, gp));
         CHECK(NORM, k->norm(w->y, H, residual, H, w->residual, H, L->post_norm, w->h, H, T, H,
                             dt, dt, m->eps, threads, gp));
-        CHECK(LINEAR, k->linear(w->h, H, T, H, L->gate_up, 2 * I, L->gate_up_bias, w->gate_up,
+        CHECK(LINEAR, L->gate_up_fn(w->h, H, T, H, L->gate_up, 2 * I, L->gate_up_bias, w->gate_up,
                                 2 * I, threads, gp));
         CHECK(SILU, k->silu(w->gate_up, 2 * I, w->act, I, T, I, dt, threads, gp));
-        CHECK(LINEAR, k->linear(w->act, I, T, I, L->down, H, L->down_bias, w->y, H, threads, gp));
+        CHECK(LINEAR, L->down_fn(w->act, I, T, I, L->down, H, L->down_bias, w->y, H, threads, gp));
     }
     CHECK(NORM, k->norm(w->y, H, w->residual, H, w->residual, H, m->final_norm, out, H, T, H, dt,
                         dt, m->eps, threads, gp));

@@ -37,16 +37,18 @@ typedef int (*SiluFn)(const void *gate_up, int64_t in_stride, void *out, int64_t
 
 typedef struct Kernels {
     NormFn norm;
-    LinearFn linear;
     RopeFn rope;
     AttentionFn attention;
     SiluFn silu;
     void *gomp_parallel;
 } Kernels;
 
+/* Each projection is run by its own kernel (linear_bf16, or linear_w8a8_bf16 / linear_int8_bf16
+ * for int8 layers) on its packed weight, with its bias as that kernel reads it, or NULL. */
 typedef struct Layer {
     const void *input_norm, *post_norm;   /* [hidden] */
-    const void *qkv, *qkv_bias;           /* packed linear_bf16 weights; biases padded or NULL */
+    LinearFn qkv_fn, o_fn, gate_up_fn, down_fn;
+    const void *qkv, *qkv_bias;
     const void *o, *o_bias;
     const void *gate_up, *gate_up_bias;
     const void *down, *down_bias;
