@@ -14,7 +14,9 @@ Definitions (every number is per step of one constrained request unless it says 
   `accept`: feeding the sampled tokens back to the matchers; `step`: the whole engine step.
 
 Then the same requests unconstrained (same prompts, seeds, `ignore_eos` and the constrained
-run's answer lengths as `min_tokens`/`max_tokens`), rounds alternating, for the step-time ratio.
+run's answer lengths as `min_tokens`/`max_tokens`) against the constrained ones with the mask
+on its host thread (as the engine runs) and computed inline in the engine loop (no overlap),
+rounds interleaved: wall time and the process's CPU time of each.
 
     python benchmarks/structured_mask.py --model demo|DIR [--requests 120] [--max-tokens 96]
 """
@@ -78,7 +80,7 @@ class _TimedFuture:
 
 def instrument(llm, timings: Timings) -> None:
     """Wrap the engine's structured-output functions (this process only) to time them."""
-    import soberana.engine.sampler as sampler_mod
+    from soberana.structured.manager import TokenMask
 
     engine, manager = llm.engine, llm.engine.structured
     fill = manager._fill
@@ -99,7 +101,7 @@ def instrument(llm, timings: Timings) -> None:
         return None if future is None else _TimedFuture(future, timings.wait)
 
     manager.start_masks = start_timed
-    sampler_mod.apply_token_bitmask = timed(sampler_mod.apply_token_bitmask, timings.apply)
+    TokenMask.apply_ = timed(TokenMask.apply_, timings.apply)
     manager.accept = timed(manager.accept, timings.accept)
     engine.step = timed(engine.step, timings.step)
 
@@ -130,24 +132,34 @@ def requests(tokenizer, n: int, max_tokens: int, constrained: bool, lengths=None
     return out
 
 
-def generate(llm, reqs) -> tuple[list, float]:
-    t = time.perf_counter()
+def generate(llm, reqs) -> tuple[list, float, float]:
+    """Outputs, wall seconds and the process's CPU seconds (all threads)."""
+    t, c = time.perf_counter(), time.process_time()
     outs = llm.generate([ids for ids, _ in reqs], [p for _, p in reqs], use_tqdm=False)
-    return outs, time.perf_counter() - t
+    return outs, time.perf_counter() - t, time.process_time() - c
 
 
-def replay(llm, reqs, outs) -> dict:
-    """Per-request per-step mask time: each answer's tokens through a fresh matcher."""
+class _Inline:
+    """An executor that runs the mask in the caller (the engine loop): no overlap."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+def replay(compiler, vocab: int, answers) -> dict:
+    """Per-request per-step mask time: each (constraint, answer token ids) through a fresh
+    matcher of the compiler's grammar, one mask at a time."""
     import torch
     from llguidance.torch import fill_next_token_bitmask
 
-    compiler = llm.engine.structured.compiler
-    vocab = llm.engine.structured.vocab_size
     bitmask = torch.full((1, (vocab + 31) // 32), -1, dtype=torch.int32)
     cpu, wall, allowed_frac, refused = [], [], [], 0
-    for (_, params), out in zip(reqs, outs):
-        matcher = compiler.compile(params.structured_outputs)
-        tokens = list(out.outputs[0].token_ids)
+    for spec, tokens in answers:
+        matcher = compiler.compile(spec)
         for token in tokens:
             t, c = time.perf_counter(), time.thread_time()
             fill_next_token_bitmask(matcher, bitmask, 0)
@@ -159,8 +171,23 @@ def replay(llm, reqs, outs) -> dict:
                 break
             if matcher.is_stopped():
                 break
-    return {"mask_thread_cpu": summary(cpu), "mask_wall": summary(wall), "refused": refused,
-            "allowed_fraction_mean": statistics.fmean(allowed_frac)}
+    return {"vocab": vocab, "mask_thread_cpu": summary(cpu), "mask_wall": summary(wall),
+            "refused": refused, "allowed_fraction_mean": statistics.fmean(allowed_frac)}
+
+
+def replay_retokenized(path: str, reqs, outs) -> dict:
+    """The same answers' text, tokenized by another (larger) vocabulary, replayed there."""
+    from soberana.models.tokenizer import load_tokenizer
+    from soberana.structured.compiler import GrammarCompiler, build_ll_tokenizer
+
+    tok = load_tokenizer(path)
+    vocab = len(tok)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    compiler = GrammarCompiler(build_ll_tokenizer(tok, vocab, eos), timeout_s=60)
+    answers = [(p.structured_outputs, tok.encode(o.outputs[0].text, add_special_tokens=False))
+               for (_, p), o in zip(reqs, outs)]
+    replay(compiler, vocab, answers)  # first pass: the grammars' lazily built lexer states
+    return {"tokenizer": path, **replay(compiler, vocab, answers)}
 
 
 def _popcount(bitmask) -> int:
@@ -187,6 +214,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--retokenize", help="also replay the answers tokenized by this tokenizer")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import torch
@@ -197,21 +225,37 @@ def main() -> None:
     llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_model_len=512)
     tok = llm.tokenizer
     constrained = requests(tok, args.requests, args.max_tokens, True)
-    warm, _ = generate(llm, constrained[:8])  # tokenizer for grammars, first steps, compiles
+    generate(llm, constrained[:8])  # tokenizer for grammars, first steps, compiles
     generate(llm, requests(tok, 8, 8, False, [8] * 8))
-    timings = Timings()
-    instrument(llm, timings)
-    outs, wall_c = generate(llm, constrained)
-    in_engine = timings.report()
+    outs, _, _ = generate(llm, constrained)  # compiles every schema once
     lengths = [len(o.outputs[0].token_ids) for o in outs]
     free = requests(tok, args.requests, args.max_tokens, False, lengths)
+    manager = llm.engine.structured
+    threaded = manager._mask_thread
     rounds = []
-    for _ in range(args.rounds):  # alternate, so each pair ran at nearly the same host load
-        _, a = generate(llm, free)
-        _, b = generate(llm, constrained)
-        rounds.append({"unconstrained_s": a, "json_schema_s": b, "slowdown_pct": 100 * (b / a - 1)})
-    per_token = replay(llm, constrained, outs)
-    slowdowns = sorted(r["slowdown_pct"] for r in rounds)
+    for _ in range(args.rounds):  # interleaved: each round's three ran at nearly one load
+        run = {}
+        for name in ("unconstrained", "json_schema", "json_schema_inline_mask"):
+            manager._mask_thread = _Inline() if name.endswith("inline_mask") else threaded
+            _, wall, cpu = generate(llm, free if name == "unconstrained" else constrained)
+            run[name] = {"wall_s": wall, "cpu_s": cpu}
+        manager._mask_thread = threaded
+        base = run["unconstrained"]
+        for name in ("json_schema", "json_schema_inline_mask"):
+            run[name]["wall_slowdown_pct"] = 100 * (run[name]["wall_s"] / base["wall_s"] - 1)
+            run[name]["cpu_increase_pct"] = 100 * (run[name]["cpu_s"] / base["cpu_s"] - 1)
+        print(json.dumps(run))
+        rounds.append(run)
+    timings = Timings()  # hooks last: they cost a little themselves
+    instrument(llm, timings)
+    outs, _, _ = generate(llm, constrained)
+    in_engine = timings.report()
+    manager = llm.engine.structured
+    per_token = replay(manager.compiler, manager.vocab_size, [
+        (p.structured_outputs, list(o.outputs[0].token_ids)) for (_, p), o in zip(constrained, outs)])
+    if args.retokenize:
+        per_token = {"model_tokenizer": per_token,
+                     "retokenized": replay_retokenized(args.retokenize, constrained, outs)}
     result = {
         "model": args.model, "vocab": llm.engine.structured.vocab_size, "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),
@@ -219,10 +263,13 @@ def main() -> None:
                                  text=True).stdout.strip(),
         "requests": args.requests, "max_num_seqs": args.max_num_seqs,
         "max_tokens": args.max_tokens, "completion_tokens": sum(lengths),
+        "steps_per_round": len(timings.step),
         "valid_json": valid_json(outs), "loadavg_start": load_start,
         "per_token_mask": per_token, "in_engine_per_step": in_engine,
-        "first_constrained_wall_s": wall_c, "ab_rounds": rounds,
-        "slowdown_median_pct": slowdowns[len(slowdowns) // 2],
+        "ab_rounds": rounds, "ab_median": {
+            name: {key: statistics.median(r[name][key] for r in rounds)
+                   for key in ("wall_slowdown_pct", "cpu_increase_pct")}
+            for name in ("json_schema", "json_schema_inline_mask")} if rounds else None,
         "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
     }
     print(json.dumps(result, indent=2))
