@@ -18,7 +18,11 @@ run's answer lengths as `min_tokens`/`max_tokens`) against the constrained ones 
 on its host thread (as the engine runs) and computed inline in the engine loop (no overlap),
 rounds interleaved: wall time and the process's CPU time of each.
 
-    python benchmarks/structured_mask.py --model demo|DIR [--requests 120] [--max-tokens 96]
+`--retokenize DIR` also replays the same answers' text tokenized by another (larger)
+vocabulary, e.g. Qwen2.5's 151k, whose grammar masks cost more inside strings.
+
+    python benchmarks/structured_mask.py --model demo|DIR --out PATH [--requests 120]
+        [--max-tokens 96] [--rounds 3] [--retokenize DIR]
 """
 
 from __future__ import annotations
