@@ -56,7 +56,7 @@ class EngineCore:
                                    self.offload, config.long_prefill_token_threshold)
         self.sampler = Sampler(mcfg.vocab_size, device, worker.backend.kernels.argmax)
         self.structured = StructuredOutputManager(worker.path, mcfg.vocab_size,
-                                                  list(mcfg.eos_token_ids))
+                                                  list(mcfg.eos_token_ids), device=device)
         self.runner = ModelRunner(worker.model, worker.kv_cache, self.kv, self.sampler, device,
                                   worker.graphs, self.structured)
         self.requests: dict[str, list[Request]] = {}  # request_id -> its samples

@@ -16,7 +16,7 @@ import torch
 from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.request import Request
 from soberana.engine.sampling_params import SamplingParams
-from soberana.structured.manager import apply_token_bitmask
+from soberana.structured.manager import TokenMask
 
 _NEG_INF = float("-inf")
 
@@ -47,7 +47,7 @@ class Sampler:
         self,
         logits: torch.Tensor,
         requests: list[Request],
-        token_bitmask: torch.Tensor | None = None,
+        token_mask: TokenMask | None = None,
     ) -> SamplerOutput:
         """Sample one token for each row of `logits` [N, V], row i for requests[i].
 
@@ -55,7 +55,7 @@ class Sampler:
         penalties, min_tokens, sampling) works on their float32 values; a plain argmax needs
         no conversion (a bfloat16/float16 value is exact in float32, so it picks the same
         token). Nothing here waits for the device: per-request values go up with non-blocking
-        copies. `token_bitmask` (structured outputs) forbids tokens after the user's raw
+        copies. `token_mask` (structured outputs) forbids tokens after the user's raw
         logprobs are taken, as vLLM does.
         """
         logits = logits[:, : self.vocab_size]
@@ -67,8 +67,8 @@ class Sampler:
         )
         logits = self._penalize(logits, requests)
         logits = self._mask_eos_before_min_tokens(logits, requests)
-        if token_bitmask is not None:  # the step's own logits, read by nothing after this
-            logits = apply_token_bitmask(logits, token_bitmask, inplace=True)
+        if token_mask is not None:  # the step's own logits, read by nothing after this
+            logits = token_mask.apply_(logits)
         tokens = self._choose(logits, requests)
         logprobs = None
         if raw_logprobs is not None:
