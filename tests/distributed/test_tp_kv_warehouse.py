@@ -3,7 +3,6 @@ from the ranks' head shards go to the tiers and come back to every rank's pool."
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from soberana.models.config import ModelConfig
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 from tiny_models import build_tiny_model, prompts_of_lengths  # noqa: E402
+
+from tests.kv.helpers import ask_in_rounds  # noqa: E402
 
 CASES = {
     "llama": ("llama", {}),  # 2 KV heads: one per rank
@@ -51,14 +52,7 @@ def _llm(path: Path, tp: int, warehouse: KVWarehouseConfig | None = None,
 
 def _rounds(llm: LLM, rounds: int = 3) -> list[list[int]]:
     """Every user asks again each round, one at a time, in a shuffled order."""
-    rng = random.Random(3)
-    tokens = []
-    for _ in range(rounds):
-        order = list(range(len(USERS)))
-        rng.shuffle(order)
-        for user in order:
-            tokens.append(llm.generate([USERS[user]], GREEDY)[0].outputs[0].token_ids)
-    return tokens
+    return ask_in_rounds(llm, USERS, GREEDY, rounds, seed=3)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -145,3 +145,18 @@ def run_child(script: str, *args: str, timeout: float = 60) -> subprocess.Comple
     )  # fmt: skip
     assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+def ask_in_rounds(llm, users: list[list[int]], params, rounds: int, seed: int) -> list[list[int]]:
+    """Each user asks again every round, in a shuffled order (one at a time, as agents do):
+    some come back soon after their last turn, some long after. Returns every answer's ids."""
+    import random
+
+    rng = random.Random(seed)
+    tokens = []
+    for _ in range(rounds):
+        order = list(range(len(users)))
+        rng.shuffle(order)
+        for user in order:
+            tokens.append(llm.generate([users[user]], params)[0].outputs[0].token_ids)
+    return tokens

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from soberana import LLM, SamplingParams
 from soberana.kv.config import KVWarehouseConfig
 from soberana.kv.layout import KVLayout
 from tests.engine.tiny_models import prompts_of_lengths
-from tests.kv.helpers import child_env
+from tests.kv.helpers import ask_in_rounds, child_env
 
 BLOCK_BYTES = 4 * 2 * 16 * 4 * 32 * 4  # demo model: layers x (k, v) x tokens x heads x dims x 4
 POOL_GB = 24 * BLOCK_BYTES / 1e9  # a 24-block GPU pool: two or three conversations
@@ -22,16 +21,7 @@ USERS = prompts_of_lengths([96 + 7 * i for i in range(6)], seed=21)  # 6 x ~6 bl
 
 
 def _rounds(llm: LLM, rounds: int = 4) -> list[list[int]]:
-    """Each user asks again every round, in a shuffled order (one at a time, as agents do):
-    some come back soon after their last turn, some long after."""
-    rng = random.Random(5)
-    tokens = []
-    for _ in range(rounds):
-        order = list(range(len(USERS)))
-        rng.shuffle(order)
-        for user in order:
-            tokens.append(llm.generate([USERS[user]], GREEDY)[0].outputs[0].token_ids)
-    return tokens
+    return ask_in_rounds(llm, USERS, GREEDY, rounds, seed=5)
 
 
 def test_greedy_tokens_identical_with_the_warehouse_on_and_off_and_hits_come_from_it(tmp_path):
