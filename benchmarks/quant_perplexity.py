@@ -27,7 +27,6 @@ LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "LGPL-2.1", "Artistic"
 CONFIGS = {
     "fp32": {},
     "int8": {"quantization": "int8"},
-    "int8_w8a16": {"quantization": "int8_w8a16"},
     "int4": {"quantization": "int4"},
     "fp8": {"quantization": "fp8"},
     "fp32+fp8-kv": {"kv_cache_dtype": "fp8"},
@@ -67,6 +66,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--reference", type=Path, help="the unquantized run's perplexity and top-1 "
+                    "tokens: written by a run whose first config is fp32, read by a later run "
+                    "that scores only quantized configs (same model, corpus and window)")
     args = ap.parse_args()
     from soberana.models.tokenizer import load_tokenizer
 
@@ -81,18 +83,28 @@ def main() -> None:
                   if ln.startswith("flags")), [])  # fmt: skip
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     result = {"model": args.model, "commit": commit.strip(), "cpu": cpu,
+              "loadavg_start": open("/proc/loadavg").read().split()[:3],
               "cpu_flags": [f for f in flags if f.startswith(("avx512", "avx2", "amx"))],
               "corpus": [f"/usr/share/common-licenses/{n}" for n in LICENSES],
               "tokens": len(ids), "window": args.window, "chunk": args.chunk, "results": {}}
-    reference = None
+    reference, base = None, None
+    if args.reference and args.reference.exists():
+        saved = json.loads(args.reference.read_text())
+        reference, base = saved["top1"], saved["perplexity"]
+        result["reference"] = {"file": str(args.reference), "perplexity": base,
+                               "commit": saved["commit"]}  # fmt: skip
     for name in args.configs.split(","):
         r = score(args.model, CONFIGS[name], windows, args.chunk)
         top1 = r.pop("top1")
-        reference = reference or top1
+        if reference is None:
+            reference, base = top1, r["perplexity"]
+            if args.reference:
+                args.reference.write_text(json.dumps({"commit": result["commit"],
+                                                      "perplexity": base, "top1": top1}))  # fmt: skip
         r["top1_agreement"] = sum(a == b for a, b in zip(top1, reference)) / len(top1)
-        base = result["results"].get("fp32", r)["perplexity"]
         r["perplexity_vs_fp32"] = r["perplexity"] / base - 1
         result["results"][name] = r
+        result["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         print(name, json.dumps(r), flush=True)
         args.out.write_text(json.dumps(result, indent=1))
 
