@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from soberana.ops import attention as torch_attention
+from soberana.ops import encoder as encoder_ops
 from soberana.ops import layers as torch_layers
 
 log = logging.getLogger("soberana.ops")
@@ -65,6 +66,10 @@ class Kernels:
     # CPU linears packed once at load (soberana's bf16 kernel where the CPU has AVX512_BF16,
     # else oneDNN's), instead of F.linear.
     pack_cpu_linears: bool = False
+    # Encoders (BERT, XLM-R) over packed batches: (qkv [T, 3HD], PackedSeqs, heads, scale) ->
+    # [T, HD], and (x, residual | None, weight, bias, eps) -> LayerNorm(x + residual).
+    encoder_attention: Callable = encoder_ops.torch_encoder_attention
+    add_layer_norm: Callable = encoder_ops.torch_add_layer_norm
 
 
 TORCH_KERNELS = Kernels(
@@ -244,6 +249,9 @@ def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
                              f"needs AVX-512 or AVX2): fp32 linears via {onednn}")  # fmt: skip
     else:
         impls["linears"] = onednn
+    encoder = _native_encoder_ops()
+    impls["encoder attention/LayerNorm"] = (f"native {simd}" if encoder
+                                            else f"PyTorch (no native kernel in the {simd} build)")
     kernels = Kernels(
         rms_norm=cpu_kernels.rms_norm,
         add_rms_norm=cpu_kernels.add_rms_norm,
@@ -259,8 +267,22 @@ def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
         rope_and_cache=cpu_kernels.rope_and_cache if native_kv else None,
         decoder_stack=stack,
         pack_cpu_linears=True,
+        **encoder,
     )
     return Backend(requested, "native", kernels, impls, fallbacks)
+
+
+def _native_encoder_ops() -> dict[str, Callable]:
+    """The encoder's native attention and add + LayerNorm where they are vectorised (AVX-512
+    builds; the plain-C loops are slower than PyTorch's), else {}: PyTorch's. Encoders only,
+    so not a fallback of a decoder's backend: the pooling core reports it."""
+    from soberana.ops.cpu import kernels as cpu_kernels
+
+    lib = cpu_kernels.encoder_library()
+    if lib is None or not lib.encoder_attention_simd():
+        return {}
+    return {"encoder_attention": encoder_ops.native_encoder_attention,
+            "add_layer_norm": cpu_kernels.add_layer_norm}
 
 
 def with_kernels(kernels: Kernels, **changes) -> Kernels:
