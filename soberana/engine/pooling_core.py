@@ -22,7 +22,8 @@ from soberana.engine.config import EngineConfig
 from soberana.engine.outputs import ModelInfo, PoolingOutput, PoolingRequest, SchedulerStats
 from soberana.engine.worker import resolve_device
 from soberana.models.decoder_embedder import is_decoder_embedder_dir, load_decoder_embedder
-from soberana.models.encoder import EncoderConfig, PackedBatch, is_encoder_dir, load_encoder
+from soberana.models.encoder import PackedBatch, load_encoder
+from soberana.models.encoder_config import EncoderConfig, is_encoder_dir
 from soberana.models.loader import resolve_model_path
 from soberana.models.pooling import PoolingConfig, pool
 from soberana.ops.backend import select_backend
