@@ -3,9 +3,13 @@ in-process, on the same sentences and model.
 
 10,000 sentences of 8-256 tokens (words drawn from licence texts installed on the machine)
 are embedded by sentence-transformers' `encode` (batch 32, its default; it sorts inputs by
-length, so its padding waste is small) in a fresh process, and by a real `soberana serve`
-process through HTTP by an asyncio client at a fixed concurrency, with 1 or 32 sentences per
-request. Reports sentences/s, the ratio, latency percentiles and the cosine agreement.
+length, so its padding waste is small) in a fresh process, in float32 and (`--st-dtypes`) in
+bfloat16 (`model.to(torch.bfloat16)`), and by a real `soberana serve` process through HTTP by
+an asyncio client (aiohttp, or httpx) at a fixed concurrency, with 1 or 32 sentences per
+request, as JSON floats or base64 (what the official `openai` client asks for by default).
+All share the machine's cores: the client, the API process and the engine core included.
+Reports sentences/s, the ratios to each sentence-transformers run, latency percentiles and
+the cosine agreement with sentence-transformers in float32.
 
     python benchmarks/embeddings_cpu.py --model /path/to/all-MiniLM-L6-v2 --out benchmarks/results/
 """
@@ -14,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import random
 import re
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -55,57 +61,87 @@ def sentences(tokenizer, n: int, lo: int, hi: int, seed: int) -> list[str]:
     return out
 
 
-def run_sentence_transformers(model: str, texts_file: str, batch_size: int) -> dict:
+def run_sentence_transformers(model: str, texts_file: str, batch_size: int,
+                              dtype: str = "float32") -> dict:
     code = f"""
 import json, time, torch
 from sentence_transformers import SentenceTransformer
 texts = json.load(open({texts_file!r}))
-m = SentenceTransformer({model!r}, device="cpu")
+m = SentenceTransformer({model!r}, device="cpu").to(torch.{dtype})
 m.encode(texts[:64], batch_size={batch_size})
 t0 = time.perf_counter()
-v = m.encode(texts, batch_size={batch_size})
+v = m.encode(texts, batch_size={batch_size}, convert_to_tensor=True)
 dt = time.perf_counter() - t0
-json.dump({{"seconds": dt, "sample": v[:64].tolist()}}, open({texts_file!r} + ".st.json", "w"))
+json.dump({{"seconds": dt, "sample": v[:64].float().tolist()}}, open({texts_file!r} + ".st.json", "w"))
 """
     subprocess.run([sys.executable, "-c", code], check=True)
     return json.loads(Path(texts_file + ".st.json").read_text())
 
 
-async def run_server(url: str, texts: list[str], concurrency: int, per_request: int) -> dict:
-    import httpx
-
+async def run_server(url: str, texts: list[str], concurrency: int, per_request: int,
+                     encoding: str, client: str) -> dict:
     chunks = [texts[i:i + per_request] for i in range(0, len(texts), per_request)]
     latencies: list[float] = []
     vectors: dict[int, list[float]] = {}
     queue: asyncio.Queue = asyncio.Queue()
-    for i, chunk in enumerate(chunks):
-        queue.put_nowait((i, chunk))
+    post = _aiohttp_post if client == "aiohttp" else _httpx_post
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(session) -> None:
         while not queue.empty():
             i, chunk = queue.get_nowait()
             t0 = time.perf_counter()
-            r = await client.post(f"{url}/v1/embeddings", json={"input": chunk})
-            r.raise_for_status()
+            data = await post(session, f"{url}/v1/embeddings",
+                              {"input": chunk, "encoding_format": encoding})
             latencies.append(time.perf_counter() - t0)
             if i * per_request < 64:
-                for j, d in enumerate(r.json()["data"]):
-                    vectors[i * per_request + j] = d["embedding"]
+                for j, d in enumerate(data["data"]):
+                    vectors[i * per_request + j] = _vector(d["embedding"])
 
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(min(concurrency, 4))))  # warm-up
+    async with _session(client, concurrency) as session:
+        for i, chunk in enumerate(chunks[:4 * concurrency]):  # warm-up
+            queue.put_nowait((i, chunk))
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         for i, chunk in enumerate(chunks):
             queue.put_nowait((i, chunk))
         latencies.clear()
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
     latencies.sort()
     pct = {f"p{p}": latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))]
            for p in (50, 95, 99)}
     return {"seconds": seconds, "latency_s": pct,
             "sample": [vectors[i] for i in range(min(64, len(texts)))]}
+
+
+def _session(client: str, concurrency: int):
+    if client == "aiohttp":
+        import aiohttp
+
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                     timeout=aiohttp.ClientTimeout(total=600))
+    import httpx
+
+    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency))
+
+
+async def _aiohttp_post(session, url: str, body: dict) -> dict:
+    async with session.post(url, json=body) as r:
+        r.raise_for_status()
+        return await r.json()
+
+
+async def _httpx_post(session, url: str, body: dict) -> dict:
+    r = await session.post(url, json=body)
+    r.raise_for_status()
+    return r.json()
+
+
+def _vector(embedding: list[float] | str) -> list[float]:
+    if isinstance(embedding, str):  # base64: little-endian float32
+        raw = base64.b64decode(embedding)
+        return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    return embedding
 
 
 def start_server(model: str, log: Path, dtype: str = "auto") -> tuple[subprocess.Popen, str]:
@@ -141,6 +177,12 @@ def main() -> int:
     ap.add_argument("--per-request", default="1,32")
     ap.add_argument("--dtypes", default="float32",
                     help="server dtypes, one server each (bfloat16: AVX512_BF16 linears)")
+    ap.add_argument("--st-dtypes", default="float32,bfloat16",
+                    help="sentence-transformers dtypes (float32 first: the cosine reference)")
+    ap.add_argument("--encodings", default="float", help="encoding_format: float, base64")
+    ap.add_argument("--client", default="aiohttp", choices=("aiohttp", "httpx"))
+    ap.add_argument("--again", action="store_true",
+                    help="sentence-transformers float32 again at the end (load drift)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -158,9 +200,18 @@ def main() -> int:
               "num_sentences": len(texts), "tokens": {"mean": statistics.mean(lengths),
                                                       "min": min(lengths), "max": max(lengths)},
               "concurrency": args.concurrency, "runs": []}
-    st = run_sentence_transformers(args.model, texts_file, 32)
-    result["sentence_transformers"] = {"batch_size": 32, "seconds": st["seconds"],
-                                       "sentences_per_s": len(texts) / st["seconds"]}
+    st_runs = {}
+    for dtype in args.st_dtypes.split(","):
+        st_runs[dtype] = run_sentence_transformers(args.model, texts_file, 32, dtype)
+        print(f"sentence-transformers {dtype}: {len(texts) / st_runs[dtype]['seconds']:.1f} "
+              "sentences/s", flush=True)
+    reference = st_runs["float32"]["sample"]
+    result["sentence_transformers"] = {
+        dtype: {"batch_size": 32, "seconds": st["seconds"],
+                "sentences_per_s": len(texts) / st["seconds"],
+                "min_cosine_vs_float32": cosine_min(st["sample"], reference)}
+        for dtype, st in st_runs.items()}
+    result["client"] = args.client
     result["text_embeddings_inference"] = (
         "not run: not on PyPI (`pip download text-embeddings-inference`: no matching "
         "distribution) and no network beyond the package index")
@@ -169,24 +220,30 @@ def main() -> int:
         proc, url = start_server(args.model, log, dtype)
         try:
             for per_request in (int(x) for x in args.per_request.split(",")):
-                run = asyncio.run(run_server(url, texts, args.concurrency, per_request))
-                result["runs"].append({
-                    "dtype": dtype, "sentences_per_request": per_request,
-                    "seconds": run["seconds"],
-                    "sentences_per_s": len(texts) / run["seconds"],
-                    "vs_sentence_transformers": st["seconds"] / run["seconds"],
-                    "request_latency_s": run["latency_s"],
-                    "min_cosine_vs_sentence_transformers": cosine_min(run["sample"],
-                                                                      st["sample"]),
-                })
-                print(json.dumps(result["runs"][-1]), flush=True)
+                for encoding in args.encodings.split(","):
+                    run = asyncio.run(run_server(url, texts, args.concurrency, per_request,
+                                                 encoding, args.client))
+                    result["runs"].append({
+                        "dtype": dtype, "sentences_per_request": per_request,
+                        "encoding_format": encoding, "seconds": run["seconds"],
+                        "sentences_per_s": len(texts) / run["seconds"],
+                        "vs_sentence_transformers": {
+                            d: st["seconds"] / run["seconds"] for d, st in st_runs.items()},
+                        "request_latency_s": run["latency_s"],
+                        "min_cosine_vs_sentence_transformers_float32": cosine_min(
+                            run["sample"], reference),
+                    })
+                    print(json.dumps(result["runs"][-1]), flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
-    # sentence-transformers again: a host whose load changed during the run shows it here.
-    again = run_sentence_transformers(args.model, texts_file, 32)
-    result["sentence_transformers_again"] = {"seconds": again["seconds"],
-                                             "sentences_per_s": len(texts) / again["seconds"]}
+        result.setdefault("server_log_lines", []).extend(
+            line for line in log.read_text().splitlines()
+            if "Compute backend" in line or "Slower path" in line or "loaded in" in line)
+    if args.again:  # a host whose load changed during the run shows it here
+        again = run_sentence_transformers(args.model, texts_file, 32)
+        result["sentence_transformers_float32_again"] = {
+            "seconds": again["seconds"], "sentences_per_s": len(texts) / again["seconds"]}
     result["load_avg_at_end"] = os.getloadavg()
     for f in (texts_file, texts_file + ".st.json"):
         os.unlink(f)

@@ -88,9 +88,11 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
     configure(os.environ.get("SOBERANA_LOG_FORMAT", "text"), "INFO")
     try:
         # This process is ours: tune its allocator before torch is imported (and allocates).
-        from soberana.engine.process_memory import tune_process_memory
+        from soberana.engine.process_memory import prefer_passive_openmp, tune_process_memory
 
         t0 = time.perf_counter()
+        if _serves_pooling(config):
+            prefer_passive_openmp()
         tune_process_memory()
         from soberana.engine.pooling_core import build_engine_core
 
@@ -113,6 +115,19 @@ def run_engine_core(config: EngineConfig, requests: Connection, results: Connect
         raise SystemExit(1) from exc
     finally:
         core.shutdown()  # stops tensor-parallel workers and the warehouse's threads
+
+
+def _serves_pooling(config: EngineConfig) -> bool:
+    """Whether this core will embed or score (before torch is imported: config.json only; a
+    decoder embedder chosen by `auto` is missed, which costs speed, not correctness)."""
+    from pathlib import Path
+
+    from soberana.models.encoder_config import is_encoder_dir
+
+    if config.task in ("embed", "rerank"):
+        return True
+    return (config.task == "auto" and config.model is not None
+            and is_encoder_dir(Path(config.model)))  # fmt: skip
 
 
 def _loop(core: EngineCore | PoolingCore, requests: Connection, results: Connection) -> None:

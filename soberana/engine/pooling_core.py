@@ -22,9 +22,11 @@ from soberana.engine.config import EngineConfig
 from soberana.engine.outputs import ModelInfo, PoolingOutput, PoolingRequest, SchedulerStats
 from soberana.engine.worker import resolve_device
 from soberana.models.decoder_embedder import is_decoder_embedder_dir, load_decoder_embedder
-from soberana.models.encoder import EncoderConfig, PackedBatch, is_encoder_dir, load_encoder
+from soberana.models.encoder import PackedBatch, load_encoder
+from soberana.models.encoder_config import EncoderConfig, is_encoder_dir
 from soberana.models.loader import resolve_model_path
 from soberana.models.pooling import PoolingConfig, pool
+from soberana.ops.backend import select_backend
 from soberana.ops.cpu import linear as cpu_linear
 
 log = logging.getLogger(__name__)
@@ -77,23 +79,19 @@ class PoolingCore:
             self.dtype = getattr(torch, config.dtype)
         else:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        packed = self.device.type == "cpu" and config.compute_backend != "torch"
         if is_encoder_dir(path):
             self.model = load_encoder(path, self.dtype, self.device)
-            # Encoders run PyTorch ops; on CPUs their weights are packed once for oneDNN (or
-            # soberana's bf16 kernel), unless compute_backend is "torch": F.linear repacks them
-            # every call; measured ~15% of a MiniLM batch of 14k tokens on Zen 4.
-            if packed:
-                cpu_linear.pack_linears(self.model)
+            compute = self._use_backend(config)
             default_mode = "cls"
         else:  # a decoder embedder (its loader packs CPU linears itself)
             self.model = load_decoder_embedder(path, self.dtype, self.device,
                                                config.max_model_len)
+            packed = self.device.type == "cpu" and config.compute_backend != "torch"
+            compute = {"compute_backend": "native" if packed else "torch",
+                       "requested": config.compute_backend,
+                       "kernels": {"linears": "packed once" if packed else "PyTorch",
+                                   "attention/norms": "PyTorch"}, "fallbacks": []}  # fmt: skip
             default_mode = "last"
-        compute = {"compute_backend": "native" if packed else "torch",
-                   "requested": config.compute_backend,
-                   "kernels": {"linears": "packed once" if packed else "PyTorch",
-                               "attention/norms": "PyTorch"}, "fallbacks": []}  # fmt: skip
         cfg = self.model.cfg
         if self.task == "rerank" and cfg.num_labels != 1:
             raise ValueError(f"{path}: a reranker needs one output label; this one has "
@@ -114,6 +112,25 @@ class PoolingCore:
                  self.task, path, time.perf_counter() - t0, cfg.num_layers, cfg.hidden_size,
                  self.pooling.mode, " + normalize" if self.pooling.normalize else "",
                  self.max_model_len)
+
+    def _use_backend(self, config: EngineConfig) -> dict:
+        """The encoder's ops as ops/backend.py chooses them (once, logged); what /v1/models
+        shows of the choice."""
+        backend = select_backend(config.compute_backend, self.device, self.dtype,
+                                 cpu_isa=config.cpu_isa)  # fmt: skip
+        self.model.use_kernels(backend.kernels)
+        # On CPUs the linears are packed once (soberana's kernels, else oneDNN's): F.linear
+        # repacks every call, measured ~15% of a MiniLM batch of 14k tokens on Zen 4.
+        packed = backend.kernels.pack_cpu_linears and cpu_linear.pack_linears(self.model) > 0
+        impls = backend.implementations
+        kernels = {"linears": next((v for k, v in impls.items() if "linears" in k), "PyTorch")
+                   if packed else "PyTorch F.linear",
+                   "attention/LayerNorm": impls.get("encoder attention/LayerNorm", backend.name)}
+        if kernels["attention/LayerNorm"].startswith("PyTorch") and backend.name == "native":
+            log.warning("Slower path: encoder attention and LayerNorm via PyTorch (%s)",
+                        kernels["attention/LayerNorm"])
+        return {"compute_backend": backend.name, "requested": config.compute_backend,
+                "kernels": kernels, "fallbacks": list(backend.fallbacks)}
 
     def add_request(self, req: PoolingRequest) -> None:
         n = len(req.prompt_token_ids)

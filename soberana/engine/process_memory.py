@@ -23,3 +23,17 @@ def tune_process_memory() -> None:
     from soberana.ops.cpu import kernels as cpu_kernels  # imports torch: after the variable is set
 
     cpu_kernels.keep_freed_memory()
+
+
+def prefer_passive_openmp() -> None:
+    """Have OpenMP's idle threads sleep at once instead of spinning (OMP_WAIT_POLICY=PASSIVE).
+
+    For a core that serves embeddings or reranking: its batches are a few dozen parallel ops
+    of milliseconds each, and the API process (HTTP, tokenization, JSON) and often the clients
+    run on the same cores. A spinning thread takes their CPU, and a thread preempted by them
+    holds up its partner at every op's barrier. Measured on a 2-core Zen 4 at load ~10,
+    all-MiniLM-L6-v2 in bfloat16 at concurrency 16: 26-33 sentences/s passive against 7-11
+    active, alternating. libgomp reads it once, when torch loads it: call before torch is
+    imported. An explicit value in the environment is kept.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

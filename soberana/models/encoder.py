@@ -3,13 +3,14 @@
 Sentence embedders (all-MiniLM, BGE, E5, GTE, multilingual-E5) and cross-encoder rerankers
 (ms-marco MiniLM, bge-reranker) are these two architectures. The batch is packed: every
 sequence's tokens are concatenated ([T, hidden], no padding), so the linears and norms, most of
-the work, never touch a pad token. Attention alone needs sequences apart: it runs over groups
-of similar length (`length_groups`), padded within a group only.
+the work, never touch a pad token. Attention alone needs sequences apart: the layers call the
+attention and add + LayerNorm that `ops/backend.py` chose at start (`Encoder.use_kernels`):
+on CPUs with AVX-512 a native kernel reading each sequence from the packed rows, else PyTorch
+SDPA over groups of similar length (`ops/encoder.py`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,81 +19,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-ENCODER_ARCHITECTURES = {
-    "BertModel": ("bert", None),
-    "BertForSequenceClassification": ("bert", "classify"),
-    "RobertaModel": ("roberta", None),
-    "RobertaForSequenceClassification": ("roberta", "classify"),
-    "XLMRobertaModel": ("roberta", None),
-    "XLMRobertaForSequenceClassification": ("roberta", "classify"),
-}
-# A group's padded size may exceed its real tokens by this share (attention only).
-_MAX_GROUP_PADDING = 0.15
-
-
-@dataclass
-class EncoderConfig:
-    """The shape of an encoder, from its Hugging Face config.json."""
-
-    family: str  # "bert" or "roberta" (positions offset past the padding index)
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    type_vocab_size: int
-    layer_norm_eps: float
-    hidden_act: str
-    pad_token_id: int
-    num_labels: int | None  # a cross-encoder's classifier outputs; None for an embedder
-
-    @property
-    def max_tokens(self) -> int:
-        """The longest sequence the position table covers (RoBERTa spends pad_id + 1 rows)."""
-        if self.family == "roberta":
-            return self.max_position_embeddings - self.pad_token_id - 1
-        return self.max_position_embeddings
-
-    @classmethod
-    def from_dir(cls, path: Path) -> EncoderConfig:
-        raw = json.loads((path / "config.json").read_text())
-        arch = (raw.get("architectures") or ["BertModel"])[0]
-        if arch not in ENCODER_ARCHITECTURES:
-            raise ValueError(
-                f"{path}: architecture {arch!r} is not an encoder Soberana serves "
-                f"({', '.join(sorted(ENCODER_ARCHITECTURES))})"
-            )
-        family, head = ENCODER_ARCHITECTURES[arch]
-        if raw.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: position_embedding_type "
-                             f"{raw['position_embedding_type']!r} is not supported (absolute only)")
-        num_labels = None
-        if head == "classify":
-            num_labels = len(raw.get("id2label") or {0: "LABEL_0"})
-        return cls(
-            family=family,
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            num_layers=raw["num_hidden_layers"],
-            num_heads=raw["num_attention_heads"],
-            intermediate_size=raw["intermediate_size"],
-            max_position_embeddings=raw["max_position_embeddings"],
-            type_vocab_size=raw.get("type_vocab_size", 2),
-            layer_norm_eps=raw.get("layer_norm_eps", 1e-12),
-            hidden_act=raw.get("hidden_act", "gelu"),
-            pad_token_id=raw.get("pad_token_id", 0 if family == "bert" else 1),
-            num_labels=num_labels,
-        )
-
-
-def is_encoder_dir(path: Path) -> bool:
-    """Whether `path/config.json` names an encoder architecture."""
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (raw.get("architectures") or [""])[0] in ENCODER_ARCHITECTURES
+from soberana.models.encoder_config import EncoderConfig
+from soberana.ops.backend import TORCH_KERNELS, Kernels
+from soberana.ops.encoder import PackedSeqs
 
 
 @dataclass
@@ -118,87 +47,31 @@ class PackedBatch:
         return cls(tensor(ids), tensor(types), tensor(positions), [len(s) for s in sequences])
 
 
-def length_groups(seq_lens: list[int]) -> list[list[int]]:
-    """Sequence indices in groups of similar length, longest first, padding each group to its
-    longest member wastes at most ~15% of the group's attention work."""
-    order = sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i])
-    groups: list[list[int]] = []
-    real = 0
-    for i in order:
-        if groups:
-            longest = seq_lens[groups[-1][0]]
-            if longest * (len(groups[-1]) + 1) <= (1 + _MAX_GROUP_PADDING) * (real + seq_lens[i]):
-                groups[-1].append(i)
-                real += seq_lens[i]
-                continue
-        groups.append([i])
-        real = seq_lens[i]
-    return groups
-
-
-class _GroupIndex:
-    """Where each group's padded [b, L] positions read from and write to the packed rows.
-
-    Per group: `src` [b * L], the packed row of each padded position (a padding position reads
-    the group's first row: any real row keeps the values finite, and the mask hides it);
-    `valid` [n], the padded positions holding tokens, None when nothing is padded; `dst` [n],
-    their packed rows; `mask` [b, 1, 1, L], keys that exist, None without padding.
-    `index_select` / `index_copy_` on flat indices: advanced indexing with [b, L] index
-    tensors and boolean masks took ~40% of a MiniLM forward on a 2-core Zen 4.
-    """
-
-    def __init__(self, seq_lens: list[int], device: torch.device) -> None:
-        starts = [0]
-        for n in seq_lens[:-1]:
-            starts.append(starts[-1] + n)
-        self.groups = []
-        for group in length_groups(seq_lens):
-            longest = seq_lens[group[0]]
-            offsets = torch.arange(longest)
-            lens = torch.tensor([seq_lens[i] for i in group])
-            first = torch.tensor([starts[i] for i in group])
-            rows = first[:, None] + offsets[None, :]  # [b, L]
-            padded = bool((lens != longest).any())
-            valid = offsets[None, :] < lens[:, None]
-            src = torch.where(valid, rows, first[:1, None]).flatten()
-            if padded:
-                flat_valid = valid.flatten().nonzero().flatten()
-                dst = src[flat_valid]
-                mask = valid[:, None, None, :].to(device)
-                flat_valid = flat_valid.to(device)
-            else:
-                flat_valid, dst, mask = None, src, None
-            self.groups.append((len(group), longest, src.to(device), flat_valid,
-                                dst.to(device), mask))
-
-
 class _Layer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         h = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, h // cfg.num_heads
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(h, 3 * h)
         self.attn_out = nn.Linear(h, h)
         self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.up = nn.Linear(h, cfg.intermediate_size)
         self.down = nn.Linear(cfg.intermediate_size, h)
         self.out_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.act = _activation(cfg.hidden_act)
+        self.act_ = _activation_(cfg.hidden_act)
+        self.use_kernels(TORCH_KERNELS)
 
-    def forward(self, x: torch.Tensor, index: _GroupIndex) -> torch.Tensor:
-        t, h = x.shape
-        qkv = self.qkv(x)
-        attn = torch.empty(t, h, dtype=x.dtype, device=x.device)
-        for b, length, src, valid, dst, mask in index.groups:
-            g = qkv.index_select(0, src).view(b, length, 3, self.num_heads, self.head_dim)
-            q, k, v = g.permute(2, 0, 3, 1, 4).unbind(0)  # [b, heads, L, head_dim] each
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            out = out.transpose(1, 2).reshape(b * length, h)
-            if valid is not None:  # padded queries are dropped
-                out = out.index_select(0, valid)
-            attn.index_copy_(0, dst, out)
-        x = self.attn_norm(x + self.attn_out(attn))
-        return self.out_norm(x + self.down(self.act(self.up(x))))
+    def use_kernels(self, kernels: Kernels) -> None:
+        self.attention, self.add_layer_norm = kernels.encoder_attention, kernels.add_layer_norm
+
+    def forward(self, x: torch.Tensor, seqs: PackedSeqs) -> torch.Tensor:
+        attn = self.attention(self.qkv(x), seqs, self.num_heads, self.scale)
+        norm = self.attn_norm
+        x = self.add_layer_norm(self.attn_out(attn), x, norm.weight, norm.bias, norm.eps)
+        up = self.act_(self.up(x))
+        norm = self.out_norm
+        return self.add_layer_norm(self.down(up), x, norm.weight, norm.bias, norm.eps)
 
 
 class Encoder(nn.Module):
@@ -218,6 +91,11 @@ class Encoder(nn.Module):
         if cfg.num_labels is not None:
             self.head = _BertHead(cfg) if cfg.family == "bert" else _RobertaHead(cfg)
 
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Serve attention and LayerNorm with the implementations chosen at start."""
+        for layer in self.layers:
+            layer.use_kernels(kernels)
+
     @property
     def position_offset(self) -> int:
         return self.cfg.pad_token_id + 1 if self.cfg.family == "roberta" else 0
@@ -226,9 +104,9 @@ class Encoder(nn.Module):
         x = (self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.positions)
              + self.token_type_embeddings(batch.token_type_ids))
         x = self.embed_norm(x)
-        index = _GroupIndex(batch.seq_lens, x.device)
+        seqs = PackedSeqs(batch.seq_lens, x.device)
         for layer in self.layers:
-            x = layer(x, index)
+            x = layer(x, seqs)
         return x
 
     def classify(self, first_tokens: torch.Tensor) -> torch.Tensor:
@@ -257,13 +135,14 @@ class _RobertaHead(nn.Module):
         return self.out_proj(torch.tanh(self.dense(first)))
 
 
-def _activation(name: str):
+def _activation_(name: str):
+    """The activation, in place (its input is a linear's output, used once)."""
     if name == "gelu":
-        return F.gelu
+        return torch.ops.aten.gelu_
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
+        return lambda x: torch.ops.aten.gelu_(x, approximate="tanh")
     if name == "relu":
-        return F.relu
+        return F.relu_
     raise ValueError(f"hidden_act {name!r} is not supported (gelu, gelu_new, relu)")
 
 

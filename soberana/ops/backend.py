@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from soberana.ops import attention as torch_attention
+from soberana.ops import encoder as encoder_ops
 from soberana.ops import layers as torch_layers
 
 log = logging.getLogger("soberana.ops")
@@ -72,6 +73,10 @@ class Kernels:
     int8_linears: Mapping[str, Any] = field(default_factory=dict)
     # Triton: the quantized GEMM module (ops/triton/quant_gemm.py) for int8/int4 layers.
     quant_gemm: ModuleType | None = None
+    # Encoders (BERT, XLM-R) over packed batches: (qkv [T, 3HD], PackedSeqs, heads, scale) ->
+    # [T, HD], and (x, residual | None, weight, bias, eps) -> LayerNorm(x + residual).
+    encoder_attention: Callable = encoder_ops.torch_encoder_attention
+    add_layer_norm: Callable = encoder_ops.torch_add_layer_norm
 
 
 TORCH_KERNELS = Kernels(
@@ -260,6 +265,9 @@ def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
     if "w8a8" not in int8_linears:
         impls["int8 linears"] = (f"no W8A8 kernel in the cpu_isa {cpu_isa} build (it needs "
                                  "AVX512_VNNI or AVX2): int8 weight-only")  # fmt: skip
+    encoder = _native_encoder_ops()
+    impls["encoder attention/LayerNorm"] = (f"native {simd}" if encoder
+                                            else f"PyTorch (no native kernel in the {simd} build)")
     kernels = Kernels(
         int8_linears=int8_linears,
         rms_norm=cpu_kernels.rms_norm,
@@ -276,6 +284,7 @@ def _native(requested: str, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
         rope_and_cache=cpu_kernels.rope_and_cache if native_kv else None,
         decoder_stack=stack,
         pack_cpu_linears=True,
+        **encoder,
     )
     return Backend(requested, "native", kernels, impls, fallbacks)
 
@@ -287,6 +296,19 @@ def default_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
 
     isa = cpu_kernels.current_isa() if device.type == "cpu" else "native"
     return select_backend("auto", device, dtype, cpu_isa=isa).kernels
+
+
+def _native_encoder_ops() -> dict[str, Callable]:
+    """The encoder's native attention and add + LayerNorm where they are vectorised (AVX-512
+    builds; the plain-C loops are slower than PyTorch's), else {}: PyTorch's. Encoders only,
+    so not a fallback of a decoder's backend: the pooling core reports it."""
+    from soberana.ops.cpu import kernels as cpu_kernels
+
+    lib = cpu_kernels.encoder_library()
+    if lib is None or not lib.encoder_attention_simd():
+        return {}
+    return {"encoder_attention": encoder_ops.native_encoder_attention,
+            "add_layer_norm": cpu_kernels.add_layer_norm}
 
 
 def with_kernels(kernels: Kernels, **changes) -> Kernels:

@@ -39,6 +39,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCE = CSRC / "paged_attention.c"
 LAYERS_SOURCE = CSRC / "cpu_layers.c"
 LINEAR_SOURCE = CSRC / "linear_bf16.c"
+ENCODER_SOURCE = CSRC / "encoder_layers.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
 # For compilers that reject -march=native (or do not know this CPU).
 PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread")
@@ -156,6 +157,24 @@ def layers_library() -> ctypes.CDLL | None:
     return build_library(LAYERS_SOURCE, load_layers_library)
 
 
+def load_encoder_library(path: Path) -> ctypes.CDLL:
+    """A built encoder_layers library, its functions typed."""
+    lib = ctypes.CDLL(str(path))
+    i32, i64, ptr, f32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.encoder_attention_simd.argtypes, lib.encoder_attention_simd.restype = [], ctypes.c_int
+    lib.encoder_attention.argtypes = [ptr, i64, ptr, i64, i64, i64, i32, f32, ptr, i64, i32, ptr]
+    lib.add_layer_norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i32, f32,
+                                   i32, ptr]  # fmt: skip
+    lib.encoder_attention.restype = lib.add_layer_norm.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def encoder_library() -> ctypes.CDLL | None:
+    """The encoder layers' library (packed-sequence attention, add + LayerNorm), or None."""
+    return build_library(ENCODER_SOURCE, load_encoder_library)
+
+
 @functools.cache
 def linear_library() -> ctypes.CDLL | None:
     """The bfloat16 linear library where it has a kernel (AVX512_BF16, or AVX2 + FMA), or None."""
@@ -216,6 +235,7 @@ def set_isa(isa: str) -> None:
     _failures.clear()
     attention_library.cache_clear()
     layers_library.cache_clear()
+    encoder_library.cache_clear()
     linear_library.cache_clear()
     linear_f32_library.cache_clear()
     from soberana.ops.cpu import decoder_stack
@@ -517,6 +537,53 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
                                       x.shape[1], DTYPES[x.dtype], torch.get_num_threads(),
                                       openmp_parallel())  # fmt: skip
     _check(rc, "argmax")
+    return out
+
+
+def encoder_attention(qkv: torch.Tensor, starts: torch.Tensor, num_heads: int,
+                      scale: float) -> torch.Tensor:
+    """Bidirectional attention of packed sequences: sequence b is rows [starts[b],
+    starts[b + 1]) of qkv [T, 3 * num_heads * D] (q, k, v heads in that order, unit-stride
+    rows) and attends to all its own rows; returns [T, num_heads * D] in qkv's dtype."""
+    tokens, width = qkv.shape if qkv.dim() == 2 else (0, 0)
+    if not (qkv.dim() == 2 and qkv.stride(1) == 1 and width % (3 * num_heads) == 0
+            and starts.dtype == torch.int64 and starts.dim() == 1 and starts.is_contiguous()
+            and starts.shape[0] >= 1 and int(starts[0]) == 0 and int(starts[-1]) == tokens
+            and _cpu_kernel_dtypes(qkv, starts)):  # fmt: skip
+        raise _layout_error("encoder_attention", "CPU qkv [T, 3 H D] with unit-stride rows and "
+                            "int64 starts [B + 1] from 0 to T")  # fmt: skip
+    head_dim = width // (3 * num_heads)
+    out = torch.empty(tokens, num_heads * head_dim, dtype=qkv.dtype)
+    rc = encoder_library().encoder_attention(
+        qkv.data_ptr(), qkv.stride(0), starts.data_ptr(), starts.shape[0] - 1, num_heads,
+        head_dim, DTYPES[qkv.dtype], scale, out.data_ptr(), out.stride(0),
+        torch.get_num_threads(), openmp_parallel(),
+    )  # fmt: skip
+    if rc == _NO_MEMORY:
+        raise MemoryError("encoder_attention: no memory for its scratch")
+    _check(rc, "encoder_attention")
+    return out
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.layer_norm(x + residual) (or of x alone) for x [T, H] with unit-stride rows, weight
+    and bias [H] of x's dtype, in one pass."""
+    if not (x.dim() == 2 and x.stride(1) == 1 and weight.shape == bias.shape == (x.shape[1],)
+            and weight.is_contiguous() and bias.is_contiguous()
+            and weight.dtype == bias.dtype == x.dtype and _cpu_kernel_dtypes(x)
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                      and residual.stride(1) == 1))):  # fmt: skip
+        raise _layout_error("add_layer_norm", "CPU x [T, H] with unit-stride rows, weight and "
+                            "bias [H] of its dtype, residual like x")  # fmt: skip
+    rows, hidden = x.shape
+    out = torch.empty(rows, hidden, dtype=x.dtype)
+    rc = encoder_library().add_layer_norm(
+        x.data_ptr(), x.stride(0), _ptr(residual), 0 if residual is None else residual.stride(0),
+        weight.data_ptr(), bias.data_ptr(), out.data_ptr(), hidden, rows, hidden,
+        DTYPES[x.dtype], eps, torch.get_num_threads(), openmp_parallel(),
+    )  # fmt: skip
+    _check(rc, "add_layer_norm")
     return out
 
 

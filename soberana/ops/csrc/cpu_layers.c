@@ -15,51 +15,13 @@
 #include <string.h>
 
 #include "dtypes.h"
+#include "rows.h"
 #include "simd.h"
 
 /* x as stored in `dtype` and read back: the rounding of a PyTorch op's output. */
 static inline float round_to(float x, int dtype) {
     if (dtype == DT_F32) return x;
     return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(x)) : f16_to_f32(f32_to_f16(x));
-}
-
-/* ---- rows over threads -------------------------------------------------------------- */
-
-typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
-
-typedef struct Rows {
-    void (*fn)(void *args, int64_t row);
-    void *args;
-    int64_t rows;
-    int64_t next; /* the first unclaimed chunk of rows */
-    int64_t chunk;
-} Rows;
-
-static void rows_worker(void *arg) {
-    Rows *r = arg;
-    for (;;) {
-        const int64_t start = __atomic_fetch_add(&r->next, r->chunk, __ATOMIC_RELAXED);
-        if (start >= r->rows) return;
-        const int64_t end = start + r->chunk < r->rows ? start + r->chunk : r->rows;
-        for (int64_t i = start; i < end; i++) r->fn(r->args, i);
-    }
-}
-
-/* fn(args, row) for every row; on `threads` of torch's OpenMP team when each thread gets at
- * least `min_per_thread` elements' worth (a parallel region costs a few microseconds). */
-static void for_rows(void (*fn)(void *, int64_t), void *args, int64_t rows, int64_t row_elems,
-                     int threads, void *gomp_parallel) {
-    const int64_t min_per_thread = 32768;
-    int64_t useful = rows * row_elems / min_per_thread;
-    if (useful < threads) threads = useful < 1 ? 1 : (int)useful;
-    if (threads > rows) threads = (int)rows;
-    Rows r = {fn, args, rows, 0, 1};
-    if (threads <= 1 || gomp_parallel == NULL) {
-        for (int64_t i = 0; i < rows; i++) fn(args, i);
-        return;
-    }
-    r.chunk = rows / (threads * 4) > 1 ? rows / (threads * 4) : 1;
-    ((GompParallel)gomp_parallel)(rows_worker, &r, (unsigned)threads, 0);
 }
 
 /* ---- add + RMSNorm ------------------------------------------------------------------ */
