@@ -11,6 +11,7 @@ sharded pools and the KV warehouse (`kv_blocks.py`). Workers only ever mirror th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -118,7 +119,8 @@ class TensorParallel:
                     "load_format": config.load_format, "threads": threads,
                     "compute_backend": config.compute_backend, "cpu_isa": config.cpu_isa,
                     "kv_cache_dtype": config.kv_cache_dtype,
-                    "quantization": quantization.method if quantization else None}
+                    # every field: `activations` decides W8A8 vs W8A16 for int8
+                    "quantization": dataclasses.asdict(quantization) if quantization else None}
             self.workers.append(subprocess.Popen(
                 [sys.executable, "-m", "soberana.distributed.executor", json.dumps(args)]))
         self.group = TPGroup(0, world, init_method, device)
@@ -178,7 +180,7 @@ def _free_port() -> int:
 def worker_main(rank: int, world: int, init_method: str, path: str, dtype: str, device: str,
                 max_len: int, load_format: str, threads: int, compute_backend: str = "auto",
                 cpu_isa: str = "native", kv_cache_dtype: str = "auto",
-                quantization: str | None = None) -> None:
+                quantization: dict | None = None) -> None:
     """Rank `rank`: load its shard, then mirror rank 0's forwards until told to stop."""
     torch.set_num_threads(threads)
     path, dtype = Path(path), getattr(torch, dtype)
@@ -187,7 +189,7 @@ def worker_main(rank: int, world: int, init_method: str, path: str, dtype: str, 
     try:
         kv_dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else dtype
         backend = select_backend(compute_backend, dev, dtype, kv_dtype, cpu_isa)
-        quant = QuantizationConfig(method=quantization) if quantization else None
+        quant = QuantizationConfig(**quantization) if quantization else None
         model = load_sharded_model(path, dtype, dev, max_len, load_format, group, backend,
                                    quant).model
         ok = True

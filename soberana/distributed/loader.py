@@ -26,12 +26,8 @@ from soberana.ops.backend import Backend, select_backend
 from soberana.quantization import QuantizationConfig, replace_linears
 from soberana.quantization.linear import QuantLinear
 
-# Quantization schemes whose shards are exact slices of the one-rank layers (see above). None in
-# this version: int8 under TP gave one rank's tokens with the earlier CPU int8 kernel, and
-# after the W8A16/W8A8 kernels of ops/cpu/linear_int8.py its logprobs differ from one rank's by
-# ~4e-3 on a float32 tiny model (more than a change of summation order explains; cause not
-# found), so it is refused until tests/distributed/test_tp_quantization.py passes again.
-TP_QUANTIZATION: tuple[str, ...] = ()
+# Quantization schemes whose shards are exact slices of the one-rank layers (see above).
+TP_QUANTIZATION = ("int8",)
 
 
 def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
@@ -78,9 +74,10 @@ def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
     kernels = (backend or select_backend("auto", device, dtype)).kernels
     if quantization is not None:  # the one-rank engine's name for quantized weights
         fingerprint = hashlib.sha256(f"{fingerprint}|{quantization}".encode()).hexdigest()
-        base._finalize_quantized(model, quantization, kernels)  # noqa: SLF001
-    if group.rank != 0:
+    if group.rank != 0:  # before the quantized layers copy their biases for their kernels
         _zero_row_parallel_biases(model)
+    if quantization is not None:
+        base._finalize_quantized(model, quantization, kernels)  # noqa: SLF001
     model.eval()
     model.use_kernels(kernels)
     return base.LoadedModel(model=model, config=cfg, path=path, fingerprint=fingerprint,
@@ -91,8 +88,8 @@ def check_tp_quantization(quantization: QuantizationConfig) -> None:
     """ValueError unless `quantization` can be sharded exactly (TP_QUANTIZATION)."""
     if quantization.method not in TP_QUANTIZATION or quantization.source != "on-the-fly":
         raise ValueError(f"quantization {quantization.method} ({quantization.source}) is not "
-                         f"supported with tensor_parallel_size > 1 in this version (int8 under TP "
-                         f"is disabled until its identity test passes again: docs/distributed.md)")
+                         f"supported with tensor_parallel_size > 1; supported: int8 quantized "
+                         f"at load (docs/distributed.md)")
 
 
 def _load_shard(model: CausalLM, vocab_size: int, shard: TPShard, files: list[Path]) -> None:
