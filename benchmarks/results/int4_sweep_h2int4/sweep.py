@@ -1,12 +1,17 @@
 """Fake-quant int4 variants on a real model with transformers; perplexity on a token slice."""
-import math, sys, time, json
-from pathlib import Path
+import json
+import math
+import sys
+import time
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 sys.path.insert(0, "/work/wt/h2int4")
 sys.path.insert(0, "/work/wt/h2int4/benchmarks")
-from quant_perplexity import corpus_text
 import werr2lib as L
+from quant_perplexity import corpus_text
+
 torch.set_num_threads(2)
 MODEL = sys.argv[1]; NTOK = int(sys.argv[2]); VARIANTS = sys.argv[3].split(",")
 tok = AutoTokenizer.from_pretrained(MODEL)
@@ -15,6 +20,7 @@ W = 512
 windows = [ids[i:i+W] for i in range(0, len(ids) - len(ids) % W, W)]
 model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
 import os
+
 ODT = torch.bfloat16 if os.environ.get("ORIG_BF16") else torch.float32
 orig = {n: p.detach().to(ODT).clone() for n, p in model.named_parameters() if "layers" in n and p.dim() == 2}
 
@@ -70,6 +76,8 @@ def quant(w, g, mode, zdtype=None):
     return ((q - z) * s).reshape(n, k)
 
 from soberana.quantization import schemes as S
+
+
 def quant2(w, g, mode):
     n, k = w.shape
     gs = w.float().reshape(n, k // g, g)

@@ -1,6 +1,5 @@
 import torch
-from safetensors.torch import load_file
-from soberana.quantization import schemes
+
 torch.set_num_threads(1)
 
 def lsfit(g, q):
