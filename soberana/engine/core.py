@@ -93,6 +93,10 @@ class EngineCore:
         self.runner.verify = lambda logits, r, drafts, bitmask: verify(
             logits, r, drafts, self.sampler, bitmask)
         self.runner.verify_graphs = worker.verify_graphs  # captured by the worker on GPUs
+        if worker.graphs is not None and hasattr(proposer, "capture_graphs"):
+            worker.startup["graphs_s"] += proposer.capture_graphs(
+                min(config.max_num_seqs, spec_cfg.disable_by_batch_size),
+                worker.graphs.block_table.shape[1])
         log.info("speculative decoding: %s, %d tokens", spec_cfg.method,
                  spec_cfg.num_speculative_tokens)
         return SpecDecode(spec_cfg, proposer, worker.max_model_len, self.structured.valid_drafts)
