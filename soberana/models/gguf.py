@@ -397,7 +397,9 @@ def fingerprint(path: Path | str) -> str:
 
 def gguf_tokenizer(path: Path | str, file: GGUFFile | None = None):
     """A transformers fast tokenizer from the file's tokenizer.* metadata."""
-    from transformers import PreTrainedTokenizerFast
+    # The submodule, not `from transformers import ...`: LLM imports transformers in a thread
+    # meanwhile, and the package's lazy attribute lookup is not thread-safe.
+    from transformers.tokenization_utils_fast import PreTrainedTokenizerFast
 
     f = file or open_gguf(path)
     m = f.metadata
