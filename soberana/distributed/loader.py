@@ -219,8 +219,9 @@ def _stored_part(src, rows: tuple[int, int, int], inputs: int, name: str) -> tor
     """This rank's part of one stored tensor of a compressed-tensors linear (weight,
     weight_packed, weight_scale). Column parallel: its rows, where the tensor has a row per
     output (a per-tensor scale is read whole). Row parallel (`inputs`: the whole row's): its
-    columns, where each stored column covers `per` inputs (1 for an int8/fp8 weight, 8 for int4 in int32 words, the
-    group for group scales); a per-channel or per-tensor scale is read whole."""
+    columns, where each stored column covers `per` inputs (1 for an int8/fp8 weight, 8 for
+    int4 in int32 words, the group for group scales); a per-channel or per-tensor scale is
+    read whole."""
     dim, start, length = rows
     shape = src.get_shape()
     if dim == 0:
