@@ -8,9 +8,10 @@ one (o_proj, down_proj: split along the input) takes its columns:
   boundary that would cut a group is refused before any worker starts (`check_tp_quantization`,
   naming the layer, the shard width and the group);
 - int8 and fp8 quantized at load (one scale per output row over all its inputs): the rank
-  quantizes whole rows, one tensor at a time, and keeps its columns, so its values and scales
-  are exactly the one-rank engine's and only the float summation order of the all-reduce
-  differs; stored per-channel or per-tensor scales are read whole, the weight's columns alone.
+  finds each row's largest |value| reading a few columns at a time, then quantizes only its
+  columns with it, so its values and scales are exactly the one-rank engine's and only the
+  float summation order of the all-reduce differs; stored per-channel or per-tensor scales
+  are read whole, the weight's columns alone.
 GGUF files are read block by block (`gguf_shard.py`).
 """
 
@@ -191,9 +192,27 @@ def _load_quantized(layer: QuantLinear, src, rows: tuple[int, int, int], begin: 
     if not layer.method.per_row_scales:  # int4: groups of inputs, quantized alone
         layer.weight_loader(src[:, start:start + length], begin)
         return
-    # a row's scale covers all its inputs: quantize whole rows, keep this rank's columns
-    parts = layer.method.quantize_rows(src[:].to(layer.weight_scale.device))
-    layer.load_quantized(layer.method.slice_inputs(parts, start, length), begin)
+    # a row's scale covers all its inputs: their largest |value| first, read a few columns
+    # at a time, then this rank's columns quantized with it (the one-rank values, bit for bit)
+    device = layer.weight_scale.device
+    amax = _row_amax(src, device)
+    layer.load_quantized(layer.method.quantize_rows(src[:, start:start + length].to(device),
+                                                    amax), begin)
+
+
+# Columns per read while finding each row's largest |value| (a multiple of GGUF's 256-value
+# super-blocks): 8192 rows x 1024 float32 columns = 32 MiB at a time.
+_AMAX_COLUMNS = 1024
+
+
+def _row_amax(src, device: torch.device) -> torch.Tensor:
+    """Each row's largest |value| of a 2-D checkpoint tensor, float32 [rows]."""
+    rows, cols = src.get_shape()
+    amax = torch.zeros(rows, device=device)
+    for c in range(0, cols, _AMAX_COLUMNS):
+        part = src[:, c:min(c + _AMAX_COLUMNS, cols)].to(device)
+        torch.maximum(amax, part.float().abs().amax(dim=1), out=amax)
+    return amax
 
 
 def _load_repacked(layer: QuantLinear, src: GGUFSlice, rows: tuple[int, int, int], begin: int,

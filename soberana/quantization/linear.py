@@ -31,8 +31,11 @@ class LinearMethod:
     def create_weights(self, layer: QuantLinear, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
-    def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The quantized tensors of full rows `w` [n, K], keyed by the layer's buffer names."""
+    def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The quantized tensors of rows `w` [n, K], keyed by the layer's buffer names. With
+        `per_row_scales`, `row_amax` [n] is each row's largest |value| over all its inputs
+        where `w` holds only some of them (a row-parallel shard); None: `w` is whole rows."""
         raise NotImplementedError
 
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:
@@ -159,8 +162,9 @@ class Int8LinearMethod(LinearMethod):
         layer.native_bias = None  # the bias as that kernel reads it
         layer.triton = None  # the Triton quant_gemm module (CUDA)
 
-    def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, scale = schemes.quantize_int8(w)
+    def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:  # fmt: skip
+        q, scale = schemes.quantize_int8(w, row_amax)
         return {"weight": q, "weight_scale": scale}
 
     def quantized(self, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +252,10 @@ class Int4LinearMethod(LinearMethod):
             n, groups, dtype=dtype if self.float_zero else torch.uint8))  # fmt: skip
         layer.triton = None  # the Triton quant_gemm module (CUDA)
 
-    def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:  # fmt: skip
+        if row_amax is not None:
+            raise ValueError("int4 scales are per group: quantize whole groups, without row_amax")
         packed, scale, zero = schemes.quantize_int4(w, schemes.int4_group_for(w.shape[1],
                                                                               self.group_size))
         return {"weight": packed, "weight_scale": scale, "weight_zero": zero}
@@ -304,8 +311,9 @@ class Fp8LinearMethod(LinearMethod):
         layer.register_buffer("weight_scale", torch.empty(n, dtype=torch.float32))
         layer.w8a8 = False  # FP8 matrix units: activations quantized per token
 
-    def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, scale = schemes.quantize_fp8(w)
+    def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:  # fmt: skip
+        q, scale = schemes.quantize_fp8(w, row_amax)
         return {"weight": q, "weight_scale": scale}
 
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:
