@@ -246,3 +246,50 @@ def test_each_rank_holds_exact_slices_of_the_one_rank_quantized_weights(tmp_path
         for name, layer in layers.items():
             want = _expected_shard(whole[name], shard, f"{name}.weight", full)
             assert torch.equal(layer.method.dequantize(layer), want), (source, rank, name)
+
+
+class _CountingSlice:
+    """A checkpoint slice that records the largest part read of it."""
+
+    def __init__(self, src, name: str, reads: dict[str, int]) -> None:
+        self.src, self.name, self.reads = src, name, reads
+
+    def get_shape(self):
+        return self.src.get_shape()
+
+    def __getitem__(self, index):
+        t = self.src[index]
+        self.reads[self.name] = max(self.reads.get(self.name, 0), t.numel())
+        return t
+
+
+@pytest.mark.parametrize("source", ["int8", "fp8", "int4", "compressed-tensors w8a16",
+                                    "compressed-tensors w4a16", "compressed-tensors fp8"])
+def test_a_rank_never_reads_more_than_its_half_of_a_weight_matrix(tmp_path, monkeypatch, source):
+    """Peak memory near the shard: of every checkpoint matrix, a rank of 2 reads at most half
+    at once (its rows or columns; a per-row scale's largest |value| 32 columns at a time here,
+    1,024 in service), except the replicated KV head, which it holds whole."""
+    import soberana.distributed.loader as tp_loader
+
+    path, flag = _quantized_source(tmp_path, source)
+    quantization = resolve_quantization(flag, json.loads((path / "config.json").read_text()))
+    reads: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    original = tp_loader._safetensors_slices
+
+    def counting(files):
+        for name, src in original(files):
+            shapes[name] = src.get_shape()
+            yield name, _CountingSlice(src, name, reads)
+
+    monkeypatch.setattr(tp_loader, "_safetensors_slices", counting)
+    monkeypatch.setattr(tp_loader, "_AMAX_COLUMNS", 32)
+    load_sharded_model(path, torch.float32, torch.device("cpu"), 64, "safetensors", _Rank(0, 2),
+                       quantization=quantization)
+    matrices = {n: s for n, s in shapes.items() if len(s) == 2 and min(s) > 1}
+    assert any("down_proj" in n for n in matrices)
+    for name, shape in matrices.items():
+        half = -(-shape[0] // 2) * shape[1]  # the vocabulary's 935 rows: 468 on rank 0
+        if "k_proj" in name or "v_proj" in name:  # the one KV head is replicated: whole
+            half = shape[0] * shape[1]
+        assert reads[name] <= half, (name, shape, reads[name])
