@@ -293,3 +293,12 @@ def test_a_rank_never_reads_more_than_its_half_of_a_weight_matrix(tmp_path, monk
         if "k_proj" in name or "v_proj" in name:  # the one KV head is replicated: whole
             half = shape[0] * shape[1]
         assert reads[name] <= half, (name, shape, reads[name])
+
+
+def test_compressed_int4_shard_that_would_cut_a_stored_group_is_refused(tmp_path):
+    # W4A16 groups of 32; 4 ranks split o_proj's 64 inputs into shards of 16
+    path, _ = _quantized_source(tmp_path, "compressed-tensors w4a16")
+    with pytest.raises(ValueError, match=r"int4 \(compressed-tensors\) with tensor_parallel_size "
+                                         r"4: o_proj is split along its 64 inputs into shards of "
+                                         r"16, which would cut its groups of 32 inputs"):
+        LLM(str(path), dtype="float32", max_model_len=64, tensor_parallel_size=4)
