@@ -152,53 +152,57 @@ static inline void store8(void *row, int64_t i, __m256 x, int dtype) {
 /* ---- vec: the build's widest float vector ------------------------------------------------
  * For kernels whose AVX-512 and AVX2 paths are the same steps at 16 and 8 lanes: one body
  * over `vec` and these static inline wrappers, which compile to the intrinsics they wrap.
- * SOBERANA_VEC is defined where there is one (an AVX-512 or an AVX2 + FMA build). */
+ * SOBERANA_VEC is defined where there is one (an AVX-512 or an AVX2 + FMA build). Always
+ * inlined: with plain `static inline` GCC 12 inlined the extra level less eagerly and the
+ * kernels' scalar bookkeeping came out differently; with it, the kernels compile as when
+ * they called the intrinsics by name (objdump, -O3, both ISAs). */
+#define VEC_FN static inline __attribute__((always_inline))
 #if defined(__AVX512F__)
 #define SOBERANA_VEC 1
 typedef __m512 vec;
 enum { VEC_LANES = 16 };
-static inline vec vec_zero(void) { return _mm512_setzero_ps(); }
-static inline vec vec_set1(float x) { return _mm512_set1_ps(x); }
-static inline vec vec_loadu(const float *p) { return _mm512_loadu_ps(p); }
-static inline void vec_storeu(float *p, vec x) { _mm512_storeu_ps(p, x); }
-static inline vec vec_add(vec a, vec b) { return _mm512_add_ps(a, b); }
-static inline vec vec_sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
-static inline vec vec_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-static inline vec vec_max(vec a, vec b) { return _mm512_max_ps(a, b); } /* b where a NaN */
-static inline vec vec_fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vec vec_fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
-static inline float vec_sum(vec x) { return _mm512_reduce_add_ps(x); }
-static inline vec vec_load(const void *row, int64_t i, int dtype) { return load16(row, i, dtype); }
-static inline void vec_store(void *row, int64_t i, vec x, int dtype) { store16(row, i, x, dtype); }
-static inline vec vec_round(vec x, int dtype) { return round16(x, dtype); }
+VEC_FN vec vec_zero(void) { return _mm512_setzero_ps(); }
+VEC_FN vec vec_set1(float x) { return _mm512_set1_ps(x); }
+VEC_FN vec vec_loadu(const float *p) { return _mm512_loadu_ps(p); }
+VEC_FN void vec_storeu(float *p, vec x) { _mm512_storeu_ps(p, x); }
+VEC_FN vec vec_add(vec a, vec b) { return _mm512_add_ps(a, b); }
+VEC_FN vec vec_sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+VEC_FN vec vec_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+VEC_FN vec vec_max(vec a, vec b) { return _mm512_max_ps(a, b); } /* b where a NaN */
+VEC_FN vec vec_fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+VEC_FN vec vec_fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
+VEC_FN float vec_sum(vec x) { return _mm512_reduce_add_ps(x); }
+VEC_FN vec vec_load(const void *row, int64_t i, int dtype) { return load16(row, i, dtype); }
+VEC_FN void vec_store(void *row, int64_t i, vec x, int dtype) { store16(row, i, x, dtype); }
+VEC_FN vec vec_round(vec x, int dtype) { return round16(x, dtype); }
 /* The first n (>= 1) lanes of x to p[0, n). */
-static inline void vec_storeu_first(float *p, vec x, int n) {
+VEC_FN void vec_storeu_first(float *p, vec x, int n) {
     _mm512_mask_storeu_ps(p, n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1), x);
 }
-static inline vec vec_rint(vec x) {
+VEC_FN vec vec_rint(vec x) {
     return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 /* p * 2^n, n integral: scalef overflows to inf where expf does. */
-static inline vec vec_scale_pow2(vec p, vec n) { return _mm512_scalef_ps(p, n); }
+VEC_FN vec vec_scale_pow2(vec p, vec n) { return _mm512_scalef_ps(p, n); }
 #elif defined(SOBERANA_AVX2)
 #define SOBERANA_VEC 1
 typedef __m256 vec;
 enum { VEC_LANES = 8 };
-static inline vec vec_zero(void) { return _mm256_setzero_ps(); }
-static inline vec vec_set1(float x) { return _mm256_set1_ps(x); }
-static inline vec vec_loadu(const float *p) { return _mm256_loadu_ps(p); }
-static inline void vec_storeu(float *p, vec x) { _mm256_storeu_ps(p, x); }
-static inline vec vec_add(vec a, vec b) { return _mm256_add_ps(a, b); }
-static inline vec vec_sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
-static inline vec vec_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-static inline vec vec_max(vec a, vec b) { return _mm256_max_ps(a, b); } /* b where a NaN */
-static inline vec vec_fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vec vec_fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
-static inline float vec_sum(vec x) { return hsum8(x); }
-static inline vec vec_load(const void *row, int64_t i, int dtype) { return load8(row, i, dtype); }
-static inline void vec_store(void *row, int64_t i, vec x, int dtype) { store8(row, i, x, dtype); }
-static inline vec vec_round(vec x, int dtype) { return round8(x, dtype); }
-static inline void vec_storeu_first(float *p, vec x, int n) {
+VEC_FN vec vec_zero(void) { return _mm256_setzero_ps(); }
+VEC_FN vec vec_set1(float x) { return _mm256_set1_ps(x); }
+VEC_FN vec vec_loadu(const float *p) { return _mm256_loadu_ps(p); }
+VEC_FN void vec_storeu(float *p, vec x) { _mm256_storeu_ps(p, x); }
+VEC_FN vec vec_add(vec a, vec b) { return _mm256_add_ps(a, b); }
+VEC_FN vec vec_sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+VEC_FN vec vec_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+VEC_FN vec vec_max(vec a, vec b) { return _mm256_max_ps(a, b); } /* b where a NaN */
+VEC_FN vec vec_fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+VEC_FN vec vec_fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+VEC_FN float vec_sum(vec x) { return hsum8(x); }
+VEC_FN vec vec_load(const void *row, int64_t i, int dtype) { return load8(row, i, dtype); }
+VEC_FN void vec_store(void *row, int64_t i, vec x, int dtype) { store8(row, i, x, dtype); }
+VEC_FN vec vec_round(vec x, int dtype) { return round8(x, dtype); }
+VEC_FN void vec_storeu_first(float *p, vec x, int n) {
     if (n >= 8) {
         _mm256_storeu_ps(p, x);
         return;
@@ -207,12 +211,12 @@ static inline void vec_storeu_first(float *p, vec x, int n) {
     _mm256_storeu_ps(tmp, x);
     for (int i = 0; i < n; i++) p[i] = tmp[i];
 }
-static inline vec vec_rint(vec x) {
+VEC_FN vec vec_rint(vec x) {
     return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 /* p * 2^n, n integral, 2^n built in the exponent field: n = 128 (x near 88.7 in vec_exp)
  * gives inf as expf does; n = -127 gives 0 where expf gives a denormal. */
-static inline vec vec_scale_pow2(vec p, vec n) {
+VEC_FN vec vec_scale_pow2(vec p, vec n) {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -236,5 +240,6 @@ static inline vec vec_exp(vec x) {
     return vec_scale_pow2(p, n);
 }
 #endif
+#undef VEC_FN
 
 #endif
