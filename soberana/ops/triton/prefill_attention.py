@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from soberana.ops.triton.checks import check_batch, check_cache_pair, check_output, check_query
-from soberana.ops.triton.paged_tile import attend_paged_range, dot_precision
+from soberana.ops.triton.paged_tile import attend_paged_tile, dot_precision, tile_block_ids
 
 
 @dataclass(frozen=True)
@@ -135,16 +135,24 @@ def _prefill_kernel(
     tile_end_pos = first_pos + tl.minimum(local_tile * block_q + block_q, q_len)
     # Key tiles that end at or before the tile's first query are visible to every row.
     unmasked_end = (tile_first_pos + 1) // BLOCK_N * BLOCK_N
-    row_max, row_sum, acc = attend_paged_range(
-        q, row_max, row_sum, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, 0,
-        unmasked_end, row_pos, seq_len, scale_log2, stride_cache_block, stride_cache_slot,
-        HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
-    )  # fmt: skip
-    row_max, row_sum, acc = attend_paged_range(
-        q, row_max, row_sum, acc, k_cache_ptr, v_cache_ptr, table_row, head_offset, unmasked_end,
-        tile_end_pos, row_pos, seq_len, scale_log2, stride_cache_block, stride_cache_slot,
-        HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
-    )  # fmt: skip
+    # Block ids are loaded one tile ahead (see attend_paged_tile).
+    block = tile_block_ids(table_row, 0, seq_len, BLOCK_SIZE, BLOCK_N)
+    for start in range(0, unmasked_end, BLOCK_N):
+        next_block = tile_block_ids(table_row, start + BLOCK_N, seq_len, BLOCK_SIZE, BLOCK_N)
+        row_max, row_sum, acc = attend_paged_tile(
+            q, row_max, row_sum, acc, k_cache_ptr, v_cache_ptr, block, head_offset, start, row_pos,
+            seq_len, scale_log2, stride_cache_block, stride_cache_slot,
+            HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+        )  # fmt: skip
+        block = next_block
+    for start in range(unmasked_end, tile_end_pos, BLOCK_N):
+        next_block = tile_block_ids(table_row, start + BLOCK_N, seq_len, BLOCK_SIZE, BLOCK_N)
+        row_max, row_sum, acc = attend_paged_tile(
+            q, row_max, row_sum, acc, k_cache_ptr, v_cache_ptr, block, head_offset, start, row_pos,
+            seq_len, scale_log2, stride_cache_block, stride_cache_slot,
+            HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+        )  # fmt: skip
+        block = next_block
 
     result = acc / row_sum[:, None]
     o_off = token[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
