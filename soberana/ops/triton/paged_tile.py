@@ -1,4 +1,4 @@
-"""The inner step shared by the Triton attention kernels: one paged key/value tile, online softmax."""
+"""The inner loop shared by the Triton attention kernels: paged key/value tiles, online softmax."""
 
 from __future__ import annotations
 
