@@ -30,11 +30,11 @@ from soberana.distributed.group import TPGroup
 from soberana.distributed.layers import VocabParallelEmbedding
 from soberana.distributed.sharding import TPShard, plan_shard
 from soberana.models import loader as base
-from soberana.models.config import ModelConfig, rope_inv_freq
+from soberana.models.config import ModelConfig
 from soberana.models.gguf import fingerprint as gguf_fingerprint
-from soberana.models.transformer import CausalLM, RotaryEmbedding
+from soberana.models.transformer import CausalLM
 from soberana.ops.backend import Backend, select_backend
-from soberana.quantization import QuantizationConfig, compressed_tensors, replace_linears, schemes
+from soberana.quantization import QuantizationConfig, compressed_tensors, schemes
 from soberana.quantization.linear import QuantLinear
 
 
@@ -48,23 +48,16 @@ def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
     full, _ = base.read_model_config(path)
     shard = plan_shard(full, group.rank, group.world_size)
     cfg = shard.shard_config(full)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = CausalLM(cfg, max_positions)
-            model.embed_tokens = VocabParallelEmbedding(shard.vocab_per_rank, cfg.hidden_size,
-                                                        shard.vocab_start, group)
-            if model.lm_head is not None:
-                model.lm_head = nn.Linear(cfg.hidden_size, shard.vocab_per_rank, bias=False)
-            if quantization is not None:
-                check_tp_quantization(quantization, full, group.world_size)
-                quantization.verify_supported(device)
-                replace_linears(model, quantization)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to_empty(device=device)
-    model.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), max_positions).to(device)
+
+    def shard_vocab(model: CausalLM) -> None:
+        model.embed_tokens = VocabParallelEmbedding(shard.vocab_per_rank, cfg.hidden_size,
+                                                    shard.vocab_start, group)
+        if model.lm_head is not None:
+            model.lm_head = nn.Linear(cfg.hidden_size, shard.vocab_per_rank, bias=False)
+
+    if quantization is not None:
+        check_tp_quantization(quantization, full, group.world_size)
+    model = base.build_empty_model(cfg, dtype, device, max_positions, quantization, shard_vocab)
     model.tp = group
     for layer in model.layers:
         layer.tp = group
