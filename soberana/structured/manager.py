@@ -128,8 +128,9 @@ class StructuredOutputManager:
         """Begin the batch's token mask (on a host thread beside an accelerator's step); its
         result is a TokenMask of len(requests) rows (unconstrained rows allow everything), or
         None if no row needs one. Call before launching the forward pass, so the two overlap."""
-        rows = [(i, self.sequences[r.key]) for i, r in enumerate(requests)
-                if r.key in self.sequences and self.sequences[r.key].active]
+        sequences = self.sequences
+        rows = [(i, seq) for i, r in enumerate(requests)
+                if (seq := sequences.get(r.key)) is not None and seq.active]
         if not rows:
             return None
         return self._mask_thread.submit(self._fill, len(requests), rows)
@@ -138,6 +139,8 @@ class StructuredOutputManager:
         from llguidance.torch import fill_next_token_bitmask_par
 
         bitmask = torch.full((batch, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        if self.bias_on_host:
+            return self._fill_inline(bitmask, rows)
         matchers = []
         for i, seq in rows:
             matcher = self._matcher(seq)
@@ -145,18 +148,25 @@ class StructuredOutputManager:
                 matchers.append((matcher, i))
         if not matchers:
             return None
-        if not self.bias_on_host:
-            fill_next_token_bitmask_par(self._executor, matchers, bitmask)
-            return TokenMask(bitmask)
-        # In the engine loop on a CPU, one row after another: handing the batch to
-        # llguidance's worker thread made the loop wait for that thread to be scheduled, 3.6 ms
-        # a step at load 10 on 2 cores, for ~7 us of work a row (934-token vocabulary).
+        fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        return TokenMask(bitmask)
+
+    def _fill_inline(self, bitmask: torch.Tensor, rows: list[tuple[int, _Sequence]]
+                     ) -> TokenMask | None:
+        """The CPU's mask, in the engine loop one row after another: handing the batch to
+        llguidance's worker thread made the loop wait for that thread to be scheduled, 3.6 ms
+        a step at load 10 on 2 cores, for ~7 us of work a row (934-token vocabulary)."""
         ptr, row_bytes = bitmask.data_ptr(), bitmask.shape[1] * bitmask.element_size()
-        for matcher, i in matchers:
-            matcher.unsafe_compute_mask_ptr(ptr + i * row_bytes, row_bytes)
-        if len(matchers) == batch:  # every row constrained: one add over the batch
+        used = []
+        for i, seq in rows:
+            matcher = self._matcher(seq)
+            if matcher is not None:
+                matcher.unsafe_compute_mask_ptr(ptr + i * row_bytes, row_bytes)
+                used.append(i)
+        if not used:
+            return None
+        if len(used) == len(bitmask):  # every row constrained: one add over the batch
             return TokenMask(bitmask, token_bias(bitmask, self.vocab_size))
-        used = [i for _, i in matchers]
         return TokenMask(bitmask, token_bias(bitmask[used], self.vocab_size), used)
 
     def valid_drafts(self, request: Request, drafts: list[int]) -> list[int]:
