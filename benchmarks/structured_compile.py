@@ -41,6 +41,13 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def cpu_flags() -> list[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx"))]
+    return []
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]

@@ -14,9 +14,11 @@ Definitions (every number is per step of one constrained request unless it says 
   `accept`: feeding the sampled tokens back to the matchers; `step`: the whole engine step.
 
 Then the same requests unconstrained (same prompts, seeds, `ignore_eos` and the constrained
-run's answer lengths as `min_tokens`/`max_tokens`) against the constrained ones with the mask
-on its host thread (as the engine runs) and computed inline in the engine loop (no overlap),
-rounds interleaved: wall time and the process's CPU time of each.
+run's answer lengths as `min_tokens`/`max_tokens`) against the constrained ones, in rounds of
+one pair whose order alternates (ABBA): wall time and the process's CPU time of each, and the
+load average. On a CPU the engine computes the mask in its loop (soberana/structured/manager.py).
+`--threads N` sets torch's threads (1: the process's CPU seconds are the work done, with no
+OpenMP spin-waiting, so the CPU-time ratio holds on a loaded host).
 
 `--retokenize DIR` also replays the same answers' text tokenized by another (larger)
 vocabulary, e.g. Qwen2.5's 151k, whose grammar masks cost more inside strings.
@@ -38,13 +40,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.schemas.real_world import schemas  # noqa: E402
-from benchmarks.structured_compile import cpu_model, summary  # noqa: E402
+from benchmarks.structured_compile import cpu_flags, cpu_model, summary  # noqa: E402
 
 
 class Timings:
-    """Lists of seconds per hook, filled by wrappers around the engine's functions."""
+    """Lists of seconds per hook, filled by wrappers around the engine's functions, and the
+    engine thread's CPU seconds in the grammar's hooks (fill, apply, accept) in all: the work
+    structured outputs add, which a loaded host's preemption does not inflate."""
 
     def __init__(self) -> None:
+        self.grammar_cpu_s = 0.0
         self.fill: list[float] = []
         self.fill_rows: list[int] = []
         self.wait: list[float] = []
@@ -61,13 +66,17 @@ class Timings:
         return out
 
 
-def timed(fn, into: list[float]):
+def timed(fn, into: list[float], timings: Timings | None = None):
+    """`fn` appending its wall seconds to `into` (and its thread CPU seconds to
+    `timings.grammar_cpu_s` when given)."""
     def wrapper(*args, **kwargs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         try:
             return fn(*args, **kwargs)
         finally:
             into.append(time.perf_counter() - t)
+            if timings is not None:
+                timings.grammar_cpu_s += time.thread_time() - c
     return wrapper
 
 
@@ -90,11 +99,12 @@ def instrument(llm, timings: Timings) -> None:
     fill = manager._fill
 
     def fill_timed(batch, rows):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         try:
             return fill(batch, rows)
         finally:
             timings.fill.append(time.perf_counter() - t)
+            timings.grammar_cpu_s += time.thread_time() - c
             timings.fill_rows.append(len(rows))
 
     manager._fill = fill_timed
@@ -105,8 +115,8 @@ def instrument(llm, timings: Timings) -> None:
         return None if future is None else _TimedFuture(future, timings.wait)
 
     manager.start_masks = start_timed
-    TokenMask.apply_ = timed(TokenMask.apply_, timings.apply)
-    manager.accept = timed(manager.accept, timings.accept)
+    TokenMask.apply_ = timed(TokenMask.apply_, timings.apply, timings)
+    manager.accept = timed(manager.accept, timings.accept, timings)
     engine.step = timed(engine.step, timings.step)
 
 
@@ -141,17 +151,6 @@ def generate(llm, reqs) -> tuple[list, float, float]:
     t, c = time.perf_counter(), time.process_time()
     outs = llm.generate([ids for ids, _ in reqs], [p for _, p in reqs], use_tqdm=False)
     return outs, time.perf_counter() - t, time.process_time() - c
-
-
-class _Inline:
-    """An executor that runs the mask in the caller (the engine loop): no overlap."""
-
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
 
 
 def replay(compiler, vocab: int, answers) -> dict:
@@ -218,6 +217,9 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    ap.add_argument("--skip-replay", action="store_true",
+                    help="only the A/B rounds and the in-engine timings")
     ap.add_argument("--retokenize", help="also replay the answers tokenized by this tokenizer")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -225,6 +227,8 @@ def main() -> None:
 
     from soberana.engine.llm import LLM
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_start = Path("/proc/loadavg").read_text().split()[:3]
     llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_model_len=512)
     tok = llm.tokenizer
@@ -234,35 +238,36 @@ def main() -> None:
     outs, _, _ = generate(llm, constrained)  # compiles every schema once
     lengths = [len(o.outputs[0].token_ids) for o in outs]
     free = requests(tok, args.requests, args.max_tokens, False, lengths)
-    manager = llm.engine.structured
-    threaded = manager._mask_thread
     rounds = []
-    for _ in range(args.rounds):  # interleaved: each round's three ran at nearly one load
+    for i in range(args.rounds):  # ABBA: a drifting load hits both kinds alike
         run = {}
-        for name in ("unconstrained", "json_schema", "json_schema_inline_mask"):
-            manager._mask_thread = _Inline() if name.endswith("inline_mask") else threaded
+        for name in (("unconstrained", "json_schema") if i % 2 == 0
+                     else ("json_schema", "unconstrained")):
             _, wall, cpu = generate(llm, free if name == "unconstrained" else constrained)
-            run[name] = {"wall_s": wall, "cpu_s": cpu}
-        manager._mask_thread = threaded
-        base = run["unconstrained"]
-        for name in ("json_schema", "json_schema_inline_mask"):
-            run[name]["wall_slowdown_pct"] = 100 * (run[name]["wall_s"] / base["wall_s"] - 1)
-            run[name]["cpu_increase_pct"] = 100 * (run[name]["cpu_s"] / base["cpu_s"] - 1)
+            run[name] = {"wall_s": wall, "cpu_s": cpu,
+                         "loadavg": Path("/proc/loadavg").read_text().split()[0]}
+        base, json_ = run["unconstrained"], run["json_schema"]
+        json_["wall_slowdown_pct"] = 100 * (json_["wall_s"] / base["wall_s"] - 1)
+        json_["cpu_increase_pct"] = 100 * (json_["cpu_s"] / base["cpu_s"] - 1)
         print(json.dumps(run))
         rounds.append(run)
     timings = Timings()  # hooks last: they cost a little themselves
     instrument(llm, timings)
     outs, _, _ = generate(llm, constrained)
     in_engine = timings.report()
+    if rounds:  # the grammar's CPU seconds against an unconstrained run's (median)
+        free_cpu = statistics.median(r["unconstrained"]["cpu_s"] for r in rounds)
+        in_engine["grammar_cpu_s"] = timings.grammar_cpu_s
+        in_engine["grammar_cpu_pct_of_unconstrained_cpu"] = 100 * timings.grammar_cpu_s / free_cpu
     manager = llm.engine.structured
-    per_token = replay(manager.compiler, manager.vocab_size, [
+    per_token = None if args.skip_replay else replay(manager.compiler, manager.vocab_size, [
         (p.structured_outputs, list(o.outputs[0].token_ids)) for (_, p), o in zip(constrained, outs)])
     if args.retokenize:
         per_token = {"model_tokenizer": per_token,
                      "retokenized": replay_retokenized(args.retokenize, constrained, outs)}
     result = {
         "model": args.model, "vocab": llm.engine.structured.vocab_size, "cpu": cpu_model(),
-        "torch_threads": torch.get_num_threads(),
+        "cpu_flags": cpu_flags(), "torch_threads": torch.get_num_threads(),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
         "requests": args.requests, "max_num_seqs": args.max_num_seqs,
@@ -273,7 +278,11 @@ def main() -> None:
         "ab_rounds": rounds, "ab_median": {
             name: {key: statistics.median(r[name][key] for r in rounds)
                    for key in ("wall_slowdown_pct", "cpu_increase_pct")}
-            for name in ("json_schema", "json_schema_inline_mask")} if rounds else None,
+            for name in ("json_schema",)} if rounds else None,
+        # the fastest run of each kind, the one least held up by other load on a shared host
+        "ab_best_wall_slowdown_pct": 100 * (
+            min(r["json_schema"]["wall_s"] for r in rounds)
+            / min(r["unconstrained"]["wall_s"] for r in rounds) - 1) if rounds else None,
         "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
     }
     print(json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """The engine's side of structured outputs: one llguidance matcher per constrained sequence,
-the batch's token mask computed on the host while the model runs, and each sampled token fed
-back to its matcher."""
+the batch's token mask computed on the host (beside the step on an accelerator, in the engine
+loop on a CPU), and each sampled token fed back to its matcher."""
 
 from __future__ import annotations
 
@@ -22,18 +22,32 @@ log = logging.getLogger("soberana.structured")
 @dataclass
 class TokenMask:
     """A batch's grammar mask as the sampler applies it: llguidance's bitmask (int32
-    [N, ceil(V/32)], bit j of word w allows token 32w + j) and, when the logits are on the CPU,
-    the same mask as an additive bias (float32 [N, V]: 0 allowed, -inf forbidden), made on the
-    host thread beside the forward pass so that the engine loop's part is one add."""
+    [N, ceil(V/32)], bit j of word w allows token 32w + j; unconstrained rows all ones) and,
+    when the logits are on the CPU, the constrained rows' mask as an additive bias (float32
+    [len(rows), V]: 0 allowed, -inf forbidden) with `rows`, their batch rows (None: all)."""
 
     bitmask: torch.Tensor
     bias: torch.Tensor | None = None
+    rows: list[int] | None = None
 
     def apply_(self, logits: torch.Tensor) -> torch.Tensor:
         """Forbid the masked tokens in `logits` [N, V] in place; returns them."""
         if self.bias is None:
             return apply_token_bitmask(logits, self.bitmask, inplace=True)
-        return logits.add_(self.bias[:, : logits.shape[1]])
+        bias = self.bias[:, : logits.shape[1]]
+        if logits.dtype == torch.float32:
+            # numpy adds on one thread: torch's add_ of 64 x 934 opens an OpenMP region, 6 us
+            # on a quiet core but 3.5 ms wall at load 10 on 2 cores, where a preempted team
+            # thread holds the whole region up (Xeon Emerald Rapids, load 10-12).
+            out, add = logits.numpy(), bias.numpy()
+            if self.rows is None:
+                np.add(out, add, out=out)
+            else:
+                out[self.rows] += add
+            return logits
+        if self.rows is None:
+            return logits.add_(bias)
+        return logits.index_add_(0, torch.tensor(self.rows), bias.to(logits.dtype))
 
 
 class _Sequence:
@@ -41,6 +55,7 @@ class _Sequence:
 
     def __init__(self, matcher: Future, reasoning_end: list[int]) -> None:
         self.matcher = matcher
+        self.ready: Any = None  # the matcher once compiled (no future's lock per token)
         self.reasoning_end = reasoning_end
         self.active = not reasoning_end  # the constraint applies from this token on
         self.failed = False
@@ -61,13 +76,18 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.timeout_s = timeout_s
-        # Logits on the CPU take the mask as an additive bias, built on the mask thread.
+        # Logits on the CPU take the mask as an additive bias.
         self.bias_on_host = torch.device(device).type == "cpu"
         self._compiler: GrammarCompiler | None = None  # built on the first constrained request
         self._executor: Any = None  # llguidance's thread pool for the batch's masks
         self.sequences: dict[tuple[str, int], _Sequence] = {}
-        # One thread runs the mask computation beside the model's forward pass.
-        self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-mask")
+        # On an accelerator one host thread computes the mask while the device runs the step.
+        # On a CPU the step's OpenMP team already holds every core, so the engine loop
+        # computes it: a third runnable thread only took turns with the team, and at load the
+        # hand-offs (engine -> mask thread -> llguidance's worker) each waited for a time slice
+        # (benchmarks/structured_mask.py: +71% wall threaded vs +34% inline at load 7-10).
+        self._mask_thread = (_InlineExecutor() if self.bias_on_host else
+                             ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-mask"))
 
     @property
     def compiler(self) -> GrammarCompiler:
@@ -105,11 +125,12 @@ class StructuredOutputManager:
         return request.key in self.sequences
 
     def start_masks(self, requests: list[Request]) -> Future | None:
-        """Begin the batch's token mask on a host thread; its result is a TokenMask of
-        len(requests) rows (unconstrained rows allow everything), or None if no row needs one.
-        Call before launching the forward pass, so the two overlap."""
-        rows = [(i, self.sequences[r.key]) for i, r in enumerate(requests)
-                if r.key in self.sequences and self.sequences[r.key].active]
+        """Begin the batch's token mask (on a host thread beside an accelerator's step); its
+        result is a TokenMask of len(requests) rows (unconstrained rows allow everything), or
+        None if no row needs one. Call before launching the forward pass, so the two overlap."""
+        sequences = self.sequences
+        rows = [(i, seq) for i, r in enumerate(requests)
+                if (seq := sequences.get(r.key)) is not None and seq.active]
         if not rows:
             return None
         return self._mask_thread.submit(self._fill, len(requests), rows)
@@ -118,6 +139,8 @@ class StructuredOutputManager:
         from llguidance.torch import fill_next_token_bitmask_par
 
         bitmask = torch.full((batch, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        if self.bias_on_host:
+            return self._fill_inline(bitmask, rows)
         matchers = []
         for i, seq in rows:
             matcher = self._matcher(seq)
@@ -126,8 +149,25 @@ class StructuredOutputManager:
         if not matchers:
             return None
         fill_next_token_bitmask_par(self._executor, matchers, bitmask)
-        bias = token_bias(bitmask, self.vocab_size) if self.bias_on_host else None
-        return TokenMask(bitmask, bias)
+        return TokenMask(bitmask)
+
+    def _fill_inline(self, bitmask: torch.Tensor, rows: list[tuple[int, _Sequence]]
+                     ) -> TokenMask | None:
+        """The CPU's mask, in the engine loop one row after another: handing the batch to
+        llguidance's worker thread made the loop wait for that thread to be scheduled, 3.6 ms
+        a step at load 10 on 2 cores, for ~7 us of work a row (934-token vocabulary)."""
+        ptr, row_bytes = bitmask.data_ptr(), bitmask.shape[1] * bitmask.element_size()
+        used = []
+        for i, seq in rows:
+            matcher = self._matcher(seq)
+            if matcher is not None:
+                matcher.unsafe_compute_mask_ptr(ptr + i * row_bytes, row_bytes)
+                used.append(i)
+        if not used:
+            return None
+        if len(used) == len(bitmask):  # every row constrained: one add over the batch
+            return TokenMask(bitmask, token_bias(bitmask, self.vocab_size))
+        return TokenMask(bitmask, token_bias(bitmask[used], self.vocab_size), used)
 
     def valid_drafts(self, request: Request, drafts: list[int]) -> list[int]:
         """The leading drafts worth verifying for `request` (speculative decoding): those its
@@ -184,13 +224,15 @@ class StructuredOutputManager:
 
     def _matcher(self, seq: _Sequence):
         """The sequence's usable matcher, or None (compile failed, or in an error state)."""
-        try:
-            matcher = seq.matcher.result(timeout=self.timeout_s)
-        except Exception as exc:  # cannot happen for what the server validated first
-            if not seq.failed:
-                log.error("structured output dropped for a sequence: %s", exc)
-            seq.failed = True
-            return None
+        matcher = seq.ready
+        if matcher is None:
+            try:
+                matcher = seq.ready = seq.matcher.result(timeout=self.timeout_s)
+            except Exception as exc:  # cannot happen for what the server validated first
+                if not seq.failed:
+                    log.error("structured output dropped for a sequence: %s", exc)
+                seq.failed = True
+                return None
         return None if matcher.is_error() else matcher
 
     def accept(self, request: Request, token: int) -> None:
@@ -204,9 +246,21 @@ class StructuredOutputManager:
             # The token is already in output_token_ids; the constraint starts after it.
             seq.active = len(out) >= len(end) and out[len(out) - len(end):] == end
             return
-        matcher = seq.matcher.result()
+        matcher = seq.ready if seq.ready is not None else seq.matcher.result()
         if not matcher.consume_token(token) and not matcher.is_error():
             log.warning("token %d refused by the grammar of %s", token, request.request_id)
+
+
+class _InlineExecutor:
+    """An executor that runs the task in the caller (the engine loop on a CPU)."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # raised where the result is read, as from a thread
+            future.set_exception(exc)
+        return future
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
@@ -229,9 +283,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
 
 def token_bias(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """The CPU bitmask as an additive float32 bias [N, vocab]: 0.0 where a token is allowed,
-    -inf where it is forbidden or past the bitmask. Numpy, single-threaded on purpose: it
-    runs on the mask thread, where torch's parallel ops would start a second OpenMP team
-    beside the forward pass's on the same cores."""
+    -inf where it is forbidden or past the bitmask. Numpy, single-threaded on purpose: a
+    torch op this small would open an OpenMP region for microseconds of work."""
     words = bitmask.contiguous().numpy().view(np.uint8)  # little-endian: byte k holds tokens 8k..8k+7
     bits = np.unpackbits(words, axis=1, count=min(vocab, words.shape[1] * 8),
                          bitorder="little")

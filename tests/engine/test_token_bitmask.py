@@ -59,3 +59,20 @@ def test_host_bias_equals_the_bitmask_path(vocab, words, dtype):
     out = TokenMask(bitmask, bias).apply_(logits.clone())
     assert out.dtype == dtype and torch.equal(out, expected)
     assert torch.equal(TokenMask(bitmask).apply_(logits.clone()), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_bias_of_some_rows_leaves_the_other_rows_alone(dtype):
+    """A batch where only rows 1 and 3 are constrained: the bias holds those two rows and is
+    added to them in place; rows 0 and 2 keep their logits bit for bit."""
+    vocab, words = 100, 4
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, vocab, generator=g).to(dtype)
+    bitmask = torch.full((4, words), -1, dtype=torch.int32)
+    bitmask[[1, 3]] = _random_bitmask(g, words, "mixed")[:2]
+    expected = _bit_by_bit(logits, bitmask)
+    mask = TokenMask(bitmask, token_bias(bitmask[[1, 3]], vocab), rows=[1, 3])
+    out = logits.clone()
+    assert mask.apply_(out) is out
+    assert out.dtype == dtype and torch.equal(out, expected)
+    assert torch.equal(out[[0, 2]], logits[[0, 2]])
