@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import commit, machine  # noqa: E402
 
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
 
 def corpus_words() -> list[str]:
     """Words of the licence texts that ship with installed packages (English prose)."""
@@ -206,6 +208,8 @@ def main() -> int:
               "num_sentences": len(texts), "tokens": {"mean": statistics.mean(lengths),
                                                       "min": min(lengths), "max": max(lengths)},
               "concurrency": args.concurrency, "runs": []}
+    # PyTorch's and oneDNN's ISA caps (an AVX2-only CPU emulated on an AVX-512 host)
+    result["environment"] = {k: os.environ.get(k) for k in ISA_ENV}
     st_runs = {}
     for dtype in args.st_dtypes.split(","):
         st_runs[dtype] = run_sentence_transformers(args.model, texts_file, 32, dtype)

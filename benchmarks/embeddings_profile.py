@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from embeddings_cpu import sentences  # noqa: E402
+from embeddings_cpu import ISA_ENV, sentences  # noqa: E402
 from offline_throughput import commit, machine  # noqa: E402
 
 cpu = time.process_time
@@ -139,6 +139,8 @@ def main() -> int:
               "num_sentences": len(texts), "mean_tokens": sum(map(len, ids)) / len(ids),
               "threads": 1, "clock": "process CPU time", "batch": args.batch,
               "cpu_isa": args.cpu_isa}
+    # PyTorch's and oneDNN's ISA caps (an AVX2-only CPU emulated on an AVX-512 host)
+    result["environment"] = {k: os.environ.get(k) for k in ISA_ENV}
     if not args.skip_peers:
         result["sentence_transformers_ms_per_sentence"] = {
             str(d).removeprefix("torch."): sentence_transformers_ms(model_dir, texts, d)
