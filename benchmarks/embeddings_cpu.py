@@ -23,15 +23,19 @@ import json
 import os
 import random
 import re
+import shlex
 import statistics
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import commit, machine  # noqa: E402
+
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def corpus_words() -> list[str]:
@@ -144,9 +148,10 @@ def _vector(embedding: list[float] | str) -> list[float]:
     return embedding
 
 
-def start_server(model: str, log: Path, dtype: str = "auto") -> tuple[subprocess.Popen, str]:
+def start_server(model: str, log: Path, dtype: str = "auto",
+                 flags: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "soberana.cli", "serve", model, "--port", "0",
-                             "--disable-uvicorn-access-log", "--dtype", dtype],
+                             "--disable-uvicorn-access-log", "--dtype", dtype, *flags],
                             stdout=open(log, "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
@@ -179,6 +184,9 @@ def main() -> int:
                     help="server dtypes, one server each (bfloat16: AVX512_BF16 linears)")
     ap.add_argument("--st-dtypes", default="float32,bfloat16",
                     help="sentence-transformers dtypes (float32 first: the cosine reference)")
+    ap.add_argument("--server-flags", default="",
+                    help="';'-separated sets of extra `soberana serve` flags, one server each "
+                         "(e.g. '--cpu-isa avx2;--cpu-isa avx2 --compute-backend torch')")
     ap.add_argument("--encodings", default="float", help="encoding_format: float, base64")
     ap.add_argument("--client", default="aiohttp", choices=("aiohttp", "httpx"))
     ap.add_argument("--again", action="store_true",
@@ -200,6 +208,8 @@ def main() -> int:
               "num_sentences": len(texts), "tokens": {"mean": statistics.mean(lengths),
                                                       "min": min(lengths), "max": max(lengths)},
               "concurrency": args.concurrency, "runs": []}
+    # PyTorch's and oneDNN's ISA caps (an AVX2-only CPU emulated on an AVX-512 host)
+    result["environment"] = {k: os.environ.get(k) for k in ISA_ENV}
     st_runs = {}
     for dtype in args.st_dtypes.split(","):
         st_runs[dtype] = run_sentence_transformers(args.model, texts_file, 32, dtype)
@@ -216,15 +226,18 @@ def main() -> int:
         "not run: not on PyPI (`pip download text-embeddings-inference`: no matching "
         "distribution) and no network beyond the package index")
     log = out_dir / ".embeddings_server.log"
-    for dtype in args.dtypes.split(","):
-        proc, url = start_server(args.model, log, dtype)
+    servers = [(dtype, flags) for dtype in args.dtypes.split(",")
+               for flags in args.server_flags.split(";")]
+    for dtype, flags in servers:
+        proc, url = start_server(args.model, log, dtype, shlex.split(flags))
         try:
             for per_request in (int(x) for x in args.per_request.split(",")):
                 for encoding in args.encodings.split(","):
                     run = asyncio.run(run_server(url, texts, args.concurrency, per_request,
                                                  encoding, args.client))
                     result["runs"].append({
-                        "dtype": dtype, "sentences_per_request": per_request,
+                        "dtype": dtype, "server_flags": flags,
+                        "sentences_per_request": per_request,
                         "encoding_format": encoding, "seconds": run["seconds"],
                         "sentences_per_s": len(texts) / run["seconds"],
                         "vs_sentence_transformers": {
@@ -239,7 +252,8 @@ def main() -> int:
             proc.wait(30)
         result.setdefault("server_log_lines", []).extend(
             line for line in log.read_text().splitlines()
-            if "Compute backend" in line or "Slower path" in line or "loaded in" in line)
+            if "Compute backend" in line or "Slower path" in line or "loaded in" in line
+            or "encoder" in line.lower())
     if args.again:  # a host whose load changed during the run shows it here
         again = run_sentence_transformers(args.model, texts_file, 32)
         result["sentence_transformers_float32_again"] = {

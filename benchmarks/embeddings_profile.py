@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from embeddings_cpu import sentences  # noqa: E402
+from embeddings_cpu import ISA_ENV, sentences  # noqa: E402
 from offline_throughput import commit, machine  # noqa: E402
 
 cpu = time.process_time
 
 
 def encoder_ops(model_dir: Path, ids: list[list[int]], dtype: torch.dtype, backend: str,
-                batch: int) -> dict:  # fmt: skip
+                batch: int, cpu_isa: str = "native") -> dict:  # fmt: skip
     """ms of CPU per sentence, in all and by op, of soberana's encoder on `backend`."""
     from soberana.models.encoder import PackedBatch, load_encoder
     from soberana.models.pooling import PoolingConfig, pool
@@ -38,7 +38,7 @@ def encoder_ops(model_dir: Path, ids: list[list[int]], dtype: torch.dtype, backe
     from soberana.ops.cpu import linear as cpu_linear
 
     model = load_encoder(model_dir, dtype, torch.device("cpu"))
-    chosen = select_backend(backend, torch.device("cpu"), dtype)
+    chosen = select_backend(backend, torch.device("cpu"), dtype, cpu_isa=cpu_isa)
     model.use_kernels(chosen.kernels)
     if chosen.kernels.pack_cpu_linears:
         cpu_linear.pack_linears(model)
@@ -121,7 +121,12 @@ def main() -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--num", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--cpu-isa", default="native", choices=("native", "avx2", "portable"),
+                    help="the native kernels' build (avx2: the path of CPUs without AVX-512)")
+    ap.add_argument("--skip-peers", action="store_true",
+                    help="soberana's encoder only: no sentence-transformers, no API-process work")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -132,18 +137,24 @@ def main() -> int:
     ids = tok(texts)["input_ids"]
     result = {"commit": commit(), "machine": machine(), "model": args.model,
               "num_sentences": len(texts), "mean_tokens": sum(map(len, ids)) / len(ids),
-              "threads": 1, "clock": "process CPU time", "batch": args.batch}
-    result["sentence_transformers_ms_per_sentence"] = {
-        str(d).removeprefix("torch."): sentence_transformers_ms(model_dir, texts, d)
-        for d in (torch.float32, torch.bfloat16)}
+              "threads": 1, "clock": "process CPU time", "batch": args.batch,
+              "cpu_isa": args.cpu_isa}
+    # PyTorch's and oneDNN's ISA caps (an AVX2-only CPU emulated on an AVX-512 host)
+    result["environment"] = {k: os.environ.get(k) for k in ISA_ENV}
+    if not args.skip_peers:
+        result["sentence_transformers_ms_per_sentence"] = {
+            str(d).removeprefix("torch."): sentence_transformers_ms(model_dir, texts, d)
+            for d in (torch.float32, torch.bfloat16)}
     result["soberana"] = {
         f"{str(d).removeprefix('torch.')} {backend}": encoder_ops(model_dir, ids, d, backend,
-                                                                  args.batch)
+                                                                  args.batch, args.cpu_isa)
         for d in (torch.float32, torch.bfloat16) for backend in ("torch", "native")}
-    result["api_process_ms_per_request"] = api_work_ms(model_dir, texts)
+    if not args.skip_peers:
+        result["api_process_ms_per_request"] = api_work_ms(model_dir, texts)
     result["load_avg_at_end"] = os.getloadavg()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "embeddings_profile.json").write_text(json.dumps(result, indent=1))
+    name = f"embeddings_profile{('_' + args.tag) if args.tag else ''}.json"
+    (Path(args.out) / name).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     return 0
 

@@ -300,7 +300,7 @@ def default_kernels(device: torch.device, dtype: torch.dtype) -> Kernels:
 
 def _native_encoder_ops() -> dict[str, Callable]:
     """The encoder's native attention and add + LayerNorm where they are vectorised (AVX-512
-    builds; the plain-C loops are slower than PyTorch's), else {}: PyTorch's. Encoders only,
+    and AVX2 + FMA builds; the plain-C loops are slower than PyTorch's), else {}: PyTorch's. Encoders only,
     so not a fallback of a decoder's backend: the pooling core reports it."""
     from soberana.ops.cpu import kernels as cpu_kernels
 

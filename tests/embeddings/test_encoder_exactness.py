@@ -9,6 +9,7 @@ from sentence_transformers import CrossEncoder, SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
 from soberana import LLM
+from soberana.ops.cpu import kernels as cpu_kernels
 
 SENTENCES = [
     "Hello world",
@@ -54,10 +55,23 @@ def test_cross_encoder_scores_equal_sentence_transformers(tiny_encoder, kind):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_real_minilm_embeddings_equal_sentence_transformers(minilm):
-    llm = LLM(str(minilm))
-    assert llm.engine.model_info.task == "embed"
-    ours = torch.tensor(llm.embed(SENTENCES))
+def _cpu_isas() -> list[str]:
+    """This CPU's build, and on an AVX-512 CPU the AVX2 + FMA one (CPUs without AVX-512)."""
+    return ["native", "avx2"] if "avx512f" in cpu_kernels.cpu_flags() else ["native"]
+
+
+@pytest.mark.parametrize("cpu_isa", _cpu_isas())
+def test_real_minilm_embeddings_equal_sentence_transformers(minilm, cpu_isa):
+    try:
+        llm = LLM(str(minilm), cpu_isa=cpu_isa)
+        assert llm.engine.model_info.task == "embed"
+        ours = torch.tensor(llm.embed(SENTENCES))
+        served = llm.engine.model_info.compute["kernels"]["attention/LayerNorm"]
+    finally:
+        cpu_kernels.set_isa("native")  # process-wide: the other tests build for this CPU
+    # the vectorised kernels, AVX2 builds too
+    avx512 = cpu_isa == "native" and "avx512f" in cpu_kernels.cpu_flags()
+    assert served == ("native AVX-512" if avx512 else "native AVX2+FMA"), served
     ref = torch.tensor(SentenceTransformer(str(minilm), device="cpu").encode(SENTENCES))
     cos = torch.nn.functional.cosine_similarity(ours, ref)
     assert cos.min() > 0.99999, cos

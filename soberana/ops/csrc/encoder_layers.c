@@ -23,12 +23,13 @@
 #include "simd.h"
 
 enum { OK = 0, UNSUPPORTED = 1, NO_MEMORY = 3 };
-#define QR 8 /* queries per block: their scores of 16 keys in 8 registers */
+#define QR 8 /* queries per block: their scores of one key chunk in 8 registers */
 
-/* 1 where this build has the vectorised attention (AVX-512), else 0 (the PyTorch path is
- * faster than this file's plain loops there: ops/backend.py chooses it). */
+/* 1 where this build has the vectorised attention and LayerNorm (AVX-512 or AVX2 + FMA:
+ * simd.h's `vec`), else 0 (the PyTorch path is faster than this file's plain loops there:
+ * ops/backend.py chooses it). */
 int encoder_attention_simd(void) {
-#ifdef __AVX512F__
+#ifdef SOBERANA_VEC
     return 1;
 #else
     return 0;
@@ -47,9 +48,13 @@ typedef struct AttnArgs {
     int failed; /* a task found no memory for its scratch */
 } AttnArgs;
 
-#ifdef __AVX512F__
+#ifdef SOBERANA_VEC
+enum { KEY_CHUNK = VEC_LANES }; /* keys per score vector; Lp is L rounded up to it */
+
 /* Queries [i0, i0 + R) of one (sequence, head): kt [D][Lp] keys transposed (zero past L),
- * v [L][D] values, s [QR][Lp] scratch for the probabilities. */
+ * v [L][D] values, s [QR][Lp] scratch for the probabilities. One body for AVX-512 (16 keys
+ * a chunk) and AVX2 (8): on AVX2 the 8 running maxima do not fit the 16 registers beside the
+ * 8 accumulators and spill, 16 loads/stores per chunk of 8 D multiply-adds. */
 static inline __attribute__((always_inline)) void query_block(
     const AttnArgs *a, const char *q_rows, char *out_rows, int64_t i0, int64_t L, int64_t Lp,
     const float *kt, const float *v, float *s, const int R) {
@@ -58,48 +63,51 @@ static inline __attribute__((always_inline)) void query_block(
     for (int r = 0; r < R; r++)
         for (int64_t d = 0; d < D; d++)
             q[r][d] = load1(q_rows + (i0 + r) * a->qkv_stride * esz, d, a->dtype) * a->scale;
-    __m512 top[QR];
-    for (int r = 0; r < R; r++) top[r] = _mm512_set1_ps(-INFINITY);
-    const __mmask16 tail = (__mmask16)((1u << (L % 16)) - 1); /* live keys of the last chunk */
-    for (int64_t j = 0; j < Lp; j += 16) {
-        __m512 acc[QR];
-        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    vec top[QR];
+    for (int r = 0; r < R; r++) top[r] = vec_set1(-INFINITY);
+    const int tail = (int)(L % KEY_CHUNK); /* live keys of the last chunk, where partial */
+    for (int64_t j = 0; j < Lp; j += KEY_CHUNK) {
+        vec acc[QR];
+        for (int r = 0; r < R; r++) acc[r] = vec_zero();
         for (int64_t d = 0; d < D; d++) {
-            const __m512 k = _mm512_loadu_ps(kt + d * Lp + j);
-            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d]), k, acc[r]);
+            const vec k = vec_loadu(kt + d * Lp + j);
+            for (int r = 0; r < R; r++) acc[r] = vec_fmadd(vec_set1(q[r][d]), k, acc[r]);
         }
-        const int partial = j + 16 > L;
+        const int partial = j + KEY_CHUNK > L;
         for (int r = 0; r < R; r++) {
-            if (partial) acc[r] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), tail, acc[r]);
-            _mm512_storeu_ps(s + r * Lp + j, acc[r]);
-            top[r] = _mm512_max_ps(top[r], acc[r]);
+            if (partial) acc[r] = vec_first_or(acc[r], tail, vec_set1(-INFINITY));
+            vec_storeu(s + r * Lp + j, acc[r]);
+            top[r] = vec_max(top[r], acc[r]);
         }
     }
     float inv[QR];
     for (int r = 0; r < R; r++) {
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top[r]));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < Lp; j += 16) {
-            __m512 p = vec_exp(_mm512_sub_ps(_mm512_loadu_ps(s + r * Lp + j), m));
-            if (j + 16 > L) p = _mm512_maskz_mov_ps(tail, p);
-            _mm512_storeu_ps(s + r * Lp + j, p);
-            sum = _mm512_add_ps(sum, p);
+        const vec m = vec_set1(vec_reduce_max(top[r]));
+        vec sum = vec_zero();
+        for (int64_t j = 0; j < Lp; j += KEY_CHUNK) {
+            vec p = vec_exp(vec_sub(vec_loadu(s + r * Lp + j), m));
+            /* vec_exp(-inf) is exp(-88), not 0: the padded keys get exactly 0 */
+            if (j + KEY_CHUNK > L) p = vec_first_or(p, tail, vec_zero());
+            vec_storeu(s + r * Lp + j, p);
+            sum = vec_add(sum, p);
         }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+        inv[r] = 1.0f / vec_sum(sum);
     }
-    for (int64_t c = 0; c < D; c += 16) {
-        __m512 acc[QR];
-        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += VEC_LANES) {
+        vec acc[QR];
+        for (int r = 0; r < R; r++) acc[r] = vec_zero();
         for (int64_t j = 0; j < L; j++) {
-            const __m512 vj = _mm512_loadu_ps(v + j * D + c);
-            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r * Lp + j]), vj, acc[r]);
+            const vec vj = vec_loadu(v + j * D + c);
+            for (int r = 0; r < R; r++) acc[r] = vec_fmadd(vec_set1(s[r * Lp + j]), vj, acc[r]);
         }
         for (int r = 0; r < R; r++)
-            store16(out_rows + (i0 + r) * a->out_stride * esz, c,
-                    _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r])), a->dtype);
+            vec_store(out_rows + (i0 + r) * a->out_stride * esz, c,
+                      vec_mul(acc[r], vec_set1(inv[r])), a->dtype);
     }
 }
 #else
+enum { KEY_CHUNK = 16 };
+
 /* The same steps in plain loops, one query at a time. */
 static void query_block(const AttnArgs *a, const char *q_rows, char *out_rows, int64_t i0,
                         int64_t L, int64_t Lp, const float *kt, const float *v, float *s, int R) {
@@ -129,7 +137,7 @@ static void query_block(const AttnArgs *a, const char *q_rows, char *out_rows, i
 static void attend(void *arg, int64_t task) {
     AttnArgs *a = arg;
     const int64_t H = a->num_heads, D = a->head_dim, b = task / H, h = task % H;
-    const int64_t first = a->starts[b], L = a->starts[b + 1] - first, Lp = (L + 15) / 16 * 16;
+    const int64_t first = a->starts[b], L = a->starts[b + 1] - first, Lp = (L + KEY_CHUNK - 1) / KEY_CHUNK * KEY_CHUNK;
     const int64_t esz = a->dtype == DT_F32 ? 4 : 2;
     if (L <= 0) return;
     float *kt = malloc((size_t)(D * Lp + L * D + QR * Lp) * sizeof(float));
@@ -207,27 +215,27 @@ static inline __attribute__((always_inline)) void layer_norm_impl(const LayerNor
     float buf[H];
     int64_t i = 0;
     float mean = 0.0f, var = 0.0f;
-#ifdef __AVX512F__
-    if (H % 16 == 0) {
-        __m512 sum = _mm512_setzero_ps();
-        for (; i < H; i += 16) {
-            __m512 y = load16(x, i, dt);
-            if (res != NULL) y = round16(_mm512_add_ps(y, load16(res, i, dt)), dt);
-            _mm512_storeu_ps(buf + i, y);
-            sum = _mm512_add_ps(sum, y);
+#ifdef SOBERANA_VEC
+    if (H % VEC_LANES == 0) {
+        vec sum = vec_zero();
+        for (; i < H; i += VEC_LANES) {
+            vec y = vec_load(x, i, dt);
+            if (res != NULL) y = vec_round(vec_add(y, vec_load(res, i, dt)), dt);
+            vec_storeu(buf + i, y);
+            sum = vec_add(sum, y);
         }
-        mean = _mm512_reduce_add_ps(sum) / (float)H;
-        const __m512 m = _mm512_set1_ps(mean);
-        __m512 sq = _mm512_setzero_ps();
-        for (i = 0; i < H; i += 16) {
-            const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(buf + i), m);
-            sq = _mm512_fmadd_ps(c, c, sq);
+        mean = vec_sum(sum) / (float)H;
+        const vec m = vec_set1(mean);
+        vec sq = vec_zero();
+        for (i = 0; i < H; i += VEC_LANES) {
+            const vec c = vec_sub(vec_loadu(buf + i), m);
+            sq = vec_fmadd(c, c, sq);
         }
-        var = _mm512_reduce_add_ps(sq) / (float)H;
-        const __m512 rstd = _mm512_set1_ps(1.0f / sqrtf(var + a->eps));
-        for (i = 0; i < H; i += 16) {
-            const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + i), m), rstd);
-            store16(out, i, _mm512_fmadd_ps(c, load16(a->weight, i, dt), load16(a->bias, i, dt)), dt);
+        var = vec_sum(sq) / (float)H;
+        const vec rstd = vec_set1(1.0f / sqrtf(var + a->eps));
+        for (i = 0; i < H; i += VEC_LANES) {
+            const vec c = vec_mul(vec_sub(vec_loadu(buf + i), m), rstd);
+            vec_store(out, i, vec_fmadd(c, vec_load(a->weight, i, dt), vec_load(a->bias, i, dt)), dt);
         }
         return;
     }

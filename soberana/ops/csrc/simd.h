@@ -172,6 +172,11 @@ VEC_FN vec vec_max(vec a, vec b) { return _mm512_max_ps(a, b); } /* b where a Na
 VEC_FN vec vec_fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 VEC_FN vec vec_fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
 VEC_FN float vec_sum(vec x) { return _mm512_reduce_add_ps(x); }
+VEC_FN float vec_reduce_max(vec x) { return _mm512_reduce_max_ps(x); }
+/* x in its first n lanes (0 <= n <= 16), fill in the others. */
+VEC_FN vec vec_first_or(vec x, int n, vec fill) {
+    return _mm512_mask_mov_ps(fill, (__mmask16)((1u << n) - 1), x);
+}
 VEC_FN vec vec_load(const void *row, int64_t i, int dtype) { return load16(row, i, dtype); }
 VEC_FN void vec_store(void *row, int64_t i, vec x, int dtype) { store16(row, i, x, dtype); }
 VEC_FN vec vec_round(vec x, int dtype) { return round16(x, dtype); }
@@ -199,6 +204,11 @@ VEC_FN vec vec_max(vec a, vec b) { return _mm256_max_ps(a, b); } /* b where a Na
 VEC_FN vec vec_fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 VEC_FN vec vec_fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
 VEC_FN float vec_sum(vec x) { return hsum8(x); }
+VEC_FN float vec_reduce_max(vec x) { return hmax8(x); }
+VEC_FN vec vec_first_or(vec x, int n, vec fill) {
+    const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_blendv_ps(fill, x, _mm256_castsi256_ps(first));
+}
 VEC_FN vec vec_load(const void *row, int64_t i, int dtype) { return load8(row, i, dtype); }
 VEC_FN void vec_store(void *row, int64_t i, vec x, int dtype) { store8(row, i, x, dtype); }
 VEC_FN vec vec_round(vec x, int dtype) { return round8(x, dtype); }
