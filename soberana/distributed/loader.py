@@ -9,6 +9,7 @@ one tensor at a time."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
                 model.lm_head = nn.Linear(cfg.hidden_size, shard.vocab_per_rank, bias=False)
             if quantization is not None:
                 check_tp_quantization(quantization)
+                # the vocabulary-parallel head stays in the model dtype
+                quantization = dataclasses.replace(quantization, lm_head_quantized=False)
                 quantization.verify_supported(device)
                 replace_linears(model, quantization)
     finally:
@@ -73,7 +76,7 @@ def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
         raise ValueError(f"load_format must be 'safetensors' or 'dummy'; got {load_format!r}")
     kernels = (backend or select_backend("auto", device, dtype)).kernels
     if quantization is not None:  # the one-rank engine's name for quantized weights
-        fingerprint = hashlib.sha256(f"{fingerprint}|{quantization}".encode()).hexdigest()
+        fingerprint = hashlib.sha256(f"{fingerprint}|{quantization.kv_identity()}".encode()).hexdigest()
     if group.rank != 0:  # before the quantized layers copy their biases for their kernels
         _zero_row_parallel_biases(model)
     if quantization is not None:
@@ -90,6 +93,10 @@ def check_tp_quantization(quantization: QuantizationConfig) -> None:
         raise ValueError(f"quantization {quantization.method} ({quantization.source}) is not "
                          f"supported with tensor_parallel_size > 1; supported: int8 quantized "
                          f"at load (docs/distributed.md)")
+    if quantization.lm_head_quantized:
+        raise ValueError("lm_head_quantized is not supported with tensor_parallel_size > 1: "
+                         "the vocabulary-parallel output head stays in the model dtype (omit "
+                         "the option; docs/distributed.md)")  # fmt: skip
 
 
 def _load_shard(model: CausalLM, vocab_size: int, shard: TPShard, files: list[Path]) -> None:

@@ -144,6 +144,10 @@ def load_model(
     """
     t0 = time.perf_counter()
     cfg, _ = read_model_config(path)
+    if backend is None:
+        backend = select_backend("auto", device, dtype)
+    if quantization is not None:  # whether the output head is quantized too, for this device
+        quantization = quantization.resolved(device, backend.kernels.int8_linears)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -176,11 +180,9 @@ def load_model(
         files = _safetensors_files(path)
         _load_tensors(model, cfg, _safetensors_tensors(files), path.name, quantization)
         fingerprint = _fingerprint(path, files)
-    if backend is None:
-        backend = select_backend("auto", device, dtype)
     if quantization is not None:
         # quantized weights give other keys and values: their KV blocks are their own
-        fingerprint = hashlib.sha256(f"{fingerprint}|{quantization}".encode()).hexdigest()
+        fingerprint = hashlib.sha256(f"{fingerprint}|{quantization.kv_identity()}".encode()).hexdigest()
         _finalize_quantized(model, quantization, backend.kernels)
     model.eval()
     t_weights = time.perf_counter()
@@ -286,8 +288,8 @@ def _load_tensors(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str
         if target is None:
             continue
         pname, shard, part = target
-        if pname == "lm_head.weight" and model.lm_head is None:
-            continue  # tied: the embedding serves as the head
+        if pname == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # tied: the embedding serves as the head (or fills its quantized copy)
         layer_name = pname.rsplit(".", 1)[0] + ".weight"
         if stored and layer_name in quant_layers and part != "bias":
             if part in compressed_tensors.IGNORED_PARTS:
@@ -327,6 +329,9 @@ def _load_tensors(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str
                 begin = sum(sizes[:shard])
                 _copy_checked(param.data[begin:begin + sizes[shard]], tensor, name)
         loaded.add(f"{pname}#{shard}")
+    if cfg.tie_word_embeddings and "lm_head.weight" in quant_layers and "embed_tokens.weight#None" in loaded:
+        quant_layers["lm_head.weight"].weight_loader(model.embed_tokens.weight.detach())
+        loaded.add("lm_head.weight#None")
     check_all_loaded(params, shard_sizes, loaded)
 
 
@@ -373,6 +378,8 @@ def _fill_random(model: CausalLM) -> None:
             else:
                 g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
                 p.normal_(0.0, 0.02, generator=g)
+        if model.config.tie_word_embeddings and isinstance(model.lm_head, QuantLinear):
+            model.lm_head.weight_loader(model.embed_tokens.weight.detach())  # tied: the same rows
 
 
 def _fingerprint(path: Path, files: list[Path]) -> str:
