@@ -184,6 +184,10 @@ def load_model(
         # quantized weights give other keys and values: their KV blocks are their own
         fingerprint = hashlib.sha256(f"{fingerprint}|{quantization.kv_identity()}".encode()).hexdigest()
         _finalize_quantized(model, quantization, backend.kernels)
+        if model.embed_tokens is None:
+            log.info("Tied embedding: the int8 output head (%.0f MB) serves the token lookup too; "
+                     "no copy in %s is kept", model.lm_head.out_features
+                     * model.lm_head.in_features / 1e6, dtype)  # fmt: skip
     model.eval()
     t_weights = time.perf_counter()
     if device.type == "cpu" and backend.kernels.pack_cpu_linears:
@@ -289,7 +293,9 @@ def _load_tensors(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str
             continue
         pname, shard, part = target
         if pname == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # tied: the embedding serves as the head (or fills its quantized copy)
+            continue  # tied: the embedding serves as the head
+        if pname == "embed_tokens.weight" and model.embed_tokens is None:
+            pname = "lm_head.weight"  # tied to a quantized head: the rows are quantized into it
         layer_name = pname.rsplit(".", 1)[0] + ".weight"
         if stored and layer_name in quant_layers and part != "bias":
             if part in compressed_tensors.IGNORED_PARTS:
@@ -329,9 +335,6 @@ def _load_tensors(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str
                 begin = sum(sizes[:shard])
                 _copy_checked(param.data[begin:begin + sizes[shard]], tensor, name)
         loaded.add(f"{pname}#{shard}")
-    if cfg.tie_word_embeddings and "lm_head.weight" in quant_layers and "embed_tokens.weight#None" in loaded:
-        quant_layers["lm_head.weight"].weight_loader(model.embed_tokens.weight.detach())
-        loaded.add("lm_head.weight#None")
     check_all_loaded(params, shard_sizes, loaded)
 
 
@@ -378,8 +381,6 @@ def _fill_random(model: CausalLM) -> None:
             else:
                 g = torch.Generator(device=p.device).manual_seed(zlib.crc32(name.encode()))
                 p.normal_(0.0, 0.02, generator=g)
-        if model.config.tie_word_embeddings and isinstance(model.lm_head, QuantLinear):
-            model.lm_head.weight_loader(model.embed_tokens.weight.detach())  # tied: the same rows
 
 
 def _fingerprint(path: Path, files: list[Path]) -> str:

@@ -19,8 +19,8 @@ __all__ = ["KV_CACHE_DTYPES", "QUANTIZATION_METHODS", "QuantLinear", "Quantizati
 def replace_linears(model, cfg: QuantizationConfig) -> int:
     """Swap each decoder projection `nn.Linear` of `model` (built on the meta device, before
     its memory is allocated) for a QuantLinear, and the output head too where
-    `cfg.lm_head_quantized` (a tied head gets its own quantized copy of the embedding, filled
-    by the loader; the embedding lookup stays exact); returns how many."""
+    `cfg.lm_head_quantized`; a tied model then holds the matrix once, in the head, and its
+    embedding lookup reads the head's int8 rows (`embed_tokens` is None); returns how many."""
     import torch
     from torch import nn
 
@@ -40,5 +40,7 @@ def replace_linears(model, cfg: QuantizationConfig) -> int:
         with torch.device(embedding.device):
             model.lm_head = QuantLinear(embedding.shape[1], embedding.shape[0], False,
                                         cfg.linear_method(), embedding.dtype)  # fmt: skip
+        if model.config.tie_word_embeddings:  # one int8 copy serves the lookup and the head
+            model.embed_tokens = None
         count += 1
     return count

@@ -42,6 +42,12 @@ def _checkpoint_head(path) -> torch.Tensor:
     return tensors["model.embed_tokens.weight" if tied else "lm_head.weight"]
 
 
+def _checkpoint_embedding(path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))["model.embed_tokens.weight"]
+
+
 def test_default_quantizes_the_head_only_for_int8_w8a8_on_cpus():
     int8 = QuantizationConfig.named("int8")
     assert int8.resolved(torch.device("cpu"), W8A8).lm_head_quantized is True
@@ -86,15 +92,20 @@ def test_quantized_head_logits_equal_the_integer_reference(tiny, dtype):
     assert isinstance(head, QuantLinear) and head.cpu_kernel is not None
     assert head.cpu_kernel.activations.endswith("(W8A8)")
     w = _checkpoint_head(tiny)
-    # the rows the loader quantized: the checkpoint's, or where tied the embedding's (in dtype)
     tied = model.config.tie_word_embeddings
-    q, scale = schemes.quantize_int8(w.to(dtype) if tied else w)
+    q, scale = schemes.quantize_int8(w)  # the checkpoint's rows, quantized as they are read
     got_q, got_scale = head.method.quantized(head)
     assert torch.equal(got_q, q)
     assert torch.allclose(got_scale.float(), scale.to(dtype).float())
     # the embedding lookup stays exact: the tied checkpoint rows in the model dtype
-    if tied:
-        assert torch.equal(model.embed_tokens.weight, w.to(dtype))
+    ids = torch.tensor([0, 5, 63, 64, w.shape[0] - 1])
+    if tied:  # one int8 copy: the lookup reads the head's rows, dequantized
+        assert model.embed_tokens is None
+        rows = model.lm_head.embedding(ids)
+        assert rows.dtype == dtype
+        assert torch.equal(rows, (got_q[ids].float() * got_scale[ids].float()[:, None]).to(dtype))
+    else:
+        assert torch.equal(model.embed_tokens.weight, _checkpoint_embedding(tiny).to(dtype))
     hidden = torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(0)).to(dtype)
     logits = model.compute_logits(hidden)
     ref = schemes.int8_w8a8_reference(hidden, got_q, got_scale)
@@ -110,6 +121,7 @@ def test_quantized_head_logits_equal_the_integer_reference(tiny, dtype):
 def test_head_kept_unquantized_on_request(tiny):
     loaded = _load(tiny, torch.bfloat16, lm_head_quantized=False)
     assert not isinstance(loaded.model.lm_head, QuantLinear)
+    assert loaded.model.embed_tokens is not None
     assert "lm_head" not in loaded.quantization.describe()
     quantized = _load(tiny, torch.bfloat16)
     assert quantized.fingerprint == loaded.fingerprint  # the same keys and values
