@@ -22,8 +22,11 @@ CASES = {
 
 
 def _generate(path: Path, tp: int, quantization: str | None) -> tuple[list[list[int]], object]:
+    # the vocabulary-parallel head stays in the model dtype: the one-rank engine is compared
+    # with its head so too (its CPU default quantizes it with int8)
+    head = {"lm_head_quantized": False} if quantization is not None else {}
     llm = LLM(str(path), dtype="float32", max_model_len=128, max_num_batched_tokens=32,
-              tensor_parallel_size=tp, quantization=quantization)
+              tensor_parallel_size=tp, quantization=quantization, **head)
     try:
         out = llm.generate(prompts_of_lengths([40, 23, 57], seed=11, vocab=935),
                            SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
@@ -45,6 +48,14 @@ def test_int8_greedy_tokens_match_one_rank_int8(tmp_path, name, scheme):
     assert tokens == expected
     assert info_2.quantization == info_1.quantization
     assert info_2.quantization_kernels
+
+
+def test_a_quantized_head_is_refused_before_workers_start(tmp_path):
+    path = build_tiny_model(tmp_path, "llama", vocab_size=935)
+    with pytest.raises(ValueError, match="lm_head_quantized is not supported with "
+                                         "tensor_parallel_size > 1"):
+        LLM(str(path), dtype="float32", max_model_len=64, tensor_parallel_size=2,
+            quantization="int8", lm_head_quantized=True)
 
 
 @pytest.mark.parametrize("method", ["int4", "fp8"])
