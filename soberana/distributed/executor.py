@@ -102,7 +102,7 @@ class TensorParallel:
         full = read_model_config(path)[0]
         check_tensor_parallel(full, world)
         if quantization is not None:
-            check_tp_quantization(quantization)
+            check_tp_quantization(quantization, full, world)
         if device.type == "cuda" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs; "
                              f"{torch.cuda.device_count()} are visible")

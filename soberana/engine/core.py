@@ -93,6 +93,10 @@ class EngineCore:
         self.runner.verify = lambda logits, r, drafts, bitmask: verify(
             logits, r, drafts, self.sampler, bitmask)
         self.runner.verify_graphs = worker.verify_graphs  # captured by the worker on GPUs
+        if worker.graphs is not None and hasattr(proposer, "capture_graphs"):
+            worker.startup["graphs_s"] += proposer.capture_graphs(
+                min(config.max_num_seqs, spec_cfg.disable_by_batch_size),
+                worker.graphs.block_table.shape[1])
         log.info("speculative decoding: %s, %d tokens", spec_cfg.method,
                  spec_cfg.num_speculative_tokens)
         return SpecDecode(spec_cfg, proposer, worker.max_model_len, self.structured.valid_drafts)
@@ -251,26 +255,11 @@ class EngineCore:
         for r, idx, token in live:
             self.generation_tokens += 1
             finish = self._check_stop(r, token, idx + 1)
-            out = EngineCoreOutput(
-                request_id=r.request_id,
-                index=r.index,
-                new_token_ids=[token],
-                new_logprobs=[result.logprobs[r.key]] if r.key in result.logprobs else None,
-                num_cached_tokens=max(r.num_cached_tokens, 0),
-            )
-            if idx == 0:
-                out.scheduled_time = r.scheduled_time
-                out.prompt_logprobs = r.prompt_logprobs
             if finish is not None:
                 del r.output_token_ids[idx + 1:]  # drop an in-flight successor
                 r.num_placeholders = 0
-                out.finish_reason = finish.value
-                out.stop_reason = r.stop_reason
-                self.scheduler.finish(r, finish)
-                self.sampler.forget(r)
-                self.structured.forget(r)
-                self._forget_if_done(r.request_id)
-            outputs.append(out)
+            logprobs = [result.logprobs[r.key]] if r.key in result.logprobs else None
+            outputs.append(self._output(r, [token], logprobs, idx == 0, finish))
         return outputs
 
     def _apply_verified(self, pending: PendingStep,
@@ -301,23 +290,32 @@ class EngineCore:
                     break
             self.generation_tokens += len(emitted)
             self.kv.register_computed(r)
-            out = EngineCoreOutput(
-                request_id=r.request_id, index=r.index, new_token_ids=emitted,
-                new_logprobs=logprobs[: len(emitted)] if logprobs is not None else None,
-                num_cached_tokens=max(r.num_cached_tokens, 0),
-            )
-            if first == 0:
-                out.scheduled_time = r.scheduled_time
-                out.prompt_logprobs = r.prompt_logprobs
-            if finish is not None:
-                out.finish_reason = finish.value
-                out.stop_reason = r.stop_reason
-                self.scheduler.finish(r, finish)
-                self.sampler.forget(r)
-                self.structured.forget(r)
-                self._forget_if_done(r.request_id)
-            outputs.append(out)
+            emitted_logprobs = logprobs[: len(emitted)] if logprobs is not None else None
+            outputs.append(self._output(r, emitted, emitted_logprobs, first == 0, finish))
         return outputs
+
+    def _output(self, r: Request, token_ids: list[int], logprobs: list | None, first: bool,
+                finish: RequestStatus | None) -> EngineCoreOutput:
+        """The step's output for `r` (its first carries the prompt's facts); a `finish`
+        ends the request here and forgets it everywhere."""
+        out = EngineCoreOutput(
+            request_id=r.request_id,
+            index=r.index,
+            new_token_ids=token_ids,
+            new_logprobs=logprobs,
+            num_cached_tokens=max(r.num_cached_tokens, 0),
+        )
+        if first:
+            out.scheduled_time = r.scheduled_time
+            out.prompt_logprobs = r.prompt_logprobs
+        if finish is not None:
+            out.finish_reason = finish.value
+            out.stop_reason = r.stop_reason
+            self.scheduler.finish(r, finish)
+            self.sampler.forget(r)
+            self.structured.forget(r)
+            self._forget_if_done(r.request_id)
+        return out
 
     def _check_stop(self, r: Request, token: int, num_output: int) -> RequestStatus | None:
         """Why the request ends with `token`, its `num_output`-th output token (or None)."""

@@ -111,7 +111,10 @@ def _build(out: Path) -> None:
 
 def _train_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+
+    # The submodule, not `from transformers import ...`: LLM imports transformers in a thread
+    # meanwhile, and the package's lazy attribute lookup is not thread-safe.
+    from transformers.tokenization_utils_fast import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

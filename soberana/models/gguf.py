@@ -145,17 +145,47 @@ class GGUFFile:
         whole-tensor PyTorch ops (`_FAST`), any other one through gguf-py's `gguf.quants`
         (numpy, a few rows at a time: ~10x slower)."""
         info = self.tensors[name]
-        raw = self.raw(name)
-        fast = _FAST.get(info.qtype)
-        if fast is not None:
-            values = fast(raw.reshape(-1))
-        else:
-            from gguf.quants import dequantize
+        return _dequantize(self.raw(name), info.qtype).reshape(info.shape)
 
-            values = dequantize(raw, _qtype(info.qtype))
-        # A copy where `values` still views the read-only map (float32 stored as is).
-        return torch.from_numpy(np.array(values, dtype=np.float32, copy=not values.flags.writeable
-                                         )).reshape(info.shape)
+    def block_aligned(self, name: str, start: int, stop: int) -> bool:
+        """Whether columns start:stop of 2-D tensor `name` are whole blocks of its type."""
+        block = _quant_sizes(self.tensors[name].qtype, name)[0]
+        return start % block == 0 and stop % block == 0
+
+    def raw_part(self, name: str, rows: slice, cols: slice) -> np.ndarray:
+        """The bytes of rows `rows` and columns `cols` (whole blocks) of 2-D tensor `name`:
+        uint8 [rows, bytes per row of the part]; only those bytes are read from the file."""
+        info = self.tensors[name]
+        start, stop, _ = cols.indices(info.shape[1])
+        if not self.block_aligned(name, start, stop):
+            raise ValueError(f"columns {start}:{stop} of {name!r} cut its blocks")
+        block, type_size = _quant_sizes(info.qtype, name)
+        return self.raw(name)[rows, start // block * type_size:stop // block * type_size]
+
+    def dequantize_part(self, name: str, rows: slice, cols: slice) -> torch.Tensor:
+        """float32 rows `rows` x columns `cols` of 2-D tensor `name`, dequantizing only
+        those rows, and only those columns where they are whole blocks."""
+        info = self.tensors[name]
+        start, stop, _ = cols.indices(info.shape[1])
+        if self.block_aligned(name, start, stop):
+            raw = self.raw_part(name, rows, cols)
+            return _dequantize(raw, info.qtype).reshape(raw.shape[0], stop - start)
+        raw = self.raw(name)[rows]
+        return _dequantize(raw, info.qtype).reshape(raw.shape[0], info.shape[1])[:, cols]
+
+
+def _dequantize(raw: np.ndarray, qtype: int) -> torch.Tensor:
+    """float32 values (flat) of stored bytes `raw` of GGML type `qtype`."""
+    fast = _FAST.get(qtype)
+    if fast is not None:
+        values = fast(np.ascontiguousarray(raw).reshape(-1))
+    else:
+        from gguf.quants import dequantize
+
+        values = dequantize(np.ascontiguousarray(raw), _qtype(qtype))
+    # A copy where `values` still views the read-only map (float32 stored as is).
+    return torch.from_numpy(np.array(values, dtype=np.float32, copy=not values.flags.writeable
+                                     )).reshape(-1)
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -333,7 +363,6 @@ def gguf_tensors(path: Path | str, cfg: ModelConfig, file: GGUFFile | None = Non
     interleaved rotary; they are permuted back to the half-split order our rotary uses.
     """
     f = file or open_gguf(path)
-    permuted = _ARCHITECTURES.get(f.architecture, ("", False))[1]
     for name in f.tensors:
         target = hf_name(name)
         if target is None:
@@ -349,13 +378,23 @@ def gguf_tensors(path: Path | str, cfg: ModelConfig, file: GGUFFile | None = Non
         else:
             tensor = f.dequantize(name)
             reorder = None
-        heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
-        if permuted and (".attn_q." in name or ".attn_k." in name):
+        heads = permuted_heads(f, name, cfg)
+        if heads is not None:
             if reorder is None:
-                tensor = _unpermute(tensor, heads)
+                tensor = unpermute(tensor, heads)
             else:
-                reorder(lambda t, heads=heads: _unpermute(t, heads))
+                reorder(lambda t, heads=heads: unpermute(t, heads))
         yield target, tensor
+
+
+def permuted_heads(f: GGUFFile, name: str, cfg: ModelConfig) -> int | None:
+    """The head count of a q or k tensor (weight or bias) whose rows llama.cpp's converter
+    permuted for ggml's rotary (Llama-family files), else None."""
+    if not _ARCHITECTURES.get(f.architecture, ("", False))[1]:
+        return None
+    if ".attn_q." in name:
+        return cfg.num_heads
+    return cfg.num_kv_heads if ".attn_k." in name else None
 
 
 def _is_projection(hf: str) -> bool:
@@ -374,7 +413,7 @@ def linear_types(f: GGUFFile) -> dict[str, int]:
     return counts
 
 
-def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo convert_hf_to_gguf.py's `permute`: per head, rows (pair, 2) -> (2, pair)."""
     rows = w.shape[0]
     a = w.contiguous().numpy().reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
@@ -397,7 +436,9 @@ def fingerprint(path: Path | str) -> str:
 
 def gguf_tokenizer(path: Path | str, file: GGUFFile | None = None):
     """A transformers fast tokenizer from the file's tokenizer.* metadata."""
-    from transformers import PreTrainedTokenizerFast
+    # The submodule, not `from transformers import ...`: LLM imports transformers in a thread
+    # meanwhile, and the package's lazy attribute lookup is not thread-safe.
+    from transformers.tokenization_utils_fast import PreTrainedTokenizerFast
 
     f = file or open_gguf(path)
     m = f.metadata

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +125,29 @@ def read_model_config(path: Path) -> tuple[ModelConfig, dict]:
     return cfg, gen
 
 
+def build_empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                      max_positions: int, quantization: QuantizationConfig | None,
+                      adapt: Callable[[CausalLM], None] | None = None) -> CausalLM:
+    """The model of `cfg` on `device` in `dtype`, weights allocated but not filled; `adapt`
+    may swap modules (a rank's shards) before the decoder linears are made quantized."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = CausalLM(cfg, max_positions)
+            if adapt is not None:
+                adapt(model)
+            if quantization is not None:
+                quantization.verify_supported(device)
+                replace_linears(model, quantization)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=device)
+    # Buffers built on "meta" hold nothing: rebuild the rotary table for real.
+    model.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), max_positions).to(device)
+    return model
+
+
 def load_model(
     path: Path,
     dtype: torch.dtype,
@@ -148,19 +171,7 @@ def load_model(
         backend = select_backend("auto", device, dtype)
     if quantization is not None:  # whether the output head is quantized too, for this device
         quantization = quantization.resolved(device, backend.kernels.int8_linears)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = CausalLM(cfg, max_positions)
-            if quantization is not None:
-                quantization.verify_supported(device)
-                replace_linears(model, quantization)
-    finally:
-        torch.set_default_dtype(previous)
-    model.to_empty(device=device)
-    # Buffers built on "meta" hold nothing: rebuild the rotary table for real.
-    model.rotary = RotaryEmbedding(rope_inv_freq(cfg.rope, cfg.head_dim), max_positions).to(device)
+    model = build_empty_model(cfg, dtype, device, max_positions, quantization)
     if load_format == "dummy":
         _fill_random(model)
         fingerprint = hashlib.sha256(b"dummy" + _config_bytes(path)).hexdigest()

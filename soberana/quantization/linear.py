@@ -24,17 +24,30 @@ class LinearMethod:
     """How one weight format is stored, filled shard by shard, and multiplied."""
 
     name = ""
+    # One scale per output row over all its inputs (int8, fp8): a row-parallel shard (split
+    # along the inputs) needs the whole row to compute it. False where scales are per group.
+    per_row_scales = True
 
     def create_weights(self, layer: QuantLinear, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
-    def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The quantized tensors of full rows `w` [n, K], keyed by the layer's buffer names."""
+    def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The quantized tensors of rows `w` [n, K], keyed by the layer's buffer names. With
+        `per_row_scales`, `row_amax` [n] is each row's largest |value| over all its inputs
+        where `w` holds only some of them (a row-parallel shard); None: `w` is whole rows."""
         raise NotImplementedError
 
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:
         """float32 [N, K]: the weight the layer multiplies by (the tests' reference)."""
         raise NotImplementedError
+
+    def slice_inputs(self, parts: dict[str, torch.Tensor], start: int, length: int
+                     ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Quantized whole rows `parts` restricted to inputs start:start+length (a
+        row-parallel shard): the weight's columns, per-row scales whole."""
+        return {name: t[:, start:start + length] if name == "weight" else t
+                for name, t in parts.items()}  # fmt: skip
 
     def choose_kernel(self, layer: QuantLinear, kernels: Kernels) -> str:
         """Choose, once, the kernel that serves `layer` among the compute backend's `kernels`
@@ -158,8 +171,9 @@ class Int8LinearMethod(LinearMethod):
         layer.native_bias = None  # the bias as that kernel reads it
         layer.triton = None  # the Triton quant_gemm module (CUDA)
 
-    def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, scale = schemes.quantize_int8(w)
+    def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:  # fmt: skip
+        q, scale = schemes.quantize_int8(w, row_amax)
         return {"weight": q, "weight_scale": scale}
 
     def quantized(self, layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +257,8 @@ class Int4LinearMethod(LinearMethod):
         zero = ", float zero points" if float_zero else ""
         self.name = f"int4 (W4A16, group {group_size}, asymmetric{zero})"
 
+    per_row_scales = False  # a scale and a zero point per group of inputs
+
     def create_weights(self, layer: QuantLinear, dtype: torch.dtype) -> None:
         n, k = layer.out_features, layer.in_features
         layer.group_size = schemes.int4_group_for(k, self.group_size)
@@ -253,13 +269,28 @@ class Int4LinearMethod(LinearMethod):
             n, groups, dtype=dtype if self.float_zero else torch.uint8))  # fmt: skip
         layer.triton = None  # the Triton quant_gemm module (CUDA)
 
-    def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:  # fmt: skip
+        if row_amax is not None:
+            raise ValueError("int4 scales are per group: quantize whole groups, without row_amax")
         packed, scale, zero = schemes.quantize_int4(w, schemes.int4_group_for(w.shape[1],
                                                                               self.group_size))
         return {"weight": packed, "weight_scale": scale, "weight_zero": zero}
 
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:
         return schemes.dequantize_int4(layer.weight, layer.weight_scale, layer.weight_zero)
+
+    def slice_inputs(self, parts: dict[str, torch.Tensor], start: int, length: int
+                     ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Whole groups only: ValueError where start or length would cut one (or a byte)."""
+        k = parts["weight"].shape[1] * 2
+        group = k // parts["weight_scale"].shape[1]
+        if start % group or length % group:
+            raise ValueError(f"int4 inputs {start}:{start + length} cut the groups of {group}")
+        g0, g1 = start // group, (start + length) // group
+        return {"weight": parts["weight"][:, start // 2:(start + length) // 2],
+                "weight_scale": parts["weight_scale"][:, g0:g1],
+                "weight_zero": parts["weight_zero"][:, g0:g1]}
 
     def choose_kernel(self, layer: QuantLinear, kernels: Kernels) -> str:
         layer.triton = kernels.quant_gemm if layer.weight.device.type == "cuda" else None
@@ -297,8 +328,9 @@ class Fp8LinearMethod(LinearMethod):
         layer.register_buffer("weight_scale", torch.empty(n, dtype=torch.float32))
         layer.w8a8 = False  # FP8 matrix units: activations quantized per token
 
-    def quantize_rows(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        q, scale = schemes.quantize_fp8(w)
+    def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:  # fmt: skip
+        q, scale = schemes.quantize_fp8(w, row_amax)
         return {"weight": q, "weight_scale": scale}
 
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:

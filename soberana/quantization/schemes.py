@@ -14,10 +14,13 @@ INT4_GROUP_SIZE = 128  # group-wise int4: one scale and zero point per 128 input
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: (qweight int8 [N, K], scale float32 [N])."""
+def quantize_int8(w: torch.Tensor, amax: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-output-channel symmetric int8: (qweight int8 [N, K], scale float32 [N]). `amax`:
+    each row's largest |value| when `w` holds only some of its columns (default: w's own)."""
     w = w.float()
-    scale = w.abs().amax(dim=1).clamp_(min=1e-12) / 127.0
+    amax = w.abs().amax(dim=1) if amax is None else amax.float()
+    scale = amax.clamp(min=1e-12) / 127.0
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -103,10 +106,13 @@ def dequantize_int4(
     return (q * scale.float()[..., None]).reshape(n, k)
 
 
-def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel float8_e4m3fn: (qweight [N, K], scale float32 [N])."""
+def quantize_fp8(w: torch.Tensor, amax: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-output-channel float8_e4m3fn: (qweight [N, K], scale float32 [N]); `amax` as for
+    quantize_int8."""
     w = w.float()
-    scale = w.abs().amax(dim=1).clamp_(min=1e-12) / FP8_MAX
+    amax = w.abs().amax(dim=1) if amax is None else amax.float()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
     q = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 

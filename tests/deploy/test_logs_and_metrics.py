@@ -98,18 +98,20 @@ def test_the_alert_rules_load_in_prometheus(stack):
 
 def test_gpu_alerts_evaluate_in_prometheus_on_a_faulty_card(stack):
     """Real rule evaluation: XID and ECC page at once; HBM > 92% and thermal slowdown go
-    pending (they page after 2m and 1m, longer than a test waits); the healthy host is quiet."""
+    pending, and page after 2m and 1m (`for:`): on a loaded machine the stack may have run that
+    long before this test, so either state counts for them; the healthy host is quiet."""
     deadline = time.monotonic() + 60
-    wanted = {("GPUXidError", "firing"), ("GPUEccDoubleBitError", "firing"),
-              ("GPUMemoryHigh", "pending"), ("GPUThrottled", "pending")}
+    firing = {"GPUXidError", "GPUEccDoubleBitError"}
+    held = {"GPUMemoryHigh", "GPUThrottled"}  # rules with `for:`
     while time.monotonic() < deadline:
         alerts = httpx.get(f"{stack.prometheus_url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
-        gpu = {(a["labels"]["alertname"], a["state"]) for a in alerts
+        gpu = {a["labels"]["alertname"]: a["state"] for a in alerts
                if a["labels"].get("Hostname") == "gpu-host-faulty"}
-        if wanted <= gpu:
+        if all(gpu.get(n) == "firing" for n in firing) and held <= gpu.keys():
             break
         time.sleep(0.5)
-    assert wanted <= gpu
+    assert {n: gpu.get(n) for n in firing} == dict.fromkeys(firing, "firing"), gpu
+    assert all(gpu.get(n) in ("pending", "firing") for n in held), gpu
     assert not [a for a in alerts if a["labels"].get("Hostname") == "gpu-host-1"]
     xid = next(a for a in alerts if a["labels"]["alertname"] == "GPUXidError")
     assert xid["annotations"]["summary"] == "GPU 0 on gpu-host-faulty reported XID 79"

@@ -1,7 +1,8 @@
 """Speculative decoding on a GPU: verification steps replay their CUDA graphs
 (engine/verify_graphs.py) and give the tokens of eager verification and of the plain engine,
 with every request drafting (a draft model equal to the target) and with a mix of drafting
-and plain decodes in one step (n-gram on repetitive and random prompts)."""
+and plain decodes in one step (n-gram on repetitive and random prompts). The drafter's own
+single-token steps replay its CUDA graphs (draft model and layer-skip)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,42 @@ def test_draft_equal_to_target_verifies_in_graphs(model_dir):
         assert _agree(graphs, eager) >= n - (n > 3), (n, graphs, eager)
         assert _agree(graphs, plain) >= n - (n > 3), (n, graphs, plain)
     assert llm.engine.spec.stats.acceptance_rate > 0.95
+    # The drafter (equal to the target) drafted in its own graphs; all its drafts accepted
+    # above shows the graph-drafted tokens are the target's own greedy tokens.
+    proposer = llm.engine.spec.proposer
+    assert proposer.graphs is not None and proposer.num_graph_steps > 0
+
+
+def test_layer_skip_drafts_in_graphs_and_keeps_the_tokens(model_dir):
+    """Self-speculation: the target's first 2 layers draft in their own CUDA graphs; the
+    drafts (graphs or eager) and the verified tokens match the plain engine's."""
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=1024, kv_cache_gb=1,
+              enable_prefix_caching=False,
+              speculative_config={"method": "layer_skip", "num_draft_layers": 2,
+                                  "num_speculative_tokens": K, "min_acceptance_rate": 0.0})
+    proposer = llm.engine.spec.proposer
+    assert proposer.graphs is not None
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, detokenize=False)
+    prompts = prompts_of_lengths([9, 60, 200, 31, 120], seed=11, vocab=VOCAB)
+    before = proposer.num_graph_steps
+    graphs, eager, plain, _ = _three_ways(llm, prompts, params)
+    assert proposer.num_graph_steps > before
+    stats = llm.engine.spec.stats
+    accepted, drafted = stats.num_accepted_tokens, stats.num_draft_tokens
+    proposer.graphs, saved = None, proposer.graphs  # the same run with eager drafting
+    try:
+        eager_drafting = _tokens(llm, prompts, params)
+    finally:
+        proposer.graphs = saved
+    assert drafted > 0
+    assert _agree(graphs, plain) >= len(prompts) - 1, (graphs, plain)
+    assert _agree(eager_drafting, plain) >= len(prompts) - 1
+    # Eager and graph drafting propose the same tokens up to rare float32 near-ties: the
+    # two runs accept (nearly) the same share of their drafts.
+    rate_graphs = accepted / drafted
+    rate_eager = ((stats.num_accepted_tokens - accepted)
+                  / max(1, stats.num_draft_tokens - drafted))
+    assert abs(rate_graphs - rate_eager) < 0.05, (rate_graphs, rate_eager)
 
 
 def test_mixed_steps_of_drafts_and_plain_decodes_replay_graphs(model_dir):

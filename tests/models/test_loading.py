@@ -80,6 +80,21 @@ def test_demo_model_is_deterministic_and_labelled(tmp_path):
     assert "random weights" in config["soberana_demo"]
 
 
+def test_llm_builds_the_demo_on_first_use_beside_its_transformers_import(tmp_path):
+    """LLM imports transformers in a thread while the engine starts; on a fresh cache the
+    engine builds the demo (its tokenizer from transformers) at the same time. The two
+    imports must not race (transformers 5's lazy attribute lookup is not thread-safe)."""
+    code = ("from soberana import LLM, SamplingParams\n"
+            "out = LLM('demo').generate(['Hello'], SamplingParams(max_tokens=4, temperature=0),"
+            " use_tqdm=False)\n"
+            "print(len(out[0].outputs[0].token_ids))")
+    env = {"SOBERANA_CACHE": str(tmp_path / "fresh"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "4"
+
+
 def test_auto_dtype_on_cpu_is_float32_for_a_float32_checkpoint():
     llm = LLM("demo", max_model_len=64)
     assert llm.engine.model_info.dtype == "float32"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from soberana.distributed.loader import check_tp_quantization
-from soberana.models.loader import load_model
+from soberana.models.loader import load_model, read_model_config
 from soberana.ops.cpu import linear_int8
 from soberana.quantization import QuantizationConfig, QuantLinear, schemes, with_lm_head
 from tests.engine.tiny_models import build_tiny_model
@@ -62,7 +62,7 @@ def test_default_quantizes_the_head_only_for_int8_w8a8_on_cpus():
     assert off.resolved(torch.device("cpu"), W8A8).lm_head_quantized is False
 
 
-def test_a_quantized_head_where_it_is_not_served_is_a_clear_error():
+def test_a_quantized_head_where_it_is_not_served_is_a_clear_error(tiny):
     on = with_lm_head(QuantizationConfig.named("int8"), True)
     with pytest.raises(ValueError, match="lm_head_quantized.*on CPUs"):
         on.verify_supported(torch.device("cuda"))
@@ -71,9 +71,10 @@ def test_a_quantized_head_where_it_is_not_served_is_a_clear_error():
     with pytest.raises(ValueError, match="needs a quantization scheme"):
         with_lm_head(None, True)
     assert with_lm_head(None, False) is None
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1"):
-        check_tp_quantization(on)
-    check_tp_quantization(QuantizationConfig.named("int8"))  # the default: head unquantized
+    cfg = read_model_config(tiny)[0]
+    with pytest.raises(ValueError, match="lm_head_quantized.*tensor_parallel_size > 1"):
+        check_tp_quantization(on, cfg, 2)
+    check_tp_quantization(QuantizationConfig.named("int8"), cfg, 2)  # default: head unquantized
 
 
 def test_the_head_does_not_change_the_kv_fingerprint():

@@ -4,6 +4,9 @@ tokens greedily over its own paged KV cache.
 The drafter keeps, per request, how many leading positions its cache holds. After a
 verification the positions past the target's computed tokens may hold rejected drafts, so
 the next proposal resumes from min(own, target's num_computed_tokens): rollback is a number.
+
+On GPUs the drafter's single-token steps (every step of a proposal after the first, which
+catches up on the tokens the drafter has not seen) replay CUDA graphs over its own pool.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from soberana.engine.block_pool import BlockPool
+from soberana.engine.cuda_graphs import DecodeGraphs
 from soberana.engine.request import Request
 from soberana.engine.spec_decode.proposer import Proposer
 from soberana.models.transformer import CausalLM
@@ -54,6 +58,15 @@ class DraftModelProposer(Proposer):
         self.blocks: dict[tuple[str, int], list] = {}
         self.computed: dict[tuple[str, int], int] = {}
         self.workspace = GatherWorkspace() if device.type == "cpu" else None
+        self.graphs: DecodeGraphs | None = None
+        self.num_graph_steps = 0  # drafting steps served by a graph (tests, logs)
+
+    def capture_graphs(self, max_num_seqs: int, max_blocks_per_seq: int) -> float:
+        """GPU: capture the drafter's decode steps for up to `max_num_seqs` requests (the
+        most that draft at once); returns the seconds it took."""
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, max_num_seqs, max_blocks_per_seq,
+                                   self.device)
+        return self.graphs.capture()
 
     def forget_except(self, live: set[tuple[str, int]]) -> None:
         for key in [k for k in self.blocks if k not in live]:
@@ -125,7 +138,13 @@ class DraftModelProposer(Proposer):
             seq_lens_cpu=seq_lens.tolist(), workspace=self.workspace,
         )
         ids = torch.tensor([t for _, _, toks in seqs for t in toks], dtype=torch.long).to(dev)
-        hidden = self.model(ids, torch.from_numpy(positions).to(dev), self.kv_cache, meta)
+        graphs = self.graphs
+        if graphs is not None and total == len(seqs) <= graphs.max_batch:  # decodes only
+            hidden = graphs.run(ids, torch.from_numpy(positions).to(dev), meta.slot_mapping,
+                                meta.seq_lens, meta.block_table)
+            self.num_graph_steps += 1
+        else:
+            hidden = self.model(ids, torch.from_numpy(positions).to(dev), self.kv_cache, meta)
         logits = self.model.compute_logits(hidden[torch.from_numpy(cu[1:] - 1).to(dev)],
                                            float32=False)
         picked = logits[:, :self.vocab_size].argmax(dim=-1).tolist()

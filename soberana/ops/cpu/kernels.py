@@ -131,17 +131,17 @@ def load_linear_library(path: Path) -> ctypes.CDLL:
     """A built linear_bf16 library, its functions typed."""
     lib = ctypes.CDLL(str(path))
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-    lib.linear_bf16_available.argtypes, lib.linear_bf16_available.restype = [], ctypes.c_int
-    lib.linear_bf16_packed_elems.argtypes, lib.linear_bf16_packed_elems.restype = [i64, i64], i64
-    lib.pack_bf16.argtypes, lib.pack_bf16.restype = [ptr, i64, i64, i64, ptr], ctypes.c_int
-    lib.linear_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32, ptr]
-    lib.linear_bf16.restype = ctypes.c_int
-    if hasattr(lib, "linear_f32"):  # builds of older sources (benchmarks' A/B) lack it
-        lib.linear_f32_available.argtypes, lib.linear_f32_available.restype = [], ctypes.c_int
-        lib.linear_f32_packed_elems.argtypes, lib.linear_f32_packed_elems.restype = [i64, i64], i64
-        lib.pack_f32.argtypes, lib.pack_f32.restype = [ptr, i64, i64, i64, ptr], ctypes.c_int
-        lib.linear_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32, ptr]
-        lib.linear_f32.restype = ctypes.c_int
+    # one ABI per dtype; builds of older sources (benchmarks' A/B) lack the float32 one
+    for suffix in ("bf16", "f32") if hasattr(lib, "linear_f32") else ("bf16",):
+        signatures = {
+            f"linear_{suffix}_available": ([], ctypes.c_int),
+            f"linear_{suffix}_packed_elems": ([i64, i64], i64),
+            f"pack_{suffix}": ([ptr, i64, i64, i64, ptr], ctypes.c_int),
+            f"linear_{suffix}": ([ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32, ptr],
+                                 ctypes.c_int),
+        }
+        for name, (argtypes, restype) in signatures.items():
+            getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
     return lib
 
 
@@ -590,17 +590,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
 def pack_bf16_linear(weight: torch.Tensor) -> torch.Tensor | None:
     """A bfloat16 weight [N, K] (K even, unit-stride rows) packed for `linear_bf16`, or None
     where this machine or build has no kernel for it (the caller packs for oneDNN, at load)."""
-    if not (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.stride(1) == 1 and weight.shape[1] % 2 == 0 and weight.numel() > 0):  # fmt: skip
+    if weight.dim() == 2 and weight.shape[1] % 2 != 0:  # the kernel takes k in pairs
         return None
-    lib = linear_library()
-    if lib is None:
-        return None
-    n, k = weight.shape
-    packed = torch.empty(lib.linear_bf16_packed_elems(n, k), dtype=torch.bfloat16)
-    if lib.pack_bf16(weight.data_ptr(), weight.stride(0), n, k, packed.data_ptr()) != _OK:
-        return None
-    return packed
+    return _pack_linear(weight, torch.bfloat16, "bf16", linear_library())
 
 
 def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
@@ -608,34 +600,13 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tenso
     """x [M, K] (bfloat16, unit-stride rows) times a `pack_bf16_linear` weight of n outputs,
     plus `bias` (bfloat16, padded with zeros to a multiple of 64) or None: [M, n] bfloat16,
     float32 sums rounded once."""
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
-        raise ValueError(f"linear_bf16: bfloat16 input [M, K] with unit-stride rows expected "
-                         f"on the CPU, got {x.dtype} on {x.device}")  # fmt: skip
-    lib = linear_library()
-    m, k = x.shape
-    if packed.numel() != lib.linear_bf16_packed_elems(n, k):  # not a weight of [n, k]
-        raise ValueError(f"linear_bf16: x has {k} columns; the packed weight does not")
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = lib.linear_bf16(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
-                         out.data_ptr(), n, torch.get_num_threads(), openmp_parallel())  # fmt: skip
-    _check(rc, "linear_bf16")
-    return out
+    return _linear(x, packed, n, bias, torch.bfloat16, "bf16", linear_library())
 
 
 def pack_f32_linear(weight: torch.Tensor) -> torch.Tensor | None:
     """A float32 weight [N, K] (unit-stride rows) packed for `linear_f32`, or None where this
     build has no kernel for it."""
-    if not (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.stride(1) == 1 and weight.numel() > 0):  # fmt: skip
-        return None
-    lib = linear_f32_library()
-    if lib is None:
-        return None
-    n, k = weight.shape
-    packed = torch.empty(lib.linear_f32_packed_elems(n, k), dtype=torch.float32)
-    if lib.pack_f32(weight.data_ptr(), weight.stride(0), n, k, packed.data_ptr()) != _OK:
-        return None
-    return packed
+    return _pack_linear(weight, torch.float32, "f32", linear_f32_library())
 
 
 def linear_f32(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
@@ -643,17 +614,39 @@ def linear_f32(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor
     """x [M, K] (float32, unit-stride rows) times a `pack_f32_linear` weight of n outputs, plus
     `bias` (float32, padded with zeros to a multiple of 64) or None: [M, n] float32, each sum
     in k order."""
-    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
-        raise ValueError(f"linear_f32: float32 input [M, K] with unit-stride rows expected "
+    return _linear(x, packed, n, bias, torch.float32, "f32", linear_f32_library())
+
+
+def _pack_linear(weight: torch.Tensor, dtype: torch.dtype, suffix: str, lib
+                 ) -> torch.Tensor | None:
+    """The shared body of the pack_*_linear wrappers: the library's `pack_<suffix>` over a
+    [N, K] weight of `dtype` with unit-stride rows, or None where it cannot serve."""
+    if not (weight.dtype == dtype and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.stride(1) == 1 and weight.numel() > 0) or lib is None:  # fmt: skip
+        return None
+    n, k = weight.shape
+    packed = torch.empty(getattr(lib, f"linear_{suffix}_packed_elems")(n, k), dtype=dtype)
+    if getattr(lib, f"pack_{suffix}")(weight.data_ptr(), weight.stride(0), n, k,
+                                      packed.data_ptr()) != _OK:  # fmt: skip
+        return None
+    return packed
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None,
+            dtype: torch.dtype, suffix: str, lib) -> torch.Tensor:
+    """The shared body of linear_bf16 / linear_f32: the library's `linear_<suffix>`."""
+    name = f"linear_{suffix}"
+    if x.dtype != dtype or x.dim() != 2 or x.stride(1) != 1 or x.device.type != "cpu":
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise ValueError(f"{name}: {dtype_name} input [M, K] with unit-stride rows expected "
                          f"on the CPU, got {x.dtype} on {x.device}")  # fmt: skip
-    lib = linear_f32_library()
     m, k = x.shape
-    if packed.numel() != lib.linear_f32_packed_elems(n, k):  # not a weight of [n, k]
-        raise ValueError(f"linear_f32: x has {k} columns; the packed weight does not")
-    out = torch.empty(m, n, dtype=torch.float32)
-    rc = lib.linear_f32(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
-                        out.data_ptr(), n, torch.get_num_threads(), openmp_parallel())  # fmt: skip
-    _check(rc, "linear_f32")
+    if packed.numel() != getattr(lib, f"{name}_packed_elems")(n, k):  # not a weight of [n, k]
+        raise ValueError(f"{name}: x has {k} columns; the packed weight does not")
+    out = torch.empty(m, n, dtype=dtype)
+    rc = getattr(lib, name)(x.data_ptr(), x.stride(0), m, k, packed.data_ptr(), n, _ptr(bias),
+                            out.data_ptr(), n, torch.get_num_threads(), openmp_parallel())  # fmt: skip
+    _check(rc, name)
     return out
 
 

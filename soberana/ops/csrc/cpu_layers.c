@@ -43,47 +43,25 @@ static inline __attribute__((always_inline)) void norm_impl(const NormArgs *a, i
     const int promoted = wdt != dt && dt != DT_F32; /* a float32 weight: out is float32 */
     void *out = (char *)a->out + row * a->out_stride * (dt == DT_F32 || promoted ? 4 : 2);
     float buf[H]; /* the summed row, as stored */
-#ifdef __AVX512F__
-    if (H % 16 == 0) {
+#ifdef SOBERANA_VEC
+    if (H % VEC_LANES == 0) {
         const void *res = (const char *)a->residual + row * a->res_stride * (dt == DT_F32 ? 4 : 2);
         void *res_out = (char *)a->residual_out + row * a->res_out_stride * (dt == DT_F32 ? 4 : 2);
-        __m512 squares = _mm512_setzero_ps();
-        for (int64_t i = 0; i < H; i += 16) {
-            __m512 v = load16(x, i, dt);
+        vec squares = vec_zero();
+        for (int64_t i = 0; i < H; i += VEC_LANES) {
+            vec v = vec_load(x, i, dt);
             if (a->residual != NULL) {
-                v = round16(_mm512_add_ps(v, load16(res, i, dt)), dt);
-                store16(res_out, i, v, dt);
+                v = vec_round(vec_add(v, vec_load(res, i, dt)), dt);
+                vec_store(res_out, i, v, dt);
             }
-            _mm512_storeu_ps(buf + i, v);
-            squares = _mm512_fmadd_ps(v, v, squares);
+            vec_storeu(buf + i, v);
+            squares = vec_fmadd(v, v, squares);
         }
-        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)H + a->eps));
-        for (int64_t i = 0; i < H; i += 16) {
-            const __m512 y = _mm512_mul_ps(round16(_mm512_mul_ps(_mm512_loadu_ps(buf + i), inv), dt),
-                                           load16(a->weight, i, wdt));
-            store16(out, i, y, promoted ? DT_F32 : dt);
-        }
-        return;
-    }
-#elif defined(SOBERANA_AVX2)
-    if (H % 8 == 0) { /* the AVX-512 loop's steps, 8 lanes at a time */
-        const void *res = (const char *)a->residual + row * a->res_stride * (dt == DT_F32 ? 4 : 2);
-        void *res_out = (char *)a->residual_out + row * a->res_out_stride * (dt == DT_F32 ? 4 : 2);
-        __m256 squares = _mm256_setzero_ps();
-        for (int64_t i = 0; i < H; i += 8) {
-            __m256 v = load8(x, i, dt);
-            if (a->residual != NULL) {
-                v = round8(_mm256_add_ps(v, load8(res, i, dt)), dt);
-                store8(res_out, i, v, dt);
-            }
-            _mm256_storeu_ps(buf + i, v);
-            squares = _mm256_fmadd_ps(v, v, squares);
-        }
-        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum8(squares) / (float)H + a->eps));
-        for (int64_t i = 0; i < H; i += 8) {
-            const __m256 y = _mm256_mul_ps(round8(_mm256_mul_ps(_mm256_loadu_ps(buf + i), inv), dt),
-                                           load8(a->weight, i, wdt));
-            store8(out, i, y, promoted ? DT_F32 : dt);
+        const vec inv = vec_set1(1.0f / sqrtf(vec_sum(squares) / (float)H + a->eps));
+        for (int64_t i = 0; i < H; i += VEC_LANES) {
+            const vec y = vec_mul(vec_round(vec_mul(vec_loadu(buf + i), inv), dt),
+                                  vec_load(a->weight, i, wdt));
+            vec_store(out, i, y, promoted ? DT_F32 : dt);
         }
         return;
     }
@@ -183,7 +161,7 @@ static inline __attribute__((always_inline)) void silu_impl(const SiluArgs *a, i
 #ifdef __AVX512F__
     for (; i + 16 <= I; i += 16) {
         const __m512 x = load16(g, i, dt), one = _mm512_set1_ps(1.0f);
-        const __m512 silu = round16(_mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)))), dt);
+        const __m512 silu = round16(_mm512_div_ps(x, _mm512_add_ps(one, vec_exp(_mm512_sub_ps(_mm512_setzero_ps(), x)))), dt);
         store16(o, i, _mm512_mul_ps(silu, load16(u, i, dt)), dt);
     }
 #endif
@@ -234,39 +212,22 @@ static inline void rotate(const void *x, int64_t xi, void *out, int64_t oi, cons
     }
 }
 
-#ifdef __AVX512F__
-/* rotate, 16 columns of each half at a time (D % 32 == 0), with cos and sin already rounded
- * to the dtype. */
-static inline __attribute__((always_inline)) void rotate16(const void *x, int64_t xi, void *out,
-                                                           int64_t oi, const float *cs,
-                                                           const float *sn, int D, const int dt) {
+#ifdef SOBERANA_VEC
+/* rotate, VEC_LANES columns of each half at a time (D % (2 VEC_LANES) == 0), with cos and sin
+ * already rounded to the dtype. */
+static inline __attribute__((always_inline)) void rotate_vec(const void *x, int64_t xi, void *out,
+                                                             int64_t oi, const float *cs,
+                                                             const float *sn, int D, const int dt) {
     const int half = D / 2;
-    for (int d = 0; d < half; d += 16) {
-        const __m512 lo = load16(x, xi + d, dt), hi = load16(x, xi + d + half, dt);
-        const __m512 neg_hi = _mm512_sub_ps(_mm512_setzero_ps(), hi);
-        const __m512 first = _mm512_add_ps(round16(_mm512_mul_ps(lo, _mm512_loadu_ps(cs + d)), dt),
-                                           round16(_mm512_mul_ps(neg_hi, _mm512_loadu_ps(sn + d)), dt));
-        const __m512 second = _mm512_add_ps(round16(_mm512_mul_ps(hi, _mm512_loadu_ps(cs + d + half)), dt),
-                                            round16(_mm512_mul_ps(lo, _mm512_loadu_ps(sn + d + half)), dt));
-        store16(out, oi + d, first, dt);
-        store16(out, oi + d + half, second, dt);
-    }
-}
-#elif defined(SOBERANA_AVX2)
-/* rotate16's steps, 8 columns of each half at a time (D % 16 == 0). */
-static inline __attribute__((always_inline)) void rotate8(const void *x, int64_t xi, void *out,
-                                                          int64_t oi, const float *cs,
-                                                          const float *sn, int D, const int dt) {
-    const int half = D / 2;
-    for (int d = 0; d < half; d += 8) {
-        const __m256 lo = load8(x, xi + d, dt), hi = load8(x, xi + d + half, dt);
-        const __m256 neg_hi = _mm256_sub_ps(_mm256_setzero_ps(), hi);
-        const __m256 first = _mm256_add_ps(round8(_mm256_mul_ps(lo, _mm256_loadu_ps(cs + d)), dt),
-                                           round8(_mm256_mul_ps(neg_hi, _mm256_loadu_ps(sn + d)), dt));
-        const __m256 second = _mm256_add_ps(round8(_mm256_mul_ps(hi, _mm256_loadu_ps(cs + d + half)), dt),
-                                            round8(_mm256_mul_ps(lo, _mm256_loadu_ps(sn + d + half)), dt));
-        store8(out, oi + d, first, dt);
-        store8(out, oi + d + half, second, dt);
+    for (int d = 0; d < half; d += VEC_LANES) {
+        const vec lo = vec_load(x, xi + d, dt), hi = vec_load(x, xi + d + half, dt);
+        const vec neg_hi = vec_sub(vec_zero(), hi);
+        const vec first = vec_add(vec_round(vec_mul(lo, vec_loadu(cs + d)), dt),
+                                  vec_round(vec_mul(neg_hi, vec_loadu(sn + d)), dt));
+        const vec second = vec_add(vec_round(vec_mul(hi, vec_loadu(cs + d + half)), dt),
+                                   vec_round(vec_mul(lo, vec_loadu(sn + d + half)), dt));
+        vec_store(out, oi + d, first, dt);
+        vec_store(out, oi + d + half, second, dt);
     }
 }
 #endif
@@ -282,24 +243,15 @@ static inline __attribute__((always_inline)) void rope_impl(RopeArgs *a, int64_t
     const float *c = a->cos + p * D, *s = a->sin + p * D;
     const int64_t k0 = base + (int64_t)Hq * D, v0 = k0 + (int64_t)Hk * D, esz = dt == DT_F32 ? 4 : 2;
     const int64_t row = slot * Hk * D, bytes = (int64_t)Hk * D * esz;
-#ifdef __AVX512F__
-    const int simd = D % 32 == 0 && D <= 1024;
+#ifdef SOBERANA_VEC
+    const int simd = D % (2 * VEC_LANES) == 0 && D <= 1024;
     float cs[simd ? D : 1], sn[simd ? D : 1]; /* rounded to the dtype once for all the heads */
-    for (int d = 0; simd && d < D; d += 16) {
-        _mm512_storeu_ps(cs + d, round16(_mm512_loadu_ps(c + d), dt));
-        _mm512_storeu_ps(sn + d, round16(_mm512_loadu_ps(s + d), dt));
+    for (int d = 0; simd && d < D; d += VEC_LANES) {
+        vec_storeu(cs + d, vec_round(vec_loadu(c + d), dt));
+        vec_storeu(sn + d, vec_round(vec_loadu(s + d), dt));
     }
 #define ROTATE(x, xi, out, oi) \
-    (simd ? rotate16(x, xi, out, oi, cs, sn, D, dt) : rotate(x, xi, out, oi, c, s, D, dt))
-#elif defined(SOBERANA_AVX2)
-    const int simd = D % 16 == 0 && D <= 1024;
-    float cs[simd ? D : 1], sn[simd ? D : 1]; /* rounded to the dtype once for all the heads */
-    for (int d = 0; simd && d < D; d += 8) {
-        _mm256_storeu_ps(cs + d, round8(_mm256_loadu_ps(c + d), dt));
-        _mm256_storeu_ps(sn + d, round8(_mm256_loadu_ps(s + d), dt));
-    }
-#define ROTATE(x, xi, out, oi) \
-    (simd ? rotate8(x, xi, out, oi, cs, sn, D, dt) : rotate(x, xi, out, oi, c, s, D, dt))
+    (simd ? rotate_vec(x, xi, out, oi, cs, sn, D, dt) : rotate(x, xi, out, oi, c, s, D, dt))
 #else
 #define ROTATE(x, xi, out, oi) rotate(x, xi, out, oi, c, s, D, dt)
 #endif

@@ -80,7 +80,7 @@ static inline __attribute__((always_inline)) void query_block(
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top[r]));
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < Lp; j += 16) {
-            __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + r * Lp + j), m));
+            __m512 p = vec_exp(_mm512_sub_ps(_mm512_loadu_ps(s + r * Lp + j), m));
             if (j + 16 > L) p = _mm512_maskz_mov_ps(tail, p);
             _mm512_storeu_ps(s + r * Lp + j, p);
             sum = _mm512_add_ps(sum, p);

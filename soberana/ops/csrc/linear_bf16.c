@@ -85,6 +85,26 @@ struct Job {
     void (*rows)(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
 };
 
+#ifdef SOBERANA_AVX2
+/* The AVX2 kernels' walk over panels [j0, j1) for rows [m0, m1): one row (a batch-1 decode)
+ * through `row`, which reads each of the panel's lines once; more rows a quarter of the panel
+ * (a quarter of each of its lines) at a time through `quarter` and every row of the chunk, so
+ * the panel stays in L2 between the quarters. Inlined with its two kernels. */
+static inline __attribute__((always_inline)) void panels_avx2(
+    const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1,
+    void (*row)(const Job *job, int64_t m, int64_t j, int cols),
+    void (*quarter)(const Job *job, int64_t m0, int64_t m1, int64_t j, int q, int cols)) {
+    for (int64_t j = j0; j < j1; j++) {
+        const int cols = job->N - j * NB < NB ? (int)(job->N - j * NB) : NB;
+        if (m1 - m0 == 1) {
+            row(job, m0, j, cols);
+            continue;
+        }
+        for (int q = 0; q < 4 && 16 * q < cols; q++) quarter(job, m0, m1, j, q, cols);
+    }
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 /* Rows [m, m + R) of x times panel j into out, columns [64j, 64j + cols). While it works it
  * prefetches `lines` cache lines of `ahead` (into L2), one per pair. */
@@ -235,26 +255,22 @@ static void row_avx2(const Job *job, int64_t m, int64_t j, int cols) {
     for (int v = 0; v < 8; v++) store_cols(job, row, j, 8 * v, acc[v], cols - 8 * v);
 }
 
-static void rows_bf16(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; j++) {
-        const int cols = job->N - j * NB < NB ? (int)(job->N - j * NB) : NB;
-        if (m1 - m0 == 1) {
-            row_avx2(job, m0, j, cols);
-            continue;
-        }
-        /* a quarter of the panel (a quarter of each of its lines) at a time, through every
-         * row of the chunk: the panel stays in L2 between the quarters */
-        for (int q = 0; q < 4 && 16 * q < cols; q++) {
-            int64_t m = m0;
-            for (; m + MR2 <= m1; m += MR2) tile_avx2(job, m, j, q, cols, MR2);
-            switch (m1 - m) {
-            case 3: tile_avx2(job, m, j, q, cols, 3); break;
-            case 2: tile_avx2(job, m, j, q, cols, 2); break;
-            case 1: tile_avx2(job, m, j, q, cols, 1); break;
-            default: break;
-            }
-        }
+/* Rows [m0, m1) of x times columns [16q, 16q + 16) of panel j, MR2 rows at a time. */
+static inline __attribute__((always_inline)) void quarter_avx2(const Job *job, int64_t m0,
+                                                               int64_t m1, int64_t j, int q,
+                                                               int cols) {
+    int64_t m = m0;
+    for (; m + MR2 <= m1; m += MR2) tile_avx2(job, m, j, q, cols, MR2);
+    switch (m1 - m) {
+    case 3: tile_avx2(job, m, j, q, cols, 3); break;
+    case 2: tile_avx2(job, m, j, q, cols, 2); break;
+    case 1: tile_avx2(job, m, j, q, cols, 1); break;
+    default: break;
     }
+}
+
+static void rows_bf16(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
+    panels_avx2(job, m0, m1, j0, j1, row_avx2, quarter_avx2);
 }
 #endif
 
@@ -388,28 +404,26 @@ static void row_f32(const Job *job, int64_t m, int64_t j, int cols) {
     for (int v = 0; v < 8; v++) store_f32(job, row, j, 8 * v, acc[v], cols - 8 * v);
 }
 
-static void rows_f32(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; j++) {
-        const int cols = job->N - j * NB < NB ? (int)(job->N - j * NB) : NB;
-        if (m1 - m0 == 1) {
-            row_f32(job, m0, j, cols);
-            continue;
+/* Rows [m0, m1) of x times columns [16q, 16q + 16) of panel j, in tiles as even as MR allows. */
+static inline __attribute__((always_inline)) void quarter_f32(const Job *job, int64_t m0,
+                                                              int64_t m1, int64_t j, int q,
+                                                              int cols) {
+    for (int64_t m = m0; m < m1;) {
+        const int R = balanced_rows(m1 - m);
+        switch (R) {
+        case 6: tile_f32(job, m, j, q, cols, 6); break;
+        case 5: tile_f32(job, m, j, q, cols, 5); break;
+        case 4: tile_f32(job, m, j, q, cols, 4); break;
+        case 3: tile_f32(job, m, j, q, cols, 3); break;
+        case 2: tile_f32(job, m, j, q, cols, 2); break;
+        default: tile_f32(job, m, j, q, cols, 1); break;
         }
-        for (int q = 0; q < 4 && 16 * q < cols; q++) { /* as rows_bf16 */
-            for (int64_t m = m0; m < m1;) {
-                const int R = balanced_rows(m1 - m);
-                switch (R) {
-                case 6: tile_f32(job, m, j, q, cols, 6); break;
-                case 5: tile_f32(job, m, j, q, cols, 5); break;
-                case 4: tile_f32(job, m, j, q, cols, 4); break;
-                case 3: tile_f32(job, m, j, q, cols, 3); break;
-                case 2: tile_f32(job, m, j, q, cols, 2); break;
-                default: tile_f32(job, m, j, q, cols, 1); break;
-                }
-                m += R;
-            }
-        }
+        m += R;
     }
+}
+
+static void rows_f32(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
+    panels_avx2(job, m0, m1, j0, j1, row_f32, quarter_f32);
 }
 #endif
 

@@ -161,35 +161,9 @@ static inline __m512 sum16(const __m512 *v) {
                          _mm512_shuffle_ps(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* s[g * bs + t] = q_g . k_t, 16 rows at a time: each row's products stay 16 partial sums
- * until sum16 adds up the 16 rows together. */
-static inline void scores_avx512(const float *restrict q, const char *k, int64_t row_bytes, int n,
-                                 int G, int D, int bs, int dtype, float *restrict s) {
-    for (int g = 0; g < G; g++) {
-        const float *qg = q + g * D;
-        for (int t0 = 0; t0 < n; t0 += 16) {
-            __m512 part[16];
-            for (int i = 0; i < 16; i++) {
-                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-                if (t0 + i < n) {
-                    const char *kr = k + (t0 + i) * row_bytes;
-                    int c = 0;
-                    for (; c + 32 <= D; c += 32) {
-                        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c), load16(kr, c, dtype), a0);
-                        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c + 16),
-                                             load16(kr, c + 16, dtype), a1);
-                    }
-                    if (c < D)
-                        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c), load16(kr, c, dtype), a0);
-                }
-                part[(i & 3) << 2 | i >> 2] = _mm512_add_ps(a0, a1); /* sum16 keeps t's order */
-            }
-            const int left = n - t0;
-            const __mmask16 live = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-            _mm512_mask_storeu_ps(s + g * bs + t0, live, sum16(part));
-        }
-    }
-}
+/* sum16's input slot for row i, so that its output lanes keep the rows' order. */
+static inline int sum_slot(int i) { return (i & 3) << 2 | i >> 2; }
+static inline vec sum_rows(const vec *v) { return sum16(v); }
 
 static inline float softmax_avx512(float *s, int n, float *max, float *den) {
     __m512 mv = _mm512_set1_ps(*max), sum = _mm512_setzero_ps();
@@ -201,44 +175,13 @@ static inline float softmax_avx512(float *s, int n, float *max, float *den) {
     mv = _mm512_set1_ps(m);
     for (int t = 0; t < n; t += 16) {
         __mmask16 live = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
-        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), mv));
+        __m512 e = vec_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), mv));
         _mm512_mask_storeu_ps(s + t, live, e);
         sum = _mm512_mask_add_ps(sum, live, sum, e);
     }
     *den = *den * alpha + _mm512_reduce_add_ps(sum);
     *max = m;
     return alpha;
-}
-
-/* acc_g += sum_t p[g * bs + t] * v_t. Four 16-column accumulators stay in registers across
- * the block's rows: four FMA chains in flight instead of one. */
-static inline void values_avx512(float *restrict acc, const float *restrict p, const char *v,
-                                 int64_t row_bytes, int n, int G, int D, int bs, int dtype) {
-    for (int g = 0; g < G; g++) {
-        const float *pg = p + g * bs;
-        float *ag = acc + g * D;
-        int c = 0;
-        for (; c + 64 <= D; c += 64) {
-            __m512 a0 = _mm512_loadu_ps(ag + c), a1 = _mm512_loadu_ps(ag + c + 16);
-            __m512 a2 = _mm512_loadu_ps(ag + c + 32), a3 = _mm512_loadu_ps(ag + c + 48);
-            for (int t = 0; t < n; t++) {
-                const char *vr = v + t * row_bytes;
-                const __m512 pt = _mm512_set1_ps(pg[t]);
-                a0 = _mm512_fmadd_ps(pt, load16(vr, c, dtype), a0);
-                a1 = _mm512_fmadd_ps(pt, load16(vr, c + 16, dtype), a1);
-                a2 = _mm512_fmadd_ps(pt, load16(vr, c + 32, dtype), a2);
-                a3 = _mm512_fmadd_ps(pt, load16(vr, c + 48, dtype), a3);
-            }
-            _mm512_storeu_ps(ag + c, a0), _mm512_storeu_ps(ag + c + 16, a1);
-            _mm512_storeu_ps(ag + c + 32, a2), _mm512_storeu_ps(ag + c + 48, a3);
-        }
-        for (; c < D; c += 16) {
-            __m512 a = _mm512_loadu_ps(ag + c);
-            for (int t = 0; t < n; t++)
-                a = _mm512_fmadd_ps(_mm512_set1_ps(pg[t]), load16(v + t * row_bytes, c, dtype), a);
-            _mm512_storeu_ps(ag + c, a);
-        }
-    }
 }
 
 /* bfloat16 rows without a shuffle: each 32-bit lane of a row holds elements 2i (low half) and
@@ -539,38 +482,8 @@ static void chunk_rows_any(const float *q, float *acc, float *mx, float *den, fl
 /* ---- AVX2 + FMA path (CPUs without AVX-512) ---------------------------------------- */
 #ifdef SOBERANA_AVX2
 
-/* s[g * bs + t] = q_g . k_t, 8 keys at a time: two FMA chains per key, then sum8 adds up the
- * 8 keys' partial sums together. D % 8 == 0. */
-static inline void scores_avx2(const float *restrict q, const char *k, int64_t row_bytes, int n,
-                               int G, int D, int bs, int dtype, float *restrict s) {
-    for (int g = 0; g < G; g++) {
-        const float *qg = q + g * D;
-        for (int t0 = 0; t0 < n; t0 += 8) {
-            __m256 part[8];
-            for (int i = 0; i < 8; i++) {
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                if (t0 + i < n) {
-                    const char *kr = k + (t0 + i) * row_bytes;
-                    int c = 0;
-                    for (; c + 16 <= D; c += 16) {
-                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c), load8(kr, c, dtype), a0);
-                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c + 8), load8(kr, c + 8, dtype), a1);
-                    }
-                    if (c < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c), load8(kr, c, dtype), a0);
-                }
-                part[i] = _mm256_add_ps(a0, a1);
-            }
-            const __m256 sums = sum8(part);
-            if (n - t0 >= 8) {
-                _mm256_storeu_ps(s + g * bs + t0, sums);
-            } else {
-                float tmp[8];
-                _mm256_storeu_ps(tmp, sums);
-                for (int i = 0; i < n - t0; i++) s[g * bs + t0 + i] = tmp[i];
-            }
-        }
-    }
-}
+static inline int sum_slot(int i) { return i; }
+static inline vec sum_rows(const vec *v) { return sum8(v); }
 
 static inline float softmax_avx2(float *s, int n, float *max, float *den) {
     float m = *max;
@@ -585,14 +498,14 @@ static inline float softmax_avx2(float *s, int n, float *max, float *den) {
     const __m256 mv = _mm256_set1_ps(m);
     __m256 sum = _mm256_setzero_ps();
     for (t = 0; t + 8 <= n; t += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+        const __m256 e = vec_exp(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
         _mm256_storeu_ps(s + t, e);
         sum = _mm256_add_ps(sum, e);
     }
     if (t < n) { /* the tail through a padded buffer: -inf lanes give exp 0 */
         float tmp[8];
         for (int i = 0; i < 8; i++) tmp[i] = t + i < n ? s[t + i] : -INFINITY;
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(tmp), mv));
+        const __m256 e = vec_exp(_mm256_sub_ps(_mm256_loadu_ps(tmp), mv));
         _mm256_storeu_ps(tmp, e);
         for (int i = 0; t + i < n; i++) s[t + i] = tmp[i];
         sum = _mm256_add_ps(sum, e);
@@ -602,38 +515,68 @@ static inline float softmax_avx2(float *s, int n, float *max, float *den) {
     return alpha;
 }
 
-/* acc_g += sum_t p[g * bs + t] * v_t: four 8-column accumulators in registers across the
- * block's rows. */
-static inline void values_avx2(float *restrict acc, const float *restrict p, const char *v,
-                               int64_t row_bytes, int n, int G, int D, int bs, int dtype) {
+#endif /* SOBERANA_AVX2 */
+
+#ifdef SOBERANA_VEC
+/* s[g * bs + t] = q_g . k_t, VEC_LANES keys at a time: two FMA chains per key, each key's
+ * products kept as VEC_LANES partial sums until sum_rows adds up all the keys' together. */
+static inline void scores_vec(const float *restrict q, const char *k, int64_t row_bytes, int n,
+                              int G, int D, int bs, int dtype, float *restrict s) {
+    const int L = VEC_LANES;
     for (int g = 0; g < G; g++) {
-        const float *pg = p + g * bs;
-        float *ag = acc + g * D;
-        int c = 0;
-        for (; c + 32 <= D; c += 32) {
-            __m256 a0 = _mm256_loadu_ps(ag + c), a1 = _mm256_loadu_ps(ag + c + 8);
-            __m256 a2 = _mm256_loadu_ps(ag + c + 16), a3 = _mm256_loadu_ps(ag + c + 24);
-            for (int t = 0; t < n; t++) {
-                const char *vr = v + t * row_bytes;
-                const __m256 pt = _mm256_set1_ps(pg[t]);
-                a0 = _mm256_fmadd_ps(pt, load8(vr, c, dtype), a0);
-                a1 = _mm256_fmadd_ps(pt, load8(vr, c + 8, dtype), a1);
-                a2 = _mm256_fmadd_ps(pt, load8(vr, c + 16, dtype), a2);
-                a3 = _mm256_fmadd_ps(pt, load8(vr, c + 24, dtype), a3);
+        const float *qg = q + g * D;
+        for (int t0 = 0; t0 < n; t0 += L) {
+            vec part[VEC_LANES];
+            for (int i = 0; i < L; i++) {
+                vec a0 = vec_zero(), a1 = vec_zero();
+                if (t0 + i < n) {
+                    const char *kr = k + (t0 + i) * row_bytes;
+                    int c = 0;
+                    for (; c + 2 * L <= D; c += 2 * L) {
+                        a0 = vec_fmadd(vec_loadu(qg + c), vec_load(kr, c, dtype), a0);
+                        a1 = vec_fmadd(vec_loadu(qg + c + L), vec_load(kr, c + L, dtype), a1);
+                    }
+                    if (c < D) a0 = vec_fmadd(vec_loadu(qg + c), vec_load(kr, c, dtype), a0);
+                }
+                part[sum_slot(i)] = vec_add(a0, a1);
             }
-            _mm256_storeu_ps(ag + c, a0), _mm256_storeu_ps(ag + c + 8, a1);
-            _mm256_storeu_ps(ag + c + 16, a2), _mm256_storeu_ps(ag + c + 24, a3);
-        }
-        for (; c < D; c += 8) {
-            __m256 a = _mm256_loadu_ps(ag + c);
-            for (int t = 0; t < n; t++)
-                a = _mm256_fmadd_ps(_mm256_set1_ps(pg[t]), load8(v + t * row_bytes, c, dtype), a);
-            _mm256_storeu_ps(ag + c, a);
+            vec_storeu_first(s + g * bs + t0, sum_rows(part), n - t0);
         }
     }
 }
 
-#endif /* SOBERANA_AVX2 */
+/* acc_g += sum_t p[g * bs + t] * v_t. Four VEC_LANES-column accumulators stay in registers
+ * across the block's rows: four FMA chains in flight instead of one. */
+static inline void values_vec(float *restrict acc, const float *restrict p, const char *v,
+                              int64_t row_bytes, int n, int G, int D, int bs, int dtype) {
+    const int L = VEC_LANES;
+    for (int g = 0; g < G; g++) {
+        const float *pg = p + g * bs;
+        float *ag = acc + g * D;
+        int c = 0;
+        for (; c + 4 * L <= D; c += 4 * L) {
+            vec a0 = vec_loadu(ag + c), a1 = vec_loadu(ag + c + L);
+            vec a2 = vec_loadu(ag + c + 2 * L), a3 = vec_loadu(ag + c + 3 * L);
+            for (int t = 0; t < n; t++) {
+                const char *vr = v + t * row_bytes;
+                const vec pt = vec_set1(pg[t]);
+                a0 = vec_fmadd(pt, vec_load(vr, c, dtype), a0);
+                a1 = vec_fmadd(pt, vec_load(vr, c + L, dtype), a1);
+                a2 = vec_fmadd(pt, vec_load(vr, c + 2 * L, dtype), a2);
+                a3 = vec_fmadd(pt, vec_load(vr, c + 3 * L, dtype), a3);
+            }
+            vec_storeu(ag + c, a0), vec_storeu(ag + c + L, a1);
+            vec_storeu(ag + c + 2 * L, a2), vec_storeu(ag + c + 3 * L, a3);
+        }
+        for (; c < D; c += L) {
+            vec a = vec_loadu(ag + c);
+            for (int t = 0; t < n; t++)
+                a = vec_fmadd(vec_set1(pg[t]), vec_load(v + t * row_bytes, c, dtype), a);
+            vec_storeu(ag + c, a);
+        }
+    }
+}
+#endif
 
 /* ---- one work item: a sequence, a tile of its queries, a run of its KV heads ----------- */
 
@@ -798,13 +741,9 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
                         __builtin_prefetch(j->k + ahead + kh * head_bytes + t * row_bytes + o);
                         __builtin_prefetch(j->v + ahead + kh * head_bytes + t * row_bytes + o);
                     }
-#ifdef __AVX512F__
+#ifdef SOBERANA_VEC
             if (simd)
-                scores_avx512(qh, k, row_bytes, n, RH, D, bs, dtype, sh);
-            else
-#elif defined(SOBERANA_AVX2)
-            if (simd)
-                scores_avx2(qh, k, row_bytes, n, RH, D, bs, dtype, sh);
+                scores_vec(qh, k, row_bytes, n, RH, D, bs, dtype, sh);
             else
 #endif
                 scores_portable(qh, k, row_bytes, n, RH, D, bs, dtype, sh);
@@ -828,13 +767,9 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
                 if (alpha != 1.0f)
                     for (int c = 0; c < D; c++) ah[i * D + c] *= alpha;
             }
-#ifdef __AVX512F__
+#ifdef SOBERANA_VEC
             if (simd)
-                values_avx512(ah, sh, v, row_bytes, n, RH, D, bs, dtype);
-            else
-#elif defined(SOBERANA_AVX2)
-            if (simd)
-                values_avx2(ah, sh, v, row_bytes, n, RH, D, bs, dtype);
+                values_vec(ah, sh, v, row_bytes, n, RH, D, bs, dtype);
             else
 #endif
                 values_portable(ah, sh, v, row_bytes, n, RH, D, bs, dtype);

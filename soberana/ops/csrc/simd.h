@@ -1,8 +1,9 @@
 /* SIMD helpers shared by the native CPU kernels. AVX-512: 16 elements of a row in any storage
- * dtype as float32 and back, rounding as the dtype stores, and exp. AVX2 + FMA + F16C (CPUs
- * without AVX-512, e.g. Zen 3; SOBERANA_AVX2 is defined): loads and stores of 8 elements
- * rounding as the AVX-512 ones do, exp and a sum of 8 vectors. Included by the kernels in this
- * directory (the build cache key in ops/cpu/kernels.py covers this header); empty with neither. */
+ * dtype as float32 and back, rounding as the dtype stores. AVX2 + FMA + F16C (CPUs without
+ * AVX-512, e.g. Zen 3; SOBERANA_AVX2 is defined): loads and stores of 8 elements rounding as
+ * the AVX-512 ones do, and a sum of 8 vectors. Then `vec`, whichever of the two the build has,
+ * and exp over it. Included by the kernels in this directory (the build cache key in
+ * ops/cpu/kernels.py covers this header); empty with neither. */
 #ifndef SOBERANA_SIMD_H
 #define SOBERANA_SIMD_H
 
@@ -90,24 +91,6 @@ static inline void store16(void *row, int64_t i, __m512 x, int dtype) {
     _mm256_storeu_si256((__m256i *)((uint16_t *)row + i), h);
 }
 
-/* exp(x) (Cephes expf: x = n ln2 + r, a degree-5 polynomial in r; ~1 ulp). max(-88, x)
- * keeps 2^n in range and lets a NaN through; scalef overflows to inf where expf does. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 #endif /* __AVX512F__ */
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -144,24 +127,6 @@ static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
 }
 
-/* exp(x), as exp512: Cephes expf, x = n ln2 + r. 2^n is built in the exponent field: n = 128
- * (x near 88.7) gives inf as expf does; n = -127 gives 0 where expf gives a denormal. */
-static inline __m256 exp256(__m256 x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 /* 8 bfloat16 (in the low halves of 32-bit lanes' worth: a __m128i) as float32 (exact). */
 static inline __m256 bf16x8_to_f32(__m128i h) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -205,4 +170,98 @@ static inline void store8(void *row, int64_t i, __m256 x, int dtype) {
     _mm_storeu_si128((__m128i *)((uint16_t *)row + i), h);
 }
 #endif /* SOBERANA_AVX2 */
+
+/* ---- vec: the build's widest float vector ------------------------------------------------
+ * For kernels whose AVX-512 and AVX2 paths are the same steps at 16 and 8 lanes: one body
+ * over `vec` and these static inline wrappers, which compile to the intrinsics they wrap.
+ * SOBERANA_VEC is defined where there is one (an AVX-512 or an AVX2 + FMA build). Always
+ * inlined: with plain `static inline` GCC 12 inlined the extra level less eagerly and the
+ * kernels' scalar bookkeeping came out differently; with it, the kernels compile as when
+ * they called the intrinsics by name (objdump, -O3, both ISAs). */
+#define VEC_FN static inline __attribute__((always_inline))
+#if defined(__AVX512F__)
+#define SOBERANA_VEC 1
+typedef __m512 vec;
+enum { VEC_LANES = 16 };
+VEC_FN vec vec_zero(void) { return _mm512_setzero_ps(); }
+VEC_FN vec vec_set1(float x) { return _mm512_set1_ps(x); }
+VEC_FN vec vec_loadu(const float *p) { return _mm512_loadu_ps(p); }
+VEC_FN void vec_storeu(float *p, vec x) { _mm512_storeu_ps(p, x); }
+VEC_FN vec vec_add(vec a, vec b) { return _mm512_add_ps(a, b); }
+VEC_FN vec vec_sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+VEC_FN vec vec_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+VEC_FN vec vec_max(vec a, vec b) { return _mm512_max_ps(a, b); } /* b where a NaN */
+VEC_FN vec vec_fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+VEC_FN vec vec_fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
+VEC_FN float vec_sum(vec x) { return _mm512_reduce_add_ps(x); }
+VEC_FN vec vec_load(const void *row, int64_t i, int dtype) { return load16(row, i, dtype); }
+VEC_FN void vec_store(void *row, int64_t i, vec x, int dtype) { store16(row, i, x, dtype); }
+VEC_FN vec vec_round(vec x, int dtype) { return round16(x, dtype); }
+/* The first n (>= 1) lanes of x to p[0, n). */
+VEC_FN void vec_storeu_first(float *p, vec x, int n) {
+    _mm512_mask_storeu_ps(p, n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1), x);
+}
+VEC_FN vec vec_rint(vec x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+/* p * 2^n, n integral: scalef overflows to inf where expf does. */
+VEC_FN vec vec_scale_pow2(vec p, vec n) { return _mm512_scalef_ps(p, n); }
+#elif defined(SOBERANA_AVX2)
+#define SOBERANA_VEC 1
+typedef __m256 vec;
+enum { VEC_LANES = 8 };
+VEC_FN vec vec_zero(void) { return _mm256_setzero_ps(); }
+VEC_FN vec vec_set1(float x) { return _mm256_set1_ps(x); }
+VEC_FN vec vec_loadu(const float *p) { return _mm256_loadu_ps(p); }
+VEC_FN void vec_storeu(float *p, vec x) { _mm256_storeu_ps(p, x); }
+VEC_FN vec vec_add(vec a, vec b) { return _mm256_add_ps(a, b); }
+VEC_FN vec vec_sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+VEC_FN vec vec_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+VEC_FN vec vec_max(vec a, vec b) { return _mm256_max_ps(a, b); } /* b where a NaN */
+VEC_FN vec vec_fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+VEC_FN vec vec_fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+VEC_FN float vec_sum(vec x) { return hsum8(x); }
+VEC_FN vec vec_load(const void *row, int64_t i, int dtype) { return load8(row, i, dtype); }
+VEC_FN void vec_store(void *row, int64_t i, vec x, int dtype) { store8(row, i, x, dtype); }
+VEC_FN vec vec_round(vec x, int dtype) { return round8(x, dtype); }
+VEC_FN void vec_storeu_first(float *p, vec x, int n) {
+    if (n >= 8) {
+        _mm256_storeu_ps(p, x);
+        return;
+    }
+    float tmp[8];
+    _mm256_storeu_ps(tmp, x);
+    for (int i = 0; i < n; i++) p[i] = tmp[i];
+}
+VEC_FN vec vec_rint(vec x) {
+    return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+/* p * 2^n, n integral, 2^n built in the exponent field: n = 128 (x near 88.7 in vec_exp)
+ * gives inf as expf does; n = -127 gives 0 where expf gives a denormal. */
+VEC_FN vec vec_scale_pow2(vec p, vec n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+#ifdef SOBERANA_VEC
+/* exp(x) (Cephes expf: x = n ln2 + r, a degree-5 polynomial in r; ~1 ulp). max(-88, x)
+ * keeps 2^n in range and lets a NaN through. */
+static inline vec vec_exp(vec x) {
+    x = vec_max(vec_set1(-88.0f), x);
+    const vec n = vec_rint(vec_mul(x, vec_set1(1.44269504088896341f)));
+    vec r = vec_fnmadd(n, vec_set1(0.693359375f), x);
+    r = vec_fnmadd(n, vec_set1(-2.12194440e-4f), r);
+    vec p = vec_set1(1.9875691500e-4f);
+    p = vec_fmadd(p, r, vec_set1(1.3981999507e-3f));
+    p = vec_fmadd(p, r, vec_set1(8.3334519073e-3f));
+    p = vec_fmadd(p, r, vec_set1(4.1665795894e-2f));
+    p = vec_fmadd(p, r, vec_set1(1.6666665459e-1f));
+    p = vec_fmadd(p, r, vec_set1(5.0000001201e-1f));
+    p = vec_fmadd(vec_mul(p, r), r, vec_add(r, vec_set1(1.0f)));
+    return vec_scale_pow2(p, n);
+}
+#endif
+#undef VEC_FN
+
 #endif

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from soberana.ops.triton.checks import check_batch, check_cache_pair, check_output, check_query
-from soberana.ops.triton.paged_tile import attend_paged_tile, dot_precision, tile_block_ids
+from soberana.ops.triton.paged_tile import attend_paged_tiles, dot_precision
 
 # Decode programs resident per SM with the default tile (4 warps, ~120 registers a thread).
 _PROGRAMS_PER_SM = 4
@@ -119,16 +119,12 @@ def _decode_split_kernel(
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
     row_pos = tl.full([GROUP_PAD], 0, tl.int32) + seq_len - 1
     table_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    # Block ids are loaded one tile ahead (see attend_paged_tile).
-    block = tile_block_ids(table_row, tile_start * TILE_N, seq_len, BLOCK_SIZE, TILE_N)
-    for tile in range(tile_start, tile_end):
-        next_block = tile_block_ids(table_row, (tile + 1) * TILE_N, seq_len, BLOCK_SIZE, TILE_N)
-        row_max, row_sum, acc = attend_paged_tile(
-            q, row_max, row_sum, acc, k_cache_ptr, v_cache_ptr, block, kv_head * stride_cache_head,
-            tile * TILE_N, row_pos, seq_len, scale_log2, stride_cache_block, stride_cache_slot,
-            HEAD_DIM, DIM_PAD, BLOCK_SIZE, TILE_N, True, DOT_PRECISION,
-        )  # fmt: skip
-        block = next_block
+    row_max, row_sum, acc = attend_paged_tiles(
+        q, row_max, row_sum, acc, k_cache_ptr, v_cache_ptr, table_row,
+        kv_head * stride_cache_head, tile_start, tile_end, row_pos, seq_len, scale_log2,
+        stride_cache_block, stride_cache_slot, HEAD_DIM, DIM_PAD, BLOCK_SIZE, TILE_N, True,
+        DOT_PRECISION,
+    )  # fmt: skip
 
     # row_sum == 0 only when the partition is empty (a short or zero-length sequence).
     safe_sum = tl.where(row_sum > 0, row_sum, 1.0)

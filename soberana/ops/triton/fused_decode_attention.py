@@ -39,7 +39,7 @@ from soberana.ops.triton.decode_attention import (
     num_sms,
 )
 from soberana.ops.triton.gemv import supports_pdl
-from soberana.ops.triton.paged_tile import attend_paged_tile, dot_precision, tile_block_ids
+from soberana.ops.triton.paged_tile import attend_paged_tiles, dot_precision
 
 # Key tiles per partition before a context is split further: on an H200 one tile per
 # partition was fastest from 256 to 8k keys at batch 1 and 8 (decode_kernels.py --sweep).
@@ -167,17 +167,12 @@ def _fused_decode_kernel(
 
     row_pos = tl.full([GROUP_PAD], 0, tl.int32) + context - 1
     table_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    # Block ids are loaded one tile ahead (see attend_paged_tile).
-    block = tile_block_ids(table_row, tile_start * TILE_N, context, BLOCK_SIZE, TILE_N)
-    for tile in range(tile_start, tile_end):
-        next_block = tile_block_ids(table_row, (tile + 1) * TILE_N, context, BLOCK_SIZE, TILE_N)
-        row_max, row_sum, acc = attend_paged_tile(
-            q, row_max, row_sum, acc, k_cache_ptr, v_cache_ptr, block,
-            kv_head * stride_cache_head, tile * TILE_N, row_pos, context, scale_log2,
-            stride_cache_block, stride_cache_slot, HEAD_DIM, DIM_PAD, BLOCK_SIZE, TILE_N, True,
-            DOT_PRECISION,
-        )  # fmt: skip
-        block = next_block
+    row_max, row_sum, acc = attend_paged_tiles(
+        q, row_max, row_sum, acc, k_cache_ptr, v_cache_ptr, table_row,
+        kv_head * stride_cache_head, tile_start, tile_end, row_pos, context, scale_log2,
+        stride_cache_block, stride_cache_slot, HEAD_DIM, DIM_PAD, BLOCK_SIZE, TILE_N, True,
+        DOT_PRECISION,
+    )  # fmt: skip
 
     if used == 1:
         tl.store(o_ptrs, (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty), mask=io_mask)

@@ -1,4 +1,4 @@
-"""The inner step shared by the Triton attention kernels: one paged key/value tile, online softmax."""
+"""The inner loop shared by the Triton attention kernels: paged key/value tiles, online softmax."""
 
 from __future__ import annotations
 
@@ -78,6 +78,45 @@ def attend_paged_tile(
     v = tl.load(v_cache_ptr + key_off[:, None] + dims[None, :], mask=v_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return max_new, row_sum, acc
+
+
+@triton.jit
+def attend_paged_tiles(
+    q,
+    row_max,
+    row_sum,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_row_ptr,
+    head_offset,
+    first_tile,
+    end_tile,
+    row_pos,
+    seq_len,
+    scale_log2,
+    stride_cache_block,
+    stride_cache_slot,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """attend_paged_tile over key tiles [first_tile, end_tile) of BLOCK_N, each tile's block
+    ids loaded one tile ahead (see there); returns the running max, sum and `acc`."""
+    block = tile_block_ids(table_row_ptr, first_tile * BLOCK_N, seq_len, BLOCK_SIZE, BLOCK_N)
+    for tile in range(first_tile, end_tile):
+        next_block = tile_block_ids(table_row_ptr, (tile + 1) * BLOCK_N, seq_len, BLOCK_SIZE,
+                                    BLOCK_N)  # fmt: skip
+        row_max, row_sum, acc = attend_paged_tile(
+            q, row_max, row_sum, acc, k_cache_ptr, v_cache_ptr, block, head_offset,
+            tile * BLOCK_N, row_pos, seq_len, scale_log2, stride_cache_block, stride_cache_slot,
+            HEAD_DIM, DIM_PAD, BLOCK_SIZE, BLOCK_N, MASKED, DOT_PRECISION,
+        )  # fmt: skip
+        block = next_block
+    return row_max, row_sum, acc
 
 
 def dot_precision(dtype: torch.dtype) -> str:
