@@ -10,7 +10,8 @@ The three workloads of issue 19, at one precision and one instruction-set level 
     `LLM.generate` with max_tokens=1; transformers: one forward).
 Precisions: f32 (ours float32), bf16 (ours bfloat16), q8_0 (ours `--quantization int8`: W8A8
 with int8 activations per block of 32 as Q8_0's, but one weight scale per output channel
-where Q8_0 has one per block of 32 weights), f16 (llama.cpp only).
+where Q8_0 has one per block of 32 weights; the output head int8 too, as Q8_0's, which the
+peer `soberana-lm_head-off` leaves in the model dtype), f16 (llama.cpp only).
 ISA: native (this CPU's: AVX-512 here) or avx2 — llama.cpp's AVX2-only build
 (benchmarks/llamacpp_build.sh avx2), our `cpu_isa="avx2"` kernels, and for every peer's
 PyTorch parts ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (how an AVX-512 host runs
@@ -202,11 +203,13 @@ def main() -> int:
             if peer == "llamacpp":
                 row[peer] = llamacpp_peer(args.precision, workloads, args.isa, env,
                                           args.threads)
-            elif peer == "soberana" and args.precision in OURS:
+            elif peer in ("soberana", "soberana-lm_head-off") and args.precision in OURS:
                 kwargs = dict(OURS[args.precision])
                 if args.isa == "avx2" and args.precision == "q8_0":
                     kwargs["dtype"] = "float32"  # the int8 kernel's AVX2 path computes in fp32
-                row[peer] = python_peer(peer, kwargs, workloads, args.isa, env)
+                if peer == "soberana-lm_head-off":  # q8_0: the output head left unquantized
+                    kwargs["lm_head_quantized"] = False
+                row[peer] = python_peer("soberana", kwargs, workloads, args.isa, env)
             elif peer == "transformers" and args.precision in HF:
                 row[peer] = python_peer(peer, {"dtype": HF[args.precision]}, workloads,
                                         args.isa, env)  # fmt: skip

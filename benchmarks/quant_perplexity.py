@@ -6,7 +6,8 @@ split into windows of --window tokens. Each window is one prompt; the engine ret
 prompt token's log-probability and its top-1 token (`prompt_logprobs=1`), prefilled in chunks
 of --chunk tokens so that later chunks read earlier keys and values back from the KV cache
 (otherwise an FP8 KV cache would never be read). Top-1 agreement is the share of positions
-whose top-1 token equals the unquantized (first) configuration's.
+whose top-1 token equals the unquantized (first) configuration's, and `perplexity_vs_reference` the
+perplexity's change against that first configuration (fp32 or, first in --configs, bf16).
 
     python benchmarks/quant_perplexity.py /work/models/hf/SmolLM2-135M-Instruct \
         --out benchmarks/results/quant_perplexity_smollm2.json
@@ -24,12 +25,19 @@ from pathlib import Path
 
 LICENSES = ["GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "LGPL-2.1", "Artistic", "CC0-1.0",
             "BSD"]  # fmt: skip
+# LLM keywords per configuration (dtype float32 unless given). "int8" quantizes the output head
+# too where that is the default (CPUs with the W8A8 kernel); "-lm_head-off" keeps it unquantized.
 CONFIGS = {
     "fp32": {},
     "int8": {"quantization": "int8"},
+    "int8-lm_head-off": {"quantization": "int8", "lm_head_quantized": False},
     "int4": {"quantization": "int4"},
     "fp8": {"quantization": "fp8"},
     "fp32+fp8-kv": {"kv_cache_dtype": "fp8"},
+    "bf16": {"dtype": "bfloat16"},
+    "int8-bf16": {"dtype": "bfloat16", "quantization": "int8"},
+    "int8-bf16-lm_head-off": {"dtype": "bfloat16", "quantization": "int8",
+                              "lm_head_quantized": False},
 }
 
 
@@ -42,8 +50,9 @@ def score(model: str, options: dict, windows: list[list[int]], chunk: int) -> di
     from soberana import LLM, SamplingParams
 
     t0 = time.time()
-    llm = LLM(model, dtype="float32", kv_cache_gb=0.5, max_model_len=len(windows[0]) + 8,
-              max_num_seqs=8, max_num_batched_tokens=chunk, **options)  # fmt: skip
+    llm = LLM(model, **{"dtype": "float32", "kv_cache_gb": 0.5,
+                        "max_model_len": len(windows[0]) + 8, "max_num_seqs": 8,
+                        "max_num_batched_tokens": chunk, **options})  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1, detokenize=False)
     outs = llm.generate(windows, params, use_tqdm=False)
     nll, top1 = 0.0, []
@@ -102,7 +111,7 @@ def main() -> None:
                 args.reference.write_text(json.dumps({"commit": result["commit"],
                                                       "perplexity": base, "top1": top1}))  # fmt: skip
         r["top1_agreement"] = sum(a == b for a, b in zip(top1, reference)) / len(top1)
-        r["perplexity_vs_fp32"] = r["perplexity"] / base - 1
+        r["perplexity_vs_reference"] = r["perplexity"] / base - 1
         result["results"][name] = r
         result["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         print(name, json.dumps(r), flush=True)

@@ -17,6 +17,7 @@ GGUF files are read block by block (`gguf_shard.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -57,6 +58,8 @@ def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
 
     if quantization is not None:
         check_tp_quantization(quantization, full, group.world_size)
+        # the vocabulary-parallel head stays in the model dtype
+        quantization = dataclasses.replace(quantization, lm_head_quantized=False)
     model = base.build_empty_model(cfg, dtype, device, max_positions, quantization, shard_vocab)
     model.tp = group
     for layer in model.layers:
@@ -78,7 +81,7 @@ def load_sharded_model(path: Path, dtype: torch.dtype, device: torch.device,
         raise ValueError(f"load_format must be 'safetensors' or 'dummy'; got {load_format!r}")
     kernels = (backend or select_backend("auto", device, dtype)).kernels
     if quantization is not None:  # the one-rank engine's name for quantized weights
-        fingerprint = hashlib.sha256(f"{fingerprint}|{quantization}".encode()).hexdigest()
+        fingerprint = hashlib.sha256(f"{fingerprint}|{quantization.kv_identity()}".encode()).hexdigest()
     if group.rank != 0:  # before the quantized layers copy their biases for their kernels
         _zero_row_parallel_biases(model)
     if quantization is not None:
@@ -93,7 +96,12 @@ def check_tp_quantization(quantization: QuantizationConfig, cfg: ModelConfig,
                           world_size: int) -> None:
     """ValueError, before any worker starts, where a row-parallel shard (o_proj, down_proj:
     `cfg`'s input widths split `world_size` ways) would cut int4's groups of inputs, or the
-    int32 words of a compressed-tensors `pack-quantized` checkpoint (vLLM refuses the same)."""
+    int32 words of a compressed-tensors `pack-quantized` checkpoint (vLLM refuses the same),
+    or where the output head is asked quantized (the vocabulary-parallel head is not)."""
+    if quantization.lm_head_quantized:
+        raise ValueError("lm_head_quantized is not supported with tensor_parallel_size > 1: "
+                         "the vocabulary-parallel output head stays in the model dtype (omit "
+                         "the option; docs/distributed.md)")  # fmt: skip
     widths = {"o_proj": cfg.num_heads * cfg.head_dim, "down_proj": cfg.intermediate_size}
     for layer, k in widths.items():
         shard = k // world_size

@@ -104,6 +104,11 @@ class EngineConfig:
         "capability >= 8.9; weight-only elsewhere). A pre-quantized compressed-tensors "
         "checkpoint is detected without this flag", choices=QUANTIZATION_CHOICES,
         aliases=("-q",))
+    # vLLM's name (its GPTQ/AWQ configs read it from a checkpoint's "lm_head" key).
+    lm_head_quantized: bool | None = flag(
+        None, "quantize the output head (lm_head; a tied one gets its own int8 copy, the "
+        "embedding lookup stays exact) with the decoder's linears. Default: on for int8 on CPUs "
+        "with the W8A8 kernel, off elsewhere; int8 on CPUs only (docs/quantization.md)")
     kv_cache_dtype: str = flag(
         "auto", "fp8: store keys and values as float8_e4m3fn (twice the tokens in the pool)",
         choices=KV_CACHE_DTYPE_CHOICES)

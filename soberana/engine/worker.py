@@ -28,7 +28,7 @@ from soberana.models.loader import load_model, read_model_config, resolve_model_
 from soberana.ops.attention import AttentionMetadata
 from soberana.ops.backend import Backend, select_backend
 from soberana.ops.cpu import kernels as cpu_kernels
-from soberana.quantization import gguf_quantization, resolve_quantization
+from soberana.quantization import gguf_quantization, resolve_quantization, with_lm_head
 
 log = logging.getLogger("soberana.engine")
 
@@ -138,6 +138,7 @@ class Worker:
         else:
             hf_config = json.loads((self.path / "config.json").read_text())
             self.quantization = resolve_quantization(config.quantization, hf_config)
+        self.quantization = with_lm_head(self.quantization, config.lm_head_quantized)
         self.tp = None  # tensor parallel: the workers and rank 0's group (soberana/distributed)
         self.model: nn.Module | None = None
         self.weights_fingerprint = ""  # the weights' identity (LoadedModel.fingerprint)
@@ -166,6 +167,7 @@ class Worker:
                                 config.load_format, self.quantization, self.backend)
         self.model = loaded.model
         self.model_config = loaded.config
+        self.quantization = loaded.quantization  # as resolved for the device (its output head)
         self.weights_fingerprint = loaded.fingerprint
         self.startup["model_s"] = time.perf_counter() - t0
 

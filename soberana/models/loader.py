@@ -167,6 +167,10 @@ def load_model(
     """
     t0 = time.perf_counter()
     cfg, _ = read_model_config(path)
+    if backend is None:
+        backend = select_backend("auto", device, dtype)
+    if quantization is not None:  # whether the output head is quantized too, for this device
+        quantization = quantization.resolved(device, backend.kernels.int8_linears)
     model = build_empty_model(cfg, dtype, device, max_positions, quantization)
     if load_format == "dummy":
         _fill_random(model)
@@ -187,12 +191,14 @@ def load_model(
         files = _safetensors_files(path)
         _load_tensors(model, cfg, _safetensors_tensors(files), path.name, quantization)
         fingerprint = _fingerprint(path, files)
-    if backend is None:
-        backend = select_backend("auto", device, dtype)
     if quantization is not None:
         # quantized weights give other keys and values: their KV blocks are their own
-        fingerprint = hashlib.sha256(f"{fingerprint}|{quantization}".encode()).hexdigest()
+        fingerprint = hashlib.sha256(f"{fingerprint}|{quantization.kv_identity()}".encode()).hexdigest()
         _finalize_quantized(model, quantization, backend.kernels)
+        if model.embed_tokens is None:
+            log.info("Tied embedding: the int8 output head (%.0f MB) serves the token lookup too; "
+                     "no copy in %s is kept", model.lm_head.out_features
+                     * model.lm_head.in_features / 1e6, dtype)  # fmt: skip
     model.eval()
     t_weights = time.perf_counter()
     if device.type == "cpu" and backend.kernels.pack_cpu_linears:
@@ -297,8 +303,10 @@ def _load_tensors(model: CausalLM, cfg: ModelConfig, tensors: Iterable[tuple[str
         if target is None:
             continue
         pname, shard, part = target
-        if pname == "lm_head.weight" and model.lm_head is None:
+        if pname == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied: the embedding serves as the head
+        if pname == "embed_tokens.weight" and model.embed_tokens is None:
+            pname = "lm_head.weight"  # tied to a quantized head: the rows are quantized into it
         layer_name = pname.rsplit(".", 1)[0] + ".weight"
         if stored and layer_name in quant_layers and part != "bias":
             if part in compressed_tensors.IGNORED_PARTS:

@@ -180,7 +180,10 @@ class CausalLM(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
+        # embed_tokens None: tied to a quantized head, whose rows serve the lookup
+        x = (self.embed_tokens(input_ids) if self.embed_tokens is not None
+             else self.lm_head.embedding(input_ids))  # fmt: skip
+        residual = None
         if self.stack is not None:  # all layers in one native call
             return self.stack(x, positions, kv_cache, meta)
         for i, layer in enumerate(self.layers):

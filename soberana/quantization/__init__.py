@@ -7,17 +7,20 @@ from soberana.quantization.config import (
     QuantizationConfig,
     gguf_quantization,
     resolve_quantization,
+    with_lm_head,
 )
 from soberana.quantization.linear import QuantLinear
 
 __all__ = ["KV_CACHE_DTYPES", "QUANTIZATION_METHODS", "QuantLinear", "QuantizationConfig",
-           "gguf_quantization", "resolve_quantization", "replace_linears"]  # fmt: skip
+           "gguf_quantization", "resolve_quantization", "replace_linears",
+           "with_lm_head"]  # fmt: skip
 
 
 def replace_linears(model, cfg: QuantizationConfig) -> int:
     """Swap each decoder projection `nn.Linear` of `model` (built on the meta device, before
-    its memory is allocated) for a QuantLinear; returns how many. The embedding and the output
-    head stay as they are."""
+    its memory is allocated) for a QuantLinear, and the output head too where
+    `cfg.lm_head_quantized`; a tied model then holds the matrix once, in the head, and its
+    embedding lookup reads the head's int8 rows (`embed_tokens` is None); returns how many."""
     import torch
     from torch import nn
 
@@ -32,4 +35,12 @@ def replace_linears(model, cfg: QuantizationConfig) -> int:
                                         child.bias is not None, cfg.linear_method(), dtype)  # fmt: skip
                     setattr(parent, name, q)
                     count += 1
+    if cfg.lm_head_quantized:
+        embedding = model.embed_tokens.weight  # the head's shape, dtype and device, tied or not
+        with torch.device(embedding.device):
+            model.lm_head = QuantLinear(embedding.shape[1], embedding.shape[0], False,
+                                        cfg.linear_method(), embedding.dtype)  # fmt: skip
+        if model.config.tie_word_embeddings:  # one int8 copy serves the lookup and the head
+            model.embed_tokens = None
+        count += 1
     return count

@@ -63,6 +63,11 @@ class LinearMethod:
         this layer on bfloat16 rows (ops/csrc/cpu_forward.h's LinearFn), or None: it cannot."""
         return None
 
+    def embedding(self, layer: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the dequantized weight in the activation dtype: a tied model's token
+        embedding, read from its quantized output head."""
+        raise NotImplementedError(f"{self.name} does not serve a tied embedding")
+
 
 class QuantLinear(nn.Module):
     """`x @ W.T + bias` with W quantized by `method`; rows are loaded with `weight_loader`."""
@@ -113,6 +118,10 @@ class QuantLinear(nn.Module):
     def stack_linear(self) -> tuple[int, int, int | None] | None:
         """See LinearMethod.stack_linear (the native decoder stack asks each linear)."""
         return self.method.stack_linear(self)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """See LinearMethod.embedding (a tied model's lookup, where this layer is its head)."""
+        return self.method.embedding(self, ids)
 
     def _buffer_device(self) -> torch.device:
         return next(iter(self.buffers())).device
@@ -176,6 +185,14 @@ class Int8LinearMethod(LinearMethod):
 
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:
         return schemes.dequantize_int8(*self.quantized(layer))
+
+    def embedding(self, layer: QuantLinear, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.reshape(-1)
+        if layer.native is not None:
+            q = layer.cpu_kernel.rows(layer.native, layer.out_features, layer.in_features, ids)
+        else:
+            q = layer.weight[ids]
+        return (q.float() * layer.weight_scale[ids].float()[:, None]).to(layer.weight_scale.dtype)
 
     def w8a8(self, layer: QuantLinear) -> bool:
         """Whether `layer` quantizes its activations (the W8A8 CPU kernel serves it)."""

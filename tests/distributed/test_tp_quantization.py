@@ -24,7 +24,7 @@ from soberana.distributed.loader import load_sharded_model
 from soberana.distributed.sharding import plan_shard
 from soberana.models.gguf import linear_types, open_gguf
 from soberana.models.loader import load_model, read_model_config
-from soberana.quantization import QuantLinear, gguf_quantization, resolve_quantization
+from soberana.quantization import QuantLinear, gguf_quantization, resolve_quantization, with_lm_head
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 from tiny_models import build_tiny_model, prompts_of_lengths  # noqa: E402
@@ -36,8 +36,11 @@ CASES = {
 
 
 def _generate(path: Path, tp: int, quantization: str | None) -> tuple[list[list[int]], object]:
+    # the vocabulary-parallel head stays in the model dtype: the one-rank engine is compared
+    # with its head so too (its CPU default quantizes it with int8)
+    head = {"lm_head_quantized": False} if quantization is not None else {}
     llm = LLM(str(path), dtype="float32", max_model_len=128, max_num_batched_tokens=32,
-              tensor_parallel_size=tp, quantization=quantization)
+              tensor_parallel_size=tp, quantization=quantization, **head)
     try:
         out = llm.generate(prompts_of_lengths([40, 23, 57], seed=11, vocab=935),
                            SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
@@ -59,6 +62,14 @@ def test_int8_greedy_tokens_match_one_rank_int8(tmp_path, name, scheme):
     assert tokens == expected
     assert info_2.quantization == info_1.quantization
     assert info_2.quantization_kernels
+
+
+def test_a_quantized_head_is_refused_before_workers_start(tmp_path):
+    path = build_tiny_model(tmp_path, "llama", vocab_size=935)
+    with pytest.raises(ValueError, match="lm_head_quantized is not supported with "
+                                         "tensor_parallel_size > 1"):
+        LLM(str(path), dtype="float32", max_model_len=64, tensor_parallel_size=2,
+            quantization="int8", lm_head_quantized=True)
 
 
 # int4's groups of 128 inputs need row-parallel shards (o_proj: 256 / 2, down_proj: 512 / 2)
@@ -233,7 +244,8 @@ def test_each_rank_holds_exact_slices_of_the_one_rank_quantized_weights(tmp_path
     else:
         quantization = resolve_quantization(flag, json.loads((path / "config.json").read_text()))
     cpu = torch.device("cpu")
-    one = load_model(path, torch.float32, cpu, 64, quantization=quantization)
+    # the one-rank head as the ranks' vocabulary-parallel one: unquantized
+    one = load_model(path, torch.float32, cpu, 64, quantization=with_lm_head(quantization, False))
     whole = {n: m.method.dequantize(m) for n, m in one.model.named_modules()
              if isinstance(m, QuantLinear)}
     full = read_model_config(path)[0]

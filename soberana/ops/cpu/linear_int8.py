@@ -70,6 +70,8 @@ class Int8Kernel:
     activations: str  # "int8 per block of 32 (W8A8)" or "bfloat16/float32 (W8A16)"
     pack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]  # (q, scale) -> blob
     unpack: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+    # (blob, N, K, row ids [T]) -> those rows of q, int8 [T, K] (a tied embedding's lookup)
+    rows: Callable[[torch.Tensor, int, int, torch.Tensor], torch.Tensor]
     # (bias, dtype) -> the bias as `linear` reads it for activations of dtype
     prepare_bias: Callable[[torch.Tensor | None, torch.dtype], torch.Tensor | None]
     # (x [M, K], blob, N, prepared bias) -> [M, N] in x's dtype
@@ -92,7 +94,7 @@ def int8_kernels() -> dict[str, Int8Kernel]:
             name=f"soberana int8 CPU kernel W8A8 ({isa}; activations int8 per block of "
                  f"{W8A8_BLOCK})",
             activations=f"int8 per block of {W8A8_BLOCK} (W8A8)", pack=functools.partial(_pack, lib, "w8a8"),
-            unpack=_unpack_w8a8, prepare_bias=_bias_w8a8,
+            unpack=_unpack_w8a8, rows=_rows_w8a8, prepare_bias=_bias_w8a8,
             linear=functools.partial(_linear_w8a8, lib), serves=_serves_w8a8,
             stack_function=_address(lib.linear_w8a8_bf16))  # fmt: skip
     if paths & (_BF16_PATH | _F32_PATH):
@@ -102,7 +104,8 @@ def int8_kernels() -> dict[str, Int8Kernel]:
             name="soberana int8 CPU kernel W8A16, weight dequantized in registers: "
                  + ", ".join(p for p in (bf16, f32) if p),
             activations="bfloat16/float32 (W8A16)", pack=functools.partial(_pack, lib, "w8a16"),
-            unpack=_unpack_w8a16, prepare_bias=functools.partial(_bias_w8a16, paths),
+            unpack=_unpack_w8a16, rows=_rows_w8a16,
+            prepare_bias=functools.partial(_bias_w8a16, paths),
             linear=functools.partial(_linear_w8a16, lib),
             serves=functools.partial(_serves_w8a16, paths),
             stack_function=_address(lib.linear_int8_bf16) if paths & _BF16_PATH else 0)  # fmt: skip
@@ -131,22 +134,34 @@ def _pack(lib: ctypes.CDLL, kind: str, q: torch.Tensor, scale: torch.Tensor) -> 
     return blob
 
 
-def _unpack_w8a16(blob: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [n, k], scale float32 [n]) of a W8A16 blob: what `pack` was given."""
+def _rows_w8a16(blob: torch.Tensor, n: int, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the int8 weight in a W8A16 blob (panels of [K / 2][64][2])."""
     n_pad = -(-n // PANEL) * PANEL
     panels = blob[: n_pad * k].view(torch.int8).view(n_pad // PANEL, k // 2, PANEL, 2)
-    q = panels.permute(0, 2, 1, 3).reshape(n_pad, k)[:n]
-    scale = blob[n_pad * k:].view(torch.float32)[:n]
-    return q.contiguous(), scale.clone()
+    return panels[ids // PANEL, :, ids % PANEL, :].reshape(-1, k)
+
+
+def _rows_w8a8(blob: torch.Tensor, n: int, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the int8 weight in a W8A8 blob (panels of [K / 4][64][4], q + 128)."""
+    n_pad = -(-n // PANEL) * PANEL
+    panels = blob[: n_pad * k].view(n_pad // PANEL, k // 4, PANEL, 4)
+    return (panels[ids // PANEL, :, ids % PANEL, :].reshape(-1, k).to(torch.int16) - 128).to(torch.int8)
+
+
+def _unpack_w8a16(blob: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [n, k], scale float32 [n]) of a W8A16 blob: what `pack` was given."""
+    return _rows_w8a16(blob, n, k, torch.arange(n)), _scales(blob, n, k)
 
 
 def _unpack_w8a8(blob: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [n, k], scale float32 [n]) of a W8A8 blob (which holds q + 128)."""
+    """(q int8 [n, k], scale float32 [n]) of a W8A8 blob: what `pack` was given."""
+    return _rows_w8a8(blob, n, k, torch.arange(n)), _scales(blob, n, k)
+
+
+def _scales(blob: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The float32 scales after a blob's panels (either layout), a copy."""
     n_pad = -(-n // PANEL) * PANEL
-    panels = blob[: n_pad * k].view(n_pad // PANEL, k // 4, PANEL, 4)
-    q = (panels.permute(0, 2, 1, 3).reshape(n_pad, k)[:n].to(torch.int16) - 128).to(torch.int8)
-    scale = blob[n_pad * k:].view(torch.float32)[:n]
-    return q.contiguous(), scale.clone()
+    return blob[n_pad * k:].view(torch.float32)[:n].clone()
 
 
 def _bias_w8a16(paths: int, bias: torch.Tensor | None, dtype: torch.dtype

@@ -124,15 +124,7 @@ static inline __attribute__((always_inline)) void tile(const Job *job, int64_t m
         const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + 32);
         const __m512bh b2 = (__m512bh)_mm512_loadu_si512(bp + 64);
         const __m512bh b3 = (__m512bh)_mm512_loadu_si512(bp + 96);
-        for (int r = 0; r < R; r++) {
-            int32_t pair;
-            memcpy(&pair, a + r * job->x_stride + 2 * p, 4);
-            const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
-            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, b2);
-            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, b3);
-        }
+        dpbf16_pair(acc, a, job->x_stride, p, R, b0, b1, b2, b3);
     }
     for (int q = 0; q < 4; q++) {
         const int live = cols - 16 * q;

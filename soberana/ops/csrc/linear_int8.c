@@ -159,6 +159,20 @@ static int check(int64_t M, int64_t K, int64_t N) {
     return OK;
 }
 
+/* linear_int8_bf16 and linear_int8_f32: x, bias and out of `dtype` through `sweep` (NULL: no
+ * such path in this build). */
+static int linear_int8(const void *x, int64_t x_stride, int64_t M, int64_t K, const int8_t *w,
+                       int64_t N, const void *bias, void *out, int64_t out_stride, int32_t threads,
+                       void *gomp_parallel, int dtype, Sweep sweep) {
+    if (sweep == NULL || check(M, K, N) != OK) return UNSUPPORTED;
+    if (M == 0) return OK;
+    const int64_t n_pad = (N + NB - 1) / NB * NB;
+    Job job = {x, bias, w, (const float *)(w + n_pad * K), out, x_stride, out_stride, M, N, K,
+               threads < 1 ? 1 : threads, 0, dtype};
+    run(&job, sweep, (dtype == DT_F32 ? 4 : 2) * K, gomp_parallel);
+    return OK;
+}
+
 /* ---------------------------------------------------------------- bfloat16 activations */
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 
@@ -219,15 +233,7 @@ static inline __attribute__((always_inline)) void tile_bf16(const Job *job, int6
                 _mm512_storeu_si512(out + 96, (__m512i)b3);
             }
         }
-        for (int r = 0; r < R; r++) {
-            int32_t pair;
-            memcpy(&pair, a + r * job->x_stride + 2 * p, 4);
-            const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
-            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, b2);
-            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, b3);
-        }
+        dpbf16_pair(acc, a, job->x_stride, p, R, b0, b1, b2, b3);
     }
     for (int q = 0; q < 4; q++) {
         const int live = cols - 16 * q;
@@ -276,6 +282,9 @@ static void sweep_bf16(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64
     }
 }
 
+#define SWEEP_BF16 sweep_bf16
+#else
+#define SWEEP_BF16 NULL
 #endif
 
 /* out [M, N] (rows out_stride apart) = x [M, K] (rows x_stride apart) times the packed weight
@@ -286,19 +295,8 @@ static void sweep_bf16(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64
 int linear_int8_bf16(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, const int8_t *w,
                      int64_t N, const uint16_t *bias, uint16_t *out, int64_t out_stride,
                      int32_t threads, void *gomp_parallel) {
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if (check(M, K, N) != OK) return UNSUPPORTED;
-    if (M == 0) return OK;
-    const int64_t n_pad = (N + NB - 1) / NB * NB;
-    Job job = {x, bias, w, (const float *)(w + n_pad * K), out, x_stride, out_stride, M, N, K,
-               threads < 1 ? 1 : threads, 0, DT_BF16};
-    run(&job, sweep_bf16, 2 * K, gomp_parallel);
-    return OK;
-#else
-    (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out;
-    (void)out_stride, (void)threads, (void)gomp_parallel;
-    return UNSUPPORTED;
-#endif
+    return linear_int8(x, x_stride, M, K, w, N, bias, out, out_stride, threads, gomp_parallel,
+                       DT_BF16, SWEEP_BF16);
 }
 
 /* ----------------------------------------------------------------- float32 activations */
@@ -359,6 +357,9 @@ static void sweep_f32(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_
     }
 }
 
+#define SWEEP_F32 sweep_f32
+#else
+#define SWEEP_F32 NULL
 #endif
 
 /* As linear_int8_bf16 with x, out and bias float32 (bias [N] unpadded, or NULL). Returns OK
@@ -366,19 +367,8 @@ static void sweep_f32(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_
 int linear_int8_f32(const float *x, int64_t x_stride, int64_t M, int64_t K, const int8_t *w,
                     int64_t N, const float *bias, float *out, int64_t out_stride, int32_t threads,
                     void *gomp_parallel) {
-#if defined(__AVX2__) && defined(__FMA__)
-    if (check(M, K, N) != OK) return UNSUPPORTED;
-    if (M == 0) return OK;
-    const int64_t n_pad = (N + NB - 1) / NB * NB;
-    Job job = {x, bias, w, (const float *)(w + n_pad * K), out, x_stride, out_stride, M, N, K,
-               threads < 1 ? 1 : threads, 0, DT_F32};
-    run(&job, sweep_f32, 4 * K, gomp_parallel);
-    return OK;
-#else
-    (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out;
-    (void)out_stride, (void)threads, (void)gomp_parallel;
-    return UNSUPPORTED;
-#endif
+    return linear_int8(x, x_stride, M, K, w, N, bias, out, out_stride, threads, gomp_parallel,
+                       DT_F32, SWEEP_F32);
 }
 
 /* ================================== W8A8: activations quantized to int8 per block of 32

@@ -10,6 +10,7 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "dtypes.h"
 
@@ -56,6 +57,27 @@ static inline __m512 round16(__m512 x, int dtype) {
     if (dtype == DT_BF16) return bf16x16_to_f32(to_bf16x16(x));
     return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+#ifdef __AVX512BF16__
+/* One pair step of a bfloat16 tile (linear_bf16.c, linear_int8.c): for rows r < R of x (a,
+ * rows a_stride elements apart), the pair (a[r][2p], a[r][2p + 1]) broadcast and multiplied
+ * into the sums of the 64 columns of a panel, b0..b3 (vdpbf16ps). Inlined into tiles of a
+ * constant R, so acc stays in registers. */
+static inline __attribute__((always_inline)) void dpbf16_pair(__m512 (*acc)[4], const uint16_t *a,
+                                                              int64_t a_stride, int64_t p, int R,
+                                                              __m512bh b0, __m512bh b1,
+                                                              __m512bh b2, __m512bh b3) {
+    for (int r = 0; r < R; r++) {
+        int32_t pair;
+        memcpy(&pair, a + r * a_stride + 2 * p, 4);
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+        acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, b2);
+        acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, b3);
+    }
+}
+#endif
 
 /* Elements [i, i + 16) of a row stored in `dtype`: x rounded as store1 rounds. */
 static inline void store16(void *row, int64_t i, __m512 x, int dtype) {
