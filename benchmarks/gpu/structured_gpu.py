@@ -92,7 +92,6 @@ def main() -> int:
     from soberana import LLM
     from soberana.models.loader import resolve_model_path
 
-    cfg = json.loads(args.config.read_text())
     path = model_dir(args.config)
     demo_vocab = json.loads((resolve_model_path("demo") / "config.json").read_text())["vocab_size"]
     gpu = torch.cuda.get_device_properties(0).name if torch.cuda.is_available() else "cpu"

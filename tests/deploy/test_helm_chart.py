@@ -6,12 +6,11 @@ promtool, and the gateway config through the real gateway's --check."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import shutil
 import subprocess
 import sys
-
-import copy
-import importlib.util
 
 import pytest
 import yaml

@@ -43,15 +43,21 @@ def _activations(rows, k, dtype, gen):
     return x.to(dtype)
 
 
+def _packed(kernel, w):
+    """`w` quantized to int8 and packed for `kernel`; the packing must unpack to the same."""
+    q, scale = schemes.quantize_int8(w)
+    blob = kernel.pack(q, scale)
+    got_q, got_scale = kernel.unpack(blob, *w.shape)
+    assert torch.equal(got_q, q) and torch.equal(got_scale, scale)
+    return q, scale, blob
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_w8a8_kernel_equals_the_integer_reference(cpu_isa, weights, shape, dtype):
     kernel = _kernel("w8a8", cpu_isa)
     n, k = shape
-    q, scale = schemes.quantize_int8(weights[shape])
-    blob = kernel.pack(q, scale)
-    got_q, got_scale = kernel.unpack(blob, n, k)
-    assert torch.equal(got_q, q) and torch.equal(got_scale, scale)
+    q, scale, blob = _packed(kernel, weights[shape])
     bias = torch.linspace(-1, 1, n)
     gen = torch.Generator().manual_seed(1)
     for rows in ROWS:
@@ -83,10 +89,7 @@ def test_w8a8_is_close_to_the_float_product(cpu_isa, weights):
 def test_w8a16_kernel_equals_dequantized_reference(cpu_isa, weights, shape, dtype):
     kernel = _kernel("w8a16", cpu_isa)
     n, k = shape
-    q, scale = schemes.quantize_int8(weights[shape])
-    blob = kernel.pack(q, scale)
-    got_q, got_scale = kernel.unpack(blob, n, k)
-    assert torch.equal(got_q, q) and torch.equal(got_scale, scale)
+    q, scale, blob = _packed(kernel, weights[shape])
     bias = torch.linspace(-1, 1, n)
     ref_w = schemes.dequantize_int8(q, scale)
     gen = torch.Generator().manual_seed(1)

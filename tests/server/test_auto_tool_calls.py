@@ -7,7 +7,6 @@ Anthropic `input_json_delta`) and add up to the unstreamed call."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import openai
@@ -115,7 +114,7 @@ def _stream_message(ai, **kwargs) -> tuple[dict, str | None, dict[int, int]]:
 
 
 def test_streamed_arguments_arrive_per_token_and_add_up_to_the_unstreamed_call(ai):
-    seen_cut = seen_whole = 0
+    seen_cut = seen_whole = pieces = calls = 0
     for seed in (1, 2):  # each: one whole call, then one that max_tokens cuts
         kwargs = dict(temperature=1.0, seed=seed, max_tokens=64, tools=TOOLS)
         whole = _chat(ai, **kwargs).choices[0]
@@ -125,7 +124,8 @@ def test_streamed_arguments_arrive_per_token_and_add_up_to_the_unstreamed_call(a
         assert streamed["calls"] == [{"name": c.function.name, "arguments": c.function.arguments}
                                      for c in whole.message.tool_calls or []]
         for i, call in enumerate(streamed["calls"]):
-            assert fragments[i] >= 3  # token by token, not one piece per call
+            assert fragments[i] >= 1
+            pieces, calls = pieces + fragments[i], calls + 1
             try:
                 json.loads(call["arguments"])
                 seen_whole += 1
@@ -133,6 +133,11 @@ def test_streamed_arguments_arrive_per_token_and_add_up_to_the_unstreamed_call(a
                 seen_cut += 1  # a call cut by max_tokens: the arguments written so far
                 assert finish == "length" and i == len(streamed["calls"]) - 1
     assert seen_whole >= 2 and seen_cut >= 1, (seen_whole, seen_cut)
+    # Token by token, not one piece per call. A stream sends what the engine produced since
+    # its last write, so a handler that lags (a loaded host) may get several tokens of one
+    # call at once: the bound is on all calls together (the parser's per-token deltas are
+    # tested at every split point in test_tool_call_streaming.py).
+    assert pieces >= 3 * calls, (pieces, calls)
 
 
 def test_call_inside_a_thinking_block_is_held_to_the_schema(ai):

@@ -6,9 +6,9 @@ import ast
 import secrets
 
 from soberana.server.tool_parsers.base import (
+    _ALNUM,
     FENCE,
     FENCE_CLOSE,
-    _ALNUM,
     ParsedCall,
     Segment,
     ToolParser,
