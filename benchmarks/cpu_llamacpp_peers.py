@@ -204,9 +204,9 @@ def main() -> int:
                 row[peer] = llamacpp_peer(args.precision, workloads, args.isa, env,
                                           args.threads)
             elif peer in ("soberana", "soberana-lm_head-off") and args.precision in OURS:
-                kwargs = dict(OURS[args.precision])
-                if args.isa == "avx2" and args.precision == "q8_0":
-                    kwargs["dtype"] = "float32"  # the int8 kernel's AVX2 path computes in fp32
+                kwargs = dict(OURS[args.precision])  # bfloat16 at either ISA: the decoder
+                # stack (one native call a step) serves only bfloat16; the AVX2 kernels widen
+                # it in registers, and the W8A8 kernel reads it as it reads float32
                 if peer == "soberana-lm_head-off":  # q8_0: the output head left unquantized
                     kwargs["lm_head_quantized"] = False
                 row[peer] = python_peer("soberana", kwargs, workloads, args.isa, env)

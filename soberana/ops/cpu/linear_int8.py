@@ -4,7 +4,7 @@ Two kernels, each packing a layer's int8 weight [N, K] and per-channel scales on
 into its own blob (uint8), which replaces the row-major weight:
 - W8A8: the activations quantized to int8 on the fly, symmetric, one scale per block of 32
   inputs of a row (`schemes.quantize_int8_blocks`, as llama.cpp's Q8_0 activations), exact
-  int32 dot products per block (vpdpbusd on AVX512_VNNI, vpmaddwd on AVX2), the blocks'
+  int32 dot products per block (vpdpbusd on AVX512_VNNI, vpmaddubsw on AVX2), the blocks'
   scaled sums added in float32. `schemes.int8_w8a8_reference` up to the order of that sum.
   What `--quantization int8` runs on CPUs (docs/quantization.md says why).
 - W8A16: the weight dequantized in registers and multiplied by the bfloat16
@@ -89,7 +89,7 @@ def int8_kernels() -> dict[str, Int8Kernel]:
         return {}
     paths, found = lib.linear_int8_paths(), {}
     if paths & (_VNNI_PATH | _AVX2_W8A8_PATH):
-        isa = "AVX512_VNNI vpdpbusd" if paths & _VNNI_PATH else "AVX2 vpmaddwd"
+        isa = "AVX512_VNNI vpdpbusd" if paths & _VNNI_PATH else "AVX2 vpmaddubsw"
         found["w8a8"] = Int8Kernel(
             name=f"soberana int8 CPU kernel W8A8 ({isa}; activations int8 per block of "
                  f"{W8A8_BLOCK})",
