@@ -120,7 +120,7 @@ class DecoderLayer(nn.Module):
 
         The residual add is deferred into the next norm, which fuses add + RMSNorm on GPUs.
         """
-        if self.gemv is not None and x.shape[0] <= self.gemv_max_rows:
+        if self.gemv is not None and 0 < x.shape[0] <= self.gemv_max_rows:
             return self._forward_gemv(x, residual, positions, rotary, kv, meta)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
