@@ -49,15 +49,18 @@ def _close(out, ref, dtype):
 # Shapes whose rows and K split evenly into tiles, ones that leave ragged edges, and odd ones.
 EVEN, RAGGED, ODD = (48, 64), (40, 96), (37, 99)
 CONFIG = GemvConfig(16, 32, 4, 1)
+# several rows: each thread sums 4 columns' products in registers first (chunk_k)
+CHUNKED = GemvConfig(8, 32, 4, 1, chunk_k=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [EVEN, RAGGED])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_gemv_equals_linear(dtype, shape, bias, rows, gen):
+@pytest.mark.parametrize("config", [CONFIG, CHUNKED])
+def test_gemv_equals_linear(dtype, shape, bias, rows, config, gen):
     x, w, b = _inputs(*shape, dtype, gen, rows=rows, bias=bias)
-    out, res = gemv(x, w, b, config=CONFIG)
+    out, res = gemv(x, w, b, config=config)
     assert res is None and out.shape == (rows, shape[0])
     _close(out, reference_gemv(x, w, b)[0], dtype)
 
@@ -66,13 +69,14 @@ def test_gemv_equals_linear(dtype, shape, bias, rows, gen):
 @pytest.mark.parametrize("shape", [EVEN, RAGGED])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("config", [CONFIG, CHUNKED])
 def test_gemv_fuses_add_and_rms_norm_before_the_projection(dtype, shape, with_residual, rows,
-                                                           gen):  # fmt: skip
+                                                           config, gen):  # fmt: skip
     x, w, _ = _inputs(*shape, dtype, gen, rows=rows)
     k = shape[1]
     residual = randn(rows, k, dtype=dtype, device="cpu", gen=gen) if with_residual else None
     g = randn(k, dtype=dtype, device="cpu", gen=gen)
-    out, res = gemv(x, w, norm_weight=g, eps=1e-5, residual=residual, config=CONFIG)
+    out, res = gemv(x, w, norm_weight=g, eps=1e-5, residual=residual, config=config)
     ref, ref_res = reference_gemv(x, w, norm_weight=g, eps=1e-5, residual=residual)
     _close(out, ref, dtype)
     # The new residual stream is the rounded sum, exactly; without one it is x itself.
@@ -83,12 +87,12 @@ def test_gemv_fuses_add_and_rms_norm_before_the_projection(dtype, shape, with_re
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [EVEN, RAGGED])
-@pytest.mark.parametrize("rows", [1, 4])
-def test_gemv_gated_writes_silu_of_gate_times_up(dtype, shape, rows, gen):
+@pytest.mark.parametrize(("rows", "config"), [(1, CONFIG), (4, CHUNKED)])
+def test_gemv_gated_writes_silu_of_gate_times_up(dtype, shape, rows, config, gen):
     x, w, b = _inputs(*shape, dtype, gen, rows=rows, gated=True, bias=True)
     residual = randn(rows, shape[1], dtype=dtype, device="cpu", gen=gen)
     g = randn(shape[1], dtype=dtype, device="cpu", gen=gen)
-    out, _ = gemv(x, w, b, norm_weight=g, residual=residual, gated=True, config=CONFIG)
+    out, _ = gemv(x, w, b, norm_weight=g, residual=residual, gated=True, config=config)
     assert out.shape == (rows, shape[0])
     ref, _ = reference_gemv(x, w, b, norm_weight=g, residual=residual, gated=True)
     _close(out, ref, dtype)
@@ -113,7 +117,8 @@ def test_few_row_gemv_equals_the_eager_chain_for_every_row_count(rows, gen):
     assert torch.equal(res, ref_res)
 
 
-def test_few_row_gemv_rows_do_not_mix(gen):
+@pytest.mark.parametrize("config", [CONFIG, CHUNKED])
+def test_few_row_gemv_rows_do_not_mix(config, gen):
     # A row of NaN (a padding row of a CUDA graph may hold anything) leaves the others as
     # they are computed alone, bit for bit, under the same tile shape.
     n, k = RAGGED
@@ -121,7 +126,7 @@ def test_few_row_gemv_rows_do_not_mix(gen):
     residual = randn(5, k, dtype=torch.float32, device="cpu", gen=gen)
     g = randn(k, dtype=torch.float32, device="cpu", gen=gen)
     x[2] = float("nan")
-    kw = {"norm_weight": g, "gated": True, "config": CONFIG}
+    kw = {"norm_weight": g, "gated": True, "config": config}
     out, res = gemv(x, w, b, residual=residual, **kw)
     for i in (0, 1, 3, 4):
         alone, alone_res = gemv(x[i : i + 1], w, b, residual=residual[i : i + 1], **kw)
@@ -144,6 +149,8 @@ def test_gemv_rejects_what_it_cannot_compute():
         gemv(torch.zeros(9, 8), torch.zeros(4, 8))
     with pytest.raises(ValueError, match="1 to 8 rows"):
         gemv(torch.zeros(2, 8).t(), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="chunk_k"):
+        gemv(torch.zeros(2, 8), torch.zeros(4, 8), config=GemvConfig(4, 32, 4, 1, chunk_k=3))
     with pytest.raises(ValueError, match="weight"):
         gemv(torch.zeros(1, 8), torch.zeros(4, 6))
     with pytest.raises(ValueError, match="norm_weight"):

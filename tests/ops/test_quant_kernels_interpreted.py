@@ -71,8 +71,8 @@ def test_row_scaled_gemv_equals_dequantized_reference(fmt, gated, m, gen):
                             "fp8": (schemes.quantize_fp8, schemes.dequantize_fp8)}[fmt]
     q, scale = quantize(_weights(rows, k, gen))
     x = torch.randn(m, k, generator=gen)
-    # the default tile shape for m rows, and a small one that leaves ragged tiles
-    for config in (None, CONFIG):
+    # the default tile shape for m rows, small ones that leave ragged tiles
+    for config in (None, CONFIG, GemvConfig(8, 32, 4, 1, chunk_k=8)):
         out, _ = gemv(x, q, weight_scale=scale, gated=gated, config=config)
         ref = x @ dequantize(q, scale).T
         if gated:

@@ -40,12 +40,15 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch parameters: rows of W per program and reduction width per iteration."""
+    """Launch parameters: rows of W per program, reduction width per iteration, and
+    `chunk_k`, the columns whose products a thread sums in registers before accumulating
+    (1: every product accumulates in its own float32 lane, as the one-row kernel does)."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    chunk_k: int = 1
 
 
 # Measured on an H200 at Llama-3.1-8B's four projections (benchmarks/gpu/decode_kernels.py
@@ -62,9 +65,15 @@ def default_config(weight_dtype: torch.dtype, int4: bool = False, rows: int = 1)
     """The tile shape for `rows` input rows and weights stored as `weight_dtype` (uint8 with
     `int4`: packed int4).
 
-    BLOCK_K shrinks as the rows (padded to a power of two) grow: the float32 accumulator
-    [ROWS, BLOCK_N, BLOCK_K] keeps one row's 4 x 1024 elements (32 registers a thread at 4
-    warps) instead of spilling; not yet swept on a GPU (decode_kernels.py --rows).
+    One row: every product accumulates in its own float32 lane ([BLOCK_N, BLOCK_K], 32
+    registers a thread), summed across the program once after the loop. Several rows would
+    need ROWS times those registers; instead each thread first sums the products of its
+    `chunk_k` contiguous columns (one 16-byte load of bfloat16, or of float32 at 4) in
+    registers, so the accumulator is [ROWS, BLOCK_N, BLOCK_K / chunk_k] and the W tile (the
+    bytes in flight per program) stays one row's. 8 rows halve BLOCK_K: their inputs take
+    8 x chunk_k registers per column chunk. Not yet swept on a GPU (decode_kernels.py --rows
+    --sweep).
+
     One shape for every format. 2048-column tiles for one-byte and int4 weights (16-byte loads
     per thread for int8) were tried on an H100 (benchmarks/results/gpu_h100/session12): fp8
     259.6 tok/s batch-1 (249.5 with 1024 in session 11), int8 236.4 (262.0), and int4 8.0 tok/s
@@ -74,8 +83,10 @@ def default_config(weight_dtype: torch.dtype, int4: bool = False, rows: int = 1)
     padded = triton.next_power_of_2(rows)
     if padded == 1:
         return DEFAULT_CONFIG
-    return GemvConfig(DEFAULT_CONFIG.block_n, DEFAULT_CONFIG.block_k // padded,
-                      DEFAULT_CONFIG.num_warps, DEFAULT_CONFIG.num_stages)  # fmt: skip
+    chunk = 4 if weight_dtype == torch.float32 else 8  # 16 bytes of the activations
+    block_k = DEFAULT_CONFIG.block_k // (2 if padded == 8 else 1)
+    return GemvConfig(DEFAULT_CONFIG.block_n, block_k, DEFAULT_CONFIG.num_warps,
+                      DEFAULT_CONFIG.num_stages, chunk)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,9 +125,10 @@ def _load_rows(w_rows, s_rows, z_rows, k0, col_ok, K, EVEN: tl.constexpr, INT4: 
 @triton.jit
 def _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_rows, res_rows, norm_w_ptr, res_out_rows,
                 row_ok, K, pid, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                GATED: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
     """Fold the input rows' slice `k0:k0+BLOCK_K` times this program's tile(s) of W into
-    `acc` [ROWS, BLOCK_N, BLOCK_K]."""
+    `acc` [ROWS, BLOCK_N, BLOCK_K / CHUNK]."""
     ks = k0 + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     ok = row_ok[:, None] & k_ok[None, :]
@@ -128,14 +140,28 @@ def _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_rows, res_rows, norm_w_ptr, 
         tl.store(res_out_rows + ks[None, :], x, mask=ok & (pid == 0))
     xf = x.to(tl.float32)
     if NORM:
-        # Squares build up elementwise and are summed once at the end: a reduction across
-        # the program's threads in every iteration would stall the stream of weight loads.
-        sum_sq += xf * xf
+        # Squares build up elementwise (or per chunk, within a thread) and are summed once
+        # at the end: a reduction across the program's threads in every iteration would
+        # stall the stream of weight loads.
+        sq = xf * xf
+        if CHUNK > 1:
+            sq = tl.sum(tl.reshape(sq, (ROWS, BLOCK_K // CHUNK, CHUNK)), axis=2)
+        sum_sq += sq
         g = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         xf = (xf * g[None, :]).to(x.dtype).to(tl.float32)
-    acc += w.to(tl.float32)[None, :, :] * xf[:, None, :]
-    if GATED:
-        acc_up += w_up.to(tl.float32)[None, :, :] * xf[:, None, :]
+    if CHUNK == 1:
+        acc += w.to(tl.float32)[None, :, :] * xf[:, None, :]
+        if GATED:
+            acc_up += w_up.to(tl.float32)[None, :, :] * xf[:, None, :]
+    else:
+        # [ROWS, BLOCK_N, chunks, CHUNK]: the last axis is one thread's contiguous columns,
+        # summed in its registers; the sum across chunks (threads) runs after the loop.
+        x4 = tl.reshape(xf, (ROWS, 1, BLOCK_K // CHUNK, CHUNK))
+        w4 = tl.reshape(w.to(tl.float32), (1, BLOCK_N, BLOCK_K // CHUNK, CHUNK))
+        acc += tl.sum(w4 * x4, axis=3)
+        if GATED:
+            w4_up = tl.reshape(w_up.to(tl.float32), (1, BLOCK_N, BLOCK_K // CHUNK, CHUNK))
+            acc_up += tl.sum(w4_up * x4, axis=3)
     return acc, acc_up, sum_sq
 
 
@@ -146,7 +172,7 @@ def _gemv_kernel(
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
     ROW_SCALE: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -173,14 +199,16 @@ def _gemv_kernel(
     if PDL:
         gdc_wait()  # the previous kernel's writes (x, residual) are visible from here on
         gdc_launch_dependents()
-    # Every product is accumulated elementwise and summed over K once, after the loop: one
-    # order of the float32 sum per (row, column), no split-K, so the results are deterministic.
-    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
-    acc_up = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
-    sum_sq = tl.zeros([ROWS, BLOCK_K], tl.float32)
+    # Products accumulate per column (or per thread's chunk of columns) and are summed over
+    # K once, after the loop: one order of the float32 sum per (row, column) whatever the
+    # GPU's timing, no split-K, so the results are deterministic.
+    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K // CHUNK], tl.float32)
+    acc_up = tl.zeros([ROWS, BLOCK_N, BLOCK_K // CHUNK], tl.float32)
+    sum_sq = tl.zeros([ROWS, BLOCK_K // CHUNK], tl.float32)
     acc, acc_up, sum_sq = _accumulate(acc, acc_up, sum_sq, w, w_up, 0, x_rows, res_rows,
                                       norm_w_ptr, res_out_rows, row_ok, K, pid, NORM,
-                                      HAS_RESIDUAL, GATED, BLOCK_K)  # fmt: skip
+                                      HAS_RESIDUAL, GATED, ROWS, BLOCK_N, BLOCK_K,
+                                      CHUNK)  # fmt: skip
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _load_rows(w_rows, s_rows, z_rows, k0, col_ok, K, EVEN, INT4, GROUP, BLOCK_K)
         if GATED:
@@ -188,7 +216,8 @@ def _gemv_kernel(
                               BLOCK_K)  # fmt: skip
         acc, acc_up, sum_sq = _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_rows, res_rows,
                                           norm_w_ptr, res_out_rows, row_ok, K, pid, NORM,
-                                          HAS_RESIDUAL, GATED, BLOCK_K)  # fmt: skip
+                                          HAS_RESIDUAL, GATED, ROWS, BLOCK_N, BLOCK_K,
+                                          CHUNK)  # fmt: skip
 
     out = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
     out_up = tl.sum(acc_up, axis=2)
@@ -252,6 +281,8 @@ def gemv(
         new_residual = x if residual is None else torch.empty(m, k, dtype=x.dtype,
                                                               device=x.device)  # fmt: skip
     cfg = config or default_config(weight.dtype, int4, m)
+    if cfg.block_k % cfg.chunk_k:
+        raise ValueError(f"config: chunk_k {cfg.chunk_k} must divide block_k {cfg.block_k}")
     res = residual if residual is not None else x
     pdl = supports_pdl(x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
@@ -267,6 +298,7 @@ def gemv(
         EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, PDL=pdl,
         ROW_SCALE=weight_scale is not None and not int4, INT4=int4, GROUP=max(group_size, 1),
         ROWS=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        CHUNK=cfg.chunk_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out, new_residual
