@@ -68,11 +68,12 @@ def default_config(weight_dtype: torch.dtype, int4: bool = False, rows: int = 1)
     One row: every product accumulates in its own float32 lane ([BLOCK_N, BLOCK_K], 32
     registers a thread), summed across the program once after the loop. Several rows would
     need ROWS times those registers; instead each thread first sums the products of its
-    `chunk_k` contiguous columns (one 16-byte load of bfloat16, or of float32 at 4) in
-    registers, so the accumulator is [ROWS, BLOCK_N, BLOCK_K / chunk_k] and the W tile (the
-    bytes in flight per program) stays one row's. 8 rows halve BLOCK_K: their inputs take
-    8 x chunk_k registers per column chunk. Not yet swept on a GPU (decode_kernels.py --rows
-    --sweep).
+    `chunk_k` contiguous columns (one 16-byte load of the activations: 8 bfloat16, 4
+    float32) in registers, so the accumulator is [ROWS, BLOCK_N, BLOCK_K / chunk_k]: ROWS x
+    BLOCK_N registers a thread when BLOCK_K = 32 x num_warps x chunk_k, which lays the 4
+    warps along K (compiled for sm_90 without a GPU: no per-iteration layout conversion,
+    bf16 5 rows 207 registers, 249 with the gate/up pair, no spills). The W tile stays one
+    row's. Not yet timed on a GPU: sweep with decode_kernels.py --rows 2,4,5,8 --sweep.
 
     One shape for every format. 2048-column tiles for one-byte and int4 weights (16-byte loads
     per thread for int8) were tried on an H100 (benchmarks/results/gpu_h100/session12): fp8
@@ -84,9 +85,11 @@ def default_config(weight_dtype: torch.dtype, int4: bool = False, rows: int = 1)
     if padded == 1:
         return DEFAULT_CONFIG
     chunk = 4 if weight_dtype == torch.float32 else 8  # 16 bytes of the activations
-    block_k = DEFAULT_CONFIG.block_k // (2 if padded == 8 else 1)
-    return GemvConfig(DEFAULT_CONFIG.block_n, block_k, DEFAULT_CONFIG.num_warps,
-                      DEFAULT_CONFIG.num_stages, chunk)  # fmt: skip
+    warps = DEFAULT_CONFIG.num_warps
+    # int4's per-column scales and zero points: 4 rows of W spill at 8 inputs (gate/up)
+    block_n = 2 if int4 and padded == 8 else DEFAULT_CONFIG.block_n
+    return GemvConfig(block_n, 32 * warps * chunk, warps, DEFAULT_CONFIG.num_stages,
+                      chunk)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
@@ -125,14 +128,18 @@ def _load_rows(w_rows, s_rows, z_rows, k0, col_ok, K, EVEN: tl.constexpr, INT4: 
 @triton.jit
 def _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_rows, res_rows, norm_w_ptr, res_out_rows,
                 row_ok, K, pid, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                GATED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+                GATED: tl.constexpr, EVEN: tl.constexpr, FULL: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                CHUNK: tl.constexpr):  # fmt: skip
     """Fold the input rows' slice `k0:k0+BLOCK_K` times this program's tile(s) of W into
     `acc` [ROWS, BLOCK_N, BLOCK_K / CHUNK]."""
     ks = k0 + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     ok = row_ok[:, None] & k_ok[None, :]
-    x = tl.load(x_rows + ks[None, :], mask=ok, other=0.0)
+    if EVEN and FULL:
+        x = tl.load(x_rows + ks[None, :])
+    else:
+        x = tl.load(x_rows + ks[None, :], mask=ok, other=0.0)
     if HAS_RESIDUAL:
         # The rounded sum, as the eager `x + residual` is; program 0 writes it out.
         r = tl.load(res_rows + ks[None, :], mask=ok, other=0.0)
@@ -143,25 +150,17 @@ def _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_rows, res_rows, norm_w_ptr, 
         # Squares build up elementwise (or per chunk, within a thread) and are summed once
         # at the end: a reduction across the program's threads in every iteration would
         # stall the stream of weight loads.
-        sq = xf * xf
-        if CHUNK > 1:
-            sq = tl.sum(tl.reshape(sq, (ROWS, BLOCK_K // CHUNK, CHUNK)), axis=2)
-        sum_sq += sq
+        sum_sq += tl.sum(tl.reshape(xf * xf, (ROWS, BLOCK_K // CHUNK, CHUNK)), axis=2)
         g = tl.load(norm_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
         xf = (xf * g[None, :]).to(x.dtype).to(tl.float32)
-    if CHUNK == 1:
-        acc += w.to(tl.float32)[None, :, :] * xf[:, None, :]
-        if GATED:
-            acc_up += w_up.to(tl.float32)[None, :, :] * xf[:, None, :]
-    else:
-        # [ROWS, BLOCK_N, chunks, CHUNK]: the last axis is one thread's contiguous columns,
-        # summed in its registers; the sum across chunks (threads) runs after the loop.
-        x4 = tl.reshape(xf, (ROWS, 1, BLOCK_K // CHUNK, CHUNK))
-        w4 = tl.reshape(w.to(tl.float32), (1, BLOCK_N, BLOCK_K // CHUNK, CHUNK))
-        acc += tl.sum(w4 * x4, axis=3)
-        if GATED:
-            w4_up = tl.reshape(w_up.to(tl.float32), (1, BLOCK_N, BLOCK_K // CHUNK, CHUNK))
-            acc_up += tl.sum(w4_up * x4, axis=3)
+    # [ROWS, BLOCK_N, chunks, CHUNK]: the last axis is one thread's contiguous columns,
+    # summed in its registers; the sum across chunks (threads) runs after the loop.
+    x4 = tl.reshape(xf, (ROWS, 1, BLOCK_K // CHUNK, CHUNK))
+    w4 = tl.reshape(w.to(tl.float32), (1, BLOCK_N, BLOCK_K // CHUNK, CHUNK))
+    acc += tl.sum(w4 * x4, axis=3)
+    if GATED:
+        w4_up = tl.reshape(w_up.to(tl.float32), (1, BLOCK_N, BLOCK_K // CHUNK, CHUNK))
+        acc_up += tl.sum(w4_up * x4, axis=3)
     return acc, acc_up, sum_sq
 
 
@@ -170,14 +169,15 @@ def _gemv_kernel(
     x_ptr, res_ptr, norm_w_ptr, w_ptr, bias_ptr, out_ptr, res_out_ptr, scale_ptr, zero_ptr,
     M, N, K, eps, stride_xm, stride_rm, stride_om, stride_wn, stride_sn,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    GATED: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
+    GATED: tl.constexpr, EVEN: tl.constexpr, FULL: tl.constexpr, PDL: tl.constexpr,
     ROW_SCALE: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    # The M input rows, padded to ROWS (a power of two): padding rows load zeros, store nothing.
+    # The M input rows, padded to ROWS (a power of two): padding rows load zeros, store nothing
+    # (FULL: M is a power of two, no padding rows).
     rows = tl.arange(0, ROWS)
     row_ok = rows < M
     x_rows = x_ptr + rows[:, None] * stride_xm
@@ -207,8 +207,8 @@ def _gemv_kernel(
     sum_sq = tl.zeros([ROWS, BLOCK_K // CHUNK], tl.float32)
     acc, acc_up, sum_sq = _accumulate(acc, acc_up, sum_sq, w, w_up, 0, x_rows, res_rows,
                                       norm_w_ptr, res_out_rows, row_ok, K, pid, NORM,
-                                      HAS_RESIDUAL, GATED, ROWS, BLOCK_N, BLOCK_K,
-                                      CHUNK)  # fmt: skip
+                                      HAS_RESIDUAL, GATED, EVEN, FULL, ROWS, BLOCK_N,
+                                      BLOCK_K, CHUNK)  # fmt: skip
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _load_rows(w_rows, s_rows, z_rows, k0, col_ok, K, EVEN, INT4, GROUP, BLOCK_K)
         if GATED:
@@ -216,8 +216,8 @@ def _gemv_kernel(
                               BLOCK_K)  # fmt: skip
         acc, acc_up, sum_sq = _accumulate(acc, acc_up, sum_sq, w, w_up, k0, x_rows, res_rows,
                                           norm_w_ptr, res_out_rows, row_ok, K, pid, NORM,
-                                          HAS_RESIDUAL, GATED, ROWS, BLOCK_N, BLOCK_K,
-                                          CHUNK)  # fmt: skip
+                                          HAS_RESIDUAL, GATED, EVEN, FULL, ROWS,
+                                          BLOCK_N, BLOCK_K, CHUNK)  # fmt: skip
 
     out = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
     out_up = tl.sum(acc_up, axis=2)
@@ -285,6 +285,7 @@ def gemv(
         raise ValueError(f"config: chunk_k {cfg.chunk_k} must divide block_k {cfg.block_k}")
     res = residual if residual is not None else x
     pdl = supports_pdl(x.device)
+    rows = triton.next_power_of_2(m)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, res, norm_weight if norm_weight is not None else weight, weight,
         bias if bias is not None else weight, out,
@@ -295,9 +296,9 @@ def gemv(
         weight_scale.stride(0) if int4 else 0,
         NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None, GATED=gated,
-        EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, PDL=pdl,
+        EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0, FULL=m == rows, PDL=pdl,
         ROW_SCALE=weight_scale is not None and not int4, INT4=int4, GROUP=max(group_size, 1),
-        ROWS=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        ROWS=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         CHUNK=cfg.chunk_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
