@@ -98,22 +98,25 @@ def bench_gemms(cfg: GemvConfig | None = None, m: int = 1) -> list[dict]:
 
 def sweep_gemms(ops: list[str], m: int = 1) -> list[dict]:
     """Candidate tile shapes per op for `m` input rows; the best is what `default_config`
-    should give. The accumulator is [rows padded to a power of two, BLOCK_N, BLOCK_K]."""
+    should give. One row: [BLOCK_N, BLOCK_K] float32 lanes (chunk_k 1). Several: each
+    thread sums chunk_k columns first, the accumulator is [ROWS, BLOCK_N, BLOCK_K / chunk_k]
+    with ROWS = m padded to a power of two."""
     out = []
     padded = 1 << (m - 1).bit_length()
+    if m == 1:  # pipeline depth made no difference at one row (H200)
+        shapes = [(bn, bk, warps, stages, 1) for bn, bk, warps, stages in itertools.product(
+            (4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3)) if 2048 <= bn * bk <= 16384]
+    else:  # BLOCK_K a multiple of 32 x warps x chunk_k: the warps along K
+        shapes = [(bn, 32 * warps * chunk, warps, 1, chunk)
+                  for bn, warps, chunk in itertools.product((2, 4, 8), (4, 8), (4, 8, 16))]
     for name in ops:
         best = None
-        # pipeline depth made no difference at one row: one stage for several
-        stages_tried = (1, 2, 3) if m == 1 else (1,)
-        for bn, bk, warps, stages in itertools.product((1, 2, 4, 8, 16, 32),
-                                                       (64, 128, 256, 512, 1024), (4, 8),
-                                                       stages_tried):  # fmt: skip
-            acc = padded * bn * bk
-            if acc > 16384 or bn * bk < 256 or (SHAPES[name][3] and acc > 8192):
-                continue  # spills for sure, or too little work per load
-            if m == 1 and bn * bk < 2048:
-                continue
-            cfg = GemvConfig(bn, bk, warps, stages)
+        gated = SHAPES[name][3]
+        for bn, bk, warps, stages, chunk in shapes:
+            acc_per_thread = padded * bn * (bk // chunk) // (32 * warps)
+            if acc_per_thread * (2 if gated else 1) > 128 or SHAPES[name][1] % bk:
+                continue  # spills for sure, or ragged K
+            cfg = GemvConfig(bn, bk, warps, stages, chunk)
             try:
                 ours, _, nbytes = _gemm_calls(name, cfg, m)
                 t = _graph_ms(ours)
