@@ -6,9 +6,9 @@ With a few rows a step is a stream of weights from HBM; what costs time around t
 products is the small kernels between them (RMSNorm, SiLU-and-mul, cuBLAS's split-K
 reduction), the launches, and each kernel's ramp-up before its loads reach full bandwidth.
 Each program streams its `BLOCK_N` rows of W once and multiplies them with all M input rows
-(`tl.dot` needs 16 rows: here a broadcast multiply into a [ROWS, BLOCK_N, BLOCK_K] float32
-accumulator, ROWS = M padded to a power of two, BLOCK_K shrunk as ROWS grows so the
-accumulator's registers stay those of one row). Here
+(`tl.dot` needs 16 rows: here a broadcast multiply, ROWS = M padded to a power of two, each
+thread summing the products of its `chunk_k` contiguous columns in registers before they
+join a float32 accumulator [ROWS, BLOCK_N, BLOCK_K / chunk_k]; see `default_config`). Here
 - the **prologue** can apply the layer's (residual add +) RMSNorm to `x`: every program reads
   the input rows (a few KB each, from L2) as it streams W, multiplies them by the norm's
   weight and scales each row's result by its own 1 / rms at the end, so no norm kernel runs;
@@ -75,7 +75,7 @@ def default_config(weight_dtype: torch.dtype, int4: bool = False, rows: int = 1)
     bf16 5 rows 207 registers, 249 with the gate/up pair, no spills). The W tile stays one
     row's. Not yet timed on a GPU: sweep with decode_kernels.py --rows 2,4,5,8 --sweep.
 
-    One shape for every format. 2048-column tiles for one-byte and int4 weights (16-byte loads
+    One row: one shape for every format. 2048-column tiles for one-byte and int4 weights (16-byte loads
     per thread for int8) were tried on an H100 (benchmarks/results/gpu_h100/session12): fp8
     259.6 tok/s batch-1 (249.5 with 1024 in session 11), int8 236.4 (262.0), and int4 8.0 tok/s
     (cause not established; likely register spills of its dequantized [4, 2048] tiles). Sweep them per format with
@@ -86,8 +86,8 @@ def default_config(weight_dtype: torch.dtype, int4: bool = False, rows: int = 1)
         return DEFAULT_CONFIG
     chunk = 4 if weight_dtype == torch.float32 else 8  # 16 bytes of the activations
     warps = DEFAULT_CONFIG.num_warps
-    # int4's per-column scales and zero points: 4 rows of W spill at 8 inputs (gate/up)
-    block_n = 2 if int4 and padded == 8 else DEFAULT_CONFIG.block_n
+    # int4's per-column scales and zero points: 4 rows of W spill with gate/up (2 inputs)
+    block_n = 2 if int4 else DEFAULT_CONFIG.block_n
     return GemvConfig(block_n, 32 * warps * chunk, warps, DEFAULT_CONFIG.num_stages,
                       chunk)  # fmt: skip
 
