@@ -1,8 +1,9 @@
 """The decode fast-path kernels at Llama-3.1-8B shapes on one GPU, against what they replace.
 
-- Batch-1 GEMVs (`soberana/ops/triton/gemv.py`): qkv with add + RMSNorm fused in, o,
-  gate/up with add + RMSNorm and SiLU-and-mul fused in, down. Peer, same run: cuBLAS
-  through `F.linear` plus the separate Triton norm / SiLU kernels.
+- Few-row GEMVs (`soberana/ops/triton/gemv.py`) for each of `--rows` input rows (1: batch-1
+  decode; 5: a verification of 4 drafts): qkv with add + RMSNorm fused in, o, gate/up with
+  add + RMSNorm and SiLU-and-mul fused in, down. Peer, same run: cuBLAS through `F.linear`
+  plus the separate Triton norm / SiLU kernels on the same rows.
 - Fused decode attention (`triton/fused_decode_attention.py`: rotary, KV write, split-K attention and
   merge in one launch). Peer: the rotary, KV-write and split-K decode kernels it replaces.
 Every time is per call of a CUDA graph of back-to-back calls (launch gaps as in the engine's
@@ -10,6 +11,8 @@ decode graph), rotating through enough weight copies that each call reads from H
 Bandwidth is the weight bytes (plus KV bytes for attention) over that time.
 
     python benchmarks/gpu/decode_kernels.py --out DIR [--sweep] [--commit SHA]
+    # the few-row GEMVs alone, and their tile shapes per row count:
+    python benchmarks/gpu/decode_kernels.py --out DIR --rows 1,2,4,5,8 --no-attention --sweep
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from soberana.ops.triton.attention import (  # noqa: E402
     reshape_and_cache,
 )
 from soberana.ops.triton.fused_decode_attention import fused_decode_attention  # noqa: E402
-from soberana.ops.triton.gemv import DEFAULT_CONFIG, GemvConfig, gemv  # noqa: E402
+from soberana.ops.triton.gemv import GemvConfig, default_config, gemv  # noqa: E402
 from soberana.ops.triton.layers import fused_add_rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -50,14 +53,15 @@ def _rand(*shape):
     return torch.randn(*shape, device="cuda", dtype=DTYPE)
 
 
-def _gemm_calls(name: str, cfg: GemvConfig | None):
-    """(ours, peer) call lists over weight copies that overflow L2, and bytes per call."""
+def _gemm_calls(name: str, cfg: GemvConfig | None, m: int = 1):
+    """(ours, peer) call lists over weight copies that overflow L2 for `m` input rows, and
+    bytes per call."""
     rows, k, norm, gated = SHAPES[name]
     nbytes = rows * k * 2
     copies = _copies_beyond_l2(nbytes)
     # At least 8 calls per graph, so the replay's own launch is a small share of the time.
     weights = [_rand(rows, k) * k**-0.5 for _ in range(copies)] * math.ceil(8 / copies)
-    x, res, g = _rand(1, k), _rand(1, k), _rand(k)
+    x, res, g = _rand(m, k), _rand(m, k), _rand(k)
     ours, peer = [], []
     for w in weights:
         if norm:
@@ -75,44 +79,56 @@ def _gemm_calls(name: str, cfg: GemvConfig | None):
     return ours, peer, nbytes
 
 
-def bench_gemms(cfg: GemvConfig | None = None) -> list[dict]:
+def bench_gemms(cfg: GemvConfig | None = None, m: int = 1) -> list[dict]:
     rows = []
     for name in SHAPES:
-        ours, peer, nbytes = _gemm_calls(name, cfg)
+        ours, peer, nbytes = _gemm_calls(name, cfg, m)
         t_ours, t_peer = _graph_ms(ours), _graph_ms(peer)
-        rows.append({"op": name, "weight_MB": nbytes / 1e6,
-                     "config": vars(cfg or DEFAULT_CONFIG),
+        rows.append({"op": name, "rows": m, "weight_MB": nbytes / 1e6,
+                     "config": vars(cfg or default_config(DTYPE, rows=m)),
                      "ours_us": t_ours * 1e3, "peer_us": t_peer * 1e3,
                      "ours_GBps": nbytes / t_ours / 1e6, "peer_GBps": nbytes / t_peer / 1e6,
                      "speedup": t_peer / t_ours})  # fmt: skip
         r = rows[-1]
-        print(f"gemv {name:>8} ours {r['ours_us']:7.1f} us ({r['ours_GBps']:5.0f} GB/s)"
+        print(f"gemv {name:>8} rows {m} ours {r['ours_us']:7.1f} us ({r['ours_GBps']:5.0f} GB/s)"
               f"  cuBLAS+kernels {r['peer_us']:7.1f} us ({r['peer_GBps']:5.0f} GB/s)"
               f"  x{r['speedup']:.3f}", flush=True)  # fmt: skip
     return rows
 
 
-def sweep_gemms(ops: list[str]) -> list[dict]:
-    """Candidate tile shapes per op; the best is what `DEFAULT_CONFIG` should be."""
+def sweep_gemms(ops: list[str], m: int = 1) -> list[dict]:
+    """Candidate tile shapes per op for `m` input rows; the best is what `default_config`
+    should give. One row: [BLOCK_N, BLOCK_K] float32 lanes (chunk_k 1). Several: each
+    thread sums chunk_k columns first, the accumulator is [ROWS, BLOCK_N, BLOCK_K / chunk_k]
+    with ROWS = m padded to a power of two."""
     out = []
+    padded = 1 << (m - 1).bit_length()
+    if m == 1:  # pipeline depth made no difference at one row (H200)
+        shapes = [(bn, bk, warps, stages, 1) for bn, bk, warps, stages in itertools.product(
+            (4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 3)) if 2048 <= bn * bk <= 16384]
+    else:  # BLOCK_K a multiple of 32 x warps x chunk_k: the warps along K
+        shapes = [(bn, 32 * warps * chunk, warps, 1, chunk)
+                  for bn, warps, chunk in itertools.product((2, 4, 8), (4, 8), (4, 8, 16))]
     for name in ops:
         best = None
-        for bn, bk, warps, stages in itertools.product((4, 8, 16, 32), (256, 512, 1024),
-                                                       (4, 8), (1, 2, 3)):  # fmt: skip
-            if bn * bk > 16384 or bn * bk < 2048 or (SHAPES[name][3] and bn * bk > 8192):
-                continue  # spills for sure, or too little work per load
-            cfg = GemvConfig(bn, bk, warps, stages)
+        gated = SHAPES[name][3]
+        for bn, bk, warps, stages, chunk in shapes:
+            acc_per_thread = padded * bn * (bk // chunk) // (32 * warps)
+            if acc_per_thread * (2 if gated else 1) > 128 or SHAPES[name][1] % bk:
+                continue  # spills for sure, or ragged K
+            cfg = GemvConfig(bn, bk, warps, stages, chunk)
             try:
-                ours, _, nbytes = _gemm_calls(name, cfg)
+                ours, _, nbytes = _gemm_calls(name, cfg, m)
                 t = _graph_ms(ours)
             except Exception as e:  # out of resources: not a candidate
-                print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
+                print(f"  {name} rows {m} {cfg}: {type(e).__name__}", flush=True)
                 continue
-            row = {"op": name, "config": vars(cfg), "us": t * 1e3, "GBps": nbytes / t / 1e6}
+            row = {"op": name, "rows": m, "config": vars(cfg), "us": t * 1e3,
+                   "GBps": nbytes / t / 1e6}  # fmt: skip
             out.append(row)
             if best is None or row["us"] < best["us"]:
                 best = row
-        print(f"sweep {name:>8} best {best['config']} {best['us']:.1f} us "
+        print(f"sweep {name:>8} rows {m} best {best['config']} {best['us']:.1f} us "
               f"({best['GBps']:.0f} GB/s)", flush=True)  # fmt: skip
     return out
 
@@ -201,6 +217,10 @@ def main() -> int:
                         help="the projections to sweep, comma-separated")
     parser.add_argument("--sweep-attention", action="store_true",
                         help="with --sweep, also the fused decode attention's tiles")
+    parser.add_argument("--rows", default="1",
+                        help="input rows of the GEMVs, comma-separated (1 to 8)")
+    parser.add_argument("--no-attention", action="store_true",
+                        help="the GEMVs only, not the fused decode attention")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--max-model-len", type=int, default=8192,
                         help="block-table width the attention launch is sized for")
@@ -209,17 +229,20 @@ def main() -> int:
     report = {"environment": environment(args.commit), "read_bw_GBps": read_bandwidth_gbps()}
     print(f"read bandwidth {report['read_bw_GBps']:.0f} GB/s", flush=True)
     path = args.out / "decode_kernels.json"
+    row_counts = [int(r) for r in args.rows.split(",")]
     sections = {
-        "gemv": bench_gemms,
+        "gemv": lambda: [r for m in row_counts for r in bench_gemms(m=m)],
         "attention": lambda: [
             bench_attention_case(b, ctx, args.max_model_len)
             for b, ctx in [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024),
                            (256, 512)]  # fmt: skip
         ],
     }
+    if args.no_attention:
+        del sections["attention"]
     if args.sweep:
         ops = args.sweep_ops.split(",")
-        sections["sweep_gemv"] = lambda: sweep_gemms(ops)
+        sections["sweep_gemv"] = lambda: [r for m in row_counts for r in sweep_gemms(ops, m)]
         if args.sweep_attention:
             sections["sweep_attention"] = lambda: sweep_attention(
                 [(1, 256), (1, 1024), (1, 8192), (1, 32768), (8, 1024), (64, 1024)],

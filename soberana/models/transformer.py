@@ -104,7 +104,8 @@ class DecoderLayer(nn.Module):
 
     def use_kernels(self, kernels: Kernels) -> None:
         self.silu_and_mul = kernels.silu_and_mul
-        self.gemv = kernels.gemv  # one-row steps: norms and linears fused (Triton)
+        # steps of up to gemv_max_rows tokens: norms and linears fused (Triton)
+        self.gemv, self.gemv_max_rows = kernels.gemv, kernels.gemv_max_rows
 
     def forward(
         self,
@@ -119,7 +120,7 @@ class DecoderLayer(nn.Module):
 
         The residual add is deferred into the next norm, which fuses add + RMSNorm on GPUs.
         """
-        if self.gemv is not None and x.shape[0] == 1:
+        if self.gemv is not None and 0 < x.shape[0] <= self.gemv_max_rows:
             return self._forward_gemv(x, residual, positions, rotary, kv, meta)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
@@ -134,8 +135,11 @@ class DecoderLayer(nn.Module):
         return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def _forward_gemv(self, x, residual, positions, rotary, kv, meta):
-        """Batch-1 decode on GPUs: each norm and SiLU-and-mul runs inside the projection next
-        to it (triton/gemv.py), five launches per layer with the fused decode attention."""
+        """Steps of a few tokens on GPUs (decode batches up to 8, speculative verification,
+        short prefill chunks, mixes of them): each norm and SiLU-and-mul runs inside the
+        projection next to it (triton/gemv.py), which streams the weights once for all rows.
+        The attention between is the step's own (`attend`: the fused decode kernel for
+        decode-only steps, paged attention otherwise); five launches per layer at decode."""
         attn, gemv = self.self_attn, self.gemv
         qkv, residual = gemv_linear(gemv, x, attn.qkv_proj, self.input_layernorm, residual)
         h, _ = gemv_linear(gemv, attn.attend(qkv, positions, rotary, kv, meta), attn.o_proj)

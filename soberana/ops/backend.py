@@ -61,8 +61,10 @@ class Kernels:
     # Triton: per-head norm, rotary, KV write and attention of decode steps in one kernel.
     fused_decode_attention: Callable | None = None
     fused_decode_max_batch: int = 0
-    # Triton: one-row linears with the norm before / SiLU-and-mul after them fused in.
+    # Triton: linears of up to `gemv_max_rows` rows (decode at small batches, speculative
+    # verification) with the norm before / SiLU-and-mul after them fused in.
     gemv: Callable | None = None
+    gemv_max_rows: int = 0
     # Native CPU: builds a model's decoder stack run in one native call (None: not served).
     decoder_stack: Callable[[nn.Module], Callable | None] | None = None
     # CPU linears packed once at load (soberana's bf16 kernel where the CPU has AVX512_BF16,
@@ -187,10 +189,12 @@ def _triton(requested: str, device: torch.device, dtype: torch.dtype,
         fused_decode_attention=triton_attention.fused_decode_attention,
         fused_decode_max_batch=torch_attention.FUSED_DECODE_MAX_BATCH,
         gemv=triton_gemv.gemv,
+        gemv_max_rows=triton_gemv.MAX_ROWS,
     )
     impls = {"attention": "Triton (fused decode up to batch "
                           f"{torch_attention.FUSED_DECODE_MAX_BATCH})",
-             "norm/rotary/SiLU": "Triton", "batch-1 linears": "Triton GEMV",
+             "norm/rotary/SiLU": "Triton",
+             f"linears of <= {triton_gemv.MAX_ROWS} tokens": "Triton few-row GEMV",
              "linears": "cuBLAS"}  # fmt: skip
     return Backend(requested, "triton", kernels, impls)
 

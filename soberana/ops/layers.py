@@ -26,7 +26,7 @@ def gemv_linear(
     residual: torch.Tensor | None = None,
     gated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`linear(x)` for one row in one launch of `gemv` (`triton/gemv.py`), with `norm`'s
+    """`linear(x)` for a few rows in one launch of `gemv` (`triton/gemv.py`), with `norm`'s
     (add +) RMSNorm before it and, for a fused gate/up projection, SiLU-and-mul after it;
     returns (out, new residual)."""
     # a QuantLinear (soberana/quantization) brings its scales, zero points and group size

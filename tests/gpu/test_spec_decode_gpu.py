@@ -140,3 +140,34 @@ def test_mixed_steps_of_drafts_and_plain_decodes_replay_graphs(model_dir):
     assert llm.engine.spec.stats.num_drafts > 0
     assert _agree(graphs, eager) >= len(prompts) - 1
     assert _agree(graphs, plain) >= len(prompts) - 1
+
+
+def test_verification_graphs_run_the_few_row_gemv(model_dir):
+    """A verification step of one request (K + 1 = 5 rows) runs the fused few-row GEMVs
+    inside its CUDA graph, and its tokens stay the plain engine's."""
+    from soberana.ops.backend import with_kernels
+    from soberana.ops.triton.gemv import gemv
+
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=1024, kv_cache_gb=1,
+              enable_prefix_caching=False,
+              speculative_config={"method": "draft_model", "model": str(model_dir),
+                                  "num_speculative_tokens": K})
+    engine = llm.engine
+    model, graphs = engine.worker.model, engine.runner.verify_graphs
+    rows = []
+
+    def counted(x, *a, **kw):
+        rows.append(x.shape[0])
+        return gemv(x, *a, **kw)
+
+    # capture the verification graphs again through a counting GEMV (its warm-up runs it)
+    model.use_kernels(with_kernels(model.kernels, gemv=counted))
+    graphs.graphs.clear()
+    graphs.capture(engine.worker.graphs.pool)
+    assert K + 1 in rows  # bucket 1: one request's K + 1 rows
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, detokenize=False)
+    prompts = prompts_of_lengths([9, 60], seed=3, vocab=VOCAB)
+    for prompt in prompts:  # one request at a time: bucket 1
+        graphed, eager, plain, replays = _three_ways(llm, [prompt], params)
+        assert replays > 0
+        assert graphed == plain and eager == plain

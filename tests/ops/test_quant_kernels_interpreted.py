@@ -57,33 +57,41 @@ def test_int4_gemm_equals_dequantized_reference(m, n, k, group, gen):
 CONFIG = GemvConfig(16, 32, 4, 1)
 
 
+# input rows: one (batch-1 decode) and the few-row path's (padded to 2, 4 and 8)
+ROWS = [1, 2, 3, 5, 8]
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize("gated", [False, True])
-def test_row_scaled_gemv_equals_dequantized_reference(fmt, gated, gen):
-    n, k = 40, 96  # ragged in both
+@pytest.mark.parametrize("m", ROWS)
+def test_row_scaled_gemv_equals_dequantized_reference(fmt, gated, m, gen):
+    n, k = 37, 99  # odd in both
     rows = 2 * n if gated else n
     quantize, dequantize = {"int8": (schemes.quantize_int8, schemes.dequantize_int8),
                             "fp8": (schemes.quantize_fp8, schemes.dequantize_fp8)}[fmt]
     q, scale = quantize(_weights(rows, k, gen))
-    x = torch.randn(1, k, generator=gen)
-    out, _ = gemv(x, q, weight_scale=scale, gated=gated, config=CONFIG)
-    ref = x @ dequantize(q, scale).T
-    if gated:
-        gate, up = ref.chunk(2, dim=-1)
-        ref = torch.nn.functional.silu(gate) * up
-    assert out.shape == (1, n)
-    assert _relative_error(out, ref) < 1e-5
+    x = torch.randn(m, k, generator=gen)
+    # the default tile shape for m rows, small ones that leave ragged tiles
+    for config in (None, CONFIG, GemvConfig(8, 32, 4, 1, chunk_k=8)):
+        out, _ = gemv(x, q, weight_scale=scale, gated=gated, config=config)
+        ref = x @ dequantize(q, scale).T
+        if gated:
+            gate, up = ref.chunk(2, dim=-1)
+            ref = torch.nn.functional.silu(gate) * up
+        assert out.shape == (m, n)
+        assert _relative_error(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_int4_gemv_with_fused_norm_equals_dequantized_reference(gated, gen):
-    n, k, group = 40, 128, 32
+@pytest.mark.parametrize("m", ROWS)
+def test_int4_gemv_with_fused_norm_equals_dequantized_reference(gated, m, gen):
+    n, k, group = 37, 160, 32  # odd rows; K not a multiple of the default 1024 / rows tile
     rows = 2 * n if gated else n
     packed, scale, zero = schemes.quantize_int4(_weights(rows, k, gen), group)
-    x, residual = torch.randn(1, k, generator=gen), torch.randn(1, k, generator=gen)
+    x, residual = torch.randn(m, k, generator=gen), torch.randn(m, k, generator=gen)
     norm_w = torch.rand(k, generator=gen) + 0.5
     out, new_residual = gemv(x, packed, norm_weight=norm_w, eps=1e-6, residual=residual,
-                             gated=gated, config=CONFIG, weight_scale=scale, weight_zero=zero,
+                             gated=gated, weight_scale=scale, weight_zero=zero,
                              group_size=group)  # fmt: skip
     h = x + residual
     normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w
