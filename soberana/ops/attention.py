@@ -96,8 +96,14 @@ def paged_attention(
         q_len, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
         end = start + q_len
         if seq_len == q_len and k is not None and v is not None:
-            # No cached prefix: attend only to the new keys, no gather needed.
+            # No cached prefix: attend only to the new keys, no gather needed. Over an FP8
+            # cache they are attended as stored (rounded), as every later step and the Triton
+            # kernels read them, so a prompt gives the same logits whether its prefix was
+            # computed now or found in the cache.
             ki, vi = k[start:end], v[start:end]
+            if k_cache.dtype != ki.dtype:
+                ki = from_kv_cache_dtype(to_kv_cache_dtype(ki, k_cache.dtype), q.dtype)
+                vi = from_kv_cache_dtype(to_kv_cache_dtype(vi, k_cache.dtype), q.dtype)
         else:
             ki, vi = _gather_context(k_cache, v_cache, meta.block_table[i], seq_len)
             if ki.dtype != q.dtype:

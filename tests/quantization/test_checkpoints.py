@@ -137,3 +137,22 @@ def test_fp8_kv_cache_holds_twice_the_tokens_and_names_its_own_layout(tiny):
     assert fp8.model_info.num_blocks == 2 * auto.model_info.num_blocks
     assert fp8.model_info.fingerprint != auto.model_info.fingerprint
     assert fp8.model_info.kv_cache_dtype == "fp8"
+
+
+def test_fp8_kv_prompt_gives_the_same_logprobs_computed_or_found_in_the_prefix_cache(tiny):
+    """Over an FP8 cache a prompt's own keys and values are attended as stored (rounded), as
+    every later step and the Triton kernels read them: the same prompt prefilled whole and
+    prefilled after a prefix-cache hit gives the same logprobs."""
+    from soberana import LLM, SamplingParams
+
+    llm = LLM(str(tiny), dtype="float32", kv_cache_dtype="fp8", kv_cache_gb=0.05,
+              max_model_len=256, max_num_seqs=4, enable_prefix_caching=True)
+    prompt = [(7 * i + 3) % 200 + 5 for i in range(70)]  # four full blocks of 16 and more
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3,
+                            detokenize=False)
+    fresh, cached = (llm.generate([prompt], params, use_tqdm=False)[0] for _ in range(2))
+    assert cached.num_cached_tokens >= 64 and not fresh.num_cached_tokens
+    assert fresh.outputs[0].token_ids == cached.outputs[0].token_ids
+    for a, b in zip(fresh.outputs[0].logprobs, cached.outputs[0].logprobs, strict=True):
+        assert a.keys() == b.keys()
+        assert max(abs(a[t].logprob - b[t].logprob) for t in a) < 1e-4
