@@ -437,51 +437,9 @@ static inline __attribute__((always_inline)) void values_quad(
     }
 }
 
-/* The rows of one KV head of a prefill item over one chunk of n keys: kt (transposed, per
- * group of 16 keys) and vf (rows D apart) widened from the cache; the item's first query sees
- * `first` of them, and row r (query r / G) sees first + r / G. Four rows at a time: their
- * scores, then each row's online softmax over the keys it sees, then their values. */
-static inline __attribute__((always_inline)) void chunk_rows(
-    const float *q, float *acc, float *mx, float *den, float *s, const float *kt,
-    const float *vf, int rows, int G, int first, int n, int stride, const int D) {
-    for (int r0 = 0; r0 < rows; r0 += 4) {
-        int m[4], most = 0;
-        const float *qr[4];
-        float *ar[4];
-        for (int i = 0; i < 4; i++) {
-            const int r = r0 + i < rows ? r0 + i : r0; /* a short last quad repeats its first row */
-            const int seen = r0 + i < rows ? first + r / G : 0;
-            m[i] = seen < 0 ? 0 : seen < n ? seen : n;
-            most = m[i] > most ? m[i] : most;
-            qr[i] = q + (int64_t)r * D, ar[i] = acc + (int64_t)r * D;
-        }
-        if (most == 0) continue;
-        scores_quad(qr, kt, (most + 15) / 16, s, stride, D);
-        float *sink[4]; /* rows past the end add into a scratch row, not into row r0 */
-        for (int i = 0; i < 4; i++) {
-            float *sr = s + i * stride;
-            sink[i] = r0 + i < rows ? ar[i] : s + 4 * stride;
-            if (m[i] > 0) {
-                const float alpha = softmax_avx512(sr, m[i], &mx[r0 + i], &den[r0 + i]);
-                if (alpha != 1.0f)
-                    for (int c = 0; c < D; c += 16)
-                        _mm512_storeu_ps(ar[i] + c, _mm512_mul_ps(_mm512_set1_ps(alpha), _mm512_loadu_ps(ar[i] + c)));
-            }
-            for (int t = m[i]; t < most; t++) sr[t] = 0.0f; /* keys it does not see */
-        }
-        values_quad(sink, s, stride, vf, most, D);
-    }
-}
-
-static void chunk_rows_any(const float *q, float *acc, float *mx, float *den, float *s,
-                           const float *kt, const float *vf, int rows, int G, int first, int n,
-                           int stride, int D) {
-    if (D == 64)
-        chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, 64);
-    else if (D == 128)
-        chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, 128);
-    else
-        chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, D);
+/* The prefill path's softmax over a row's scores (chunk_rows, below) */
+static inline float softmax_row(float *s, int n, float *max, float *den) {
+    return softmax_avx512(s, n, max, den);
 }
 #endif
 
@@ -521,7 +479,7 @@ static inline float softmax_avx2(float *s, int n, float *max, float *den) {
     return alpha;
 }
 
-/* A prefill tile's keys and values as the AVX-512 path takes them (chunk_rows there), at 8
+/* A prefill tile's keys and values as the AVX-512 path takes them (chunk_rows, below), at 8
  * lanes: a chunk of keys widened to float32 once per KV head, keys transposed in groups of 8
  * (per group [D][8]: key t of the group is lane t), and four rows at a time through their
  * scores, online softmax and values, with the partial sums in registers. */
@@ -628,7 +586,17 @@ static inline __attribute__((always_inline)) void values_quad(
     }
 }
 
-/* As the AVX-512 path's chunk_rows (D % 16 == 0 here). */
+static inline float softmax_row(float *s, int n, float *max, float *den) {
+    return softmax_avx2(s, n, max, den);
+}
+
+#endif /* SOBERANA_AVX2 */
+
+#if defined(__AVX512F__) || defined(SOBERANA_AVX2)
+/* The rows of one KV head of a prefill item over one chunk of n keys: kt (transposed, per
+ * group of KEY_GROUP keys) and vf (rows D apart) widened from the cache; the item's first query sees
+ * `first` of them, and row r (query r / G) sees first + r / G. Four rows at a time: their
+ * scores, then each row's online softmax over the keys it sees, then their values. */
 static inline __attribute__((always_inline)) void chunk_rows(
     const float *q, float *acc, float *mx, float *den, float *s, const float *kt,
     const float *vf, int rows, int G, int first, int n, int stride, const int D) {
@@ -644,16 +612,16 @@ static inline __attribute__((always_inline)) void chunk_rows(
             qr[i] = q + (int64_t)r * D, ar[i] = acc + (int64_t)r * D;
         }
         if (most == 0) continue;
-        scores_quad(qr, kt, (most + 7) / 8, s, stride, D);
+        scores_quad(qr, kt, (most + KEY_GROUP - 1) / KEY_GROUP, s, stride, D);
         float *sink[4]; /* rows past the end add into a scratch row, not into row r0 */
         for (int i = 0; i < 4; i++) {
             float *sr = s + i * stride;
             sink[i] = r0 + i < rows ? ar[i] : s + 4 * stride;
             if (m[i] > 0) {
-                const float alpha = softmax_avx2(sr, m[i], &mx[r0 + i], &den[r0 + i]);
+                const float alpha = softmax_row(sr, m[i], &mx[r0 + i], &den[r0 + i]);
                 if (alpha != 1.0f)
-                    for (int c = 0; c < D; c += 8)
-                        _mm256_storeu_ps(ar[i] + c, _mm256_mul_ps(_mm256_set1_ps(alpha), _mm256_loadu_ps(ar[i] + c)));
+                    for (int c = 0; c < D; c += VEC_LANES)
+                        vec_storeu(ar[i] + c, vec_mul(vec_set1(alpha), vec_loadu(ar[i] + c)));
             }
             for (int t = m[i]; t < most; t++) sr[t] = 0.0f; /* keys it does not see */
         }
@@ -671,8 +639,8 @@ static void chunk_rows_any(const float *q, float *acc, float *mx, float *den, fl
     else
         chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, D);
 }
+#endif
 
-#endif /* SOBERANA_AVX2 */
 
 #ifdef SOBERANA_VEC
 /* s[g * bs + t] = q_g . k_t, VEC_LANES keys at a time: two FMA chains per key, each key's
