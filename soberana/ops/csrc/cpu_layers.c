@@ -158,11 +158,11 @@ static inline __attribute__((always_inline)) void silu_impl(const SiluArgs *a, i
     const char *u = g + I * esz;
     char *o = (char *)a->out + row * a->out_stride * esz;
     int64_t i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= I; i += 16) {
-        const __m512 x = load16(g, i, dt), one = _mm512_set1_ps(1.0f);
-        const __m512 silu = round16(_mm512_div_ps(x, _mm512_add_ps(one, vec_exp(_mm512_sub_ps(_mm512_setzero_ps(), x)))), dt);
-        store16(o, i, _mm512_mul_ps(silu, load16(u, i, dt)), dt);
+#ifdef SOBERANA_VEC /* AVX-512 or AVX2 (scalar there before: 4% of a float32 batch's time) */
+    for (; i + VEC_LANES <= I; i += VEC_LANES) {
+        const vec x = vec_load(g, i, dt);
+        const vec silu = vec_round(vec_div(x, vec_add(vec_set1(1.0f), vec_exp(vec_sub(vec_zero(), x)))), dt);
+        vec_store(o, i, vec_mul(silu, vec_load(u, i, dt)), dt);
     }
 #endif
     for (; i < I; i++) {

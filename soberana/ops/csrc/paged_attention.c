@@ -360,6 +360,12 @@ static inline void transpose16(float *restrict dst, const float *restrict src, i
     }
 }
 
+/* transpose16 as the prefill path's transpose of a group of keys */
+enum { KEY_GROUP = 16 };
+static inline void transpose_group(float *restrict dst, const float *restrict src, int64_t stride) {
+    transpose16(dst, src, stride);
+}
+
 /* Keeps a loaded vector in a register: the compiler would otherwise fold the load into each
  * FMA that uses it, one load per use, and the loads, not the FMAs, would set the pace. */
 #define in_register(x) __asm__("" : "+v"(x))
@@ -431,51 +437,9 @@ static inline __attribute__((always_inline)) void values_quad(
     }
 }
 
-/* The rows of one KV head of a prefill item over one chunk of n keys: kt (transposed, per
- * group of 16 keys) and vf (rows D apart) widened from the cache; the item's first query sees
- * `first` of them, and row r (query r / G) sees first + r / G. Four rows at a time: their
- * scores, then each row's online softmax over the keys it sees, then their values. */
-static inline __attribute__((always_inline)) void chunk_rows(
-    const float *q, float *acc, float *mx, float *den, float *s, const float *kt,
-    const float *vf, int rows, int G, int first, int n, int stride, const int D) {
-    for (int r0 = 0; r0 < rows; r0 += 4) {
-        int m[4], most = 0;
-        const float *qr[4];
-        float *ar[4];
-        for (int i = 0; i < 4; i++) {
-            const int r = r0 + i < rows ? r0 + i : r0; /* a short last quad repeats its first row */
-            const int seen = r0 + i < rows ? first + r / G : 0;
-            m[i] = seen < 0 ? 0 : seen < n ? seen : n;
-            most = m[i] > most ? m[i] : most;
-            qr[i] = q + (int64_t)r * D, ar[i] = acc + (int64_t)r * D;
-        }
-        if (most == 0) continue;
-        scores_quad(qr, kt, (most + 15) / 16, s, stride, D);
-        float *sink[4]; /* rows past the end add into a scratch row, not into row r0 */
-        for (int i = 0; i < 4; i++) {
-            float *sr = s + i * stride;
-            sink[i] = r0 + i < rows ? ar[i] : s + 4 * stride;
-            if (m[i] > 0) {
-                const float alpha = softmax_avx512(sr, m[i], &mx[r0 + i], &den[r0 + i]);
-                if (alpha != 1.0f)
-                    for (int c = 0; c < D; c += 16)
-                        _mm512_storeu_ps(ar[i] + c, _mm512_mul_ps(_mm512_set1_ps(alpha), _mm512_loadu_ps(ar[i] + c)));
-            }
-            for (int t = m[i]; t < most; t++) sr[t] = 0.0f; /* keys it does not see */
-        }
-        values_quad(sink, s, stride, vf, most, D);
-    }
-}
-
-static void chunk_rows_any(const float *q, float *acc, float *mx, float *den, float *s,
-                           const float *kt, const float *vf, int rows, int G, int first, int n,
-                           int stride, int D) {
-    if (D == 64)
-        chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, 64);
-    else if (D == 128)
-        chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, 128);
-    else
-        chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, D);
+/* The prefill path's softmax over a row's scores (chunk_rows, below) */
+static inline float softmax_row(float *s, int n, float *max, float *den) {
+    return softmax_avx512(s, n, max, den);
 }
 #endif
 
@@ -515,7 +479,168 @@ static inline float softmax_avx2(float *s, int n, float *max, float *den) {
     return alpha;
 }
 
+/* A prefill tile's keys and values as the AVX-512 path takes them (chunk_rows, below), at 8
+ * lanes: a chunk of keys widened to float32 once per KV head, keys transposed in groups of 8
+ * (per group [D][8]: key t of the group is lane t), and four rows at a time through their
+ * scores, online softmax and values, with the partial sums in registers. */
+enum { KEY_GROUP = 8 };
+
+static inline void widen_block(float *restrict dst, const char *src, int64_t row_bytes, int n,
+                               int D, int dtype, int split) {
+    (void)split; /* bfloat16 has no split layout at 8 lanes */
+    for (int t = 0; t < n; t++)
+        for (int c = 0; c < D; c += 8) _mm256_storeu_ps(dst + t * D + c, load8(src + t * row_bytes, c, dtype));
+}
+
+/* The 8 x 8 floats at src (rows `stride` apart) transposed to dst (rows 8 apart). */
+static inline void transpose_group(float *restrict dst, const float *restrict src, int64_t stride) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * stride);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) { /* r[i]: rows 0-3 col i (low) and 4 + i (high); r[4 + i]: rows 4-7 */
+        _mm256_storeu_ps(dst + i * 8, _mm256_permute2f128_ps(r[i], r[4 + i], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * 8, _mm256_permute2f128_ps(r[i], r[4 + i], 0x31));
+    }
+}
+
+#define in_register(x) __asm__("" : "+x"(x))
+
+/* Scores of 4 rows against `groups` groups of 8 keys in kt, into s[r * stride + key]; two
+ * groups at a time (8 sums in registers, each broadcast q element serves two FMAs). */
+static inline __attribute__((always_inline)) void scores_quad(
+    const float *const q[4], const float *restrict kt, int groups, float *restrict s,
+    int stride, const int D) {
+    int g = 0;
+    for (; g + 2 <= groups; g += 2) {
+        const float *ka = kt + (int64_t)g * D * 8, *kb = ka + D * 8;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int d = 0; d < D; d++) {
+            __m256 x = _mm256_loadu_ps(ka + d * 8), y = _mm256_loadu_ps(kb + d * 8);
+            in_register(x);
+            in_register(y);
+#define ROW(r)                                                 \
+            {                                                  \
+                const __m256 qd = _mm256_broadcast_ss(q[r] + d); \
+                a##r = _mm256_fmadd_ps(qd, x, a##r);           \
+                b##r = _mm256_fmadd_ps(qd, y, b##r);           \
+            }
+            ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+        }
+        _mm256_storeu_ps(s + g * 8, a0), _mm256_storeu_ps(s + g * 8 + 8, b0);
+        _mm256_storeu_ps(s + stride + g * 8, a1), _mm256_storeu_ps(s + stride + g * 8 + 8, b1);
+        _mm256_storeu_ps(s + 2 * stride + g * 8, a2), _mm256_storeu_ps(s + 2 * stride + g * 8 + 8, b2);
+        _mm256_storeu_ps(s + 3 * stride + g * 8, a3), _mm256_storeu_ps(s + 3 * stride + g * 8 + 8, b3);
+    }
+    if (g < groups) {
+        const float *ka = kt + (int64_t)g * D * 8;
+        __m256 a[4], b[4]; /* even and odd d */
+        for (int r = 0; r < 4; r++) a[r] = b[r] = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 2) {
+            const __m256 x = _mm256_loadu_ps(ka + d * 8), y = _mm256_loadu_ps(ka + d * 8 + 8);
+            for (int r = 0; r < 4; r++) {
+                a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q[r] + d), x, a[r]);
+                b[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q[r] + d + 1), y, b[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++) _mm256_storeu_ps(s + r * stride + g * 8, _mm256_add_ps(a[r], b[r]));
+    }
+}
+
+/* acc[r] += sum over keys t < m of p[r * stride + t] * v_t for 4 rows, v rows D apart: 16
+ * columns at a time, 4 x 2 accumulators in registers. */
+static inline __attribute__((always_inline)) void values_quad(
+    float *const acc[4], const float *restrict p, int stride, const float *restrict vf, int m,
+    const int D) {
+    for (int c = 0; c < D; c += 16) {
+        __m256 a0 = _mm256_loadu_ps(acc[0] + c), a1 = _mm256_loadu_ps(acc[1] + c);
+        __m256 a2 = _mm256_loadu_ps(acc[2] + c), a3 = _mm256_loadu_ps(acc[3] + c);
+        __m256 b0 = _mm256_loadu_ps(acc[0] + c + 8), b1 = _mm256_loadu_ps(acc[1] + c + 8);
+        __m256 b2 = _mm256_loadu_ps(acc[2] + c + 8), b3 = _mm256_loadu_ps(acc[3] + c + 8);
+        for (int t = 0; t < m; t++) {
+            __m256 x = _mm256_loadu_ps(vf + (int64_t)t * D + c), y = _mm256_loadu_ps(vf + (int64_t)t * D + c + 8);
+            in_register(x);
+            in_register(y);
+#define ROW(r)                                                           \
+            {                                                            \
+                const __m256 pr = _mm256_broadcast_ss(p + r * stride + t); \
+                a##r = _mm256_fmadd_ps(pr, x, a##r);                     \
+                b##r = _mm256_fmadd_ps(pr, y, b##r);                     \
+            }
+            ROW(0) ROW(1) ROW(2) ROW(3)
+#undef ROW
+        }
+        _mm256_storeu_ps(acc[0] + c, a0), _mm256_storeu_ps(acc[0] + c + 8, b0);
+        _mm256_storeu_ps(acc[1] + c, a1), _mm256_storeu_ps(acc[1] + c + 8, b1);
+        _mm256_storeu_ps(acc[2] + c, a2), _mm256_storeu_ps(acc[2] + c + 8, b2);
+        _mm256_storeu_ps(acc[3] + c, a3), _mm256_storeu_ps(acc[3] + c + 8, b3);
+    }
+}
+
+static inline float softmax_row(float *s, int n, float *max, float *den) {
+    return softmax_avx2(s, n, max, den);
+}
+
 #endif /* SOBERANA_AVX2 */
+
+#if defined(__AVX512F__) || defined(SOBERANA_AVX2)
+/* The rows of one KV head of a prefill item over one chunk of n keys: kt (transposed, per
+ * group of KEY_GROUP keys) and vf (rows D apart) widened from the cache; the item's first query sees
+ * `first` of them, and row r (query r / G) sees first + r / G. Four rows at a time: their
+ * scores, then each row's online softmax over the keys it sees, then their values. */
+static inline __attribute__((always_inline)) void chunk_rows(
+    const float *q, float *acc, float *mx, float *den, float *s, const float *kt,
+    const float *vf, int rows, int G, int first, int n, int stride, const int D) {
+    for (int r0 = 0; r0 < rows; r0 += 4) {
+        int m[4], most = 0;
+        const float *qr[4];
+        float *ar[4];
+        for (int i = 0; i < 4; i++) {
+            const int r = r0 + i < rows ? r0 + i : r0; /* a short last quad repeats its first row */
+            const int seen = r0 + i < rows ? first + r / G : 0;
+            m[i] = seen < 0 ? 0 : seen < n ? seen : n;
+            most = m[i] > most ? m[i] : most;
+            qr[i] = q + (int64_t)r * D, ar[i] = acc + (int64_t)r * D;
+        }
+        if (most == 0) continue;
+        scores_quad(qr, kt, (most + KEY_GROUP - 1) / KEY_GROUP, s, stride, D);
+        float *sink[4]; /* rows past the end add into a scratch row, not into row r0 */
+        for (int i = 0; i < 4; i++) {
+            float *sr = s + i * stride;
+            sink[i] = r0 + i < rows ? ar[i] : s + 4 * stride;
+            if (m[i] > 0) {
+                const float alpha = softmax_row(sr, m[i], &mx[r0 + i], &den[r0 + i]);
+                if (alpha != 1.0f)
+                    for (int c = 0; c < D; c += VEC_LANES)
+                        vec_storeu(ar[i] + c, vec_mul(vec_set1(alpha), vec_loadu(ar[i] + c)));
+            }
+            for (int t = m[i]; t < most; t++) sr[t] = 0.0f; /* keys it does not see */
+        }
+        values_quad(sink, s, stride, vf, most, D);
+    }
+}
+
+static void chunk_rows_any(const float *q, float *acc, float *mx, float *den, float *s,
+                           const float *kt, const float *vf, int rows, int G, int first, int n,
+                           int stride, int D) {
+    if (D == 64)
+        chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, 64);
+    else if (D == 128)
+        chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, 128);
+    else
+        chunk_rows(q, acc, mx, den, s, kt, vf, rows, G, first, n, stride, D);
+}
+#endif
+
 
 #ifdef SOBERANA_VEC
 /* s[g * bs + t] = q_g . k_t, VEC_LANES keys at a time: two FMA chains per key, each key's
@@ -677,10 +802,10 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
         return;
     }
     const int first_keys = len - nq + 1; /* the keys the item's first query sees */
-#ifdef __AVX512F__
-    if (simd && nq > 1) {
+#if defined(__AVX512F__) || defined(SOBERANA_AVX2)
+    if (simd && nq > 1 && D % 16 == 0) {
         /* A prefill tile: its keys and values, a chunk of blocks at a time, widened once per
-         * KV head for all the head's rows (keys transposed, 16 to a group, zero past the end) */
+         * KV head for all the head's rows (keys transposed, KEY_GROUP to a group, zero past the end) */
         const int chunk = chunk_keys(bs), stride = chunk > D ? chunk : D;
         float *kf = (float *)(lim + rows), *kt = kf + (chunk + 16) * D, *vf = kt + (chunk + 16) * D;
         float *sc = vf + chunk * D; /* 4 rows of scores and a scratch row, `stride` apart */
@@ -693,7 +818,7 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
                     return;
                 }
             }
-            const int padded = (n + 15) & ~15;
+            const int padded = (n + KEY_GROUP - 1) / KEY_GROUP * KEY_GROUP;
             memset(kf + (int64_t)n * D, 0, sizeof(float) * (padded - n) * D);
             for (int kh = 0; kh < h1 - h0; kh++) {
                 for (int start = c0; start < c0 + n; start += bs) {
@@ -702,9 +827,9 @@ static inline __attribute__((always_inline)) void attend(Job *j, int item, Curso
                     widen_block(kf + (int64_t)(start - c0) * D, j->k + first, row_bytes, here, D, dtype, split);
                     widen_block(vf + (int64_t)(start - c0) * D, j->v + first, row_bytes, here, D, dtype, split);
                 }
-                for (int t0 = 0; t0 < padded; t0 += 16)
-                    for (int c = 0; c < D; c += 16)
-                        transpose16(kt + (int64_t)t0 * D + c * 16, kf + (int64_t)t0 * D + c, D);
+                for (int t0 = 0; t0 < padded; t0 += KEY_GROUP)
+                    for (int c = 0; c < D; c += KEY_GROUP)
+                        transpose_group(kt + (int64_t)t0 * D + c * KEY_GROUP, kf + (int64_t)t0 * D + c, D);
                 chunk_rows_any(q + kh * RH * D, acc + kh * RH * D, mx + kh * RH, den + kh * RH, sc,
                                kt, vf, RH, G, first_keys - c0, n, stride, D);
             }

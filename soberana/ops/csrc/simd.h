@@ -190,7 +190,9 @@ VEC_FN void vec_storeu(float *p, vec x) { _mm512_storeu_ps(p, x); }
 VEC_FN vec vec_add(vec a, vec b) { return _mm512_add_ps(a, b); }
 VEC_FN vec vec_sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 VEC_FN vec vec_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+VEC_FN vec vec_div(vec a, vec b) { return _mm512_div_ps(a, b); }
 VEC_FN vec vec_max(vec a, vec b) { return _mm512_max_ps(a, b); } /* b where a NaN */
+VEC_FN vec vec_min(vec a, vec b) { return _mm512_min_ps(a, b); } /* b where a NaN */
 VEC_FN vec vec_fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 VEC_FN vec vec_fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
 VEC_FN float vec_sum(vec x) { return _mm512_reduce_add_ps(x); }
@@ -222,7 +224,9 @@ VEC_FN void vec_storeu(float *p, vec x) { _mm256_storeu_ps(p, x); }
 VEC_FN vec vec_add(vec a, vec b) { return _mm256_add_ps(a, b); }
 VEC_FN vec vec_sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
 VEC_FN vec vec_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+VEC_FN vec vec_div(vec a, vec b) { return _mm256_div_ps(a, b); }
 VEC_FN vec vec_max(vec a, vec b) { return _mm256_max_ps(a, b); } /* b where a NaN */
+VEC_FN vec vec_min(vec a, vec b) { return _mm256_min_ps(a, b); } /* b where a NaN */
 VEC_FN vec vec_fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 VEC_FN vec vec_fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
 VEC_FN float vec_sum(vec x) { return hsum8(x); }
@@ -255,10 +259,11 @@ VEC_FN vec vec_scale_pow2(vec p, vec n) {
 #endif
 
 #ifdef SOBERANA_VEC
-/* exp(x) (Cephes expf: x = n ln2 + r, a degree-5 polynomial in r; ~1 ulp). max(-88, x)
- * keeps 2^n in range and lets a NaN through. */
+/* exp(x) (Cephes expf: x = n ln2 + r, a degree-5 polynomial in r; ~1 ulp). max(-88, x) and
+ * min(88.8, x) keep 2^n in range (n = 128 at most: inf, where a larger n would wrap the AVX2
+ * exponent field) and let a NaN through. */
 static inline vec vec_exp(vec x) {
-    x = vec_max(vec_set1(-88.0f), x);
+    x = vec_min(vec_set1(88.8f), vec_max(vec_set1(-88.0f), x));
     const vec n = vec_rint(vec_mul(x, vec_set1(1.44269504088896341f)));
     vec r = vec_fnmadd(n, vec_set1(0.693359375f), x);
     r = vec_fnmadd(n, vec_set1(-2.12194440e-4f), r);
