@@ -25,10 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from embeddings_cpu import (  # noqa: E402
     ISA_ENV,
+    corpus,
     cosine_min,
     run_sentence_transformers,
     run_server,
-    sentences,
     start_server,
 )
 from offline_throughput import machine  # noqa: E402
@@ -55,25 +55,17 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="ab")
     args = ap.parse_args()
-    from transformers import AutoTokenizer
-
     trees = {name: Path(path).resolve() for name, path in
              (item.split("=", 1) for item in args.trees.split(","))}  # fmt: skip
     servers = [(name, flags) for name, flags in
                (item.split(":", 1) for item in args.servers.split(";"))]  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(args.model)
-    lo, hi = (int(x) for x in args.lengths.split(":"))
-    texts = sentences(tok, args.num, lo, hi, seed=0)
-    lengths = [len(tok(t)["input_ids"]) for t in texts]
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    texts_file = str(out_dir / ".embeddings_ab_texts.json")
-    Path(texts_file).write_text(json.dumps(texts))
+    texts, tokens, texts_file = corpus(args.model, args.num, args.lengths, out_dir)
     result = {"trees": {name: {"path": str(p), "commit": tree_commit(p)} for name, p in trees.items()},
               "machine": machine(), "environment": {k: os.environ.get(k) for k in ISA_ENV},
               "model": args.model, "num_sentences": len(texts), "concurrency": args.concurrency,
               "sentences_per_request": 1, "encoding_format": "float",
-              "tokens": {"mean": statistics.mean(lengths), "min": min(lengths), "max": max(lengths)},
+              "tokens": tokens,
               "runs": []}  # fmt: skip
     st = run_sentence_transformers(args.model, texts_file, 32)
     reference = st["sample"]

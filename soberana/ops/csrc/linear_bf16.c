@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "dtypes.h"
+#include "rows.h"
 #include "simd.h"
 
 enum { OK = 0, UNSUPPORTED = 1 };
@@ -440,36 +441,24 @@ static void sweep(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1
     for (int64_t m = m0; m < m1; m += chunk) job->rows(job, m, m + chunk < m1 ? m + chunk : m1, j0, j1);
 }
 
-/* One thread's share: a run of panels, or with fewer panels than threads a run of rows.
- * A run of panels is taken a chunk of rows at a time, and a thread done with its own takes
- * the chunks left of the others': with the API process and the HTTP client on the same
- * cores, a thread the OS preempts holds up only the chunk it is on, not half the matmul. */
+static void rows_of(void *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
+    ((Job *)job)->rows(job, m0, m1, j0, j1);
+}
+
+/* One thread's share: a run of panels (and the chunks of rows left of the others': rows.h),
+ * or with fewer panels than threads a run of rows. */
 static void work(void *arg) {
     Job *job = arg;
     const int t = __atomic_fetch_add(&job->next_thread, 1, __ATOMIC_RELAXED), T = job->threads;
     const int64_t panels = (job->N + NB - 1) / NB;
     if (panels >= T) {
-        const int64_t per = (panels + T - 1) / T, rows = chunk_rows(job);
-        const int64_t chunks = (job->M + rows - 1) / rows;
-        for (int i = 0; i < T; i++) {
-            const int u = (t + i) % T;
-            const int64_t j0 = u * per, j1 = j0 + per < panels ? j0 + per : panels;
-            if (j0 >= j1) continue;
-            for (;;) {
-                const int64_t c = __atomic_fetch_add(&job->next_chunk[u], 1, __ATOMIC_RELAXED);
-                if (c >= chunks) break;
-                const int64_t m = c * rows;
-                job->rows(job, m, m + rows < job->M ? m + rows : job->M, j0, j1);
-            }
-        }
+        take_panel_chunks(t, T, panels, job->M, chunk_rows(job), job->next_chunk, job, rows_of);
     } else {
         const int64_t per = ((job->M + T - 1) / T + MR - 1) / MR * MR;
         const int64_t m0 = t * per, m1 = m0 + per < job->M ? m0 + per : job->M;
         if (m0 < m1) sweep(job, m0, m1, 0, panels);
     }
 }
-
-typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
 
 /* The job on its threads (one where there is too little work to share). */
 static int run(Job *job, void *gomp_parallel) {

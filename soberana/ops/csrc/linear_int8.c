@@ -132,29 +132,21 @@ typedef struct Share {
     int64_t row_bytes;
 } Share;
 
-/* One thread's share: a run of panels, or with fewer panels than threads a run of rows.
- * A run of panels is taken a chunk of rows at a time, and a thread done with its own takes
- * the chunks left of the others' (as linear_bf16.c's work: a preempted thread holds up only
- * the chunk it is on). */
+static void sweep_of(void *share, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
+    const Share *s = share;
+    s->sweep(s->job, m0, m1, j0, j1);
+}
+
+/* One thread's share: a run of panels (and the chunks of rows left of the others': rows.h),
+ * or with fewer panels than threads a run of rows. */
 static void work(void *arg) {
     const Share *s = arg;
     Job *job = s->job;
     const int t = __atomic_fetch_add(&job->next_thread, 1, __ATOMIC_RELAXED), T = job->threads;
     const int64_t panels = (job->N + NB - 1) / NB;
     if (panels >= T) {
-        const int64_t per = (panels + T - 1) / T, rows = chunk_rows(s->row_bytes);
-        const int64_t chunks = (job->M + rows - 1) / rows;
-        for (int i = 0; i < T; i++) {
-            const int u = (t + i) % T;
-            const int64_t j0 = u * per, j1 = j0 + per < panels ? j0 + per : panels;
-            if (j0 >= j1) continue;
-            for (;;) {
-                const int64_t c = __atomic_fetch_add(&job->next_chunk[u], 1, __ATOMIC_RELAXED);
-                if (c >= chunks) break;
-                const int64_t m = c * rows;
-                s->sweep(job, m, m + rows < job->M ? m + rows : job->M, j0, j1);
-            }
-        }
+        take_panel_chunks(t, T, panels, job->M, chunk_rows(s->row_bytes), job->next_chunk,
+                          (void *)s, sweep_of);
     } else {
         const int64_t per = ((job->M + T - 1) / T + MR - 1) / MR * MR;
         const int64_t m0 = t * per, m1 = m0 + per < job->M ? m0 + per : job->M;
