@@ -24,7 +24,6 @@
 #include <string.h>
 
 #include "dtypes.h"
-#include "rows.h"
 #include "simd.h"
 
 enum { OK = 0, UNSUPPORTED = 1 };
@@ -81,7 +80,6 @@ struct Job {
     int64_t x_stride, out_stride, M, N, K;
     int threads;
     int next_thread; /* each thread takes the next number as its share */
-    int64_t *next_chunk; /* per share of panels: its first chunk of rows no thread has taken */
     int x_bytes;     /* of an element of x */
     /* rows [m0, m1) of x through panels [j0, j1) */
     void (*rows)(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
@@ -429,30 +427,21 @@ static void rows_f32(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t
 }
 #endif
 
-/* Rows of x a chunk holds: they stay in L2 while the panels stream past. */
-static int64_t chunk_rows(const Job *job) {
-    const int64_t chunk = (MC_BYTES / (job->x_bytes * job->K)) / MR * MR;
-    return chunk < MR ? MR : chunk;
-}
-
 /* Rows [m0, m1) of x through panels [j0, j1), all in chunks of rows that stay in L2. */
 static void sweep(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
-    const int64_t chunk = chunk_rows(job);
+    int64_t chunk = (MC_BYTES / (job->x_bytes * job->K)) / MR * MR;
+    if (chunk < MR) chunk = MR;
     for (int64_t m = m0; m < m1; m += chunk) job->rows(job, m, m + chunk < m1 ? m + chunk : m1, j0, j1);
 }
 
-static void rows_of(void *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
-    ((Job *)job)->rows(job, m0, m1, j0, j1);
-}
-
-/* One thread's share: a run of panels (and the chunks of rows left of the others': rows.h),
- * or with fewer panels than threads a run of rows. */
+/* One thread's share: a run of panels, or with fewer panels than threads a run of rows. */
 static void work(void *arg) {
     Job *job = arg;
     const int t = __atomic_fetch_add(&job->next_thread, 1, __ATOMIC_RELAXED), T = job->threads;
     const int64_t panels = (job->N + NB - 1) / NB;
     if (panels >= T) {
-        take_panel_chunks(t, T, panels, job->M, chunk_rows(job), job->next_chunk, job, rows_of);
+        const int64_t per = (panels + T - 1) / T, j0 = t * per, j1 = j0 + per < panels ? j0 + per : panels;
+        if (j0 < j1) sweep(job, 0, job->M, j0, j1);
     } else {
         const int64_t per = ((job->M + T - 1) / T + MR - 1) / MR * MR;
         const int64_t m0 = t * per, m1 = m0 + per < job->M ? m0 + per : job->M;
@@ -460,18 +449,17 @@ static void work(void *arg) {
     }
 }
 
+typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+
 /* The job on its threads (one where there is too little work to share). */
 static int run(Job *job, void *gomp_parallel) {
     if (job->M == 0) return OK;
     if (job->threads < 1) job->threads = 1;
     const int64_t panels = (job->N + NB - 1) / NB;
     if (job->threads > 1 && panels < job->threads && job->M < 2 * MR * job->threads) job->threads = 1;
-    if (job->threads > 1 && gomp_parallel != NULL) {
-        int64_t next_chunk[job->threads];
-        memset(next_chunk, 0, sizeof next_chunk);
-        job->next_chunk = next_chunk;
+    if (job->threads > 1 && gomp_parallel != NULL)
         ((GompParallel)gomp_parallel)(work, job, (unsigned)job->threads, 0);
-    } else
+    else
         sweep(job, 0, job->M, 0, panels);
     return OK;
 }
@@ -487,7 +475,7 @@ int linear_bf16(const uint16_t *x, int64_t x_stride, int64_t M, int64_t K, const
                 int32_t threads, void *gomp_parallel) {
 #ifdef HAVE_BF16_KERNEL
     if (K <= 0 || K % 2 != 0 || N <= 0 || M < 0) return UNSUPPORTED;
-    Job job = {x, w, bias, out, x_stride, out_stride, M, N, K, threads, 0, NULL, 2, rows_bf16};
+    Job job = {x, w, bias, out, x_stride, out_stride, M, N, K, threads, 0, 2, rows_bf16};
     return run(&job, gomp_parallel);
 #else
     (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out;
@@ -531,7 +519,7 @@ int linear_f32(const float *x, int64_t x_stride, int64_t M, int64_t K, const flo
                void *gomp_parallel) {
 #ifdef HAVE_KERNEL
     if (K <= 0 || N <= 0 || M < 0) return UNSUPPORTED;
-    Job job = {x, w, bias, out, x_stride, out_stride, M, N, K, threads, 0, NULL, 4, rows_f32};
+    Job job = {x, w, bias, out, x_stride, out_stride, M, N, K, threads, 0, 4, rows_f32};
     return run(&job, gomp_parallel);
 #else
     (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out;

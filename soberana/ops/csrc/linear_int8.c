@@ -109,20 +109,15 @@ typedef struct Job {
     int threads;
     int next_thread; /* each thread takes the next number as its share */
     int dtype;       /* W8A8: of x and out */
-    int64_t *next_chunk; /* per share of panels: its first chunk of rows no thread has taken */
 } Job;
 
 typedef void (*Sweep)(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
 /* Rows [m0, m1) of x through panels [j0, j1) in chunks of `row_bytes`-wide rows that stay in
  * L2 (MC_BYTES), each chunk through all the panels before the next. */
-static int64_t chunk_rows(int64_t row_bytes) {
-    const int64_t chunk = MC_BYTES / row_bytes / MR * MR;
-    return chunk < MR ? MR : chunk;
-}
-
 static void sweep_chunks(const Job *job, Sweep sweep, int64_t row_bytes, int64_t m0, int64_t m1,
                          int64_t j0, int64_t j1) {
-    const int64_t chunk = chunk_rows(row_bytes);
+    int64_t chunk = MC_BYTES / row_bytes / MR * MR;
+    if (chunk < MR) chunk = MR;
     for (int64_t m = m0; m < m1; m += chunk) sweep(job, m, m + chunk < m1 ? m + chunk : m1, j0, j1);
 }
 
@@ -132,21 +127,15 @@ typedef struct Share {
     int64_t row_bytes;
 } Share;
 
-static void sweep_of(void *share, int64_t m0, int64_t m1, int64_t j0, int64_t j1) {
-    const Share *s = share;
-    s->sweep(s->job, m0, m1, j0, j1);
-}
-
-/* One thread's share: a run of panels (and the chunks of rows left of the others': rows.h),
- * or with fewer panels than threads a run of rows. */
+/* One thread's share: a run of panels, or with fewer panels than threads a run of rows. */
 static void work(void *arg) {
     const Share *s = arg;
     Job *job = s->job;
     const int t = __atomic_fetch_add(&job->next_thread, 1, __ATOMIC_RELAXED), T = job->threads;
     const int64_t panels = (job->N + NB - 1) / NB;
     if (panels >= T) {
-        take_panel_chunks(t, T, panels, job->M, chunk_rows(s->row_bytes), job->next_chunk,
-                          (void *)s, sweep_of);
+        const int64_t per = (panels + T - 1) / T, j0 = t * per, j1 = j0 + per < panels ? j0 + per : panels;
+        if (j0 < j1) sweep_chunks(job, s->sweep, s->row_bytes, 0, job->M, j0, j1);
     } else {
         const int64_t per = ((job->M + T - 1) / T + MR - 1) / MR * MR;
         const int64_t m0 = t * per, m1 = m0 + per < job->M ? m0 + per : job->M;
@@ -158,12 +147,9 @@ static void run(Job *job, Sweep sweep, int64_t row_bytes, void *gomp_parallel) {
     const int64_t panels = (job->N + NB - 1) / NB;
     if (job->threads > 1 && panels < job->threads && job->M < 2 * MR * job->threads) job->threads = 1;
     Share share = {job, sweep, row_bytes};
-    if (job->threads > 1 && gomp_parallel != NULL) {
-        int64_t next_chunk[job->threads];
-        memset(next_chunk, 0, sizeof next_chunk);
-        job->next_chunk = next_chunk;
+    if (job->threads > 1 && gomp_parallel != NULL)
         ((GompParallel)gomp_parallel)(work, &share, (unsigned)job->threads, 0);
-    } else
+    else
         sweep_chunks(job, sweep, row_bytes, 0, job->M, 0, panels);
 }
 

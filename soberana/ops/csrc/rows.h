@@ -1,6 +1,5 @@
 /* Rows of work shared among torch's OpenMP threads (through GOMP_parallel, whose address
- * ops/cpu/kernels.py passes in): the kernels of cpu_layers.c and encoder_layers.c, and the
- * linears' chunks of rows (linear_bf16.c, linear_int8.c). Threads
+ * ops/cpu/kernels.py passes in): the kernels of cpu_layers.c and encoder_layers.c. Threads
  * claim chunks of rows from one counter, so a thread the OS preempts holds up only its chunk.
  * Included by those kernels (the build cache key in ops/cpu/kernels.py covers this header). */
 #ifndef SOBERANA_ROWS_H
@@ -43,27 +42,6 @@ static void for_rows(void (*fn)(void *, int64_t), void *args, int64_t rows, int6
     }
     r.chunk = rows / (threads * 4) > 1 ? rows / (threads * 4) : 1;
     ((GompParallel)gomp_parallel)(rows_worker, &r, (unsigned)threads, 0);
-}
-
-/* Panels [0, panels) of a matmul in `threads` runs, the rows [0, M) in chunks of `chunk`:
- * thread t takes its own run a chunk of rows at a time, then the chunks left of the other
- * runs (next_chunk[u]: run u's first chunk no thread has taken). With the API process and the
- * HTTP client on the same cores, a thread the OS preempts holds up only the chunk it is on,
- * not its whole run. fn(ctx, m0, m1, j0, j1): rows [m0, m1) through panels [j0, j1). */
-static void take_panel_chunks(int t, int threads, int64_t panels, int64_t M, int64_t chunk,
-                              int64_t *next_chunk, void *ctx,
-                              void (*fn)(void *ctx, int64_t m0, int64_t m1, int64_t j0, int64_t j1)) {
-    const int64_t per = (panels + threads - 1) / threads, chunks = (M + chunk - 1) / chunk;
-    for (int i = 0; i < threads; i++) {
-        const int u = (t + i) % threads;
-        const int64_t j0 = u * per, j1 = j0 + per < panels ? j0 + per : panels;
-        if (j0 >= j1) continue;
-        for (;;) {
-            const int64_t c = __atomic_fetch_add(&next_chunk[u], 1, __ATOMIC_RELAXED);
-            if (c >= chunks) break;
-            fn(ctx, c * chunk, (c + 1) * chunk < M ? (c + 1) * chunk : M, j0, j1);
-        }
-    }
 }
 
 #endif
