@@ -112,6 +112,7 @@ typedef struct Job {
 } Job;
 
 typedef void (*Sweep)(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
+
 /* Rows [m0, m1) of x through panels [j0, j1) in chunks of `row_bytes`-wide rows that stay in
  * L2 (MC_BYTES), each chunk through all the panels before the next. */
 static void sweep_chunks(const Job *job, Sweep sweep, int64_t row_bytes, int64_t m0, int64_t m1,
