@@ -65,6 +65,21 @@ def sentences(tokenizer, n: int, lo: int, hi: int, seed: int) -> list[str]:
     return out
 
 
+def corpus(model: str, num: int, lengths: str, out_dir: Path) -> tuple[list[str], dict, str]:
+    """`num` sentences of `lengths` ("LO:HI") tokens, their token counts (mean, min, max) and
+    the file in `out_dir` they are written to (sentence-transformers' process reads it)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    lo, hi = (int(x) for x in lengths.split(":"))
+    texts = sentences(tok, num, lo, hi, seed=0)
+    counts = [len(tok(t)["input_ids"]) for t in texts]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts_file = str(out_dir / ".embeddings_texts.json")
+    Path(texts_file).write_text(json.dumps(texts))
+    return texts, {"mean": statistics.mean(counts), "min": min(counts), "max": max(counts)}, texts_file
+
+
 def run_sentence_transformers(model: str, texts_file: str, batch_size: int,
                               dtype: str = "float32") -> dict:
     code = f"""
@@ -194,20 +209,11 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    lo, hi = (int(x) for x in args.lengths.split(":"))
-    texts = sentences(tok, args.num, lo, hi, seed=0)
-    lengths = [len(tok(t)["input_ids"]) for t in texts]
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    texts_file = str(out_dir / ".embeddings_texts.json")
-    Path(texts_file).write_text(json.dumps(texts))
+    texts, tokens, texts_file = corpus(args.model, args.num, args.lengths, out_dir)
     result = {"commit": commit(), "machine": machine(), "model": args.model,
-              "num_sentences": len(texts), "tokens": {"mean": statistics.mean(lengths),
-                                                      "min": min(lengths), "max": max(lengths)},
-              "concurrency": args.concurrency, "runs": []}
+              "num_sentences": len(texts), "tokens": tokens, "concurrency": args.concurrency,
+              "runs": []}
     # PyTorch's and oneDNN's ISA caps (an AVX2-only CPU emulated on an AVX-512 host)
     result["environment"] = {k: os.environ.get(k) for k in ISA_ENV}
     st_runs = {}

@@ -28,10 +28,13 @@ from soberana.models.loader import resolve_model_path
 from soberana.models.pooling import PoolingConfig, pool
 from soberana.ops.backend import select_backend
 from soberana.ops.cpu import linear as cpu_linear
+from soberana.quantization import QuantizationConfig, quantize_loaded_linears
 
 log = logging.getLogger(__name__)
 
 TASKS = ("auto", "generate", "embed", "rerank")
+# An encoder's linears quantized at load; int4 and fp8 have no encoder path.
+ENCODER_QUANTIZATION = ("int8", "int8_w8a16")
 
 
 def resolve_task(task: str, path: Path) -> str:
@@ -79,7 +82,13 @@ class PoolingCore:
             self.dtype = getattr(torch, config.dtype)
         else:
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        if is_encoder_dir(path):
+        encoder = is_encoder_dir(path)
+        if config.quantization is not None and (not encoder
+                                                or config.quantization not in ENCODER_QUANTIZATION):
+            raise ValueError(f"quantization {config.quantization}: task {self.task} quantizes "
+                             f"encoders (BERT, XLM-R) with {' or '.join(ENCODER_QUANTIZATION)}"
+                             f"{'' if encoder else f'; {path} is a decoder'}")  # fmt: skip
+        if encoder:
             self.model = load_encoder(path, self.dtype, self.device)
             compute = self._use_backend(config)
             default_mode = "cls"
@@ -119,12 +128,20 @@ class PoolingCore:
         backend = select_backend(config.compute_backend, self.device, self.dtype,
                                  cpu_isa=config.cpu_isa)  # fmt: skip
         self.model.use_kernels(backend.kernels)
+        quantized = []
+        if config.quantization is not None:
+            # the layers' linears only: a cross-encoder's head runs on one row per input
+            scheme = QuantizationConfig.named(config.quantization)
+            quantized = quantize_loaded_linears(self.model.layers, scheme, backend.kernels)
+            log.info("Quantization: %s; kernels: %s", scheme.describe(), "; ".join(quantized))
         # On CPUs the linears are packed once (soberana's kernels, else oneDNN's): F.linear
         # repacks every call, measured ~15% of a MiniLM batch of 14k tokens on Zen 4.
         packed = backend.kernels.pack_cpu_linears and cpu_linear.pack_linears(self.model) > 0
         impls = backend.implementations
-        kernels = {"linears": next((v for k, v in impls.items() if "linears" in k), "PyTorch")
-                   if packed else "PyTorch F.linear",
+        linears = (next((v for k, v in impls.items() if "linears" in k), "PyTorch") if packed
+                   else "PyTorch F.linear")  # fmt: skip
+        kernels = {"linears": f"{config.quantization}: {'; '.join(quantized)}" if quantized
+                   else linears,
                    "attention/LayerNorm": impls.get("encoder attention/LayerNorm", backend.name)}
         if kernels["attention/LayerNorm"].startswith("PyTorch") and backend.name == "native":
             log.warning("Slower path: encoder attention and LayerNorm via PyTorch (%s)",

@@ -12,8 +12,8 @@ from soberana.quantization.config import (
 from soberana.quantization.linear import QuantLinear
 
 __all__ = ["KV_CACHE_DTYPES", "QUANTIZATION_METHODS", "QuantLinear", "QuantizationConfig",
-           "gguf_quantization", "resolve_quantization", "replace_linears",
-           "with_lm_head"]  # fmt: skip
+           "gguf_quantization", "quantize_loaded_linears", "resolve_quantization",
+           "replace_linears", "with_lm_head"]  # fmt: skip
 
 
 def replace_linears(model, cfg: QuantizationConfig) -> int:
@@ -44,3 +44,29 @@ def replace_linears(model, cfg: QuantizationConfig) -> int:
             model.embed_tokens = None
         count += 1
     return count
+
+
+def quantize_loaded_linears(modules, cfg: QuantizationConfig, kernels) -> list[str]:
+    """Swap each `nn.Linear` inside `modules` (weights already loaded: an encoder's layers) for
+    a QuantLinear of `cfg`'s method, quantized from its weight, its kernel chosen among the
+    compute backend's `kernels`; returns the kernels chosen (for the log and /v1/models)."""
+    import torch
+    from torch import nn
+
+    chosen = set()
+    for parent in list(modules.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            dtype = child.weight.dtype
+            with torch.device(child.weight.device):
+                q = QuantLinear(child.in_features, child.out_features, child.bias is not None,
+                                cfg.linear_method(), dtype)  # fmt: skip
+            q.weight_loader(child.weight.detach())
+            if child.bias is not None:
+                with torch.no_grad():
+                    q.bias.copy_(child.bias)
+            q.finalize(kernels)
+            chosen.add(q.kernel)
+            setattr(parent, name, q)
+    return sorted(chosen)
