@@ -1,7 +1,7 @@
 """Structured outputs on the CPU sample first and mask only the rows whose token the grammar
 refuses (LazyTokenMask). The tokens, logprobs and finish reasons must be exactly those of
 masking every row first, for greedy, seeded and unseeded sampling, on the demo model, with
-json_schema, regex and choice constraints; and both of the lazy path's branches (a sampled
+json_schema, regex, choice and Lark constraints; and both of the lazy path's branches (a sampled
 token kept, a row masked and chosen again) must actually run."""
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ CONSTRAINTS = {
     "json_schema": StructuredOutputsParams(json=SCHEMA),
     "regex": StructuredOutputsParams(regex=r"[a-z]{2,6}(-[0-9]{1,3})? (yes|no)"),
     "choice": StructuredOutputsParams(choice=["red", "green", "blue", "dark red"]),
+    # Lark without byte forcing: llguidance's mask then takes forced bytes as a prefix
+    "grammar": StructuredOutputsParams(
+        grammar='%llguidance { "no_forcing": true }\n'
+                'start: "say " WORD (", " WORD)* "."\nWORD: /[a-z]{1,8}/'),
 }
 PROMPTS = ["The record:", "Answer:", "pick one", "a b c d"]
 
