@@ -9,7 +9,9 @@ Definitions (every number is per step of one constrained request unless it says 
   mask costs when the thread is not preempted) and wall time.
 - in the engine, per step of the batch (hooks around the engine's own functions):
   `fill`: the host thread's batched fill (allocation + matcher look-ups + llguidance's
-  parallel fill), wall; `wait`: how long the engine loop blocked for the mask after computing
+  parallel fill), wall; on a CPU, the masks of the rows the sampled-token check refused
+  (LazyTokenMask.mask); `check`: that check of the sampled tokens (CPU), with the rows it
+  kept and refused; `wait`: how long the engine loop blocked for the mask after computing
   the logits (what the overlap did not hide); `apply`: putting the bitmask on the logits;
   `accept`: feeding the sampled tokens back to the matchers; `step`: the whole engine step.
 
@@ -52,14 +54,19 @@ class Timings:
         self.grammar_cpu_s = 0.0
         self.fill: list[float] = []
         self.fill_rows: list[int] = []
+        self.check: list[float] = []
+        self.check_rows = 0
+        self.refused_rows = 0
         self.wait: list[float] = []
         self.apply: list[float] = []
         self.accept: list[float] = []
         self.step: list[float] = []
 
     def report(self) -> dict:
-        out = {name: summary(values) for name in ("fill", "wait", "apply", "accept", "step")
-               if (values := getattr(self, name))}
+        out = {name: summary(values) for name in ("fill", "check", "wait", "apply", "accept",
+                                                  "step") if (values := getattr(self, name))}
+        if self.check_rows:
+            out["check_rows"], out["refused_rows"] = self.check_rows, self.refused_rows
         if self.fill_rows:
             out["fill_rows_mean"] = statistics.fmean(self.fill_rows)
             out["fill_per_row_us_mean"] = 1e6 * sum(self.fill) / sum(self.fill_rows)
@@ -93,21 +100,33 @@ class _TimedFuture:
 
 def instrument(llm, timings: Timings) -> None:
     """Wrap the engine's structured-output functions (this process only) to time them."""
-    from soberana.structured.manager import TokenMask
+    from soberana.structured.manager import LazyTokenMask, TokenMask
 
     engine, manager = llm.engine, llm.engine.structured
-    fill = manager._fill
 
-    def fill_timed(batch, rows):
-        t, c = time.perf_counter(), time.thread_time()
-        try:
-            return fill(batch, rows)
-        finally:
-            timings.fill.append(time.perf_counter() - t)
-            timings.grammar_cpu_s += time.thread_time() - c
-            timings.fill_rows.append(len(rows))
+    def timed_fill(fill, rows_of):
+        def wrapper(*args):
+            t, c = time.perf_counter(), time.thread_time()
+            try:
+                return fill(*args)
+            finally:
+                timings.fill.append(time.perf_counter() - t)
+                timings.grammar_cpu_s += time.thread_time() - c
+                timings.fill_rows.append(rows_of(*args))
+        return wrapper
 
-    manager._fill = fill_timed
+    manager._fill = timed_fill(manager._fill, lambda batch, rows: len(rows))  # accelerator
+    LazyTokenMask.mask = timed_fill(  # CPU: the refused rows
+        LazyTokenMask.mask, lambda m, rows=None: len(m.matchers if rows is None else rows))
+    refused = timed(LazyTokenMask.refused, timings.check, timings)
+
+    def refused_counted(mask, tokens):
+        rows = refused(mask, tokens)
+        timings.check_rows += len(mask.matchers)
+        timings.refused_rows += len(rows)
+        return rows
+
+    LazyTokenMask.refused = refused_counted
     start = manager.start_masks
 
     def start_timed(requests):

@@ -1,9 +1,17 @@
 """Sampling of one token per row, vectorised over the batch; no loop over the vocabulary.
 
 Order (as vLLM): raw logprobs for the user are taken first; then penalties, the min_tokens
-EOS mask, greedy argmax or temperature → top-k → top-p → min-p → exponential-race sampling.
-Seeded rows draw their noise from their own generator, so their samples do not depend on
-what else is in the batch.
+EOS mask, the grammar mask, greedy argmax or temperature → top-k → top-p → min-p →
+Gumbel-max sampling. Seeded rows draw their noise from their own generator, so their samples
+do not depend on what else is in the batch.
+
+On a CPU the grammar mask can come last instead (LazyTokenMask): every row is sampled from
+its unmasked logits, and only the rows whose token a grammar refuses get their mask and are
+chosen again with the same noise. Where the batch has no top-k, top-p or min-p, this picks
+exactly the token masking first would: a row's choice is the argmax of scores (its logits,
+or its scaled logits plus Gumbel noise) in which the mask only turns forbidden entries to
+-inf, so an allowed argmax of the unmasked scores is the masked argmax too. Truncation is
+not exact this way (the kept set depends on the mask), so such batches mask first.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import torch
 from soberana.engine.outputs import TokenLogprobs
 from soberana.engine.request import Request
 from soberana.engine.sampling_params import SamplingParams
-from soberana.structured.manager import TokenMask
+from soberana.structured.manager import LazyTokenMask, TokenMask
 
 _NEG_INF = float("-inf")
 
@@ -47,7 +55,7 @@ class Sampler:
         self,
         logits: torch.Tensor,
         requests: list[Request],
-        token_mask: TokenMask | None = None,
+        token_mask: TokenMask | LazyTokenMask | None = None,
     ) -> SamplerOutput:
         """Sample one token for each row of `logits` [N, V], row i for requests[i].
 
@@ -56,7 +64,7 @@ class Sampler:
         no conversion (a bfloat16/float16 value is exact in float32, so it picks the same
         token). Nothing here waits for the device: per-request values go up with non-blocking
         copies. `token_mask` (structured outputs) forbids tokens after the user's raw
-        logprobs are taken, as vLLM does.
+        logprobs are taken, as vLLM does, so the logprobs are the unmasked distribution's.
         """
         logits = logits[:, : self.vocab_size]
         want_lp = [r.params.logprobs for r in requests]
@@ -67,9 +75,12 @@ class Sampler:
         )
         logits = self._penalize(logits, requests)
         logits = self._mask_eos_before_min_tokens(logits, requests)
-        if token_mask is not None:  # the step's own logits, read by nothing after this
+        lazy = self._samples_first(token_mask, requests)
+        if token_mask is not None and not lazy:  # the step's own logits, read by nothing after
             logits = token_mask.apply_(logits)
-        tokens = self._choose(logits, requests)
+        tokens, scores = self._choose(logits, requests)
+        if lazy:
+            tokens = self._choose_again_where_refused(tokens, scores, token_mask)
         logprobs = None
         if raw_logprobs is not None:
             logprobs = DeviceLogprobs.gather(raw_logprobs, tokens, want_lp)
@@ -92,10 +103,19 @@ class Sampler:
         return mask_eos_before_min_tokens(logits, [len(r.output_token_ids) for r in requests],
                                           [r.params for r in requests])
 
-    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _samples_first(self, token_mask: TokenMask | LazyTokenMask | None,
+                       requests: list[Request]) -> bool:
+        """Whether to sample before the grammar mask (exact where nothing truncates)."""
+        return isinstance(token_mask, LazyTokenMask) and not any(
+            r.params.top_k or r.params.top_p < 1.0 or r.params.min_p for r in requests)
+
+    def _choose(self, logits: torch.Tensor, requests: list[Request]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's token, and the scores [N, V] it is the argmax of: greedy rows' logits,
+        sampled rows' scaled (and truncated) logits plus Gumbel noise."""
         greedy = [r.params.greedy for r in requests]
         if all(greedy):
-            return self.argmax(logits)
+            return self.argmax(logits), logits
         dev = logits.device
         temps = _column([1.0 if g else r.params.temperature for g, r in zip(greedy, requests)], dev)
         scaled = logits / temps
@@ -110,17 +130,35 @@ class Sampler:
             probs = scaled.softmax(dim=-1)
             limit = probs.max(dim=-1, keepdim=True).values * _column(min_p, dev)
             scaled = scaled.masked_fill(probs < limit, _NEG_INF)
-        probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
+        noise = torch.empty_like(scaled).exponential_()
         for i, r in enumerate(requests):
             if r.params.seed is not None and not greedy[i]:
                 noise[i].exponential_(generator=self._generator(r))
-        # Exponential race (Gumbel-max): argmax p_i / E_i samples i with probability p_i.
-        sampled = (probs / noise).argmax(dim=-1)
+        # Gumbel-max (the exponential race in log space): argmax s_i - log E_i samples i with
+        # probability softmax(s)_i. Unlike p_i / E_i it needs no normalisation, so a mask
+        # added later leaves the allowed entries' scores bit for bit as they were.
+        scores = scaled.sub_(noise.log_())  # `scaled` is this function's own tensor
         if any(greedy):
-            mask = _to(greedy, torch.bool, dev)
-            sampled = torch.where(mask, self.argmax(logits), sampled)
-        return sampled
+            scores = torch.where(_to(greedy, torch.bool, dev).unsqueeze(1), logits, scores)
+        return self.argmax(scores), scores
+
+    def _choose_again_where_refused(self, tokens: torch.Tensor, scores: torch.Tensor,
+                                    token_mask: LazyTokenMask) -> torch.Tensor:
+        """`tokens` with each row whose token its grammar refuses chosen again from its
+        masked scores (the same noise: the token masking first would have chosen)."""
+        refused = token_mask.refused(tokens.tolist())
+        if not refused:
+            return tokens
+        token_mask.apply_(scores, refused)
+        if scores.dtype == torch.float32:
+            # numpy on one thread, as TokenMask.apply_: each small torch op opens an OpenMP
+            # region, which costs milliseconds on a loaded 2-core host. np.argmax, as the
+            # sampler's: the first of equal maxima wins, and a NaN wins.
+            tokens.numpy()[refused] = scores.numpy()[refused].argmax(axis=1)
+        else:  # greedy rows in the model's dtype
+            rows = _to(refused, torch.long, scores.device)
+            tokens[rows] = self.argmax(scores[rows])
+        return tokens
 
     def _generator(self, request: Request) -> torch.Generator:
         gen = self.generators.get(request.key)

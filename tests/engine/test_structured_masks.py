@@ -1,6 +1,7 @@
 """The engine's batch masks from real llguidance matchers: the CPU fast path (the additive bias
-built on the mask thread) forbids exactly what llguidance's bitmask forbids, step after step
-of a real generation, and leaves unconstrained rows of the batch alone."""
+built in the engine loop) forbids exactly what llguidance's bitmask forbids, step after step
+of a real generation, and leaves unconstrained rows of the batch alone; the CPU's sampled-token
+check refuses every token the mask forbids."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_host_bias_forbids_what_the_bitmask_forbids_at_every_step(tiny_models):
     rng = random.Random(0)
     logits = torch.randn(len(batch), vocab, generator=torch.Generator().manual_seed(0))
     for _ in range(40):
-        a, b = fast.start_masks(batch).result(), full.start_masks(batch).result()
+        lazy, b = fast.start_masks(batch).result(), full.start_masks(batch).result()
+        a = lazy.mask()
         assert a.bias is not None and b.bias is None
         assert torch.equal(a.bitmask, b.bitmask)
         allowed = _unpacked(a.bitmask, vocab)
@@ -51,6 +53,16 @@ def test_host_bias_forbids_what_the_bitmask_forbids_at_every_step(tiny_models):
         masked = a.apply_(logits.clone())
         assert torch.equal(masked, b.apply_(logits.clone()))
         assert torch.equal(masked, logits.masked_fill(~allowed, float("-inf")))
+        # The sampled-token check lets no forbidden token through, and sends an allowed one
+        # to the mask only where bytes are forced (the mask is then the canonical token) or
+        # the grammar has ended (the mask is EOS).
+        forced = {row: bool(m.compute_ff_bytes()) or m.is_stopped()
+                  for row, m in lazy.matchers.items()}
+        for token in range(vocab):
+            refused = lazy.refused([token] * len(batch))
+            for row in (1, 2):
+                assert row in refused if not allowed[row, token] else (
+                    row not in refused or forced[row])
         if not allowed[1].any():
             break
         for row in (1, 2):  # feed each constrained row an allowed token
