@@ -29,11 +29,7 @@ def replace_linears(model, cfg: QuantizationConfig) -> int:
         for parent in (layer, layer.self_attn):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    dtype = child.weight.dtype
-                    with torch.device(child.weight.device):
-                        q = QuantLinear(child.in_features, child.out_features,
-                                        child.bias is not None, cfg.linear_method(), dtype)  # fmt: skip
-                    setattr(parent, name, q)
+                    setattr(parent, name, _quant_linear_like(child, cfg))
                     count += 1
     if cfg.lm_head_quantized:
         embedding = model.embed_tokens.weight  # the head's shape, dtype and device, tied or not
@@ -58,10 +54,7 @@ def quantize_loaded_linears(modules, cfg: QuantizationConfig, kernels) -> list[s
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            dtype = child.weight.dtype
-            with torch.device(child.weight.device):
-                q = QuantLinear(child.in_features, child.out_features, child.bias is not None,
-                                cfg.linear_method(), dtype)  # fmt: skip
+            q = _quant_linear_like(child, cfg)
             q.weight_loader(child.weight.detach())
             if child.bias is not None:
                 with torch.no_grad():
@@ -70,3 +63,12 @@ def quantize_loaded_linears(modules, cfg: QuantizationConfig, kernels) -> list[s
             chosen.add(q.kernel)
             setattr(parent, name, q)
     return sorted(chosen)
+
+
+def _quant_linear_like(linear, cfg: QuantizationConfig) -> QuantLinear:
+    """An empty QuantLinear of `cfg`'s method with `linear`'s shape, bias, dtype and device."""
+    import torch
+
+    with torch.device(linear.weight.device):
+        return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                           cfg.linear_method(), linear.weight.dtype)  # fmt: skip
