@@ -8,6 +8,7 @@ the model code calls `layer(x)` and never branches on the format.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -145,9 +146,11 @@ class Int8LinearMethod(LinearMethod):
     """int8 weights, per-output-channel symmetric scales.
 
     `activations="dynamic"` (`--quantization int8`): on CPUs with soberana's W8A8 kernel
-    (AVX512_VNNI or AVX2) the activations are quantized to int8 per token as well and the
-    products summed in int32 (W8A8, as llama.cpp's Q8_0 x Q8_0); elsewhere, GPUs included,
-    weight-only. `activations="none"` (`--quantization int8_w8a16`, compressed-tensors W8A16
+    (AVX512_VNNI or AVX2) the activations are quantized to int8 per block of 32 inputs as well
+    and the products summed in int32 (W8A8, as llama.cpp's Q8_0 x Q8_0); on GPUs, steps of
+    more than 16 tokens quantize them per token and multiply on the int8 tensor cores
+    (`torch._int_mm`), fewer tokens run weight-only (the GEMV streams the weight once, where
+    the activations' precision costs nothing); elsewhere weight-only. `activations="none"` (`--quantization int8_w8a16`, compressed-tensors W8A16
     checkpoints): weight-only everywhere, `x @ dequantize(W).T` up to the order of the float
     sums. On a CPU the weight is re-laid at load into the chosen kernel's blob
     (`layer.native`), which replaces the row-major `weight` (set to None)."""
@@ -158,7 +161,8 @@ class Int8LinearMethod(LinearMethod):
                              f"got {activations!r}")  # fmt: skip
         self.activations = activations
         self.name = ("int8 (per-channel weights; W8A8 with int8 activations per block of 32 on CPUs "
-                     "with the int8 dot-product kernel, W8A16 elsewhere)"
+                     "with the int8 dot-product kernel, per token on GPUs for steps of more than "
+                     "16 tokens; W8A16 elsewhere)"
                      if activations == "dynamic" else "int8 (W8A16, per-channel)")  # fmt: skip
 
     def create_weights(self, layer: QuantLinear, dtype: torch.dtype) -> None:
@@ -170,6 +174,7 @@ class Int8LinearMethod(LinearMethod):
         layer.cpu_kernel = None  # the Int8Kernel (ops/cpu/linear_int8.py) that reads it
         layer.native_bias = None  # the bias as that kernel reads it
         layer.triton = None  # the Triton quant_gemm module (CUDA)
+        layer.int_mm = False  # CUDA W8A8 through torch._int_mm for batched steps
 
     def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
                       ) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -202,8 +207,14 @@ class Int8LinearMethod(LinearMethod):
         device = layer.weight.device
         if device.type == "cuda":
             layer.triton = kernels.quant_gemm
-            return ("triton int8 GEMV (1 token) / Triton int8 GEMM" if layer.triton is not None
-                    else "torch dequantize + matmul")  # fmt: skip
+            if layer.triton is None:
+                return "torch dequantize + matmul"
+            # the shape half of int_mm_serves; the rows are checked per step
+            layer.int_mm = self.activations == "dynamic" and layer.triton.int_mm_serves(
+                layer.triton.INT_MM_MIN_ROWS, layer.in_features, layer.out_features)  # fmt: skip
+            return ("Triton int8 GEMV (W8A16, <= 8 tokens); torch._int_mm W8A8 with per-token "
+                    "int8 activations (> 16 tokens); Triton int8 GEMM (W8A16) between"
+                    if layer.int_mm else "Triton int8 GEMV (<= 8 tokens) / Triton int8 GEMM")
         dtype = layer.weight_scale.dtype
         order = ("w8a8", "w8a16") if self.activations == "dynamic" else ("w8a16",)
         for name in order:
@@ -223,6 +234,10 @@ class Int8LinearMethod(LinearMethod):
         if layer.cpu_kernel is not None:  # packed at load: a CPU layer this build serves
             out = layer.cpu_kernel.linear(rows, layer.native, layer.out_features,
                                           layer.native_bias)  # fmt: skip
+            return out.view(*x.shape[:-1], layer.out_features)
+        if layer.int_mm and rows.shape[0] >= layer.triton.INT_MM_MIN_ROWS:
+            out = layer.triton.int8_w8a8_matmul(rows, layer.weight, layer.weight_scale,
+                                                layer.bias)  # fmt: skip
             return out.view(*x.shape[:-1], layer.out_features)
         if x.device.type == "cpu" and rows.shape[0] <= CPU_INT8_GEMV_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(rows, layer.weight, layer.weight_scale)
@@ -327,6 +342,8 @@ class Fp8LinearMethod(LinearMethod):
         layer.register_buffer("weight", torch.empty(n, k, dtype=torch.float8_e4m3fn))
         layer.register_buffer("weight_scale", torch.empty(n, dtype=torch.float32))
         layer.w8a8 = False  # FP8 matrix units: activations quantized per token
+        # (rows) -> (fp8 rows, float32 scales [M, 1]): the Triton kernel, or PyTorch's chain
+        layer.quantize_tokens = schemes.quantize_fp8_per_token
 
     def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
                       ) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -338,14 +355,19 @@ class Fp8LinearMethod(LinearMethod):
 
     def choose_kernel(self, layer: QuantLinear, kernels: Kernels) -> str:
         layer.w8a8 = fp8_gemm_supported(layer.weight.device)
+        if layer.w8a8 and kernels.quant_gemm is not None:
+            layer.quantize_tokens = partial(kernels.quant_gemm.per_token_quant,
+                                            dtype=torch.float8_e4m3fn)  # fmt: skip
+            return ("torch._scaled_mm W8A8 (rowwise scales, activations quantized by one "
+                    "Triton kernel); Triton fp8 GEMV (<= 8 tokens)")
         if layer.w8a8:
-            return "torch._scaled_mm W8A8 (rowwise scales); Triton fp8 GEMV (1 token)"
+            return "torch._scaled_mm W8A8 (rowwise scales); Triton fp8 GEMV (<= 8 tokens)"
         return "weight-only fp8: dequantize to the activation dtype + matmul"
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, layer.in_features)
         if layer.w8a8:
-            xq, x_scale = schemes.quantize_fp8_per_token(rows)
+            xq, x_scale = layer.quantize_tokens(rows)
             out = torch._scaled_mm(xq, layer.weight.t(), scale_a=x_scale,
                                    scale_b=layer.weight_scale.view(1, -1),
                                    out_dtype=x.dtype)  # fmt: skip

@@ -12,6 +12,7 @@ import torch
 
 INT4_GROUP_SIZE = 128  # group-wise int4: one scale and zero point per 128 inputs of a row
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_MAX = 127.0  # symmetric int8: -127..127
 
 
 def quantize_int8(w: torch.Tensor, amax: torch.Tensor | None = None
@@ -125,8 +126,24 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token activation scales (W8A8): (x fp8 [M, K], scale float32 [M, 1])."""
     x32 = x.float()
-    scale = x32.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / FP8_MAX
+    scale = _per_token_scale(x32, FP8_MAX)
     return (x32 / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per token (W8A8 on GPUs): (x int8 [M, K], scale float32
+    [M, 1]), rounding half to even."""
+    x32 = x.float()
+    scale = _per_token_scale(x32, INT8_MAX)
+    return torch.round(x32 / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def _per_token_scale(x32: torch.Tensor, qmax: float) -> torch.Tensor:
+    # A true float32 division on every device (CUDA's `tensor / python_scalar` multiplies by
+    # the rounded reciprocal), so that the Triton kernel (ops/triton/per_token_quant.py) can
+    # equal it bit for bit.
+    amax = x32.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)
+    return amax / torch.full_like(amax, qmax)
 
 
 def int4_group_for(k: int, group_size: int = INT4_GROUP_SIZE) -> int:

@@ -107,3 +107,93 @@ def test_gemv_refuses_scales_of_the_wrong_shape(gen):
     q, scale = schemes.quantize_int8(_weights(8, 64, gen))
     with pytest.raises(ValueError, match="weight_scale"):
         gemv(torch.randn(1, 64), q, weight_scale=scale[:4], config=CONFIG)
+
+
+def _tie_rows(qmax: float) -> torch.Tensor:
+    """Rows whose largest |value| is `qmax`, so the scale is 1 and the quotients are the values
+    themselves: every midpoint between two neighbours of the target grid (the ties the rounding
+    must break to even), the grid points, signed zeros and values below the smallest step."""
+    if qmax == schemes.FP8_MAX:
+        grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        grid = grid[grid.isfinite()].unique()
+    else:
+        grid = torch.arange(-127.0, 128.0)
+    mids = (grid[1:] + grid[:-1]) / 2
+    extra = torch.tensor([qmax, -0.0, 0.0, -1e-30, 1e-30, 2.0**-12, -(2.0**-10)])
+    values = torch.cat([mids, grid, extra])
+    return values[: values.numel() // 8 * 8].reshape(8, -1)
+
+
+@pytest.mark.parametrize("qdtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+# K in one tile (ragged, and Llama-3.1-8B's hidden size) and K over 16384 (read twice)
+@pytest.mark.parametrize("m,k", [(5, 99), (3, 4096), (2, 20000)])
+def test_per_token_quant_equals_torch_reference_bit_for_bit(qdtype, xdtype, m, k, gen):
+    from soberana.ops.triton.per_token_quant import per_token_quant
+
+    reference = {torch.float8_e4m3fn: schemes.quantize_fp8_per_token,
+                 torch.int8: schemes.quantize_int8_per_token}[qdtype]  # fmt: skip
+    # rows from 1e-4 to 1e3 in magnitude; a row of zeros; a signed zero
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-4, 3, m)[:, None]
+    x[-1] = 0.0
+    x[0, 0] = -0.0
+    x = x.to(xdtype)
+    q, scale = per_token_quant(x, qdtype)
+    ref_q, ref_scale = reference(x)
+    assert q.dtype == qdtype and scale.shape == (m, 1) and scale.dtype == torch.float32
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("qdtype", [torch.float8_e4m3fn, torch.int8])
+def test_per_token_quant_breaks_ties_to_even_as_torch_does(qdtype):
+    from soberana.ops.triton.per_token_quant import per_token_quant
+
+    fp8 = qdtype == torch.float8_e4m3fn
+    x = _tie_rows(schemes.FP8_MAX if fp8 else schemes.INT8_MAX)
+    x[:, 0] = schemes.FP8_MAX if fp8 else schemes.INT8_MAX  # scale exactly 1 in every row
+    q, scale = per_token_quant(x, qdtype)
+    ref_q, _ = (schemes.quantize_fp8_per_token if fp8 else schemes.quantize_int8_per_token)(x)
+    assert torch.equal(scale, torch.ones_like(scale))
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def test_per_token_quant_refuses_other_dtypes_and_strided_rows():
+    from soberana.ops.triton.per_token_quant import per_token_quant
+
+    with pytest.raises(ValueError, match="dtype"):
+        per_token_quant(torch.randn(2, 16), torch.uint8)
+    with pytest.raises(ValueError, match="contiguous"):
+        per_token_quant(torch.randn(16, 2).T, torch.int8)
+
+
+# torch._int_mm's smallest M (17); rows that leave ragged epilogue tiles; bias or none
+@pytest.mark.parametrize("m,n,k", [(17, 40, 64), (33, 136, 96), (70, 256, 512)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_w8a8_gemm_equals_integer_reference(m, n, k, bias, gen):
+    from soberana.ops.triton.quant_gemm import int8_w8a8_matmul
+
+    x = torch.randn(m, k, generator=gen)
+    q, scale = schemes.quantize_int8(_weights(n, k, gen))
+    b = torch.randn(n, generator=gen) if bias else None
+    out = int8_w8a8_matmul(x, q, scale, b)
+    # the int8 products summed exactly, then scaled: float64 here, float32 in the kernel
+    xq, x_scale = schemes.quantize_int8_per_token(x)
+    ref = (xq.double() @ q.double().T) * x_scale.double() * scale.double()
+    if bias:
+        ref += b.double()
+    assert out.dtype == x.dtype and out.shape == (m, n)
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    # and the weight-only reference up to the activations' int8 rounding (~0.4% per value)
+    dequant = x @ schemes.dequantize_int8(q, scale).T + (b if bias else 0.0)
+    assert _relative_error(out, dequant) < 2e-2
+
+
+def test_int8_w8a8_gemm_refuses_shapes_int_mm_cannot_take(gen):
+    from soberana.ops.triton.quant_gemm import int8_w8a8_matmul, int_mm_serves
+
+    q, scale = schemes.quantize_int8(_weights(40, 64, gen))
+    assert not int_mm_serves(16, 64, 40) and int_mm_serves(17, 64, 40)
+    assert not int_mm_serves(32, 60, 40) and not int_mm_serves(32, 64, 44)
+    with pytest.raises(ValueError, match="more than 16 rows"):
+        int8_w8a8_matmul(torch.randn(16, 64), q, scale)

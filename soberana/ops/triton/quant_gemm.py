@@ -8,6 +8,10 @@ the int8 products are exact and its per-row scale is applied once to the float32
 groups are dequantized to the activation dtype first ((q - zero) * scale, rounded once), as
 the weight-only reference `x @ dequant(W).T` in that dtype rounds it. Ragged M and N are
 masked; int4 needs K to be a multiple of its group (checked at load).
+
+int8 W8A8 (`int8_w8a8_matmul`, batched steps of `--quantization int8`): the activations are
+quantized per token (`per_token_quant`), multiplied on the int8 tensor cores through
+`torch._int_mm` (cuBLASLt, exact int32 sums) and scaled back in one epilogue kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from soberana.ops.triton.per_token_quant import per_token_quant
+
+# torch._int_mm on CUDA: more than 16 rows, K and N multiples of 8 (aten's checks).
+INT_MM_MIN_ROWS = 17
 
 
 @triton.jit
@@ -96,6 +105,54 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         x, packed, scale, zero, out, m, n, k, x.stride(0), packed.stride(0), scale.stride(0),
         out.stride(0), INT4=True, GROUP=group_size, IEEE=x.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _scale_int32_kernel(
+    acc_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, stride_am, stride_om,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    mask = m_ok[:, None] & n_ok[None, :]
+    acc = tl.load(acc_ptr + rm[:, None] * stride_am + rn[None, :], mask=mask, other=0)
+    xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+def int_mm_serves(m: int, k: int, n: int) -> bool:
+    """Whether torch._int_mm takes an [m, k] x [k, n] product (see INT_MM_MIN_ROWS)."""
+    return m >= INT_MM_MIN_ROWS and k % 8 == 0 and n % 8 == 0
+
+
+def int8_w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """`x [M, K] @ (weight int8 [N, K] * scale[:, None]).T + bias` in x's dtype, with x
+    quantized to int8 per token: (xq @ weight.T, exact in int32) * x_scale * scale + bias.
+    Only where `int_mm_serves(M, K, N)`."""
+    _check(x, weight, scale, torch.int8, x.shape[1])
+    m, k = x.shape
+    n = weight.shape[0]
+    if not int_mm_serves(m, k, n):
+        raise ValueError(f"int8_w8a8_matmul: torch._int_mm needs more than 16 rows and K, N "
+                         f"multiples of 8; got M={m}, K={k}, N={n}")  # fmt: skip
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{n}] tensor; got {tuple(bias.shape)}")
+    xq, x_scale = per_token_quant(x, torch.int8)
+    acc = torch._int_mm(xq, weight.t())  # [M, N] int32; weight.t() is column-major
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn = 32, 128
+    _scale_int32_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        acc, x_scale, scale, scale if bias is None else bias, out, m, n, acc.stride(0),
+        out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
     )  # fmt: skip
     return out
 
