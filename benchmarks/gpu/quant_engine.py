@@ -43,6 +43,9 @@ def main() -> int:
     ap.add_argument("--schemes", default="none,int8,int4,fp8")
     ap.add_argument("--offline", default="none,fp8", help="schemes that run 1000 x 128/128")
     ap.add_argument("--max-num-seqs", type=int, default=512)
+    # vLLM's LLM class takes 1024 sequences and a larger token budget on >= 70 GB GPUs
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="the engine step's token budget (default: the engine's)")
     args = ap.parse_args()
     from soberana import LLM
 
@@ -50,14 +53,18 @@ def main() -> int:
     path = model_dir(args.config)
     props = torch.cuda.get_device_properties(0)
     summary = {"commit": commit(), "gpu": props.name, "cc": list(torch.cuda.get_device_capability()),
-               "torch": torch.__version__, "config": args.config.name, "results": {}}
+               "torch": torch.__version__, "config": args.config.name,
+               "max_num_seqs": args.max_num_seqs,
+               "max_num_batched_tokens": args.max_num_batched_tokens, "results": {}}
     out = args.out / "quant_summary.json"
+    budget = ({} if args.max_num_batched_tokens is None
+              else {"max_num_batched_tokens": args.max_num_batched_tokens})  # fmt: skip
     for scheme in args.schemes.split(","):
         q = None if scheme == "none" else scheme
         t0 = time.time()
         try:
             llm = LLM(str(path), load_format="dummy", max_model_len=4096, quantization=q,
-                      max_num_seqs=args.max_num_seqs, gpu_memory_utilization=0.85)
+                      max_num_seqs=args.max_num_seqs, gpu_memory_utilization=0.85, **budget)
         except Exception as exc:  # a scheme this GPU refuses: record why, go on
             summary["results"][scheme] = {"error": f"{type(exc).__name__}: {exc}"}
             out.write_text(json.dumps(summary, indent=1))
