@@ -85,7 +85,7 @@ def _refit(g, scale, zero, integer_zero, rounds=5):
 
 def fake_quant(w: torch.Tensor, variant: str, name: str) -> torch.Tensor:
     base, _, group = variant.partition("@")
-    group = schemes.int4_group_for(w.shape[1], int(group or schemes.INT4_GROUP_SIZE))
+    group = schemes.group_size_for(w.shape[1], int(group or schemes.INT4_GROUP_SIZE))
     if base == "rtn_down_int8" and name.endswith("down_proj.weight"):
         return schemes.dequantize_int8(*schemes.quantize_int8(w))
     if base in ("rtn", "rtn_down_int8"):

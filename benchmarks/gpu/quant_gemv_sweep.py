@@ -40,9 +40,9 @@ def weights(fmt: str, n: int, k: int) -> dict:
     if fmt == "fp8":
         q, s = schemes.quantize_fp8(w)
         return {"weight": q, "weight_scale": s.to(torch.bfloat16)}
-    packed, s, z = schemes.quantize_int4(w, schemes.int4_group_for(k))
+    packed, s, z = schemes.quantize_int4(w, schemes.group_size_for(k))
     return {"weight": packed, "weight_scale": s.to(torch.bfloat16), "weight_zero": z,
-            "group_size": schemes.int4_group_for(k)}  # fmt: skip
+            "group_size": schemes.group_size_for(k)}  # fmt: skip
 
 
 def time_us(fns: list, calls: int = 24, runs: int = 15) -> float:

@@ -107,7 +107,7 @@ def check_tp_quantization(quantization: QuantizationConfig, cfg: ModelConfig,
         shard = k // world_size
         units = []
         if quantization.method == "int4":
-            units.append(("group", schemes.int4_group_for(k, quantization.group_size)))
+            units.append(("group", schemes.group_size_for(k, quantization.group_size)))
         if quantization.checkpoint_format == "pack-quantized":
             units.append(("packed int32 word", 32 // (4 if quantization.method == "int4" else 8)))
         for what, size in units:

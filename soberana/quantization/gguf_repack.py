@@ -144,7 +144,7 @@ def repack(raw: np.ndarray, qtype: int, type_name: str, shape: tuple[int, int],
         reference = dequantize()
         if method == "int4":
             packed, scale, zero = schemes.quantize_int4(
-                reference, schemes.int4_group_for(k, group_size))
+                reference, schemes.group_size_for(k, group_size))
             parts = {"weight": packed, "weight_scale": scale.to(scale_dtype), "weight_zero": zero}
             ours = schemes.dequantize_int4(packed, parts["weight_scale"], zero)
         elif method == "int8":

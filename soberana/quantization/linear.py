@@ -148,9 +148,10 @@ class Int8LinearMethod(LinearMethod):
     `activations="dynamic"` (`--quantization int8`): on CPUs with soberana's W8A8 kernel
     (AVX512_VNNI or AVX2) the activations are quantized to int8 per block of 32 inputs as well
     and the products summed in int32 (W8A8, as llama.cpp's Q8_0 x Q8_0); on GPUs, steps of
-    more than 16 tokens quantize them per token and multiply on the int8 tensor cores
-    (`torch._int_mm`), fewer tokens run weight-only (the GEMV streams the weight once, where
-    the activations' precision costs nothing); elsewhere weight-only. `activations="none"` (`--quantization int8_w8a16`, compressed-tensors W8A16
+    more tokens than the GEMV takes quantize them per group of 128 inputs and multiply on the
+    int8 tensor cores (ops/triton/quant_gemm.py), steps the GEMV takes run weight-only (it
+    streams the weight once, where the activations' precision would buy nothing);
+    elsewhere weight-only. `activations="none"` (`--quantization int8_w8a16`, compressed-tensors W8A16
     checkpoints): weight-only everywhere, `x @ dequantize(W).T` up to the order of the float
     sums. On a CPU the weight is re-laid at load into the chosen kernel's blob
     (`layer.native`), which replaces the row-major `weight` (set to None)."""
@@ -161,8 +162,8 @@ class Int8LinearMethod(LinearMethod):
                              f"got {activations!r}")  # fmt: skip
         self.activations = activations
         self.name = ("int8 (per-channel weights; W8A8 with int8 activations per block of 32 on CPUs "
-                     "with the int8 dot-product kernel, per token on GPUs for steps of more than "
-                     "16 tokens; W8A16 elsewhere)"
+                     "with the int8 dot-product kernel, per 128 on GPUs for batched steps; "
+                     "W8A16 elsewhere)"
                      if activations == "dynamic" else "int8 (W8A16, per-channel)")  # fmt: skip
 
     def create_weights(self, layer: QuantLinear, dtype: torch.dtype) -> None:
@@ -174,7 +175,7 @@ class Int8LinearMethod(LinearMethod):
         layer.cpu_kernel = None  # the Int8Kernel (ops/cpu/linear_int8.py) that reads it
         layer.native_bias = None  # the bias as that kernel reads it
         layer.triton = None  # the Triton quant_gemm module (CUDA)
-        layer.int_mm = False  # CUDA W8A8 through torch._int_mm for batched steps
+        layer.act_group = 0  # CUDA W8A8: inputs per activation scale (0: weight-only)
 
     def quantize_rows(self, w: torch.Tensor, row_amax: torch.Tensor | None = None
                       ) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -209,12 +210,12 @@ class Int8LinearMethod(LinearMethod):
             layer.triton = kernels.quant_gemm
             if layer.triton is None:
                 return "torch dequantize + matmul"
-            # the shape half of int_mm_serves; the rows are checked per step
-            layer.int_mm = self.activations == "dynamic" and layer.triton.int_mm_serves(
-                layer.triton.INT_MM_MIN_ROWS, layer.in_features, layer.out_features)  # fmt: skip
-            return ("Triton int8 GEMV (W8A16, <= 8 tokens); torch._int_mm W8A8 with per-token "
-                    "int8 activations (> 16 tokens); Triton int8 GEMM (W8A16) between"
-                    if layer.int_mm else "Triton int8 GEMV (<= 8 tokens) / Triton int8 GEMM")
+            k = layer.in_features
+            if self.activations == "dynamic" and k % 16 == 0:
+                layer.act_group = schemes.group_size_for(k, schemes.INT8_GPU_ACTIVATION_GROUP)
+                return (f"Triton int8 GEMV (W8A16, few tokens); Triton int8 W8A8 GEMM (batched: "
+                        f"activations int8 per token per {layer.act_group} inputs)")
+            return "Triton int8 GEMV (few tokens) / Triton int8 GEMM (W8A16)"
         dtype = layer.weight_scale.dtype
         order = ("w8a8", "w8a16") if self.activations == "dynamic" else ("w8a16",)
         for name in order:
@@ -235,9 +236,9 @@ class Int8LinearMethod(LinearMethod):
             out = layer.cpu_kernel.linear(rows, layer.native, layer.out_features,
                                           layer.native_bias)  # fmt: skip
             return out.view(*x.shape[:-1], layer.out_features)
-        if layer.int_mm and rows.shape[0] >= layer.triton.INT_MM_MIN_ROWS:
+        if layer.act_group:  # CUDA W8A8, bias added in the kernel
             out = layer.triton.int8_w8a8_matmul(rows, layer.weight, layer.weight_scale,
-                                                layer.bias)  # fmt: skip
+                                                layer.act_group, layer.bias)  # fmt: skip
             return out.view(*x.shape[:-1], layer.out_features)
         if x.device.type == "cpu" and rows.shape[0] <= CPU_INT8_GEMV_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(rows, layer.weight, layer.weight_scale)
@@ -276,7 +277,7 @@ class Int4LinearMethod(LinearMethod):
 
     def create_weights(self, layer: QuantLinear, dtype: torch.dtype) -> None:
         n, k = layer.out_features, layer.in_features
-        layer.group_size = schemes.int4_group_for(k, self.group_size)
+        layer.group_size = schemes.group_size_for(k, self.group_size)
         groups = k // layer.group_size
         layer.register_buffer("weight", torch.empty(n, k // 2, dtype=torch.uint8))
         layer.register_buffer("weight_scale", torch.empty(n, groups, dtype=dtype))
@@ -288,7 +289,7 @@ class Int4LinearMethod(LinearMethod):
                       ) -> dict[str, torch.Tensor]:  # fmt: skip
         if row_amax is not None:
             raise ValueError("int4 scales are per group: quantize whole groups, without row_amax")
-        packed, scale, zero = schemes.quantize_int4(w, schemes.int4_group_for(w.shape[1],
+        packed, scale, zero = schemes.quantize_int4(w, schemes.group_size_for(w.shape[1],
                                                                               self.group_size))
         return {"weight": packed, "weight_scale": scale, "weight_zero": zero}
 
@@ -359,9 +360,9 @@ class Fp8LinearMethod(LinearMethod):
             layer.quantize_tokens = partial(kernels.quant_gemm.per_token_quant,
                                             dtype=torch.float8_e4m3fn)  # fmt: skip
             return ("torch._scaled_mm W8A8 (rowwise scales, activations quantized by one "
-                    "Triton kernel); Triton fp8 GEMV (<= 8 tokens)")
+                    "Triton kernel); Triton fp8 GEMV (few tokens)")
         if layer.w8a8:
-            return "torch._scaled_mm W8A8 (rowwise scales); Triton fp8 GEMV (<= 8 tokens)"
+            return "torch._scaled_mm W8A8 (rowwise scales); Triton fp8 GEMV (few tokens)"
         return "weight-only fp8: dequantize to the activation dtype + matmul"
 
     def apply(self, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,10 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 INT8_ACTIVATION_BLOCK = 32  # inputs per activation scale of W8A8 int8 on CPUs
+# ... and on GPUs (tl.dot per group of 128 keeps the int8 tensor cores busy; one scale per row
+# costs SmolLM2 +3.9% perplexity, per 128 +0.58%, per 32 +0.67%:
+# benchmarks/results/int8_activation_groups_smollm2.json)
+INT8_GPU_ACTIVATION_GROUP = 128
 
 
 def quantize_int8_blocks(x: torch.Tensor, block: int = INT8_ACTIVATION_BLOCK
@@ -130,12 +134,17 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (x32 / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric int8 per token (W8A8 on GPUs): (x int8 [M, K], scale float32
-    [M, 1]), rounding half to even."""
-    x32 = x.float()
-    scale = _per_token_scale(x32, INT8_MAX)
-    return torch.round(x32 / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+def quantize_int8_per_token(x: torch.Tensor, group: int | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Dynamic symmetric int8 per token (W8A8 on GPUs), with one scale per `group` inputs of
+    a row (None: the whole row): (x int8 [M, K], scale float32 [M, K / group]), rounding
+    half to even. Unlike `quantize_int8_blocks` (the CPU kernel's) it divides by the scale."""
+    m, k = x.shape
+    group = group or k
+    g = x.float().reshape(m, k // group, group)
+    scale = _per_token_scale(g.reshape(-1, group), INT8_MAX).reshape(m, k // group, 1)
+    q = torch.round(g / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.reshape(m, k), scale.reshape(m, k // group)
 
 
 def _per_token_scale(x32: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -146,14 +155,15 @@ def _per_token_scale(x32: torch.Tensor, qmax: float) -> torch.Tensor:
     return amax / torch.full_like(amax, qmax)
 
 
-def int4_group_for(k: int, group_size: int = INT4_GROUP_SIZE) -> int:
+def group_size_for(k: int, group_size: int = INT4_GROUP_SIZE) -> int:
     """`group_size` where it divides the input size `k`, else the largest of 64, 32 and 16
     that does (SmolLM2's 576 = 4.5 x 128 takes groups of 64, the demo's 688 = 43 x 16 groups
-    of 16): the GEMM's K tile is one group and `tl.dot` needs K >= 16."""
+    of 16): int4 weights and GPU int8 activations are scaled per group; the GEMMs' K tile is
+    one group and `tl.dot` needs K >= 16."""
     for g in (group_size, 64, 32, 16):
         if g <= group_size and k % g == 0:
             return g
-    raise ValueError(f"int4 needs an input size divisible by 16; got {k}")
+    raise ValueError(f"group-wise scales need an input size divisible by 16; got {k}")
 
 
 def _check_group(k: int, group_size: int) -> None:

@@ -105,7 +105,7 @@ def test_fp8_greedy_tokens_match_one_rank_fp8(tmp_path, name):
 
 
 def test_int4_shard_that_would_cut_a_group_is_refused_before_workers_start(tmp_path):
-    # o_proj's 64 inputs take int4 groups of 64 (schemes.int4_group_for): 2 shards of 32
+    # o_proj's 64 inputs take int4 groups of 64 (schemes.group_size_for): 2 shards of 32
     path = build_tiny_model(tmp_path, "llama", vocab_size=935)
     with pytest.raises(ValueError, match=r"int4 .*tensor_parallel_size 2: o_proj is split along "
                                          r"its 64 inputs into shards of 32, which would cut its "

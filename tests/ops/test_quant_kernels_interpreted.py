@@ -124,23 +124,33 @@ def _tie_rows(qmax: float) -> torch.Tensor:
     return values[: values.numel() // 8 * 8].reshape(8, -1)
 
 
-@pytest.mark.parametrize("qdtype", [torch.float8_e4m3fn, torch.int8])
+# (quantized dtype, inputs per scale): fp8 per row; int8 per row and per group of 128 / 16
+QUANT_CASES = [(torch.float8_e4m3fn, None), (torch.int8, None), (torch.int8, 128),
+               (torch.int8, 16)]  # fmt: skip
+
+
+def _reference(qdtype, x, group):
+    if qdtype == torch.float8_e4m3fn:
+        return schemes.quantize_fp8_per_token(x)
+    return schemes.quantize_int8_per_token(x, group)
+
+
+@pytest.mark.parametrize("qdtype,group", QUANT_CASES)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-# K in one tile (ragged, and Llama-3.1-8B's hidden size) and K over 16384 (read twice)
-@pytest.mark.parametrize("m,k", [(5, 99), (3, 4096), (2, 20000)])
-def test_per_token_quant_equals_torch_reference_bit_for_bit(qdtype, xdtype, m, k, gen):
+# K in one tile (ragged, and Llama-3.1-8B's hidden size) and K over 16384 (read twice per row)
+@pytest.mark.parametrize("m,k", [(5, 384), (3, 4096), (2, 20480)])
+def test_per_token_quant_equals_torch_reference_bit_for_bit(qdtype, group, xdtype, m, k, gen):
     from soberana.ops.triton.per_token_quant import per_token_quant
 
-    reference = {torch.float8_e4m3fn: schemes.quantize_fp8_per_token,
-                 torch.int8: schemes.quantize_int8_per_token}[qdtype]  # fmt: skip
     # rows from 1e-4 to 1e3 in magnitude; a row of zeros; a signed zero
     x = torch.randn(m, k, generator=gen) * torch.logspace(-4, 3, m)[:, None]
     x[-1] = 0.0
     x[0, 0] = -0.0
     x = x.to(xdtype)
-    q, scale = per_token_quant(x, qdtype)
-    ref_q, ref_scale = reference(x)
-    assert q.dtype == qdtype and scale.shape == (m, 1) and scale.dtype == torch.float32
+    q, scale = per_token_quant(x, qdtype, group)
+    ref_q, ref_scale = _reference(qdtype, x, group)
+    assert q.dtype == qdtype and scale.dtype == torch.float32
+    assert scale.shape == (m, k // (group or k))
     assert torch.equal(scale, ref_scale)
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
 
@@ -167,33 +177,36 @@ def test_per_token_quant_refuses_other_dtypes_and_strided_rows():
         per_token_quant(torch.randn(16, 2).T, torch.int8)
 
 
-# torch._int_mm's smallest M (17); rows that leave ragged epilogue tiles; bias or none
-@pytest.mark.parametrize("m,n,k", [(17, 40, 64), (33, 136, 96), (70, 256, 512)])
+# M below and above the smallest row tile; ragged N; groups of 128 and of 16 (K = 96)
+@pytest.mark.parametrize("m,n,k,group", [(1, 40, 256, 128), (17, 136, 96, 16),
+                                         (70, 200, 512, 128)])  # fmt: skip
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_w8a8_gemm_equals_integer_reference(m, n, k, bias, gen):
+def test_int8_w8a8_gemm_equals_integer_reference(m, n, k, group, bias, gen):
     from soberana.ops.triton.quant_gemm import int8_w8a8_matmul
 
     x = torch.randn(m, k, generator=gen)
     q, scale = schemes.quantize_int8(_weights(n, k, gen))
     b = torch.randn(n, generator=gen) if bias else None
-    out = int8_w8a8_matmul(x, q, scale, b)
-    # the int8 products summed exactly, then scaled: float64 here, float32 in the kernel
-    xq, x_scale = schemes.quantize_int8_per_token(x)
-    ref = (xq.double() @ q.double().T) * x_scale.double() * scale.double()
+    out = int8_w8a8_matmul(x, q, scale, group, b)
+    # each group's int8 products summed exactly, then scaled: float64 here, float32 in the kernel
+    xq, x_scale = schemes.quantize_int8_per_token(x, group)
+    dots = torch.einsum("mgi,ngi->mng", xq.reshape(m, -1, group).double(),
+                        q.reshape(n, -1, group).double())  # fmt: skip
+    ref = (dots * x_scale.double()[:, None, :]).sum(-1) * scale.double()
     if bias:
         ref += b.double()
     assert out.dtype == x.dtype and out.shape == (m, n)
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
-    # and the weight-only reference up to the activations' int8 rounding (~0.4% per value)
+    # and the weight-only reference up to the activations' int8 rounding (~0.3% per value)
     dequant = x @ schemes.dequantize_int8(q, scale).T + (b if bias else 0.0)
-    assert _relative_error(out, dequant) < 2e-2
+    assert _relative_error(out, dequant) < 1e-2
 
 
-def test_int8_w8a8_gemm_refuses_shapes_int_mm_cannot_take(gen):
-    from soberana.ops.triton.quant_gemm import int8_w8a8_matmul, int_mm_serves
+def test_int8_w8a8_gemm_refuses_groups_that_do_not_tile_k(gen):
+    from soberana.ops.triton.quant_gemm import int8_w8a8_matmul
 
-    q, scale = schemes.quantize_int8(_weights(40, 64, gen))
-    assert not int_mm_serves(16, 64, 40) and int_mm_serves(17, 64, 40)
-    assert not int_mm_serves(32, 60, 40) and not int_mm_serves(32, 64, 44)
-    with pytest.raises(ValueError, match="more than 16 rows"):
-        int8_w8a8_matmul(torch.randn(16, 64), q, scale)
+    q, scale = schemes.quantize_int8(_weights(40, 96, gen))
+    with pytest.raises(ValueError, match="group"):
+        int8_w8a8_matmul(torch.randn(20, 96), q, scale, 64)  # does not divide 96
+    with pytest.raises(ValueError, match="group"):
+        int8_w8a8_matmul(torch.randn(20, 96), q, scale, 24)  # not a multiple of 16

@@ -39,11 +39,11 @@ def test_int4_keeps_zero_exact(w):
 
 
 def test_int4_group_falls_back_to_a_divisor_of_the_input_size():
-    assert schemes.int4_group_for(576) == 64  # SmolLM2's hidden size
-    assert schemes.int4_group_for(4096) == 128
-    assert schemes.int4_group_for(688) == 16  # the demo model's intermediate size
+    assert schemes.group_size_for(576) == 64  # SmolLM2's hidden size
+    assert schemes.group_size_for(4096) == 128
+    assert schemes.group_size_for(688) == 16  # the demo model's intermediate size
     with pytest.raises(ValueError, match="divisible by 16"):
-        schemes.int4_group_for(100)
+        schemes.group_size_for(100)
 
 
 def test_fp8_round_trip_relative_error_is_below_e4m3_precision(w):

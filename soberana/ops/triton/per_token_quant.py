@@ -1,7 +1,8 @@
 """Dynamic per-token quantization of activations for the W8A8 GEMMs, in one kernel: each row
-of x [M, K] is read once, its largest |value| sets its scale, and the row is written once as
-float8_e4m3fn or int8 with one float32 scale per row (vLLM's `dynamic_per_token_scaled_fp8_quant`
-/ `dynamic_scaled_int8_quant`). The eager PyTorch chain it replaces launched ~7 kernels and
+of x [M, K] is read once, the largest |value| of each group of its inputs (the whole row, or
+128 inputs for GPU int8) sets that group's scale, and the row is written once as
+float8_e4m3fn or int8 with float32 scales (vLLM's `dynamic_per_token_scaled_fp8_quant`,
+`per_token_group_quant_int8`). The eager PyTorch chain it replaces launched ~7 kernels and
 made float32 copies of the rows (measured in issue 20: fp8 W8A8 at 0.97x bf16 on an H100).
 
 The result equals `schemes.quantize_fp8_per_token` / `quantize_int8_per_token` bit for bit:
@@ -19,8 +20,7 @@ import triton.language as tl
 
 from soberana.quantization.schemes import FP8_MAX, INT8_MAX
 
-# Rows up to this many elements are held in registers (one read); longer ones (K > 16384)
-# are read twice, the second time mostly from L2.
+# Elements a program holds in registers: groups up to this size are read once.
 _MAX_TILE = 16384
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -45,15 +45,22 @@ def _round_to_grid(y, FP8: tl.constexpr):
 
 @triton.jit
 def _per_token_quant_kernel(
-    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
-    QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, K, group, num_groups, stride_xm, stride_qm, stride_sm,
+    QMAX: tl.constexpr, FP8: tl.constexpr, GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):  # fmt: skip
+    # Program (row, j) quantizes groups j * GROUPS.. of one row, a [GROUPS, BLOCK] tile (a
+    # group padded to BLOCK). A whole row is one group of up to BLOCK; longer rows
+    # (ONE_TILE false, GROUPS 1) are read twice, the second time mostly from L2.
     row = tl.program_id(0).to(tl.int64)
-    x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * stride_qm
+    gs = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = tl.arange(0, BLOCK)
+    x_row, q_row = x_ptr + row * stride_xm, q_ptr + row * stride_qm
     if ONE_TILE:
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
+        offs = gs[:, None] * group + cols[None, :]
+        mask = (gs[:, None] < num_groups) & (cols[None, :] < group)
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
     else:
         top = tl.zeros([BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK):
@@ -61,22 +68,25 @@ def _per_token_quant_kernel(
             top = tl.maximum(top, tl.abs(xk))
         amax = tl.max(top, axis=0)
     scale = tl.math.div_rn(tl.maximum(amax, 1e-12), QMAX)
-    tl.store(s_ptr + row, scale)
     if ONE_TILE:
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
-        tl.store(q_row + cols, _round_to_grid(y, FP8).to(q_ptr.dtype.element_ty), mask=cols < K)
+        tl.store(s_ptr + row * stride_sm + gs, scale, mask=gs < num_groups)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -QMAX), QMAX)
+        tl.store(q_row + offs, _round_to_grid(y, FP8).to(q_ptr.dtype.element_ty), mask=mask)
     else:
+        tl.store(s_ptr + row * stride_sm, scale)
         for k0 in range(0, K, BLOCK):
-            mask = k0 + cols < K
-            xk = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+            kmask = k0 + cols < K
+            xk = tl.load(x_row + k0 + cols, mask=kmask, other=0.0).to(tl.float32)
             y = tl.minimum(tl.maximum(tl.math.div_rn(xk, scale), -QMAX), QMAX)
             tl.store(q_row + k0 + cols, _round_to_grid(y, FP8).to(q_ptr.dtype.element_ty),
-                     mask=mask)  # fmt: skip
+                     mask=kmask)  # fmt: skip
 
 
-def per_token_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_quant(x: torch.Tensor, dtype: torch.dtype, group: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Rows x [M, K] quantized to `dtype` (torch.float8_e4m3fn or torch.int8) with one
-    symmetric scale per row: (xq [M, K], scale float32 [M, 1]), x ~ xq * scale."""
+    symmetric scale per `group` inputs of a row (None: per row): (xq [M, K], scale float32
+    [M, K / group]), x ~ xq * scale."""
     if dtype not in (torch.float8_e4m3fn, torch.int8):
         raise ValueError(f"per_token_quant: dtype must be torch.float8_e4m3fn or torch.int8; "
                          f"got {dtype}")  # fmt: skip
@@ -84,15 +94,21 @@ def per_token_quant(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
         raise ValueError(f"per_token_quant: x must be a float [M, K] tensor contiguous in K; "
                          f"got {x.dtype} {tuple(x.shape)} strides {x.stride()}")  # fmt: skip
     m, k = x.shape
+    group = group or k
+    if group < 1 or k % group or (_MAX_TILE < group < k):
+        raise ValueError(f"per_token_quant: group {group} must divide K={k} and be at most "
+                         f"{_MAX_TILE} (or K itself)")  # fmt: skip
+    num_groups = k // group
     xq = torch.empty(m, k, dtype=dtype, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    scale = torch.empty(m, num_groups, dtype=torch.float32, device=x.device)
     if m == 0:
         return xq, scale
-    block = min(triton.next_power_of_2(k), _MAX_TILE)
+    block = min(triton.next_power_of_2(group), _MAX_TILE)
+    groups = max(1, min(triton.next_power_of_2(num_groups), _MAX_TILE // block))
     fp8 = dtype == torch.float8_e4m3fn
-    _per_token_quant_kernel[(m,)](
-        x, xq, scale, k, x.stride(0), xq.stride(0),
-        QMAX=FP8_MAX if fp8 else INT8_MAX, FP8=fp8, BLOCK=block, ONE_TILE=block >= k,
-        num_warps=min(16, max(4, block // 1024)),
+    _per_token_quant_kernel[(m, triton.cdiv(num_groups, groups))](
+        x, xq, scale, k, group, num_groups, x.stride(0), xq.stride(0), scale.stride(0),
+        QMAX=FP8_MAX if fp8 else INT8_MAX, FP8=fp8, GROUPS=groups, BLOCK=block,
+        ONE_TILE=block >= group, num_warps=min(16, max(4, groups * block // 1024)),
     )  # fmt: skip
     return xq, scale
