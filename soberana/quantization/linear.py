@@ -150,8 +150,8 @@ class Int8LinearMethod(LinearMethod):
     and the products summed in int32 (W8A8, as llama.cpp's Q8_0 x Q8_0); on GPUs, steps of
     more tokens than the GEMV takes quantize them per group of 128 inputs and multiply on the
     int8 tensor cores (ops/triton/quant_gemm.py), steps the GEMV takes run weight-only (it
-    streams the weight once, where the activations' precision would buy nothing);
-    elsewhere weight-only. `activations="none"` (`--quantization int8_w8a16`, compressed-tensors W8A16
+    streams the weight once, where the activations' precision would buy nothing); elsewhere
+    weight-only. `activations="none"` (`--quantization int8_w8a16`, compressed-tensors W8A16
     checkpoints): weight-only everywhere, `x @ dequantize(W).T` up to the order of the float
     sums. On a CPU the weight is re-laid at load into the chosen kernel's blob
     (`layer.native`), which replaces the row-major `weight` (set to None)."""
@@ -289,8 +289,8 @@ class Int4LinearMethod(LinearMethod):
                       ) -> dict[str, torch.Tensor]:  # fmt: skip
         if row_amax is not None:
             raise ValueError("int4 scales are per group: quantize whole groups, without row_amax")
-        packed, scale, zero = schemes.quantize_int4(w, schemes.group_size_for(w.shape[1],
-                                                                              self.group_size))
+        group = schemes.group_size_for(w.shape[1], self.group_size)
+        packed, scale, zero = schemes.quantize_int4(w, group)
         return {"weight": packed, "weight_scale": scale, "weight_zero": zero}
 
     def dequantize(self, layer: QuantLinear) -> torch.Tensor:
