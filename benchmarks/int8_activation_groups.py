@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     from benchmarks.gpu.engine_h200 import commit
@@ -81,8 +82,8 @@ def main() -> None:
                 if ln.startswith("model name")), platform.machine())  # fmt: skip
     res = {"model": args.model, "commit": commit(), "cpu": cpu,
            "tokens": len(windows) * args.window, "window": args.window, "fp32": base}  # fmt: skip
-    for name, group in VARIANTS.items():
-        ppl, top = perplexity(args.model, windows, group)
+    for name in args.variants.split(","):
+        ppl, top = perplexity(args.model, windows, VARIANTS[name])
         res[name] = {"perplexity": ppl, "vs_fp32": ppl / base - 1,
                      "top1_agreement": (top == top_ref).float().mean().item()}  # fmt: skip
         print(name, res[name], flush=True)
