@@ -92,6 +92,20 @@ def test_per_token_quant_kernel_equals_torch_reference_bit_for_bit(qdtype, group
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
 
 
+@pytest.mark.parametrize("qdtype", [torch.float8_e4m3fn, torch.int8])
+def test_per_token_quant_kernel_breaks_ties_as_torch_does(qdtype):
+    from soberana.ops.triton.per_token_quant import per_token_quant
+    from soberana.quantization import schemes
+    from tests.ops.quant_cases import tie_rows
+
+    fp8 = qdtype == torch.float8_e4m3fn
+    x = tie_rows(fp8).cuda()
+    q, scale = per_token_quant(x, qdtype)
+    ref_q, _ = schemes.quantize_fp8_per_token(x) if fp8 else schemes.quantize_int8_per_token(x)
+    assert torch.equal(scale, torch.ones_like(scale))
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
 @pytest.mark.parametrize("rows", [9, 64, 300, 512])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int8_w8a8_gemm_equals_integer_reference(rows, shape):

@@ -19,6 +19,7 @@ pytestmark = INTERPRETED
 from soberana.ops.triton.gemv import GemvConfig, gemv  # noqa: E402
 from soberana.ops.triton.quant_gemm import int4_matmul, int8_matmul  # noqa: E402
 from soberana.quantization import schemes  # noqa: E402
+from tests.ops.quant_cases import tie_rows  # noqa: E402
 
 
 @pytest.fixture
@@ -109,21 +110,6 @@ def test_gemv_refuses_scales_of_the_wrong_shape(gen):
         gemv(torch.randn(1, 64), q, weight_scale=scale[:4], config=CONFIG)
 
 
-def _tie_rows(qmax: float) -> torch.Tensor:
-    """Rows whose largest |value| is `qmax`, so the scale is 1 and the quotients are the values
-    themselves: every midpoint between two neighbours of the target grid (the ties the rounding
-    must break to even), the grid points, signed zeros and values below the smallest step."""
-    if qmax == schemes.FP8_MAX:
-        grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-        grid = grid[grid.isfinite()].unique()
-    else:
-        grid = torch.arange(-127.0, 128.0)
-    mids = (grid[1:] + grid[:-1]) / 2
-    extra = torch.tensor([qmax, -0.0, 0.0, -1e-30, 1e-30, 2.0**-12, -(2.0**-10)])
-    values = torch.cat([mids, grid, extra])
-    return values[: values.numel() // 8 * 8].reshape(8, -1)
-
-
 # (quantized dtype, inputs per scale): fp8 per row; int8 per row and per group of 128 / 16
 QUANT_CASES = [(torch.float8_e4m3fn, None), (torch.int8, None), (torch.int8, 128),
                (torch.int8, 16)]  # fmt: skip
@@ -160,8 +146,7 @@ def test_per_token_quant_breaks_ties_to_even_as_torch_does(qdtype):
     from soberana.ops.triton.per_token_quant import per_token_quant
 
     fp8 = qdtype == torch.float8_e4m3fn
-    x = _tie_rows(schemes.FP8_MAX if fp8 else schemes.INT8_MAX)
-    x[:, 0] = schemes.FP8_MAX if fp8 else schemes.INT8_MAX  # scale exactly 1 in every row
+    x = tie_rows(fp8)
     q, scale = per_token_quant(x, qdtype)
     ref_q, _ = (schemes.quantize_fp8_per_token if fp8 else schemes.quantize_int8_per_token)(x)
     assert torch.equal(scale, torch.ones_like(scale))
