@@ -43,7 +43,8 @@ def main() -> int:
     ap.add_argument("--schemes", default="none,int8,int4,fp8")
     ap.add_argument("--offline", default="none,fp8", help="schemes that run 1000 x 128/128")
     ap.add_argument("--max-num-seqs", type=int, default=512)
-    # vLLM's LLM class takes 1024 sequences and a larger token budget on >= 70 GB GPUs
+    # vLLM's LLM class on GPUs of >= 70 GiB other than A100 (EngineArgs.get_batch_defaults):
+    # max_num_seqs 1024, max_num_batched_tokens 16384 (its server: 1024 and 8192)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the engine step's token budget (default: the engine's)")
     args = ap.parse_args()
