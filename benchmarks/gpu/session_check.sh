@@ -9,6 +9,7 @@
 #   structured  64 json_schema requests vs unconstrained, 8B shape
 #   sweep       batch-1 GEMV tile shapes per weight format (benchmarks/gpu/quant_gemv_sweep.py)
 #   fp8kv       the 12k-token multi-turn warehouse workload with an FP8 KV cache vs bf16
+#   profile     top CUDA kernels of a 512-sequence decode step per scheme (profile_offline.py)
 #   PHASES="tests quant" OFFLINE=none bash benchmarks/gpu/session_check.sh
 set -uo pipefail
 : "${OUT:?set OUT to the results directory}"
@@ -58,6 +59,10 @@ for phase in ${PHASES:-tests quant}; do
     fp8kv)
         timeout "${FP8KV_TIMEOUT:-240}" python3 benchmarks/gpu/kv_warehouse_h200.py --only long,long_fp8kv \
             2>&1 | grep -v "^INFO" | tee "$OUT/fp8kv.log" ;;
+    profile)
+        timeout "${PROFILE_TIMEOUT:-180}" python3 benchmarks/gpu/profile_offline.py \
+            --schemes "${SCHEMES:-none,fp8,int8}" --out "$OUT" 2>&1 \
+            | grep -v "^INFO" | tee "$OUT/profile.log" ;;
     *)
         echo "unknown phase $phase" ;;
     esac
