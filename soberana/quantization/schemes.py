@@ -33,8 +33,8 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 INT8_ACTIVATION_BLOCK = 32  # inputs per activation scale of W8A8 int8 on CPUs
 # ... and on GPUs (tl.dot per group of 128 keeps the int8 tensor cores busy; one scale per row
-# costs SmolLM2 +3.9% perplexity, per 128 +0.73%, per 32 +0.46%, W8A16 +0.41%:
-# benchmarks/results/int8_activation_groups_smollm2.json)
+# costs SmolLM2 +3.9% perplexity, per 128 +0.73%, per 32 +0.46%, W8A16 +0.41% on 4k tokens;
+# per 128 +0.88% on the 20k corpus: benchmarks/results/int8_activation_groups_smollm2*.json)
 INT8_GPU_ACTIVATION_GROUP = 128
 
 
