@@ -92,14 +92,12 @@ class PoolingCore:
             self.model = load_encoder(path, self.dtype, self.device)
             compute = self._use_backend(config)
             default_mode = "cls"
-        else:  # a decoder embedder (its loader packs CPU linears itself)
+        else:  # a decoder embedder: the decoder's own ops (Triton on CUDA, native on CPUs)
+            backend = select_backend(config.compute_backend, self.device, self.dtype,
+                                     cpu_isa=config.cpu_isa)  # fmt: skip
             self.model = load_decoder_embedder(path, self.dtype, self.device,
-                                               config.max_model_len)
-            packed = self.device.type == "cpu" and config.compute_backend != "torch"
-            compute = {"compute_backend": "native" if packed else "torch",
-                       "requested": config.compute_backend,
-                       "kernels": {"linears": "packed once" if packed else "PyTorch",
-                                   "attention/norms": "PyTorch"}, "fallbacks": []}  # fmt: skip
+                                               config.max_model_len, backend)
+            compute = backend.report()
             default_mode = "last"
         cfg = self.model.cfg
         if self.task == "rerank" and cfg.num_labels != 1:
@@ -142,7 +140,8 @@ class PoolingCore:
                    else "PyTorch F.linear")  # fmt: skip
         kernels = {"linears": f"{config.quantization}: {'; '.join(quantized)}" if quantized
                    else linears,
-                   "attention/LayerNorm": impls.get("encoder attention/LayerNorm", backend.name)}
+                   "attention/LayerNorm": impls.get("encoder attention/LayerNorm",
+                                                    "PyTorch SDPA over length groups")}
         if kernels["attention/LayerNorm"].startswith("PyTorch") and backend.name == "native":
             log.warning("Slower path: encoder attention and LayerNorm via PyTorch (%s)",
                         kernels["attention/LayerNorm"])

@@ -19,6 +19,7 @@ from soberana.models.encoder import PackedBatch
 from soberana.models.loader import load_model
 from soberana.models.transformer import CausalLM
 from soberana.ops.attention import AttentionMetadata, GatherWorkspace
+from soberana.ops.backend import Backend
 
 _BLOCK = 16  # scratch-cache block size (tokens)
 
@@ -101,10 +102,10 @@ class DecoderEmbedder:
 
 
 def load_decoder_embedder(path: Path, dtype: torch.dtype, device: torch.device,
-                          max_tokens: int | None) -> DecoderEmbedder:
-    """The decoder at `path` as an embedder; `max_tokens` caps its positions (None: the
-    checkpoint's max_position_embeddings)."""
+                          max_tokens: int | None, backend: Backend) -> DecoderEmbedder:
+    """The decoder at `path` as an embedder on `backend`'s ops; `max_tokens` caps its
+    positions (None: the checkpoint's max_position_embeddings)."""
     raw = json.loads((path / "config.json").read_text())
     limit = max_tokens or raw.get("max_position_embeddings") or 8192
-    model = load_model(path, dtype, device, limit).model
+    model = load_model(path, dtype, device, limit, backend=backend).model
     return DecoderEmbedder(model, limit, device)

@@ -191,12 +191,34 @@ def _triton(requested: str, device: torch.device, dtype: torch.dtype,
         gemv=triton_gemv.gemv,
         gemv_max_rows=triton_gemv.MAX_ROWS,
     )
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    encoder, encoder_impl = cuda_encoder_ops(dtype, capability)
+    kernels = dataclasses.replace(kernels, **encoder)
     impls = {"attention": "Triton (fused decode up to batch "
                           f"{torch_attention.FUSED_DECODE_MAX_BATCH})",
              "norm/rotary/SiLU": "Triton",
              f"linears of <= {triton_gemv.MAX_ROWS} tokens": "Triton few-row GEMV",
-             "linears": "cuBLAS"}  # fmt: skip
+             "linears": "cuBLAS",
+             "encoder attention/LayerNorm": encoder_impl}  # fmt: skip
     return Backend(requested, "triton", kernels, impls)
+
+
+def cuda_encoder_ops(dtype: torch.dtype,
+                     capability: tuple[int, int] | None) -> tuple[dict[str, Callable], str]:  # fmt: skip
+    """An encoder's attention on a GPU of compute `capability` (None: no CUDA device), and
+    what serves it: FlashAttention's variable-length kernel over the packed rows where it runs
+    (bf16/fp16, sm80+), else ({}) PyTorch SDPA over padded length groups; LayerNorm is
+    PyTorch's either way."""
+    if dtype in (torch.bfloat16, torch.float16) and capability is not None and capability >= (8, 0):
+        return ({"encoder_attention": encoder_ops.flash_varlen_encoder_attention},
+                "FlashAttention varlen (packed) / PyTorch")  # fmt: skip
+    if capability is None:
+        why = "no CUDA device"
+    elif capability < (8, 0):
+        why = f"sm{capability[0]}{capability[1]}"
+    else:
+        why = str(dtype).removeprefix("torch.")
+    return {}, f"PyTorch SDPA over length groups ({why}: no FlashAttention varlen)"
 
 
 def _triton_paged_attention(fn: Callable) -> Callable:

@@ -4,7 +4,9 @@ sequences and residual add + LayerNorm.
 The `torch_*` functions are the portable PyTorch path: attention runs over groups of similar
 length (`length_groups`), each padded to its longest member, one SDPA per group. The native
 CPU path (`csrc/encoder_layers.c`) reads each sequence's heads straight from the fused QKV
-projection, with no gather, padding or scatter. `ops/backend.py` chooses once, at start.
+projection, with no gather, padding or scatter; on CUDA GPUs (bf16/fp16, sm80+) FlashAttention's
+variable-length kernel, which PyTorch ships, does the same. `ops/backend.py` chooses once, at
+start.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class PackedSeqs:
     @functools.cached_property
     def groups(self) -> list[tuple]:
         return _group_index(self.seq_lens, self.device)
+
+    @functools.cached_property
+    def cu_seqlens(self) -> torch.Tensor:
+        """`starts` as int32 (FlashAttention's varlen kernel), built on first use."""
+        return self.starts.to(torch.int32)
 
 
 def length_groups(seq_lens: list[int]) -> list[list[int]]:
@@ -117,3 +124,19 @@ def native_encoder_attention(qkv: torch.Tensor, seqs: PackedSeqs, num_heads: int
                              scale: float) -> torch.Tensor:  # fmt: skip
     """torch_encoder_attention on the native kernel (csrc/encoder_layers.c)."""
     return cpu_kernels.encoder_attention(qkv, seqs.starts, num_heads, scale)
+
+
+def flash_varlen_encoder_attention(qkv: torch.Tensor, seqs: PackedSeqs, num_heads: int,
+                                   scale: float) -> torch.Tensor:  # fmt: skip
+    """torch_encoder_attention on FlashAttention-2's variable-length kernel (CUDA, bf16/fp16,
+    sm80+): q, k, v are strided views of the packed projection, no gather, padding or mask.
+    aten's op rather than `torch.nn.attention.varlen.varlen_attn`, whose signature changed
+    between PyTorch 2.10 and 2.13; this op's positional arguments did not."""
+    t, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    q, k, v = qkv.view(t, 3, num_heads, head_dim).unbind(1)  # [T, heads, head_dim] each
+    longest = max(seqs.seq_lens)
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, seqs.cu_seqlens, seqs.cu_seqlens, longest, longest, 0.0, False, False,
+        scale=scale)[0]  # fmt: skip
+    return out.reshape(t, num_heads * head_dim)

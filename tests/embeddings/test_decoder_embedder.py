@@ -4,9 +4,6 @@ left and right padding; detected without `--task`; served by `/v1/embeddings`.""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import openai
 import pytest
 import torch
@@ -14,6 +11,7 @@ import torch.nn.functional as F
 
 from soberana import LLM
 from soberana.engine.pooling_core import resolve_task
+from tests.embeddings import tiny_encoders
 from tests.engine.tiny_models import build_tiny_model
 from tests.server.helpers import API_KEY, ServerProcess
 
@@ -21,66 +19,13 @@ TEXTS = ["a", "sovereign inference on hardware the organisation controls",
          "café naïve 2026", "GPU CPU embeddings " * 12, "hola"]
 
 
-def _sentence_transformers_files(out, normalize: bool) -> None:
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-    (out / "modules.json").write_text(json.dumps(modules))
-    (out / "1_Pooling").mkdir()
-    (out / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": 64, "pooling_mode_lasttoken": True,
-         "pooling_mode_mean_tokens": False, "pooling_mode_cls_token": False}))
-
-
 @pytest.fixture(scope="module")
 def qwen3_embedders(tmp_path_factory):
-    """{"headless": a Qwen3Model checkpoint, "st": the same weights as Qwen3-Embedding ships
-    them (Qwen3ForCausalLM config, tied, sentence-transformers last-token + Normalize)}."""
-    import transformers
-
-    lm_dir = build_tiny_model(tmp_path_factory.mktemp("qwen3-lm"), "qwen3", seed=4)
-    lm = transformers.AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
-    dirs = {"lm": lm_dir}
-    for kind in ("headless", "st"):
-        out = tmp_path_factory.mktemp(f"qwen3-{kind}")
-        lm.model.save_pretrained(out)  # the decoder alone: names without "model.", no head
-        for f in lm_dir.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                shutil.copy(f, out / f.name)
-        if kind == "st":
-            cfg = json.loads((out / "config.json").read_text())
-            cfg.update(architectures=["Qwen3ForCausalLM"], tie_word_embeddings=True)
-            (out / "config.json").write_text(json.dumps(cfg))
-            _sentence_transformers_files(out, normalize=True)
-        dirs[kind] = out
-    return dirs
-
-
-def _pad_with_eos(tok, vocab_size: int) -> None:
-    """Pad with EOS where the tokenizer has no pad token inside the tiny vocabulary
-    (transformers 5 gives a Qwen2 config's tokenizer an extra <|endoftext|> past it)."""
-    if tok.pad_token_id is None or tok.pad_token_id >= vocab_size:
-        tok.pad_token = tok.eos_token
+    return tiny_encoders.build_decoder_embedders(tmp_path_factory)
 
 
 def _reference(path, texts: list[str], side: str) -> torch.Tensor:
-    """transformers: padded batch, the last non-pad token's state, L2-normalised."""
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(path, padding_side=side)
-    model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    _pad_with_eos(tok, model.config.vocab_size)
-    enc = tok(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**enc).last_hidden_state
-    if side == "left":
-        last = hidden[:, -1]
-    else:
-        last = hidden[torch.arange(len(texts)), enc["attention_mask"].sum(1) - 1]
-    return F.normalize(last, dim=-1)
+    return tiny_encoders.last_token_reference(path, texts, side)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -131,16 +76,13 @@ def test_qwen2_embedder_equals_sentence_transformers(tmp_path):
     lm_dir = build_tiny_model(tmp_path / "lm", "qwen2", seed=5)
     lm = transformers.AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
     out = tmp_path / "qwen2-emb"
-    lm.model.save_pretrained(out)
-    for f in lm_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, out / f.name)
-    _sentence_transformers_files(out, normalize=True)
+    tiny_encoders.save_headless(lm, lm_dir, out)
+    tiny_encoders.sentence_transformers_files(out, "lasttoken", 64, normalize=True)
     ours = torch.tensor(LLM(str(out), device="cpu").embed(TEXTS))
     ref = _reference(out, TEXTS, "right")
     assert F.cosine_similarity(ours, ref, dim=-1).min() > 0.99999
     st = SentenceTransformer(str(out), device="cpu")
-    _pad_with_eos(st.tokenizer, lm.config.vocab_size)
+    tiny_encoders.pad_with_eos(st.tokenizer, lm.config.vocab_size)
     st_vecs = torch.from_numpy(st.encode(TEXTS, batch_size=2))
     assert F.cosine_similarity(ours, st_vecs, dim=-1).min() > 0.99999
 

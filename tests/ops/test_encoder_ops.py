@@ -14,6 +14,7 @@ import torch
 
 from soberana.engine.config import EngineConfig
 from soberana.engine.core_process import _serves_pooling
+from soberana.ops import backend
 from soberana.ops import encoder as encoder_ops
 from soberana.ops.backend import select_backend
 from soberana.ops.cpu import kernels as cpu_kernels
@@ -106,3 +107,20 @@ def test_passive_openmp_is_set_unless_the_environment_says_otherwise(preset):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()  # fmt: skip
     assert out == [preset or "PASSIVE", "False"]
+
+
+@pytest.mark.parametrize("dtype, capability, served", [
+    (torch.bfloat16, (9, 0), encoder_ops.flash_varlen_encoder_attention),
+    (torch.float16, (8, 0), encoder_ops.flash_varlen_encoder_attention),
+    (torch.float32, (9, 0), encoder_ops.torch_encoder_attention),  # no fp32 FlashAttention
+    (torch.bfloat16, (7, 5), encoder_ops.torch_encoder_attention),  # pre-Ampere
+    (torch.bfloat16, None, encoder_ops.torch_encoder_attention),  # Triton interpreted on a CPU
+])
+def test_a_gpu_takes_flash_varlen_attention_where_it_runs(dtype, capability, served):
+    """The chooser at the hardware boundary (the compute capability), run without a GPU; the
+    kernel itself is checked against the SDPA path in tests/gpu/test_embeddings_gpu.py."""
+    ops, described = backend.cuda_encoder_ops(dtype, capability)
+    kernels = backend.with_kernels(backend.TORCH_KERNELS, **ops)
+    assert kernels.encoder_attention is served
+    assert kernels.add_layer_norm is encoder_ops.torch_add_layer_norm
+    assert described.startswith("FlashAttention varlen" if ops else "PyTorch SDPA"), described
