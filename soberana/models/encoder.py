@@ -5,8 +5,9 @@ Sentence embedders (all-MiniLM, BGE, E5, GTE, multilingual-E5) and cross-encoder
 sequence's tokens are concatenated ([T, hidden], no padding), so the linears and norms, most of
 the work, never touch a pad token. Attention alone needs sequences apart: the layers call the
 attention and add + LayerNorm that `ops/backend.py` chose at start (`Encoder.use_kernels`):
-on CPUs with AVX-512 a native kernel reading each sequence from the packed rows, else PyTorch
-SDPA over groups of similar length (`ops/encoder.py`).
+on CPUs with AVX-512 a native kernel reading each sequence from the packed rows, on CUDA GPUs
+(bf16/fp16, sm80+) FlashAttention's variable-length kernel doing the same, else PyTorch SDPA
+over groups of similar length (`ops/encoder.py`).
 """
 
 from __future__ import annotations
