@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -189,7 +190,10 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = write_model(args.shape, args.tokenizer, args.out / f".embeddings_{args.shape}")
+    # the weights (440 MB in float32 at BERT-base) stay out of --out, which comes back
+    scratch = tempfile.TemporaryDirectory(prefix="embeddings_gpu_")
+    model = write_model(args.shape, args.tokenizer, Path(scratch.name) / args.shape)
+    t_model = time.perf_counter()
     texts, tokens, texts_file = corpus(str(model), args.n, args.lengths, args.out)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     result = {"commit": args.commit or commit(), "gpu": gpu, "device": args.device,
@@ -198,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
               "shape": args.shape, "num_sentences": len(texts), "tokens": tokens,
               "concurrency": args.concurrency, "rounds": args.rounds, "peer": {},
               "offline": {}, "server": []}  # fmt: skip
-    print(f"{len(texts)} sentences, tokens {tokens}; model written in "
-          f"{time.perf_counter() - t_start:.0f}s", flush=True)
+    print(f"{len(texts)} sentences, tokens {tokens}; model written in {t_model - t_start:.0f}s, "
+          f"sentences drawn in {time.perf_counter() - t_model:.0f}s", flush=True)
     dtypes = args.dtypes.split(",")
     peers = {d: _in_fresh_process("peer", args, model, texts_file, d) for d in dtypes}
     reference = peers[dtypes[0]]["sample"]
@@ -243,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
             if "Compute backend" in line or "Slower path" in line or "loaded in" in line)
     result["wall_s"] = time.perf_counter() - t_start
     os.unlink(texts_file)
+    scratch.cleanup()
     name = f"embeddings_gpu_{args.shape}{('_' + args.tag) if args.tag else ''}.json"
     (args.out / name).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "server_log_lines"}, indent=1))

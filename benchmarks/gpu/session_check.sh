@@ -10,6 +10,8 @@
 #   sweep       batch-1 GEMV tile shapes per weight format (benchmarks/gpu/quant_gemv_sweep.py)
 #   fp8kv       the 12k-token multi-turn warehouse workload with an FP8 KV cache vs bf16
 #   profile     top CUDA kernels of a 512-sequence decode step per scheme (profile_offline.py)
+#   embeddings  BERT-base embeddings: serve over HTTP, LLM.embed, the peer (embeddings_gpu.py);
+#               needs bert-base-uncased's tokenizer files carried in EMB_TOKENIZER (.carry/...)
 #   PHASES="tests quant" OFFLINE=none bash benchmarks/gpu/session_check.sh
 set -uo pipefail
 : "${OUT:?set OUT to the results directory}"
@@ -53,6 +55,11 @@ for phase in ${PHASES:-tests quant}; do
     structured)
         timeout "${STRUCT_TIMEOUT:-180}" python3 benchmarks/gpu/structured_gpu.py --out "$OUT" 2>&1 \
             | grep -v "^INFO" | tee "$OUT/structured.log" ;;
+    embeddings)
+        timeout "${EMB_TIMEOUT:-200}" python3 benchmarks/gpu/embeddings_gpu.py \
+            --tokenizer "${EMB_TOKENIZER:-.carry/bert-base-uncased}" --n "${EMB_N:-10000}" \
+            --rounds "${EMB_ROUNDS:-1}" --commit "${COMMIT:-}" --out "$OUT" 2>&1 \
+            | grep -v "^INFO" | tee "$OUT/embeddings.log" ;;
     sweep)
         timeout "${SWEEP_TIMEOUT:-150}" python3 benchmarks/gpu/quant_gemv_sweep.py --out "$OUT" --formats "${SWEEP_FORMATS:-bf16,int8,fp8,int4}" 2>&1 \
             | grep -v "^INFO" | tee "$OUT/sweep.log" ;;
