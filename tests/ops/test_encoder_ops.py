@@ -124,3 +124,13 @@ def test_a_gpu_takes_flash_varlen_attention_where_it_runs(dtype, capability, ser
     assert kernels.encoder_attention is served
     assert kernels.add_layer_norm is encoder_ops.torch_add_layer_norm
     assert described.startswith("FlashAttention varlen" if ops else "PyTorch SDPA"), described
+
+
+def test_flash_varlen_attention_binds_to_this_pytorchs_op():
+    """The call reaches aten's FlashAttention varlen op with the arguments this PyTorch takes
+    (its meta kernel, no GPU needed); its numbers are checked on a GPU (tests/gpu)."""
+    meta = torch.device("meta")
+    qkv = torch.empty(sum(SEQ_LENS), 3 * 4 * 16, dtype=torch.bfloat16, device=meta)
+    out = encoder_ops.flash_varlen_encoder_attention(qkv, encoder_ops.PackedSeqs(SEQ_LENS, meta),
+                                                     4, 0.25)  # fmt: skip
+    assert out.shape == (sum(SEQ_LENS), 4 * 16) and out.dtype == torch.bfloat16
