@@ -166,6 +166,21 @@ def test_300_inputs_of_varied_length_run_in_packed_batches(encoders, device, eng
     assert cos.min() >= COSINE_MIN[dtype], (cos.min(), cos.argmin())
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int8_w8a16"])
+def test_an_int8_encoder_runs_on_this_devices_kernels(encoders, device, engine_args, scheme):
+    """`--quantization int8` on an encoder: its layers' linears quantized for the device's int8
+    kernels (Triton's on CUDA), embeddings close to float32 transformers'. A tiny random BERT
+    barely moves under int8 (a CPU measured cosine 0.9999997), so the bound is bfloat16's."""
+    texts = texts_of_varied_length(40, seed=5)
+    llm = LLM(str(encoders["bert"]), **engine_args, dtype="bfloat16", quantization=scheme)
+    linears = llm.engine.model_info.compute["kernels"]["linears"]
+    assert linears.startswith(f"{scheme}: "), linears
+    ours = torch.tensor(llm.embed(texts))
+    ref = hf_embeddings(encoders["bert"], texts, "mean", device)
+    cos = F.cosine_similarity(ours, ref, dim=-1)
+    assert cos.min() >= COSINE_MIN["bfloat16"], cos.min()
+
+
 def test_an_overlong_input_is_refused_unless_truncation_is_asked(encoders, device, engine_args):
     llm = LLM(str(encoders["xlmr"]), **engine_args, dtype="float32")
     long_text = "sovereign inference " * 100  # > 127 tokens
