@@ -109,16 +109,17 @@ def test_flash_varlen_attention_equals_sdpa_by_length_groups(heads, head_dim, dt
     torch.manual_seed(0)
     lens = [1, 7, 8, 9, 15, 16, 17, 33, 200, 3, 256, 64]
     seqs = encoder_ops.PackedSeqs(lens, torch.device("cuda"))
-    qkv = torch.randn(sum(lens), 3 * heads * head_dim, device="cuda")
+    qkv = torch.randn(sum(lens), 3 * heads * head_dim, device="cuda").to(dtype)
     scale = head_dim**-0.5
-    ours = encoder_ops.flash_varlen_encoder_attention(qkv.to(dtype), seqs, heads, scale)
-    ref = encoder_ops.torch_encoder_attention(qkv, seqs, heads, scale)  # float32
+    ours = encoder_ops.flash_varlen_encoder_attention(qkv, seqs, heads, scale)
+    ref = encoder_ops.torch_encoder_attention(qkv.float(), seqs, heads, scale)  # same inputs
     assert ours.dtype == dtype and ours.shape == ref.shape
+    # FlashAttention rounds the probabilities to `dtype` before P @ V, and its output once
     torch.testing.assert_close(ours.float(), ref, atol=2e-2, rtol=2e-2)
     # no sequence sees another's keys: the first one alone gives the same rows
     alone = encoder_ops.flash_varlen_encoder_attention(
-        qkv[:lens[0] + lens[1]].to(dtype), encoder_ops.PackedSeqs(lens[:2], torch.device("cuda")),
-        heads, scale)
+        qkv[:lens[0] + lens[1]], encoder_ops.PackedSeqs(lens[:2], torch.device("cuda")), heads,
+        scale)
     torch.testing.assert_close(ours[:lens[0] + lens[1]], alone, atol=0, rtol=0)
 
 
