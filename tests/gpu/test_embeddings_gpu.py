@@ -116,11 +116,12 @@ def test_flash_varlen_attention_equals_sdpa_by_length_groups(heads, head_dim, dt
     assert ours.dtype == dtype and ours.shape == ref.shape
     # FlashAttention rounds the probabilities to `dtype` before P @ V, and its output once
     torch.testing.assert_close(ours.float(), ref, atol=2e-2, rtol=2e-2)
-    # no sequence sees another's keys: the first one alone gives the same rows
+    # no sequence sees another's keys: the first two alone give the same rows (to rounding:
+    # the kernel may split the keys differently for another batch)
     alone = encoder_ops.flash_varlen_encoder_attention(
         qkv[:lens[0] + lens[1]], encoder_ops.PackedSeqs(lens[:2], torch.device("cuda")), heads,
         scale)
-    torch.testing.assert_close(ours[:lens[0] + lens[1]], alone, atol=0, rtol=0)
+    torch.testing.assert_close(ours[:lens[0] + lens[1]], alone, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
