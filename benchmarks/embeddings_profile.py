@@ -91,6 +91,7 @@ def sentence_transformers_ms(model_dir: Path, texts: list[str], dtype: torch.dty
 
 def api_work_ms(model_dir: Path, texts: list[str]) -> dict:
     """The API process's per-request steps for one sentence (no HTTP, no engine)."""
+    import orjson
     from transformers import AutoTokenizer
 
     from soberana.server.protocol_pooling import EmbeddingRequest
@@ -109,9 +110,10 @@ def api_work_ms(model_dir: Path, texts: list[str]) -> dict:
     out["validate request (pydantic)"] = 1e3 * (cpu() - t0) / len(texts)
     for fmt in ("float", "base64"):
         t0 = cpu()
-        for _ in texts:
-            json.dumps({"object": "list", "data": [{"object": "embedding", "index": 0,
-                                                     "embedding": _encode(vector, fmt)}]})
+        for _ in texts:  # as serving_pooling answers
+            orjson.dumps({"object": "list", "data": [{"object": "embedding", "index": 0,
+                                                       "embedding": _encode(vector, fmt)}]},
+                         option=orjson.OPT_SERIALIZE_NUMPY)
         out[f"answer JSON ({fmt})"] = 1e3 * (cpu() - t0) / len(texts)
     return out
 

@@ -58,7 +58,8 @@ enum { OK = 0, UNSUPPORTED = 1, NO_MEMORY = 3 };
 #define MC_BYTES (512 << 10)
 
 /* Which paths this build has: bit 0 bfloat16 activations (AVX512_BF16), bit 1 float32
- * activations (AVX2 + FMA), bit 2 W8A8 on AVX512_VNNI, bit 3 W8A8 on AVX2. */
+ * activations (AVX2 + FMA), bit 2 W8A8 on AVX512_VNNI (and its GELU MLP, linear_w8a8_gelu_q8
+ * and linear_w8a8_q8), bit 3 W8A8 on AVX2. */
 int linear_int8_paths(void) {
     int paths = 0;
 #if W8A8_VNNI
@@ -109,6 +110,7 @@ typedef struct Job {
     int threads;
     int next_thread; /* each thread takes the next number as its share */
     int dtype;       /* W8A8: of x and out */
+    int gelu_q8;     /* W8A8: out is the next linear's quantized rows of GELU(x W^T + b) */
 } Job;
 
 typedef void (*Sweep)(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
@@ -502,6 +504,23 @@ static void quantize_block(const void *x, int dtype, Act *out, float *scale, int
 }
 
 #if W8A8_VNNI
+/* GELU(x) = x/2 (1 + erf(x / sqrt 2)), erf as PyTorch's vectorised float erf computes it
+ * (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7, with a ~1 ulp exp), the exact GELU that
+ * BERT's hidden_act "gelu" names. */
+static inline __m512 gelu16(__m512 x) {
+    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f));
+    const __m512 neg_zero = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
+    const __m512 sign = _mm512_and_ps(neg_zero, z), az = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one));
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    const __m512 e = vec_exp(_mm512_xor_ps(neg_zero, _mm512_mul_ps(z, z)));
+    const __m512 erf = _mm512_xor_ps(sign, _mm512_fmadd_ps(_mm512_xor_ps(neg_zero, _mm512_mul_ps(e, t)), r, one));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
+}
+
 /* Rows [m, m + R) of the quantized x times panel j into out, columns [64j, 64j + cols). */
 static inline __attribute__((always_inline)) void tile_w8a8(const Job *job, int64_t m, int64_t j,
                                                              int cols, const int R) {
@@ -541,6 +560,21 @@ static inline __attribute__((always_inline)) void tile_w8a8(const Job *job, int6
     for (int r = 0; r < R; r++)
         for (int q = 0; q < 4; q++) _mm512_store_ps(sums[r] + 16 * q, acc[r][q]);
     const float *bias = job->bias;
+    if (job->gelu_q8) { /* whole panels (N % 64 == 0): its 64 columns are 2 blocks of 32 */
+        for (int r = 0; r < R; r++) {
+            for (int q = 0; q < 4; q++) {
+                const int64_t col = j * NB + 16 * q;
+                __m512 y = _mm512_mul_ps(_mm512_load_ps(sums[r] + 16 * q), _mm512_loadu_ps(job->scale + col));
+                if (bias != NULL) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));
+                _mm512_store_ps(sums[r] + 16 * q, gelu16(y));
+            }
+            const ActRow a_out = act_row((const char *)job->out, job->N, m + r);
+            for (int half = 0; half < 2; half++)
+                quantize_block(sums[r] + QB * half, DT_F32, (Act *)a_out.q + j * NB + QB * half,
+                               (float *)a_out.scale + 2 * j + half, (int32_t *)a_out.offset + 2 * j + half);
+        }
+        return;
+    }
     for (int q = 0; q < 4; q++) {
         const int live = cols - 16 * q;
         if (live <= 0) break;
@@ -674,10 +708,51 @@ static int linear_w8a8(const void *x, int64_t x_stride, int64_t M, int64_t K, co
     QuantizeArgs q = {x, x_stride, K, dtype, space};
     for_rows(quantize_row, &q, M, K, threads, gomp_parallel);
     Job job = {space, bias, (const int8_t *)w, (const float *)(w + n_pad * K), out, row_bytes,
-               out_stride, M, N, K, threads < 1 ? 1 : threads, 0, dtype};
+               out_stride, M, N, K, threads < 1 ? 1 : threads, 0, dtype, 0};
     run(&job, sweep_w8a8, row_bytes, gomp_parallel);
     return OK;
 }
+
+/* Bytes of one row of quantized activations of K inputs (linear_w8a8_gelu_q8's output). */
+int64_t w8a8_quantized_row_bytes(int64_t K) { return act_row_bytes(K); }
+
+#if W8A8_VNNI
+/* The MLP's first half for the second: xq_out [M rows of w8a8_quantized_row_bytes(N)] = the
+ * rows of GELU(x W^T + bias) quantized per block of 32 as linear_w8a8 quantizes its x, so
+ * that the [M, N] float32 activations never reach memory (for MiniLM's 1536-wide MLP they
+ * were written, read and written by GELU, read again to quantize). x float32 or bfloat16
+ * (`dtype`); N a multiple of 64. OK, UNSUPPORTED or NO_MEMORY. */
+int linear_w8a8_gelu_q8(const void *x, int64_t x_stride, int64_t M, int64_t K, const uint8_t *w,
+                        int64_t N, const float *bias, void *xq_out, int32_t dtype, int32_t threads,
+                        void *gomp_parallel) {
+    if (check(M, K, N) != OK || K % QB != 0 || N % NB != 0 || (dtype != DT_F32 && dtype != DT_BF16))
+        return UNSUPPORTED;
+    if (M == 0) return OK;
+    const int64_t n_pad = N, row_bytes = act_row_bytes(K);
+    char *space = act_space(M * row_bytes);
+    if (space == NULL) return NO_MEMORY;
+    QuantizeArgs q = {x, x_stride, K, dtype, space};
+    for_rows(quantize_row, &q, M, K, threads, gomp_parallel);
+    Job job = {space, bias, (const int8_t *)w, (const float *)(w + n_pad * K), xq_out, row_bytes,
+               0, M, N, K, threads < 1 ? 1 : threads, 0, DT_F32, 1};
+    run(&job, sweep_w8a8, row_bytes, gomp_parallel);
+    return OK;
+}
+
+/* linear_w8a8 of activations already quantized (xq: M rows of w8a8_quantized_row_bytes(K),
+ * from linear_w8a8_gelu_q8); out float32 or bfloat16 (`dtype`). */
+int linear_w8a8_q8(const void *xq, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                   const float *bias, void *out, int64_t out_stride, int32_t dtype, int32_t threads,
+                   void *gomp_parallel) {
+    if (check(M, K, N) != OK || K % QB != 0 || (dtype != DT_F32 && dtype != DT_BF16)) return UNSUPPORTED;
+    if (M == 0) return OK;
+    const int64_t n_pad = (N + NB - 1) / NB * NB, row_bytes = act_row_bytes(K);
+    Job job = {xq, bias, (const int8_t *)w, (const float *)(w + n_pad * K), out, row_bytes,
+               out_stride, M, N, K, threads < 1 ? 1 : threads, 0, dtype, 0};
+    run(&job, sweep_w8a8, row_bytes, gomp_parallel);
+    return OK;
+}
+#endif
 
 #else
 int64_t linear_w8a8_packed_bytes(int64_t N, int64_t K) {
@@ -694,6 +769,29 @@ static int linear_w8a8(const void *x, int64_t x_stride, int64_t M, int64_t K, co
                        int32_t threads, void *gomp_parallel) {
     (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out;
     (void)out_stride, (void)dtype, (void)threads, (void)gomp_parallel;
+    return UNSUPPORTED;
+}
+#endif
+
+#if !(W8A8_VNNI || W8A8_AVX2)
+int64_t w8a8_quantized_row_bytes(int64_t K) {
+    (void)K;
+    return 0;
+}
+#endif
+#if !W8A8_VNNI
+int linear_w8a8_gelu_q8(const void *x, int64_t x_stride, int64_t M, int64_t K, const uint8_t *w,
+                        int64_t N, const float *bias, void *xq_out, int32_t dtype, int32_t threads,
+                        void *gomp_parallel) {
+    (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)xq_out;
+    (void)dtype, (void)threads, (void)gomp_parallel;
+    return UNSUPPORTED;
+}
+int linear_w8a8_q8(const void *xq, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                   const float *bias, void *out, int64_t out_stride, int32_t dtype, int32_t threads,
+                   void *gomp_parallel) {
+    (void)xq, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out, (void)out_stride;
+    (void)dtype, (void)threads, (void)gomp_parallel;
     return UNSUPPORTED;
 }
 #endif
