@@ -111,6 +111,8 @@ typedef struct Job {
     int next_thread; /* each thread takes the next number as its share */
     int dtype;       /* W8A8: of x and out */
     int gelu_q8;     /* W8A8: out is the next linear's quantized rows of GELU(x W^T + b) */
+    int64_t row_chunk; /* > 0: threads claim chunks of this many rows (through every panel) */
+    int64_t next_row;  /* the first unclaimed row */
 } Job;
 
 typedef void (*Sweep)(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
@@ -130,12 +132,30 @@ typedef struct Share {
     int64_t row_bytes;
 } Share;
 
-/* One thread's share: a run of panels, or with fewer panels than threads a run of rows. */
+/* Weights up to this size stay in a core's L2 (2 MiB on Emerald Rapids and Zen 4) beside a
+ * chunk of rows: every thread reads all of them, claiming chunks of rows one at a time
+ * (ROW_TASKS per thread), so a thread the OS preempts holds up one chunk, not half the call.
+ * With 2 threads, a static half each, a 2-core host running the API process beside the
+ * engine lost the preempted thread's rest of the call on the other core. Bigger weights keep
+ * a run of panels per thread, each weight byte streamed from memory once per chunk of rows. */
+#define SHARED_WEIGHT_BYTES (1 << 20)
+#define ROW_TASKS 8
+
+/* One thread's share: chunks of rows claimed in turn, a run of panels, or with fewer panels
+ * than threads a run of rows. */
 static void work(void *arg) {
     const Share *s = arg;
     Job *job = s->job;
-    const int t = __atomic_fetch_add(&job->next_thread, 1, __ATOMIC_RELAXED), T = job->threads;
     const int64_t panels = (job->N + NB - 1) / NB;
+    if (job->row_chunk > 0) {
+        for (;;) {
+            const int64_t m0 = __atomic_fetch_add(&job->next_row, job->row_chunk, __ATOMIC_RELAXED);
+            if (m0 >= job->M) return;
+            const int64_t m1 = m0 + job->row_chunk < job->M ? m0 + job->row_chunk : job->M;
+            sweep_chunks(job, s->sweep, s->row_bytes, m0, m1, 0, panels);
+        }
+    }
+    const int t = __atomic_fetch_add(&job->next_thread, 1, __ATOMIC_RELAXED), T = job->threads;
     if (panels >= T) {
         const int64_t per = (panels + T - 1) / T, j0 = t * per, j1 = j0 + per < panels ? j0 + per : panels;
         if (j0 < j1) sweep_chunks(job, s->sweep, s->row_bytes, 0, job->M, j0, j1);
@@ -149,6 +169,9 @@ static void work(void *arg) {
 static void run(Job *job, Sweep sweep, int64_t row_bytes, void *gomp_parallel) {
     const int64_t panels = (job->N + NB - 1) / NB;
     if (job->threads > 1 && panels < job->threads && job->M < 2 * MR * job->threads) job->threads = 1;
+    const int64_t tasks = (int64_t)job->threads * ROW_TASKS;
+    if (job->threads > 1 && panels * NB * job->K <= SHARED_WEIGHT_BYTES && job->M >= tasks * 2 * MR)
+        job->row_chunk = (job->M + tasks - 1) / tasks / MR * MR + MR; /* whole tiles */
     Share share = {job, sweep, row_bytes};
     if (job->threads > 1 && gomp_parallel != NULL)
         ((GompParallel)gomp_parallel)(work, &share, (unsigned)job->threads, 0);
