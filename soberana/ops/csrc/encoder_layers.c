@@ -194,6 +194,46 @@ static void copy_row(float *dst, const char *row, int64_t at, int64_t n, float s
 #endif
 }
 
+/* kt [D][Lp] = k [L][D] transposed, zeros past L (k has room for Lp rows; D a multiple of
+ * 16): with AVX-512 by 16 x 16 blocks in registers, a quarter of the scalar loop's time. */
+static void transpose_keys(float *kt, float *k, int64_t L, int64_t Lp, int64_t D) {
+    for (int64_t j = L; j < Lp; j++)
+        for (int64_t d = 0; d < D; d++) k[j * D + d] = 0.0f;
+#if defined(__AVX512F__)
+    for (int64_t j = 0; j < Lp; j += 16)
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 r[16], t[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(k + (j + i) * D + d);
+            for (int i = 0; i < 16; i += 2) {
+                t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 16; i += 4) {
+                r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            for (int i = 0; i < 4; i++) {
+                t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+                t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+                t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+                t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+            }
+            for (int i = 0; i < 4; i++) {
+                r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+                r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+                r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+                r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+            }
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(kt + (d + i) * Lp + j, r[i]);
+        }
+#else
+    for (int64_t j = 0; j < Lp; j++)
+        for (int64_t d = 0; d < D; d++) kt[d * Lp + j] = k[j * D + d];
+#endif
+}
+
 /* Task b * H + h: head h of sequence b, all its queries. Its q (scaled), k (transposed) and
  * v are copied first, in one pass down the rows that asks for the lines 8 rows ahead: the
  * rows are 3 H D elements apart, a stride the hardware prefetchers did not follow, and the
@@ -204,7 +244,8 @@ static void attend(void *arg, int64_t task) {
     const int64_t first = a->starts[b], L = a->starts[b + 1] - first, Lp = (L + KEY_CHUNK - 1) / KEY_CHUNK * KEY_CHUNK;
     const int64_t esz = a->dtype == DT_F32 ? 4 : 2, stride = a->qkv_stride * esz;
     if (L <= 0) return;
-    float *qs = attn_space(L * D + D * Lp + L * D + QR * Lp);
+    const int64_t s_floats = QR * Lp > Lp * D ? QR * Lp : Lp * D; /* probabilities, or k rows */
+    float *qs = attn_space(L * D + D * Lp + L * D + s_floats);
     if (qs == NULL) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
         return;
@@ -220,10 +261,9 @@ static void attend(void *arg, int64_t task) {
                     __builtin_prefetch(row + AHEAD * stride + ((part * H + h) * D) * esz + byte, 0, 3);
         copy_row(qs + j * D, row, h * D, D, a->scale, a->dtype);
         copy_row(v + j * D, row, (2 * H + h) * D, D, 1.0f, a->dtype);
-        for (int64_t d = 0; d < D; d++) kt[d * Lp + j] = load1(row, (H + h) * D + d, a->dtype);
+        copy_row(s + j * D, row, (H + h) * D, D, 1.0f, a->dtype); /* k, to transpose below */
     }
-    for (int64_t d = 0; d < D; d++)
-        for (int64_t j = L; j < Lp; j++) kt[d * Lp + j] = 0.0f;
+    transpose_keys(kt, s, L, Lp, D);
     char *out_rows = (char *)a->out + (first * a->out_stride + h * D) * esz;
     int64_t i = 0;
     for (; i + QR <= L; i += QR) query_block(a, qs, out_rows, i, L, Lp, kt, v, s, QR);
