@@ -175,17 +175,8 @@ static void query_block(const AttnArgs *a, const float *qs, char *out_rows, int6
 
 /* A thread's scratch for one task, grown as needed and kept (a task is ~L^2 D multiply-adds:
  * a malloc and free each showed in profiles of MiniLM's short sequences). */
-static __thread float *attn_scratch;
+static __thread void *attn_scratch;
 static __thread int64_t attn_capacity;
-
-static float *attn_space(int64_t floats) {
-    if (floats > attn_capacity) {
-        free(attn_scratch);
-        attn_scratch = aligned_alloc(64, (size_t)(floats * 4 + 63) / 64 * 64);
-        attn_capacity = attn_scratch != NULL ? floats : 0;
-    }
-    return attn_scratch;
-}
 
 /* dst[0, n) = row[at, at + n) (dtype) times scale, as float32 (n a multiple of 16). */
 static void copy_row(float *dst, const char *row, int64_t at, int64_t n, float scale, int dtype) {
@@ -199,39 +190,16 @@ static void copy_row(float *dst, const char *row, int64_t at, int64_t n, float s
 }
 
 /* kt [D][Lp] = k [L][D] transposed, zeros past L (k has room for Lp rows; D a multiple of
- * 16): with AVX-512 by 16 x 16 blocks in registers, a quarter of the scalar loop's time. */
+ * 16, Lp of the vector width): by blocks in registers, a quarter of the scalar loop's time. */
 static void transpose_keys(float *kt, float *k, int64_t L, int64_t Lp, int64_t D) {
     for (int64_t j = L; j < Lp; j++)
         for (int64_t d = 0; d < D; d++) k[j * D + d] = 0.0f;
 #if defined(__AVX512F__)
     for (int64_t j = 0; j < Lp; j += 16)
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512 r[16], t[16];
-            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(k + (j + i) * D + d);
-            for (int i = 0; i < 16; i += 2) {
-                t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-                t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-            }
-            for (int i = 0; i < 16; i += 4) {
-                r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-                r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-                r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-                r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-            }
-            for (int i = 0; i < 4; i++) {
-                t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-                t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
-                t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-                t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-            }
-            for (int i = 0; i < 4; i++) {
-                r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-                r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-                r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-                r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
-            }
-            for (int i = 0; i < 16; i++) _mm512_storeu_ps(kt + (d + i) * Lp + j, r[i]);
-        }
+        for (int64_t d = 0; d < D; d += 16) transpose16(kt + d * Lp + j, Lp, k + j * D + d, D);
+#elif defined(SOBERANA_AVX2)
+    for (int64_t j = 0; j < Lp; j += 8)
+        for (int64_t d = 0; d < D; d += 8) transpose8(kt + d * Lp + j, Lp, k + j * D + d, D);
 #else
     for (int64_t j = 0; j < Lp; j++)
         for (int64_t d = 0; d < D; d++) kt[d * Lp + j] = k[j * D + d];
@@ -249,7 +217,8 @@ static void attend(void *arg, int64_t task) {
     const int64_t esz = a->dtype == DT_F32 ? 4 : 2, stride = a->qkv_stride * esz;
     if (L <= 0) return;
     const int64_t s_floats = QR * Lp > Lp * D ? QR * Lp : Lp * D; /* probabilities, or k rows */
-    float *qs = attn_space(L * D + D * Lp + L * D + s_floats);
+    float *qs = thread_scratch(&attn_scratch, &attn_capacity,
+                               (L * D + D * Lp + L * D + s_floats) * (int64_t)sizeof(float));
     if (qs == NULL) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
         return;

@@ -209,16 +209,11 @@ static inline __m512bh i8x32_to_bf16(const int8_t *p) {
 }
 
 /* A thread's bfloat16 copy of one panel (K * 128 bytes), grown as needed and kept. */
-static __thread uint16_t *panel_buffer;
+static __thread void *panel_buffer;
 static __thread int64_t panel_capacity;
 
 static uint16_t *panel_space(int64_t elems) {
-    if (elems > panel_capacity) {
-        free(panel_buffer);
-        panel_buffer = aligned_alloc(64, (size_t)(elems * 2 + 63) / 64 * 64);
-        panel_capacity = panel_buffer != NULL ? elems : 0;
-    }
-    return panel_buffer;
+    return thread_scratch(&panel_buffer, &panel_capacity, elems * 2);
 }
 
 /* Rows [m, m + R) of x times panel j into out, columns [64j, 64j + cols): the panel read as
@@ -455,14 +450,7 @@ int pack_w8a8(const int8_t *q, int64_t q_stride, const float *scale, int64_t N, 
 static __thread void *act_buffer;
 static __thread int64_t act_capacity;
 
-static void *act_space(int64_t bytes) {
-    if (bytes > act_capacity) {
-        free(act_buffer);
-        act_buffer = aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64);
-        act_capacity = act_buffer != NULL ? bytes : 0;
-    }
-    return act_buffer;
-}
+static void *act_space(int64_t bytes) { return thread_scratch(&act_buffer, &act_capacity, bytes); }
 
 typedef int8_t Act;
 
