@@ -30,16 +30,22 @@ cpu = time.process_time
 
 
 def encoder_ops(model_dir: Path, ids: list[list[int]], dtype: torch.dtype, backend: str,
-                batch: int, cpu_isa: str = "native") -> dict:  # fmt: skip
-    """ms of CPU per sentence, in all and by op, of soberana's encoder on `backend`."""
+                batch: int, cpu_isa: str = "native", quantization: str | None = None) -> dict:
+    """ms of CPU per sentence, in all and by op, of soberana's encoder on `backend` (its
+    layers' linears quantized with `quantization` as `PoolingCore` quantizes them)."""
     from soberana.models.encoder import PackedBatch, load_encoder
     from soberana.models.pooling import PoolingConfig, pool
     from soberana.ops.backend import select_backend
     from soberana.ops.cpu import linear as cpu_linear
+    from soberana.quantization import QuantizationConfig, quantize_loaded_linears
 
     model = load_encoder(model_dir, dtype, torch.device("cpu"))
     chosen = select_backend(backend, torch.device("cpu"), dtype, cpu_isa=cpu_isa)
     model.use_kernels(chosen.kernels)
+    if quantization is not None:
+        quantize_loaded_linears(model.layers, QuantizationConfig.named(quantization),
+                                chosen.kernels)  # fmt: skip
+        model.fuse_int8_mlps()
     if chosen.kernels.pack_cpu_linears:
         cpu_linear.pack_linears(model)
     pooling = PoolingConfig.from_dir(model_dir)
@@ -60,6 +66,8 @@ def encoder_ops(model_dir: Path, ids: list[list[int]], dtype: torch.dtype, backe
         layer.attention = timed("attention", layer.attention)
         layer.add_layer_norm = timed("add + LayerNorm", layer.add_layer_norm)
         layer.act_ = timed("GELU", layer.act_)
+        if "mlp" in layer.__dict__:  # int8: the MLP fused into one call
+            layer.mlp = timed("MLP (fused int8: up + GELU + down)", layer.mlp)
 
     def run_all(seqs: list[list[int]]) -> None:
         with torch.inference_mode():
@@ -91,6 +99,7 @@ def sentence_transformers_ms(model_dir: Path, texts: list[str], dtype: torch.dty
 
 def api_work_ms(model_dir: Path, texts: list[str]) -> dict:
     """The API process's per-request steps for one sentence (no HTTP, no engine)."""
+    import orjson
     from transformers import AutoTokenizer
 
     from soberana.server.protocol_pooling import EmbeddingRequest
@@ -109,9 +118,10 @@ def api_work_ms(model_dir: Path, texts: list[str]) -> dict:
     out["validate request (pydantic)"] = 1e3 * (cpu() - t0) / len(texts)
     for fmt in ("float", "base64"):
         t0 = cpu()
-        for _ in texts:
-            json.dumps({"object": "list", "data": [{"object": "embedding", "index": 0,
-                                                     "embedding": _encode(vector, fmt)}]})
+        for _ in texts:  # as serving_pooling answers
+            orjson.dumps({"object": "list", "data": [{"object": "embedding", "index": 0,
+                                                       "embedding": _encode(vector, fmt)}]},
+                         option=orjson.OPT_SERIALIZE_NUMPY)
         out[f"answer JSON ({fmt})"] = 1e3 * (cpu() - t0) / len(texts)
     return out
 
@@ -149,6 +159,8 @@ def main() -> int:
         f"{str(d).removeprefix('torch.')} {backend}": encoder_ops(model_dir, ids, d, backend,
                                                                   args.batch, args.cpu_isa)
         for d in (torch.float32, torch.bfloat16) for backend in ("torch", "native")}
+    result["soberana"]["float32 native --quantization int8"] = encoder_ops(
+        model_dir, ids, torch.float32, "native", args.batch, args.cpu_isa, "int8")
     if not args.skip_peers:
         result["api_process_ms_per_request"] = api_work_ms(model_dir, texts)
     result["load_avg_at_end"] = os.getloadavg()

@@ -37,6 +37,8 @@ def build(model_dir: Path, quantization: str | None):
     if quantization is not None:
         kernels = quantize_loaded_linears(model.layers, QuantizationConfig.named(quantization),
                                           backend.kernels)  # fmt: skip
+        if model.fuse_int8_mlps():
+            kernels.append("MLP fused (GELU + int8 activations)")
     cpu_linear.pack_linears(model)
     return model, kernels
 

@@ -23,6 +23,7 @@ from torch import nn
 from soberana.models.encoder_config import EncoderConfig
 from soberana.ops.backend import TORCH_KERNELS, Kernels
 from soberana.ops.encoder import PackedSeqs
+from soberana.quantization.linear import w8a8_gelu_mlp
 
 
 @dataclass
@@ -70,9 +71,12 @@ class _Layer(nn.Module):
         attn = self.attention(self.qkv(x), seqs, self.num_heads, self.scale)
         norm = self.attn_norm
         x = self.add_layer_norm(self.attn_out(attn), x, norm.weight, norm.bias, norm.eps)
-        up = self.act_(self.up(x))
         norm = self.out_norm
-        return self.add_layer_norm(self.down(up), x, norm.weight, norm.bias, norm.eps)
+        return self.add_layer_norm(self.mlp(x), x, norm.weight, norm.bias, norm.eps)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """down(act(up(x))); `Encoder.fuse_int8_mlps` may replace it with one fused call."""
+        return self.down(self.act_(self.up(x)))
 
 
 class Encoder(nn.Module):
@@ -96,6 +100,20 @@ class Encoder(nn.Module):
         """Serve attention and LayerNorm with the implementations chosen at start."""
         for layer in self.layers:
             layer.use_kernels(kernels)
+
+    def fuse_int8_mlps(self) -> bool:
+        """Run each layer's MLP as one W8A8 call (GELU and the down linear's activation
+        quantization fused into the up linear) where the int8 CPU kernel serves both linears
+        and the activation is the exact GELU; whether it does (asked once, after the layers'
+        linears are quantized)."""
+        if self.cfg.hidden_act != "gelu":
+            return False
+        fused = [w8a8_gelu_mlp(layer.up, layer.down) for layer in self.layers]
+        if any(f is None for f in fused):
+            return False
+        for layer, f in zip(self.layers, fused):
+            layer.mlp = f
+        return True
 
     @property
     def position_offset(self) -> int:

@@ -8,7 +8,8 @@ the model code calls `layer(x)` and never branches on the format.
 
 from __future__ import annotations
 
-from functools import partial
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -261,6 +262,29 @@ class Int8LinearMethod(LinearMethod):
             None if bias is None else bias.data_ptr())  # fmt: skip
 
 
+def w8a8_gelu_mlp(up: nn.Module, down: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`down(gelu(up(x)))` (exact GELU) as one fused call where both layers run the W8A8 CPU
+    kernel and this build fuses GELU and the down layer's activation quantization into the up
+    layer's last step (`ops/cpu/linear_int8.w8a8_gelu_mlp`); else None. Asked once, at load."""
+    from soberana.ops.cpu import linear_int8
+
+    if not all(isinstance(m, QuantLinear) and isinstance(m.method, Int8LinearMethod)
+               and m.method.w8a8(m) for m in (up, down)):  # fmt: skip
+        return None
+    if up.out_features % linear_int8.PANEL != 0 or not linear_int8.w8a8_gelu_mlp_available():
+        return None
+    return functools.partial(_fused_mlp, up, down)
+
+
+def _fused_mlp(up: QuantLinear, down: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    from soberana.ops.cpu import linear_int8
+
+    rows = x.reshape(-1, up.in_features)
+    out = linear_int8.w8a8_gelu_mlp(rows, up.native, up.native_bias, up.out_features,
+                                    down.native, down.native_bias, down.out_features)  # fmt: skip
+    return out.view(*x.shape[:-1], down.out_features)
+
+
 class Int4LinearMethod(LinearMethod):
     """Weight-only int4, group-wise asymmetric (scale and zero point per `group_size` inputs),
     two values per byte."""
@@ -357,8 +381,8 @@ class Fp8LinearMethod(LinearMethod):
     def choose_kernel(self, layer: QuantLinear, kernels: Kernels) -> str:
         layer.w8a8 = fp8_gemm_supported(layer.weight.device)
         if layer.w8a8 and kernels.quant_gemm is not None:
-            layer.quantize_tokens = partial(kernels.quant_gemm.per_token_quant,
-                                            dtype=torch.float8_e4m3fn)  # fmt: skip
+            layer.quantize_tokens = functools.partial(kernels.quant_gemm.per_token_quant,
+                                                      dtype=torch.float8_e4m3fn)  # fmt: skip
             return ("torch._scaled_mm W8A8 (rowwise scales, activations quantized by one "
                     "Triton kernel); Triton fp8 GEMV (few tokens)")
         if layer.w8a8:

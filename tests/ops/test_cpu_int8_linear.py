@@ -15,8 +15,9 @@ from soberana.quantization import QuantizationConfig, QuantLinear, schemes
 # partial last panel (70 = 64 + 6) and a partial quarter panel (100 = 64 + 36).
 SHAPES = [(960, 576), (576, 1536), (70, 64), (100, 96)]
 # one row (the decode GEMV), partial tiles of both kernels, whole tiles, several (the panel
-# copy), and enough for both threads to take panels and rows
-ROWS = [1, 2, 5, 6, 13, 64]
+# copy), enough for both threads to take panels and rows, and enough for threads to claim
+# chunks of rows (a weight that fits L2, 16 chunks of whole tiles)
+ROWS = [1, 2, 5, 6, 13, 64, 400]
 
 
 def _relative_error(a, b):
@@ -145,3 +146,35 @@ def test_sizes_a_kernel_cannot_take_fall_back_at_load():
     x = torch.randn(2, 48).to(torch.bfloat16)
     ref = x.float() @ layer.method.dequantize(layer).T
     assert _relative_error(layer(x), ref) < 4e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_w8a8_gelu_mlp_equals_gelu_between_the_two_linears(cpu_isa, dtype):
+    """down(GELU(up(x))) in one call, GELU and the down linear's activation quantization in
+    the up linear's last step (MiniLM's MLP, 384 -> 1536 -> 384), against the integer
+    reference of the down linear over the float64 GELU of the up linear's float32 output: the
+    same integer products; a block whose GELU value (an erf of the kernel's own) lands within
+    an ulp of a rounding boundary quantizes one step apart."""
+    kernel = _kernel("w8a8", cpu_isa)
+    if not linear_int8.w8a8_gelu_mlp_available():
+        pytest.skip(f"no fused W8A8 MLP in the {cpu_isa} build on this CPU")
+    gen = torch.Generator().manual_seed(3)
+    _, _, up = _packed(kernel, torch.randn(1536, 384, generator=gen) * 384**-0.5)
+    q, scale, down = _packed(kernel, torch.randn(384, 1536, generator=gen) * 1536**-0.5)
+    up_bias, down_bias = torch.linspace(-1, 1, 1536), torch.linspace(-0.5, 0.5, 384)
+    for rows in ROWS:
+        x = _activations(rows, 384, dtype, gen)
+        out = linear_int8.w8a8_gelu_mlp(x, up, kernel.prepare_bias(up_bias, dtype), 1536, down,
+                                        kernel.prepare_bias(down_bias, dtype), 384)
+        assert out.dtype == dtype and out.shape == (rows, 384)
+        h = kernel.linear(x.float(), up, 1536, kernel.prepare_bias(up_bias, torch.float32))
+        gelu = torch.nn.functional.gelu(h.double()).float()
+        ref = schemes.int8_w8a8_reference(gelu, q, scale, down_bias)
+        # float32: 1.3e-7 where no block quantized apart (up to 64 rows), 3.2e-5 at 400 rows
+        # (3 rows with a block one step apart); bfloat16 outputs round: 1.7e-3
+        bound = 1e-4 if dtype == torch.float32 else 4e-3
+        assert _relative_error(out, ref) < bound, rows
+        # and the unfused layers (PyTorch's GELU) agree as closely
+        unfused = kernel.linear(torch.nn.functional.gelu(h), down, 384,
+                                kernel.prepare_bias(down_bias, torch.float32))
+        assert _relative_error(out, unfused) < bound, rows

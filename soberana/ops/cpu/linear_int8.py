@@ -48,6 +48,10 @@ def _load(path: Path) -> ctypes.CDLL:
                lib.linear_w8a8_f32):  # fmt: skip
         fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32, ptr]
         fn.restype = ctypes.c_int
+    lib.w8a8_quantized_row_bytes.argtypes, lib.w8a8_quantized_row_bytes.restype = [i64], i64
+    lib.linear_w8a8_gelu_q8.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i32, i32, ptr]
+    lib.linear_w8a8_q8.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, i32, i32, ptr]
+    lib.linear_w8a8_gelu_q8.restype = lib.linear_w8a8_q8.restype = ctypes.c_int
     return lib
 
 
@@ -230,6 +234,33 @@ def _linear_w8a16(lib: ctypes.CDLL, x: torch.Tensor, blob: torch.Tensor, n: int,
     _check(lib.linear_int8_f32(x32.data_ptr(), x32.stride(0), m, k, blob.data_ptr(), n,
                                _ptr(bias), out.data_ptr(), n, threads, gomp))  # fmt: skip
     return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def w8a8_gelu_mlp_available() -> bool:
+    """Whether this build fuses an MLP's GELU into its W8A8 linears (`w8a8_gelu_mlp`)."""
+    lib = library()
+    return lib is not None and bool(lib.linear_int8_paths() & _VNNI_PATH)
+
+
+def w8a8_gelu_mlp(x: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor | None, inner: int,
+                  down: torch.Tensor, down_bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """down(GELU(up(x))) of two W8A8 blobs (`inner` and `n` outputs, biases as `_bias_w8a8`
+    gives them): GELU and the per-block quantization of the down linear's input in the up
+    linear's last step, so the [M, inner] activations stay int8. Each block is quantized
+    from the same float32 values as `linear` would quantize (GELU's erf as PyTorch's
+    vectorised one): x [M, K] float32 or bfloat16 -> [M, n] in x's dtype."""
+    lib = library()
+    x = _rows(x, _serves_w8a8(x.dtype))
+    m, k = x.shape
+    dtype, threads = cpu_kernels.DTYPES[x.dtype], torch.get_num_threads()
+    gomp = cpu_kernels.openmp_parallel()
+    quantized = torch.empty(m, lib.w8a8_quantized_row_bytes(inner), dtype=torch.uint8)
+    _check(lib.linear_w8a8_gelu_q8(x.data_ptr(), x.stride(0), m, k, up.data_ptr(), inner,
+                                   _ptr(up_bias), quantized.data_ptr(), dtype, threads, gomp))
+    out = torch.empty(m, n, dtype=x.dtype)
+    _check(lib.linear_w8a8_q8(quantized.data_ptr(), m, inner, down.data_ptr(), n, _ptr(down_bias),
+                              out.data_ptr(), n, dtype, threads, gomp))
+    return out
 
 
 def _check(rc: int) -> None:

@@ -50,23 +50,46 @@ typedef struct AttnArgs {
 
 #ifdef SOBERANA_VEC
 enum { KEY_CHUNK = VEC_LANES }; /* keys per score vector; Lp is L rounded up to it */
+/* Score vectors (key chunks) per pass of QK^T and value vectors per pass of PV: with AVX-512's
+ * 32 registers two of each, 16 accumulators for 8 queries, so that each broadcast query
+ * element (or probability) meets two vectors: one load per FMA was the bound, 58 GFLOP/s of
+ * MiniLM's attention on one Emerald Rapids thread. AVX2's 16 registers hold one. */
+enum { PASS = VEC_LANES == 16 ? 2 : 1 };
 
-/* Queries [i0, i0 + R) of one (sequence, head): kt [D][Lp] keys transposed (zero past L),
- * v [L][D] values, s [QR][Lp] scratch for the probabilities. One body for AVX-512 (16 keys
- * a chunk) and AVX2 (8): on AVX2 the 8 running maxima do not fit the 16 registers beside the
- * 8 accumulators and spill, 16 loads/stores per chunk of 8 D multiply-adds. */
+/* Queries [i0, i0 + R) of one (sequence, head): qs [L][D] its queries times the scale, kt
+ * [D][Lp] keys transposed (zero past L), v [L][D] values, s [QR][Lp] scratch for the
+ * probabilities. One body for AVX-512 (16 keys a chunk) and AVX2 (8). */
 static inline __attribute__((always_inline)) void query_block(
-    const AttnArgs *a, const char *q_rows, char *out_rows, int64_t i0, int64_t L, int64_t Lp,
+    const AttnArgs *a, const float *qs, char *out_rows, int64_t i0, int64_t L, int64_t Lp,
     const float *kt, const float *v, float *s, const int R) {
     const int64_t D = a->head_dim, esz = a->dtype == DT_F32 ? 4 : 2;
-    float q[QR][128];
-    for (int r = 0; r < R; r++)
-        for (int64_t d = 0; d < D; d++)
-            q[r][d] = load1(q_rows + (i0 + r) * a->qkv_stride * esz, d, a->dtype) * a->scale;
+    const float(*q)[D] = (const float(*)[D])(qs + i0 * D);
     vec top[QR];
     for (int r = 0; r < R; r++) top[r] = vec_set1(-INFINITY);
     const int tail = (int)(L % KEY_CHUNK); /* live keys of the last chunk, where partial */
-    for (int64_t j = 0; j < Lp; j += KEY_CHUNK) {
+    int64_t j = 0;
+    for (; j + PASS * KEY_CHUNK <= Lp; j += PASS * KEY_CHUNK) {
+        vec acc[QR][PASS];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < PASS; c++) acc[r][c] = vec_zero();
+        for (int64_t d = 0; d < D; d++) {
+            vec k[PASS];
+            for (int c = 0; c < PASS; c++) k[c] = vec_loadu(kt + d * Lp + j + c * KEY_CHUNK);
+            for (int r = 0; r < R; r++) {
+                const vec qd = vec_set1(q[r][d]);
+                for (int c = 0; c < PASS; c++) acc[r][c] = vec_fmadd(qd, k[c], acc[r][c]);
+            }
+        }
+        for (int c = 0; c < PASS; c++) {
+            const int partial = j + (c + 1) * KEY_CHUNK > L;
+            for (int r = 0; r < R; r++) {
+                if (partial) acc[r][c] = vec_first_or(acc[r][c], tail, vec_set1(-INFINITY));
+                vec_storeu(s + r * Lp + j + c * KEY_CHUNK, acc[r][c]);
+                top[r] = vec_max(top[r], acc[r][c]);
+            }
+        }
+    }
+    for (; j < Lp; j += KEY_CHUNK) { /* a last single chunk */
         vec acc[QR];
         for (int r = 0; r < R; r++) acc[r] = vec_zero();
         for (int64_t d = 0; d < D; d++) {
@@ -84,38 +107,55 @@ static inline __attribute__((always_inline)) void query_block(
     for (int r = 0; r < R; r++) {
         const vec m = vec_set1(vec_reduce_max(top[r]));
         vec sum = vec_zero();
-        for (int64_t j = 0; j < Lp; j += KEY_CHUNK) {
-            vec p = vec_exp(vec_sub(vec_loadu(s + r * Lp + j), m));
+        for (int64_t jj = 0; jj < Lp; jj += KEY_CHUNK) {
+            /* from -87 up: vec_exp of the padded keys' -inf (clamped to -88) is a subnormal,
+             * and each subnormal result took a microcode assist, ~30% of this kernel's
+             * time on Emerald Rapids (perf); exp(-87) = 1.6e-38 is normal, and beside the
+             * row's largest term, exp(0) = 1, nothing */
+            vec p = vec_exp(vec_max(vec_sub(vec_loadu(s + r * Lp + jj), m), vec_set1(-87.0f)));
             /* vec_exp(-inf) is exp(-88), not 0: the padded keys get exactly 0 */
-            if (j + KEY_CHUNK > L) p = vec_first_or(p, tail, vec_zero());
-            vec_storeu(s + r * Lp + j, p);
+            if (jj + KEY_CHUNK > L) p = vec_first_or(p, tail, vec_zero());
+            vec_storeu(s + r * Lp + jj, p);
             sum = vec_add(sum, p);
         }
         inv[r] = 1.0f / vec_sum(sum);
     }
-    for (int64_t c = 0; c < D; c += VEC_LANES) {
-        vec acc[QR];
-        for (int r = 0; r < R; r++) acc[r] = vec_zero();
-        for (int64_t j = 0; j < L; j++) {
-            const vec vj = vec_loadu(v + j * D + c);
-            for (int r = 0; r < R; r++) acc[r] = vec_fmadd(vec_set1(s[r * Lp + j]), vj, acc[r]);
+    for (int64_t c = 0; c < D; c += PASS * VEC_LANES) {
+        const int width = D - c >= PASS * VEC_LANES ? PASS : 1; /* D a multiple of 16 */
+        vec acc[QR][PASS];
+        for (int r = 0; r < R; r++)
+            for (int w = 0; w < PASS; w++) acc[r][w] = vec_zero();
+        if (width == PASS) {
+            for (int64_t jj = 0; jj < L; jj++) {
+                vec vj[PASS];
+                for (int w = 0; w < PASS; w++) vj[w] = vec_loadu(v + jj * D + c + w * VEC_LANES);
+                for (int r = 0; r < R; r++) {
+                    const vec p = vec_set1(s[r * Lp + jj]);
+                    for (int w = 0; w < PASS; w++) acc[r][w] = vec_fmadd(p, vj[w], acc[r][w]);
+                }
+            }
+        } else {
+            for (int64_t jj = 0; jj < L; jj++) {
+                const vec vj = vec_loadu(v + jj * D + c);
+                for (int r = 0; r < R; r++) acc[r][0] = vec_fmadd(vec_set1(s[r * Lp + jj]), vj, acc[r][0]);
+            }
         }
         for (int r = 0; r < R; r++)
-            vec_store(out_rows + (i0 + r) * a->out_stride * esz, c,
-                      vec_mul(acc[r], vec_set1(inv[r])), a->dtype);
+            for (int w = 0; w < width; w++)
+                vec_store(out_rows + (i0 + r) * a->out_stride * esz, c + w * VEC_LANES,
+                          vec_mul(acc[r][w], vec_set1(inv[r])), a->dtype);
     }
 }
 #else
 enum { KEY_CHUNK = 16 };
 
 /* The same steps in plain loops, one query at a time. */
-static void query_block(const AttnArgs *a, const char *q_rows, char *out_rows, int64_t i0,
+static void query_block(const AttnArgs *a, const float *qs, char *out_rows, int64_t i0,
                         int64_t L, int64_t Lp, const float *kt, const float *v, float *s, int R) {
     const int64_t D = a->head_dim, esz = a->dtype == DT_F32 ? 4 : 2;
     for (int r = 0; r < R; r++) {
-        float q[128], acc[128];
-        for (int64_t d = 0; d < D; d++)
-            q[d] = load1(q_rows + (i0 + r) * a->qkv_stride * esz, d, a->dtype) * a->scale;
+        float acc[128];
+        const float *q = qs + (i0 + r) * D;
         float top = -INFINITY, sum = 0.0f;
         for (int64_t j = 0; j < L; j++) {
             float x = 0.0f;
@@ -133,44 +173,83 @@ static void query_block(const AttnArgs *a, const char *q_rows, char *out_rows, i
 }
 #endif
 
-/* Task b * H + h: head h of sequence b, all its queries. */
+/* A thread's scratch for one task, grown as needed and kept (a task is ~L^2 D multiply-adds:
+ * a malloc and free each showed in profiles of MiniLM's short sequences). */
+static __thread void *attn_scratch;
+static __thread int64_t attn_capacity;
+
+/* dst[0, n) = row[at, at + n) (dtype) times scale, as float32 (n a multiple of 16). */
+static void copy_row(float *dst, const char *row, int64_t at, int64_t n, float scale, int dtype) {
+#ifdef SOBERANA_VEC
+    const int64_t esz = dtype == DT_F32 ? 4 : 2;
+    for (int64_t d = 0; d < n; d += VEC_LANES)
+        vec_storeu(dst + d, vec_mul(vec_load(row + at * esz, d, dtype), vec_set1(scale)));
+#else
+    for (int64_t d = 0; d < n; d++) dst[d] = load1(row, at + d, dtype) * scale;
+#endif
+}
+
+/* kt [D][Lp] = k [L][D] transposed, zeros past L (k has room for Lp rows; D a multiple of
+ * 16, Lp of the vector width): by blocks in registers, a quarter of the scalar loop's time. */
+static void transpose_keys(float *kt, float *k, int64_t L, int64_t Lp, int64_t D) {
+    for (int64_t j = L; j < Lp; j++)
+        for (int64_t d = 0; d < D; d++) k[j * D + d] = 0.0f;
+#if defined(__AVX512F__)
+    for (int64_t j = 0; j < Lp; j += 16)
+        for (int64_t d = 0; d < D; d += 16) transpose16(kt + d * Lp + j, Lp, k + j * D + d, D);
+#elif defined(SOBERANA_AVX2)
+    for (int64_t j = 0; j < Lp; j += 8)
+        for (int64_t d = 0; d < D; d += 8) transpose8(kt + d * Lp + j, Lp, k + j * D + d, D);
+#else
+    for (int64_t j = 0; j < Lp; j++)
+        for (int64_t d = 0; d < D; d++) kt[d * Lp + j] = k[j * D + d];
+#endif
+}
+
+/* Task b * H + h: head h of sequence b, all its queries. Its q (scaled), k (transposed) and
+ * v are copied first, in one pass down the rows that asks for the lines 8 rows ahead: the
+ * rows are 3 H D elements apart, a stride the hardware prefetchers did not follow, and the
+ * copy's cache misses were ~20% of the kernel's time (perf, MiniLM, Emerald Rapids). */
 static void attend(void *arg, int64_t task) {
     AttnArgs *a = arg;
     const int64_t H = a->num_heads, D = a->head_dim, b = task / H, h = task % H;
     const int64_t first = a->starts[b], L = a->starts[b + 1] - first, Lp = (L + KEY_CHUNK - 1) / KEY_CHUNK * KEY_CHUNK;
-    const int64_t esz = a->dtype == DT_F32 ? 4 : 2;
+    const int64_t esz = a->dtype == DT_F32 ? 4 : 2, stride = a->qkv_stride * esz;
     if (L <= 0) return;
-    float *kt = malloc((size_t)(D * Lp + L * D + QR * Lp) * sizeof(float));
-    if (kt == NULL) {
+    const int64_t s_floats = QR * Lp > Lp * D ? QR * Lp : Lp * D; /* probabilities, or k rows */
+    float *qs = thread_scratch(&attn_scratch, &attn_capacity,
+                               (L * D + D * Lp + L * D + s_floats) * (int64_t)sizeof(float));
+    if (qs == NULL) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
         return;
     }
-    float *v = kt + D * Lp, *s = v + L * D;
-    const char *rows = (const char *)a->qkv + first * a->qkv_stride * esz;
+    float *kt = qs + L * D, *v = kt + D * Lp, *s = v + L * D;
+    const char *rows = (const char *)a->qkv + first * stride;
+    enum { AHEAD = 8 };
     for (int64_t j = 0; j < L; j++) {
-        const char *row = rows + j * a->qkv_stride * esz;
-        for (int64_t d = 0; d < D; d++) {
-            kt[d * Lp + j] = load1(row, (H + h) * D + d, a->dtype);
-            v[j * D + d] = load1(row, (2 * H + h) * D + d, a->dtype);
-        }
+        const char *row = rows + j * stride;
+        if (j + AHEAD < L)
+            for (int part = 0; part < 3; part++)
+                for (int64_t byte = 0; byte < D * esz; byte += 64)
+                    __builtin_prefetch(row + AHEAD * stride + ((part * H + h) * D) * esz + byte, 0, 3);
+        copy_row(qs + j * D, row, h * D, D, a->scale, a->dtype);
+        copy_row(v + j * D, row, (2 * H + h) * D, D, 1.0f, a->dtype);
+        copy_row(s + j * D, row, (H + h) * D, D, 1.0f, a->dtype); /* k, to transpose below */
     }
-    for (int64_t d = 0; d < D; d++)
-        for (int64_t j = L; j < Lp; j++) kt[d * Lp + j] = 0.0f;
-    const char *q_rows = rows + h * D * esz;
+    transpose_keys(kt, s, L, Lp, D);
     char *out_rows = (char *)a->out + (first * a->out_stride + h * D) * esz;
     int64_t i = 0;
-    for (; i + QR <= L; i += QR) query_block(a, q_rows, out_rows, i, L, Lp, kt, v, s, QR);
+    for (; i + QR <= L; i += QR) query_block(a, qs, out_rows, i, L, Lp, kt, v, s, QR);
     switch (L - i) {
-    case 7: query_block(a, q_rows, out_rows, i, L, Lp, kt, v, s, 7); break;
-    case 6: query_block(a, q_rows, out_rows, i, L, Lp, kt, v, s, 6); break;
-    case 5: query_block(a, q_rows, out_rows, i, L, Lp, kt, v, s, 5); break;
-    case 4: query_block(a, q_rows, out_rows, i, L, Lp, kt, v, s, 4); break;
-    case 3: query_block(a, q_rows, out_rows, i, L, Lp, kt, v, s, 3); break;
-    case 2: query_block(a, q_rows, out_rows, i, L, Lp, kt, v, s, 2); break;
-    case 1: query_block(a, q_rows, out_rows, i, L, Lp, kt, v, s, 1); break;
+    case 7: query_block(a, qs, out_rows, i, L, Lp, kt, v, s, 7); break;
+    case 6: query_block(a, qs, out_rows, i, L, Lp, kt, v, s, 6); break;
+    case 5: query_block(a, qs, out_rows, i, L, Lp, kt, v, s, 5); break;
+    case 4: query_block(a, qs, out_rows, i, L, Lp, kt, v, s, 4); break;
+    case 3: query_block(a, qs, out_rows, i, L, Lp, kt, v, s, 3); break;
+    case 2: query_block(a, qs, out_rows, i, L, Lp, kt, v, s, 2); break;
+    case 1: query_block(a, qs, out_rows, i, L, Lp, kt, v, s, 1); break;
     default: break;
     }
-    free(kt);
 }
 
 /* out [T, H * D] = softmax(q k^T * scale) v of every head of every sequence, where sequence b

@@ -58,7 +58,8 @@ enum { OK = 0, UNSUPPORTED = 1, NO_MEMORY = 3 };
 #define MC_BYTES (512 << 10)
 
 /* Which paths this build has: bit 0 bfloat16 activations (AVX512_BF16), bit 1 float32
- * activations (AVX2 + FMA), bit 2 W8A8 on AVX512_VNNI, bit 3 W8A8 on AVX2. */
+ * activations (AVX2 + FMA), bit 2 W8A8 on AVX512_VNNI (and its GELU MLP, linear_w8a8_gelu_q8
+ * and linear_w8a8_q8), bit 3 W8A8 on AVX2. */
 int linear_int8_paths(void) {
     int paths = 0;
 #if W8A8_VNNI
@@ -109,6 +110,9 @@ typedef struct Job {
     int threads;
     int next_thread; /* each thread takes the next number as its share */
     int dtype;       /* W8A8: of x and out */
+    int gelu_q8;     /* W8A8: out is the next linear's quantized rows of GELU(x W^T + b) */
+    int64_t row_chunk; /* > 0: threads claim chunks of this many rows (through every panel) */
+    int64_t next_row;  /* the first unclaimed row */
 } Job;
 
 typedef void (*Sweep)(const Job *job, int64_t m0, int64_t m1, int64_t j0, int64_t j1);
@@ -128,12 +132,30 @@ typedef struct Share {
     int64_t row_bytes;
 } Share;
 
-/* One thread's share: a run of panels, or with fewer panels than threads a run of rows. */
+/* Weights up to this size stay in a core's L2 (2 MiB on Emerald Rapids and Zen 4) beside a
+ * chunk of rows: every thread reads all of them, claiming chunks of rows one at a time
+ * (ROW_TASKS per thread), so a thread the OS preempts holds up one chunk, not half the call.
+ * With 2 threads, a static half each, a 2-core host running the API process beside the
+ * engine lost the preempted thread's rest of the call on the other core. Bigger weights keep
+ * a run of panels per thread, each weight byte streamed from memory once per chunk of rows. */
+#define SHARED_WEIGHT_BYTES (1 << 20)
+#define ROW_TASKS 8
+
+/* One thread's share: chunks of rows claimed in turn, a run of panels, or with fewer panels
+ * than threads a run of rows. */
 static void work(void *arg) {
     const Share *s = arg;
     Job *job = s->job;
-    const int t = __atomic_fetch_add(&job->next_thread, 1, __ATOMIC_RELAXED), T = job->threads;
     const int64_t panels = (job->N + NB - 1) / NB;
+    if (job->row_chunk > 0) {
+        for (;;) {
+            const int64_t m0 = __atomic_fetch_add(&job->next_row, job->row_chunk, __ATOMIC_RELAXED);
+            if (m0 >= job->M) return;
+            const int64_t m1 = m0 + job->row_chunk < job->M ? m0 + job->row_chunk : job->M;
+            sweep_chunks(job, s->sweep, s->row_bytes, m0, m1, 0, panels);
+        }
+    }
+    const int t = __atomic_fetch_add(&job->next_thread, 1, __ATOMIC_RELAXED), T = job->threads;
     if (panels >= T) {
         const int64_t per = (panels + T - 1) / T, j0 = t * per, j1 = j0 + per < panels ? j0 + per : panels;
         if (j0 < j1) sweep_chunks(job, s->sweep, s->row_bytes, 0, job->M, j0, j1);
@@ -147,6 +169,9 @@ static void work(void *arg) {
 static void run(Job *job, Sweep sweep, int64_t row_bytes, void *gomp_parallel) {
     const int64_t panels = (job->N + NB - 1) / NB;
     if (job->threads > 1 && panels < job->threads && job->M < 2 * MR * job->threads) job->threads = 1;
+    const int64_t tasks = (int64_t)job->threads * ROW_TASKS;
+    if (job->threads > 1 && panels * NB * job->K <= SHARED_WEIGHT_BYTES && job->M >= tasks * 2 * MR)
+        job->row_chunk = (job->M + tasks - 1) / tasks / MR * MR + MR; /* whole tiles */
     Share share = {job, sweep, row_bytes};
     if (job->threads > 1 && gomp_parallel != NULL)
         ((GompParallel)gomp_parallel)(work, &share, (unsigned)job->threads, 0);
@@ -184,16 +209,11 @@ static inline __m512bh i8x32_to_bf16(const int8_t *p) {
 }
 
 /* A thread's bfloat16 copy of one panel (K * 128 bytes), grown as needed and kept. */
-static __thread uint16_t *panel_buffer;
+static __thread void *panel_buffer;
 static __thread int64_t panel_capacity;
 
 static uint16_t *panel_space(int64_t elems) {
-    if (elems > panel_capacity) {
-        free(panel_buffer);
-        panel_buffer = aligned_alloc(64, (size_t)(elems * 2 + 63) / 64 * 64);
-        panel_capacity = panel_buffer != NULL ? elems : 0;
-    }
-    return panel_buffer;
+    return thread_scratch(&panel_buffer, &panel_capacity, elems * 2);
 }
 
 /* Rows [m, m + R) of x times panel j into out, columns [64j, 64j + cols): the panel read as
@@ -430,14 +450,7 @@ int pack_w8a8(const int8_t *q, int64_t q_stride, const float *scale, int64_t N, 
 static __thread void *act_buffer;
 static __thread int64_t act_capacity;
 
-static void *act_space(int64_t bytes) {
-    if (bytes > act_capacity) {
-        free(act_buffer);
-        act_buffer = aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64);
-        act_capacity = act_buffer != NULL ? bytes : 0;
-    }
-    return act_buffer;
-}
+static void *act_space(int64_t bytes) { return thread_scratch(&act_buffer, &act_capacity, bytes); }
 
 typedef int8_t Act;
 
@@ -502,6 +515,25 @@ static void quantize_block(const void *x, int dtype, Act *out, float *scale, int
 }
 
 #if W8A8_VNNI
+/* GELU(x) = x/2 (1 + erf(x / sqrt 2)), erf as PyTorch's vectorised float erf computes it
+ * (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7, with a ~1 ulp exp), the exact GELU that
+ * BERT's hidden_act "gelu" names. */
+static inline __m512 gelu16(__m512 x) {
+    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752440f));
+    const __m512 neg_zero = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
+    const __m512 sign = _mm512_and_ps(neg_zero, z), az = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one));
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    /* exp(-z^2) from -87 up: a subnormal result costs a microcode assist, and past
+     * |z| = 9.3 the term is below float32's resolution of erf anyway */
+    const __m512 e = vec_exp(_mm512_max_ps(_mm512_xor_ps(neg_zero, _mm512_mul_ps(z, z)), _mm512_set1_ps(-87.0f)));
+    const __m512 erf = _mm512_xor_ps(sign, _mm512_fmadd_ps(_mm512_xor_ps(neg_zero, _mm512_mul_ps(e, t)), r, one));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
+}
+
 /* Rows [m, m + R) of the quantized x times panel j into out, columns [64j, 64j + cols). */
 static inline __attribute__((always_inline)) void tile_w8a8(const Job *job, int64_t m, int64_t j,
                                                              int cols, const int R) {
@@ -541,6 +573,21 @@ static inline __attribute__((always_inline)) void tile_w8a8(const Job *job, int6
     for (int r = 0; r < R; r++)
         for (int q = 0; q < 4; q++) _mm512_store_ps(sums[r] + 16 * q, acc[r][q]);
     const float *bias = job->bias;
+    if (job->gelu_q8) { /* whole panels (N % 64 == 0): its 64 columns are 2 blocks of 32 */
+        for (int r = 0; r < R; r++) {
+            for (int q = 0; q < 4; q++) {
+                const int64_t col = j * NB + 16 * q;
+                __m512 y = _mm512_mul_ps(_mm512_load_ps(sums[r] + 16 * q), _mm512_loadu_ps(job->scale + col));
+                if (bias != NULL) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));
+                _mm512_store_ps(sums[r] + 16 * q, gelu16(y));
+            }
+            const ActRow a_out = act_row((const char *)job->out, job->N, m + r);
+            for (int half = 0; half < 2; half++)
+                quantize_block(sums[r] + QB * half, DT_F32, (Act *)a_out.q + j * NB + QB * half,
+                               (float *)a_out.scale + 2 * j + half, (int32_t *)a_out.offset + 2 * j + half);
+        }
+        return;
+    }
     for (int q = 0; q < 4; q++) {
         const int live = cols - 16 * q;
         if (live <= 0) break;
@@ -674,10 +721,51 @@ static int linear_w8a8(const void *x, int64_t x_stride, int64_t M, int64_t K, co
     QuantizeArgs q = {x, x_stride, K, dtype, space};
     for_rows(quantize_row, &q, M, K, threads, gomp_parallel);
     Job job = {space, bias, (const int8_t *)w, (const float *)(w + n_pad * K), out, row_bytes,
-               out_stride, M, N, K, threads < 1 ? 1 : threads, 0, dtype};
+               out_stride, M, N, K, threads < 1 ? 1 : threads, 0, dtype, 0};
     run(&job, sweep_w8a8, row_bytes, gomp_parallel);
     return OK;
 }
+
+/* Bytes of one row of quantized activations of K inputs (linear_w8a8_gelu_q8's output). */
+int64_t w8a8_quantized_row_bytes(int64_t K) { return act_row_bytes(K); }
+
+#if W8A8_VNNI
+/* The MLP's first half for the second: xq_out [M rows of w8a8_quantized_row_bytes(N)] = the
+ * rows of GELU(x W^T + bias) quantized per block of 32 as linear_w8a8 quantizes its x, so
+ * that the [M, N] float32 activations never reach memory (for MiniLM's 1536-wide MLP they
+ * were written, read and written by GELU, read again to quantize). x float32 or bfloat16
+ * (`dtype`); N a multiple of 64. OK, UNSUPPORTED or NO_MEMORY. */
+int linear_w8a8_gelu_q8(const void *x, int64_t x_stride, int64_t M, int64_t K, const uint8_t *w,
+                        int64_t N, const float *bias, void *xq_out, int32_t dtype, int32_t threads,
+                        void *gomp_parallel) {
+    if (check(M, K, N) != OK || K % QB != 0 || N % NB != 0 || (dtype != DT_F32 && dtype != DT_BF16))
+        return UNSUPPORTED;
+    if (M == 0) return OK;
+    const int64_t n_pad = N, row_bytes = act_row_bytes(K);
+    char *space = act_space(M * row_bytes);
+    if (space == NULL) return NO_MEMORY;
+    QuantizeArgs q = {x, x_stride, K, dtype, space};
+    for_rows(quantize_row, &q, M, K, threads, gomp_parallel);
+    Job job = {space, bias, (const int8_t *)w, (const float *)(w + n_pad * K), xq_out, row_bytes,
+               0, M, N, K, threads < 1 ? 1 : threads, 0, DT_F32, 1};
+    run(&job, sweep_w8a8, row_bytes, gomp_parallel);
+    return OK;
+}
+
+/* linear_w8a8 of activations already quantized (xq: M rows of w8a8_quantized_row_bytes(K),
+ * from linear_w8a8_gelu_q8); out float32 or bfloat16 (`dtype`). */
+int linear_w8a8_q8(const void *xq, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                   const float *bias, void *out, int64_t out_stride, int32_t dtype, int32_t threads,
+                   void *gomp_parallel) {
+    if (check(M, K, N) != OK || K % QB != 0 || (dtype != DT_F32 && dtype != DT_BF16)) return UNSUPPORTED;
+    if (M == 0) return OK;
+    const int64_t n_pad = (N + NB - 1) / NB * NB, row_bytes = act_row_bytes(K);
+    Job job = {xq, bias, (const int8_t *)w, (const float *)(w + n_pad * K), out, row_bytes,
+               out_stride, M, N, K, threads < 1 ? 1 : threads, 0, dtype, 0};
+    run(&job, sweep_w8a8, row_bytes, gomp_parallel);
+    return OK;
+}
+#endif
 
 #else
 int64_t linear_w8a8_packed_bytes(int64_t N, int64_t K) {
@@ -694,6 +782,29 @@ static int linear_w8a8(const void *x, int64_t x_stride, int64_t M, int64_t K, co
                        int32_t threads, void *gomp_parallel) {
     (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out;
     (void)out_stride, (void)dtype, (void)threads, (void)gomp_parallel;
+    return UNSUPPORTED;
+}
+#endif
+
+#if !(W8A8_VNNI || W8A8_AVX2)
+int64_t w8a8_quantized_row_bytes(int64_t K) {
+    (void)K;
+    return 0;
+}
+#endif
+#if !W8A8_VNNI
+int linear_w8a8_gelu_q8(const void *x, int64_t x_stride, int64_t M, int64_t K, const uint8_t *w,
+                        int64_t N, const float *bias, void *xq_out, int32_t dtype, int32_t threads,
+                        void *gomp_parallel) {
+    (void)x, (void)x_stride, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)xq_out;
+    (void)dtype, (void)threads, (void)gomp_parallel;
+    return UNSUPPORTED;
+}
+int linear_w8a8_q8(const void *xq, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+                   const float *bias, void *out, int64_t out_stride, int32_t dtype, int32_t threads,
+                   void *gomp_parallel) {
+    (void)xq, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)out, (void)out_stride;
+    (void)dtype, (void)threads, (void)gomp_parallel;
     return UNSUPPORTED;
 }
 #endif

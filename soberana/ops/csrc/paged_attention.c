@@ -329,41 +329,10 @@ static inline void widen_block(float *restrict dst, const char *src, int64_t row
     }
 }
 
-/* The 16 x 16 floats at src (rows `stride` apart) transposed to dst (rows 16 apart). */
-static inline void transpose16(float *restrict dst, const float *restrict src, int64_t stride) {
-    __m512 r[16], t[16];
-    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * stride);
-    /* Each step pairs rows so that r[4k + j], 128-bit lane L, holds rows 4k..4k+3, column
-     * 4L + j; then the 128-bit lanes of 4 such vectors are gathered. */
-    for (int i = 0; i < 16; i += 2) { /* 2 x 2 blocks of floats */
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) { /* 4 x 4 */
-        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    }
-    for (int i = 0; i < 4; i++) { /* 128-bit lanes: rows i, 4 + i, 8 + i, 12 + i */
-        t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
-        t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xdd);
-        t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
-        t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xdd);
-    }
-    for (int i = 0; i < 4; i++) { /* column c = 4 lane + i gathers lane `lane` of 4 groups */
-        const __m512 lo0 = t[i], lo1 = t[4 + i], hi0 = t[8 + i], hi1 = t[12 + i];
-        _mm512_storeu_ps(dst + (i) * 16, _mm512_shuffle_f32x4(lo0, hi0, 0x88));
-        _mm512_storeu_ps(dst + (i + 8) * 16, _mm512_shuffle_f32x4(lo0, hi0, 0xdd));
-        _mm512_storeu_ps(dst + (i + 4) * 16, _mm512_shuffle_f32x4(lo1, hi1, 0x88));
-        _mm512_storeu_ps(dst + (i + 12) * 16, _mm512_shuffle_f32x4(lo1, hi1, 0xdd));
-    }
-}
-
 /* transpose16 as the prefill path's transpose of a group of keys */
 enum { KEY_GROUP = 16 };
 static inline void transpose_group(float *restrict dst, const float *restrict src, int64_t stride) {
-    transpose16(dst, src, stride);
+    transpose16(dst, 16, src, stride);
 }
 
 /* Keeps a loaded vector in a register: the compiler would otherwise fold the load into each
@@ -492,24 +461,8 @@ static inline void widen_block(float *restrict dst, const char *src, int64_t row
         for (int c = 0; c < D; c += 8) _mm256_storeu_ps(dst + t * D + c, load8(src + t * row_bytes, c, dtype));
 }
 
-/* The 8 x 8 floats at src (rows `stride` apart) transposed to dst (rows 8 apart). */
 static inline void transpose_group(float *restrict dst, const float *restrict src, int64_t stride) {
-    __m256 r[8], t[8];
-    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * stride);
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-    for (int i = 0; i < 4; i++) { /* r[i]: rows 0-3 col i (low) and 4 + i (high); r[4 + i]: rows 4-7 */
-        _mm256_storeu_ps(dst + i * 8, _mm256_permute2f128_ps(r[i], r[4 + i], 0x20));
-        _mm256_storeu_ps(dst + (i + 4) * 8, _mm256_permute2f128_ps(r[i], r[4 + i], 0x31));
-    }
+    transpose8(dst, 8, src, stride);
 }
 
 #define in_register(x) __asm__("" : "+x"(x))

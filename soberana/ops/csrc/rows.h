@@ -6,6 +6,7 @@
 #define SOBERANA_ROWS_H
 
 #include <stdint.h>
+#include <stdlib.h>
 
 typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
 
@@ -42,6 +43,18 @@ static void for_rows(void (*fn)(void *, int64_t), void *args, int64_t rows, int6
     }
     r.chunk = rows / (threads * 4) > 1 ? rows / (threads * 4) : 1;
     ((GompParallel)gomp_parallel)(rows_worker, &r, (unsigned)threads, 0);
+}
+
+/* A thread's scratch of at least `bytes` (64-byte aligned): the buffer *buf (a __thread
+ * variable of the caller's, with its *capacity), grown as needed and kept for the next call.
+ * NULL when out of memory. */
+static inline void *thread_scratch(void **buf, int64_t *capacity, int64_t bytes) {
+    if (bytes > *capacity) {
+        free(*buf);
+        *buf = aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64);
+        *capacity = *buf != NULL ? bytes : 0;
+    }
+    return *buf;
 }
 
 #endif

@@ -258,6 +258,65 @@ VEC_FN vec vec_scale_pow2(vec p, vec n) {
 }
 #endif
 
+/* Float transposes (the attention kernels' keys): 16 x 16 with AVX-512, 8 x 8 with AVX2. */
+#ifdef __AVX512F__
+/* The 16 x 16 floats at src (rows `stride` apart) transposed to dst (rows dst_stride apart). */
+static inline void transpose16(float *restrict dst, int64_t dst_stride, const float *restrict src,
+                               int64_t stride) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * stride);
+    /* Each step pairs rows so that r[4k + j], 128-bit lane L, holds rows 4k..4k+3, column
+     * 4L + j; then the 128-bit lanes of 4 such vectors are gathered. */
+    for (int i = 0; i < 16; i += 2) { /* 2 x 2 blocks of floats */
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* 4 x 4 */
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    }
+    for (int i = 0; i < 4; i++) { /* 128-bit lanes: rows i, 4 + i, 8 + i, 12 + i */
+        t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+        t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xdd);
+        t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+        t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) { /* column c = 4 lane + i gathers lane `lane` of 4 groups */
+        const __m512 lo0 = t[i], lo1 = t[4 + i], hi0 = t[8 + i], hi1 = t[12 + i];
+        _mm512_storeu_ps(dst + (i) * dst_stride, _mm512_shuffle_f32x4(lo0, hi0, 0x88));
+        _mm512_storeu_ps(dst + (i + 8) * dst_stride, _mm512_shuffle_f32x4(lo0, hi0, 0xdd));
+        _mm512_storeu_ps(dst + (i + 4) * dst_stride, _mm512_shuffle_f32x4(lo1, hi1, 0x88));
+        _mm512_storeu_ps(dst + (i + 12) * dst_stride, _mm512_shuffle_f32x4(lo1, hi1, 0xdd));
+    }
+}
+
+#endif
+#if defined(__AVX512F__) || defined(SOBERANA_AVX2)
+/* The 8 x 8 floats at src (rows `stride` apart) transposed to dst (rows dst_stride apart). */
+static inline void transpose8(float *restrict dst, int64_t dst_stride, const float *restrict src,
+                              int64_t stride) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * stride);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) { /* r[i]: rows 0-3 col i (low) and 4 + i (high); r[4 + i]: rows 4-7 */
+        _mm256_storeu_ps(dst + i * dst_stride, _mm256_permute2f128_ps(r[i], r[4 + i], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * dst_stride, _mm256_permute2f128_ps(r[i], r[4 + i], 0x31));
+    }
+}
+
+#endif
+
 #ifdef SOBERANA_VEC
 /* exp(x) (Cephes expf: x = n ln2 + r, a degree-5 polynomial in r; ~1 ulp). max(-88, x) and
  * min(88.8, x) keep 2^n in range (n = 128 at most: inf, where a larger n would wrap the AVX2
