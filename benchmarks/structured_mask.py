@@ -10,7 +10,7 @@ Definitions (every number is per step of one constrained request unless it says 
 - in the engine, per step of the batch (hooks around the engine's own functions):
   `fill`: the host thread's batched fill (allocation + matcher look-ups + llguidance's
   parallel fill), wall; on a CPU, the masks of the rows the sampled-token check refused
-  (LazyTokenMask.mask); `check`: that check of the sampled tokens (CPU), with the rows it
+  (LazyTokenMask._words); `check`: that check of the sampled tokens (CPU), with the rows it
   kept and refused; `wait`: how long the engine loop blocked for the mask after computing
   the logits (what the overlap did not hide); `apply`: putting the bitmask on the logits;
   `accept`: feeding the sampled tokens back to the matchers; `step`: the whole engine step.
@@ -116,8 +116,8 @@ def instrument(llm, timings: Timings) -> None:
         return wrapper
 
     manager._fill = timed_fill(manager._fill, lambda batch, rows: len(rows))  # accelerator
-    LazyTokenMask.mask = timed_fill(  # CPU: the refused rows
-        LazyTokenMask.mask, lambda m, rows=None: len(m.matchers if rows is None else rows))
+    LazyTokenMask._words = timed_fill(  # CPU: the refused rows' llguidance masks
+        LazyTokenMask._words, lambda m, rows: len(rows))
     refused = timed(LazyTokenMask.refused, timings.check, timings)
 
     def refused_counted(mask, tokens):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from soberana.engine.outputs import TokenLogprobs
@@ -149,15 +150,19 @@ class Sampler:
         refused = token_mask.refused(tokens.tolist())
         if not refused:
             return tokens
-        token_mask.apply_(scores, refused)
+        forbidden = ~token_mask.allowed(refused, scores.shape[1])
         if scores.dtype == torch.float32:
-            # numpy on one thread, as TokenMask.apply_: each small torch op opens an OpenMP
-            # region, which costs milliseconds on a loaded 2-core host. np.argmax, as the
-            # sampler's: the first of equal maxima wins, and a NaN wins.
-            tokens.numpy()[refused] = scores.numpy()[refused].argmax(axis=1)
+            # numpy on one thread: each small torch op opens an OpenMP region, which costs
+            # milliseconds on a loaded 2-core host. Forbidden scores become score + -inf, as
+            # masking first makes them (a NaN stays NaN); np.argmax, as the sampler's: the
+            # first of equal maxima wins, and a NaN wins.
+            rows = scores.numpy()[refused]
+            np.add(rows, _NEG_INF, out=rows, where=forbidden)
+            tokens.numpy()[refused] = rows.argmax(axis=1)
         else:  # greedy rows in the model's dtype
-            rows = _to(refused, torch.long, scores.device)
-            tokens[rows] = self.argmax(scores[rows])
+            index = _to(refused, torch.long, scores.device)
+            bias = torch.from_numpy(np.where(forbidden, np.float32(_NEG_INF), np.float32(0)))
+            tokens[index] = self.argmax(scores[index] + bias.to(scores.dtype))
         return tokens
 
     def _generator(self, request: Request) -> torch.Generator:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from soberana.engine.request import Request
+from soberana.engine.sampler import Sampler
 from soberana.engine.sampling_params import SamplingParams
 from soberana.structured.manager import StructuredOutputManager
 from soberana.structured.params import StructuredOutputsParams
@@ -71,3 +73,34 @@ def test_host_bias_forbids_what_the_bitmask_forbids_at_every_step(tiny_models):
             fast.accept(batch[row], token)
             full.accept(batch[row], token)
     assert len(batch[1].output_token_ids) > 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_rows_chosen_again_get_the_masked_argmax(tiny_models, dtype):
+    """Plain greedy rows keep the model's dtype: the second choice of a refused row (numpy
+    for float32, torch for bfloat16) is the argmax of the logits its mask allows, as masking
+    first picks, step after step."""
+    vocab = 934
+    manager = StructuredOutputManager(tiny_models["llama31"], vocab, [1], device="cpu")
+    spec = StructuredOutputsParams(json=SCHEMA)
+    batch = [_request("json", spec), _request("free", None), _request("json2", spec)]
+    for r in batch:
+        r.params = SamplingParams(temperature=0.0, max_tokens=64,
+                                  structured_outputs=r.params.structured_outputs)
+        manager.add(r)
+    sampler = Sampler(vocab, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    chosen_again = 0
+    for _ in range(30):
+        logits = torch.randn(len(batch), vocab, generator=gen).to(dtype)
+        lazy = manager.start_masks(batch).result()
+        expected = lazy.mask().apply_(logits.float().clone()).argmax(dim=-1)
+        sampled = logits.float().argmax(dim=-1)
+        tokens = sampler(logits.clone(), batch, lazy).token_ids
+        assert torch.equal(tokens, expected)
+        chosen_again += int((tokens != sampled).sum())
+        for row in (0, 2):
+            token = int(tokens[row])
+            batch[row].output_token_ids.append(token)
+            manager.accept(batch[row], token)
+    assert chosen_again > 10
