@@ -10,6 +10,10 @@ process, on SmolLM2-135M's attention shape (9 query heads, 3 KV heads of 64), fl
 - decode, 64 sequences at 128-192 tokens (the 64 x 128/64 batched workload), every layer;
 - prefill, one prompt of --prompt tokens, one layer (30 of them make a forward).
 
+--peaked gives every sequence an attention sink: its first key scores ~125 above the others
+(after the 1/8 scale), so that every other key's exp(score - max) is below float32's smallest
+normal, 1.2e-38 (where exp returns a subnormal, each costs a microcode assist).
+
     python benchmarks/cpu_attention_isa.py --base main --output benchmarks/results/cpu_attention_isa_zen4.json
 """
 
@@ -35,9 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, BS = 9, 3, 64, 30, 16
 
 
-def make_case(seqs: int, context: int, new: int, layers: int, dtype: torch.dtype, seed: int = 0):
+def make_case(seqs: int, context: int, new: int, layers: int, dtype: torch.dtype, seed: int = 0,
+              peaked: bool = False):
     """Caches, tables and queries for `seqs` sequences of up to `context` tokens, `new` of
-    them queries (1: a decode)."""
+    them queries (1: a decode); `peaked`: the first key of each sequence is a sink, 100 u for
+    a unit vector u that every query has 10 of."""
     g = torch.Generator().manual_seed(seed)
     per_seq = -(-context // BS)
     num_blocks = seqs * per_seq + 8
@@ -51,8 +57,13 @@ def make_case(seqs: int, context: int, new: int, layers: int, dtype: torch.dtype
     else:
         lens = torch.full((seqs,), context, dtype=torch.int32)
         query_start = torch.arange(0, seqs * new + 1, new, dtype=torch.int32)
-    q = torch.randn(seqs * new, HEADS, HEAD_DIM, generator=g).to(dtype)
-    return k, v, table, lens, q, query_start
+    q = torch.randn(seqs * new, HEADS, HEAD_DIM, generator=g)
+    if peaked:
+        u = torch.nn.functional.normalize(torch.randn(HEAD_DIM, generator=g), dim=0)
+        q += 10 * u
+        for layer in k:
+            layer[table[:, 0], 0] = (100 * u).to(dtype)
+    return k, v, table, lens, q.to(dtype), query_start
 
 
 def main() -> int:
@@ -62,6 +73,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--output", type=Path)
+    ap.add_argument("--peaked", action="store_true", help="an attention sink in every sequence")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
 
@@ -73,9 +85,9 @@ def main() -> int:
                 path = cpu_kernels.compile_library(src, cpu_kernels.ISA_FLAGS[isa])
                 builds[f"{name}-{isa}"] = cpu_kernels.load_library(path)
     cases = {
-        "decode_1x128": (make_case(1, 128, 1, LAYERS, dtype), LAYERS),
-        "decode_64x192": (make_case(64, 192, 1, LAYERS, dtype), LAYERS),
-        f"prefill_1x{args.prompt}": (make_case(1, args.prompt, args.prompt, 1, dtype), 1),
+        "decode_1x128": (make_case(1, 128, 1, LAYERS, dtype, peaked=args.peaked), LAYERS),
+        "decode_64x192": (make_case(64, 192, 1, LAYERS, dtype, peaked=args.peaked), LAYERS),
+        f"prefill_1x{args.prompt}": (make_case(1, args.prompt, args.prompt, 1, dtype, peaked=args.peaked), 1),
     }
     scale = HEAD_DIM**-0.5
 
@@ -106,7 +118,7 @@ def main() -> int:
     med = {c: {b: statistics.median(ts) * 1e3 for b, ts in bt.items()} for c, bt in times.items()}
     result = {
         "benchmark": "cpu_attention_isa", "commit": commit(), "machine": machine(),
-        "base": args.base, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "base": args.base, "dtype": args.dtype, "peaked": args.peaked, "threads": torch.get_num_threads(),
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "layers": LAYERS},
         "builds": {b: f"{b.split('-')[0]} source, {' '.join(cpu_kernels.ISA_FLAGS[b.split('-')[1]])}"
                    for b in builds},

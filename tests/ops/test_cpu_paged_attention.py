@@ -358,3 +358,21 @@ def test_each_build_takes_its_vector_path(cpu_isa):
         assert level == 1
     elif "avx512f" in flags:
         assert level == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keys_far_below_a_dominant_one_weigh_nothing(dtype):
+    """An attention sink: each sequence's first key scores ~150 above the rest, so their
+    exp(score - max) is below float32's smallest normal (vec_exp gives 0 there, not a
+    subnormal). Decodes and prefills still match the float32 reference."""
+    for step in (_step(CONTEXTS, group=2, dtype=dtype), _prefill(group=2, dtype=dtype)):
+        u = torch.randn(64, generator=torch.Generator().manual_seed(5))
+        u /= u.norm()
+        step.q += (12 * u).to(dtype)
+        for b, keys in enumerate(step.keys):  # 12 * 100 / sqrt(64) = 150; the others q . k ~ 0
+            keys[0] = (100 * u).to(dtype)
+            step.k_cache[int(step.block_table[b, 0]), 0] = keys[0]
+        scores = (step.q.float() @ (100 * u).to(dtype).float()) * step.scale
+        assert (scores > 100).all()  # every query's other keys: weights below 2^-126
+        out = _kernel(step) if step.max_query_len == 1 else _prefill_kernel(step)
+        assert relative_error(out, reference_attention(step)) < TOLERANCE[dtype]

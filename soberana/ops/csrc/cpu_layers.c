@@ -125,10 +125,12 @@ typedef struct SiluArgs {
 
 /* exp(x), ~1 ulp like the Sleef exp PyTorch uses: x = n ln2 + r, Cephes' degree-5 polynomial
  * in r, times 2^n in two halves through the exponent bits, so that it overflows to inf where
- * expf does. x is clamped to [-88, 104] (NaN passes): below, exp is ~0 next to the 1 it is
- * added to. A plain loop the compiler vectorises (libm's expf does not). */
+ * expf does. x is clamped to [-87.33, 104] (NaN passes) and the result is 0 below -87.33, as
+ * vec_exp: never a subnormal (a microcode assist), ~0 next to the 1 it is added to. A plain
+ * loop the compiler vectorises (libm's expf does not). */
 static inline float exp_poly(float x) {
-    x = x < -88.0f ? -88.0f : x;
+    const int tiny = x < -87.33f;
+    x = tiny ? -87.33f : x;
     x = x > 104.0f ? 104.0f : x;
     /* round to nearest through the float adder (|x log2 e| < 2^22): plain arithmetic, which
      * the compiler vectorises where it does not rintf */
@@ -147,7 +149,7 @@ static inline float exp_poly(float x) {
     float s1, s2;
     memcpy(&s1, &bits1, 4);
     memcpy(&s2, &bits2, 4);
-    return p * s1 * s2;
+    return tiny ? 0.0f : p * s1 * s2;
 }
 
 /* F.silu(gate).mul_(up): silu rounded to the dtype, the product rounded again. */

@@ -213,6 +213,10 @@ VEC_FN vec vec_rint(vec x) {
 }
 /* p * 2^n, n integral: scalef overflows to inf where expf does. */
 VEC_FN vec vec_scale_pow2(vec p, vec n) { return _mm512_scalef_ps(p, n); }
+/* r, 0 where x < lim (r where x is NaN) */
+VEC_FN vec vec_zero_below(vec r, vec x, vec lim) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lim, _CMP_NLT_UQ), r);
+}
 #elif defined(SOBERANA_AVX2)
 #define SOBERANA_VEC 1
 typedef __m256 vec;
@@ -251,10 +255,13 @@ VEC_FN vec vec_rint(vec x) {
     return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 /* p * 2^n, n integral, 2^n built in the exponent field: n = 128 (x near 88.7 in vec_exp)
- * gives inf as expf does; n = -127 gives 0 where expf gives a denormal. */
+ * gives inf as expf does; n = -127 would give 0 (vec_exp keeps n >= -126). */
 VEC_FN vec vec_scale_pow2(vec p, vec n) {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+VEC_FN vec vec_zero_below(vec r, vec x, vec lim) {
+    return _mm256_and_ps(r, _mm256_cmp_ps(x, lim, _CMP_NLT_UQ));
 }
 #endif
 
@@ -318,11 +325,16 @@ static inline void transpose8(float *restrict dst, int64_t dst_stride, const flo
 #endif
 
 #ifdef SOBERANA_VEC
-/* exp(x) (Cephes expf: x = n ln2 + r, a degree-5 polynomial in r; ~1 ulp). max(-88, x) and
- * min(88.8, x) keep 2^n in range (n = 128 at most: inf, where a larger n would wrap the AVX2
- * exponent field) and let a NaN through. */
+/* exp(x) (Cephes expf: x = n ln2 + r, a degree-5 polynomial in r; ~1 ulp), and 0 below
+ * -87.33, where exp(x) nears FLT_MIN = 2^-126: never a subnormal, each of which costs a
+ * microcode assist, ~30x the time of a normal result on Emerald Rapids (-inf, a masked
+ * score, gives 0). Every caller adds exp to 1 or more (softmax beside its max term, SiLU's
+ * 1 + exp(-x), GELU's erf), where 1e-38 is nothing. max(-87.33, x) (n = -126, r > 0: 2^n
+ * and p 2^n normal) and min(88.8, x) keep 2^n in range (n = 128 at most: inf, where a
+ * larger n would wrap the AVX2 exponent field) and let a NaN through. */
 static inline vec vec_exp(vec x) {
-    x = vec_min(vec_set1(88.8f), vec_max(vec_set1(-88.0f), x));
+    const vec lo = vec_set1(-87.33f), arg = x;
+    x = vec_min(vec_set1(88.8f), vec_max(lo, x));
     const vec n = vec_rint(vec_mul(x, vec_set1(1.44269504088896341f)));
     vec r = vec_fnmadd(n, vec_set1(0.693359375f), x);
     r = vec_fnmadd(n, vec_set1(-2.12194440e-4f), r);
@@ -333,7 +345,7 @@ static inline vec vec_exp(vec x) {
     p = vec_fmadd(p, r, vec_set1(1.6666665459e-1f));
     p = vec_fmadd(p, r, vec_set1(5.0000001201e-1f));
     p = vec_fmadd(vec_mul(p, r), r, vec_add(r, vec_set1(1.0f)));
-    return vec_scale_pow2(p, n);
+    return vec_zero_below(vec_scale_pow2(p, n), arg, lo);
 }
 #endif
 #undef VEC_FN
